@@ -1,0 +1,100 @@
+#include "core/layout.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace expertwire {
+namespace {
+
+uint64_t checked_mul(uint64_t a, uint64_t b, const char* what) {
+  uint64_t out = 0;
+  if (__builtin_mul_overflow(a, b, &out)) {
+    EW_THROW(ConfigError, "buffer size of ", what, " overflows 64 bits (", a, " * ", b, ")");
+  }
+  return out;
+}
+
+uint64_t checked_add(uint64_t a, uint64_t b, const char* what) {
+  uint64_t out = 0;
+  if (__builtin_add_overflow(a, b, &out)) {
+    EW_THROW(ConfigError, "buffer size of ", what, " overflows 64 bits (", a, " + ", b, ")");
+  }
+  return out;
+}
+
+// Appends a region of `bytes` at the next `alignment` boundary of `cursor`; returns its offset.
+uint64_t place(uint64_t& cursor, uint64_t bytes, uint64_t alignment, const char* what) {
+  const uint64_t offset = checked_add(cursor, alignment - 1, what) / alignment * alignment;
+  cursor = checked_add(offset, bytes, what);
+  return offset;
+}
+
+}  // namespace
+
+BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_slots) {
+  config.validate();
+  BufferLayout l{};
+  l.num_experts = uint32_t(config.num_experts);
+  l.num_local_experts = uint32_t(config.num_local_experts());
+  l.experts_per_token = uint32_t(config.experts_per_token);
+  l.world_size = uint32_t(config.world_size);
+  l.dp_size = uint32_t(config.dp_size);
+  l.num_dp_groups = uint32_t(config.num_dp_groups());
+  l.max_num_tokens = uint32_t(config.max_num_tokens);
+  l.hidden_dim = uint32_t(config.hidden_dim);
+  l.hidden_dim_bytes = uint32_t(config.hidden_dim_bytes);
+  l.hidden_dim_scale_bytes = uint32_t(config.hidden_dim_scale_bytes);
+  l.max_recv_tokens = uint32_t(checked_mul(l.max_num_tokens, l.num_dp_groups, "max_recv_tokens"));
+
+  l.token_header_bytes = align_up(sizeof(uint32_t) * (1 + uint64_t(l.experts_per_token)), kBufferAlign);
+  l.dispatch_token_bytes =
+      l.token_header_bytes + l.hidden_dim_bytes + align_up(l.hidden_dim_scale_bytes, kBufferAlign);
+  l.combine_row_bytes = checked_mul(l.hidden_dim, kCombineElementBytes, "combine row");
+  l.staging_row_bytes = std::max(l.dispatch_token_bytes, l.combine_row_bytes);
+
+  const uint64_t dispatch_slots =
+      checked_mul(checked_mul(l.num_local_experts, l.num_dp_groups, "dispatch_recv"), l.max_num_tokens,
+                  "dispatch_recv");
+  uint64_t cursor = 0;
+  l.dispatch_recv_offset =
+      place(cursor, checked_mul(dispatch_slots, l.dispatch_token_bytes, "dispatch_recv"), kRegionAlign,
+            "dispatch_recv");
+  l.combine_recv_offset = place(
+      cursor,
+      checked_mul(checked_mul(l.max_num_tokens, l.experts_per_token, "combine_recv"), l.combine_row_bytes,
+                  "combine_recv"),
+      kRegionAlign, "combine_recv");
+  l.dispatch_counts_offset =
+      place(cursor, checked_mul(uint64_t(l.num_local_experts) * l.world_size, sizeof(uint64_t), "dispatch_counts"),
+            kRegionAlign, "dispatch_counts");
+  l.combine_done_offset = place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "combine_done");
+  l.staging_slots = staging_slots;
+  l.staging_offset =
+      place(cursor, checked_mul(staging_slots, l.staging_row_bytes, "staging"), kRegionAlign, "staging");
+  l.symmetric_bytes = align_up(cursor, kRegionAlign);
+
+  uint64_t ws = 0;
+  l.send_counts_offset = place(ws, uint64_t(l.num_experts) * sizeof(uint32_t), kRegionAlign, "send_counts");
+  l.recv_counts_offset = place(ws, uint64_t(l.num_local_experts) * sizeof(int32_t), kRegionAlign, "recv_counts");
+  l.routes_offset = place(
+      ws, checked_mul(uint64_t(l.num_local_experts) * l.max_recv_tokens, sizeof(TokenRoute), "routes"),
+      kRegionAlign, "routes");
+  l.phase_counters_offset = place(ws, kNumPhaseCounters * sizeof(uint32_t), kRegionAlign, "phase_counters");
+  l.workspace_bytes = align_up(ws, kRegionAlign);
+  return l;
+}
+
+void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes) {
+  // NVSHMEM keeps part of the heap for itself; ask for a little headroom so the error comes from us.
+  constexpr uint64_t kHeapReserve = 64ull << 20;
+  const uint64_t needed = layout.symmetric_bytes + kHeapReserve;
+  if (needed > heap_bytes) {
+    EW_THROW(ConfigError, "symmetric heap too small: expertwire needs ", layout.symmetric_bytes,
+             " bytes of symmetric memory per rank (+", kHeapReserve, " reserve = ", needed,
+             " bytes) but NVSHMEM_SYMMETRIC_SIZE gives ", heap_bytes, " bytes; set NVSHMEM_SYMMETRIC_SIZE>=",
+             (needed + (1ull << 20) - 1) >> 20, "M");
+  }
+}
+
+}  // namespace expertwire

@@ -1,0 +1,132 @@
+// Every buffer size, per-token stride and signal offset of expertwire, computed in this one place.
+//
+// Symmetric memory (one allocation per rank, same layout on every rank; peers write into it):
+//
+//   dispatch_recv   [num_local_experts][num_dp_groups][max_num_tokens] DispatchToken
+//                   DispatchToken = header (u32 source token, u32 experts[top-k], padded to 16 B)
+//                                 | payload (hidden_dim_bytes) | scales (hidden_dim_scale_bytes, padded to 16 B)
+//                   One region per (local expert, source DP group): the one rank of that group whose dp_rank
+//                   equals ours writes it, so slots need no cross-rank coordination.
+//   combine_recv    [max_num_tokens][top-k] expert output rows of hidden_dim 16-bit values; row (t, k) is
+//                   written by the owner of expert indices[t][k], so the reduction reads each row exactly once.
+//   dispatch_counts [num_local_experts][world_size] u64: count + 1 from each source rank (0 = not arrived).
+//   combine_done    [world_size] u64: 1 once that rank has written all its combine rows to us.
+//   staging         [staging_slots] rows of max(DispatchToken, combine row): the source of NVSHMEM puts to
+//                   peers that are not load/store reachable (RDMA needs a registered source).
+//
+// Local workspace (cudaMalloc, this rank only):
+//   send_counts     [num_experts] u32: tokens this rank has sent to each expert in the running dispatch.
+//   recv_counts     [num_local_experts] i32: tokens received per local expert by the last dispatch.
+//   routes          [num_local_experts][max_recv_tokens] u64: where row i of out_expert_x came from
+//                   (source DP group, token, k), read by combine to send each result back.
+//   phase_counters  [kNumPhaseCounters] u32: blocks that finished a phase (the last one signals / resets).
+#pragma once
+
+#include <cstdint>
+
+#include "core/config.h"
+
+#if defined(__CUDACC__)
+#define EW_HOST_DEVICE __host__ __device__
+#else
+#define EW_HOST_DEVICE
+#endif
+
+namespace expertwire {
+
+inline constexpr uint64_t kBufferAlign = 16;      // every row and region starts on a 16-byte vector boundary
+inline constexpr uint64_t kRegionAlign = 256;     // regions of the symmetric allocation start 256-aligned
+inline constexpr uint64_t kCombineElementBytes = 2;  // expert outputs are bf16 or fp16
+inline constexpr int kNumPhaseCounters = 4;
+
+enum PhaseCounter : int {
+  kDispatchSendDone = 0,
+  kDispatchRecvDone = 1,
+  kCombineSendDone = 2,
+  kCombineRecvDone = 3,
+};
+
+EW_HOST_DEVICE constexpr uint64_t align_up(uint64_t value, uint64_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
+}
+
+// Where a received token came from; packed so that the route table costs 8 bytes per row.
+struct TokenRoute {
+  uint32_t token;
+  uint16_t source_group;
+  uint16_t k;
+};
+static_assert(sizeof(TokenRoute) == 8, "route table rows are 8 bytes");
+
+// Plain offsets and strides, copied by value into kernels.
+struct BufferLayout {
+  // Shape, repeated here so kernels need nothing else.
+  uint32_t num_experts;
+  uint32_t num_local_experts;
+  uint32_t experts_per_token;
+  uint32_t world_size;
+  uint32_t dp_size;
+  uint32_t num_dp_groups;
+  uint32_t max_num_tokens;
+  uint32_t max_recv_tokens;
+  uint32_t hidden_dim;
+  uint32_t hidden_dim_bytes;
+  uint32_t hidden_dim_scale_bytes;
+
+  // Strides.
+  uint64_t token_header_bytes;    // align16(4 + 4 * top-k)
+  uint64_t dispatch_token_bytes;  // header + payload + align16(scales)
+  uint64_t combine_row_bytes;     // hidden_dim * 2
+  uint64_t staging_row_bytes;     // max(dispatch_token_bytes, combine_row_bytes)
+
+  // Symmetric allocation: offsets from its base, and its size.
+  uint64_t dispatch_recv_offset;
+  uint64_t combine_recv_offset;
+  uint64_t dispatch_counts_offset;
+  uint64_t combine_done_offset;
+  uint64_t staging_offset;
+  uint64_t staging_slots;
+  uint64_t symmetric_bytes;
+
+  // Local workspace: offsets from its base, and its size.
+  uint64_t send_counts_offset;
+  uint64_t recv_counts_offset;
+  uint64_t routes_offset;
+  uint64_t phase_counters_offset;
+  uint64_t workspace_bytes;
+
+  EW_HOST_DEVICE uint64_t payload_offset_in_token() const { return token_header_bytes; }
+  EW_HOST_DEVICE uint64_t scale_offset_in_token() const { return token_header_bytes + hidden_dim_bytes; }
+
+  // Byte offset (from the symmetric base) of slot `slot` of the region (local expert, source group).
+  EW_HOST_DEVICE uint64_t dispatch_token_offset(uint32_t local_expert, uint32_t source_group,
+                                                uint32_t slot) const {
+    return dispatch_recv_offset +
+           ((uint64_t(local_expert) * num_dp_groups + source_group) * max_num_tokens + slot) *
+               dispatch_token_bytes;
+  }
+  EW_HOST_DEVICE uint64_t combine_row_offset(uint32_t token, uint32_t k) const {
+    return combine_recv_offset + (uint64_t(token) * experts_per_token + k) * combine_row_bytes;
+  }
+  EW_HOST_DEVICE uint64_t dispatch_count_offset(uint32_t local_expert, uint32_t source_rank) const {
+    return dispatch_counts_offset + (uint64_t(local_expert) * world_size + source_rank) * sizeof(uint64_t);
+  }
+  EW_HOST_DEVICE uint64_t combine_done_offset_of(uint32_t source_rank) const {
+    return combine_done_offset + uint64_t(source_rank) * sizeof(uint64_t);
+  }
+  EW_HOST_DEVICE uint64_t staging_row_offset(uint64_t slot) const {
+    return staging_offset + slot * staging_row_bytes;
+  }
+  EW_HOST_DEVICE uint64_t route_offset(uint32_t local_expert, uint32_t row) const {
+    return routes_offset + (uint64_t(local_expert) * max_recv_tokens + row) * sizeof(TokenRoute);
+  }
+};
+
+// Computes the layout of a validated configuration. Throws ConfigError when a size overflows 64 bits.
+// `staging_slots` is the number of warps that may stage a row at once (blocks * warps per block).
+BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_slots);
+
+// Throws ConfigError when the symmetric allocation does not fit in `heap_bytes`, saying how much is needed.
+void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes);
+
+}  // namespace expertwire

@@ -1,0 +1,404 @@
+// Dispatch and combine kernels, written once for every transport.
+//
+// A Transport (see transport/*/…_transport.cuh) says how bytes reach a peer's symmetric buffer:
+//   uint8_t* peer_address(int pe, uint64_t offset)   // load/store address of the peer's byte, or nullptr
+//   void put_warp(int pe, uint64_t offset, const uint8_t* staged, uint64_t bytes)  // for nullptr peers
+//   void flush_warp()                                 // this warp's writes complete before a later signal
+//   void signal(int pe, uint64_t offset, uint64_t value)
+//
+// Protocol (one call = dispatch then combine; every rank takes part in both):
+//   dispatch send   each token goes once to each expert of its row owned by a rank whose dp_rank is ours,
+//                   into slot atomicAdd(send_counts[e]) of region (expert, our DP group) of the owner; the last
+//                   block out then sends every (rank, local expert) its count + 1, zeros included, so every
+//                   receiver hears from every sender.
+//   dispatch recv   wait for all num_local_experts * world_size counts, pack the regions of each local expert
+//                   into out_expert_x in group order and remember each row's route; the last block out
+//                   clears the counts.
+//   combine send    each row i of expert_y[le] goes back to row (token, k) of every rank of its source group;
+//                   the last block out sets "done" at every rank.
+//   combine recv    wait for "done" from all ranks, out[t] = sum_k w[t][k] * row(t, k); the last block out
+//                   clears the flags.
+// A rank can only start dispatch n+1 after hearing "done" for combine n from every rank, and every rank
+// sends "done" only after its dispatch-recv n has finished, so no signal or slot is overwritten while a
+// peer still reads it, and no signal is cleared after a peer has set it again.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/cuda_utils.h"
+#include "core/dtype.h"
+#include "core/layout.h"
+#include "device/kernel_args.h"
+#include "device/primitives.cuh"
+
+namespace expertwire::device {
+
+// ---------------------------------------------------------------------------------------------------------
+// Token rows.
+
+// Writes one DispatchToken (header, payload, scales) at `dst` with the whole warp.
+__device__ __forceinline__ void write_dispatch_token(uint8_t* dst, const BufferLayout& l, uint32_t token,
+                                                     const uint32_t* experts, const uint8_t* x,
+                                                     const uint8_t* x_scale) {
+  auto* header = reinterpret_cast<uint32_t*>(dst);
+  for (uint32_t w = lane_id(); w <= l.experts_per_token; w += kWarpSize) {
+    header[w] = w == 0 ? token : experts[w - 1];
+  }
+  warp_copy_16<SourceKind::kInput>(dst + l.payload_offset_in_token(), x, l.hidden_dim_bytes);
+  if (l.hidden_dim_scale_bytes != 0) {
+    warp_copy_4(dst + l.scale_offset_in_token(), x_scale, l.hidden_dim_scale_bytes);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dispatch.
+
+template <class Transport>
+__device__ void dispatch_send(const DispatchArgs& a, const Transport& transport) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
+  auto* send_counts = reinterpret_cast<uint32_t*>(c.workspace + l.send_counts_offset);
+  uint8_t* staging = c.symmetric + l.staging_row_offset(global_warp());
+  const uint32_t top_k = l.experts_per_token;
+
+  for (uint32_t t = global_warp(); t < m; t += total_warps()) {
+    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
+    const uint8_t* x = a.dp_x + uint64_t(t) * l.hidden_dim_bytes;
+    const uint8_t* x_scale = a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes;
+    bool staged = false;
+    for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
+      const uint32_t k = k0 + lane_id();
+      uint32_t expert = 0, slot = 0;
+      bool send = false;
+      if (k < top_k) {
+        expert = experts[k];
+        if (expert >= l.num_experts) {
+          record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, expert);
+        } else if ((expert / l.num_local_experts) % l.dp_size == c.dp_rank) {
+          slot = atomicAdd(&send_counts[expert], 1u);
+          send = slot < l.max_num_tokens;
+          if (!send) record_error(c.error, ErrorCode::kSlotOverflow, Phase::kDispatchSend, -1, expert);
+        }
+      }
+      for (unsigned pending = __ballot_sync(kFullMask, send); pending != 0; pending &= pending - 1) {
+        const int from = __ffs(pending) - 1;
+        const uint32_t e = __shfl_sync(kFullMask, expert, from);
+        const uint32_t s = __shfl_sync(kFullMask, slot, from);
+        const int owner = int(e / l.num_local_experts);
+        const uint64_t offset = l.dispatch_token_offset(e % l.num_local_experts, c.dp_group, s);
+        if (uint8_t* direct = transport.peer_address(owner, offset)) {
+          write_dispatch_token(direct, l, t, experts, x, x_scale);
+        } else {
+          if (!staged) {
+            write_dispatch_token(staging, l, t, experts, x, x_scale);
+            __syncwarp();
+            staged = true;
+          }
+          transport.put_warp(owner, offset, staging, l.dispatch_token_bytes);
+        }
+      }
+    }
+  }
+  transport.flush_warp();
+
+  if (last_block_out(c.phase_counter(kDispatchSendDone))) {
+    for (uint32_t e = threadIdx.x; e < l.num_experts; e += blockDim.x) {
+      const uint32_t owner = e / l.num_local_experts;
+      const uint32_t count = owner % l.dp_size == c.dp_rank ? min(send_counts[e], l.max_num_tokens) : 0u;
+      send_counts[e] = 0;
+      transport.signal(int(owner), l.dispatch_count_offset(e % l.num_local_experts, c.rank), uint64_t(count) + 1);
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kDispatchSendDone) = 0;
+  }
+}
+
+__device__ inline void dispatch_recv(const DispatchArgs& a) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t num_local = l.num_local_experts;
+  const uint32_t groups = l.num_dp_groups;
+  const uint32_t regions = num_local * groups;
+
+  extern __shared__ uint32_t shared[];
+  uint32_t* region_count = shared;                   // [local expert][group]
+  uint32_t* region_base = region_count + regions;    // first row of the region inside the expert's block
+  uint32_t* expert_total = region_base + regions;    // [local expert]
+  uint32_t* expert_start = expert_total + num_local + 1;  // exclusive scan of expert_total, [num_local + 1]
+
+  // Every sender reports to every (local expert, rank) pair; only the sender of our dp_rank in each group
+  // can have sent tokens.
+  for (uint32_t i = threadIdx.x; i < num_local * l.world_size; i += blockDim.x) {
+    const uint32_t le = i / l.world_size, source = i % l.world_size;
+    const uint64_t value =
+        wait_signal(c.local_signal(l.dispatch_count_offset(le, source)), c.timeout_ns, c.error,
+                    Phase::kDispatchRecv, int32_t(source));
+    if (source % l.dp_size == c.dp_rank) {
+      region_count[le * groups + source / l.dp_size] = value == 0 ? 0u : min(uint32_t(value - 1), l.max_num_tokens);
+    }
+  }
+  __syncthreads();
+  for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
+    uint32_t running = 0;
+    for (uint32_t g = 0; g < groups; ++g) {
+      region_base[le * groups + g] = running;
+      running += region_count[le * groups + g];
+    }
+    expert_total[le] = running;
+  }
+  __syncthreads();
+  if (warp_id() == 0) warp_exclusive_scan(expert_total, expert_start, num_local);
+  __syncthreads();
+
+  if (blockIdx.x == 0) {
+    auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
+    for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
+      a.out_expert_num_tokens[le] = int32_t(expert_total[le]);
+      recv_counts[le] = int32_t(expert_total[le]);
+    }
+  }
+
+  auto* routes = reinterpret_cast<TokenRoute*>(c.workspace + l.routes_offset);
+  const uint32_t total = expert_start[num_local];
+  for (uint32_t j = global_warp(); j < total; j += total_warps()) {
+    const uint32_t le = find_segment(expert_start, num_local, j);
+    const uint32_t row = j - expert_start[le];
+    uint32_t g = 0;
+    while (row >= region_base[le * groups + g] + region_count[le * groups + g]) ++g;
+    const uint8_t* token = c.symmetric + l.dispatch_token_offset(le, g, row - region_base[le * groups + g]);
+    const auto* header = reinterpret_cast<const uint32_t*>(token);
+
+    // Which of the token's top-k slots is this expert: combine must write back to exactly that slot.
+    const uint32_t expert = c.rank * num_local + le;
+    uint32_t k = 0;
+    for (uint32_t k0 = 0; k0 < l.experts_per_token; k0 += kWarpSize) {
+      const uint32_t kk = k0 + lane_id();
+      const unsigned hit = __ballot_sync(kFullMask, kk < l.experts_per_token && header[1 + kk] == expert);
+      if (hit != 0) {
+        k = k0 + __ffs(hit) - 1;
+        break;
+      }
+    }
+    if (lane_id() == 0) {
+      routes[uint64_t(le) * l.max_recv_tokens + row] = TokenRoute{header[0], uint16_t(g), uint16_t(k)};
+    }
+    const uint64_t out_row = uint64_t(le) * l.max_recv_tokens + row;
+    warp_copy_16<SourceKind::kPeerWritten>(a.out_expert_x + out_row * l.hidden_dim_bytes,
+                                           token + l.payload_offset_in_token(), l.hidden_dim_bytes);
+    if (l.hidden_dim_scale_bytes != 0) {
+      warp_copy_4(a.out_expert_x_scale + out_row * l.hidden_dim_scale_bytes, token + l.scale_offset_in_token(),
+                  l.hidden_dim_scale_bytes);
+    }
+  }
+
+  if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
+    for (uint32_t i = threadIdx.x; i < num_local * l.world_size; i += blockDim.x) {
+      *c.local_signal(l.dispatch_count_offset(i / l.world_size, i % l.world_size)) = 0;
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kDispatchRecvDone) = 0;
+  }
+}
+
+template <class Transport>
+__global__ void __launch_bounds__(1024) dispatch_kernel(DispatchArgs args, Transport transport) {
+  if (args.do_send) dispatch_send(args, transport);
+  if (args.do_recv) dispatch_recv(args);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Combine.
+
+template <class Transport>
+__device__ void combine_send(const CombineArgs& a, const Transport& transport) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t num_local = l.num_local_experts;
+
+  extern __shared__ uint32_t shared[];
+  uint32_t* expert_total = shared;
+  uint32_t* expert_start = expert_total + num_local + 1;
+  const auto* recv_counts = reinterpret_cast<const int32_t*>(c.workspace + l.recv_counts_offset);
+  for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) expert_total[le] = uint32_t(recv_counts[le]);
+  __syncthreads();
+  if (warp_id() == 0) warp_exclusive_scan(expert_total, expert_start, num_local);
+  __syncthreads();
+
+  const auto* routes = reinterpret_cast<const TokenRoute*>(c.workspace + l.routes_offset);
+  uint8_t* staging = c.symmetric + l.staging_row_offset(global_warp());
+  const uint32_t total = expert_start[num_local];
+  for (uint32_t j = global_warp(); j < total; j += total_warps()) {
+    const uint32_t le = find_segment(expert_start, num_local, j);
+    const uint64_t row = uint64_t(le) * l.max_recv_tokens + (j - expert_start[le]);
+    const TokenRoute route = routes[row];
+    const uint8_t* y = a.expert_y + row * l.combine_row_bytes;
+    const uint64_t offset = l.combine_row_offset(route.token, route.k);
+    bool staged = false;
+    for (uint32_t d = 0; d < l.dp_size; ++d) {
+      const int peer = int(route.source_group * l.dp_size + d);
+      if (uint8_t* direct = transport.peer_address(peer, offset)) {
+        warp_copy_16<SourceKind::kInput>(direct, y, l.combine_row_bytes);
+      } else {
+        if (!staged) {
+          warp_copy_16<SourceKind::kInput>(staging, y, l.combine_row_bytes);
+          __syncwarp();
+          staged = true;
+        }
+        transport.put_warp(peer, offset, staging, l.combine_row_bytes);
+      }
+    }
+  }
+  transport.flush_warp();
+
+  if (last_block_out(c.phase_counter(kCombineSendDone))) {
+    for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
+      transport.signal(int(peer), l.combine_done_offset_of(c.rank), 1);
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kCombineSendDone) = 0;
+  }
+}
+
+template <class T>
+struct Vec8;  // eight 16-bit values <-> eight floats
+
+template <>
+struct Vec8<__nv_bfloat16> {
+  __device__ static void to_float(const int4& raw, float* out) {
+    const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(pairs[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+  __device__ static void store(__nv_bfloat16* dst, const float* in) {
+    int4 raw;
+    auto* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+    *reinterpret_cast<int4*>(dst) = raw;
+  }
+};
+
+template <>
+struct Vec8<__half> {
+  __device__ static void to_float(const int4& raw, float* out) {
+    const auto* pairs = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(pairs[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+  __device__ static void store(__half* dst, const float* in) {
+    int4 raw;
+    auto* pairs = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
+    *reinterpret_cast<int4*>(dst) = raw;
+  }
+};
+
+template <>
+struct Vec8<float> {
+  __device__ static void store(float* dst, const float* in) {
+    reinterpret_cast<float4*>(dst)[0] = make_float4(in[0], in[1], in[2], in[3]);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(in[4], in[5], in[6], in[7]);
+  }
+};
+
+template <class OutT, class ExpertT>
+__device__ void combine_recv(const CombineArgs& a) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
+    wait_signal(c.local_signal(l.combine_done_offset_of(peer)), c.timeout_ns, c.error, Phase::kCombineRecv,
+                int32_t(peer));
+  }
+  __syncthreads();
+
+  const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kCombineRecv);
+  const uint32_t top_k = l.experts_per_token;
+  const uint32_t vectors = l.hidden_dim / 8;
+  auto* out = static_cast<OutT*>(a.out_tokens);
+  for (uint32_t t = blockIdx.x; t < m; t += gridDim.x) {
+    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
+    const float* weights = a.weights + uint64_t(t) * top_k;
+    for (uint32_t v = threadIdx.x; v < vectors; v += blockDim.x) {
+      float acc[8] = {};
+      for (uint32_t k = 0; k < top_k; ++k) {
+        if (experts[k] >= l.num_experts) continue;  // never sent; reported by dispatch
+        const float w = weights[k];
+        const auto* row = reinterpret_cast<const int4*>(c.symmetric + l.combine_row_offset(t, k));
+        float y[8];
+        Vec8<ExpertT>::to_float(row[v], y);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += w * y[i];
+      }
+      Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
+    }
+  }
+
+  if (last_block_out(c.phase_counter(kCombineRecvDone))) {
+    for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
+      *c.local_signal(l.combine_done_offset_of(peer)) = 0;
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kCombineRecvDone) = 0;
+  }
+}
+
+template <class Transport, class OutT, class ExpertT>
+__global__ void __launch_bounds__(1024) combine_kernel(CombineArgs args, Transport transport) {
+  if (args.do_send) combine_send(args, transport);
+  if (args.do_recv) combine_recv<OutT, ExpertT>(args);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Launchers, instantiated by each transport's translation unit.
+
+template <class Transport>
+void launch_dispatch(const DispatchArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
+  dispatch_kernel<Transport>
+      <<<shape.blocks, shape.threads, dispatch_shared_bytes(args.ctx.layout), stream>>>(args, transport);
+  EW_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class Transport, class OutT, class ExpertT>
+void launch_combine_typed(const CombineArgs& args, const Transport& transport, LaunchShape shape,
+                          cudaStream_t stream) {
+  combine_kernel<Transport, OutT, ExpertT>
+      <<<shape.blocks, shape.threads, combine_shared_bytes(args.ctx.layout), stream>>>(args, transport);
+  EW_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class Transport, class ExpertT>
+void launch_combine_for_expert(const CombineArgs& args, const Transport& transport, ScalarType out_type,
+                               LaunchShape shape, cudaStream_t stream) {
+  switch (out_type) {
+    case ScalarType::kFloat32: return launch_combine_typed<Transport, float, ExpertT>(args, transport, shape, stream);
+    case ScalarType::kBFloat16:
+      return launch_combine_typed<Transport, __nv_bfloat16, ExpertT>(args, transport, shape, stream);
+    case ScalarType::kFloat16: return launch_combine_typed<Transport, __half, ExpertT>(args, transport, shape, stream);
+  }
+  EW_THROW(ConfigError, "combine: unsupported out_tokens type ", int(out_type));
+}
+
+template <class Transport>
+void launch_combine(const CombineArgs& args, const Transport& transport, ScalarType out_type,
+                    ScalarType expert_type, LaunchShape shape, cudaStream_t stream) {
+  switch (expert_type) {
+    case ScalarType::kBFloat16:
+      return launch_combine_for_expert<Transport, __nv_bfloat16>(args, transport, out_type, shape, stream);
+    case ScalarType::kFloat16:
+      return launch_combine_for_expert<Transport, __half>(args, transport, out_type, shape, stream);
+    default:
+      EW_THROW(ConfigError, "combine: expert_y must be bfloat16 or float16, got ", scalar_type_name(expert_type));
+  }
+}
+
+}  // namespace expertwire::device

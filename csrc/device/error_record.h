@@ -1,0 +1,63 @@
+// The error record a kernel fills instead of asserting; the host reads it and raises DeviceError.
+// Plain C++ so host code can include it without CUDA.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace expertwire {
+
+enum class ErrorCode : int32_t {
+  kNone = 0,
+  kTimeout = 1,         // a wait for a peer's signal ran out of time; peer = the rank waited for
+  kBadExpertIndex = 2,  // indices[t][k] >= num_experts; value = the index, nothing was sent for it
+  kBadBoundM = 3,       // *bound_m > m; value = *bound_m, the call moved no tokens
+  kSlotOverflow = 4,    // more than max_num_tokens tokens for one expert (a repeated expert in a row)
+};
+
+enum class Phase : int32_t {
+  kNone = 0,
+  kDispatchSend = 1,
+  kDispatchRecv = 2,
+  kCombineSend = 3,
+  kCombineRecv = 4,
+};
+
+struct ErrorRecord {
+  ErrorCode code;
+  Phase phase;
+  int32_t peer;  // rank waited for, or -1
+  int32_t reserved;
+  int64_t value;
+};
+
+inline const char* phase_name(Phase phase) {
+  switch (phase) {
+    case Phase::kDispatchSend: return "dispatch send";
+    case Phase::kDispatchRecv: return "dispatch receive";
+    case Phase::kCombineSend: return "combine send";
+    case Phase::kCombineRecv: return "combine receive";
+    default: return "unknown phase";
+  }
+}
+
+// One sentence for the host exception.
+inline std::string describe(const ErrorRecord& record, int64_t rank) {
+  const std::string where = std::string(" in ") + phase_name(record.phase) + " on rank " + std::to_string(rank);
+  switch (record.code) {
+    case ErrorCode::kTimeout:
+      return "timed out after " + std::to_string(record.value) + " ms waiting for rank " +
+             std::to_string(record.peer) + where;
+    case ErrorCode::kBadExpertIndex:
+      return "expert index " + std::to_string(record.value) + " out of range" + where;
+    case ErrorCode::kBadBoundM:
+      return "bound_m = " + std::to_string(record.value) + " exceeds m" + where;
+    case ErrorCode::kSlotOverflow:
+      return "more than max_num_tokens tokens for expert " + std::to_string(record.value) +
+             " (repeated expert in a token's row?)" + where;
+    default:
+      return "no error";
+  }
+}
+
+}  // namespace expertwire

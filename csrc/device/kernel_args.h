@@ -1,0 +1,72 @@
+// Arguments of the dispatch and combine kernels: plain structs that host code fills and passes by value.
+#pragma once
+
+#include <cstdint>
+
+#include "core/layout.h"
+#include "device/error_record.h"
+
+namespace expertwire::device {
+
+// What every kernel needs to know about this rank.
+struct RankContext {
+  BufferLayout layout;
+  uint32_t rank;
+  uint32_t dp_rank;
+  uint32_t dp_group;
+  uint8_t* symmetric;   // this rank's symmetric buffer
+  uint8_t* workspace;   // this rank's local workspace
+  ErrorRecord* error;   // host-mapped
+  uint64_t timeout_ns;
+
+  EW_HOST_DEVICE uint32_t* phase_counter(PhaseCounter which) const {
+    return reinterpret_cast<uint32_t*>(workspace + layout.phase_counters_offset) + which;
+  }
+  EW_HOST_DEVICE uint64_t* local_signal(uint64_t offset) const {
+    return reinterpret_cast<uint64_t*>(symmetric + offset);
+  }
+};
+
+struct DispatchArgs {
+  RankContext ctx;
+  int32_t* out_expert_num_tokens;  // [num_local_experts]
+  uint8_t* out_expert_x;           // [num_local_experts][max_recv_tokens][hidden_dim_bytes]
+  uint8_t* out_expert_x_scale;     // [num_local_experts][max_recv_tokens][hidden_dim_scale_bytes]
+  const uint8_t* dp_x;             // [m][hidden_dim_bytes]
+  const uint8_t* dp_x_scale;       // [m][hidden_dim_scale_bytes]
+  const uint32_t* indices;         // [m][experts_per_token]
+  uint32_t m;
+  const uint32_t* bound_m;  // device; may be null (then m)
+  bool do_send;
+  bool do_recv;
+};
+
+struct CombineArgs {
+  RankContext ctx;
+  void* out_tokens;          // [m][hidden_dim] OutT
+  const uint32_t* indices;   // [m][experts_per_token]
+  const float* weights;      // [m][experts_per_token]
+  const uint8_t* expert_y;   // [num_local_experts][max_recv_tokens][hidden_dim] ExpertT
+  uint32_t m;
+  const uint32_t* bound_m;
+  bool do_send;
+  bool do_recv;
+};
+
+// Dynamic shared memory the dispatch kernel needs (the combine kernel needs less).
+inline uint64_t dispatch_shared_bytes(const BufferLayout& l) {
+  const uint64_t regions = uint64_t(l.num_local_experts) * l.num_dp_groups;
+  return (2 * regions + 2 * (uint64_t(l.num_local_experts) + 1)) * sizeof(uint32_t);
+}
+inline uint64_t combine_shared_bytes(const BufferLayout& l) {
+  return 2 * (uint64_t(l.num_local_experts) + 1) * sizeof(uint32_t);
+}
+
+// Grid of every launch: the same shape serves dispatch and combine.
+struct LaunchShape {
+  uint32_t blocks;
+  uint32_t threads;
+  uint64_t warps() const { return uint64_t(blocks) * (threads / 32); }
+};
+
+}  // namespace expertwire::device

@@ -1,0 +1,177 @@
+// Small device primitives shared by every transport and every phase: vector copies, bounded waits,
+// system-scope signalling, the error record, warp scans and the "last block out" phase counter.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "device/error_record.h"
+
+namespace expertwire::device {
+
+inline constexpr int kWarpSize = 32;
+inline constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x % kWarpSize; }
+__device__ __forceinline__ int warp_id() { return threadIdx.x / kWarpSize; }
+__device__ __forceinline__ int warps_per_block() { return blockDim.x / kWarpSize; }
+__device__ __forceinline__ int global_warp() { return blockIdx.x * warps_per_block() + warp_id(); }
+__device__ __forceinline__ int total_warps() { return gridDim.x * warps_per_block(); }
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  return now;
+}
+
+// Signals written by peers (loads/stores over NVLink, or a NIC) are read with acquire at system scope,
+// so the data they guard is visible once the signal is.
+__device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* address) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void store_release_sys(uint64_t* address, uint64_t value) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+// Streaming read of data that this kernel reads once: skip L1.
+__device__ __forceinline__ int4 load_stream(const int4* address) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(address));
+  return v;
+}
+
+// Where a copy reads from. Inputs of the call are read-only while the kernel runs and may use the
+// non-coherent path; buffers that peers write during the kernel must be read coherently.
+enum class SourceKind { kInput, kPeerWritten };
+
+template <SourceKind kSource>
+__device__ __forceinline__ int4 load_vector(const int4* address) {
+  if constexpr (kSource == SourceKind::kInput) {
+    return load_stream(address);
+  } else {
+    return *address;
+  }
+}
+
+// Warp-wide copy of `bytes` (a multiple of 16) between 16-byte aligned addresses; dst may be a peer's
+// memory. Four vectors in flight per lane hide the latency of remote stores.
+template <SourceKind kSource>
+__device__ __forceinline__ void warp_copy_16(void* dst, const void* src, uint64_t bytes) {
+  auto* d = static_cast<int4*>(dst);
+  const auto* s = static_cast<const int4*>(src);
+  const uint64_t n = bytes / sizeof(int4);
+  constexpr int kUnroll = 4;
+  uint64_t i = lane_id();
+  for (; i + (kUnroll - 1) * kWarpSize < n; i += kUnroll * kWarpSize) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = load_vector<kSource>(s + i + u * kWarpSize);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) d[i + u * kWarpSize] = v[u];
+  }
+  for (; i < n; i += kWarpSize) d[i] = load_vector<kSource>(s + i);
+}
+
+// Warp-wide copy of `bytes` (a multiple of 4): fp32 scale rows need not be 16-byte multiples.
+__device__ __forceinline__ void warp_copy_4(void* dst, const void* src, uint64_t bytes) {
+  auto* d = static_cast<uint32_t*>(dst);
+  const auto* s = static_cast<const uint32_t*>(src);
+  for (uint64_t i = lane_id(); i < bytes / 4; i += kWarpSize) d[i] = s[i];
+}
+
+// Records the first error of a call; later ones are dropped so the host sees the root cause.
+__device__ __forceinline__ void record_error(ErrorRecord* record, ErrorCode code, Phase phase, int32_t peer,
+                                             int64_t value) {
+  if (atomicCAS(reinterpret_cast<int*>(&record->code), 0, int(code)) == 0) {
+    record->phase = phase;
+    record->peer = peer;
+    record->value = value;
+    __threadfence_system();
+  }
+}
+
+__device__ __forceinline__ bool error_recorded(const ErrorRecord* record) {
+  return *reinterpret_cast<const volatile int32_t*>(&record->code) != 0;
+}
+
+// Waits until a peer sets `*signal` to a non-zero value and returns it. Never spins forever: after
+// `timeout_ns`, or as soon as another wait of this rank has failed, it records the error and returns 0.
+__device__ __forceinline__ uint64_t wait_signal(const uint64_t* signal, uint64_t timeout_ns, ErrorRecord* record,
+                                                Phase phase, int32_t peer) {
+  uint64_t value = load_acquire_sys(signal);
+  if (value != 0) return value;
+  const uint64_t start = global_timer_ns();
+  for (uint32_t spin = 1;; ++spin) {
+    value = load_acquire_sys(signal);
+    if (value != 0) return value;
+    // The error record lives in host memory: look at it rarely, the clock often.
+    if ((spin & 1023) == 0 && error_recorded(record)) return 0;
+    if (global_timer_ns() - start > timeout_ns) {
+      record_error(record, ErrorCode::kTimeout, phase, peer, int64_t(timeout_ns / 1000000));
+      return 0;
+    }
+  }
+}
+
+// Exclusive prefix sum of `values[0..n)` into `out[0..n]` (out[n] = total), computed by one warp.
+__device__ __forceinline__ void warp_exclusive_scan(const uint32_t* values, uint32_t* out, uint32_t n) {
+  uint32_t carry = 0;
+  for (uint32_t base = 0; base < n; base += kWarpSize) {
+    const uint32_t i = base + lane_id();
+    const uint32_t own = i < n ? values[i] : 0;
+    uint32_t inclusive = own;
+#pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset *= 2) {
+      const uint32_t other = __shfl_up_sync(kFullMask, inclusive, offset);
+      if (lane_id() >= offset) inclusive += other;
+    }
+    if (i < n) out[i] = carry + inclusive - own;
+    carry += __shfl_sync(kFullMask, inclusive, kWarpSize - 1);
+  }
+  if (lane_id() == 0) out[n] = carry;
+}
+
+// Index i with prefix[i] <= value < prefix[i + 1], for a non-decreasing prefix of n + 1 entries.
+__device__ __forceinline__ uint32_t find_segment(const uint32_t* prefix, uint32_t n, uint32_t value) {
+  uint32_t lo = 0, hi = n;
+  while (hi - lo > 1) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (prefix[mid] <= value) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// Counts blocks out of a phase. Returns true in exactly one block, the last to finish, after every other
+// block's writes (made visible with a system fence) happened before; that block may then signal peers
+// or reset shared state, and must reset the counter itself. Call with the whole block.
+__device__ __forceinline__ bool last_block_out(uint32_t* counter) {
+  __shared__ bool is_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    if (is_last) __threadfence_system();
+  }
+  __syncthreads();
+  return is_last;
+}
+
+// The token count of this call: *bound_m when given, never more than m (checked, not trusted).
+__device__ __forceinline__ uint32_t read_bound_m(const uint32_t* bound_m, uint32_t m, ErrorRecord* record,
+                                                 Phase phase) {
+  if (bound_m == nullptr) return m;
+  const uint32_t value = *bound_m;
+  if (value > m) {
+    record_error(record, ErrorCode::kBadBoundM, phase, -1, value);
+    return 0;
+  }
+  return value;
+}
+
+}  // namespace expertwire::device

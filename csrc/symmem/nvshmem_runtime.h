@@ -1,0 +1,44 @@
+// NVSHMEM bootstrap by unique id and the RAII owner of one symmetric allocation.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/cuda_utils.h"
+
+namespace expertwire {
+
+// The bytes of a fresh NVSHMEM unique id: created on one rank, broadcast by any means (MPI,
+// torch.distributed), then passed to nvshmem_init_with_unique_id on every rank.
+std::vector<uint8_t> nvshmem_unique_id();
+void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank, int world_size);
+bool nvshmem_initialized();
+void nvshmem_finalize_runtime();
+int nvshmem_rank();
+int nvshmem_world_size();
+void nvshmem_barrier_all_ranks();
+
+// One nvshmem_malloc'd buffer, zeroed, plus a device table of the address at which this process can load
+// and store each peer's copy (nvshmem_ptr; null where only puts reach the peer). Allocation and release
+// are collective: every rank constructs and destroys its buffer together.
+class NvshmemSymmetricBuffer {
+ public:
+  // Throws RuntimeError when NVSHMEM is not initialized. `force_puts` leaves the peer table empty so every
+  // byte travels through NVSHMEM puts, as it does between nodes.
+  NvshmemSymmetricBuffer(size_t bytes, bool force_puts);
+  ~NvshmemSymmetricBuffer();
+  NvshmemSymmetricBuffer(const NvshmemSymmetricBuffer&) = delete;
+  NvshmemSymmetricBuffer& operator=(const NvshmemSymmetricBuffer&) = delete;
+
+  uint8_t* local() const { return base_; }
+  uint8_t* const* device_peer_table() const { return peer_table_.get<uint8_t*>(); }
+  bool uses_puts() const { return uses_puts_; }
+
+ private:
+  uint8_t* base_ = nullptr;
+  DeviceBuffer peer_table_;
+  bool uses_puts_ = false;
+};
+
+}  // namespace expertwire

@@ -1,0 +1,67 @@
+#include "tests/common/mpi_harness.h"
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "core/cuda_utils.h"
+#include "symmem/nvshmem_runtime.h"
+
+namespace expertwire::harness {
+
+MpiSession::MpiSession(int* argc, char*** argv) {
+  MPI_Init(argc, argv);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &world_size_);
+  MPI_Comm node;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node);
+  MPI_Comm_rank(node, &local_rank_);
+  MPI_Comm_free(&node);
+}
+
+MpiSession::~MpiSession() { MPI_Finalize(); }
+
+bool select_gpu(const MpiSession& mpi, std::string* reason) {
+  int devices = 0;
+  const cudaError_t status = cudaGetDeviceCount(&devices);
+  const bool ok = status == cudaSuccess && devices > 0;
+  if (!all_ranks(ok)) {
+    *reason = status != cudaSuccess ? std::string("no CUDA device visible (") + cudaGetErrorString(status) + ")"
+                                    : std::string("no CUDA device visible");
+    return false;
+  }
+  EW_CUDA_CHECK(cudaSetDevice(mpi.local_rank() % devices));
+  return true;
+}
+
+NvshmemSession::NvshmemSession(const MpiSession& mpi) {
+  std::vector<uint8_t> id;
+  if (mpi.rank() == 0) id = nvshmem_unique_id();
+  uint64_t size = id.size();
+  MPI_Bcast(&size, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
+  id.resize(size);
+  MPI_Bcast(id.data(), int(size), MPI_BYTE, 0, MPI_COMM_WORLD);
+  nvshmem_init_with_unique_id(id, mpi.rank(), mpi.world_size());
+}
+
+NvshmemSession::~NvshmemSession() { nvshmem_finalize_runtime(); }
+
+bool all_ranks(bool value) {
+  int local = value ? 1 : 0, global = 0;
+  MPI_Allreduce(&local, &global, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
+  return global != 0;
+}
+
+double max_over_ranks(double value) {
+  double global = 0;
+  MPI_Allreduce(&value, &global, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return global;
+}
+
+uint64_t broadcast_from_root(uint64_t value) {
+  MPI_Bcast(&value, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
+  return value;
+}
+
+}  // namespace expertwire::harness

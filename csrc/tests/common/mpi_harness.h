@@ -1,0 +1,46 @@
+// What every multi-rank program (tests, benchmark) needs: MPI, one GPU per rank (or a shared one under
+// MPS), NVSHMEM bootstrapped from a unique id broadcast over MPI, and agreement across ranks.
+#pragma once
+
+#include <mpi.h>
+
+#include <cstdint>
+#include <string>
+
+namespace expertwire::harness {
+
+class MpiSession {
+ public:
+  MpiSession(int* argc, char*** argv);
+  ~MpiSession();
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  int local_rank() const { return local_rank_; }
+
+ private:
+  int rank_ = 0;
+  int world_size_ = 1;
+  int local_rank_ = 0;
+};
+
+// Selects local_rank % device_count as this rank's GPU (every rank shares GPU 0 when only one is visible,
+// as under MPS). Returns false with a reason when no CUDA device is visible on some rank.
+bool select_gpu(const MpiSession& mpi, std::string* reason);
+
+// NVSHMEM for the lifetime of the object: rank 0 makes a unique id, MPI broadcasts it, all ranks init.
+class NvshmemSession {
+ public:
+  explicit NvshmemSession(const MpiSession& mpi);
+  ~NvshmemSession();
+  NvshmemSession(const NvshmemSession&) = delete;
+  NvshmemSession& operator=(const NvshmemSession&) = delete;
+};
+
+bool all_ranks(bool value);           // logical AND over ranks
+double max_over_ranks(double value);  // maximum over ranks
+uint64_t broadcast_from_root(uint64_t value);
+
+}  // namespace expertwire::harness

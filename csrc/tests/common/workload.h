@@ -1,0 +1,51 @@
+// Deterministic test and benchmark data: every rank can rebuild every DP group's tokens from the seed,
+// which is what the reference model needs to predict what each rank receives.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/config.h"
+#include "core/dtype.h"
+#include "reference/reference.h"
+
+namespace expertwire::harness {
+
+// splitmix64: small, fast, and the same on every rank.
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : state_(seed) {}
+  uint64_t next();
+  uint32_t below(uint32_t bound) { return uint32_t(next() % bound); }
+  float uniform(float lo, float hi) { return lo + (hi - lo) * float(next() >> 40) / float(1ull << 24); }
+
+ private:
+  uint64_t state_;
+};
+
+uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b = 0);
+
+struct GroupData {
+  int64_t m = 0;
+  std::vector<uint8_t> x;          // [max_num_tokens][hidden_dim_bytes]; rows >= m are never sent
+  std::vector<uint8_t> x_scale;    // [max_num_tokens][hidden_dim_scale_bytes]
+  std::vector<uint32_t> indices;   // [max_num_tokens][experts_per_token]
+  std::vector<float> weights;      // [max_num_tokens][experts_per_token]
+
+  reference::GroupInput input() const;
+};
+
+// Tokens of DP group `group`: random payload whose first 8 bytes name (group, token) so a received row
+// can be keyed back to its source, random fp32 scales, distinct random experts per row, weights in [0, 1).
+GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t m, uint64_t seed);
+
+void read_marker(const uint8_t* row, uint32_t* group, uint32_t* token);
+
+// What the test's experts output for a token: a hash of its coordinates in [-1, 1], rounded to `type`.
+float expert_output_value(uint32_t expert, uint32_t group, uint32_t token, uint32_t h, ScalarType type);
+
+// Bits of `value` in a 16-bit `type` (bfloat16 or float16), and back.
+uint16_t to_bits16(float value, ScalarType type);
+float from_bits16(uint16_t bits, ScalarType type);
+
+}  // namespace expertwire::harness

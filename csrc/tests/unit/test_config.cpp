@@ -1,0 +1,301 @@
+// AllToAllConfig::validate(), parse_size_bytes() and default_timeout_ns().
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <functional>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/error.h"
+
+namespace expertwire {
+namespace {
+
+using ::testing::HasSubstr;
+
+// The DeepSeek-V3 shape (fp8 payload, one fp32 scale per 128 elements: 7168 / 128 * 4 = 224 bytes).
+AllToAllConfig deepseek_v3_config() {
+  AllToAllConfig config;
+  config.max_num_tokens = 128;
+  config.num_experts = 256;
+  config.experts_per_token = 8;
+  config.rank = 0;
+  config.world_size = 8;
+  config.dp_size = 1;
+  config.hidden_dim = 7168;
+  config.hidden_dim_bytes = 7168;
+  config.hidden_dim_scale_bytes = 224;
+  return config;
+}
+
+// Runs `action`, requires it to throw exactly ConfigError, and returns the message.
+std::string config_error_message(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const ConfigError& error) {
+    return error.what();
+  } catch (const std::exception& error) {
+    ADD_FAILURE() << "expected expertwire::ConfigError, got another exception: " << error.what();
+    return {};
+  }
+  ADD_FAILURE() << "expected expertwire::ConfigError, nothing was thrown";
+  return {};
+}
+
+TEST(ConfigValidate, DeepSeekV3ConfigPasses) {
+  const AllToAllConfig config = deepseek_v3_config();
+  EXPECT_NO_THROW(config.validate());
+  EXPECT_EQ(config.num_local_experts(), 32);  // 256 / 8
+  EXPECT_EQ(config.num_dp_groups(), 8);       // 8 / 1
+  EXPECT_EQ(config.max_recv_tokens(), 1024);  // 128 * 8
+}
+
+TEST(ConfigValidate, LastRankAndNoScalesPass) {
+  AllToAllConfig config = deepseek_v3_config();
+  config.rank = 7;
+  config.hidden_dim_scale_bytes = 0;
+  EXPECT_NO_THROW(config.validate());
+}
+
+TEST(ConfigValidate, DataParallelAccessors) {
+  AllToAllConfig config = deepseek_v3_config();
+  config.dp_size = 4;
+  config.rank = 6;
+  EXPECT_NO_THROW(config.validate());
+  EXPECT_EQ(config.num_dp_groups(), 2);       // 8 / 4
+  EXPECT_EQ(config.dp_group(), 1);            // 6 / 4
+  EXPECT_EQ(config.dp_rank(), 2);             // 6 % 4
+  EXPECT_EQ(config.max_recv_tokens(), 256);   // 128 * 2
+}
+
+struct BadConfigCase {
+  std::string name;
+  std::function<void(AllToAllConfig&)> mutate;
+  std::vector<std::string> message_parts;  // the field and the bad value, as the message spells them
+};
+
+void PrintTo(const BadConfigCase& bad_case, std::ostream* os) { *os << bad_case.name; }
+
+class ConfigValidateRejects : public ::testing::TestWithParam<BadConfigCase> {};
+
+TEST_P(ConfigValidateRejects, ThrowsConfigErrorNamingFieldAndValue) {
+  AllToAllConfig config = deepseek_v3_config();
+  GetParam().mutate(config);
+  const std::string message = config_error_message([&] { config.validate(); });
+  for (const std::string& part : GetParam().message_parts) EXPECT_THAT(message, HasSubstr(part));
+}
+
+// A field set to a bad value; the message must name the field and repeat the value after "got ".
+#define BAD_FIELD_CASE(test_name, field, value)                                       \
+  BadConfigCase {                                                                     \
+    test_name, [](AllToAllConfig& c) { c.field = value; }, {                          \
+      "AllToAllConfig." #field " must", "got " #value                                 \
+    }                                                                                 \
+  }
+
+INSTANTIATE_TEST_SUITE_P(
+    NonPositiveFields, ConfigValidateRejects,
+    ::testing::Values(BAD_FIELD_CASE("max_num_tokens_zero", max_num_tokens, 0),
+                      BAD_FIELD_CASE("max_num_tokens_negative", max_num_tokens, -5),
+                      BAD_FIELD_CASE("num_experts_zero", num_experts, 0),
+                      BAD_FIELD_CASE("num_experts_negative", num_experts, -256),
+                      BAD_FIELD_CASE("experts_per_token_zero", experts_per_token, 0),
+                      BAD_FIELD_CASE("experts_per_token_negative", experts_per_token, -1),
+                      BAD_FIELD_CASE("world_size_zero", world_size, 0),
+                      BAD_FIELD_CASE("world_size_negative", world_size, -8),
+                      BAD_FIELD_CASE("dp_size_zero", dp_size, 0),
+                      BAD_FIELD_CASE("dp_size_negative", dp_size, -2),
+                      BAD_FIELD_CASE("hidden_dim_zero", hidden_dim, 0),
+                      BAD_FIELD_CASE("hidden_dim_negative", hidden_dim, -7168),
+                      BAD_FIELD_CASE("hidden_dim_bytes_zero", hidden_dim_bytes, 0),
+                      BAD_FIELD_CASE("hidden_dim_bytes_negative", hidden_dim_bytes, -16),
+                      BAD_FIELD_CASE("hidden_dim_scale_bytes_negative", hidden_dim_scale_bytes, -4)),
+    [](const ::testing::TestParamInfo<BadConfigCase>& info) { return info.param.name; });
+
+INSTANTIATE_TEST_SUITE_P(
+    Relations, ConfigValidateRejects,
+    ::testing::Values(
+        BadConfigCase{"rank_negative", [](AllToAllConfig& c) { c.rank = -1; },
+                      {"AllToAllConfig.rank", "world_size=8", "got -1"}},
+        BadConfigCase{"rank_equals_world_size", [](AllToAllConfig& c) { c.rank = 8; },
+                      {"AllToAllConfig.rank", "world_size=8", "got 8"}},
+        BadConfigCase{"rank_above_world_size", [](AllToAllConfig& c) { c.rank = 100; },
+                      {"AllToAllConfig.rank", "got 100"}},
+        // 250 / 8 = 31.25
+        BadConfigCase{"num_experts_not_divisible_by_world_size", [](AllToAllConfig& c) { c.num_experts = 250; },
+                      {"AllToAllConfig.num_experts", "divisible by world_size=8", "got 250"}},
+        // 8 / 3 = 2.67
+        BadConfigCase{"world_size_not_divisible_by_dp_size", [](AllToAllConfig& c) { c.dp_size = 3; },
+                      {"AllToAllConfig.world_size", "dp_size=3", "got 8"}},
+        // dp_size larger than world_size: 8 % 16 = 8 != 0
+        BadConfigCase{"dp_size_above_world_size", [](AllToAllConfig& c) { c.dp_size = 16; },
+                      {"AllToAllConfig.world_size", "dp_size=16", "got 8"}},
+        BadConfigCase{"experts_per_token_above_num_experts",
+                      [](AllToAllConfig& c) {
+                        c.num_experts = 8;
+                        c.experts_per_token = 9;
+                      },
+                      {"AllToAllConfig.experts_per_token", "num_experts=8", "got 9"}},
+        // 7160 = 447 * 16 + 8
+        BadConfigCase{"hidden_dim_bytes_not_multiple_of_16", [](AllToAllConfig& c) { c.hidden_dim_bytes = 7160; },
+                      {"AllToAllConfig.hidden_dim_bytes must", "multiple of 16", "got 7160"}},
+        // 8 is a multiple of 8 but not of 16
+        BadConfigCase{"hidden_dim_bytes_8", [](AllToAllConfig& c) { c.hidden_dim_bytes = 8; },
+                      {"AllToAllConfig.hidden_dim_bytes must", "multiple of 16", "got 8"}},
+        // 222 = 55 * 4 + 2
+        BadConfigCase{"scale_bytes_not_multiple_of_4", [](AllToAllConfig& c) { c.hidden_dim_scale_bytes = 222; },
+                      {"AllToAllConfig.hidden_dim_scale_bytes", "multiple of 4", "got 222"}},
+        // 7164 = 895 * 8 + 4
+        BadConfigCase{"hidden_dim_not_multiple_of_8", [](AllToAllConfig& c) { c.hidden_dim = 7164; },
+                      {"AllToAllConfig.hidden_dim must", "multiple of 8", "got 7164"}},
+        // 2^31 exceeds UINT32_MAX / 2 = 2147483647
+        BadConfigCase{"hidden_dim_too_large_for_u32", [](AllToAllConfig& c) { c.hidden_dim = 2147483648; },
+                      {"AllToAllConfig.hidden_dim is too large", "32-bit", "got 2147483648"}},
+        BadConfigCase{"max_num_tokens_too_large_for_u32",
+                      [](AllToAllConfig& c) { c.max_num_tokens = 4294967296; },
+                      {"AllToAllConfig.max_num_tokens is too large", "32-bit", "got 4294967296"}}),
+    [](const ::testing::TestParamInfo<BadConfigCase>& info) { return info.param.name; });
+
+TEST(ConfigValidate, FirstInvalidFieldIsReported) {
+  AllToAllConfig config = deepseek_v3_config();
+  config.num_experts = 0;
+  config.hidden_dim = 0;
+  const std::string message = config_error_message([&] { config.validate(); });
+  EXPECT_THAT(message, HasSubstr("num_experts"));
+  EXPECT_THAT(message, ::testing::Not(HasSubstr("hidden_dim")));
+}
+
+TEST(ParseSizeBytes, Suffixes) {
+  EXPECT_EQ(parse_size_bytes("2G"), 2147483648ull);     // 2 * 2^30
+  EXPECT_EQ(parse_size_bytes("1024M"), 1073741824ull);  // 1024 * 2^20
+  EXPECT_EQ(parse_size_bytes("512k"), 524288ull);       // 512 * 2^10, lower case accepted
+  EXPECT_EQ(parse_size_bytes("512K"), 524288ull);
+  EXPECT_EQ(parse_size_bytes("1T"), 1099511627776ull);  // 2^40
+  EXPECT_EQ(parse_size_bytes("3m"), 3145728ull);        // 3 * 2^20
+}
+
+TEST(ParseSizeBytes, PlainNumber) {
+  EXPECT_EQ(parse_size_bytes("123"), 123ull);
+  EXPECT_EQ(parse_size_bytes("0"), 0ull);
+  EXPECT_EQ(parse_size_bytes("18446744073709551615"), 18446744073709551615ull);  // UINT64_MAX
+}
+
+TEST(ParseSizeBytes, MalformedLetters) {
+  const std::string message = config_error_message([] { parse_size_bytes("abc"); });
+  EXPECT_THAT(message, HasSubstr("malformed size 'abc'"));
+}
+
+TEST(ParseSizeBytes, UnknownSuffix) {
+  const std::string message = config_error_message([] { parse_size_bytes("12X"); });
+  EXPECT_THAT(message, HasSubstr("'12X'"));
+  EXPECT_THAT(message, HasSubstr("unknown suffix 'X'"));
+}
+
+TEST(ParseSizeBytes, Empty) {
+  const std::string message = config_error_message([] { parse_size_bytes(""); });
+  EXPECT_THAT(message, HasSubstr("malformed size ''"));
+}
+
+TEST(ParseSizeBytes, TrailingCharactersAfterSuffix) {
+  const std::string message = config_error_message([] { parse_size_bytes("1GB"); });
+  EXPECT_THAT(message, HasSubstr("'1GB'"));
+}
+
+TEST(ParseSizeBytes, SuffixWithoutDigits) {
+  const std::string message = config_error_message([] { parse_size_bytes("G"); });
+  EXPECT_THAT(message, HasSubstr("malformed size 'G'"));
+}
+
+TEST(ParseSizeBytes, Overflow) {
+  // 2^24 T = 2^64
+  const std::string message = config_error_message([] { parse_size_bytes("16777216T"); });
+  EXPECT_THAT(message, HasSubstr("'16777216T' overflows 64 bits"));
+  EXPECT_EQ(parse_size_bytes("16777215T"), 18446742974197923840ull);  // (2^24 - 1) * 2^40 = 2^64 - 2^40
+}
+
+// Sets (or unsets) an environment variable for one test and restores the previous value afterwards.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, std::optional<std::string> value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = std::string(old);
+    apply(value);
+  }
+  ~ScopedEnv() { apply(old_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  void apply(const std::optional<std::string>& value) {
+    if (value) {
+      setenv(name_, value->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+TEST(DefaultTimeout, UnsetIsTenSeconds) {
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::nullopt);
+  EXPECT_EQ(default_timeout_ns(), 10000000000ull);  // 10 s = 10^10 ns
+}
+
+TEST(DefaultTimeout, EmptyIsTenSeconds) {
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::string());
+  EXPECT_EQ(default_timeout_ns(), 10000000000ull);
+}
+
+TEST(DefaultTimeout, SetInMilliseconds) {
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::string("250"));
+  EXPECT_EQ(default_timeout_ns(), 250000000ull);  // 250 ms = 250 * 10^6 ns
+}
+
+TEST(DefaultTimeout, OneMillisecond) {
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::string("1"));
+  EXPECT_EQ(default_timeout_ns(), 1000000ull);
+}
+
+TEST(DefaultTimeout, RejectsLetters) {
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::string("abc"));
+  const std::string message = config_error_message([] { default_timeout_ns(); });
+  EXPECT_THAT(message, HasSubstr("EXPERTWIRE_TIMEOUT_MS"));
+  EXPECT_THAT(message, HasSubstr("'abc'"));
+}
+
+TEST(DefaultTimeout, RejectsTrailingUnit) {
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::string("12ms"));
+  const std::string message = config_error_message([] { default_timeout_ns(); });
+  EXPECT_THAT(message, HasSubstr("EXPERTWIRE_TIMEOUT_MS"));
+  EXPECT_THAT(message, HasSubstr("'12ms'"));
+}
+
+TEST(DefaultTimeout, RejectsZero) {
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::string("0"));
+  const std::string message = config_error_message([] { default_timeout_ns(); });
+  EXPECT_THAT(message, HasSubstr("positive integer"));
+  EXPECT_THAT(message, HasSubstr("'0'"));
+}
+
+TEST(SymmetricHeapFromEnv, DefaultAndSet) {
+  {
+    ScopedEnv env("NVSHMEM_SYMMETRIC_SIZE", std::nullopt);
+    EXPECT_EQ(symmetric_heap_bytes_from_env(), 1073741824ull);  // 1 GiB default
+  }
+  {
+    ScopedEnv env("NVSHMEM_SYMMETRIC_SIZE", std::string("4G"));
+    EXPECT_EQ(symmetric_heap_bytes_from_env(), 4294967296ull);  // 4 * 2^30
+  }
+  {
+    ScopedEnv env("NVSHMEM_SYMMETRIC_SIZE", std::string("4Q"));
+    const std::string message = config_error_message([] { symmetric_heap_bytes_from_env(); });
+    EXPECT_THAT(message, HasSubstr("'4Q'"));
+  }
+}
+
+}  // namespace
+}  // namespace expertwire

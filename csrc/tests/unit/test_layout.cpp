@@ -1,0 +1,378 @@
+// make_buffer_layout() and require_fits_symmetric_heap(). Every expected number is worked out by hand from
+// the layout described in core/layout.h (regions 256-aligned, rows 16-aligned); the arithmetic sits next to
+// each literal so a mismatch can be checked against the header rather than against layout.cpp.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "core/error.h"
+#include "core/layout.h"
+
+namespace expertwire {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string config_error_message(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const ConfigError& error) {
+    return error.what();
+  } catch (const std::exception& error) {
+    ADD_FAILURE() << "expected expertwire::ConfigError, got another exception: " << error.what();
+    return {};
+  }
+  ADD_FAILURE() << "expected expertwire::ConfigError, nothing was thrown";
+  return {};
+}
+
+// 8 experts over 4 ranks in 2 DP groups of 2: 2 local experts, 2 groups, fp8 payload of 32 bytes plus 8 bytes
+// of scales.
+AllToAllConfig small_config() {
+  AllToAllConfig config;
+  config.max_num_tokens = 4;
+  config.num_experts = 8;
+  config.experts_per_token = 3;
+  config.rank = 1;
+  config.world_size = 4;
+  config.dp_size = 2;
+  config.hidden_dim = 32;
+  config.hidden_dim_bytes = 32;
+  config.hidden_dim_scale_bytes = 8;
+  return config;
+}
+
+// A bf16 payload (2 bytes per element) with a wide header: the dispatch token is larger than a combine row,
+// so staging rows take the dispatch size.
+AllToAllConfig bf16_config() {
+  AllToAllConfig config;
+  config.max_num_tokens = 2;
+  config.num_experts = 6;
+  config.experts_per_token = 5;
+  config.rank = 2;
+  config.world_size = 3;
+  config.dp_size = 1;
+  config.hidden_dim = 16;
+  config.hidden_dim_bytes = 32;
+  config.hidden_dim_scale_bytes = 4;
+  return config;
+}
+
+AllToAllConfig deepseek_v3_config() {
+  AllToAllConfig config;
+  config.max_num_tokens = 128;
+  config.num_experts = 256;
+  config.experts_per_token = 8;
+  config.rank = 0;
+  config.world_size = 8;
+  config.dp_size = 1;
+  config.hidden_dim = 7168;
+  config.hidden_dim_bytes = 7168;
+  config.hidden_dim_scale_bytes = 224;
+  return config;
+}
+
+struct Region {
+  const char* name;
+  uint64_t offset;
+  uint64_t bytes;
+};
+
+// Regions must be 256-aligned, in ascending order without overlap, and inside `total`.
+void expect_disjoint_regions(std::vector<Region> regions, uint64_t total) {
+  std::sort(regions.begin(), regions.end(), [](const Region& a, const Region& b) { return a.offset < b.offset; });
+  for (size_t i = 0; i < regions.size(); ++i) {
+    EXPECT_EQ(regions[i].offset % kRegionAlign, 0u) << regions[i].name;
+    const uint64_t end = regions[i].offset + regions[i].bytes;
+    if (i + 1 < regions.size()) {
+      EXPECT_LE(end, regions[i + 1].offset) << regions[i].name << " overlaps " << regions[i + 1].name;
+    }
+    EXPECT_LE(end, total) << regions[i].name << " runs past the end";
+  }
+}
+
+void expect_layout_regions_disjoint(const BufferLayout& l) {
+  expect_disjoint_regions(
+      {
+          {"dispatch_recv", l.dispatch_recv_offset,
+           uint64_t(l.num_local_experts) * l.num_dp_groups * l.max_num_tokens * l.dispatch_token_bytes},
+          {"combine_recv", l.combine_recv_offset,
+           uint64_t(l.max_num_tokens) * l.experts_per_token * l.combine_row_bytes},
+          {"dispatch_counts", l.dispatch_counts_offset, uint64_t(l.num_local_experts) * l.world_size * 8},
+          {"combine_done", l.combine_done_offset, uint64_t(l.world_size) * 8},
+          {"staging", l.staging_offset, l.staging_slots * l.staging_row_bytes},
+      },
+      l.symmetric_bytes);
+  expect_disjoint_regions(
+      {
+          {"send_counts", l.send_counts_offset, uint64_t(l.num_experts) * 4},
+          {"recv_counts", l.recv_counts_offset, uint64_t(l.num_local_experts) * 4},
+          {"routes", l.routes_offset, uint64_t(l.num_local_experts) * l.max_recv_tokens * 8},
+          {"phase_counters", l.phase_counters_offset, uint64_t(kNumPhaseCounters) * 4},
+      },
+      l.workspace_bytes);
+}
+
+TEST(Layout, SmallConfigShape) {
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
+  EXPECT_EQ(l.num_experts, 8u);
+  EXPECT_EQ(l.num_local_experts, 2u);  // 8 / 4
+  EXPECT_EQ(l.experts_per_token, 3u);
+  EXPECT_EQ(l.world_size, 4u);
+  EXPECT_EQ(l.dp_size, 2u);
+  EXPECT_EQ(l.num_dp_groups, 2u);  // 4 / 2
+  EXPECT_EQ(l.max_num_tokens, 4u);
+  EXPECT_EQ(l.max_recv_tokens, 8u);  // 4 tokens * 2 groups
+  EXPECT_EQ(l.hidden_dim, 32u);
+  EXPECT_EQ(l.hidden_dim_bytes, 32u);
+  EXPECT_EQ(l.hidden_dim_scale_bytes, 8u);
+}
+
+TEST(Layout, SmallConfigStrides) {
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
+  EXPECT_EQ(l.token_header_bytes, 16u);    // align16(4 + 4 * 3 = 16) = 16
+  EXPECT_EQ(l.dispatch_token_bytes, 64u);  // 16 header + 32 payload + align16(8) = 16
+  EXPECT_EQ(l.combine_row_bytes, 64u);     // 32 * 2
+  EXPECT_EQ(l.staging_row_bytes, 64u);     // max(64, 64)
+  EXPECT_EQ(l.payload_offset_in_token(), 16u);  // right after the header
+  EXPECT_EQ(l.scale_offset_in_token(), 48u);    // 16 + 32
+}
+
+TEST(Layout, SmallConfigSymmetricRegions) {
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
+  // dispatch_recv: 2 local experts * 2 groups * 4 tokens = 16 slots * 64 B = 1024 B, at 0 -> cursor 1024
+  EXPECT_EQ(l.dispatch_recv_offset, 0u);
+  // combine_recv: align256(1024) = 1024; 4 tokens * 3 k * 64 B = 768 B -> cursor 1792
+  EXPECT_EQ(l.combine_recv_offset, 1024u);
+  // dispatch_counts: align256(1792) = 1792 (7 * 256); 2 * 4 * 8 B = 64 B -> cursor 1856
+  EXPECT_EQ(l.dispatch_counts_offset, 1792u);
+  // combine_done: align256(1856) = 2048 (8 * 256); 4 * 8 B = 32 B -> cursor 2080
+  EXPECT_EQ(l.combine_done_offset, 2048u);
+  // staging: align256(2080) = 2304 (9 * 256); 5 slots * 64 B = 320 B -> cursor 2624
+  EXPECT_EQ(l.staging_offset, 2304u);
+  EXPECT_EQ(l.staging_slots, 5u);
+  // align256(2624) = 2816 (11 * 256)
+  EXPECT_EQ(l.symmetric_bytes, 2816u);
+}
+
+TEST(Layout, SmallConfigWorkspace) {
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
+  // send_counts: 8 experts * 4 B = 32 B at 0 -> 32
+  EXPECT_EQ(l.send_counts_offset, 0u);
+  // recv_counts: align256(32) = 256; 2 * 4 B = 8 B -> 264
+  EXPECT_EQ(l.recv_counts_offset, 256u);
+  // routes: align256(264) = 512; 2 local experts * 8 rows * 8 B = 128 B -> 640
+  EXPECT_EQ(l.routes_offset, 512u);
+  // phase_counters: align256(640) = 768; 4 * 4 B = 16 B -> 784
+  EXPECT_EQ(l.phase_counters_offset, 768u);
+  // align256(784) = 1024
+  EXPECT_EQ(l.workspace_bytes, 1024u);
+}
+
+TEST(Layout, SmallConfigAccessors) {
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
+  // Slot index of (expert, group, slot) is (expert * 2 + group) * 4 + slot; stride 64 B, base 0.
+  EXPECT_EQ(l.dispatch_token_offset(0, 0, 0), 0u);
+  EXPECT_EQ(l.dispatch_token_offset(0, 1, 0), 256u);  // (0 * 2 + 1) * 4 + 0 = 4 -> 4 * 64
+  EXPECT_EQ(l.dispatch_token_offset(1, 0, 2), 640u);  // (1 * 2 + 0) * 4 + 2 = 10 -> 10 * 64
+  EXPECT_EQ(l.dispatch_token_offset(1, 1, 3), 960u);  // last slot: (1 * 2 + 1) * 4 + 3 = 15 -> 15 * 64
+  EXPECT_EQ(l.dispatch_token_offset(1, 1, 3) + l.dispatch_token_bytes, l.combine_recv_offset);  // 960 + 64
+
+  // Row (token, k) is token * 3 + k; stride 64 B, base 1024.
+  EXPECT_EQ(l.combine_row_offset(0, 0), 1024u);
+  EXPECT_EQ(l.combine_row_offset(1, 0), 1216u);  // 1024 + 3 * 64
+  EXPECT_EQ(l.combine_row_offset(3, 2), 1728u);  // last row: 1024 + (3 * 3 + 2 = 11) * 64 = 1024 + 704
+  EXPECT_EQ(1728u + 64u, l.dispatch_counts_offset);  // the last row ends where the counts start
+
+  // Count (expert, source rank) is expert * 4 + rank; 8 B each, base 1792.
+  EXPECT_EQ(l.dispatch_count_offset(0, 0), 1792u);
+  EXPECT_EQ(l.dispatch_count_offset(0, 2), 1808u);  // 1792 + 2 * 8
+  EXPECT_EQ(l.dispatch_count_offset(1, 3), 1848u);  // last: 1792 + (1 * 4 + 3 = 7) * 8 = 1792 + 56
+
+  // Flag per source rank, 8 B each, base 2048.
+  EXPECT_EQ(l.combine_done_offset_of(0), 2048u);
+  EXPECT_EQ(l.combine_done_offset_of(3), 2072u);  // last: 2048 + 3 * 8
+
+  // Staging row per slot, 64 B each, base 2304.
+  EXPECT_EQ(l.staging_row_offset(0), 2304u);
+  EXPECT_EQ(l.staging_row_offset(4), 2560u);  // last: 2304 + 4 * 64; ends at 2624 <= 2816
+
+  // Route (expert, row) is expert * 8 + row; 8 B each, base 512.
+  EXPECT_EQ(l.route_offset(0, 0), 512u);
+  EXPECT_EQ(l.route_offset(0, 5), 552u);  // 512 + 5 * 8
+  EXPECT_EQ(l.route_offset(1, 7), 632u);  // last: 512 + (1 * 8 + 7 = 15) * 8 = 512 + 120; ends at 640
+}
+
+TEST(Layout, SmallConfigRegionsDisjoint) { expect_layout_regions_disjoint(make_buffer_layout(small_config(), 5)); }
+
+TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
+  const BufferLayout l = make_buffer_layout(bf16_config(), 3);
+  EXPECT_EQ(l.num_local_experts, 2u);  // 6 / 3
+  EXPECT_EQ(l.num_dp_groups, 3u);      // 3 / 1
+  EXPECT_EQ(l.max_recv_tokens, 6u);    // 2 * 3
+  EXPECT_EQ(l.token_header_bytes, 32u);    // align16(4 + 4 * 5 = 24) = 32
+  EXPECT_EQ(l.dispatch_token_bytes, 80u);  // 32 + 32 + align16(4) = 16
+  EXPECT_EQ(l.combine_row_bytes, 32u);     // 16 * 2
+  EXPECT_EQ(l.staging_row_bytes, 80u);     // max(80, 32)
+  EXPECT_EQ(l.scale_offset_in_token(), 64u);  // 32 + 32
+
+  // dispatch_recv: 2 * 3 * 2 = 12 slots * 80 B = 960 B -> cursor 960
+  EXPECT_EQ(l.dispatch_recv_offset, 0u);
+  // combine_recv: align256(960) = 1024; 2 * 5 * 32 B = 320 B -> 1344
+  EXPECT_EQ(l.combine_recv_offset, 1024u);
+  // dispatch_counts: align256(1344) = 1536; 2 * 3 * 8 B = 48 B -> 1584
+  EXPECT_EQ(l.dispatch_counts_offset, 1536u);
+  // combine_done: align256(1584) = 1792; 3 * 8 B = 24 B -> 1816
+  EXPECT_EQ(l.combine_done_offset, 1792u);
+  // staging: align256(1816) = 2048; 3 * 80 B = 240 B -> 2288
+  EXPECT_EQ(l.staging_offset, 2048u);
+  // align256(2288) = 2304
+  EXPECT_EQ(l.symmetric_bytes, 2304u);
+
+  // send 6 * 4 = 24 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
+  // phase at 768 (+16 = 784); total align256(784) = 1024
+  EXPECT_EQ(l.send_counts_offset, 0u);
+  EXPECT_EQ(l.recv_counts_offset, 256u);
+  EXPECT_EQ(l.routes_offset, 512u);
+  EXPECT_EQ(l.phase_counters_offset, 768u);
+  EXPECT_EQ(l.workspace_bytes, 1024u);
+
+  EXPECT_EQ(l.dispatch_token_offset(1, 2, 1), 880u);  // last slot: ((1 * 3 + 2) * 2 + 1 = 11) * 80
+  EXPECT_EQ(l.combine_row_offset(1, 4), 1312u);       // last row: 1024 + (1 * 5 + 4 = 9) * 32
+  EXPECT_EQ(l.dispatch_count_offset(1, 2), 1576u);    // last: 1536 + (1 * 3 + 2 = 5) * 8
+  EXPECT_EQ(l.combine_done_offset_of(2), 1808u);      // last: 1792 + 2 * 8
+  EXPECT_EQ(l.staging_row_offset(2), 2208u);          // last: 2048 + 2 * 80
+  EXPECT_EQ(l.route_offset(1, 5), 600u);              // last: 512 + (1 * 6 + 5 = 11) * 8
+
+  expect_layout_regions_disjoint(l);
+}
+
+TEST(Layout, DeepSeekV3Config) {
+  const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
+  EXPECT_EQ(l.num_local_experts, 32u);  // 256 / 8
+  EXPECT_EQ(l.num_dp_groups, 8u);       // 8 / 1
+  EXPECT_EQ(l.max_recv_tokens, 1024u);  // 128 * 8
+
+  EXPECT_EQ(l.token_header_bytes, 48u);      // align16(4 + 4 * 8 = 36) = 48
+  EXPECT_EQ(l.dispatch_token_bytes, 7440u);  // 48 + 7168 + align16(224) = 224 (14 * 16)
+  EXPECT_EQ(l.combine_row_bytes, 14336u);    // 7168 * 2
+  EXPECT_EQ(l.staging_row_bytes, 14336u);    // max(7440, 14336)
+  EXPECT_EQ(l.scale_offset_in_token(), 7216u);  // 48 + 7168
+
+  // dispatch_recv: 32 * 8 * 128 = 32768 slots * 7440 B = 243,793,920 B (7000 * 32768 = 229,376,000,
+  // 440 * 32768 = 14,417,920)
+  EXPECT_EQ(l.dispatch_recv_offset, 0u);
+  // combine_recv: 243,793,920 is a multiple of 256 (32768 = 2^15 divides it); 128 * 8 * 14336 = 14,680,064 B
+  // -> 258,473,984
+  EXPECT_EQ(l.combine_recv_offset, 243793920u);
+  // dispatch_counts: 258,473,984 is 256-aligned (14,680,064 = 1024 * 14336); 32 * 8 * 8 = 2048 B
+  // -> 258,476,032
+  EXPECT_EQ(l.dispatch_counts_offset, 258473984u);
+  // combine_done: 258,476,032 is 256-aligned (+2048); 8 * 8 = 64 B -> 258,476,096
+  EXPECT_EQ(l.combine_done_offset, 258476032u);
+  // staging: align256(258,476,096) = 258,476,032 + 256 = 258,476,288; 64 * 14336 = 917,504 B -> 259,393,792
+  EXPECT_EQ(l.staging_offset, 258476288u);
+  // 917,504 = 3584 * 256, so the end is already aligned
+  EXPECT_EQ(l.symmetric_bytes, 259393792u);
+
+  // send_counts: 256 * 4 = 1024 at 0; recv_counts: at 1024, 32 * 4 = 128 -> 1152;
+  // routes: align256(1152) = 1280, 32 * 1024 * 8 = 262,144 -> 263,424 (= 1029 * 256);
+  // phase_counters: at 263,424, +16 -> 263,440; total align256 = 263,680 (1030 * 256)
+  EXPECT_EQ(l.send_counts_offset, 0u);
+  EXPECT_EQ(l.recv_counts_offset, 1024u);
+  EXPECT_EQ(l.routes_offset, 1280u);
+  EXPECT_EQ(l.phase_counters_offset, 263424u);
+  EXPECT_EQ(l.workspace_bytes, 263680u);
+
+  // Last slot: (31 * 8 + 7) * 128 + 127 = 255 * 128 + 127 = 32767; 32767 * 7440 = 243,786,480 (+7440 = end)
+  EXPECT_EQ(l.dispatch_token_offset(31, 7, 127), 243786480u);
+  // Second expert, first group, first slot: (1 * 8 + 0) * 128 = 1024 slots * 7440 = 7,618,560
+  EXPECT_EQ(l.dispatch_token_offset(1, 0, 0), 7618560u);
+  // Last row: 127 * 8 + 7 = 1023; 243,793,920 + 1023 * 14336 (= 14,665,728) = 258,459,648
+  EXPECT_EQ(l.combine_row_offset(127, 7), 258459648u);
+  // Last count: 31 * 8 + 7 = 255; 258,473,984 + 255 * 8 = 258,476,024
+  EXPECT_EQ(l.dispatch_count_offset(31, 7), 258476024u);
+  EXPECT_EQ(l.combine_done_offset_of(7), 258476088u);  // 258,476,032 + 7 * 8
+  // Last staging row: 258,476,288 + 63 * 14336 (= 903,168) = 259,379,456; ends at 259,393,792
+  EXPECT_EQ(l.staging_row_offset(63), 259379456u);
+  // Last route: 31 * 1024 + 1023 = 32767; 1280 + 32767 * 8 = 1280 + 262,136 = 263,416; ends at 263,424
+  EXPECT_EQ(l.route_offset(31, 1023), 263416u);
+
+  expect_layout_regions_disjoint(l);
+}
+
+TEST(Layout, ValidatesConfig) {
+  AllToAllConfig config = small_config();
+  config.rank = 4;
+  const std::string message = config_error_message([&] { make_buffer_layout(config, 5); });
+  EXPECT_THAT(message, HasSubstr("AllToAllConfig.rank"));
+  EXPECT_THAT(message, HasSubstr("got 4"));
+}
+
+TEST(LayoutOverflow, StagingSlotsTimesRowBytes) {
+  // UINT64_MAX * 64 B wraps
+  const uint64_t slots = std::numeric_limits<uint64_t>::max();
+  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
+  EXPECT_THAT(message, HasSubstr("staging"));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+TEST(LayoutOverflow, StagingEndPastAddressSpace) {
+  // (2^64 - 1) / 64 slots * 64 B = 2^64 - 64 B, which fits, but starting at offset 2304 it ends past 2^64.
+  const uint64_t slots = std::numeric_limits<uint64_t>::max() / 64;
+  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
+  EXPECT_THAT(message, HasSubstr("staging"));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+TEST(LayoutOverflow, DispatchRecvFromConfig) {
+  // Every field at its 32-bit limit: (2^31 - 1) experts * 1 group * (2^31 - 1) tokens ~ 2^62 slots, times a
+  // ~2^31-byte token, is far past 2^64.
+  AllToAllConfig config;
+  config.max_num_tokens = 2147483647;
+  config.num_experts = 2147483647;
+  config.experts_per_token = 1;
+  config.rank = 0;
+  config.world_size = 1;
+  config.dp_size = 1;
+  config.hidden_dim = 2147483640;        // largest multiple of 8 below 2^31
+  config.hidden_dim_bytes = 2147483632;  // largest multiple of 16 below 2^31
+  config.hidden_dim_scale_bytes = 0;
+  const std::string message = config_error_message([&] { make_buffer_layout(config, 1); });
+  EXPECT_THAT(message, HasSubstr("dispatch_recv"));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+TEST(SymmetricHeap, FitsInLargeHeap) {
+  const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 1ull << 30));  // 1 GiB
+  // 259,393,792 + 64 MiB (67,108,864) reserve = 326,502,656: exactly enough.
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 326502656ull));
+}
+
+TEST(SymmetricHeap, OneByteShort) {
+  const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
+  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 326502655ull); });
+  EXPECT_THAT(message, HasSubstr("326502656"));
+}
+
+TEST(SymmetricHeap, SmallHeapNamesNeededBytesAndVariable) {
+  const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
+  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 256ull << 20); });
+  EXPECT_THAT(message, HasSubstr("259393792"));  // symmetric bytes
+  EXPECT_THAT(message, HasSubstr("326502656"));  // + 64 MiB reserve
+  EXPECT_THAT(message, HasSubstr("268435456"));  // the heap it was given: 256 * 2^20
+  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE"));
+  // ceil(326,502,656 / 2^20) = ceil(311.375) = 312
+  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=312M"));
+}
+
+}  // namespace
+}  // namespace expertwire

@@ -1,0 +1,121 @@
+#include "transport/common/all_to_all.h"
+
+#include <cstdlib>
+#include <string>
+
+#include "core/error.h"
+
+namespace expertwire {
+namespace {
+
+uint32_t env_uint(const char* name, uint32_t fallback) {
+  const char* text = std::getenv(name);
+  if (!text || !*text) return fallback;
+  char* end = nullptr;
+  const unsigned long value = std::strtoul(text, &end, 10);
+  EW_REQUIRE(end && *end == '\0' && value > 0, name, " must be a positive integer, got '", text, "'");
+  return uint32_t(value);
+}
+
+void require_pointer(const void* pointer, const char* name, bool aligned16) {
+  EW_REQUIRE(pointer != nullptr, name, " must not be null");
+  EW_REQUIRE(!aligned16 || reinterpret_cast<uintptr_t>(pointer) % 16 == 0, name,
+             " must be 16-byte aligned, got address ", pointer);
+}
+
+}  // namespace
+
+device::LaunchShape default_launch_shape() {
+  int device = 0, sms = 0;
+  EW_CUDA_CHECK(cudaGetDevice(&device));
+  EW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const uint32_t threads = env_uint("EXPERTWIRE_BLOCK_THREADS", 512);
+  EW_REQUIRE(threads % 32 == 0 && threads <= 1024, "EXPERTWIRE_BLOCK_THREADS must be a multiple of 32 <= 1024, got ",
+             threads);
+  return device::LaunchShape{env_uint("EXPERTWIRE_NUM_BLOCKS", uint32_t(sms)), threads};
+}
+
+AllToAll::AllToAll(const AllToAllConfig& config, uint64_t staging_rows_per_warp, uint64_t timeout_ns)
+    : config_(config),
+      shape_(default_launch_shape()),
+      layout_(make_buffer_layout(config, staging_rows_per_warp * shape_.warps())),
+      timeout_ns_(timeout_ns),
+      workspace_(layout_.workspace_bytes) {
+  EW_REQUIRE(timeout_ns > 0, "timeout must be > 0 ns");
+}
+
+device::RankContext AllToAll::context() const {
+  return device::RankContext{layout_,
+                             uint32_t(config_.rank),
+                             uint32_t(config_.dp_rank()),
+                             uint32_t(config_.dp_group()),
+                             symmetric_,
+                             workspace_.get<uint8_t>(),
+                             error_.device(),
+                             timeout_ns_};
+}
+
+void AllToAll::check_errors() const {
+  // Kernels write the record while the host may read it: read each field through volatile.
+  const volatile ErrorRecord* mapped = error_.host();
+  ErrorRecord record{};
+  record.code = mapped->code;
+  record.phase = mapped->phase;
+  record.peer = mapped->peer;
+  record.value = mapped->value;
+  if (record.code != ErrorCode::kNone) EW_THROW(DeviceError, "expertwire: ", describe(record, config_.rank));
+}
+
+void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale,
+                        const void* dp_x, const void* dp_x_scale, const uint32_t* indices, uint32_t m,
+                        const uint32_t* bound_m, SplitMode split_mode, cudaStream_t stream) {
+  check_errors();
+  EW_REQUIRE(m <= config_.max_num_tokens, "dispatch: m must be <= max_num_tokens=", config_.max_num_tokens, ", got ",
+             m);
+  const bool send = split_mode != SplitMode::kRecv, recv = split_mode != SplitMode::kSend;
+  const bool scales = config_.hidden_dim_scale_bytes != 0;
+  if (send) {
+    require_pointer(dp_x, "dispatch: dp_x", true);
+    require_pointer(indices, "dispatch: indices", false);
+    if (scales) require_pointer(dp_x_scale, "dispatch: dp_x_scale", false);
+  }
+  if (recv) {
+    require_pointer(out_expert_num_tokens, "dispatch: out_expert_num_tokens", false);
+    require_pointer(out_expert_x, "dispatch: out_expert_x", true);
+    if (scales) require_pointer(out_expert_x_scale, "dispatch: out_expert_x_scale", false);
+  }
+  device::DispatchArgs args{context(),
+                            out_expert_num_tokens,
+                            static_cast<uint8_t*>(out_expert_x),
+                            static_cast<uint8_t*>(out_expert_x_scale),
+                            static_cast<const uint8_t*>(dp_x),
+                            static_cast<const uint8_t*>(dp_x_scale),
+                            indices,
+                            m,
+                            bound_m,
+                            send,
+                            recv};
+  launch_dispatch(args, stream);
+}
+
+void AllToAll::combine(void* out_tokens, ScalarType out_type, const uint32_t* indices, const float* weights,
+                       const void* expert_y, ScalarType expert_type, uint32_t m, const uint32_t* bound_m,
+                       SplitMode split_mode, cudaStream_t stream) {
+  check_errors();
+  EW_REQUIRE(m <= config_.max_num_tokens, "combine: m must be <= max_num_tokens=", config_.max_num_tokens, ", got ",
+             m);
+  EW_REQUIRE(expert_type == ScalarType::kBFloat16 || expert_type == ScalarType::kFloat16,
+             "combine: expert_y must be bfloat16 or float16, got ", scalar_type_name(expert_type));
+  const bool send = split_mode != SplitMode::kRecv, recv = split_mode != SplitMode::kSend;
+  if (send) require_pointer(expert_y, "combine: expert_y", true);
+  if (recv) {
+    require_pointer(out_tokens, "combine: out_tokens", true);
+    require_pointer(indices, "combine: indices", false);
+    require_pointer(weights, "combine: weights", false);
+  }
+  device::CombineArgs args{context(), out_tokens, indices, weights, static_cast<const uint8_t*>(expert_y),
+                           m,         bound_m,    send,    recv};
+  launch_combine(args, out_type, expert_type, stream);
+}
+
+}  // namespace expertwire

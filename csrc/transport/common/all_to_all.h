@@ -1,0 +1,83 @@
+// The host half shared by both transports: configuration, buffer layout, local workspace, the device error
+// record, the launch shape and every argument check. A transport owns the symmetric memory and launches
+// the kernels with its own device Transport policy.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/config.h"
+#include "core/cuda_utils.h"
+#include "core/dtype.h"
+#include "core/layout.h"
+#include "device/kernel_args.h"
+
+namespace expertwire {
+
+class AllToAll {
+ public:
+  virtual ~AllToAll() = default;
+  AllToAll(const AllToAll&) = delete;
+  AllToAll& operator=(const AllToAll&) = delete;
+
+  // Sends each of the first *bound_m (<= m <= max_num_tokens) tokens to the experts in its row of
+  // `indices`. Layouts (row-major, contiguous):
+  //   out_expert_num_tokens [num_local_experts] int32
+  //   out_expert_x          [num_local_experts][max_recv_tokens][hidden_dim_bytes]
+  //   out_expert_x_scale    [num_local_experts][max_recv_tokens][hidden_dim_scale_bytes] (null if no scales)
+  //   dp_x                  [m][hidden_dim_bytes];  dp_x_scale [m][hidden_dim_scale_bytes] (null if no scales)
+  //   indices               [m][experts_per_token] uint32
+  // bound_m is a device pointer (may be null: m tokens), read by the kernels so a CUDA graph can replay
+  // the call with another token count.
+  void dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale, const void* dp_x,
+                const void* dp_x_scale, const uint32_t* indices, uint32_t m, const uint32_t* bound_m,
+                SplitMode split_mode, cudaStream_t stream);
+
+  // Sends each expert output row back to the ranks that hold its token and sums, per token,
+  // weights[t][k] * expert_y(expert indices[t][k]) in fp32 into out_tokens. Layouts:
+  //   out_tokens [m][hidden_dim] out_type;  indices, weights [m][experts_per_token] (uint32, float32)
+  //   expert_y   [num_local_experts][max_recv_tokens][hidden_dim] expert_type (bfloat16 or float16)
+  void combine(void* out_tokens, ScalarType out_type, const uint32_t* indices, const float* weights,
+               const void* expert_y, ScalarType expert_type, uint32_t m, const uint32_t* bound_m,
+               SplitMode split_mode, cudaStream_t stream);
+
+  // Raises DeviceError if a kernel of this object recorded an error (timeout, bad index, bad bound_m).
+  // Reads host-mapped memory without synchronizing: synchronize the stream first to see the latest call.
+  // Errors are sticky: once one is seen, every later call raises it again (peers' signals may be left
+  // half-set, so the object cannot be trusted); make a fresh object to continue.
+  void check_errors() const;
+
+  const AllToAllConfig& config() const { return config_; }
+  const BufferLayout& layout() const { return layout_; }
+  device::LaunchShape launch_shape() const { return shape_; }
+
+ protected:
+  // `staging_rows_per_warp`: 1 for transports that may put through NVSHMEM, 0 otherwise.
+  AllToAll(const AllToAllConfig& config, uint64_t staging_rows_per_warp, uint64_t timeout_ns);
+
+  // Derived classes call this once their symmetric buffer exists.
+  void set_symmetric_buffer(uint8_t* local_base) { symmetric_ = local_base; }
+
+  virtual void launch_dispatch(const device::DispatchArgs& args, cudaStream_t stream) = 0;
+  virtual void launch_combine(const device::CombineArgs& args, ScalarType out_type, ScalarType expert_type,
+                              cudaStream_t stream) = 0;
+
+ private:
+  device::RankContext context() const;
+
+  AllToAllConfig config_;
+  device::LaunchShape shape_;
+  BufferLayout layout_;
+  uint64_t timeout_ns_;
+  DeviceBuffer workspace_;
+  MappedHostObject<ErrorRecord> error_;
+  uint8_t* symmetric_ = nullptr;
+};
+
+// Blocks and threads of every launch: one block per SM the process may use (EXPERTWIRE_NUM_BLOCKS overrides),
+// EXPERTWIRE_BLOCK_THREADS threads (default 512). Every block must be resident at once, as blocks of one
+// launch wait on each other's peers.
+device::LaunchShape default_launch_shape();
+
+}  // namespace expertwire

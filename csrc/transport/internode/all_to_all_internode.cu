@@ -1,0 +1,39 @@
+#include "transport/internode/all_to_all_internode.h"
+
+#include "device/all_to_all_kernels.cuh"
+#include "transport/internode/nvshmem_transport.cuh"
+
+namespace expertwire {
+namespace {
+
+uint64_t timeout_or_default(uint64_t timeout_ns) { return timeout_ns != 0 ? timeout_ns : default_timeout_ns(); }
+
+}  // namespace
+
+AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const InternodeOptions& options)
+    : AllToAll(config, /*staging_rows_per_warp=*/1, timeout_or_default(options.timeout_ns)) {
+  if (!nvshmem_initialized()) {
+    EW_THROW(RuntimeError, "NVSHMEM is not initialized: call nvshmem_init_with_unique_id (Python: nvshmem_init) on "
+                           "every rank before creating an internode all-to-all");
+  }
+  EW_REQUIRE(nvshmem_world_size() == config.world_size, "AllToAllConfig.world_size must equal NVSHMEM's ",
+             nvshmem_world_size(), " ranks, got ", config.world_size);
+  EW_REQUIRE(nvshmem_rank() == config.rank, "AllToAllConfig.rank must equal this process's NVSHMEM rank ",
+             nvshmem_rank(), ", got ", config.rank);
+  require_fits_symmetric_heap(layout(), symmetric_heap_bytes_from_env());
+  buffer_ = std::make_unique<NvshmemSymmetricBuffer>(layout().symmetric_bytes, options.force_puts);
+  set_symmetric_buffer(buffer_->local());
+}
+
+void AllToAllInternode::launch_dispatch(const device::DispatchArgs& args, cudaStream_t stream) {
+  const device::NvshmemTransport transport{buffer_->local(), buffer_->device_peer_table(), buffer_->uses_puts()};
+  device::launch_dispatch(args, transport, launch_shape(), stream);
+}
+
+void AllToAllInternode::launch_combine(const device::CombineArgs& args, ScalarType out_type, ScalarType expert_type,
+                                       cudaStream_t stream) {
+  const device::NvshmemTransport transport{buffer_->local(), buffer_->device_peer_table(), buffer_->uses_puts()};
+  device::launch_combine(args, transport, out_type, expert_type, launch_shape(), stream);
+}
+
+}  // namespace expertwire
