@@ -45,6 +45,9 @@ void AllToAllConfig::validate() const {
              ", got ", world_size);
   EW_REQUIRE(experts_per_token <= num_experts, "AllToAllConfig.experts_per_token must be <= num_experts=",
              num_experts, ", got ", experts_per_token);
+  EW_REQUIRE(max_num_tokens * (world_size / dp_size) <= int64_t(std::numeric_limits<uint32_t>::max() / 2),
+             "AllToAllConfig: max_num_tokens * world_size / dp_size (rows per local expert) is too large for 32-bit "
+             "device indexing, got ", max_num_tokens * (world_size / dp_size));
   EW_REQUIRE(experts_per_token <= 0xffff, "AllToAllConfig.experts_per_token must be <= 65535, got ",
              experts_per_token);
   EW_REQUIRE(world_size / dp_size <= 0xffff, "AllToAllConfig: world_size / dp_size must be <= 65535, got ",
@@ -60,12 +63,28 @@ void AllToAllConfig::validate() const {
              hidden_dim);
 }
 
+namespace {
+
+// Digits only: strtoull would accept signs and spaces and wrap negative values.
+bool parse_decimal(const std::string& digits, uint64_t* value) {
+  if (digits.empty()) return false;
+  uint64_t out = 0;
+  for (const char ch : digits) {
+    if (!std::isdigit(static_cast<unsigned char>(ch))) return false;
+    if (__builtin_mul_overflow(out, 10u, &out) || __builtin_add_overflow(out, uint64_t(ch - '0'), &out)) return false;
+  }
+  *value = out;
+  return true;
+}
+
+}  // namespace
+
 uint64_t parse_size_bytes(const std::string& text) {
   size_t pos = 0;
   while (pos < text.size() && std::isdigit(static_cast<unsigned char>(text[pos]))) ++pos;
-  EW_REQUIRE(pos > 0 && pos + 1 >= text.size(), "malformed size '", text,
-             "': expected digits with an optional K, M, G or T suffix");
-  uint64_t value = std::strtoull(text.substr(0, pos).c_str(), nullptr, 10);
+  uint64_t value = 0;
+  EW_REQUIRE(pos > 0 && pos + 1 >= text.size() && parse_decimal(text.substr(0, pos), &value), "malformed size '", text,
+             "': expected digits (at most 64 bits) with an optional K, M, G or T suffix");
   if (pos == text.size()) return value;
   int shift = 0;
   switch (std::toupper(static_cast<unsigned char>(text[pos]))) {
@@ -88,10 +107,10 @@ uint64_t symmetric_heap_bytes_from_env() {
 uint64_t default_timeout_ns() {
   const char* text = std::getenv("EXPERTWIRE_TIMEOUT_MS");
   if (!text || !*text) return 10'000'000'000ull;
-  char* end = nullptr;
-  const unsigned long long ms = std::strtoull(text, &end, 10);
-  EW_REQUIRE(end && *end == '\0' && ms > 0, "EXPERTWIRE_TIMEOUT_MS must be a positive integer, got '", text, "'");
-  return uint64_t(ms) * 1'000'000ull;
+  uint64_t ms = 0, ns = 0;
+  EW_REQUIRE(parse_decimal(text, &ms) && ms > 0 && !__builtin_mul_overflow(ms, 1'000'000ull, &ns),
+             "EXPERTWIRE_TIMEOUT_MS must be a positive integer number of milliseconds, got '", text, "'");
+  return ns;
 }
 
 }  // namespace expertwire

@@ -72,7 +72,7 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.staging_slots = staging_slots;
   l.staging_offset =
       place(cursor, checked_mul(staging_slots, l.staging_row_bytes, "staging"), kRegionAlign, "staging");
-  l.symmetric_bytes = align_up(cursor, kRegionAlign);
+  l.symmetric_bytes = place(cursor, 0, kRegionAlign, "symmetric buffer");
 
   uint64_t ws = 0;
   l.send_counts_offset = place(ws, uint64_t(l.num_experts) * sizeof(uint32_t), kRegionAlign, "send_counts");
@@ -81,19 +81,19 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
       ws, checked_mul(uint64_t(l.num_local_experts) * l.max_recv_tokens, sizeof(TokenRoute), "routes"),
       kRegionAlign, "routes");
   l.phase_counters_offset = place(ws, kNumPhaseCounters * sizeof(uint32_t), kRegionAlign, "phase_counters");
-  l.workspace_bytes = align_up(ws, kRegionAlign);
+  l.workspace_bytes = place(ws, 0, kRegionAlign, "workspace");
   return l;
 }
 
 void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes) {
   // NVSHMEM keeps part of the heap for itself; ask for a little headroom so the error comes from us.
   constexpr uint64_t kHeapReserve = 64ull << 20;
-  const uint64_t needed = layout.symmetric_bytes + kHeapReserve;
+  const uint64_t needed = checked_add(layout.symmetric_bytes, kHeapReserve, "symmetric heap");
   if (needed > heap_bytes) {
     EW_THROW(ConfigError, "symmetric heap too small: expertwire needs ", layout.symmetric_bytes,
              " bytes of symmetric memory per rank (+", kHeapReserve, " reserve = ", needed,
              " bytes) but NVSHMEM_SYMMETRIC_SIZE gives ", heap_bytes, " bytes; set NVSHMEM_SYMMETRIC_SIZE>=",
-             (needed + (1ull << 20) - 1) >> 20, "M");
+             (needed >> 20) + ((needed & ((1ull << 20) - 1)) != 0), "M");
   }
 }
 

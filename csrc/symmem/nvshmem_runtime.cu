@@ -40,6 +40,7 @@ void nvshmem_finalize_runtime() {
 int nvshmem_rank() { return nvshmem_my_pe(); }
 int nvshmem_world_size() { return nvshmem_n_pes(); }
 void nvshmem_barrier_all_ranks() { nvshmem_barrier_all(); }
+void nvshmem_barrier_on_stream(cudaStream_t stream) { nvshmemx_barrier_all_on_stream(stream); }
 
 NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {
   if (!nvshmem_initialized()) {

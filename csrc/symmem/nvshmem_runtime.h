@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include <cuda_runtime.h>
+
 #include "core/cuda_utils.h"
 
 namespace expertwire {
@@ -18,6 +20,8 @@ void nvshmem_finalize_runtime();
 int nvshmem_rank();
 int nvshmem_world_size();
 void nvshmem_barrier_all_ranks();
+// Device-side barrier of all ranks, ordered on `stream` (benchmarks start every rank together with it).
+void nvshmem_barrier_on_stream(cudaStream_t stream);
 
 // One nvshmem_malloc'd buffer, zeroed, plus a device table of the address at which this process can load
 // and store each peer's copy (nvshmem_ptr; null where only puts reach the peer). Allocation and release

@@ -157,8 +157,37 @@ INSTANTIATE_TEST_SUITE_P(
                       {"AllToAllConfig.hidden_dim is too large", "32-bit", "got 2147483648"}},
         BadConfigCase{"max_num_tokens_too_large_for_u32",
                       [](AllToAllConfig& c) { c.max_num_tokens = 4294967296; },
-                      {"AllToAllConfig.max_num_tokens is too large", "32-bit", "got 4294967296"}}),
+                      {"AllToAllConfig.max_num_tokens is too large", "32-bit", "got 4294967296"}},
+        // Each field fits on its own, but the rows per local expert do not: (2^31 - 1) * (8 / 1) = 17,179,869,176
+        BadConfigCase{"max_recv_tokens_too_large_for_u32",
+                      [](AllToAllConfig& c) {
+                        c.max_num_tokens = 2147483647;
+                        c.num_experts = 8;
+                      },
+                      {"max_num_tokens * world_size / dp_size", "32-bit", "got 17179869176"}},
+        // Just past the limit: 2^28 * 8 = 2^31 > UINT32_MAX / 2 = 2147483647
+        BadConfigCase{"max_recv_tokens_one_past_limit", [](AllToAllConfig& c) { c.max_num_tokens = 268435456; },
+                      {"max_num_tokens * world_size / dp_size", "got 2147483648"}},
+        // With data parallelism only the DP groups count: 2^30 * (8 / 4) = 2^31
+        BadConfigCase{"max_recv_tokens_with_dp_groups",
+                      [](AllToAllConfig& c) {
+                        c.dp_size = 4;
+                        c.max_num_tokens = 1073741824;
+                      },
+                      {"max_num_tokens * world_size / dp_size", "got 2147483648"}}),
     [](const ::testing::TestParamInfo<BadConfigCase>& info) { return info.param.name; });
+
+TEST(ConfigValidate, MaxRecvTokensAtLimitPasses) {
+  AllToAllConfig config = deepseek_v3_config();
+  config.max_num_tokens = 268435455;  // (2^28 - 1) * 8 = 2,147,483,640 <= 2,147,483,647
+  EXPECT_NO_THROW(config.validate());
+  EXPECT_EQ(config.max_recv_tokens(), 2147483640);
+  // dp_size = world_size: one DP group, so max_num_tokens alone may reach the limit.
+  config.dp_size = 8;
+  config.max_num_tokens = 2147483647;
+  EXPECT_NO_THROW(config.validate());
+  EXPECT_EQ(config.max_recv_tokens(), 2147483647);
+}
 
 TEST(ConfigValidate, FirstInvalidFieldIsReported) {
   AllToAllConfig config = deepseek_v3_config();
@@ -182,6 +211,25 @@ TEST(ParseSizeBytes, PlainNumber) {
   EXPECT_EQ(parse_size_bytes("123"), 123ull);
   EXPECT_EQ(parse_size_bytes("0"), 0ull);
   EXPECT_EQ(parse_size_bytes("18446744073709551615"), 18446744073709551615ull);  // UINT64_MAX
+}
+
+TEST(ParseSizeBytes, PlainNumberPastSixtyFourBits) {
+  // 30 digits, no suffix: must not saturate to UINT64_MAX.
+  const std::string message = config_error_message([] { parse_size_bytes("123456789012345678901234567890"); });
+  EXPECT_THAT(message, HasSubstr("malformed size '123456789012345678901234567890'"));
+  EXPECT_THAT(message, HasSubstr("64 bits"));
+}
+
+TEST(ParseSizeBytes, PlainNumberOnePastUint64Max) {
+  // UINT64_MAX + 1 = 2^64
+  const std::string message = config_error_message([] { parse_size_bytes("18446744073709551616"); });
+  EXPECT_THAT(message, HasSubstr("malformed size '18446744073709551616'"));
+}
+
+TEST(ParseSizeBytes, DigitsPastSixtyFourBitsWithSuffix) {
+  // The digits themselves overflow before the suffix shift is applied.
+  const std::string message = config_error_message([] { parse_size_bytes("99999999999999999999K"); });
+  EXPECT_THAT(message, HasSubstr("'99999999999999999999K'"));
 }
 
 TEST(ParseSizeBytes, MalformedLetters) {
@@ -280,6 +328,49 @@ TEST(DefaultTimeout, RejectsZero) {
   EXPECT_THAT(message, HasSubstr("positive integer"));
   EXPECT_THAT(message, HasSubstr("'0'"));
 }
+
+TEST(DefaultTimeout, FifteenHundredMilliseconds) {
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::string("1500"));
+  EXPECT_EQ(default_timeout_ns(), 1500000000ull);  // 1500 * 10^6 ns = 1.5 s
+}
+
+TEST(DefaultTimeout, LargestValueThatFits) {
+  // floor((2^64 - 1) / 10^6) = 18,446,744,073,709 ms; * 10^6 = 18,446,744,073,709,000,000 ns <= UINT64_MAX
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::string("18446744073709"));
+  EXPECT_EQ(default_timeout_ns(), 18446744073709000000ull);
+}
+
+struct BadTimeoutCase {
+  std::string name;
+  std::string value;
+};
+
+void PrintTo(const BadTimeoutCase& bad_case, std::ostream* os) { *os << bad_case.name; }
+
+class DefaultTimeoutRejects : public ::testing::TestWithParam<BadTimeoutCase> {};
+
+TEST_P(DefaultTimeoutRejects, ThrowsConfigErrorNamingVariableAndValue) {
+  ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", GetParam().value);
+  const std::string message = config_error_message([] { default_timeout_ns(); });
+  EXPECT_THAT(message, HasSubstr("EXPERTWIRE_TIMEOUT_MS"));
+  EXPECT_THAT(message, HasSubstr("positive integer"));
+  EXPECT_THAT(message, HasSubstr("'" + GetParam().value + "'"));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    SignsSpacesAndOverflow, DefaultTimeoutRejects,
+    ::testing::Values(BadTimeoutCase{"minus_five", "-5"},  // strtoull wraps it to 2^64 - 5
+                      BadTimeoutCase{"plus_five", "+5"},
+                      BadTimeoutCase{"leading_space", " 5"},
+                      BadTimeoutCase{"trailing_space", "5 "},
+                      BadTimeoutCase{"minus_zero", "-0"},
+                      // 2 * 10^13 ms * 10^6 = 2 * 10^19 ns > UINT64_MAX (~1.8447 * 10^19)
+                      BadTimeoutCase{"ns_overflow", "20000000000000"},
+                      // 18,446,744,073,710 ms * 10^6 = 18,446,744,073,710,000,000 > 18,446,744,073,709,551,615
+                      BadTimeoutCase{"ns_overflow_by_one_ms", "18446744073710"},
+                      // the milliseconds themselves past 64 bits (strtoull saturates)
+                      BadTimeoutCase{"ms_past_64_bits", "99999999999999999999999"}),
+    [](const ::testing::TestParamInfo<BadTimeoutCase>& info) { return info.param.name; });
 
 TEST(SymmetricHeapFromEnv, DefaultAndSet) {
   {

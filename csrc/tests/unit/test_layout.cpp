@@ -332,6 +332,49 @@ TEST(LayoutOverflow, StagingEndPastAddressSpace) {
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
+// small_config() puts staging at 2304 with 64-byte rows, so `slots` ends staging at 2304 + 64 * slots. With
+// slots = 2^58 - n that is 2^64 + 2304 - 64 * n: for n = 37, 38, 39 the end is 2^64 - 64, - 128, - 192, which fits
+// in 64 bits, but rounding it up to the next 256-byte boundary reaches 2^64 (it used to wrap to 0).
+class LayoutFinalAlignOverflow : public ::testing::TestWithParam<uint64_t> {};
+
+TEST_P(LayoutFinalAlignOverflow, ThrowsInsteadOfWrappingToZero) {
+  const uint64_t slots = (uint64_t(1) << 58) - GetParam();
+  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
+  EXPECT_THAT(message, HasSubstr("symmetric buffer"));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+INSTANTIATE_TEST_SUITE_P(EndWithin256BytesOf2To64, LayoutFinalAlignOverflow, ::testing::Values(37u, 38u, 39u),
+                         [](const ::testing::TestParamInfo<uint64_t>& info) {
+                           return "slots_2pow58_minus_" + std::to_string(info.param);
+                         });
+
+TEST(LayoutOverflow, StagingEndsExactlyAt2To64) {
+  // 2^58 - 36 slots: 2304 + 64 * (2^58 - 36) = 2^64 + 2304 - 2304 = 2^64, one past the largest offset.
+  const uint64_t slots = (uint64_t(1) << 58) - 36;
+  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
+  EXPECT_THAT(message, HasSubstr("staging"));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+TEST(LayoutOverflow, LargestAlignedEndStillFits) {
+  // 2^58 - 40 slots: 2304 + 64 * (2^58 - 40) = 2^64 - 256, already 256-aligned, so the layout is valid.
+  const uint64_t slots = (uint64_t(1) << 58) - 40;
+  const BufferLayout l = make_buffer_layout(small_config(), slots);
+  EXPECT_EQ(l.staging_offset, 2304u);
+  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);  // 2^64 - 256
+}
+
+TEST(LayoutOverflow, RowsPerLocalExpertFromConfig) {
+  // (2^31 - 1) tokens * 8 DP groups does not fit the u32 max_recv_tokens; the layout must not truncate it.
+  AllToAllConfig config = deepseek_v3_config();
+  config.max_num_tokens = 2147483647;
+  config.num_experts = 8;
+  const std::string message = config_error_message([&] { make_buffer_layout(config, 1); });
+  EXPECT_THAT(message, HasSubstr("max_num_tokens * world_size / dp_size"));
+  EXPECT_THAT(message, HasSubstr("got 17179869176"));  // (2^31 - 1) * 8
+}
+
 TEST(LayoutOverflow, DispatchRecvFromConfig) {
   // Every field at its 32-bit limit: (2^31 - 1) experts * 1 group * (2^31 - 1) tokens ~ 2^62 slots, times a
   // ~2^31-byte token, is far past 2^64.
@@ -372,6 +415,29 @@ TEST(SymmetricHeap, SmallHeapNamesNeededBytesAndVariable) {
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE"));
   // ceil(326,502,656 / 2^20) = ceil(311.375) = 312
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=312M"));
+}
+
+TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
+  // symmetric_bytes = 2^64 - 256 (see LargestAlignedEndStillFits); + 64 MiB reserve passes 2^64. Unchecked, the
+  // sum wrapped to 64 MiB - 256 and even a small heap appeared to fit.
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 40);
+  ASSERT_EQ(l.symmetric_bytes, 18446744073709551360ull);
+  for (const uint64_t heap_bytes : {uint64_t(1) << 30, std::numeric_limits<uint64_t>::max()}) {
+    const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, heap_bytes); });
+    EXPECT_THAT(message, HasSubstr("symmetric heap"));
+    EXPECT_THAT(message, HasSubstr("overflows"));
+  }
+}
+
+TEST(SymmetricHeap, NeededJustBelow2To64) {
+  // 2^58 - 2^20 - 40 slots: 2304 + 64 * slots = 2^64 - 2^26 - 256 (256-aligned), so needed = 2^64 - 256 fits.
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 40);
+  ASSERT_EQ(l.symmetric_bytes, 18446744073642442496ull);  // 2^64 - 2^26 - 256
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l, std::numeric_limits<uint64_t>::max()));
+  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 1ull << 30); });
+  EXPECT_THAT(message, HasSubstr("18446744073709551360"));  // needed = 2^64 - 256
+  // ceil((2^64 - 256) / 2^20) = 2^44; rounding up by adding 2^20 - 1 first would wrap and print 0M.
+  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=17592186044416M"));
 }
 
 }  // namespace

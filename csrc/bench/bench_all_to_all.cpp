@@ -1,0 +1,312 @@
+// bench_all_to_all: dispatch and combine latency on N ranks, `mpirun -np N ./bench_all_to_all [flags]`.
+//
+// Every rank moves exactly --tokens tokens (no random 1..N draw). Each timed operation starts after a
+// barrier on the stream, so all ranks begin together; CUDA events time it on every rank and the slowest
+// rank's time is what counts. A second table times a back-to-back loop with no barriers.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "core/cuda_utils.h"
+#include "symmem/nvshmem_runtime.h"
+#include "tests/common/mpi_harness.h"
+#include "tests/common/transports.h"
+#include "tests/common/workload.h"
+
+namespace expertwire {
+namespace {
+
+struct Options {
+  std::vector<int64_t> tokens = {1, 32, 128};
+  std::vector<int64_t> experts = {64, 256};
+  int64_t top_k = 8;
+  int64_t hidden = 7168;
+  int warmup = 10;
+  int iterations = 50;
+  std::string transport = "internode";
+  std::string json;
+};
+
+std::vector<int64_t> parse_list(const std::string& text) {
+  std::vector<int64_t> out;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) out.push_back(std::stoll(item));
+  return out;
+}
+
+Options parse_options(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> std::string {
+      EW_REQUIRE(i + 1 < argc, "bench_all_to_all: ", arg, " needs a value");
+      return argv[++i];
+    };
+    if (arg == "--tokens") o.tokens = parse_list(value());
+    else if (arg == "--experts") o.experts = parse_list(value());
+    else if (arg == "--top-k") o.top_k = std::stoll(value());
+    else if (arg == "--hidden") o.hidden = std::stoll(value());
+    else if (arg == "--warmup") o.warmup = std::stoi(value());
+    else if (arg == "--iters") o.iterations = std::stoi(value());
+    else if (arg == "--transport") o.transport = value();
+    else if (arg == "--json") o.json = value();
+    else EW_THROW(ConfigError, "bench_all_to_all: unknown argument '", arg,
+                  "' (known: --tokens 1,32,128 --experts 64,256 --top-k 8 --hidden 7168 --warmup 10 --iters 50 "
+                  "--transport internode|internode-puts|all --json FILE)");
+  }
+  return o;
+}
+
+struct Stats {
+  double mean = 0, std = 0, median = 0;
+};
+
+Stats stats_of(std::vector<double> values) {
+  Stats s;
+  if (values.empty()) return s;
+  for (double v : values) s.mean += v;
+  s.mean /= double(values.size());
+  for (double v : values) s.std += (v - s.mean) * (v - s.mean);
+  s.std = std::sqrt(s.std / double(values.size()));
+  std::sort(values.begin(), values.end());
+  s.median = values[values.size() / 2];
+  return s;
+}
+
+// Element-wise maximum over ranks: the slowest rank of each iteration.
+std::vector<double> slowest_rank(std::vector<double> values) {
+  MPI_Allreduce(MPI_IN_PLACE, values.data(), int(values.size()), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return values;
+}
+
+class Events {
+ public:
+  explicit Events(size_t count) : events_(count) {
+    for (auto& e : events_) EW_CUDA_CHECK(cudaEventCreate(&e));
+  }
+  ~Events() {
+    for (auto& e : events_) cudaEventDestroy(e);
+  }
+  void record(size_t i, cudaStream_t stream) { EW_CUDA_CHECK(cudaEventRecord(events_[i], stream)); }
+  double micros(size_t from, size_t to) const {
+    float ms = 0;
+    EW_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[from], events_[to]));
+    return double(ms) * 1000.0;
+  }
+
+ private:
+  std::vector<cudaEvent_t> events_;
+};
+
+struct CaseResult {
+  int64_t tokens, experts;
+  Stats dispatch, dispatch_send, dispatch_recv, combine, combine_send, combine_recv;
+  Stats loop_dispatch, loop_combine;
+  double dispatch_bytes, combine_bytes;  // bytes this rank sends
+};
+
+CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t tokens, int64_t experts, int rank, int world) {
+  AllToAllConfig c;
+  c.max_num_tokens = tokens;
+  c.num_experts = experts;
+  c.experts_per_token = o.top_k;
+  c.rank = rank;
+  c.world_size = world;
+  c.dp_size = 1;
+  c.hidden_dim = o.hidden;
+  c.hidden_dim_bytes = o.hidden;                       // fp8 e4m3
+  c.hidden_dim_scale_bytes = (o.hidden + 127) / 128 * 4;  // one fp32 scale per 128-wide block
+  std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, c);
+  if (rank == 0 && tokens == o.tokens.front() && experts == o.experts.front()) {
+    std::printf("%s: launch %u blocks x %u threads per rank\n", harness::transport_title(kind), a2a->launch_shape().blocks,
+                a2a->launch_shape().threads);
+  }
+
+  const harness::GroupData data = harness::make_group_data(c, uint32_t(c.dp_group()), tokens, 1234 + rank);
+  const int64_t num_local = c.num_local_experts(), max_recv = c.max_recv_tokens();
+  DeviceBuffer dp_x(data.x.size()), dp_x_scale(data.x_scale.size()), indices(data.indices.size() * 4),
+      weights(data.weights.size() * 4);
+  EW_CUDA_CHECK(cudaMemcpy(dp_x.get(), data.x.data(), data.x.size(), cudaMemcpyHostToDevice));
+  EW_CUDA_CHECK(cudaMemcpy(dp_x_scale.get(), data.x_scale.data(), data.x_scale.size(), cudaMemcpyHostToDevice));
+  EW_CUDA_CHECK(cudaMemcpy(indices.get(), data.indices.data(), data.indices.size() * 4, cudaMemcpyHostToDevice));
+  EW_CUDA_CHECK(cudaMemcpy(weights.get(), data.weights.data(), data.weights.size() * 4, cudaMemcpyHostToDevice));
+  DeviceBuffer num_tokens(num_local * 4), out_x(num_local * max_recv * c.hidden_dim_bytes),
+      out_s(num_local * max_recv * c.hidden_dim_scale_bytes), expert_y(num_local * max_recv * c.hidden_dim * 2),
+      out(tokens * c.hidden_dim * 2);
+
+  cudaStream_t stream;
+  EW_CUDA_CHECK(cudaStreamCreate(&stream));
+  const uint32_t m = uint32_t(tokens);
+  auto dispatch = [&](SplitMode mode) {
+    a2a->dispatch(num_tokens.get<int32_t>(), out_x.get(), out_s.get(), dp_x.get(), dp_x_scale.get(),
+                  indices.get<uint32_t>(), m, nullptr, mode, stream);
+  };
+  auto combine = [&](SplitMode mode) {
+    a2a->combine(out.get(), ScalarType::kBFloat16, indices.get<uint32_t>(), weights.get<float>(), expert_y.get(),
+                 ScalarType::kBFloat16, m, nullptr, mode, stream);
+  };
+
+  // Barrier before each timed operation.
+  const int n = o.iterations;
+  std::vector<double> d(n), ds(n), dr(n), cb(n), cs(n), cr(n);
+  Events ev(10);
+  for (int i = -o.warmup; i < n; ++i) {
+    nvshmem_barrier_on_stream(stream);
+    ev.record(0, stream);
+    dispatch(SplitMode::kNone);
+    ev.record(1, stream);
+    nvshmem_barrier_on_stream(stream);
+    ev.record(2, stream);
+    combine(SplitMode::kNone);
+    ev.record(3, stream);
+    nvshmem_barrier_on_stream(stream);
+    ev.record(4, stream);
+    dispatch(SplitMode::kSend);
+    ev.record(5, stream);
+    dispatch(SplitMode::kRecv);
+    ev.record(6, stream);
+    nvshmem_barrier_on_stream(stream);
+    ev.record(7, stream);
+    combine(SplitMode::kSend);
+    ev.record(8, stream);
+    combine(SplitMode::kRecv);
+    ev.record(9, stream);
+    EW_CUDA_CHECK(cudaStreamSynchronize(stream));
+    a2a->check_errors();
+    if (i < 0) continue;
+    d[i] = ev.micros(0, 1);
+    cb[i] = ev.micros(2, 3);
+    ds[i] = ev.micros(4, 5);
+    dr[i] = ev.micros(5, 6);
+    cs[i] = ev.micros(7, 8);
+    cr[i] = ev.micros(8, 9);
+  }
+
+  // Back to back: no barriers, events between operations.
+  std::vector<double> ld(n), lc(n);
+  {
+    Events loop(2 * size_t(n) + 1);
+    nvshmem_barrier_on_stream(stream);
+    loop.record(0, stream);
+    for (int i = 0; i < n; ++i) {
+      dispatch(SplitMode::kNone);
+      loop.record(2 * i + 1, stream);
+      combine(SplitMode::kNone);
+      loop.record(2 * i + 2, stream);
+    }
+    EW_CUDA_CHECK(cudaStreamSynchronize(stream));
+    a2a->check_errors();
+    for (int i = 0; i < n; ++i) {
+      ld[i] = loop.micros(2 * i, 2 * i + 1);
+      lc[i] = loop.micros(2 * i + 1, 2 * i + 2);
+    }
+  }
+  EW_CUDA_CHECK(cudaStreamDestroy(stream));
+
+  CaseResult r;
+  r.tokens = tokens;
+  r.experts = experts;
+  r.dispatch = stats_of(slowest_rank(d));
+  r.dispatch_send = stats_of(slowest_rank(ds));
+  r.dispatch_recv = stats_of(slowest_rank(dr));
+  r.combine = stats_of(slowest_rank(cb));
+  r.combine_send = stats_of(slowest_rank(cs));
+  r.combine_recv = stats_of(slowest_rank(cr));
+  r.loop_dispatch = stats_of(slowest_rank(ld));
+  r.loop_combine = stats_of(slowest_rank(lc));
+  r.dispatch_bytes = double(tokens * o.top_k) * double(c.hidden_dim_bytes + c.hidden_dim_scale_bytes);
+  r.combine_bytes = double(tokens * o.top_k) * double(c.hidden_dim * 2);
+  return r;
+}
+
+std::string cell(const Stats& s) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%7.1f ± %5.1f (%6.1f)", s.mean, s.std, s.median);
+  return buf;
+}
+
+void print_tables(const char* title, int world, const std::vector<CaseResult>& results, const Options& o) {
+  std::printf("\n%s, %d ranks, hidden %lld, top-k %lld, fp8 dispatch (+%lld B scales), bf16 combine\n", title, world,
+              (long long)o.hidden, (long long)o.top_k, (long long)((o.hidden + 127) / 128 * 4));
+  std::printf("Barrier before each operation; slowest rank; µs mean ± std (median):\n");
+  std::printf("| tokens | experts | dispatch | send half | recv half | GB/s | combine | send half | recv half | GB/s |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const auto& r : results) {
+    std::printf("| %lld | %lld | %s | %s | %s | %.1f | %s | %s | %s | %.1f |\n", (long long)r.tokens,
+                (long long)r.experts, cell(r.dispatch).c_str(), cell(r.dispatch_send).c_str(),
+                cell(r.dispatch_recv).c_str(), r.dispatch_bytes / r.dispatch.mean / 1e3, cell(r.combine).c_str(),
+                cell(r.combine_send).c_str(), cell(r.combine_recv).c_str(), r.combine_bytes / r.combine.mean / 1e3);
+  }
+  std::printf("Back-to-back loop, no barriers; slowest rank; µs mean ± std (median):\n");
+  std::printf("| tokens | experts | dispatch | combine |\n|---:|---:|---:|---:|\n");
+  for (const auto& r : results) {
+    std::printf("| %lld | %lld | %s | %s |\n", (long long)r.tokens, (long long)r.experts,
+                cell(r.loop_dispatch).c_str(), cell(r.loop_combine).c_str());
+  }
+  std::fflush(stdout);
+}
+
+void write_json(const std::string& path, int world, const std::vector<std::pair<std::string, CaseResult>>& all) {
+  std::ofstream out(path);
+  EW_REQUIRE(out.good(), "bench_all_to_all: cannot write --json file '", path, "'");
+  auto stats = [](const Stats& s) {
+    std::ostringstream o;
+    o << "{\"mean_us\": " << s.mean << ", \"std_us\": " << s.std << ", \"median_us\": " << s.median << "}";
+    return o.str();
+  };
+  out << "[\n";
+  for (size_t i = 0; i < all.size(); ++i) {
+    const auto& [transport, r] = all[i];
+    out << "  {\"transport\": \"" << transport << "\", \"ranks\": " << world << ", \"tokens\": " << r.tokens
+        << ", \"experts\": " << r.experts << ", \"dispatch\": " << stats(r.dispatch)
+        << ", \"dispatch_send\": " << stats(r.dispatch_send) << ", \"dispatch_recv\": " << stats(r.dispatch_recv)
+        << ", \"combine\": " << stats(r.combine) << ", \"combine_send\": " << stats(r.combine_send)
+        << ", \"combine_recv\": " << stats(r.combine_recv) << ", \"loop_dispatch\": " << stats(r.loop_dispatch)
+        << ", \"loop_combine\": " << stats(r.loop_combine) << ", \"dispatch_bytes_per_rank\": " << r.dispatch_bytes
+        << ", \"combine_bytes_per_rank\": " << r.combine_bytes << "}" << (i + 1 < all.size() ? "," : "") << "\n";
+  }
+  out << "]\n";
+}
+
+int run(int argc, char** argv) {
+  harness::MpiSession mpi(&argc, &argv);
+  const Options o = parse_options(argc, argv);
+  std::string reason;
+  if (!harness::select_gpu(mpi, &reason)) {
+    if (mpi.rank() == 0) std::printf("bench_all_to_all: SKIPPED: %s\n", reason.c_str());
+    return 0;
+  }
+  harness::NvshmemSession nvshmem(mpi);
+  std::vector<std::pair<std::string, CaseResult>> all;
+  for (const harness::TransportKind kind : harness::transports_from_flag(o.transport)) {
+    std::vector<CaseResult> results;
+    for (int64_t experts : o.experts) {
+      for (int64_t tokens : o.tokens) {
+        results.push_back(run_case(kind, o, tokens, experts, mpi.rank(), mpi.world_size()));
+        all.push_back({harness::transport_title(kind), results.back()});
+      }
+    }
+    if (mpi.rank() == 0) print_tables(harness::transport_title(kind), mpi.world_size(), results, o);
+  }
+  if (mpi.rank() == 0 && !o.json.empty()) write_json(o.json, mpi.world_size(), all);
+  return 0;
+}
+
+}  // namespace
+}  // namespace expertwire
+
+int main(int argc, char** argv) {
+  try {
+    return expertwire::run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_all_to_all: %s\n", e.what());
+    return 2;
+  }
+}
