@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up, build everything and run every test: the unit tests (CPU) and the multi-rank GPU tests with 2, 4
+# and 8 ranks (skipped, with the reason, where no GPU is visible). This is what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install_deps.sh
+bash scripts/device/build.sh
+cd build
+ctest --output-on-failure
