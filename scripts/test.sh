@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
 bash scripts/device/build.sh
 cd build
+if ! (nvidia-smi -L 2>/dev/null | grep -q '^GPU '); then
+  echo "NOTE: no GPU visible: the multi-rank GPU tests below are reported as skipped (scripts/device/run_ranks.sh exits 77)"
+fi
 ctest --output-on-failure

@@ -72,6 +72,12 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.staging_slots = staging_slots;
   l.staging_offset =
       place(cursor, checked_mul(staging_slots, l.staging_row_bytes, "staging"), kRegionAlign, "staging");
+  l.send_rows_offset =
+      place(cursor, checked_mul(l.max_num_tokens, l.dispatch_token_bytes, "send_rows"), kRegionAlign, "send_rows");
+  l.dispatch_ready_offset =
+      place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "dispatch_ready");
+  l.send_expert_counts_offset =
+      place(cursor, uint64_t(l.num_experts) * sizeof(uint32_t), kRegionAlign, "send_expert_counts");
   l.symmetric_bytes = place(cursor, 0, kRegionAlign, "symmetric buffer");
 
   uint64_t ws = 0;
@@ -81,6 +87,8 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
       ws, checked_mul(uint64_t(l.num_local_experts) * l.max_recv_tokens, sizeof(TokenRoute), "routes"),
       kRegionAlign, "routes");
   l.phase_counters_offset = place(ws, kNumPhaseCounters * sizeof(uint32_t), kRegionAlign, "phase_counters");
+  l.pull_fill_offset =
+      place(ws, uint64_t(l.num_local_experts) * l.num_dp_groups * sizeof(uint32_t), kRegionAlign, "pull_fill");
   l.workspace_bytes = place(ws, 0, kRegionAlign, "workspace");
   return l;
 }

@@ -13,13 +13,20 @@
 //   combine_done    [world_size] u64: 1 once that rank has written all its combine rows to us.
 //   staging         [staging_slots] rows of max(DispatchToken, combine row): the source of NVSHMEM puts to
 //                   peers that are not load/store reachable (RDMA needs a registered source).
+//   send_rows       [max_num_tokens] DispatchToken: this rank's tokens, staged once for peers that pull them
+//                   with loads (the pull dispatch, used when every peer is load/store reachable).
+//   dispatch_ready  [world_size] u64: m + 1 once that rank's send_rows are staged (0 = not yet).
+//   send_expert_counts [num_experts] u32: how many of this rank's staged tokens name each expert, published
+//                   with send_rows so receivers size their regions without reading every header.
 //
 // Local workspace (cudaMalloc, this rank only):
-//   send_counts     [num_experts] u32: tokens this rank has sent to each expert in the running dispatch.
+//   send_counts     [num_experts] u32: tokens this rank has sent (push) or staged (pull) for each expert in
+//                   the running dispatch.
 //   recv_counts     [num_local_experts] i32: tokens received per local expert by the last dispatch.
 //   routes          [num_local_experts][max_recv_tokens] u64: where row i of out_expert_x came from
 //                   (source DP group, token, k), read by combine to send each result back.
 //   phase_counters  [kNumPhaseCounters] u32: blocks that finished a phase (the last one signals / resets).
+//   pull_fill       [num_local_experts][num_dp_groups] u32: rows of each region taken so far by the pull dispatch.
 #pragma once
 
 #include <cstdint>
@@ -86,6 +93,9 @@ struct BufferLayout {
   uint64_t combine_done_offset;
   uint64_t staging_offset;
   uint64_t staging_slots;
+  uint64_t send_rows_offset;
+  uint64_t dispatch_ready_offset;
+  uint64_t send_expert_counts_offset;
   uint64_t symmetric_bytes;
 
   // Local workspace: offsets from its base, and its size.
@@ -93,6 +103,7 @@ struct BufferLayout {
   uint64_t recv_counts_offset;
   uint64_t routes_offset;
   uint64_t phase_counters_offset;
+  uint64_t pull_fill_offset;
   uint64_t workspace_bytes;
 
   EW_HOST_DEVICE uint64_t payload_offset_in_token() const { return token_header_bytes; }
@@ -116,6 +127,15 @@ struct BufferLayout {
   }
   EW_HOST_DEVICE uint64_t staging_row_offset(uint64_t slot) const {
     return staging_offset + slot * staging_row_bytes;
+  }
+  EW_HOST_DEVICE uint64_t send_row_offset(uint32_t token) const {
+    return send_rows_offset + uint64_t(token) * dispatch_token_bytes;
+  }
+  EW_HOST_DEVICE uint64_t dispatch_ready_offset_of(uint32_t source_rank) const {
+    return dispatch_ready_offset + uint64_t(source_rank) * sizeof(uint64_t);
+  }
+  EW_HOST_DEVICE uint64_t send_expert_count_offset(uint32_t expert) const {
+    return send_expert_counts_offset + uint64_t(expert) * sizeof(uint32_t);
   }
   EW_HOST_DEVICE uint64_t route_offset(uint32_t local_expert, uint32_t row) const {
     return routes_offset + (uint64_t(local_expert) * max_recv_tokens + row) * sizeof(TokenRoute);

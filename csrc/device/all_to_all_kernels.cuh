@@ -6,7 +6,14 @@
 //   void flush_warp()                                 // this warp's writes complete before a later signal
 //   void signal(int pe, uint64_t offset, uint64_t value)
 //
-// Protocol (one call = dispatch then combine; every rank takes part in both):
+// Protocol (one call = dispatch then combine; every rank takes part in both). Dispatch comes in two forms:
+// push, for transports where some peer is reachable only by puts, and pull, when every peer's buffer can be
+// loaded from directly (NVLink, or ranks sharing a GPU), which moves each token's bytes once instead of twice.
+//   pull send       stage the tokens (header with their experts, payload, scales) in our send_rows and count
+//                   them per expert; the last block out publishes the counts and tells every rank "m + 1".
+//   pull recv       wait for every rank's "m + 1"; size each local expert's regions from the counts of the
+//                   sender of our dp_rank in each group, then copy every token whose row names a local expert
+//                   straight from that sender's send_rows into out_expert_x; the last block out clears.
 //   dispatch send   each token goes once to each expert of its row owned by a rank whose dp_rank is ours,
 //                   into slot atomicAdd(send_counts[e]) of region (expert, our DP group) of the owner; the last
 //                   block out then sends every (rank, local expert) its count + 1, zeros included, so every
@@ -210,6 +217,167 @@ __global__ void __launch_bounds__(1024) dispatch_kernel(DispatchArgs args, Trans
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Pull dispatch.
+
+// A token's row may repeat an expert only by mistake; the pull dispatch delivers such a token once, to the
+// first k that names the expert, and the sender reports it.
+__device__ __forceinline__ bool first_occurrence(const uint32_t* experts, uint32_t k) {
+  for (uint32_t j = 0; j < k; ++j) {
+    if (experts[j] == experts[k]) return false;
+  }
+  return true;
+}
+
+template <class Transport>
+__device__ void dispatch_pull_send(const DispatchArgs& a, const Transport& transport) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
+  const uint32_t top_k = l.experts_per_token;
+  auto* send_counts = reinterpret_cast<uint32_t*>(c.workspace + l.send_counts_offset);
+  for (uint32_t t = global_warp(); t < m; t += total_warps()) {
+    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
+    for (uint32_t k = lane_id(); k < top_k; k += kWarpSize) {
+      const uint32_t expert = experts[k];
+      if (expert >= l.num_experts) {
+        record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, expert);
+      } else if (!first_occurrence(experts, k)) {
+        record_error(c.error, ErrorCode::kRepeatedExpert, Phase::kDispatchSend, -1, expert);
+      } else {
+        atomicAdd(&send_counts[expert], 1u);
+      }
+    }
+    write_dispatch_token(c.symmetric + l.send_row_offset(t), l, t, experts, a.dp_x + uint64_t(t) * l.hidden_dim_bytes,
+                         a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes);
+  }
+  transport.flush_warp();
+  if (last_block_out(c.phase_counter(kDispatchSendDone))) {
+    // Publish the counts beside the rows; the running counters start the next call at zero.
+    auto* published = reinterpret_cast<uint32_t*>(c.symmetric + l.send_expert_counts_offset);
+    for (uint32_t e = threadIdx.x; e < l.num_experts; e += blockDim.x) {
+      published[e] = send_counts[e];
+      send_counts[e] = 0;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) __threadfence_system();
+    __syncthreads();
+    for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
+      transport.signal(int(peer), l.dispatch_ready_offset_of(c.rank), uint64_t(m) + 1);
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kDispatchSendDone) = 0;
+  }
+}
+
+template <class Transport>
+__device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& transport) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t num_local = l.num_local_experts, groups = l.num_dp_groups, regions = num_local * groups;
+  const uint32_t top_k = l.experts_per_token, first_expert = c.rank * num_local;
+
+  extern __shared__ uint32_t shared[];
+  uint32_t* region_count = shared;                        // [local expert][group]
+  uint32_t* region_base = region_count + regions;         // first row of the region inside the expert's block
+  uint32_t* expert_total = region_base + regions;         // [local expert]
+  uint32_t* expert_start = expert_total + num_local + 1;  // [num_local + 1]
+  uint32_t* group_tokens = expert_start + num_local + 1;  // [group]: m of the sender we pull from
+  uint32_t* group_start = group_tokens + groups + 1;      // [groups + 1]
+
+  // Hearing from every rank, not only the senders we pull from, keeps all ranks in step (see the top).
+  for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
+    const uint64_t value = wait_signal(c.local_signal(l.dispatch_ready_offset_of(source)), c.timeout_ns, c.error,
+                                       Phase::kDispatchRecv, int32_t(source));
+    if (source % l.dp_size == c.dp_rank) {
+      group_tokens[source / l.dp_size] = value == 0 ? 0u : min(uint32_t(value - 1), l.max_num_tokens);
+    }
+  }
+  __syncthreads();
+  if (warp_id() == 0) warp_exclusive_scan(group_tokens, group_start, groups);
+  __syncthreads();
+
+  auto sender = [&](uint32_t group) { return int(group * l.dp_size + c.dp_rank); };
+  auto sender_row = [&](uint32_t group, uint32_t token) {
+    return transport.peer_address(sender(group), l.send_row_offset(token));
+  };
+  // Region sizes: what each sender published for our experts.
+  for (uint32_t i = threadIdx.x; i < regions; i += blockDim.x) {
+    const uint32_t le = i / groups, g = i % groups;
+    const auto* published =
+        reinterpret_cast<const uint32_t*>(transport.peer_address(sender(g), l.send_expert_count_offset(first_expert + le)));
+    region_count[i] = min(*published, group_tokens[g]);
+  }
+  __syncthreads();
+  for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
+    uint32_t running = 0;
+    for (uint32_t g = 0; g < groups; ++g) {
+      region_base[le * groups + g] = running;
+      running += region_count[le * groups + g];
+    }
+    expert_total[le] = running;
+  }
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
+    for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
+      a.out_expert_num_tokens[le] = int32_t(expert_total[le]);
+      recv_counts[le] = int32_t(expert_total[le]);
+    }
+  }
+
+  // Copy: one warp per sender token, to each local expert of its row.
+  auto* routes = reinterpret_cast<TokenRoute*>(c.workspace + l.routes_offset);
+  auto* fill = reinterpret_cast<uint32_t*>(c.workspace + l.pull_fill_offset);
+  for (uint32_t j = global_warp(); j < group_start[groups]; j += total_warps()) {
+    const uint32_t g = find_segment(group_start, groups, j), t = j - group_start[g];
+    const uint8_t* token = sender_row(g, t);
+    const auto* experts = reinterpret_cast<const uint32_t*>(token) + 1;
+    for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
+      const uint32_t k = k0 + lane_id();
+      const uint32_t expert = k < top_k ? experts[k] : ~0u;
+      bool mine = k < top_k && expert - first_expert < num_local && first_occurrence(experts, k);
+      uint32_t row = 0;
+      if (mine) {
+        const uint32_t region = (expert - first_expert) * groups + g;
+        const uint32_t taken = atomicAdd(&fill[region], 1u);
+        // Only a sender that contradicts its own published counts gets here; never write past the region.
+        if (taken >= region_count[region]) {
+          record_error(c.error, ErrorCode::kSlotOverflow, Phase::kDispatchRecv, int32_t(sender(g)), expert);
+          mine = false;
+        } else {
+          row = region_base[region] + taken;
+          routes[uint64_t(expert - first_expert) * l.max_recv_tokens + row] = TokenRoute{t, uint16_t(g), uint16_t(k)};
+        }
+      }
+      for (unsigned pending = __ballot_sync(kFullMask, mine); pending != 0; pending &= pending - 1) {
+        const int from = __ffs(pending) - 1;
+        const uint32_t le = __shfl_sync(kFullMask, expert, from) - first_expert;
+        const uint64_t out_row = uint64_t(le) * l.max_recv_tokens + __shfl_sync(kFullMask, row, from);
+        warp_copy_16<SourceKind::kPeerWritten>(a.out_expert_x + out_row * l.hidden_dim_bytes,
+                                               token + l.payload_offset_in_token(), l.hidden_dim_bytes);
+        if (l.hidden_dim_scale_bytes != 0) {
+          warp_copy_4(a.out_expert_x_scale + out_row * l.hidden_dim_scale_bytes, token + l.scale_offset_in_token(),
+                      l.hidden_dim_scale_bytes);
+        }
+      }
+    }
+  }
+
+  if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
+    for (uint32_t i = threadIdx.x; i < regions; i += blockDim.x) fill[i] = 0;
+    for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
+      *c.local_signal(l.dispatch_ready_offset_of(source)) = 0;
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kDispatchRecvDone) = 0;
+  }
+}
+
+template <class Transport>
+__global__ void __launch_bounds__(1024) dispatch_pull_kernel(DispatchArgs args, Transport transport) {
+  if (args.do_send) dispatch_pull_send(args, transport);
+  if (args.do_recv) dispatch_pull_recv(args, transport);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Combine.
 
 template <class Transport>
@@ -326,22 +494,36 @@ __device__ void combine_recv(const CombineArgs& a) {
   const uint32_t top_k = l.experts_per_token;
   const uint32_t vectors = l.hidden_dim / 8;
   auto* out = static_cast<OutT*>(a.out_tokens);
-  for (uint32_t t = blockIdx.x; t < m; t += gridDim.x) {
+  // One thread per 8-element vector of the output, spread over the whole grid; the rows of up to four k
+  // are loaded before any is summed so their latencies overlap. Sums stay in k order, as the reference's.
+  constexpr uint32_t kBatch = 4;
+  const uint64_t work = uint64_t(m) * vectors;
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < work; i += uint64_t(gridDim.x) * blockDim.x) {
+    const uint32_t t = uint32_t(i / vectors), v = uint32_t(i % vectors);
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
     const float* weights = a.weights + uint64_t(t) * top_k;
-    for (uint32_t v = threadIdx.x; v < vectors; v += blockDim.x) {
-      float acc[8] = {};
-      for (uint32_t k = 0; k < top_k; ++k) {
-        if (experts[k] >= l.num_experts) continue;  // never sent; reported by dispatch
-        const float w = weights[k];
-        const auto* row = reinterpret_cast<const int4*>(c.symmetric + l.combine_row_offset(t, k));
-        float y[8];
-        Vec8<ExpertT>::to_float(row[v], y);
+    float acc[8] = {};
+    for (uint32_t k0 = 0; k0 < top_k; k0 += kBatch) {
+      int4 raw[kBatch];
+      float w[kBatch];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[i] += w * y[i];
+      for (uint32_t u = 0; u < kBatch; ++u) {
+        const uint32_t k = k0 + u;
+        // Rows of invalid experts were never sent (dispatch reported them): they add nothing.
+        const bool valid = k < top_k && experts[k] < l.num_experts;
+        w[u] = valid ? weights[k] : 0.0f;
+        raw[u] = valid ? reinterpret_cast<const int4*>(c.symmetric + l.combine_row_offset(t, k))[v] : int4{0, 0, 0, 0};
       }
-      Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
+#pragma unroll
+      for (uint32_t u = 0; u < kBatch; ++u) {
+        if (k0 + u >= top_k) break;
+        float y[8];
+        Vec8<ExpertT>::to_float(raw[u], y);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] += w[u] * y[e];
+      }
     }
+    Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
   }
 
   if (last_block_out(c.phase_counter(kCombineRecvDone))) {
@@ -361,10 +543,16 @@ __global__ void __launch_bounds__(1024) combine_kernel(CombineArgs args, Transpo
 // ---------------------------------------------------------------------------------------------------------
 // Launchers, instantiated by each transport's translation unit.
 
+// `pull`: every peer's buffer is load/store reachable, so receivers copy tokens straight from senders.
 template <class Transport>
-void launch_dispatch(const DispatchArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
-  dispatch_kernel<Transport>
-      <<<shape.blocks, shape.threads, dispatch_shared_bytes(args.ctx.layout), stream>>>(args, transport);
+void launch_dispatch(const DispatchArgs& args, const Transport& transport, bool pull, LaunchShape shape,
+                     cudaStream_t stream) {
+  const uint64_t shared_bytes = dispatch_shared_bytes(args.ctx.layout);
+  if (pull) {
+    dispatch_pull_kernel<Transport><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
+  } else {
+    dispatch_kernel<Transport><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
+  }
   EW_CUDA_CHECK(cudaGetLastError());
 }
 

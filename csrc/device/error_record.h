@@ -13,6 +13,7 @@ enum class ErrorCode : int32_t {
   kBadExpertIndex = 2,  // indices[t][k] >= num_experts; value = the index, nothing was sent for it
   kBadBoundM = 3,       // *bound_m > m; value = *bound_m, the call moved no tokens
   kSlotOverflow = 4,    // more than max_num_tokens tokens for one expert (a repeated expert in a row)
+  kRepeatedExpert = 5,  // an expert appears twice in one token's row; value = the expert, sent once
 };
 
 enum class Phase : int32_t {
@@ -55,6 +56,8 @@ inline std::string describe(const ErrorRecord& record, int64_t rank) {
     case ErrorCode::kSlotOverflow:
       return "more than max_num_tokens tokens for expert " + std::to_string(record.value) +
              " (repeated expert in a token's row?)" + where;
+    case ErrorCode::kRepeatedExpert:
+      return "expert " + std::to_string(record.value) + " appears twice in one token's row" + where;
     default:
       return "no error";
   }

@@ -53,10 +53,11 @@ struct CombineArgs {
   bool do_recv;
 };
 
-// Dynamic shared memory the dispatch kernel needs (the combine kernel needs less).
+// Dynamic shared memory the dispatch kernels need (the combine kernel needs less).
 inline uint64_t dispatch_shared_bytes(const BufferLayout& l) {
   const uint64_t regions = uint64_t(l.num_local_experts) * l.num_dp_groups;
-  return (2 * regions + 2 * (uint64_t(l.num_local_experts) + 1)) * sizeof(uint32_t);
+  return (2 * regions + 2 * (uint64_t(l.num_local_experts) + 1) + 2 * (uint64_t(l.num_dp_groups) + 1)) *
+         sizeof(uint32_t);
 }
 inline uint64_t combine_shared_bytes(const BufferLayout& l) {
   return 2 * (uint64_t(l.num_local_experts) + 1) * sizeof(uint32_t);

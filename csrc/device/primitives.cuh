@@ -60,13 +60,13 @@ __device__ __forceinline__ int4 load_vector(const int4* address) {
 }
 
 // Warp-wide copy of `bytes` (a multiple of 16) between 16-byte aligned addresses; dst may be a peer's
-// memory. Four vectors in flight per lane hide the latency of remote stores.
+// memory. Eight vectors in flight per lane (4 KiB per warp) hide the latency of peer loads and stores.
 template <SourceKind kSource>
 __device__ __forceinline__ void warp_copy_16(void* dst, const void* src, uint64_t bytes) {
   auto* d = static_cast<int4*>(dst);
   const auto* s = static_cast<const int4*>(src);
   const uint64_t n = bytes / sizeof(int4);
-  constexpr int kUnroll = 4;
+  constexpr int kUnroll = 8;
   uint64_t i = lane_id();
   for (; i + (kUnroll - 1) * kWarpSize < n; i += kUnroll * kWarpSize) {
     int4 v[kUnroll];

@@ -27,7 +27,7 @@ AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const Interno
 
 void AllToAllInternode::launch_dispatch(const device::DispatchArgs& args, cudaStream_t stream) {
   const device::NvshmemTransport transport{buffer_->local(), buffer_->device_peer_table(), buffer_->uses_puts()};
-  device::launch_dispatch(args, transport, launch_shape(), stream);
+  device::launch_dispatch(args, transport, /*pull=*/!buffer_->uses_puts(), launch_shape(), stream);
 }
 
 void AllToAllInternode::launch_combine(const device::CombineArgs& args, ScalarType out_type, ScalarType expert_type,
