@@ -108,6 +108,9 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
           {"dispatch_counts", l.dispatch_counts_offset, uint64_t(l.num_local_experts) * l.world_size * 8},
           {"combine_done", l.combine_done_offset, uint64_t(l.world_size) * 8},
           {"staging", l.staging_offset, l.staging_slots * l.staging_row_bytes},
+          {"send_rows", l.send_rows_offset, uint64_t(l.max_num_tokens) * l.dispatch_token_bytes},
+          {"dispatch_ready", l.dispatch_ready_offset, uint64_t(l.world_size) * 8},
+          {"send_expert_counts", l.send_expert_counts_offset, uint64_t(l.num_experts) * 4},
       },
       l.symmetric_bytes);
   expect_disjoint_regions(
@@ -116,6 +119,7 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
           {"recv_counts", l.recv_counts_offset, uint64_t(l.num_local_experts) * 4},
           {"routes", l.routes_offset, uint64_t(l.num_local_experts) * l.max_recv_tokens * 8},
           {"phase_counters", l.phase_counters_offset, uint64_t(kNumPhaseCounters) * 4},
+          {"pull_fill", l.pull_fill_offset, uint64_t(l.num_local_experts) * l.num_dp_groups * 4},
       },
       l.workspace_bytes);
 }
@@ -158,8 +162,14 @@ TEST(Layout, SmallConfigSymmetricRegions) {
   // staging: align256(2080) = 2304 (9 * 256); 5 slots * 64 B = 320 B -> cursor 2624
   EXPECT_EQ(l.staging_offset, 2304u);
   EXPECT_EQ(l.staging_slots, 5u);
-  // align256(2624) = 2816 (11 * 256)
-  EXPECT_EQ(l.symmetric_bytes, 2816u);
+  // send_rows: align256(2624) = 2816 (11 * 256); 4 tokens * 64 B = 256 B -> cursor 3072
+  EXPECT_EQ(l.send_rows_offset, 2816u);
+  // dispatch_ready: align256(3072) = 3072 (12 * 256); 4 ranks * 8 B = 32 B -> cursor 3104
+  EXPECT_EQ(l.dispatch_ready_offset, 3072u);
+  // send_expert_counts: align256(3104) = 3328 (13 * 256); 8 experts * 4 B = 32 B -> cursor 3360
+  EXPECT_EQ(l.send_expert_counts_offset, 3328u);
+  // align256(3360) = 3584 (14 * 256)
+  EXPECT_EQ(l.symmetric_bytes, 3584u);
 }
 
 TEST(Layout, SmallConfigWorkspace) {
@@ -172,8 +182,10 @@ TEST(Layout, SmallConfigWorkspace) {
   EXPECT_EQ(l.routes_offset, 512u);
   // phase_counters: align256(640) = 768; 4 * 4 B = 16 B -> 784
   EXPECT_EQ(l.phase_counters_offset, 768u);
-  // align256(784) = 1024
-  EXPECT_EQ(l.workspace_bytes, 1024u);
+  // pull_fill: align256(784) = 1024; 2 local experts * 2 groups * 4 B = 16 B -> 1040
+  EXPECT_EQ(l.pull_fill_offset, 1024u);
+  // align256(1040) = 1280
+  EXPECT_EQ(l.workspace_bytes, 1280u);
 }
 
 TEST(Layout, SmallConfigAccessors) {
@@ -202,7 +214,20 @@ TEST(Layout, SmallConfigAccessors) {
 
   // Staging row per slot, 64 B each, base 2304.
   EXPECT_EQ(l.staging_row_offset(0), 2304u);
-  EXPECT_EQ(l.staging_row_offset(4), 2560u);  // last: 2304 + 4 * 64; ends at 2624 <= 2816
+  EXPECT_EQ(l.staging_row_offset(4), 2560u);  // last: 2304 + 4 * 64; ends at 2624 <= 2816 (send_rows)
+
+  // Send row per token, 64 B each, base 2816.
+  EXPECT_EQ(l.send_row_offset(0), 2816u);
+  EXPECT_EQ(l.send_row_offset(3), 3008u);  // last: 2816 + 3 * 64
+  EXPECT_EQ(3008u + 64u, l.dispatch_ready_offset);  // the last row ends where the ready flags start
+
+  // Ready flag per source rank, 8 B each, base 3072.
+  EXPECT_EQ(l.dispatch_ready_offset_of(0), 3072u);
+  EXPECT_EQ(l.dispatch_ready_offset_of(3), 3096u);  // last: 3072 + 3 * 8; ends at 3104 <= 3328
+
+  // Count per expert, 4 B each, base 3328.
+  EXPECT_EQ(l.send_expert_count_offset(0), 3328u);
+  EXPECT_EQ(l.send_expert_count_offset(7), 3356u);  // last: 3328 + 7 * 4; ends at 3360 <= 3584
 
   // Route (expert, row) is expert * 8 + row; 8 B each, base 512.
   EXPECT_EQ(l.route_offset(0, 0), 512u);
@@ -233,22 +258,36 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.combine_done_offset, 1792u);
   // staging: align256(1816) = 2048; 3 * 80 B = 240 B -> 2288
   EXPECT_EQ(l.staging_offset, 2048u);
-  // align256(2288) = 2304
-  EXPECT_EQ(l.symmetric_bytes, 2304u);
+  // send_rows: align256(2288) = 2304; 2 tokens * 80 B = 160 B -> 2464
+  EXPECT_EQ(l.send_rows_offset, 2304u);
+  // dispatch_ready: align256(2464) = 2560; 3 * 8 B = 24 B -> 2584
+  EXPECT_EQ(l.dispatch_ready_offset, 2560u);
+  // send_expert_counts: align256(2584) = 2816; 6 * 4 B = 24 B -> 2840
+  EXPECT_EQ(l.send_expert_counts_offset, 2816u);
+  // align256(2840) = 3072
+  EXPECT_EQ(l.symmetric_bytes, 3072u);
 
   // send 6 * 4 = 24 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
-  // phase at 768 (+16 = 784); total align256(784) = 1024
+  // phase at 768 (+16 = 784); pull_fill at align256(784) = 1024 (2 * 3 * 4 = 24 -> 1048);
+  // total align256(1048) = 1280
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
   EXPECT_EQ(l.phase_counters_offset, 768u);
-  EXPECT_EQ(l.workspace_bytes, 1024u);
+  EXPECT_EQ(l.pull_fill_offset, 1024u);
+  EXPECT_EQ(l.workspace_bytes, 1280u);
 
   EXPECT_EQ(l.dispatch_token_offset(1, 2, 1), 880u);  // last slot: ((1 * 3 + 2) * 2 + 1 = 11) * 80
   EXPECT_EQ(l.combine_row_offset(1, 4), 1312u);       // last row: 1024 + (1 * 5 + 4 = 9) * 32
   EXPECT_EQ(l.dispatch_count_offset(1, 2), 1576u);    // last: 1536 + (1 * 3 + 2 = 5) * 8
   EXPECT_EQ(l.combine_done_offset_of(2), 1808u);      // last: 1792 + 2 * 8
   EXPECT_EQ(l.staging_row_offset(2), 2208u);          // last: 2048 + 2 * 80
+  EXPECT_EQ(l.send_row_offset(0), 2304u);             // first: the region base
+  EXPECT_EQ(l.send_row_offset(1), 2384u);             // last: 2304 + 1 * 80; ends at 2464
+  EXPECT_EQ(l.dispatch_ready_offset_of(0), 2560u);    // first: the region base
+  EXPECT_EQ(l.dispatch_ready_offset_of(2), 2576u);    // last: 2560 + 2 * 8; ends at 2584 <= 2816
+  EXPECT_EQ(l.send_expert_count_offset(0), 2816u);    // first: the region base
+  EXPECT_EQ(l.send_expert_count_offset(5), 2836u);    // last: 2816 + 5 * 4; ends at 2840 <= 3072
   EXPECT_EQ(l.route_offset(1, 5), 600u);              // last: 512 + (1 * 6 + 5 = 11) * 8
 
   expect_layout_regions_disjoint(l);
@@ -279,17 +318,28 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.combine_done_offset, 258476032u);
   // staging: align256(258,476,096) = 258,476,032 + 256 = 258,476,288; 64 * 14336 = 917,504 B -> 259,393,792
   EXPECT_EQ(l.staging_offset, 258476288u);
-  // 917,504 = 3584 * 256, so the end is already aligned
-  EXPECT_EQ(l.symmetric_bytes, 259393792u);
+  // send_rows: 917,504 = 3584 * 256, so 259,393,792 is already aligned; 128 * 7440 = 952,320 B
+  // (= 3720 * 256) -> 260,346,112
+  EXPECT_EQ(l.send_rows_offset, 259393792u);
+  // dispatch_ready: 260,346,112 is 256-aligned; 8 * 8 = 64 B -> 260,346,176
+  EXPECT_EQ(l.dispatch_ready_offset, 260346112u);
+  // send_expert_counts: align256(260,346,176) = 260,346,112 + 256 = 260,346,368; 256 * 4 = 1024 B
+  // -> 260,347,392
+  EXPECT_EQ(l.send_expert_counts_offset, 260346368u);
+  // 260,347,392 = 260,346,368 + 4 * 256 is already aligned
+  EXPECT_EQ(l.symmetric_bytes, 260347392u);
 
   // send_counts: 256 * 4 = 1024 at 0; recv_counts: at 1024, 32 * 4 = 128 -> 1152;
   // routes: align256(1152) = 1280, 32 * 1024 * 8 = 262,144 -> 263,424 (= 1029 * 256);
-  // phase_counters: at 263,424, +16 -> 263,440; total align256 = 263,680 (1030 * 256)
+  // phase_counters: at 263,424, +16 -> 263,440;
+  // pull_fill: align256(263,440) = 263,680 (1030 * 256), 32 * 8 * 4 = 1024 -> 264,704;
+  // total: 264,704 = 1034 * 256, already aligned
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 1024u);
   EXPECT_EQ(l.routes_offset, 1280u);
   EXPECT_EQ(l.phase_counters_offset, 263424u);
-  EXPECT_EQ(l.workspace_bytes, 263680u);
+  EXPECT_EQ(l.pull_fill_offset, 263680u);
+  EXPECT_EQ(l.workspace_bytes, 264704u);
 
   // Last slot: (31 * 8 + 7) * 128 + 127 = 255 * 128 + 127 = 32767; 32767 * 7440 = 243,786,480 (+7440 = end)
   EXPECT_EQ(l.dispatch_token_offset(31, 7, 127), 243786480u);
@@ -302,6 +352,14 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.combine_done_offset_of(7), 258476088u);  // 258,476,032 + 7 * 8
   // Last staging row: 258,476,288 + 63 * 14336 (= 903,168) = 259,379,456; ends at 259,393,792
   EXPECT_EQ(l.staging_row_offset(63), 259379456u);
+  EXPECT_EQ(l.send_row_offset(0), 259393792u);  // first send row: the region base, right after staging
+  // Last send row: 259,393,792 + 127 * 7440 (= 944,880) = 260,338,672; ends at 260,346,112
+  EXPECT_EQ(l.send_row_offset(127), 260338672u);
+  EXPECT_EQ(l.dispatch_ready_offset_of(0), 260346112u);
+  EXPECT_EQ(l.dispatch_ready_offset_of(7), 260346168u);  // 260,346,112 + 7 * 8; ends at 260,346,176
+  EXPECT_EQ(l.send_expert_count_offset(0), 260346368u);
+  // Last count: 260,346,368 + 255 * 4 (= 1020) = 260,347,388; ends at 260,347,392 = symmetric_bytes
+  EXPECT_EQ(l.send_expert_count_offset(255), 260347388u);
   // Last route: 31 * 1024 + 1023 = 32767; 1280 + 32767 * 8 = 1280 + 262,136 = 263,416; ends at 263,424
   EXPECT_EQ(l.route_offset(31, 1023), 263416u);
 
@@ -332,9 +390,26 @@ TEST(LayoutOverflow, StagingEndPastAddressSpace) {
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
-// small_config() puts staging at 2304 with 64-byte rows, so `slots` ends staging at 2304 + 64 * slots. With
-// slots = 2^58 - n that is 2^64 + 2304 - 64 * n: for n = 37, 38, 39 the end is 2^64 - 64, - 128, - 192, which fits
-// in 64 bits, but rounding it up to the next 256-byte boundary reaches 2^64 (it used to wrap to 0).
+// small_config() puts staging at 2304 with 64-byte rows, and three fixed-size regions follow it: send_rows
+// (4 tokens * 64 B = 256 B), dispatch_ready (4 ranks * 8 B = 32 B) and send_expert_counts (8 experts * 4 B
+// = 32 B). With slots = 2^58 - n:
+//   staging ends at          E = 2304 + 64 * (2^58 - n) = 2^64 - (64 * n - 2304) = 2^64 - 64 * (n - 36)
+//   send_rows                [S, S + 256) with S = align256(E)        (computing E + 255 must not pass 2^64)
+//   dispatch_ready           [S + 256, S + 288)                       (S + 256 is already aligned)
+//   send_expert_counts       [S + 512, S + 544)                       (align256(S + 288) = S + 512)
+//   symmetric_bytes          = align256(S + 544) = S + 768
+// so, by n:
+//   n <= 36     staging ends at or past 2^64                                   -> "staging" overflows
+//   n = 37..39  E = 2^64 - 64, - 128, - 192: align256(E) reaches 2^64          -> "send_rows" overflows
+//   n = 40..43  E = 2^64 - 256 .. - 448, S = 2^64 - 256: send_rows ends at 2^64 -> "send_rows" overflows
+//   n = 44..47  S = 2^64 - 512: dispatch_ready ends at 2^64 - 224; aligning the start of send_expert_counts
+//               reaches 2^64                                                   -> "send_expert_counts" overflows
+//   n = 48..51  E = 2^64 - 768 .. - 960, S = 2^64 - 768: send_expert_counts [2^64 - 256, 2^64 - 224) fits,
+//               so the layout ends 224 bytes below 2^64, but rounding that end up to 256 reaches 2^64
+//                                                                              -> "symmetric buffer" overflows
+//   n = 52      E = S = 2^64 - 1024: symmetric_bytes = 2^64 - 256, the largest aligned size: it fits.
+// The layout end is S + 544 = 32 mod 256 here, so it never lands exactly on 2^64 with this config; see
+// LayoutOverflow.LayoutEndsExactlyAt2To64 for a config where it does.
 class LayoutFinalAlignOverflow : public ::testing::TestWithParam<uint64_t> {};
 
 TEST_P(LayoutFinalAlignOverflow, ThrowsInsteadOfWrappingToZero) {
@@ -344,10 +419,37 @@ TEST_P(LayoutFinalAlignOverflow, ThrowsInsteadOfWrappingToZero) {
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
-INSTANTIATE_TEST_SUITE_P(EndWithin256BytesOf2To64, LayoutFinalAlignOverflow, ::testing::Values(37u, 38u, 39u),
+INSTANTIATE_TEST_SUITE_P(EndWithin256BytesOf2To64, LayoutFinalAlignOverflow, ::testing::Values(48u, 49u, 50u, 51u),
                          [](const ::testing::TestParamInfo<uint64_t>& info) {
                            return "slots_2pow58_minus_" + std::to_string(info.param);
                          });
+
+// The rows n = 37..47 of the table above: a region after staging is the first whose placement passes 2^64.
+struct RegionOverflowCase {
+  uint64_t n;          // staging_slots = 2^58 - n
+  const char* region;  // the region named in the error
+};
+
+class LayoutRegionAfterStagingOverflow : public ::testing::TestWithParam<RegionOverflowCase> {};
+
+TEST_P(LayoutRegionAfterStagingOverflow, ThrowsNamingTheRegion) {
+  const uint64_t slots = (uint64_t(1) << 58) - GetParam().n;
+  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
+  EXPECT_THAT(message, HasSubstr(GetParam().region));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    SmallConfig, LayoutRegionAfterStagingOverflow,
+    ::testing::Values(RegionOverflowCase{37, "send_rows"}, RegionOverflowCase{38, "send_rows"},
+                      RegionOverflowCase{39, "send_rows"},  // aligning the start of send_rows wraps
+                      RegionOverflowCase{40, "send_rows"},  // send_rows ends exactly at 2^64
+                      RegionOverflowCase{43, "send_rows"},
+                      RegionOverflowCase{44, "send_expert_counts"},  // aligning its start wraps
+                      RegionOverflowCase{47, "send_expert_counts"}),
+    [](const ::testing::TestParamInfo<RegionOverflowCase>& info) {
+      return "slots_2pow58_minus_" + std::to_string(info.param.n);
+    });
 
 TEST(LayoutOverflow, StagingEndsExactlyAt2To64) {
   // 2^58 - 36 slots: 2304 + 64 * (2^58 - 36) = 2^64 + 2304 - 2304 = 2^64, one past the largest offset.
@@ -358,11 +460,86 @@ TEST(LayoutOverflow, StagingEndsExactlyAt2To64) {
 }
 
 TEST(LayoutOverflow, LargestAlignedEndStillFits) {
-  // 2^58 - 40 slots: 2304 + 64 * (2^58 - 40) = 2^64 - 256, already 256-aligned, so the layout is valid.
-  const uint64_t slots = (uint64_t(1) << 58) - 40;
+  // 2^58 - 52 slots: staging ends at 2304 + 64 * (2^58 - 52) = 2^64 - 1024 (aligned); send_rows at 2^64 - 1024
+  // (256 B -> 2^64 - 768); dispatch_ready at 2^64 - 768 (32 B -> 2^64 - 736); send_expert_counts at
+  // align256 = 2^64 - 512 (32 B -> 2^64 - 480); align256 = 2^64 - 256, the largest 256-aligned size, so the
+  // layout is valid. One slot more (n = 51) wraps (see above).
+  const uint64_t slots = (uint64_t(1) << 58) - 52;
   const BufferLayout l = make_buffer_layout(small_config(), slots);
   EXPECT_EQ(l.staging_offset, 2304u);
+  EXPECT_EQ(l.send_rows_offset, 18446744073709550592ull);           // 2^64 - 1024
+  EXPECT_EQ(l.dispatch_ready_offset, 18446744073709550848ull);      // 2^64 - 768
+  EXPECT_EQ(l.send_expert_counts_offset, 18446744073709551104ull);  // 2^64 - 512
+  EXPECT_EQ(l.send_expert_count_offset(7), 18446744073709551132ull);  // 2^64 - 512 + 28; ends at 2^64 - 480
   EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);  // 2^64 - 256
+}
+
+// small_config() with 64 experts (16 local experts), so that send_expert_counts, the last region, is exactly
+// 64 * 4 = 256 bytes and the end of the whole layout can land on a 256-byte boundary such as 2^64.
+AllToAllConfig many_experts_config() {
+  AllToAllConfig config = small_config();
+  config.num_experts = 64;
+  return config;
+}
+
+TEST(LayoutOverflow, ManyExpertsConfigRegions) {
+  const BufferLayout l = make_buffer_layout(many_experts_config(), 5);
+  EXPECT_EQ(l.num_local_experts, 16u);     // 64 / 4
+  EXPECT_EQ(l.num_dp_groups, 2u);          // 4 / 2
+  EXPECT_EQ(l.dispatch_token_bytes, 64u);  // as small_config()
+  EXPECT_EQ(l.staging_row_bytes, 64u);
+  // dispatch_recv: 16 * 2 * 4 = 128 slots * 64 B = 8192 B -> 8192
+  // combine_recv: at 8192; 4 * 3 * 64 B = 768 B -> 8960
+  // dispatch_counts: align256(8960) = 8960 (35 * 256); 16 * 4 * 8 B = 512 B -> 9472
+  // combine_done: at 9472 (37 * 256); 4 * 8 B = 32 B -> 9504
+  // staging: align256(9504) = 9728 (38 * 256); 5 * 64 B = 320 B -> 10048
+  // send_rows: align256(10048) = 10240 (40 * 256); 4 * 64 B = 256 B -> 10496
+  // dispatch_ready: at 10496 (41 * 256); 4 * 8 B = 32 B -> 10528
+  // send_expert_counts: align256(10528) = 10752 (42 * 256); 64 * 4 B = 256 B -> 11008 (43 * 256)
+  EXPECT_EQ(l.dispatch_recv_offset, 0u);
+  EXPECT_EQ(l.combine_recv_offset, 8192u);
+  EXPECT_EQ(l.dispatch_counts_offset, 8960u);
+  EXPECT_EQ(l.combine_done_offset, 9472u);
+  EXPECT_EQ(l.staging_offset, 9728u);
+  EXPECT_EQ(l.send_rows_offset, 10240u);
+  EXPECT_EQ(l.dispatch_ready_offset, 10496u);
+  EXPECT_EQ(l.send_expert_counts_offset, 10752u);
+  EXPECT_EQ(l.symmetric_bytes, 11008u);
+  EXPECT_EQ(l.send_row_offset(3), 10432u);            // last: 10240 + 3 * 64; ends at 10496
+  EXPECT_EQ(l.dispatch_ready_offset_of(3), 10520u);   // last: 10496 + 3 * 8; ends at 10528
+  EXPECT_EQ(l.send_expert_count_offset(63), 11004u);  // last: 10752 + 63 * 4; ends at 11008 = symmetric_bytes
+  // Workspace: send 64 * 4 = 256 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
+  // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+16 = 1552); pull_fill at align256(1552) = 1792
+  // (16 * 2 * 4 = 128 -> 1920); total align256(1920) = 2048
+  EXPECT_EQ(l.recv_counts_offset, 256u);
+  EXPECT_EQ(l.routes_offset, 512u);
+  EXPECT_EQ(l.phase_counters_offset, 1536u);
+  EXPECT_EQ(l.pull_fill_offset, 1792u);
+  EXPECT_EQ(l.workspace_bytes, 2048u);
+  expect_layout_regions_disjoint(l);
+}
+
+TEST(LayoutOverflow, LayoutEndsExactlyAt2To64) {
+  // many_experts_config(): staging at 9728, rows of 64 B; send_rows [S, S + 256), dispatch_ready
+  // [S + 256, S + 288), send_expert_counts [S + 512, S + 768) with S = align256(9728 + 64 * slots).
+  // 2^58 - 164 slots: 9728 + 64 * (2^58 - 164) = 2^64 - 768 (10496 = 164 * 64), aligned, so S = 2^64 - 768 and
+  // send_expert_counts starts at 2^64 - 256 and its 256 bytes end exactly at 2^64, one past the largest offset.
+  const uint64_t slots = (uint64_t(1) << 58) - 164;
+  const std::string message = config_error_message([&] { make_buffer_layout(many_experts_config(), slots); });
+  EXPECT_THAT(message, HasSubstr("send_expert_counts"));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+TEST(LayoutOverflow, ManyExpertsLargestEndStillFits) {
+  // 2^58 - 168 slots: staging ends at 9728 + 64 * (2^58 - 168) = 2^64 - 1024 (10752 = 168 * 64); send_rows at
+  // 2^64 - 1024, dispatch_ready at 2^64 - 768, send_expert_counts at 2^64 - 512 ending at 2^64 - 256: already
+  // aligned, the largest valid size.
+  const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 168);
+  EXPECT_EQ(l.staging_offset, 9728u);
+  EXPECT_EQ(l.send_rows_offset, 18446744073709550592ull);           // 2^64 - 1024
+  EXPECT_EQ(l.dispatch_ready_offset, 18446744073709550848ull);      // 2^64 - 768
+  EXPECT_EQ(l.send_expert_counts_offset, 18446744073709551104ull);  // 2^64 - 512
+  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);            // 2^64 - 256
 }
 
 TEST(LayoutOverflow, RowsPerLocalExpertFromConfig) {
@@ -396,31 +573,31 @@ TEST(LayoutOverflow, DispatchRecvFromConfig) {
 TEST(SymmetricHeap, FitsInLargeHeap) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   EXPECT_NO_THROW(require_fits_symmetric_heap(l, 1ull << 30));  // 1 GiB
-  // 259,393,792 + 64 MiB (67,108,864) reserve = 326,502,656: exactly enough.
-  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 326502656ull));
+  // 260,347,392 + 64 MiB (67,108,864) reserve = 327,456,256: exactly enough.
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 327456256ull));
 }
 
 TEST(SymmetricHeap, OneByteShort) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
-  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 326502655ull); });
-  EXPECT_THAT(message, HasSubstr("326502656"));
+  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 327456255ull); });
+  EXPECT_THAT(message, HasSubstr("327456256"));
 }
 
 TEST(SymmetricHeap, SmallHeapNamesNeededBytesAndVariable) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 256ull << 20); });
-  EXPECT_THAT(message, HasSubstr("259393792"));  // symmetric bytes
-  EXPECT_THAT(message, HasSubstr("326502656"));  // + 64 MiB reserve
+  EXPECT_THAT(message, HasSubstr("260347392"));  // symmetric bytes
+  EXPECT_THAT(message, HasSubstr("327456256"));  // + 64 MiB reserve
   EXPECT_THAT(message, HasSubstr("268435456"));  // the heap it was given: 256 * 2^20
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE"));
-  // ceil(326,502,656 / 2^20) = ceil(311.375) = 312
-  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=312M"));
+  // 327,456,256 = 312 * 2^20 (327,155,712) + 300,544, so ceil(327,456,256 / 2^20) = 313
+  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=313M"));
 }
 
 TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
   // symmetric_bytes = 2^64 - 256 (see LargestAlignedEndStillFits); + 64 MiB reserve passes 2^64. Unchecked, the
   // sum wrapped to 64 MiB - 256 and even a small heap appeared to fit.
-  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 40);
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 52);
   ASSERT_EQ(l.symmetric_bytes, 18446744073709551360ull);
   for (const uint64_t heap_bytes : {uint64_t(1) << 30, std::numeric_limits<uint64_t>::max()}) {
     const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, heap_bytes); });
@@ -430,8 +607,10 @@ TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
 }
 
 TEST(SymmetricHeap, NeededJustBelow2To64) {
-  // 2^58 - 2^20 - 40 slots: 2304 + 64 * slots = 2^64 - 2^26 - 256 (256-aligned), so needed = 2^64 - 256 fits.
-  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 40);
+  // 2^58 - 2^20 - 52 slots: staging ends at 2304 + 64 * slots = 2^64 - 2^26 - 1024 (256-aligned), which is
+  // S in the table above LayoutFinalAlignOverflow; symmetric_bytes = S + 768 = 2^64 - 2^26 - 256, so
+  // needed = + 64 MiB (2^26) = 2^64 - 256 fits.
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 52);
   ASSERT_EQ(l.symmetric_bytes, 18446744073642442496ull);  // 2^64 - 2^26 - 256
   EXPECT_NO_THROW(require_fits_symmetric_heap(l, std::numeric_limits<uint64_t>::max()));
   const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 1ull << 30); });
