@@ -148,8 +148,9 @@ __device__ __forceinline__ uint32_t find_segment(const uint32_t* prefix, uint32_
 }
 
 // Counts blocks out of a phase. Returns true in exactly one block, the last to finish, after every other
-// block's writes (made visible with a system fence) happened before; that block may then signal peers
-// or reset shared state, and must reset the counter itself. Call with the whole block.
+// block's writes happened before (each block's barrier, then its system fence, publishes the writes of
+// all its threads); that block may then signal peers or reset shared state, and must reset the counter
+// itself. Call with the whole block.
 __device__ __forceinline__ bool last_block_out(uint32_t* counter) {
   __shared__ bool is_last;
   __syncthreads();

@@ -26,9 +26,9 @@ struct NvshmemTransport {
     nvshmemx_putmem_warp(symmetric + offset, staged, bytes, pe);
   }
 
-  // Stores must reach the peer, and puts complete there, before the signal that publishes them.
+  // Puts must complete at the peer before the signal that publishes them. Stores need nothing here: the
+  // block barrier and the system fence of last_block_out order them before that signal.
   __device__ void flush_warp() const {
-    __threadfence_system();
     if (uses_puts) nvshmem_quiet();
     __syncwarp();
   }
