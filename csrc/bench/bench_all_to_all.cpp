@@ -278,11 +278,7 @@ void write_json(const std::string& path, int world, const std::vector<std::pair<
 int run(int argc, char** argv) {
   harness::MpiSession mpi(&argc, &argv);
   const Options o = parse_options(argc, argv);
-  std::string reason;
-  if (!harness::select_gpu(mpi, &reason)) {
-    if (mpi.rank() == 0) std::printf("bench_all_to_all: SKIPPED: %s\n", reason.c_str());
-    return 0;
-  }
+  if (!harness::select_gpu_or_skip(mpi, "bench_all_to_all")) return 0;
   harness::NvshmemSession nvshmem(mpi);
   std::vector<std::pair<std::string, CaseResult>> all;
   for (const harness::TransportKind kind : harness::transports_from_flag(o.transport)) {

@@ -124,6 +124,31 @@ __device__ void dispatch_send(const DispatchArgs& a, const Transport& transport)
   }
 }
 
+// From the token count of each (local expert, source group) region: the region's first row inside its
+// expert's block of out_expert_x (groups in order) and each expert's total, which block 0 also hands to
+// the caller (out_expert_num_tokens) and to combine (recv_counts). Call with the whole block.
+__device__ inline void place_regions(const DispatchArgs& a, const uint32_t* region_count, uint32_t* region_base,
+                                     uint32_t* expert_total) {
+  const BufferLayout& l = a.ctx.layout;
+  const uint32_t num_local = l.num_local_experts, groups = l.num_dp_groups;
+  for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
+    uint32_t running = 0;
+    for (uint32_t g = 0; g < groups; ++g) {
+      region_base[le * groups + g] = running;
+      running += region_count[le * groups + g];
+    }
+    expert_total[le] = running;
+  }
+  __syncthreads();
+  if (blockIdx.x == 0) {
+    auto* recv_counts = reinterpret_cast<int32_t*>(a.ctx.workspace + l.recv_counts_offset);
+    for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
+      a.out_expert_num_tokens[le] = int32_t(expert_total[le]);
+      recv_counts[le] = int32_t(expert_total[le]);
+    }
+  }
+}
+
 __device__ inline void dispatch_recv(const DispatchArgs& a) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
@@ -149,25 +174,9 @@ __device__ inline void dispatch_recv(const DispatchArgs& a) {
     }
   }
   __syncthreads();
-  for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
-    uint32_t running = 0;
-    for (uint32_t g = 0; g < groups; ++g) {
-      region_base[le * groups + g] = running;
-      running += region_count[le * groups + g];
-    }
-    expert_total[le] = running;
-  }
-  __syncthreads();
+  place_regions(a, region_count, region_base, expert_total);
   if (warp_id() == 0) warp_exclusive_scan(expert_total, expert_start, num_local);
   __syncthreads();
-
-  if (blockIdx.x == 0) {
-    auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
-    for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
-      a.out_expert_num_tokens[le] = int32_t(expert_total[le]);
-      recv_counts[le] = int32_t(expert_total[le]);
-    }
-  }
 
   auto* routes = reinterpret_cast<TokenRoute*>(c.workspace + l.routes_offset);
   const uint32_t total = expert_start[num_local];
@@ -307,22 +316,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     region_count[i] = min(*published, group_tokens[g]);
   }
   __syncthreads();
-  for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
-    uint32_t running = 0;
-    for (uint32_t g = 0; g < groups; ++g) {
-      region_base[le * groups + g] = running;
-      running += region_count[le * groups + g];
-    }
-    expert_total[le] = running;
-  }
-  __syncthreads();
-  if (blockIdx.x == 0) {
-    auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
-    for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
-      a.out_expert_num_tokens[le] = int32_t(expert_total[le]);
-      recv_counts[le] = int32_t(expert_total[le]);
-    }
-  }
+  place_regions(a, region_count, region_base, expert_total);
 
   // Copy: one warp per sender token, to each local expert of its row.
   auto* routes = reinterpret_cast<TokenRoute*>(c.workspace + l.routes_offset);

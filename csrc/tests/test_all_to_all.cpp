@@ -278,11 +278,7 @@ bool run_iteration(AllToAll& a2a, const AllToAllConfig& c, const Iteration& it, 
 int run(int argc, char** argv) {
   harness::MpiSession mpi(&argc, &argv);
   const Options options = parse_options(argc, argv);
-  std::string reason;
-  if (!harness::select_gpu(mpi, &reason)) {
-    if (mpi.rank() == 0) std::printf("test_all_to_all: SKIPPED: %s\n", reason.c_str());
-    return 0;
-  }
+  if (!harness::select_gpu_or_skip(mpi, "test_all_to_all")) return 0;
   harness::NvshmemSession nvshmem(mpi);
   const uint64_t seed = harness::broadcast_from_root(options.seed);
   const bool root = mpi.rank() == 0;

@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <vector>
 
 #include "core/cuda_utils.h"
@@ -22,13 +23,15 @@ MpiSession::MpiSession(int* argc, char*** argv) {
 
 MpiSession::~MpiSession() { MPI_Finalize(); }
 
-bool select_gpu(const MpiSession& mpi, std::string* reason) {
+bool select_gpu_or_skip(const MpiSession& mpi, const char* program) {
   int devices = 0;
   const cudaError_t status = cudaGetDeviceCount(&devices);
   const bool ok = status == cudaSuccess && devices > 0;
   if (!all_ranks(ok)) {
-    *reason = status != cudaSuccess ? std::string("no CUDA device visible (") + cudaGetErrorString(status) + ")"
-                                    : std::string("no CUDA device visible");
+    if (mpi.rank() == 0) {
+      std::printf("%s: SKIPPED: no CUDA device visible%s%s%s\n", program, status != cudaSuccess ? " (" : "",
+                  status != cudaSuccess ? cudaGetErrorString(status) : "", status != cudaSuccess ? ")" : "");
+    }
     return false;
   }
   EW_CUDA_CHECK(cudaSetDevice(mpi.local_rank() % devices));

@@ -27,8 +27,9 @@ class MpiSession {
 };
 
 // Selects local_rank % device_count as this rank's GPU (every rank shares GPU 0 when only one is visible,
-// as under MPS). Returns false with a reason when no CUDA device is visible on some rank.
-bool select_gpu(const MpiSession& mpi, std::string* reason);
+// as under MPS). When some rank sees no CUDA device, rank 0 prints "<program>: SKIPPED: <reason>" and it
+// returns false.
+bool select_gpu_or_skip(const MpiSession& mpi, const char* program);
 
 // NVSHMEM for the lifetime of the object: rank 0 makes a unique id, MPI broadcasts it, all ranks init.
 class NvshmemSession {
