@@ -124,6 +124,18 @@ __device__ void dispatch_send(const DispatchArgs& a, const Transport& transport)
   }
 }
 
+// Copies a received DispatchToken's payload and scales into row `out_row` of out_expert_x (and its scales),
+// with the whole warp. The token was written by a peer during this kernel, so it is read coherently.
+__device__ __forceinline__ void copy_to_expert_row(const DispatchArgs& a, uint64_t out_row, const uint8_t* token) {
+  const BufferLayout& l = a.ctx.layout;
+  warp_copy_16<SourceKind::kPeerWritten>(a.out_expert_x + out_row * l.hidden_dim_bytes,
+                                         token + l.payload_offset_in_token(), l.hidden_dim_bytes);
+  if (l.hidden_dim_scale_bytes != 0) {
+    warp_copy_4(a.out_expert_x_scale + out_row * l.hidden_dim_scale_bytes, token + l.scale_offset_in_token(),
+                l.hidden_dim_scale_bytes);
+  }
+}
+
 // From the token count of each (local expert, source group) region: the region's first row inside its
 // expert's block of out_expert_x (groups in order) and each expert's total, which block 0 also hands to
 // the caller (out_expert_num_tokens) and to combine (recv_counts). Call with the whole block.
@@ -202,13 +214,7 @@ __device__ inline void dispatch_recv(const DispatchArgs& a) {
     if (lane_id() == 0) {
       routes[uint64_t(le) * l.max_recv_tokens + row] = TokenRoute{header[0], uint16_t(g), uint16_t(k)};
     }
-    const uint64_t out_row = uint64_t(le) * l.max_recv_tokens + row;
-    warp_copy_16<SourceKind::kPeerWritten>(a.out_expert_x + out_row * l.hidden_dim_bytes,
-                                           token + l.payload_offset_in_token(), l.hidden_dim_bytes);
-    if (l.hidden_dim_scale_bytes != 0) {
-      warp_copy_4(a.out_expert_x_scale + out_row * l.hidden_dim_scale_bytes, token + l.scale_offset_in_token(),
-                  l.hidden_dim_scale_bytes);
-    }
+    copy_to_expert_row(a, uint64_t(le) * l.max_recv_tokens + row, token);
   }
 
   if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
@@ -345,13 +351,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
       for (unsigned pending = __ballot_sync(kFullMask, mine); pending != 0; pending &= pending - 1) {
         const int from = __ffs(pending) - 1;
         const uint32_t le = __shfl_sync(kFullMask, expert, from) - first_expert;
-        const uint64_t out_row = uint64_t(le) * l.max_recv_tokens + __shfl_sync(kFullMask, row, from);
-        warp_copy_16<SourceKind::kPeerWritten>(a.out_expert_x + out_row * l.hidden_dim_bytes,
-                                               token + l.payload_offset_in_token(), l.hidden_dim_bytes);
-        if (l.hidden_dim_scale_bytes != 0) {
-          warp_copy_4(a.out_expert_x_scale + out_row * l.hidden_dim_scale_bytes, token + l.scale_offset_in_token(),
-                      l.hidden_dim_scale_bytes);
-        }
+        copy_to_expert_row(a, uint64_t(le) * l.max_recv_tokens + __shfl_sync(kFullMask, row, from), token);
       }
     }
   }
