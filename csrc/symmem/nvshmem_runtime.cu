@@ -33,6 +33,13 @@ void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank
 
 bool nvshmem_initialized() { return nvshmemx_init_status() >= NVSHMEM_STATUS_IS_INITIALIZED; }
 
+void require_nvshmem_initialized() {
+  if (!nvshmem_initialized()) {
+    EW_THROW(RuntimeError, "NVSHMEM is not initialized: call nvshmem_init_with_unique_id (Python: nvshmem_init) on "
+                           "every rank before creating an internode all-to-all");
+  }
+}
+
 void nvshmem_finalize_runtime() {
   if (nvshmem_initialized()) nvshmem_finalize();
 }
@@ -43,10 +50,7 @@ void nvshmem_barrier_all_ranks() { nvshmem_barrier_all(); }
 void nvshmem_barrier_on_stream(cudaStream_t stream) { nvshmemx_barrier_all_on_stream(stream); }
 
 NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {
-  if (!nvshmem_initialized()) {
-    EW_THROW(RuntimeError, "NVSHMEM is not initialized: call nvshmem_init_with_unique_id (Python: nvshmem_init) on "
-                           "every rank before creating an internode all-to-all");
-  }
+  require_nvshmem_initialized();
   base_ = static_cast<uint8_t*>(nvshmem_malloc(bytes));
   if (base_ == nullptr) {
     EW_THROW(RuntimeError, "nvshmem_malloc of ", bytes, " bytes failed; raise NVSHMEM_SYMMETRIC_SIZE");

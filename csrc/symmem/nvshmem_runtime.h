@@ -16,6 +16,8 @@ namespace expertwire {
 std::vector<uint8_t> nvshmem_unique_id();
 void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank, int world_size);
 bool nvshmem_initialized();
+// Throws RuntimeError, saying what to call, when NVSHMEM is not initialized.
+void require_nvshmem_initialized();
 void nvshmem_finalize_runtime();
 int nvshmem_rank();
 int nvshmem_world_size();

@@ -12,10 +12,7 @@ uint64_t timeout_or_default(uint64_t timeout_ns) { return timeout_ns != 0 ? time
 
 AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const InternodeOptions& options)
     : AllToAll(config, /*staging_rows_per_warp=*/1, timeout_or_default(options.timeout_ns)) {
-  if (!nvshmem_initialized()) {
-    EW_THROW(RuntimeError, "NVSHMEM is not initialized: call nvshmem_init_with_unique_id (Python: nvshmem_init) on "
-                           "every rank before creating an internode all-to-all");
-  }
+  require_nvshmem_initialized();
   EW_REQUIRE(nvshmem_world_size() == config.world_size, "AllToAllConfig.world_size must equal NVSHMEM's ",
              nvshmem_world_size(), " ranks, got ", config.world_size);
   EW_REQUIRE(nvshmem_rank() == config.rank, "AllToAllConfig.rank must equal this process's NVSHMEM rank ",
