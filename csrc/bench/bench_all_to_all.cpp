@@ -30,7 +30,7 @@ struct Options {
   int64_t hidden = 7168;
   int warmup = 10;
   int iterations = 50;
-  std::string transport = "internode";
+  std::string transport = harness::kDefaultTransports;
   std::string json;
 };
 
@@ -59,7 +59,8 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--json") o.json = value();
     else EW_THROW(ConfigError, "bench_all_to_all: unknown argument '", arg,
                   "' (known: --tokens 1,32,128 --experts 64,256 --top-k 8 --hidden 7168 --warmup 10 --iters 50 "
-                  "--transport internode|internode-puts|all --json FILE)");
+                  "--transport T --json FILE; T: ", harness::kTransportFlagHelp, ", default ", harness::kDefaultTransports,
+                  ")");
   }
   return o;
 }

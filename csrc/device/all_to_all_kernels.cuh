@@ -1,6 +1,8 @@
 // Dispatch and combine kernels, written once for every transport.
 //
 // A Transport (see transport/*/…_transport.cuh) says how bytes reach a peer's symmetric buffer:
+//   static constexpr bool kMayPut                     // false: peer_address never returns nullptr
+//   bool load_store_only()                            // (host) every peer has a load/store address
 //   uint8_t* peer_address(int pe, uint64_t offset)   // load/store address of the peer's byte, or nullptr
 //   void put_warp(int pe, uint64_t offset, const uint8_t* staged, uint64_t bytes)  // for nullptr peers
 //   void flush_warp()                                 // this warp's writes complete before a later signal
@@ -61,6 +63,27 @@ __device__ __forceinline__ void write_dispatch_token(uint8_t* dst, const BufferL
   }
 }
 
+// Writes one row to `offset` of peer `pe` with the whole warp. `write(dst)` produces the row at dst: straight
+// into the peer's memory when it is mapped, else once into this warp's staging row (`staged` remembers it
+// across destinations) and from there by a put.
+template <class Transport, class WriteRow>
+__device__ __forceinline__ void deliver_row(const Transport& transport, int pe, uint64_t offset, uint64_t bytes,
+                                            uint8_t* staging, bool& staged, WriteRow write) {
+  uint8_t* direct = transport.peer_address(pe, offset);
+  if (!Transport::kMayPut || direct != nullptr) {
+    write(direct);
+    return;
+  }
+  if constexpr (Transport::kMayPut) {
+    if (!staged) {
+      write(staging);
+      __syncwarp();
+      staged = true;
+    }
+    transport.put_warp(pe, offset, staging, bytes);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Dispatch.
 
@@ -97,17 +120,9 @@ __device__ void dispatch_send(const DispatchArgs& a, const Transport& transport)
         const uint32_t e = __shfl_sync(kFullMask, expert, from);
         const uint32_t s = __shfl_sync(kFullMask, slot, from);
         const int owner = int(e / l.num_local_experts);
-        const uint64_t offset = l.dispatch_token_offset(e % l.num_local_experts, c.dp_group, s);
-        if (uint8_t* direct = transport.peer_address(owner, offset)) {
-          write_dispatch_token(direct, l, t, experts, x, x_scale);
-        } else {
-          if (!staged) {
-            write_dispatch_token(staging, l, t, experts, x, x_scale);
-            __syncwarp();
-            staged = true;
-          }
-          transport.put_warp(owner, offset, staging, l.dispatch_token_bytes);
-        }
+        deliver_row(transport, owner, l.dispatch_token_offset(e % l.num_local_experts, c.dp_group, s),
+                    l.dispatch_token_bytes, staging, staged,
+                    [&](uint8_t* dst) { write_dispatch_token(dst, l, t, experts, x, x_scale); });
       }
     }
   }
@@ -401,16 +416,8 @@ __device__ void combine_send(const CombineArgs& a, const Transport& transport) {
     bool staged = false;
     for (uint32_t d = 0; d < l.dp_size; ++d) {
       const int peer = int(route.source_group * l.dp_size + d);
-      if (uint8_t* direct = transport.peer_address(peer, offset)) {
-        warp_copy_16<SourceKind::kInput>(direct, y, l.combine_row_bytes);
-      } else {
-        if (!staged) {
-          warp_copy_16<SourceKind::kInput>(staging, y, l.combine_row_bytes);
-          __syncwarp();
-          staged = true;
-        }
-        transport.put_warp(peer, offset, staging, l.combine_row_bytes);
-      }
+      deliver_row(transport, peer, offset, l.combine_row_bytes, staging, staged,
+                  [&](uint8_t* dst) { warp_copy_16<SourceKind::kInput>(dst, y, l.combine_row_bytes); });
     }
   }
   transport.flush_warp();
@@ -537,14 +544,14 @@ __global__ void __launch_bounds__(1024) combine_kernel(CombineArgs args, Transpo
 // ---------------------------------------------------------------------------------------------------------
 // Launchers, instantiated by each transport's translation unit.
 
-// `pull`: every peer's buffer is load/store reachable, so receivers copy tokens straight from senders.
+// The pull dispatch when every peer's buffer is load/store reachable (receivers copy tokens straight from
+// senders), else the push dispatch.
 template <class Transport>
-void launch_dispatch(const DispatchArgs& args, const Transport& transport, bool pull, LaunchShape shape,
-                     cudaStream_t stream) {
+void launch_dispatch(const DispatchArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
   const uint64_t shared_bytes = dispatch_shared_bytes(args.ctx.layout);
-  if (pull) {
+  if (transport.load_store_only()) {
     dispatch_pull_kernel<Transport><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
-  } else {
+  } else if constexpr (Transport::kMayPut) {
     dispatch_kernel<Transport><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
   }
   EW_CUDA_CHECK(cudaGetLastError());

@@ -45,7 +45,8 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--configs") o.configs = std::stoi(value());
     else if (arg == "--iterations") o.iterations = std::stoi(value());
     else EW_THROW(ConfigError, "test_all_to_all: unknown argument '", arg,
-                  "' (known: --transport internode|internode-puts|all, --seed S, --configs C, --iterations I)");
+                  "' (known: --transport T (", harness::kTransportFlagHelp, "; default all), --seed S, --configs C, "
+                  "--iterations I)");
   }
   return o;
 }

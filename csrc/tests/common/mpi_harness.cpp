@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <string>
 #include <vector>
 
 #include "core/cuda_utils.h"
@@ -65,6 +66,25 @@ double max_over_ranks(double value) {
 uint64_t broadcast_from_root(uint64_t value) {
   MPI_Bcast(&value, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
   return value;
+}
+
+std::vector<std::string> all_gather_bytes(const std::string& local) {
+  int world = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &world);
+  const int own_size = int(local.size());
+  std::vector<int> sizes(world), displacements(world);
+  MPI_Allgather(&own_size, 1, MPI_INT, sizes.data(), 1, MPI_INT, MPI_COMM_WORLD);
+  int total = 0;
+  for (int r = 0; r < world; ++r) {
+    displacements[r] = total;
+    total += sizes[r];
+  }
+  std::string all(size_t(total), '\0');
+  MPI_Allgatherv(local.data(), own_size, MPI_BYTE, all.data(), sizes.data(), displacements.data(), MPI_BYTE,
+                 MPI_COMM_WORLD);
+  std::vector<std::string> out(world);
+  for (int r = 0; r < world; ++r) out[r] = all.substr(size_t(displacements[r]), size_t(sizes[r]));
+  return out;
 }
 
 }  // namespace expertwire::harness

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace expertwire::harness {
 
@@ -43,5 +44,7 @@ class NvshmemSession {
 bool all_ranks(bool value);           // logical AND over ranks
 double max_over_ranks(double value);  // maximum over ranks
 uint64_t broadcast_from_root(uint64_t value);
+// Every rank's bytes in rank order (MPI_Allgatherv): the AllGatherBytes of the intranode transport.
+std::vector<std::string> all_gather_bytes(const std::string& local);
 
 }  // namespace expertwire::harness

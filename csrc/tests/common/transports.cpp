@@ -1,19 +1,31 @@
 #include "tests/common/transports.h"
 
+#include <sstream>
+
 #include "core/error.h"
+#include "tests/common/mpi_harness.h"
 #include "transport/internode/all_to_all_internode.h"
+#include "transport/intranode/all_to_all_intranode.h"
 
 namespace expertwire::harness {
 
 std::vector<TransportKind> transports_from_flag(const std::string& flag) {
-  if (flag == "internode") return {TransportKind::kInternode};
-  if (flag == "internode-puts") return {TransportKind::kInternodePuts};
-  if (flag == "all") return {TransportKind::kInternode, TransportKind::kInternodePuts};
-  EW_THROW(ConfigError, "unknown transport '", flag, "' (known: internode, internode-puts, all)");
+  if (flag == "all") return {TransportKind::kIntranode, TransportKind::kInternode, TransportKind::kInternodePuts};
+  std::vector<TransportKind> kinds;
+  std::stringstream in(flag);
+  for (std::string name; std::getline(in, name, ',');) {
+    if (name == "intranode") kinds.push_back(TransportKind::kIntranode);
+    else if (name == "internode") kinds.push_back(TransportKind::kInternode);
+    else if (name == "internode-puts") kinds.push_back(TransportKind::kInternodePuts);
+    else EW_THROW(ConfigError, "unknown transport '", name, "' in '", flag, "' (known: ", kTransportFlagHelp, ")");
+  }
+  EW_REQUIRE(!kinds.empty(), "no transport named (known: ", kTransportFlagHelp, ")");
+  return kinds;
 }
 
 const char* transport_title(TransportKind kind) {
   switch (kind) {
+    case TransportKind::kIntranode: return "Intra-Node (CUDA IPC)";
     case TransportKind::kInternode: return "Inter-Node (NVSHMEM)";
     case TransportKind::kInternodePuts: return "Inter-Node (NVSHMEM, puts only)";
   }
@@ -21,6 +33,7 @@ const char* transport_title(TransportKind kind) {
 }
 
 std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config) {
+  if (kind == TransportKind::kIntranode) return std::make_unique<AllToAllIntranode>(config, all_gather_bytes);
   InternodeOptions options;
   options.force_puts = kind == TransportKind::kInternodePuts;
   return std::make_unique<AllToAllInternode>(config, options);

@@ -11,13 +11,19 @@
 namespace expertwire::harness {
 
 enum class TransportKind : int {
+  kIntranode = 0,      // CUDA IPC peer memory, loads and stores
   kInternode = 1,      // NVSHMEM; peers on this node by load/store
   kInternodePuts = 2,  // NVSHMEM puts and signals for every peer, as between nodes
 };
 
-// "internode", "internode-puts" or "all".
+inline constexpr const char* kTransportFlagHelp =
+    "intranode, internode, internode-puts, a comma-separated list of them, or all";
+inline constexpr const char* kDefaultTransports = "intranode,internode";
+
+// A comma-separated list of "intranode", "internode", "internode-puts"; "all" names all three.
 std::vector<TransportKind> transports_from_flag(const std::string& flag);
 const char* transport_title(TransportKind kind);
+// Collective over MPI_COMM_WORLD (the intranode transport exchanges its IPC handles through MPI).
 std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config);
 
 }  // namespace expertwire::harness

@@ -39,10 +39,8 @@ AllToAll::AllToAll(const AllToAllConfig& config, uint64_t staging_rows_per_warp,
     : config_(config),
       shape_(default_launch_shape()),
       layout_(make_buffer_layout(config, staging_rows_per_warp * shape_.warps())),
-      timeout_ns_(timeout_ns),
-      workspace_(layout_.workspace_bytes) {
-  EW_REQUIRE(timeout_ns > 0, "timeout must be > 0 ns");
-}
+      timeout_ns_(timeout_ns != 0 ? timeout_ns : default_timeout_ns()),
+      workspace_(layout_.workspace_bytes) {}
 
 device::RankContext AllToAll::context() const {
   return device::RankContext{layout_,

@@ -53,7 +53,8 @@ class AllToAll {
   device::LaunchShape launch_shape() const { return shape_; }
 
  protected:
-  // `staging_rows_per_warp`: 1 for transports that may put through NVSHMEM, 0 otherwise.
+  // `staging_rows_per_warp`: 1 for transports that may put through NVSHMEM, 0 otherwise. `timeout_ns` bounds
+  // every device-side wait; 0 takes EXPERTWIRE_TIMEOUT_MS (default 10 s).
   AllToAll(const AllToAllConfig& config, uint64_t staging_rows_per_warp, uint64_t timeout_ns);
 
   // Derived classes call this once their symmetric buffer exists.

@@ -4,14 +4,9 @@
 #include "transport/internode/nvshmem_transport.cuh"
 
 namespace expertwire {
-namespace {
-
-uint64_t timeout_or_default(uint64_t timeout_ns) { return timeout_ns != 0 ? timeout_ns : default_timeout_ns(); }
-
-}  // namespace
 
 AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const InternodeOptions& options)
-    : AllToAll(config, /*staging_rows_per_warp=*/1, timeout_or_default(options.timeout_ns)) {
+    : AllToAll(config, /*staging_rows_per_warp=*/1, options.timeout_ns) {
   require_nvshmem_initialized();
   EW_REQUIRE(nvshmem_world_size() == config.world_size, "AllToAllConfig.world_size must equal NVSHMEM's ",
              nvshmem_world_size(), " ranks, got ", config.world_size);
@@ -24,7 +19,7 @@ AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const Interno
 
 void AllToAllInternode::launch_dispatch(const device::DispatchArgs& args, cudaStream_t stream) {
   const device::NvshmemTransport transport{buffer_->local(), buffer_->device_peer_table(), buffer_->uses_puts()};
-  device::launch_dispatch(args, transport, /*pull=*/!buffer_->uses_puts(), launch_shape(), stream);
+  device::launch_dispatch(args, transport, launch_shape(), stream);
 }
 
 void AllToAllInternode::launch_combine(const device::CombineArgs& args, ScalarType out_type, ScalarType expert_type,

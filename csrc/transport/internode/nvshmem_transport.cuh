@@ -12,9 +12,13 @@
 namespace expertwire::device {
 
 struct NvshmemTransport {
+  static constexpr bool kMayPut = true;
+
   uint8_t* symmetric;           // this rank's symmetric buffer; NVSHMEM translates it for each peer
   uint8_t* const* peer_bases;   // [world_size] load/store address of each peer's buffer, or null
   bool uses_puts;               // some peer is reached only through puts
+
+  bool load_store_only() const { return !uses_puts; }
 
   __device__ uint8_t* peer_address(int pe, uint64_t offset) const {
     uint8_t* base = peer_bases[pe];
