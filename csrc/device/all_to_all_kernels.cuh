@@ -288,9 +288,7 @@ __device__ void dispatch_pull_send(const DispatchArgs& a, const Transport& trans
       published[e] = send_counts[e];
       send_counts[e] = 0;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) __threadfence_system();
-    __syncthreads();
+    __syncthreads();  // the counts before the release stores that announce them
     for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
       transport.signal(int(peer), l.dispatch_ready_offset_of(c.rank), uint64_t(m) + 1);
     }

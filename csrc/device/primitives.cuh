@@ -147,17 +147,19 @@ __device__ __forceinline__ uint32_t find_segment(const uint32_t* prefix, uint32_
   return lo;
 }
 
-// Counts blocks out of a phase. Returns true in exactly one block, the last to finish, after every other
-// block's writes happened before (each block's barrier, then its system fence, publishes the writes of
-// all its threads); that block may then signal peers or reset shared state, and must reset the counter
-// itself. Call with the whole block.
+// Counts blocks out of a phase. Returns true in exactly one block, the last to finish; everything any block
+// wrote before its call happens before what that block does next, so it may signal peers or reset shared
+// state (and must reset the counter itself). Call with the whole block.
+// Ordering without a system fence (fence.sc.sys costs several µs per call on H100): each block's barrier
+// puts its threads' writes before thread 0's acq_rel add, the adds chain every block to the last one, and a
+// later st.release.sys of that block carries all of it to peers (release is cumulative).
 __device__ __forceinline__ bool last_block_out(uint32_t* counter) {
   __shared__ bool is_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
-    is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
-    if (is_last) __threadfence_system();
+    uint32_t before;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+    is_last = before == gridDim.x - 1;
   }
   __syncthreads();
   return is_last;

@@ -31,7 +31,7 @@ struct NvshmemTransport {
   }
 
   // Puts must complete at the peer before the signal that publishes them. Stores need nothing here: the
-  // block barrier and the system fence of last_block_out order them before that signal.
+  // release chain of last_block_out orders them before that signal.
   __device__ void flush_warp() const {
     if (uses_puts) nvshmem_quiet();
     __syncwarp();

@@ -18,7 +18,7 @@ struct PeerTransport {
 
   __device__ uint8_t* peer_address(int pe, uint64_t offset) const { return peer_bases[pe] + offset; }
 
-  // Stores need no flush: the block barrier and system fence of last_block_out order them before signals.
+  // Stores need no flush: the release chain of last_block_out orders them before signals.
   __device__ void flush_warp() const { __syncwarp(); }
 
   __device__ void signal(int pe, uint64_t offset, uint64_t value) const {
