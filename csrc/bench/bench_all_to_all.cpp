@@ -111,7 +111,29 @@ struct CaseResult {
   Stats dispatch, dispatch_send, dispatch_recv, combine, combine_send, combine_recv;
   Stats loop_dispatch, loop_combine;
   double dispatch_bytes, combine_bytes;  // bytes this rank sends
+  // Bandwidth floor: the bytes that must move for this rank, copied device-to-device by every rank at once.
+  double dispatch_floor_bytes, combine_floor_bytes;
+  Stats dispatch_floor, combine_floor;
 };
+
+// Bytes that must move for this rank's tokens. Dispatch: each token once to each distinct rank that owns
+// one of its experts (payload + scales), plus one count per expert. Combine: one expert-output row back per
+// (token, valid k): rows cannot be summed before they reach the token's rank, which alone has the weights.
+std::pair<double, double> floor_bytes(const AllToAllConfig& c, const harness::GroupData& data) {
+  const int64_t top_k = c.experts_per_token, num_local = c.num_local_experts();
+  double dispatch = double(c.num_experts) * sizeof(uint32_t), combine = 0;
+  for (int64_t t = 0; t < data.m; ++t) {
+    std::vector<bool> seen(size_t(c.world_size), false);
+    for (int64_t k = 0; k < top_k; ++k) {
+      const uint32_t expert = data.indices[size_t(t * top_k + k)];
+      const int64_t owner = expert / num_local;
+      if (!seen[size_t(owner)]) dispatch += double(c.hidden_dim_bytes + c.hidden_dim_scale_bytes);
+      seen[size_t(owner)] = true;
+      combine += double(c.hidden_dim) * 2;
+    }
+  }
+  return {dispatch, combine};
+}
 
 CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t tokens, int64_t experts, int rank, int world) {
   AllToAllConfig c;
@@ -209,6 +231,31 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
       lc[i] = loop.micros(2 * i + 1, 2 * i + 2);
     }
   }
+  // The floor, timed like the operations: barrier, then every rank copies its bytes at the same time.
+  const auto [dispatch_floor_bytes, combine_floor_bytes] = floor_bytes(c, data);
+  std::vector<double> fd(n), fc(n);
+  {
+    const size_t copy_bytes = size_t(std::max(dispatch_floor_bytes, combine_floor_bytes));
+    DeviceBuffer copy_src(copy_bytes), copy_dst(copy_bytes);
+    auto copy = [&](double bytes) {
+      EW_CUDA_CHECK(cudaMemcpyAsync(copy_dst.get(), copy_src.get(), size_t(bytes), cudaMemcpyDeviceToDevice, stream));
+    };
+    Events floor_events(4);
+    for (int i = -o.warmup; i < n; ++i) {
+      nvshmem_barrier_on_stream(stream);
+      floor_events.record(0, stream);
+      copy(dispatch_floor_bytes);
+      floor_events.record(1, stream);
+      nvshmem_barrier_on_stream(stream);
+      floor_events.record(2, stream);
+      copy(combine_floor_bytes);
+      floor_events.record(3, stream);
+      EW_CUDA_CHECK(cudaStreamSynchronize(stream));
+      if (i < 0) continue;
+      fd[i] = floor_events.micros(0, 1);
+      fc[i] = floor_events.micros(2, 3);
+    }
+  }
   EW_CUDA_CHECK(cudaStreamDestroy(stream));
 
   CaseResult r;
@@ -224,6 +271,10 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   r.loop_combine = stats_of(slowest_rank(lc));
   r.dispatch_bytes = double(tokens * o.top_k) * double(c.hidden_dim_bytes + c.hidden_dim_scale_bytes);
   r.combine_bytes = double(tokens * o.top_k) * double(c.hidden_dim * 2);
+  r.dispatch_floor_bytes = dispatch_floor_bytes;
+  r.combine_floor_bytes = combine_floor_bytes;
+  r.dispatch_floor = stats_of(slowest_rank(fd));
+  r.combine_floor = stats_of(slowest_rank(fc));
   return r;
 }
 
@@ -251,6 +302,15 @@ void print_tables(const char* title, int world, const std::vector<CaseResult>& r
     std::printf("| %lld | %lld | %s | %s |\n", (long long)r.tokens, (long long)r.experts,
                 cell(r.loop_dispatch).c_str(), cell(r.loop_combine).c_str());
   }
+  std::printf("Bandwidth floor: this rank's bytes that must move, copied device-to-device by all ranks at once "
+              "(slowest rank, mean µs); time / floor:\n");
+  std::printf("| tokens | experts | dispatch MB | floor | dispatch / floor | combine MB | floor | combine / floor |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const auto& r : results) {
+    std::printf("| %lld | %lld | %.2f | %.1f | %.2fx | %.2f | %.1f | %.2fx |\n", (long long)r.tokens, (long long)r.experts,
+                r.dispatch_floor_bytes / 1e6, r.dispatch_floor.mean, r.dispatch.mean / r.dispatch_floor.mean,
+                r.combine_floor_bytes / 1e6, r.combine_floor.mean, r.combine.mean / r.combine_floor.mean);
+  }
   std::fflush(stdout);
 }
 
@@ -271,7 +331,11 @@ void write_json(const std::string& path, int world, const std::vector<std::pair<
         << ", \"combine\": " << stats(r.combine) << ", \"combine_send\": " << stats(r.combine_send)
         << ", \"combine_recv\": " << stats(r.combine_recv) << ", \"loop_dispatch\": " << stats(r.loop_dispatch)
         << ", \"loop_combine\": " << stats(r.loop_combine) << ", \"dispatch_bytes_per_rank\": " << r.dispatch_bytes
-        << ", \"combine_bytes_per_rank\": " << r.combine_bytes << "}" << (i + 1 < all.size() ? "," : "") << "\n";
+        << ", \"combine_bytes_per_rank\": " << r.combine_bytes
+        << ", \"dispatch_floor_bytes_per_rank\": " << r.dispatch_floor_bytes
+        << ", \"combine_floor_bytes_per_rank\": " << r.combine_floor_bytes
+        << ", \"dispatch_floor\": " << stats(r.dispatch_floor) << ", \"combine_floor\": " << stats(r.combine_floor)
+        << "}" << (i + 1 < all.size() ? "," : "") << "\n";
   }
   out << "]\n";
 }

@@ -493,9 +493,9 @@ __device__ void combine_recv(const CombineArgs& a) {
   const uint32_t top_k = l.experts_per_token;
   const uint32_t vectors = l.hidden_dim / 8;
   auto* out = static_cast<OutT*>(a.out_tokens);
-  // One thread per 8-element vector of the output, spread over the whole grid; the rows of up to four k
+  // One thread per 8-element vector of the output, spread over the whole grid; the rows of up to eight k
   // are loaded before any is summed so their latencies overlap. Sums stay in k order, as the reference's.
-  constexpr uint32_t kBatch = 4;
+  constexpr uint32_t kBatch = 8;
   const uint64_t work = uint64_t(m) * vectors;
   for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < work; i += uint64_t(gridDim.x) * blockDim.x) {
     const uint32_t t = uint32_t(i / vectors), v = uint32_t(i % vectors);
