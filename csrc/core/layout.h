@@ -25,7 +25,8 @@
 //   recv_counts     [num_local_experts] i32: tokens received per local expert by the last dispatch.
 //   routes          [num_local_experts][max_recv_tokens] u64: where row i of out_expert_x came from
 //                   (source DP group, token, k), read by combine to send each result back.
-//   phase_counters  [kNumPhaseCounters] u32: blocks that finished a phase (the last one signals / resets).
+//   phase_counters  [kNumPhaseCounters] u32: blocks that finished a phase (the last one signals / resets),
+//                   and the pull dispatch's work queue.
 //   pull_fill       [num_local_experts][num_dp_groups] u32: rows of each region taken so far by the pull dispatch.
 #pragma once
 
@@ -44,13 +45,14 @@ namespace expertwire {
 inline constexpr uint64_t kBufferAlign = 16;      // every row and region starts on a 16-byte vector boundary
 inline constexpr uint64_t kRegionAlign = 256;     // regions of the symmetric allocation start 256-aligned
 inline constexpr uint64_t kCombineElementBytes = 2;  // expert outputs are bf16 or fp16
-inline constexpr int kNumPhaseCounters = 4;
+inline constexpr int kNumPhaseCounters = 5;
 
 enum PhaseCounter : int {
   kDispatchSendDone = 0,
   kDispatchRecvDone = 1,
   kCombineSendDone = 2,
   kCombineRecvDone = 3,
+  kDispatchRecvNextToken = 4,  // work queue of the pull dispatch's copy: next sender token to take
 };
 
 EW_HOST_DEVICE constexpr uint64_t align_up(uint64_t value, uint64_t alignment) {

@@ -340,7 +340,13 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   // Copy: one warp per sender token, to each local expert of its row.
   auto* routes = reinterpret_cast<TokenRoute*>(c.workspace + l.routes_offset);
   auto* fill = reinterpret_cast<uint32_t*>(c.workspace + l.pull_fill_offset);
-  for (uint32_t j = global_warp(); j < group_start[groups]; j += total_warps()) {
+  // Tokens name 0..top-k local experts, so a fixed share per warp leaves some warps copying long after the
+  // rest: warps take tokens from a queue instead, asking for the next one before copying the current.
+  uint32_t* queue = c.phase_counter(kDispatchRecvNextToken);
+  auto ticket = [&]() { return lane_id() == 0 ? atomicAdd(queue, 1u) : 0u; };  // read only by the shuffle
+  for (uint32_t j = __shfl_sync(kFullMask, ticket(), 0), next; j < group_start[groups];
+       j = __shfl_sync(kFullMask, next, 0)) {
+    next = ticket();
     const uint32_t g = find_segment(group_start, groups, j), t = j - group_start[g];
     const uint8_t* token = sender_row(g, t);
     const auto* experts = reinterpret_cast<const uint32_t*>(token) + 1;
@@ -371,6 +377,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
 
   if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
     for (uint32_t i = threadIdx.x; i < regions; i += blockDim.x) fill[i] = 0;
+    if (threadIdx.x == 0) *queue = 0;
     for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
       *c.local_signal(l.dispatch_ready_offset_of(source)) = 0;
     }
