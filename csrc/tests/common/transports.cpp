@@ -32,9 +32,23 @@ const char* transport_title(TransportKind kind) {
   return "?";
 }
 
-std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config) {
-  if (kind == TransportKind::kIntranode) return std::make_unique<AllToAllIntranode>(config, all_gather_bytes);
+const char* transport_flag_name(TransportKind kind) {
+  switch (kind) {
+    case TransportKind::kIntranode: return "intranode";
+    case TransportKind::kInternode: return "internode";
+    case TransportKind::kInternodePuts: return "internode-puts";
+  }
+  return "?";
+}
+
+std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config, uint64_t timeout_ns) {
+  if (kind == TransportKind::kIntranode) {
+    IntranodeOptions options;
+    options.timeout_ns = timeout_ns;
+    return std::make_unique<AllToAllIntranode>(config, all_gather_bytes, options);
+  }
   InternodeOptions options;
+  options.timeout_ns = timeout_ns;
   options.force_puts = kind == TransportKind::kInternodePuts;
   return std::make_unique<AllToAllInternode>(config, options);
 }
