@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -178,10 +179,12 @@ int run(int argc, char** argv) {
   harness::MpiSession mpi(&argc, &argv);
   const Options options = parse_options(argc, argv);
   if (!harness::select_gpu_or_skip(mpi, "test_all_to_all")) return harness::kSkippedExitCode;
-  harness::NvshmemSession nvshmem(mpi);
+  const std::vector<harness::TransportKind> kinds = harness::transports_from_flag(options.transport);
+  std::optional<harness::NvshmemSession> nvshmem;
+  if (harness::needs_nvshmem(kinds)) nvshmem.emplace(mpi);
   const uint64_t seed = harness::broadcast_from_root(options.seed);
   Tally tally;
-  for (const harness::TransportKind kind : harness::transports_from_flag(options.transport)) {
+  for (const harness::TransportKind kind : kinds) {
     if (mpi.rank() == 0) std::printf("%s (%d ranks)\n", harness::transport_title(kind), mpi.world_size());
     if (options.soak > 0) {
       run_soak(mpi, options, kind, seed, tally);

@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -555,12 +556,13 @@ int run(int argc, char** argv) {
   const AllToAllConfig config = base_config(mpi.rank(), mpi.world_size());
   CaseRunner cases(mpi);
 
-  if (std::any_of(kinds.begin(), kinds.end(), [](TransportKind k) { return k != TransportKind::kIntranode; })) {
+  std::optional<harness::NvshmemSession> nvshmem;
+  if (harness::needs_nvshmem(kinds)) {
     cases.run("internode: constructor before NVSHMEM is initialized", [&] {
       return expect_error<RuntimeError>([&] { AllToAllInternode a2a(config); }, {"NVSHMEM is not initialized"});
     });
+    nvshmem.emplace(mpi);
   }
-  harness::NvshmemSession nvshmem(mpi);
   const uint64_t seed = harness::broadcast_from_root(options.seed);
 
   for (const TransportKind kind : kinds) {

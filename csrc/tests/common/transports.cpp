@@ -1,5 +1,6 @@
 #include "tests/common/transports.h"
 
+#include <algorithm>
 #include <sstream>
 
 #include "core/error.h"
@@ -21,6 +22,10 @@ std::vector<TransportKind> transports_from_flag(const std::string& flag) {
   }
   EW_REQUIRE(!kinds.empty(), "no transport named (known: ", kTransportFlagHelp, ")");
   return kinds;
+}
+
+bool needs_nvshmem(const std::vector<TransportKind>& kinds) {
+  return std::any_of(kinds.begin(), kinds.end(), [](TransportKind kind) { return kind != TransportKind::kIntranode; });
 }
 
 const char* transport_title(TransportKind kind) {

@@ -23,6 +23,9 @@ inline constexpr const char* kDefaultTransports = "intranode,internode";
 
 // A comma-separated list of "intranode", "internode", "internode-puts"; "all" names all three.
 std::vector<TransportKind> transports_from_flag(const std::string& flag);
+// Whether any of `kinds` runs on NVSHMEM (the intranode transport does not: a program that tests only it skips
+// NVSHMEM's initialization).
+bool needs_nvshmem(const std::vector<TransportKind>& kinds);
 const char* transport_title(TransportKind kind);
 const char* transport_flag_name(TransportKind kind);  // as the flag spells it: "intranode", ...
 // Collective over MPI_COMM_WORLD (the intranode transport exchanges its IPC handles through MPI).
