@@ -116,9 +116,11 @@ class CaseRunner {
  public:
   explicit CaseRunner(const harness::MpiSession& mpi) : root_(mpi.rank() == 0) {}
 
-  // `check` runs on every rank; the case passes when every rank's verdict is empty. An exception out of
-  // `check` is this rank's verdict. Collective: every rank runs the same cases in the same order.
+  // `check` runs on every rank, all starting together; the case passes when every rank's verdict is empty. An
+  // exception out of `check` is this rank's verdict. Collective: every rank runs the same cases in the same
+  // order, and `check` itself makes no collective call, so a rank that throws leaves no peer waiting.
   void run(const std::string& name, const std::function<Verdict()>& check) {
+    harness::barrier();
     Verdict verdict;
     try {
       verdict = check();
@@ -190,21 +192,25 @@ struct Context {
   void run(const std::string& name, const std::function<Verdict()>& check) const { cases.run(prefix + name, check); }
 };
 
-// A random call on a fresh object of the configuration, checked against the reference.
-Verdict checked_call_on_fresh_object(const Context& ctx, uint64_t salt) {
-  std::unique_ptr<AllToAll> a2a = ctx.make();
-  RoundTrip trip(ctx.config);
-  harness::Rng rng(harness::mix_seed(ctx.seed, salt));
-  Failures failures;
-  harness::run_checked_round_trip(*a2a, trip, ctx.config, harness::random_call_shape(rng, ctx.config, 0),
-                                  harness::mix_seed(ctx.seed, salt, 1), failures);
-  return verdict_of(failures);
-}
-
 // Every rank is done with the object before any rank frees it: peers must not write into freed memory.
 void discard_together(std::unique_ptr<AllToAll>& a2a) {
   harness::barrier();
   a2a.reset();
+}
+
+// A random call on a fresh object of the configuration, checked against the reference. Making and freeing the
+// object are collective steps, so they happen outside the case.
+void fresh_object_case(const Context& ctx, const std::string& name, uint64_t salt) {
+  std::unique_ptr<AllToAll> a2a = ctx.make();
+  RoundTrip trip(ctx.config);
+  ctx.run(name, [&] {
+    harness::Rng rng(harness::mix_seed(ctx.seed, salt));
+    Failures failures;
+    harness::run_checked_round_trip(*a2a, trip, ctx.config, harness::random_call_shape(rng, ctx.config, 0),
+                                    harness::mix_seed(ctx.seed, salt, 1), failures);
+    return verdict_of(failures);
+  });
+  discard_together(a2a);
 }
 
 void host_argument_cases(const Context& ctx) {
@@ -441,7 +447,7 @@ void device_input_cases(const Context& ctx) {
     });
     discard_together(a2a);
   }
-  ctx.run("device: a fresh object works after a device error", [&] { return checked_call_on_fresh_object(ctx, 1); });
+  fresh_object_case(ctx, "device: a fresh object works after a device error", 1);
 
   // *bound_m > m in dispatch: the bad rank sends nothing, the others see an empty group from it.
   {
@@ -521,7 +527,6 @@ void timeout_cases(const Context& ctx) {
   {
     std::unique_ptr<AllToAll> a2a = ctx.make(ctx.timeout_ns);
     ctx.run(detail::concat("timeout: rank ", skipper, " skips a dispatch"), [&] {
-      harness::barrier();
       if (ctx.rank == skipper) return Verdict{};
       std::string message;
       const Verdict verdict = expect_timeout([&] { trip.dispatch(*a2a, shape); }, "in dispatch receive", &message);
@@ -532,18 +537,19 @@ void timeout_cases(const Context& ctx) {
   }
   {
     std::unique_ptr<AllToAll> a2a = ctx.make(ctx.timeout_ns);
-    ctx.run(detail::concat("timeout: rank ", skipper, " skips a combine"), [&] {
+    ctx.run("timeout: every rank dispatches before the skipped combine", [&] {
       Failures failures;
       trip.dispatch(*a2a, shape);
       trip.check_dispatch(harness::reference_inboxes(config, groups), failures);
-      harness::barrier();
-      if (ctx.rank == skipper) return verdict_of(failures);
-      return joined(verdict_of(failures),
-                    expect_timeout([&] { trip.combine(*a2a, shape); }, "in combine receive", nullptr));
+      return verdict_of(failures);
+    });
+    ctx.run(detail::concat("timeout: rank ", skipper, " skips a combine"), [&] {
+      if (ctx.rank == skipper) return Verdict{};
+      return expect_timeout([&] { trip.combine(*a2a, shape); }, "in combine receive", nullptr);
     });
     discard_together(a2a);
   }
-  ctx.run("timeout: a fresh object works after the timeouts", [&] { return checked_call_on_fresh_object(ctx, 2); });
+  fresh_object_case(ctx, "timeout: a fresh object works after the timeouts", 2);
 }
 
 int run(int argc, char** argv) {
