@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Run NP ranks of an MPI program on this machine's GPUs.
 #   run_ranks.sh NP COMMAND [ARGS...]        e.g.  run_ranks.sh 8 build/test_all_to_all
-# One GPU and NP > 1: every rank shares it under a fresh CUDA MPS daemon (one mpirun job per daemon).
+# One GPU and NP > 1: every rank shares it under a fresh CUDA MPS daemon (one mpirun job per daemon), or,
+# with RANKS_MPS=0, as separate CUDA contexts that time-slice the GPU (slower, but tools that do not support
+# MPS clients, such as compute-sanitizer, can wrap each rank).
 # Several GPUs: one rank per GPU, no MPS (NP must not exceed the GPU count).
 # No GPU: prints why and exits 77, which ctest reports as skipped.
-# Env: RANKS_TIMEOUT_S (default 300) bounds the whole job; RANKS_EXPORT="A=1 B=2" adds -x variables.
+# Env: RANKS_TIMEOUT_S (default 300) bounds the whole job; RANKS_EXPORT="A=1 B=2" adds -x variables;
+# RANKS_MPS=0 shares one GPU without MPS.
 set -euo pipefail
 NP=${1:?usage: run_ranks.sh NP COMMAND [ARGS...]}; shift
 [ $# -ge 1 ] || { echo "usage: run_ranks.sh NP COMMAND [ARGS...]" >&2; exit 2; }
@@ -26,7 +29,10 @@ EXPORTS=(-x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_M
          -x NVSHMEM_REMOTE_TRANSPORT -x LD_LIBRARY_PATH)
 for kv in ${RANKS_EXPORT:-}; do EXPORTS+=(-x "$kv"); done
 
-if [ "$GPUS" -eq 1 ] && [ "$NP" -gt 1 ]; then
+if [ "$GPUS" -eq 1 ] && [ "$NP" -gt 1 ] && [ "${RANKS_MPS:-1}" = 0 ]; then
+  echo "run_ranks.sh: RANKS_MPS=0: $NP ranks time-slice one GPU as separate CUDA contexts (no MPS daemon)" >&2
+  unset CUDA_MPS_PIPE_DIRECTORY  # ranks inherit this environment: keep them off any daemon it names
+elif [ "$GPUS" -eq 1 ] && [ "$NP" -gt 1 ]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   # One job per MPS daemon: stop a daemon left from an earlier job, then start a fresh one.

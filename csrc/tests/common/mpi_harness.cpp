@@ -51,6 +51,8 @@ NvshmemSession::NvshmemSession(const MpiSession& mpi) {
 
 NvshmemSession::~NvshmemSession() { nvshmem_finalize_runtime(); }
 
+void barrier() { MPI_Barrier(MPI_COMM_WORLD); }
+
 bool all_ranks(bool value) {
   int local = value ? 1 : 0, global = 0;
   MPI_Allreduce(&local, &global, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);

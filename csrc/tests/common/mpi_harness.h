@@ -27,6 +27,9 @@ class MpiSession {
   int local_rank_ = 0;
 };
 
+// Exit code of a program that skipped its tests (ctest's SKIP_RETURN_CODE, as run_ranks.sh uses it).
+inline constexpr int kSkippedExitCode = 77;
+
 // Selects local_rank % device_count as this rank's GPU (every rank shares GPU 0 when only one is visible,
 // as under MPS). When some rank sees no CUDA device, rank 0 prints "<program>: SKIPPED: <reason>" and it
 // returns false.
@@ -41,6 +44,7 @@ class NvshmemSession {
   NvshmemSession& operator=(const NvshmemSession&) = delete;
 };
 
+void barrier();                       // every rank reaches this point before any leaves it
 bool all_ranks(bool value);           // logical AND over ranks
 double max_over_ranks(double value);  // maximum over ranks
 uint64_t broadcast_from_root(uint64_t value);

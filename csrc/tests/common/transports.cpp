@@ -1,5 +1,6 @@
 #include "tests/common/transports.h"
 
+#include <algorithm>
 #include <sstream>
 
 #include "core/error.h"
@@ -23,6 +24,10 @@ std::vector<TransportKind> transports_from_flag(const std::string& flag) {
   return kinds;
 }
 
+bool needs_nvshmem(const std::vector<TransportKind>& kinds) {
+  return std::any_of(kinds.begin(), kinds.end(), [](TransportKind kind) { return kind != TransportKind::kIntranode; });
+}
+
 const char* transport_title(TransportKind kind) {
   switch (kind) {
     case TransportKind::kIntranode: return "Intra-Node (CUDA IPC)";
@@ -32,9 +37,23 @@ const char* transport_title(TransportKind kind) {
   return "?";
 }
 
-std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config) {
-  if (kind == TransportKind::kIntranode) return std::make_unique<AllToAllIntranode>(config, all_gather_bytes);
+const char* transport_flag_name(TransportKind kind) {
+  switch (kind) {
+    case TransportKind::kIntranode: return "intranode";
+    case TransportKind::kInternode: return "internode";
+    case TransportKind::kInternodePuts: return "internode-puts";
+  }
+  return "?";
+}
+
+std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config, uint64_t timeout_ns) {
+  if (kind == TransportKind::kIntranode) {
+    IntranodeOptions options;
+    options.timeout_ns = timeout_ns;
+    return std::make_unique<AllToAllIntranode>(config, all_gather_bytes, options);
+  }
   InternodeOptions options;
+  options.timeout_ns = timeout_ns;
   options.force_puts = kind == TransportKind::kInternodePuts;
   return std::make_unique<AllToAllInternode>(config, options);
 }

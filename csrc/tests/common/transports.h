@@ -1,6 +1,7 @@
 // Which transports a multi-rank program exercises, chosen by a command-line flag.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,8 +23,13 @@ inline constexpr const char* kDefaultTransports = "intranode,internode";
 
 // A comma-separated list of "intranode", "internode", "internode-puts"; "all" names all three.
 std::vector<TransportKind> transports_from_flag(const std::string& flag);
+// Whether any of `kinds` runs on NVSHMEM (the intranode transport does not: a program that tests only it skips
+// NVSHMEM's initialization).
+bool needs_nvshmem(const std::vector<TransportKind>& kinds);
 const char* transport_title(TransportKind kind);
+const char* transport_flag_name(TransportKind kind);  // as the flag spells it: "intranode", ...
 // Collective over MPI_COMM_WORLD (the intranode transport exchanges its IPC handles through MPI).
-std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config);
+// `timeout_ns` bounds every device-side wait; 0 takes EXPERTWIRE_TIMEOUT_MS (default 10 s).
+std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config, uint64_t timeout_ns = 0);
 
 }  // namespace expertwire::harness

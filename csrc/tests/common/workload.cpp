@@ -36,7 +36,11 @@ GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t 
   data.indices.resize(rows * top_k);
   data.weights.resize(rows * top_k);
   Rng rng(mix_seed(seed, group, 0x5eed));
-  for (auto& byte : data.x) byte = uint8_t(rng.next());
+  // Eight bytes per draw: soak runs rebuild every group's tokens for every call.
+  for (size_t i = 0; i < data.x.size(); i += sizeof(uint64_t)) {
+    const uint64_t word = rng.next();
+    std::memcpy(&data.x[i], &word, std::min(sizeof(word), data.x.size() - i));
+  }
   for (int64_t t = 0; t < rows; ++t) {
     const uint32_t marker[2] = {group, uint32_t(t)};
     std::memcpy(&data.x[t * config.hidden_dim_bytes], marker, sizeof(marker));
@@ -74,9 +78,10 @@ float from_bits16(uint16_t bits, ScalarType type) {
   return type == ScalarType::kBFloat16 ? reference::bf16_to_float(bits) : reference::half_to_float(bits);
 }
 
-float expert_output_value(uint32_t expert, uint32_t group, uint32_t token, uint32_t h, ScalarType type) {
-  Rng rng(mix_seed(expert, group, (uint64_t(token) << 32) | h));
-  return from_bits16(to_bits16(rng.uniform(-1.0f, 1.0f), type), type);
+void expert_output_row(uint32_t expert, uint32_t group, uint32_t token, ScalarType type, int64_t hidden_dim,
+                       float* out) {
+  Rng rng(mix_seed(expert, group, token));
+  for (int64_t h = 0; h < hidden_dim; ++h) out[h] = from_bits16(to_bits16(rng.uniform(-1.0f, 1.0f), type), type);
 }
 
 }  // namespace expertwire::harness

@@ -41,8 +41,10 @@ GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t 
 
 void read_marker(const uint8_t* row, uint32_t* group, uint32_t* token);
 
-// What the test's experts output for a token: a hash of its coordinates in [-1, 1], rounded to `type`.
-float expert_output_value(uint32_t expert, uint32_t group, uint32_t token, uint32_t h, ScalarType type);
+// What the test's experts output for token `token` of DP group `group`: hidden_dim values in [-1, 1] drawn from
+// the token's coordinates, already rounded to `type` (bfloat16 or float16) as the GPU holds them.
+void expert_output_row(uint32_t expert, uint32_t group, uint32_t token, ScalarType type, int64_t hidden_dim,
+                       float* out);
 
 // Bits of `value` in a 16-bit `type` (bfloat16 or float16), and back.
 uint16_t to_bits16(float value, ScalarType type);

@@ -1,0 +1,338 @@
+#include "tests/common/round_trip.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <sstream>
+#include <tuple>
+
+namespace expertwire::harness {
+namespace {
+
+// Every output byte a call may not write holds this value before the call.
+constexpr uint8_t kSentinel = 0xab;
+// Bytes after each output buffer that no call may write.
+constexpr size_t kGuardBytes = 4096;
+
+size_t element_bytes(ScalarType type) { return type == ScalarType::kFloat32 ? 4 : 2; }
+
+float read_element(const uint8_t* data, size_t index, ScalarType type) {
+  if (type == ScalarType::kFloat32) {
+    float value;
+    std::memcpy(&value, data + index * 4, 4);
+    return value;
+  }
+  uint16_t bits;
+  std::memcpy(&bits, data + index * 2, 2);
+  return from_bits16(bits, type);
+}
+
+// Offset of the first byte of [data, data + bytes) that is not the sentinel, or `bytes` when there is none.
+// Compares whole blocks with memcmp: a soak scans megabytes per call.
+size_t first_non_sentinel(const uint8_t* data, size_t bytes) {
+  static const std::vector<uint8_t> block(4096, kSentinel);
+  for (size_t offset = 0; offset < bytes; offset += block.size()) {
+    const size_t n = std::min(block.size(), bytes - offset);
+    if (std::memcmp(data + offset, block.data(), n) != 0) {
+      for (size_t i = offset;; ++i) {
+        if (data[i] != kSentinel) return i;
+      }
+    }
+  }
+  return bytes;
+}
+
+std::vector<SplitMode> modes_of(const CallShape& shape) {
+  return shape.split ? std::vector{SplitMode::kSend, SplitMode::kRecv} : std::vector{SplitMode::kNone};
+}
+
+std::vector<uint8_t> download(const DeviceBuffer& buffer) {
+  std::vector<uint8_t> host(buffer.bytes());
+  EW_CUDA_CHECK(cudaMemcpy(host.data(), buffer.get(), buffer.bytes(), cudaMemcpyDeviceToHost));
+  return host;
+}
+
+}  // namespace
+
+std::string Failures::summary() const {
+  std::string out;
+  for (const auto& message : messages_) out += "    " + message + "\n";
+  if (count_ > messages_.size()) out += "    ... " + std::to_string(count_ - messages_.size()) + " more\n";
+  return out;
+}
+
+CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index) {
+  CallShape shape;
+  for (int64_t g = 0; g < config.num_dp_groups(); ++g) {
+    int64_t m = int64_t(rng.below(uint32_t(config.max_num_tokens + 1)));
+    if (index == 0) m = config.max_num_tokens;
+    if (index == 1 && g == 0) m = 0;
+    shape.m_per_group.push_back(m);
+  }
+  static constexpr ScalarType kOut[] = {ScalarType::kFloat32, ScalarType::kBFloat16, ScalarType::kFloat16};
+  static constexpr ScalarType kExpert[] = {ScalarType::kBFloat16, ScalarType::kFloat16};
+  const uint32_t pair = rng.below(6);
+  shape.out_type = kOut[pair % 3];
+  shape.expert_type = kExpert[pair / 3];
+  shape.split = rng.below(2) == 1;
+  shape.use_bound_m = rng.below(2) == 1;
+  return shape;
+}
+
+std::string describe(const CallShape& shape) {
+  std::ostringstream out;
+  out << "m=[";
+  for (size_t g = 0; g < shape.m_per_group.size(); ++g) out << (g ? " " : "") << shape.m_per_group[g];
+  out << "] out=" << scalar_type_name(shape.out_type) << " expert=" << scalar_type_name(shape.expert_type)
+      << " split=" << int(shape.split) << " bound_m=" << int(shape.use_bound_m);
+  return out.str();
+}
+
+std::vector<GroupData> make_all_groups(const AllToAllConfig& config, const CallShape& shape, uint64_t seed) {
+  std::vector<GroupData> groups;
+  for (int64_t g = 0; g < config.num_dp_groups(); ++g) {
+    groups.push_back(make_group_data(config, uint32_t(g), shape.m_per_group[g], seed));
+  }
+  return groups;
+}
+
+std::vector<reference::ExpertInbox> reference_inboxes(const AllToAllConfig& config,
+                                                      const std::vector<GroupData>& groups) {
+  std::vector<reference::GroupInput> inputs;
+  for (const GroupData& group : groups) inputs.push_back(group.input());
+  return reference::dispatch(config, inputs);
+}
+
+void call_dispatch(AllToAll& a2a, const DispatchArguments& a, SplitMode mode, cudaStream_t stream) {
+  a2a.dispatch(a.out_expert_num_tokens, a.out_expert_x, a.out_expert_x_scale, a.dp_x, a.dp_x_scale, a.indices, a.m,
+               a.bound_m, mode, stream);
+}
+
+void call_combine(AllToAll& a2a, const CombineArguments& a, SplitMode mode, cudaStream_t stream) {
+  a2a.combine(a.out_tokens, a.out_type, a.indices, a.weights, a.expert_y, a.expert_type, a.m, a.bound_m, mode,
+              stream);
+}
+
+RoundTrip::RoundTrip(const AllToAllConfig& config)
+    : config_(config),
+      dp_x_(config.max_num_tokens * config.hidden_dim_bytes),
+      dp_x_scale_(std::max<size_t>(config.max_num_tokens * config.hidden_dim_scale_bytes, 16)),
+      indices_(config.max_num_tokens * config.experts_per_token * sizeof(uint32_t)),
+      weights_(config.max_num_tokens * config.experts_per_token * sizeof(float)),
+      bound_m_(sizeof(uint32_t)),
+      num_tokens_(config.num_local_experts() * sizeof(int32_t) + kGuardBytes),
+      expert_x_(expert_x_bytes() + kGuardBytes),
+      expert_x_scale_(expert_scale_bytes() + kGuardBytes),
+      expert_y_(config.num_local_experts() * config.max_recv_tokens() * config.hidden_dim * 2),
+      out_tokens_(out_tokens_bytes() + kGuardBytes),
+      rows_of_(config.num_local_experts()) {
+  EW_CUDA_CHECK(cudaStreamCreate(&stream_));
+}
+
+RoundTrip::~RoundTrip() { cudaStreamDestroy(stream_); }
+
+size_t RoundTrip::expert_x_bytes() const {
+  return config_.num_local_experts() * config_.max_recv_tokens() * config_.hidden_dim_bytes;
+}
+
+size_t RoundTrip::expert_scale_bytes() const {
+  return config_.num_local_experts() * config_.max_recv_tokens() * config_.hidden_dim_scale_bytes;
+}
+
+// Room for max_num_tokens rows of the widest output type.
+size_t RoundTrip::out_tokens_bytes() const { return config_.max_num_tokens * config_.hidden_dim * sizeof(float); }
+
+void RoundTrip::upload(const GroupData& own) {
+  EW_CUDA_CHECK(cudaMemcpy(dp_x_.get(), own.x.data(), own.x.size(), cudaMemcpyHostToDevice));
+  EW_CUDA_CHECK(cudaMemcpy(dp_x_scale_.get(), own.x_scale.data(), own.x_scale.size(), cudaMemcpyHostToDevice));
+  EW_CUDA_CHECK(cudaMemcpy(indices_.get(), own.indices.data(), own.indices.size() * sizeof(uint32_t),
+                           cudaMemcpyHostToDevice));
+  EW_CUDA_CHECK(cudaMemcpy(weights_.get(), own.weights.data(), own.weights.size() * sizeof(float),
+                           cudaMemcpyHostToDevice));
+  own_m_ = uint32_t(own.m);
+  set_device_bound_m(own_m_);
+}
+
+void RoundTrip::set_device_bound_m(uint32_t value) {
+  EW_CUDA_CHECK(cudaMemcpy(bound_m_.get(), &value, sizeof(value), cudaMemcpyHostToDevice));
+}
+
+DispatchArguments RoundTrip::dispatch_arguments(const CallShape& shape) const {
+  const bool scales = config_.hidden_dim_scale_bytes != 0;
+  return DispatchArguments{num_tokens_.get<int32_t>(),
+                           expert_x_.get(),
+                           scales ? expert_x_scale_.get() : nullptr,
+                           dp_x_.get(),
+                           scales ? dp_x_scale_.get() : nullptr,
+                           indices_.get<uint32_t>(),
+                           shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_,
+                           shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr};
+}
+
+CombineArguments RoundTrip::combine_arguments(const CallShape& shape) const {
+  return CombineArguments{out_tokens_.get(),
+                          shape.out_type,
+                          indices_.get<uint32_t>(),
+                          weights_.get<float>(),
+                          expert_y_.get(),
+                          shape.expert_type,
+                          shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_,
+                          shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr};
+}
+
+void RoundTrip::fill_dispatch_outputs() {
+  for (DeviceBuffer* buffer : {&num_tokens_, &expert_x_, &expert_x_scale_}) {
+    EW_CUDA_CHECK(cudaMemsetAsync(buffer->get(), kSentinel, buffer->bytes(), stream_));
+  }
+}
+
+void RoundTrip::dispatch(AllToAll& a2a, const CallShape& shape) {
+  fill_dispatch_outputs();
+  const DispatchArguments args = dispatch_arguments(shape);
+  for (const SplitMode mode : modes_of(shape)) call_dispatch(a2a, args, mode, stream_);
+  EW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  a2a.check_errors();
+}
+
+void RoundTrip::check_dispatch(const std::vector<reference::ExpertInbox>& expected, Failures& fail) {
+  const int64_t num_local = config_.num_local_experts(), max_recv = config_.max_recv_tokens(), rank = config_.rank;
+  const size_t x_row = config_.hidden_dim_bytes, s_row = config_.hidden_dim_scale_bytes;
+  const std::vector<uint8_t> counts = download(num_tokens_), got_x = download(expert_x_),
+                             got_s = download(expert_x_scale_);
+
+  for (int64_t le = 0; le < num_local; ++le) {
+    rows_of_[le].clear();
+    int32_t count;
+    std::memcpy(&count, &counts[le * sizeof(int32_t)], sizeof(count));
+    const auto& inbox = expected[le].tokens;
+    if (count < 0 || count > max_recv) {
+      fail.add("rank ", rank, " expert ", le, ": count ", count, " outside [0, max_recv_tokens=", max_recv, "]");
+      count = 0;
+    } else if (size_t(count) != inbox.size()) {
+      fail.add("rank ", rank, " expert ", le, ": ", count, " tokens, expected ", inbox.size());
+    }
+    // The reference lists each inbox sorted by (group, token): find each received row there.
+    std::vector<bool> seen(inbox.size(), false);
+    for (int32_t i = 0; i < count; ++i) {
+      const uint8_t* row = &got_x[(le * max_recv + i) * x_row];
+      uint32_t g, t;
+      read_marker(row, &g, &t);
+      rows_of_[le].push_back({g, t});
+      const auto it = std::lower_bound(inbox.begin(), inbox.end(), std::pair{g, t},
+                                       [](const reference::ReceivedToken& tok, const std::pair<uint32_t, uint32_t>& key) {
+                                         return std::pair{tok.source_group, tok.token} < key;
+                                       });
+      const size_t index = size_t(it - inbox.begin());
+      if (it == inbox.end() || it->source_group != g || it->token != t || seen[index]) {
+        fail.add("rank ", rank, " expert ", le, " row ", i, ": unexpected or repeated token (group ", g, ", token ",
+                 t, ")");
+        continue;
+      }
+      seen[index] = true;
+      if (std::memcmp(row, it->x, x_row) != 0) {
+        fail.add("rank ", rank, " expert ", le, " row ", i, ": payload of (group ", g, ", token ", t, ") differs");
+      }
+      if (s_row && std::memcmp(&got_s[(le * max_recv + i) * s_row], it->x_scale, s_row) != 0) {
+        fail.add("rank ", rank, " expert ", le, " row ", i, ": scales of (group ", g, ", token ", t, ") differ");
+      }
+    }
+    // Rows past the count belong to no token: nothing may have been written there.
+    const size_t unused_rows = size_t(max_recv - count);
+    const size_t x_bad = first_non_sentinel(&got_x[(le * max_recv + count) * x_row], unused_rows * x_row);
+    if (x_bad != unused_rows * x_row) {
+      fail.add("rank ", rank, " expert ", le, ": out_expert_x written past its ", count, " rows (row ",
+               count + int64_t(x_bad / x_row), ")");
+    }
+    const size_t s_bad = first_non_sentinel(&got_s[(le * max_recv + count) * s_row], unused_rows * s_row);
+    if (s_bad != unused_rows * s_row) {
+      fail.add("rank ", rank, " expert ", le, ": out_expert_x_scale written past its ", count, " rows");
+    }
+  }
+  const struct {
+    const char* name;
+    const std::vector<uint8_t>& bytes;
+    size_t used;
+  } guarded[] = {{"out_expert_num_tokens", counts, num_local * sizeof(int32_t)},
+                 {"out_expert_x", got_x, expert_x_bytes()},
+                 {"out_expert_x_scale", got_s, expert_scale_bytes()}};
+  for (const auto& buffer : guarded) {
+    if (first_non_sentinel(&buffer.bytes[buffer.used], kGuardBytes) != kGuardBytes) {
+      fail.add("rank ", rank, ": ", buffer.name, " written past its end (guard region changed)");
+    }
+  }
+}
+
+void RoundTrip::combine(AllToAll& a2a, const CallShape& shape) {
+  const int64_t hidden = config_.hidden_dim, max_recv = config_.max_recv_tokens();
+  std::vector<float> values(hidden);
+  std::vector<uint16_t> block;
+  for (int64_t le = 0; le < config_.num_local_experts(); ++le) {
+    const uint32_t expert = uint32_t(config_.rank * config_.num_local_experts() + le);
+    const auto& rows = rows_of_[le];
+    block.resize(rows.size() * hidden);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      expert_output_row(expert, rows[i].first, rows[i].second, shape.expert_type, hidden, values.data());
+      for (int64_t h = 0; h < hidden; ++h) block[i * hidden + h] = to_bits16(values[h], shape.expert_type);
+    }
+    EW_CUDA_CHECK(cudaMemcpy(expert_y_.get<uint16_t>() + le * max_recv * hidden, block.data(),
+                             block.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+  }
+  EW_CUDA_CHECK(cudaMemsetAsync(out_tokens_.get(), kSentinel, out_tokens_.bytes(), stream_));
+  const CombineArguments args = combine_arguments(shape);
+  for (const SplitMode mode : modes_of(shape)) call_combine(a2a, args, mode, stream_);
+  EW_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  a2a.check_errors();
+}
+
+void RoundTrip::check_combine(const GroupData& own, const CallShape& shape, Failures& fail) {
+  const int64_t hidden = config_.hidden_dim, m = own.m;
+  std::map<std::tuple<uint32_t, uint32_t, uint32_t>, std::vector<float>> expert_rows;
+  auto expert_output = [&](uint32_t expert, uint32_t g, uint32_t t) -> const float* {
+    auto& row = expert_rows[{expert, g, t}];
+    if (row.empty()) {
+      row.resize(hidden);
+      expert_output_row(expert, g, t, shape.expert_type, hidden, row.data());
+    }
+    return row.data();
+  };
+  std::vector<float> want(std::max<int64_t>(m, 1) * hidden);
+  reference::combine(config_, uint32_t(config_.dp_group()), own.input(), expert_output, want.data());
+
+  const std::vector<uint8_t> got = download(out_tokens_);
+  // fp32: FMA against separate multiply-add; 16-bit outputs: one unit in the last place after rounding.
+  const float rtol = shape.out_type == ScalarType::kFloat32    ? 1e-5f
+                     : shape.out_type == ScalarType::kBFloat16 ? 8e-3f
+                                                               : 1e-3f;
+  for (int64_t t = 0; t < m; ++t) {
+    for (int64_t h = 0; h < hidden; ++h) {
+      const float g = read_element(got.data(), t * hidden + h, shape.out_type), w = want[t * hidden + h];
+      if (!(std::fabs(g - w) <= 1e-5f + rtol * std::fabs(w))) {
+        fail.add("rank ", config_.rank, " combine token ", t, " h ", h, ": got ", g, ", expected ", w);
+      }
+    }
+  }
+  const size_t written = size_t(m) * hidden * element_bytes(shape.out_type);
+  if (first_non_sentinel(&got[written], got.size() - written) != got.size() - written) {
+    fail.add("rank ", config_.rank, " combine wrote past token ", m);
+  }
+}
+
+void RoundTrip::check_combine_wrote_nothing(Failures& fail) {
+  const std::vector<uint8_t> got = download(out_tokens_);
+  const size_t bad = first_non_sentinel(got.data(), got.size());
+  if (bad != got.size()) fail.add("rank ", config_.rank, " combine wrote byte ", bad, " of out_tokens");
+}
+
+void run_checked_round_trip(AllToAll& a2a, RoundTrip& trip, const AllToAllConfig& config, const CallShape& shape,
+                            uint64_t seed, Failures& failures) {
+  const std::vector<GroupData> groups = make_all_groups(config, shape, seed);
+  const GroupData& own = groups[config.dp_group()];
+  trip.upload(own);
+  trip.dispatch(a2a, shape);
+  trip.check_dispatch(reference_inboxes(config, groups), failures);
+  trip.combine(a2a, shape);
+  trip.check_combine(own, shape, failures);
+}
+
+}  // namespace expertwire::harness

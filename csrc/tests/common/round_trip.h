@@ -1,0 +1,138 @@
+// One rank's side of a checked dispatch + combine: the calls the multi-rank tests make and the checks of
+// what they produced against the CPU reference model. test_all_to_all (random configurations, soak) and
+// test_failures (bad input, timeouts) share it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/config.h"
+#include "core/cuda_utils.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "reference/reference.h"
+#include "tests/common/workload.h"
+#include "transport/common/all_to_all.h"
+
+namespace expertwire::harness {
+
+// Collects the first few mismatches of one rank.
+class Failures {
+ public:
+  template <class... Parts>
+  void add(Parts&&... parts) {
+    if (count_++ < kKept) messages_.push_back(detail::concat(std::forward<Parts>(parts)...));
+  }
+  bool empty() const { return count_ == 0; }
+  // One indented line per kept message, and how many more there were.
+  std::string summary() const;
+
+ private:
+  static constexpr size_t kKept = 5;
+  size_t count_ = 0;
+  std::vector<std::string> messages_;
+};
+
+// The shape of one dispatch + combine call.
+struct CallShape {
+  std::vector<int64_t> m_per_group;  // tokens of each DP group
+  ScalarType out_type = ScalarType::kFloat32;
+  ScalarType expert_type = ScalarType::kBFloat16;
+  bool split = false;        // send and receive halves launched separately
+  bool use_bound_m = false;  // pass m = max_num_tokens and the real count through bound_m
+};
+
+// A random call. Index 0 fills every group to max_num_tokens and index 1 leaves group 0 empty, so a sequence
+// of calls covers both ends of the range.
+CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index);
+std::string describe(const CallShape& shape);  // "m=[3 0] out=float32 expert=bfloat16 split=0 bound_m=1"
+
+// Every DP group's tokens of a call: every rank rebuilds all of them from the seed to predict what it receives.
+std::vector<GroupData> make_all_groups(const AllToAllConfig& config, const CallShape& shape, uint64_t seed);
+
+// What each local expert of this rank should receive from `groups`, by the reference model.
+std::vector<reference::ExpertInbox> reference_inboxes(const AllToAllConfig& config, const std::vector<GroupData>& groups);
+
+// The arguments of AllToAll::dispatch and ::combine, so a test can spoil one and make the call.
+struct DispatchArguments {
+  int32_t* out_expert_num_tokens;
+  void* out_expert_x;
+  void* out_expert_x_scale;
+  const void* dp_x;
+  const void* dp_x_scale;
+  const uint32_t* indices;
+  uint32_t m;
+  const uint32_t* bound_m;
+};
+struct CombineArguments {
+  void* out_tokens;
+  ScalarType out_type;
+  const uint32_t* indices;
+  const float* weights;
+  const void* expert_y;
+  ScalarType expert_type;
+  uint32_t m;
+  const uint32_t* bound_m;
+};
+void call_dispatch(AllToAll& a2a, const DispatchArguments& args, SplitMode mode, cudaStream_t stream);
+void call_combine(AllToAll& a2a, const CombineArguments& args, SplitMode mode, cudaStream_t stream);
+
+// This rank's device buffers for the calls of one configuration, allocated once and reused by every call.
+// Each output is followed by a guard region, and outputs and guards are filled with a sentinel before every
+// call, so the checks see any byte written outside the rows a call may fill.
+class RoundTrip {
+ public:
+  explicit RoundTrip(const AllToAllConfig& config);
+  ~RoundTrip();
+  RoundTrip(const RoundTrip&) = delete;
+  RoundTrip& operator=(const RoundTrip&) = delete;
+
+  // Copies this rank's tokens, indices and weights to the device; the device bound_m holds own.m.
+  void upload(const GroupData& own);
+  // Replaces the device value behind bound_m (tests of a bad bound_m).
+  void set_device_bound_m(uint32_t value);
+
+  DispatchArguments dispatch_arguments(const CallShape& shape) const;
+  CombineArguments combine_arguments(const CallShape& shape) const;
+
+  // Calls dispatch (in two halves when shape.split), waits for it and raises its device error, if any.
+  void dispatch(AllToAll& a2a, const CallShape& shape);
+  // Checks what the last dispatch delivered against `expected`: the counts, every row and its scales byte for
+  // byte, and the sentinel in every other byte of the outputs and their guards. Remembers each row's source
+  // for combine.
+  void check_dispatch(const std::vector<reference::ExpertInbox>& expected, Failures& failures);
+  // Fills expert_y with the test experts' outputs for the rows check_dispatch saw, calls combine, waits for it
+  // and raises its device error, if any.
+  void combine(AllToAll& a2a, const CallShape& shape);
+  // Checks out_tokens against the reference combine of `own` (this rank's group), and the sentinel after its
+  // first own.m rows.
+  void check_combine(const GroupData& own, const CallShape& shape, Failures& failures);
+  // Checks that the last combine wrote no byte of out_tokens.
+  void check_combine_wrote_nothing(Failures& failures);
+
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  size_t expert_x_bytes() const;
+  size_t expert_scale_bytes() const;
+  size_t out_tokens_bytes() const;
+  void fill_dispatch_outputs();
+
+  AllToAllConfig config_;
+  cudaStream_t stream_ = nullptr;
+  DeviceBuffer dp_x_, dp_x_scale_, indices_, weights_, bound_m_;
+  DeviceBuffer num_tokens_, expert_x_, expert_x_scale_, expert_y_, out_tokens_;  // each ends in a guard
+  uint32_t own_m_ = 0;
+  std::vector<std::vector<std::pair<uint32_t, uint32_t>>> rows_of_;  // (group, token) of each row, per expert
+};
+
+// One whole checked call: draws every group's tokens from `seed`, uploads this rank's, dispatches, checks,
+// combines, checks. Mismatches go to `failures`; errors raised by the calls propagate.
+void run_checked_round_trip(AllToAll& a2a, RoundTrip& trip, const AllToAllConfig& config, const CallShape& shape,
+                            uint64_t seed, Failures& failures);
+
+}  // namespace expertwire::harness
