@@ -96,12 +96,15 @@ __device__ __forceinline__ void record_error(ErrorRecord* record, ErrorCode code
   }
 }
 
-__device__ __forceinline__ bool error_recorded(const ErrorRecord* record) {
-  return *reinterpret_cast<const volatile int32_t*>(&record->code) != 0;
+// Whether a wait of this rank has already given up on a peer. Bad input recorded by this rank does not
+// count: peers are alive and still signal, and giving up on them would leave this rank's blocks with
+// different views of what arrived.
+__device__ __forceinline__ bool wait_failed(const ErrorRecord* record) {
+  return *reinterpret_cast<const volatile int32_t*>(&record->code) == int32_t(ErrorCode::kTimeout);
 }
 
 // Waits until a peer sets `*signal` to a non-zero value and returns it. Never spins forever: after
-// `timeout_ns`, or as soon as another wait of this rank has failed, it records the error and returns 0.
+// `timeout_ns`, or as soon as another wait of this rank has timed out, it records the error and returns 0.
 __device__ __forceinline__ uint64_t wait_signal(const uint64_t* signal, uint64_t timeout_ns, ErrorRecord* record,
                                                 Phase phase, int32_t peer) {
   uint64_t value = load_acquire_sys(signal);
@@ -111,7 +114,7 @@ __device__ __forceinline__ uint64_t wait_signal(const uint64_t* signal, uint64_t
     value = load_acquire_sys(signal);
     if (value != 0) return value;
     // The error record lives in host memory: look at it rarely, the clock often.
-    if ((spin & 1023) == 0 && error_recorded(record)) return 0;
+    if ((spin & 1023) == 0 && wait_failed(record)) return 0;
     if (global_timer_ns() - start > timeout_ns) {
       record_error(record, ErrorCode::kTimeout, phase, peer, int64_t(timeout_ns / 1000000));
       return 0;
