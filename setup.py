@@ -56,7 +56,11 @@ class CMakeBuild(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
 
         configure = [
-            "cmake", "-S", str(ROOT / "csrc"), "-B", str(build_dir),
+            "cmake",
+            "-S",
+            str(ROOT / "csrc"),
+            "-B",
+            str(build_dir),
             "-DWITH_PYTHON=ON",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython_EXECUTABLE={sys.executable}",

@@ -105,8 +105,17 @@ class AllToAll:
         max_sm_count: int = 0,
     ) -> "AllToAll":
         """Through NVSHMEM (nvshmem_init first): loads/stores to peers on this node, puts to the others."""
-        config, shape = cls._config(max_num_tokens, num_experts, experts_per_token, rank, world_size, dp_size,
-                                    hidden_dim, hidden_dim_bytes, hidden_dim_scale_bytes)
+        config, shape = cls._config(
+            max_num_tokens,
+            num_experts,
+            experts_per_token,
+            rank,
+            world_size,
+            dp_size,
+            hidden_dim,
+            hidden_dim_bytes,
+            hidden_dim_scale_bytes,
+        )
         return cls(ext.AllToAllHandle.internode(config, max_sm_count=max_sm_count), shape, uses_nvshmem=True)
 
     @classmethod
@@ -126,8 +135,17 @@ class AllToAll:
     ) -> "AllToAll":
         """Through CUDA IPC among the ranks of one node; the buffer handles are exchanged over the
         torch.distributed group registered as `group_name`, whose ranks must be 0..world_size-1 in order."""
-        config, shape = cls._config(max_num_tokens, num_experts, experts_per_token, rank, world_size, dp_size,
-                                    hidden_dim, hidden_dim_bytes, hidden_dim_scale_bytes)
+        config, shape = cls._config(
+            max_num_tokens,
+            num_experts,
+            experts_per_token,
+            rank,
+            world_size,
+            dp_size,
+            hidden_dim,
+            hidden_dim_bytes,
+            hidden_dim_scale_bytes,
+        )
         group = _resolve_group(group_name)
         group_size, group_rank = dist.get_world_size(group), dist.get_rank(group)
         if group_size != world_size or group_rank != rank:
@@ -165,10 +183,30 @@ class AllToAll:
         likewise with hidden_dim_scale_bytes (float32 or uint8); dp_x [m, hidden_dim_bytes / itemsize]; dp_x_scale
         [m, ...]; indices [m, experts_per_token] uint32; bound_m [1] uint32 on the GPU or None."""
         handle = self._live_handle("dispatch")
-        check_dispatch(self._shape, out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale,
-                       indices, bound_m, do_send, do_recv)
-        ops.dispatch(handle, out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices,
-                     bound_m, do_send, do_recv)
+        check_dispatch(
+            self._shape,
+            out_expert_num_tokens,
+            out_expert_x,
+            out_expert_x_scale,
+            dp_x,
+            dp_x_scale,
+            indices,
+            bound_m,
+            do_send,
+            do_recv,
+        )
+        ops.dispatch(
+            handle,
+            out_expert_num_tokens,
+            out_expert_x,
+            out_expert_x_scale,
+            dp_x,
+            dp_x_scale,
+            indices,
+            bound_m,
+            do_send,
+            do_recv,
+        )
 
     def combine(
         self,

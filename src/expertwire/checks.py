@@ -8,8 +8,9 @@ device last, so a CPU tensor with a wrong dtype reports the dtype.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -92,6 +93,8 @@ class _Checker:
             raise self.fail(name, f"be on {self.device} like {self.device_source}", f"device {value.device}")
 
     def absent(self, name: str, value: object, why: str) -> None:
+        if isinstance(value, torch.Tensor):
+            raise self.fail(name, f"be None ({why})", f"a {value.dtype} tensor of shape {list(value.shape)}")
         if value is not None:
             raise self.fail(name, f"be None ({why})", type(value).__name__)
 
@@ -148,13 +151,15 @@ def check_dispatch(
     c.tensor("out_expert_x", out_expert_x, payload_dtype, (local, recv, payload_columns))
     if shape.has_scales:
         if out_expert_x_scale is None:
-            raise c.fail("out_expert_x_scale", f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})",
-                         None)
+            raise c.fail(
+                "out_expert_x_scale", f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})", None
+            )
         if dp_x_scale is None:
             raise c.fail("dp_x_scale", f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})", None)
         dp_x_scale = c.is_tensor("dp_x_scale", dp_x_scale)
-        scale_columns = _payload_columns(c, "dp_x_scale", dp_x_scale, shape.hidden_dim_scale_bytes,
-                                         "hidden_dim_scale_bytes")
+        scale_columns = _payload_columns(
+            c, "dp_x_scale", dp_x_scale, shape.hidden_dim_scale_bytes, "hidden_dim_scale_bytes"
+        )
         if dp_x_scale.dtype not in SCALE_DTYPES:
             raise c.fail("dp_x_scale", f"have dtype {_dtype_names(SCALE_DTYPES)}", dp_x_scale.dtype)
         c.tensor("out_expert_x_scale", out_expert_x_scale, (dp_x_scale.dtype,), (local, recv, scale_columns))
@@ -188,12 +193,14 @@ def check_combine(
     # are left untouched.
     rows = int(out_tokens.shape[0]) if out_tokens.dim() == 2 else -1
     if not (m <= rows <= shape.max_num_tokens):
-        raise c.fail("out_tokens", f"have shape [m..max_num_tokens, {shape.hidden_dim}] with m={m}, "
-                     f"max_num_tokens={shape.max_num_tokens}", list(out_tokens.shape))
+        raise c.fail(
+            "out_tokens",
+            f"have shape [m..max_num_tokens, {shape.hidden_dim}] with m={m}, max_num_tokens={shape.max_num_tokens}",
+            list(out_tokens.shape),
+        )
     c.tensor("out_tokens", out_tokens, COMBINE_OUT_DTYPES, (rows, shape.hidden_dim))
     c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
     c.tensor("weights", weights, (torch.float32,), (m, shape.experts_per_token))
-    c.tensor("expert_y", expert_y, EXPERT_Y_DTYPES,
-             (shape.num_local_experts, shape.max_recv_tokens, shape.hidden_dim))
+    c.tensor("expert_y", expert_y, EXPERT_Y_DTYPES, (shape.num_local_experts, shape.max_recv_tokens, shape.hidden_dim))
     c.bound_m(bound_m)
     return m

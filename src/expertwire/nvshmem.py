@@ -4,7 +4,7 @@ torch.distributed broadcast can carry it from rank 0 to the others."""
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -35,8 +35,9 @@ def nvshmem_init(uid: torch.Tensor, rank: int, world_size: int) -> int:
     if not isinstance(uid, torch.Tensor):
         raise ValueError(f"nvshmem_init: uid must be a torch.Tensor, got {type(uid).__name__}")
     if uid.dtype != torch.uint8 or tuple(uid.shape) != (size,):
-        raise ValueError(f"nvshmem_init: uid must be a uint8 tensor of shape [{size}], "
-                         f"got {uid.dtype} of shape {list(uid.shape)}")
+        raise ValueError(
+            f"nvshmem_init: uid must be a uint8 tensor of shape [{size}], got {uid.dtype} of shape {list(uid.shape)}"
+        )
     if uid.device.type != "cpu":
         raise ValueError(f"nvshmem_init: uid must be on the CPU, got device {uid.device}")
     ext.nvshmem_init(uid.contiguous().numpy().tobytes(), rank, world_size)
@@ -107,12 +108,16 @@ def nvshmem_alltoall(dest: torch.Tensor, source: torch.Tensor) -> None:
         if tensor.device.type != "cuda":
             raise ValueError(f"nvshmem_alltoall: {name} must be on a CUDA device, got device {tensor.device}")
     if dest.shape != source.shape or dest.dtype != source.dtype:
-        raise ValueError(f"nvshmem_alltoall: dest must match source's {source.dtype} {list(source.shape)}, "
-                         f"got {dest.dtype} {list(dest.shape)}")
+        raise ValueError(
+            f"nvshmem_alltoall: dest must match source's {source.dtype} {list(source.shape)}, "
+            f"got {dest.dtype} {list(dest.shape)}"
+        )
     ranks = nvshmem_n_pes()
     if dest.dim() == 0 or dest.shape[0] != ranks:
-        raise ValueError(f"nvshmem_alltoall: dest must have n_pes={ranks} blocks along dim 0, "
-                         f"got shape {list(dest.shape)}")
+        raise ValueError(
+            f"nvshmem_alltoall: dest must have n_pes={ranks} blocks along dim 0, got shape {list(dest.shape)}"
+        )
     bytes_per_rank = dest.numel() * dest.element_size() // ranks
-    ext.nvshmem_alltoall_on_stream(dest.data_ptr(), source.data_ptr(), bytes_per_rank,
-                                   torch.cuda.current_stream(dest.device).cuda_stream)
+    ext.nvshmem_alltoall_on_stream(
+        dest.data_ptr(), source.data_ptr(), bytes_per_rank, torch.cuda.current_stream(dest.device).cuda_stream
+    )

@@ -7,8 +7,10 @@ summed in fp32 in k order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -29,8 +31,8 @@ class GroupTokens:
 
 def _row_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor as [rows, bytes per row] uint8, as the native reference reads it."""
-    rows = tensor.shape[0]
-    return tensor.detach().cpu().contiguous().view(torch.uint8).reshape(rows, -1)
+    row_bytes = math.prod(tensor.shape[1:]) * tensor.element_size()
+    return tensor.detach().cpu().contiguous().view(torch.uint8).reshape(tensor.shape[0], row_bytes)
 
 
 def dispatch(config: AllToAllConfig, groups: Sequence[GroupTokens]) -> list[list[tuple[int, int]]]:
