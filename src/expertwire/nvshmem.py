@@ -40,7 +40,7 @@ def nvshmem_init(uid: torch.Tensor, rank: int, world_size: int) -> int:
         )
     if uid.device.type != "cpu":
         raise ValueError(f"nvshmem_init: uid must be on the CPU, got device {uid.device}")
-    ext.nvshmem_init(uid.contiguous().numpy().tobytes(), rank, world_size)
+    ext.nvshmem_init(bytes(uid.tolist()), rank, world_size)
     torch.cuda.synchronize()
     return 0
 

@@ -7,8 +7,8 @@ summed in fp32 in k order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
