@@ -210,8 +210,10 @@ def markdown_table(opts: Options, info: RankInfo, timings: list[Timing]) -> str:
     methods = list(dict.fromkeys(t.method for t in timings))
     by_key = {(t.method, t.op, t.tokens): t for t in timings}
     header = ["tokens/rank"] + [f"{m} {op}" for op in ("dispatch", "combine") for m in methods]
+    placement = "sharing one GPU under MPS" if info.shares_gpu else "one GPU each"
     lines = [
-        f"{info.world_size} ranks, {opts.experts} experts, top-{opts.top_k}, hidden {opts.hidden}, "
+        f"{torch.cuda.get_device_name(info.device)}: {info.world_size} ranks ({info.world_local_size} per node, "
+        f"{placement}), {opts.experts} experts, top-{opts.top_k}, hidden {opts.hidden}, "
         f"dp_size {opts.dp_size}: fp8 dispatch (+{(opts.hidden + SCALE_BLOCK - 1) // SCALE_BLOCK * 4} B scales), "
         "bf16 combine. µs of the slowest rank, mean (median).",
         "",

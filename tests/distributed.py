@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -89,11 +88,10 @@ def _rank_entry(
     torch.cuda.set_device(device_index)
     rank = node_rank * world_local_size + local_rank
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
-    try:
-        info = RankInfo(rank, world_size, local_rank, world_local_size, torch.device("cuda", device_index), shares_gpu)
-        worker(info, *args)
-    finally:
-        dist.destroy_process_group()
+    info = RankInfo(rank, world_size, local_rank, world_local_size, torch.device("cuda", device_index), shares_gpu)
+    # An exception leaves the process at once: the launcher then stops every other rank.
+    worker(info, *args)
+    dist.destroy_process_group()
 
 
 def launch(
@@ -158,11 +156,3 @@ def nvshmem_join(info: RankInfo) -> None:
     uid = expertwire.nvshmem_get_unique_id() if info.rank == 0 else expertwire.nvshmem_alloc_empty_unique_id()
     dist.broadcast(uid, src=0)
     expertwire.nvshmem_init(uid, info.rank, info.world_size)
-
-
-def gpu_names() -> str:
-    try:
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return listing.strip()

@@ -127,11 +127,10 @@ def _check(case: Case, info: RankInfo, groups: list[GroupData], b: RankBuffers) 
 def _with_transport(info: RankInfo, transport: str, body: Callable[[], None]) -> None:
     if transport == "internode":
         nvshmem_join(info)
-    try:
-        body()
-    finally:
-        if transport == "internode":
-            expertwire.nvshmem_finalize()
+    body()
+    # Only after success: finalizing is collective, and a rank that failed must exit so the launcher stops the rest.
+    if transport == "internode":
+        expertwire.nvshmem_finalize()
 
 
 def _worker_eager(info: RankInfo, transport: str) -> None:
