@@ -206,13 +206,13 @@ def bench_baselines(
     return results
 
 
-def markdown_table(opts: Options, info: RankInfo, timings: list[Timing]) -> str:
+def markdown_table(opts: Options, info: RankInfo, device_name: str, timings: list[Timing]) -> str:
     methods = list(dict.fromkeys(t.method for t in timings))
     by_key = {(t.method, t.op, t.tokens): t for t in timings}
     header = ["tokens/rank"] + [f"{m} {op}" for op in ("dispatch", "combine") for m in methods]
     placement = "sharing one GPU under MPS" if info.shares_gpu else "one GPU each"
     lines = [
-        f"{torch.cuda.get_device_name(info.device)}: {info.world_size} ranks ({info.world_local_size} per node, "
+        f"{device_name}: {info.world_size} ranks ({info.world_local_size} per node, "
         f"{placement}), {opts.experts} experts, top-{opts.top_k}, hidden {opts.hidden}, "
         f"dp_size {opts.dp_size}: fp8 dispatch (+{(opts.hidden + SCALE_BLOCK - 1) // SCALE_BLOCK * 4} B scales), "
         "bf16 combine. µs of the slowest rank, mean (median).",
@@ -245,6 +245,7 @@ def plot(opts: Options, info: RankInfo, timings: list[Timing]) -> None:
             points = sorted((t.tokens, t.mean_us) for t in timings if t.method == method and t.op == op)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(opts.tokens, [str(t) for t in opts.tokens])
         ax.set_yscale("log")
         ax.set_xlabel("tokens per rank")
         ax.set_title(f"{op} ({'fp8 + scales' if op == 'dispatch' else 'bf16'})")
@@ -278,7 +279,7 @@ def _worker(info: RankInfo, opts: Options) -> None:
             print(f"tokens/rank {tokens}: done", flush=True)
     if info.rank == 0:
         print()
-        print(markdown_table(opts, info, timings))
+        print(markdown_table(opts, info, torch.cuda.get_device_name(info.device), timings))
         print()
         plot(opts, info, timings)
     dist.barrier()
