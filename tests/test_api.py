@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import expertwire
-from expertwire.all_to_all import AllToAll
+from expertwire.all_to_all import AllToAll, _resolve_group
 
+from .distributed import free_port
 from .test_checks import SHAPE, combine_args, dispatch_args
 
 PPLX_CONFIG_ARGS = [
@@ -156,3 +158,25 @@ def test_dispatch_and_combine_trace_as_single_ops() -> None:
     code = graph.code
     assert code.count("expertwire.dispatch") == 1 and code.count("expertwire.combine") == 1, code
     a2a.destroy()
+
+
+@pytest.fixture
+def single_rank_group():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_intranode_finds_its_process_group_by_name(single_rank_group: None) -> None:
+    assert _resolve_group("default") is dist.group.WORLD  # pplx_kernels' tests register the world group so
+    subgroup = dist.new_group([0])
+    assert _resolve_group(subgroup.group_name) is subgroup
+    with pytest.raises(ValueError, match="intranode: group_name 'nope' names no process group"):
+        _resolve_group("nope")
+
+
+def test_intranode_rank_and_world_must_match_the_group(single_rank_group: None) -> None:
+    with pytest.raises(ValueError, match=r"has 1 ranks and this process is its rank 0, but world_size=2, rank=1"):
+        AllToAll.intranode(8, 8, 2, 1, 2, 1, 128, 256, 0)
