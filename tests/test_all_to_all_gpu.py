@@ -226,3 +226,28 @@ def test_torch_compile(transport: str) -> None:
     world_size = RANK_COUNTS[0]
     _require_ranks(world_size)
     launch(world_size, _worker_compile, transport)
+
+
+def _worker_nvshmem_alltoall(info: RankInfo) -> None:
+    """The benchmark's NVSHMEM baseline moves the right blocks: block r of rank s lands in block s of rank r."""
+    nvshmem_join(info)
+    assert (expertwire.nvshmem_my_pe(), expertwire.nvshmem_n_pes()) == (info.rank, info.world_size)
+    world = info.world_size
+    source = expertwire.nvshmem_malloc((world, 64), torch.int32, info.device)
+    dest = expertwire.nvshmem_malloc((world, 64), torch.int32, info.device)
+    assert source.shape == (world, 64) and source.dtype == torch.int32 and source.device == info.device
+    source.copy_((info.rank * 1000 + torch.arange(world, dtype=torch.int32))[:, None].expand(world, 64))
+    expertwire.nvshmem_barrier_all()
+    expertwire.nvshmem_alltoall(dest, source)
+    torch.cuda.synchronize()
+    want = (torch.arange(world, dtype=torch.int32) * 1000 + info.rank)[:, None].expand(world, 64)
+    assert torch.equal(dest.cpu(), want), f"rank {info.rank}: {dest[:, 0].tolist()}"
+    del source, dest  # collective frees, in the same order on every rank
+    expertwire.nvshmem_finalize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", RANK_COUNTS)
+def test_nvshmem_malloc_and_alltoall(world_size: int) -> None:
+    _require_ranks(world_size)
+    launch(world_size, _worker_nvshmem_alltoall)
