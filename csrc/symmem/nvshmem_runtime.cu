@@ -18,6 +18,8 @@ std::vector<uint8_t> nvshmem_unique_id() {
   return bytes;
 }
 
+size_t nvshmem_unique_id_bytes() { return sizeof(nvshmemx_uniqueid_t); }
+
 void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank, int world_size) {
   EW_REQUIRE(unique_id.size() == sizeof(nvshmemx_uniqueid_t), "NVSHMEM unique id must be ",
              sizeof(nvshmemx_uniqueid_t), " bytes, got ", unique_id.size());
@@ -48,6 +50,12 @@ int nvshmem_rank() { return nvshmem_my_pe(); }
 int nvshmem_world_size() { return nvshmem_n_pes(); }
 void nvshmem_barrier_all_ranks() { nvshmem_barrier_all(); }
 void nvshmem_barrier_on_stream(cudaStream_t stream) { nvshmemx_barrier_all_on_stream(stream); }
+
+void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per_rank, cudaStream_t stream) {
+  require_nvshmem_initialized();
+  const int status = nvshmemx_alltoallmem_on_stream(NVSHMEM_TEAM_WORLD, dest, source, bytes_per_rank, stream);
+  if (status != 0) EW_THROW(RuntimeError, "nvshmemx_alltoallmem_on_stream failed with status ", status);
+}
 
 NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {
   require_nvshmem_initialized();

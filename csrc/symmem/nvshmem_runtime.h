@@ -14,6 +14,7 @@ namespace expertwire {
 // The bytes of a fresh NVSHMEM unique id: created on one rank, broadcast by any means (MPI,
 // torch.distributed), then passed to nvshmem_init_with_unique_id on every rank.
 std::vector<uint8_t> nvshmem_unique_id();
+size_t nvshmem_unique_id_bytes();
 void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank, int world_size);
 bool nvshmem_initialized();
 // Throws RuntimeError, saying what to call, when NVSHMEM is not initialized.
@@ -24,6 +25,10 @@ int nvshmem_world_size();
 void nvshmem_barrier_all_ranks();
 // Device-side barrier of all ranks, ordered on `stream` (benchmarks start every rank together with it).
 void nvshmem_barrier_on_stream(cudaStream_t stream);
+// NVSHMEM's own all-to-all on `stream`, the baseline benchmarks compare against: block r of `source` (bytes_per_rank
+// bytes) lands in block `my rank` of rank r's `dest`. Both must be symmetric (NvshmemSymmetricBuffer) and hold
+// world_size blocks. Collective.
+void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per_rank, cudaStream_t stream);
 
 // One nvshmem_malloc'd buffer, zeroed, plus a device table of the address at which this process can load
 // and store each peer's copy (nvshmem_ptr; null where only puts reach the peer). Allocation and release

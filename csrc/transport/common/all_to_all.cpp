@@ -25,19 +25,22 @@ void require_pointer(const void* pointer, const char* name, bool aligned16) {
 
 }  // namespace
 
-device::LaunchShape default_launch_shape() {
+device::LaunchShape default_launch_shape(uint32_t max_sm_count) {
   int device = 0, sms = 0;
   EW_CUDA_CHECK(cudaGetDevice(&device));
   EW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const uint32_t threads = env_uint("EXPERTWIRE_BLOCK_THREADS", 512);
   EW_REQUIRE(threads % 32 == 0 && threads <= 1024, "EXPERTWIRE_BLOCK_THREADS must be a multiple of 32 <= 1024, got ",
              threads);
-  return device::LaunchShape{env_uint("EXPERTWIRE_NUM_BLOCKS", uint32_t(sms)), threads};
+  uint32_t blocks = env_uint("EXPERTWIRE_NUM_BLOCKS", uint32_t(sms));
+  if (max_sm_count != 0 && max_sm_count < blocks) blocks = max_sm_count;
+  return device::LaunchShape{blocks, threads};
 }
 
-AllToAll::AllToAll(const AllToAllConfig& config, uint64_t staging_rows_per_warp, uint64_t timeout_ns)
+AllToAll::AllToAll(const AllToAllConfig& config, uint64_t staging_rows_per_warp, uint64_t timeout_ns,
+                   uint32_t max_sm_count)
     : config_(config),
-      shape_(default_launch_shape()),
+      shape_(default_launch_shape(max_sm_count)),
       layout_(make_buffer_layout(config, staging_rows_per_warp * shape_.warps())),
       timeout_ns_(timeout_ns != 0 ? timeout_ns : default_timeout_ns()),
       workspace_(layout_.workspace_bytes) {}

@@ -54,8 +54,10 @@ class AllToAll {
 
  protected:
   // `staging_rows_per_warp`: 1 for transports that may put through NVSHMEM, 0 otherwise. `timeout_ns` bounds
-  // every device-side wait; 0 takes EXPERTWIRE_TIMEOUT_MS (default 10 s).
-  AllToAll(const AllToAllConfig& config, uint64_t staging_rows_per_warp, uint64_t timeout_ns);
+  // every device-side wait; 0 takes EXPERTWIRE_TIMEOUT_MS (default 10 s). `max_sm_count` caps the blocks of
+  // every launch (0: no cap), leaving SMs to kernels that overlap with ours.
+  AllToAll(const AllToAllConfig& config, uint64_t staging_rows_per_warp, uint64_t timeout_ns,
+           uint32_t max_sm_count);
 
   // Derived classes call this once their symmetric buffer exists.
   void set_symmetric_buffer(uint8_t* local_base) { symmetric_ = local_base; }
@@ -77,8 +79,8 @@ class AllToAll {
 };
 
 // Blocks and threads of every launch: one block per SM the process may use (EXPERTWIRE_NUM_BLOCKS overrides),
-// EXPERTWIRE_BLOCK_THREADS threads (default 512). Every block must be resident at once, as blocks of one
-// launch wait on each other's peers.
-device::LaunchShape default_launch_shape();
+// at most `max_sm_count` blocks when it is non-zero, EXPERTWIRE_BLOCK_THREADS threads (default 512). Every
+// block must be resident at once, as blocks of one launch wait on each other's peers.
+device::LaunchShape default_launch_shape(uint32_t max_sm_count = 0);
 
 }  // namespace expertwire

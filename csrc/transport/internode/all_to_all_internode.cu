@@ -6,7 +6,7 @@
 namespace expertwire {
 
 AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const InternodeOptions& options)
-    : AllToAll(config, /*staging_rows_per_warp=*/1, options.timeout_ns) {
+    : AllToAll(config, /*staging_rows_per_warp=*/1, options.timeout_ns, options.max_sm_count) {
   require_nvshmem_initialized();
   EW_REQUIRE(nvshmem_world_size() == config.world_size, "AllToAllConfig.world_size must equal NVSHMEM's ",
              nvshmem_world_size(), " ranks, got ", config.world_size);

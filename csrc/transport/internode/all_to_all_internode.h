@@ -11,8 +11,9 @@
 namespace expertwire {
 
 struct InternodeOptions {
-  uint64_t timeout_ns = 0;  // 0: EXPERTWIRE_TIMEOUT_MS or 10 s
-  bool force_puts = false;  // send every byte through NVSHMEM puts, even to peers on this node
+  uint64_t timeout_ns = 0;    // 0: EXPERTWIRE_TIMEOUT_MS or 10 s
+  uint32_t max_sm_count = 0;  // blocks per launch at most (pplx_kernels' max_sm_count); 0: one per SM
+  bool force_puts = false;    // send every byte through NVSHMEM puts, even to peers on this node
 };
 
 class AllToAllInternode final : public AllToAll {

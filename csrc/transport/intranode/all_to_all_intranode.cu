@@ -7,7 +7,7 @@ namespace expertwire {
 
 AllToAllIntranode::AllToAllIntranode(const AllToAllConfig& config, const AllGatherBytes& all_gather,
                                      const IntranodeOptions& options)
-    : AllToAll(config, /*staging_rows_per_warp=*/0, options.timeout_ns) {
+    : AllToAll(config, /*staging_rows_per_warp=*/0, options.timeout_ns, options.max_sm_count) {
   buffer_ = std::make_unique<IpcSymmetricBuffer>(layout().symmetric_bytes, int(config.rank), int(config.world_size),
                                                  all_gather);
   set_symmetric_buffer(buffer_->local());

@@ -11,7 +11,8 @@
 namespace expertwire {
 
 struct IntranodeOptions {
-  uint64_t timeout_ns = 0;  // 0: EXPERTWIRE_TIMEOUT_MS or 10 s
+  uint64_t timeout_ns = 0;    // 0: EXPERTWIRE_TIMEOUT_MS or 10 s
+  uint32_t max_sm_count = 0;  // blocks per launch at most (pplx_kernels' max_sm_count); 0: one per SM
 };
 
 class AllToAllIntranode final : public AllToAll {

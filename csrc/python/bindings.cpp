@@ -1,0 +1,322 @@
+// The _expertwire extension module: a thin nanobind layer over the C++ library. It never sees a torch tensor:
+// Python passes device addresses, sizes and the CUDA stream as integers, after checking every tensor itself,
+// so one wheel serves every torch version. CPU arrays (the reference model's inputs) arrive through DLPack or
+// the buffer protocol as nanobind ndarrays.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "core/config.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "reference/reference.h"
+#include "symmem/nvshmem_runtime.h"
+#include "transport/internode/all_to_all_internode.h"
+#include "transport/intranode/all_to_all_intranode.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace expertwire {
+namespace {
+
+template <class T>
+T* device_pointer(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+cudaStream_t stream_from(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+SplitMode split_mode(bool do_send, bool do_recv) {
+  EW_REQUIRE(do_send || do_recv, "do_send and do_recv are both False: there is nothing to do");
+  if (do_send && do_recv) return SplitMode::kNone;
+  return do_send ? SplitMode::kSend : SplitMode::kRecv;
+}
+
+// Owns one all-to-all object until destroy(), which Python calls collectively on every rank; the object is
+// never left to the garbage collector because its destructor frees memory that peers map.
+class AllToAllHandle {
+ public:
+  explicit AllToAllHandle(std::unique_ptr<AllToAll> impl) : impl_(std::move(impl)) {}
+
+  void dispatch(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale,
+                uintptr_t dp_x, uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m,
+                bool do_send, bool do_recv, uintptr_t stream) {
+    live().dispatch(device_pointer<int32_t>(out_expert_num_tokens), device_pointer<void>(out_expert_x),
+                    device_pointer<void>(out_expert_x_scale), device_pointer<const void>(dp_x),
+                    device_pointer<const void>(dp_x_scale), device_pointer<const uint32_t>(indices), m,
+                    device_pointer<const uint32_t>(bound_m), split_mode(do_send, do_recv), stream_from(stream));
+  }
+
+  void combine(uintptr_t out_tokens, ScalarType out_type, uintptr_t indices, uintptr_t weights, uintptr_t expert_y,
+               ScalarType expert_type, uint32_t m, uintptr_t bound_m, bool do_send, bool do_recv,
+               uintptr_t stream) {
+    live().combine(device_pointer<void>(out_tokens), out_type, device_pointer<const uint32_t>(indices),
+                   device_pointer<const float>(weights), device_pointer<const void>(expert_y), expert_type, m,
+                   device_pointer<const uint32_t>(bound_m), split_mode(do_send, do_recv), stream_from(stream));
+  }
+
+  void check_errors() const { live().check_errors(); }
+  uint32_t num_blocks() const { return live().launch_shape().blocks; }
+  bool alive() const { return impl_ != nullptr; }
+  void destroy() { impl_.reset(); }
+
+ private:
+  AllToAll& live() const {
+    if (!impl_) EW_THROW(RuntimeError, "this AllToAll was destroyed; create a new one");
+    return *impl_;
+  }
+
+  std::unique_ptr<AllToAll> impl_;
+};
+
+// Adapts a Python callable (bytes -> list of bytes, one per rank) to the byte-string all-gather the intranode
+// transport exchanges its IPC handles through. Called with the GIL held, from the constructor.
+AllGatherBytes all_gather_from_python(nb::callable all_gather) {
+  return [all_gather](const std::string& local) {
+    nb::object gathered = all_gather(nb::bytes(local.data(), local.size()));
+    std::vector<std::string> result;
+    for (nb::handle entry : gathered) {
+      if (!nb::isinstance<nb::bytes>(entry)) {
+        EW_THROW(ConfigError, "all_gather must return a list of bytes, one per rank; got an entry of type ",
+                 nb::type_name(entry.type()).c_str());
+      }
+      const nb::bytes bytes = nb::borrow<nb::bytes>(entry);
+      result.emplace_back(bytes.c_str(), bytes.size());
+    }
+    return result;
+  };
+}
+
+// One NVSHMEM symmetric allocation, released by close() (collective) or when NVSHMEM is finalized first.
+class SymmetricMemory {
+ public:
+  explicit SymmetricMemory(size_t bytes)
+      : bytes_(bytes), buffer_(std::make_unique<NvshmemSymmetricBuffer>(bytes, /*force_puts=*/false)) {}
+  uintptr_t data_ptr() const {
+    if (!buffer_) EW_THROW(RuntimeError, "this symmetric buffer was released");
+    return reinterpret_cast<uintptr_t>(buffer_->local());
+  }
+  size_t nbytes() const { return bytes_; }
+  void close() { buffer_.reset(); }
+
+ private:
+  size_t bytes_;
+  std::unique_ptr<NvshmemSymmetricBuffer> buffer_;
+};
+
+// ---- reference model -----------------------------------------------------------------------------------
+
+using CpuBytes2D = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using CpuIndices2D = nb::ndarray<const uint32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using CpuFloat2D = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using CpuFloat4D = nb::ndarray<const float, nb::ndim<4>, nb::c_contig, nb::device::cpu>;
+using CpuOutFloat2D = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+void require_rows(const char* name, size_t rows, size_t columns, int64_t want_rows, int64_t want_columns) {
+  EW_REQUIRE(int64_t(rows) >= want_rows && int64_t(columns) == want_columns, name, " must have shape [>=", want_rows,
+             ", ", want_columns, "], got [", rows, ", ", columns, "]");
+}
+
+// One group of the reference dispatch: (m, x [m][hidden_dim_bytes] uint8, x_scale or None, indices [m][k]).
+using GroupArrays = std::tuple<int64_t, CpuBytes2D, std::optional<CpuBytes2D>, CpuIndices2D>;
+
+std::vector<std::vector<std::pair<uint32_t, uint32_t>>> reference_dispatch(const AllToAllConfig& config,
+                                                                           const std::vector<GroupArrays>& groups) {
+  std::vector<reference::GroupInput> inputs;
+  for (const auto& [m, x, x_scale, indices] : groups) {
+    require_rows("x", x.shape(0), x.shape(1), m, config.hidden_dim_bytes);
+    require_rows("indices", indices.shape(0), indices.shape(1), m, config.experts_per_token);
+    reference::GroupInput input;
+    input.m = m;
+    input.x = x.data();
+    input.indices = indices.data();
+    if (x_scale) {
+      require_rows("x_scale", x_scale->shape(0), x_scale->shape(1), m, config.hidden_dim_scale_bytes);
+      input.x_scale = x_scale->data();
+    }
+    inputs.push_back(input);
+  }
+  std::vector<std::vector<std::pair<uint32_t, uint32_t>>> inboxes;
+  for (const reference::ExpertInbox& inbox : reference::dispatch(config, inputs)) {
+    auto& sources = inboxes.emplace_back();
+    for (const reference::ReceivedToken& token : inbox.tokens) sources.emplace_back(token.source_group, token.token);
+  }
+  return inboxes;
+}
+
+void reference_combine(const AllToAllConfig& config, uint32_t group, int64_t m, CpuIndices2D indices,
+                       CpuFloat2D weights, CpuFloat4D expert_outputs, CpuOutFloat2D out) {
+  require_rows("indices", indices.shape(0), indices.shape(1), m, config.experts_per_token);
+  require_rows("weights", weights.shape(0), weights.shape(1), m, config.experts_per_token);
+  require_rows("out", out.shape(0), out.shape(1), m, config.hidden_dim);
+  const int64_t want[4] = {config.num_experts, config.num_dp_groups(), config.max_num_tokens, config.hidden_dim};
+  for (int axis = 0; axis < 4; ++axis) {
+    EW_REQUIRE(int64_t(expert_outputs.shape(axis)) == want[axis],
+               "expert_outputs must have shape [num_experts, num_dp_groups, max_num_tokens, hidden_dim] = [", want[0],
+               ", ", want[1], ", ", want[2], ", ", want[3], "], axis ", axis, " is ", expert_outputs.shape(axis));
+  }
+  reference::GroupInput input;
+  input.m = m;
+  input.indices = indices.data();
+  input.weights = weights.data();
+  const float* table = expert_outputs.data();
+  const reference::ExpertOutputFn expert_output = [&](uint32_t expert, uint32_t source_group, uint32_t token) {
+    return table + ((int64_t(expert) * want[1] + source_group) * want[2] + token) * want[3];
+  };
+  reference::combine(config, group, input, expert_output, out.data());
+}
+
+AllToAllConfig make_config(int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank,
+                           int64_t world_size, int64_t dp_size, int64_t hidden_dim, int64_t hidden_dim_bytes,
+                           int64_t hidden_dim_scale_bytes) {
+  AllToAllConfig config;
+  config.max_num_tokens = max_num_tokens;
+  config.num_experts = num_experts;
+  config.experts_per_token = experts_per_token;
+  config.rank = rank;
+  config.world_size = world_size;
+  config.dp_size = dp_size;
+  config.hidden_dim = hidden_dim;
+  config.hidden_dim_bytes = hidden_dim_bytes;
+  config.hidden_dim_scale_bytes = hidden_dim_scale_bytes;
+  config.validate();
+  return config;
+}
+
+}  // namespace
+}  // namespace expertwire
+
+NB_MODULE(_expertwire, m) {
+  using namespace expertwire;
+  m.doc() = "expertwire: MoE all-to-all dispatch/combine kernels (C++ core; use the expertwire package)";
+
+  static nb::exception<DeviceError> device_error(m, "DeviceError", PyExc_RuntimeError);
+  nb::register_exception_translator([](const std::exception_ptr& error, void*) {
+    try {
+      std::rethrow_exception(error);
+    } catch (const ConfigError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const DeviceError& e) {
+      PyErr_SetString(device_error.ptr(), e.what());
+    } catch (const Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  nb::enum_<ScalarType>(m, "ScalarType")
+      .value("float32", ScalarType::kFloat32)
+      .value("bfloat16", ScalarType::kBFloat16)
+      .value("float16", ScalarType::kFloat16);
+
+  nb::class_<AllToAllConfig>(m, "AllToAllConfig")
+      .def(nb::new_(&make_config), "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "rank"_a,
+           "world_size"_a, "dp_size"_a, "hidden_dim"_a, "hidden_dim_bytes"_a, "hidden_dim_scale_bytes"_a,
+           "Validates the fields; raises ValueError naming the first invalid one.")
+      .def_ro("max_num_tokens", &AllToAllConfig::max_num_tokens)
+      .def_ro("num_experts", &AllToAllConfig::num_experts)
+      .def_ro("experts_per_token", &AllToAllConfig::experts_per_token)
+      .def_ro("rank", &AllToAllConfig::rank)
+      .def_ro("world_size", &AllToAllConfig::world_size)
+      .def_ro("dp_size", &AllToAllConfig::dp_size)
+      .def_ro("hidden_dim", &AllToAllConfig::hidden_dim)
+      .def_ro("hidden_dim_bytes", &AllToAllConfig::hidden_dim_bytes)
+      .def_ro("hidden_dim_scale_bytes", &AllToAllConfig::hidden_dim_scale_bytes)
+      .def_prop_ro("num_local_experts", &AllToAllConfig::num_local_experts)
+      .def_prop_ro("num_dp_groups", &AllToAllConfig::num_dp_groups)
+      .def_prop_ro("dp_group", &AllToAllConfig::dp_group)
+      .def_prop_ro("max_recv_tokens", &AllToAllConfig::max_recv_tokens);
+
+  nb::class_<AllToAllHandle>(m, "AllToAllHandle")
+      .def_static(
+          "internode",
+          [](const AllToAllConfig& config, uint32_t max_sm_count, bool force_puts) {
+            InternodeOptions options;
+            options.max_sm_count = max_sm_count;
+            options.force_puts = force_puts;
+            return std::make_unique<AllToAllHandle>(std::make_unique<AllToAllInternode>(config, options));
+          },
+          "config"_a, "max_sm_count"_a = 0, "force_puts"_a = false,
+          "Collective over every NVSHMEM rank; NVSHMEM must be initialized.")
+      .def_static(
+          "intranode",
+          [](const AllToAllConfig& config, nb::callable all_gather, uint32_t max_sm_count) {
+            IntranodeOptions options;
+            options.max_sm_count = max_sm_count;
+            return std::make_unique<AllToAllHandle>(
+                std::make_unique<AllToAllIntranode>(config, all_gather_from_python(all_gather), options));
+          },
+          "config"_a, "all_gather"_a, "max_sm_count"_a = 0,
+          "Collective: `all_gather(bytes) -> list[bytes]` returns every rank's bytes in rank order.")
+      .def("dispatch", &AllToAllHandle::dispatch, "out_expert_num_tokens"_a, "out_expert_x"_a,
+           "out_expert_x_scale"_a, "dp_x"_a, "dp_x_scale"_a, "indices"_a, "m"_a, "bound_m"_a, "do_send"_a,
+           "do_recv"_a, "stream"_a)
+      .def("combine", &AllToAllHandle::combine, "out_tokens"_a, "out_type"_a, "indices"_a, "weights"_a,
+           "expert_y"_a, "expert_type"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a)
+      .def("check_errors", &AllToAllHandle::check_errors)
+      .def_prop_ro("num_blocks", &AllToAllHandle::num_blocks)
+      .def_prop_ro("alive", &AllToAllHandle::alive)
+      .def("destroy", &AllToAllHandle::destroy);
+
+  nb::class_<SymmetricMemory>(m, "SymmetricMemory", nb::is_weak_referenceable())
+      .def(nb::init<size_t>(), "nbytes"_a, "Collective nvshmem_malloc of `nbytes`, zeroed.")
+      .def_prop_ro("data_ptr", &SymmetricMemory::data_ptr)
+      .def_prop_ro("nbytes", &SymmetricMemory::nbytes)
+      .def("close", &SymmetricMemory::close, "Collective nvshmem_free; idempotent.");
+
+  m.def("nvshmem_unique_id", []() {
+    const std::vector<uint8_t> id = nvshmem_unique_id();
+    return nb::bytes(id.data(), id.size());
+  });
+  m.def("nvshmem_unique_id_bytes", &nvshmem_unique_id_bytes);
+  m.def(
+      "nvshmem_init",
+      [](nb::bytes unique_id, int rank, int world_size) {
+        const auto* begin = static_cast<const uint8_t*>(unique_id.data());
+        const std::vector<uint8_t> id(begin, begin + unique_id.size());
+        nb::gil_scoped_release released;  // blocks until every rank has joined
+        nvshmem_init_with_unique_id(id, rank, world_size);
+      },
+      "unique_id"_a, "rank"_a, "world_size"_a);
+  m.def("nvshmem_initialized", &nvshmem_initialized);
+  m.def("nvshmem_finalize", &nvshmem_finalize_runtime, nb::call_guard<nb::gil_scoped_release>());
+  m.def("nvshmem_my_pe", &nvshmem_rank);
+  m.def("nvshmem_n_pes", &nvshmem_world_size);
+  m.def("nvshmem_barrier_all", &nvshmem_barrier_all_ranks, nb::call_guard<nb::gil_scoped_release>());
+  m.def(
+      "nvshmem_barrier_all_on_stream", [](uintptr_t stream) { nvshmem_barrier_on_stream(stream_from(stream)); },
+      "stream"_a);
+  m.def(
+      "nvshmem_alltoall_on_stream",
+      [](uintptr_t dest, uintptr_t source, size_t bytes_per_rank, uintptr_t stream) {
+        nvshmem_alltoall_on_stream(device_pointer<void>(dest), device_pointer<const void>(source), bytes_per_rank,
+                                   stream_from(stream));
+      },
+      "dest"_a, "source"_a, "bytes_per_rank"_a, "stream"_a);
+
+  m.def("reference_dispatch", &reference_dispatch, "config"_a, "groups"_a,
+        "Per local expert of config.rank, the (source group, token) pairs it receives, sorted. `groups` holds one "
+        "(m, x, x_scale or None, indices) per DP group.");
+  m.def("reference_combine", &reference_combine, "config"_a, "group"_a, "m"_a, "indices"_a, "weights"_a,
+        "expert_outputs"_a, "out"_a,
+        "Writes out[t] = sum_k weights[t][k] * expert_outputs[indices[t][k], group, t] (fp32, k order), t < m.");
+  m.def("float_to_bf16", &reference::float_to_bf16);
+  m.def("bf16_to_float", &reference::bf16_to_float);
+  m.def("float_to_half", &reference::float_to_half);
+  m.def("half_to_float", &reference::half_to_float);
+}

@@ -1,0 +1,241 @@
+"""AllToAll: pplx_kernels' Python API, argument for argument, over expertwire's transports."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+from ._native import ext
+from .checks import AllToAllShape, check_combine, check_dispatch
+
+
+def _resolve_group(group_name: str) -> dist.ProcessGroup:
+    """The process group registered under `group_name`; "default" falls back to the world group, which is what
+    pplx_kernels' tests register under that name."""
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "AllToAll.intranode exchanges CUDA IPC handles through torch.distributed: "
+            "call torch.distributed.init_process_group first"
+        )
+    from torch.distributed import distributed_c10d as c10d
+
+    for group, name in c10d._world.pg_names.items():
+        if name == group_name:
+            return group
+    try:
+        return c10d._resolve_process_group(group_name)
+    except (RuntimeError, ValueError, KeyError):
+        pass
+    if group_name == "default" and dist.group.WORLD is not None:
+        return dist.group.WORLD
+    raise ValueError(f"intranode: group_name {group_name!r} names no process group")
+
+
+def _all_gather_over(group: dist.ProcessGroup):
+    def all_gather(local: bytes) -> list[bytes]:
+        gathered: list[Optional[bytes]] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+        return [entry if entry is not None else b"" for entry in gathered]
+
+    return all_gather
+
+
+class AllToAll:
+    """One MoE all-to-all: dispatch sends tokens to their experts' ranks, combine brings the expert outputs back
+    and sums them with the router weights. Create it with AllToAll.internode (NVSHMEM, any number of nodes) or
+    AllToAll.intranode (CUDA IPC, one node), on every rank together; destroy() it on every rank together.
+
+    Every operation runs on torch's current CUDA stream of the tensors' device."""
+
+    def __init__(self, native: "ext.AllToAllHandle", shape: AllToAllShape, uses_nvshmem: bool) -> None:
+        self._handle: Optional[int] = ops.register(native, uses_nvshmem)
+        self._shape = shape
+
+    @staticmethod
+    def _config(
+        max_num_tokens: int,
+        num_experts: int,
+        experts_per_token: int,
+        rank: int,
+        world_size: int,
+        dp_size: int,
+        hidden_dim: int,
+        hidden_dim_bytes: int,
+        hidden_dim_scale_bytes: int,
+    ) -> tuple["ext.AllToAllConfig", AllToAllShape]:
+        # The native config validates every field and raises ValueError naming the first bad one.
+        config = ext.AllToAllConfig(
+            max_num_tokens=max_num_tokens,
+            num_experts=num_experts,
+            experts_per_token=experts_per_token,
+            rank=rank,
+            world_size=world_size,
+            dp_size=dp_size,
+            hidden_dim=hidden_dim,
+            hidden_dim_bytes=hidden_dim_bytes,
+            hidden_dim_scale_bytes=hidden_dim_scale_bytes,
+        )
+        shape = AllToAllShape(
+            max_num_tokens=max_num_tokens,
+            num_experts=num_experts,
+            experts_per_token=experts_per_token,
+            world_size=world_size,
+            dp_size=dp_size,
+            hidden_dim=hidden_dim,
+            hidden_dim_bytes=hidden_dim_bytes,
+            hidden_dim_scale_bytes=hidden_dim_scale_bytes,
+        )
+        return config, shape
+
+    @classmethod
+    def internode(
+        cls,
+        max_num_tokens: int,
+        num_experts: int,
+        experts_per_token: int,
+        rank: int,
+        world_size: int,
+        dp_size: int,
+        hidden_dim: int,
+        hidden_dim_bytes: int,
+        hidden_dim_scale_bytes: int,
+        max_sm_count: int = 0,
+    ) -> "AllToAll":
+        """Through NVSHMEM (nvshmem_init first): loads/stores to peers on this node, puts to the others."""
+        config, shape = cls._config(
+            max_num_tokens,
+            num_experts,
+            experts_per_token,
+            rank,
+            world_size,
+            dp_size,
+            hidden_dim,
+            hidden_dim_bytes,
+            hidden_dim_scale_bytes,
+        )
+        return cls(ext.AllToAllHandle.internode(config, max_sm_count=max_sm_count), shape, uses_nvshmem=True)
+
+    @classmethod
+    def intranode(
+        cls,
+        max_num_tokens: int,
+        num_experts: int,
+        experts_per_token: int,
+        rank: int,
+        world_size: int,
+        dp_size: int,
+        hidden_dim: int,
+        hidden_dim_bytes: int,
+        hidden_dim_scale_bytes: int,
+        group_name: str = "default",
+        max_sm_count: int = 0,
+    ) -> "AllToAll":
+        """Through CUDA IPC among the ranks of one node; the buffer handles are exchanged over the
+        torch.distributed group registered as `group_name`, whose ranks must be 0..world_size-1 in order."""
+        config, shape = cls._config(
+            max_num_tokens,
+            num_experts,
+            experts_per_token,
+            rank,
+            world_size,
+            dp_size,
+            hidden_dim,
+            hidden_dim_bytes,
+            hidden_dim_scale_bytes,
+        )
+        group = _resolve_group(group_name)
+        group_size, group_rank = dist.get_world_size(group), dist.get_rank(group)
+        if group_size != world_size or group_rank != rank:
+            raise ValueError(
+                f"intranode: process group {group_name!r} has {group_size} ranks and this process is its rank "
+                f"{group_rank}, but world_size={world_size}, rank={rank} were given"
+            )
+        native = ext.AllToAllHandle.intranode(config, _all_gather_over(group), max_sm_count=max_sm_count)
+        return cls(native, shape, uses_nvshmem=False)
+
+    @property
+    def shape(self) -> AllToAllShape:
+        return self._shape
+
+    def _live_handle(self, op: str) -> int:
+        if self._handle is None:
+            raise RuntimeError(f"AllToAll.{op}: this AllToAll was destroyed; create a new one")
+        return self._handle
+
+    def dispatch(
+        self,
+        out_expert_num_tokens: torch.Tensor,
+        out_expert_x: torch.Tensor,
+        out_expert_x_scale: Optional[torch.Tensor],
+        dp_x: torch.Tensor,
+        dp_x_scale: Optional[torch.Tensor],
+        indices: torch.Tensor,
+        bound_m: Optional[torch.Tensor],
+        do_send: bool = True,
+        do_recv: bool = True,
+    ) -> None:
+        """Sends the first bound_m (default: all dp_x.shape[0]) tokens of dp_x to the experts named in `indices`.
+        Shapes: out_expert_num_tokens [num_local_experts] int32; out_expert_x [num_local_experts,
+        max_num_tokens * world_size / dp_size, hidden_dim_bytes / itemsize] (dp_x's dtype); out_expert_x_scale
+        likewise with hidden_dim_scale_bytes (float32 or uint8); dp_x [m, hidden_dim_bytes / itemsize]; dp_x_scale
+        [m, ...]; indices [m, experts_per_token] uint32; bound_m [1] uint32 on the GPU or None."""
+        handle = self._live_handle("dispatch")
+        check_dispatch(
+            self._shape,
+            out_expert_num_tokens,
+            out_expert_x,
+            out_expert_x_scale,
+            dp_x,
+            dp_x_scale,
+            indices,
+            bound_m,
+            do_send,
+            do_recv,
+        )
+        ops.dispatch(
+            handle,
+            out_expert_num_tokens,
+            out_expert_x,
+            out_expert_x_scale,
+            dp_x,
+            dp_x_scale,
+            indices,
+            bound_m,
+            do_send,
+            do_recv,
+        )
+
+    def combine(
+        self,
+        out_tokens: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        expert_y: torch.Tensor,
+        bound_m: Optional[torch.Tensor],
+        do_send: bool = True,
+        do_recv: bool = True,
+    ) -> None:
+        """Returns expert_y's rows to their tokens' ranks and writes out_tokens[t] = sum_k weights[t, k] *
+        y(indices[t, k], t), summed in fp32. Shapes: out_tokens [m..max_num_tokens, hidden_dim] float32, bfloat16
+        or float16; indices, weights [m, experts_per_token] uint32, float32; expert_y [num_local_experts,
+        max_recv_tokens, hidden_dim] bfloat16 or float16."""
+        handle = self._live_handle("combine")
+        check_combine(self._shape, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
+        ops.combine(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
+
+    def check_errors(self) -> None:
+        """Raises expertwire.DeviceError if a kernel of this object recorded an error (a peer that timed out, an
+        expert index out of range, bound_m > m). Synchronize the stream first to see the latest call."""
+        ops.native(self._live_handle("check_errors")).check_errors()
+
+    def destroy(self) -> None:
+        """Frees the buffers. Collective: every rank destroys its object together. Idempotent."""
+        if self._handle is None:
+            return
+        native = ops.unregister(self._handle)
+        self._handle = None
+        if native is not None:
+            native.destroy()

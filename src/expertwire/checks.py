@@ -1,0 +1,206 @@
+"""Argument checks of dispatch and combine.
+
+Pure functions of tensor metadata (type, dtype, shape, contiguity, device): they never touch tensor data or the
+GPU, so they run on CPU tensors in CI and on fake tensors under torch.compile. Each failure is a ValueError that
+names the call, the argument, what was expected and what was given. Checks run in that order per argument, the
+device last, so a CPU tensor with a wrong dtype reports the dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Element types of combine's output and of the expert outputs it reads, as the kernels instantiate them.
+COMBINE_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EXPERT_Y_DTYPES = (torch.bfloat16, torch.float16)
+# Scales travel as raw bytes; pplx_kernels hands them over as float32, uint8 says "bytes" as plainly.
+SCALE_DTYPES = (torch.float32, torch.uint8)
+
+
+@dataclass(frozen=True)
+class AllToAllShape:
+    """The sizes every tensor argument is checked against (the fields of an all-to-all's configuration)."""
+
+    max_num_tokens: int
+    num_experts: int
+    experts_per_token: int
+    world_size: int
+    dp_size: int
+    hidden_dim: int
+    hidden_dim_bytes: int
+    hidden_dim_scale_bytes: int
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.world_size
+
+    @property
+    def max_recv_tokens(self) -> int:
+        return self.max_num_tokens * (self.world_size // self.dp_size)
+
+    @property
+    def has_scales(self) -> bool:
+        return self.hidden_dim_scale_bytes > 0
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return " or ".join(str(d) for d in dtypes)
+
+
+class _Checker:
+    """Checks the arguments of one call; `op` prefixes every message ("dispatch", "combine")."""
+
+    def __init__(self, op: str) -> None:
+        self.op = op
+        self.device: Optional[torch.device] = None
+        self.device_source = ""
+
+    def fail(self, name: str, expected: str, given: object) -> ValueError:
+        return ValueError(f"{self.op}: {name} must {expected}, got {given}")
+
+    def is_tensor(self, name: str, value: object) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise self.fail(name, "be a torch.Tensor", type(value).__name__)
+        return value
+
+    def tensor(
+        self,
+        name: str,
+        value: object,
+        dtypes: Sequence[torch.dtype],
+        shape: Sequence[int],
+    ) -> torch.Tensor:
+        value = self.is_tensor(name, value)
+        if value.dtype not in dtypes:
+            raise self.fail(name, f"have dtype {_dtype_names(dtypes)}", value.dtype)
+        if tuple(value.shape) != tuple(shape):
+            raise self.fail(name, f"have shape {list(shape)}", list(value.shape))
+        if not value.is_contiguous():
+            raise self.fail(name, "be contiguous", f"strides {list(value.stride())}")
+        self.on_common_device(name, value)
+        return value
+
+    def on_common_device(self, name: str, value: torch.Tensor) -> None:
+        if value.device.type != "cuda":
+            raise self.fail(name, "be on a CUDA device", f"device {value.device}")
+        if self.device is None:
+            self.device, self.device_source = value.device, name
+        elif value.device != self.device:
+            raise self.fail(name, f"be on {self.device} like {self.device_source}", f"device {value.device}")
+
+    def absent(self, name: str, value: object, why: str) -> None:
+        if isinstance(value, torch.Tensor):
+            raise self.fail(name, f"be None ({why})", f"a {value.dtype} tensor of shape {list(value.shape)}")
+        if value is not None:
+            raise self.fail(name, f"be None ({why})", type(value).__name__)
+
+    def bound_m(self, value: object) -> None:
+        if value is not None:
+            self.tensor("bound_m", value, (torch.uint32,), (1,))
+
+    def split(self, do_send: bool, do_recv: bool) -> None:
+        if not (do_send or do_recv):
+            raise self.fail("do_send or do_recv", "be True", "both False")
+
+
+def _payload_columns(checker: _Checker, name: str, tensor: torch.Tensor, row_bytes: int, what: str) -> int:
+    """Columns a tensor of this dtype needs to hold `row_bytes` bytes per row."""
+    itemsize = tensor.element_size()
+    if row_bytes % itemsize != 0:
+        raise checker.fail(
+            name, f"have an element size that divides {what}={row_bytes}", f"dtype {tensor.dtype} ({itemsize} bytes)"
+        )
+    return row_bytes // itemsize
+
+
+def _token_count(checker: _Checker, name: str, tensor: torch.Tensor, shape: AllToAllShape) -> int:
+    if tensor.dim() != 2:
+        raise checker.fail(name, "be 2-dimensional [tokens, ...]", f"shape {list(tensor.shape)}")
+    m = int(tensor.shape[0])
+    if m > shape.max_num_tokens:
+        raise checker.fail(name, f"have at most max_num_tokens={shape.max_num_tokens} rows", m)
+    return m
+
+
+def check_dispatch(
+    shape: AllToAllShape,
+    out_expert_num_tokens: object,
+    out_expert_x: object,
+    out_expert_x_scale: object,
+    dp_x: object,
+    dp_x_scale: object,
+    indices: object,
+    bound_m: object,
+    do_send: bool,
+    do_recv: bool,
+) -> int:
+    """Checks dispatch's arguments and returns m, the number of tokens in dp_x."""
+    c = _Checker("dispatch")
+    c.split(do_send, do_recv)
+    dp_x = c.is_tensor("dp_x", dp_x)
+    m = _token_count(c, "dp_x", dp_x, shape)
+    payload_columns = _payload_columns(c, "dp_x", dp_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
+    payload_dtype = (dp_x.dtype,)
+    local, recv = shape.num_local_experts, shape.max_recv_tokens
+
+    c.tensor("out_expert_num_tokens", out_expert_num_tokens, (torch.int32,), (local,))
+    c.tensor("out_expert_x", out_expert_x, payload_dtype, (local, recv, payload_columns))
+    if shape.has_scales:
+        if out_expert_x_scale is None:
+            raise c.fail(
+                "out_expert_x_scale", f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})", None
+            )
+        if dp_x_scale is None:
+            raise c.fail("dp_x_scale", f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})", None)
+        dp_x_scale = c.is_tensor("dp_x_scale", dp_x_scale)
+        scale_columns = _payload_columns(
+            c, "dp_x_scale", dp_x_scale, shape.hidden_dim_scale_bytes, "hidden_dim_scale_bytes"
+        )
+        if dp_x_scale.dtype not in SCALE_DTYPES:
+            raise c.fail("dp_x_scale", f"have dtype {_dtype_names(SCALE_DTYPES)}", dp_x_scale.dtype)
+        c.tensor("out_expert_x_scale", out_expert_x_scale, (dp_x_scale.dtype,), (local, recv, scale_columns))
+    else:
+        c.absent("out_expert_x_scale", out_expert_x_scale, "hidden_dim_scale_bytes=0")
+        c.absent("dp_x_scale", dp_x_scale, "hidden_dim_scale_bytes=0")
+    c.tensor("dp_x", dp_x, payload_dtype, (m, payload_columns))
+    if shape.has_scales:
+        c.tensor("dp_x_scale", dp_x_scale, SCALE_DTYPES, (m, scale_columns))
+    c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
+    c.bound_m(bound_m)
+    return m
+
+
+def check_combine(
+    shape: AllToAllShape,
+    out_tokens: object,
+    indices: object,
+    weights: object,
+    expert_y: object,
+    bound_m: object,
+    do_send: bool,
+    do_recv: bool,
+) -> int:
+    """Checks combine's arguments and returns m, the number of tokens in indices."""
+    c = _Checker("combine")
+    c.split(do_send, do_recv)
+    m = _token_count(c, "indices", c.is_tensor("indices", indices), shape)
+    out_tokens = c.is_tensor("out_tokens", out_tokens)
+    # out_tokens may have more rows than this call's tokens (pplx_kernels sizes it max_num_tokens); rows >= m
+    # are left untouched.
+    rows = int(out_tokens.shape[0]) if out_tokens.dim() == 2 else -1
+    if not (m <= rows <= shape.max_num_tokens):
+        raise c.fail(
+            "out_tokens",
+            f"have shape [m..max_num_tokens, {shape.hidden_dim}] with m={m}, max_num_tokens={shape.max_num_tokens}",
+            list(out_tokens.shape),
+        )
+    c.tensor("out_tokens", out_tokens, COMBINE_OUT_DTYPES, (rows, shape.hidden_dim))
+    c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
+    c.tensor("weights", weights, (torch.float32,), (m, shape.experts_per_token))
+    c.tensor("expert_y", expert_y, EXPERT_Y_DTYPES, (shape.num_local_experts, shape.max_recv_tokens, shape.hidden_dim))
+    c.bound_m(bound_m)
+    return m

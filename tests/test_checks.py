@@ -1,0 +1,272 @@
+"""CPU-only: every tensor argument of dispatch and combine is checked from its metadata, and each failure is a
+ValueError naming the argument, what was expected and what was given."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from expertwire.checks import AllToAllShape, check_combine, check_dispatch
+
+SHAPE = AllToAllShape(
+    max_num_tokens=8,
+    num_experts=8,
+    experts_per_token=2,
+    world_size=4,
+    dp_size=1,
+    hidden_dim=256,
+    hidden_dim_bytes=256,
+    hidden_dim_scale_bytes=8,
+)
+NO_SCALES = AllToAllShape(
+    max_num_tokens=8,
+    num_experts=8,
+    experts_per_token=2,
+    world_size=4,
+    dp_size=2,
+    hidden_dim=256,
+    hidden_dim_bytes=512,
+    hidden_dim_scale_bytes=0,
+)
+
+
+def dispatch_args(shape: AllToAllShape, m: int = 5, device: str = "cuda") -> dict[str, Any]:
+    """Valid dispatch arguments (fp8 payload when the shape has scales, bf16 otherwise), as fake tensors."""
+    local, recv = shape.num_local_experts, shape.max_recv_tokens
+    payload = torch.float8_e4m3fn if shape.has_scales else torch.bfloat16
+    columns = shape.hidden_dim_bytes // torch.empty((), dtype=payload).element_size()
+    scale_columns = shape.hidden_dim_scale_bytes // 4
+    return dict(
+        out_expert_num_tokens=torch.empty(local, dtype=torch.int32, device=device),
+        out_expert_x=torch.empty(local, recv, columns, dtype=payload, device=device),
+        out_expert_x_scale=torch.empty(local, recv, scale_columns, device=device) if shape.has_scales else None,
+        dp_x=torch.empty(m, columns, dtype=payload, device=device),
+        dp_x_scale=torch.empty(m, scale_columns, device=device) if shape.has_scales else None,
+        indices=torch.empty(m, shape.experts_per_token, dtype=torch.uint32, device=device),
+        bound_m=torch.empty(1, dtype=torch.uint32, device=device),
+        do_send=True,
+        do_recv=True,
+    )
+
+
+def combine_args(
+    shape: AllToAllShape, m: int = 5, out_dtype: torch.dtype = torch.bfloat16, device: str = "cuda"
+) -> dict[str, Any]:
+    return dict(
+        out_tokens=torch.empty(shape.max_num_tokens, shape.hidden_dim, dtype=out_dtype, device=device),
+        indices=torch.empty(m, shape.experts_per_token, dtype=torch.uint32, device=device),
+        weights=torch.empty(m, shape.experts_per_token, device=device),
+        expert_y=torch.empty(
+            shape.num_local_experts, shape.max_recv_tokens, shape.hidden_dim, dtype=torch.bfloat16, device=device
+        ),
+        bound_m=None,
+        do_send=True,
+        do_recv=True,
+    )
+
+
+@pytest.fixture
+def fake_cuda():
+    """CUDA tensors with metadata only: the checks never touch data, so no GPU is needed."""
+    with FakeTensorMode():
+        yield
+
+
+def _raises(fn: Any, pattern: str, **kwargs: Any) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        fn(**kwargs)
+
+
+@pytest.mark.parametrize("shape", [SHAPE, NO_SCALES], ids=["fp8+scales", "bf16"])
+def test_valid_arguments_pass_and_return_m(fake_cuda: None, shape: AllToAllShape) -> None:
+    assert check_dispatch(shape, **dispatch_args(shape, m=5)) == 5
+    assert check_dispatch(shape, **{**dispatch_args(shape, m=0), "bound_m": None}) == 0
+    for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert check_combine(shape, **combine_args(shape, m=3, out_dtype=out_dtype)) == 3
+
+
+def test_cpu_tensors_are_rejected_naming_device() -> None:
+    args = dispatch_args(SHAPE, device="cpu")
+    _raises(
+        lambda **kw: check_dispatch(SHAPE, **kw),
+        r"dispatch: out_expert_num_tokens must be on a CUDA device, got device cpu",
+        **args,
+    )
+    args = combine_args(SHAPE, device="cpu")
+    _raises(
+        lambda **kw: check_combine(SHAPE, **kw), r"combine: out_tokens must be on a CUDA device, got device cpu", **args
+    )
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        (
+            "out_expert_num_tokens",
+            lambda: torch.empty(2, dtype=torch.int64, device="cuda"),
+            "out_expert_num_tokens must have dtype torch.int32, got torch.int64",
+        ),
+        (
+            "out_expert_num_tokens",
+            lambda: torch.empty(3, dtype=torch.int32, device="cuda"),
+            r"out_expert_num_tokens must have shape \[2\], got \[3\]",
+        ),
+        (
+            "out_expert_x",
+            lambda: torch.empty(2, 8, 256, dtype=torch.float8_e4m3fn, device="cuda"),
+            r"out_expert_x must have shape \[2, 32, 256\], got \[2, 8, 256\]",
+        ),
+        (
+            "out_expert_x",
+            lambda: torch.empty(2, 32, 256, dtype=torch.uint8, device="cuda"),
+            "out_expert_x must have dtype torch.float8_e4m3fn, got torch.uint8",
+        ),
+        (
+            "out_expert_x_scale",
+            lambda: None,
+            r"out_expert_x_scale must be a tensor \(hidden_dim_scale_bytes=8\), got None",
+        ),
+        (
+            "out_expert_x_scale",
+            lambda: torch.empty(2, 32, 2, dtype=torch.float16, device="cuda"),
+            "out_expert_x_scale must have dtype torch.float32, got torch.float16",
+        ),
+        (
+            "dp_x",
+            lambda: torch.empty(9, 256, dtype=torch.float8_e4m3fn, device="cuda"),
+            "dp_x must have at most max_num_tokens=8 rows, got 9",
+        ),
+        (
+            "dp_x",
+            lambda: torch.empty(5, 256, 1, dtype=torch.float8_e4m3fn, device="cuda"),
+            r"dp_x must be 2-dimensional \[tokens, ...\], got shape \[5, 256, 1\]",
+        ),
+        ("dp_x", lambda: "not a tensor", "dp_x must be a torch.Tensor, got str"),
+        ("dp_x_scale", lambda: torch.empty(5, 3, device="cuda"), r"dp_x_scale must have shape \[5, 2\], got \[5, 3\]"),
+        (
+            "dp_x_scale",
+            lambda: torch.empty(5, 2, dtype=torch.float64, device="cuda"),
+            "dp_x_scale must have dtype torch.float32 or torch.uint8, got torch.float64",
+        ),
+        (
+            "indices",
+            lambda: torch.empty(5, 2, dtype=torch.int64, device="cuda"),
+            "indices must have dtype torch.uint32, got torch.int64",
+        ),
+        (
+            "indices",
+            lambda: torch.empty(4, 2, dtype=torch.uint32, device="cuda"),
+            r"indices must have shape \[5, 2\], got \[4, 2\]",
+        ),
+        (
+            "indices",
+            lambda: torch.empty(2, 5, dtype=torch.uint32, device="cuda").t(),
+            r"indices must be contiguous, got strides \[1, 5\]",
+        ),
+        (
+            "bound_m",
+            lambda: torch.empty(1, dtype=torch.int32, device="cuda"),
+            "bound_m must have dtype torch.uint32, got torch.int32",
+        ),
+        (
+            "bound_m",
+            lambda: torch.empty((), dtype=torch.uint32, device="cuda"),
+            r"bound_m must have shape \[1\], got \[\]",
+        ),
+    ],
+)
+def test_dispatch_argument_errors_name_the_argument(
+    fake_cuda: None, name: str, value: Callable[[], object], message: str
+) -> None:
+    args = {**dispatch_args(SHAPE, m=5), name: value()}
+    _raises(lambda **kw: check_dispatch(SHAPE, **kw), "^dispatch: " + message + "$", **args)
+
+
+def test_dispatch_scales_must_be_absent_without_scale_bytes(fake_cuda: None) -> None:
+    args = {**dispatch_args(NO_SCALES), "dp_x_scale": torch.empty(5, 2, device="cuda")}
+    _raises(
+        lambda **kw: check_dispatch(NO_SCALES, **kw),
+        re.escape(
+            "dispatch: dp_x_scale must be None (hidden_dim_scale_bytes=0), got a torch.float32 tensor of shape [5, 2]"
+        ),
+        **args,
+    )
+
+
+def test_dispatch_payload_itemsize_must_divide_hidden_dim_bytes(fake_cuda: None) -> None:
+    shape = AllToAllShape(8, 8, 2, 4, 1, hidden_dim=255, hidden_dim_bytes=255, hidden_dim_scale_bytes=0)
+    args = {**dispatch_args(NO_SCALES), "dp_x": torch.empty(5, 128, dtype=torch.bfloat16, device="cuda")}
+    _raises(
+        lambda **kw: check_dispatch(shape, **kw),
+        re.escape(
+            "dispatch: dp_x must have an element size that divides hidden_dim_bytes=255, "
+            "got dtype torch.bfloat16 (2 bytes)"
+        ),
+        **args,
+    )
+
+
+def test_devices_must_agree(fake_cuda: None) -> None:
+    args = {**dispatch_args(SHAPE), "indices": torch.empty(5, 2, dtype=torch.uint32, device="cuda:1")}
+    _raises(
+        lambda **kw: check_dispatch(SHAPE, **kw),
+        re.escape("dispatch: indices must be on cuda:0 like out_expert_num_tokens, got device cuda:1"),
+        **args,
+    )
+
+
+def test_split_needs_a_half() -> None:
+    args = {**dispatch_args(SHAPE, device="cpu"), "do_send": False, "do_recv": False}
+    _raises(lambda **kw: check_dispatch(SHAPE, **kw), "do_send or do_recv must be True, got both False", **args)
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        (
+            "out_tokens",
+            lambda: torch.empty(8, 256, dtype=torch.float64, device="cuda"),
+            "out_tokens must have dtype torch.float32 or torch.bfloat16 or torch.float16, got torch.float64",
+        ),
+        (
+            "out_tokens",
+            lambda: torch.empty(4, 256, dtype=torch.bfloat16, device="cuda"),
+            re.escape("out_tokens must have shape [m..max_num_tokens, 256] with m=5, max_num_tokens=8, got [4, 256]"),
+        ),
+        (
+            "out_tokens",
+            lambda: torch.empty(8, 128, dtype=torch.bfloat16, device="cuda"),
+            re.escape("out_tokens must have shape [8, 256], got [8, 128]"),
+        ),
+        (
+            "indices",
+            lambda: torch.empty(9, 2, dtype=torch.uint32, device="cuda"),
+            "indices must have at most max_num_tokens=8 rows, got 9",
+        ),
+        (
+            "weights",
+            lambda: torch.empty(5, 2, dtype=torch.bfloat16, device="cuda"),
+            "weights must have dtype torch.float32, got torch.bfloat16",
+        ),
+        ("weights", lambda: torch.empty(5, 3, device="cuda"), re.escape("weights must have shape [5, 2], got [5, 3]")),
+        (
+            "expert_y",
+            lambda: torch.empty(2, 32, 256, device="cuda"),
+            "expert_y must have dtype torch.bfloat16 or torch.float16, got torch.float32",
+        ),
+        (
+            "expert_y",
+            lambda: torch.empty(2, 16, 256, dtype=torch.bfloat16, device="cuda"),
+            re.escape("expert_y must have shape [2, 32, 256], got [2, 16, 256]"),
+        ),
+    ],
+)
+def test_combine_argument_errors_name_the_argument(
+    fake_cuda: None, name: str, value: Callable[[], object], message: str
+) -> None:
+    args = {**combine_args(SHAPE, m=5), name: value()}
+    _raises(lambda **kw: check_combine(SHAPE, **kw), "^combine: " + message + "$", **args)

@@ -1,0 +1,112 @@
+"""CPU-only: the C++ reference model, reached through Python, against an independent torch computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expertwire import reference
+
+from .all_to_all_data import Case, expert_outputs_table, make_groups
+
+
+def config(case: Case, rank: int, world_size: int) -> reference.AllToAllConfig:
+    return reference.AllToAllConfig(
+        max_num_tokens=case.max_num_tokens,
+        num_experts=case.num_experts,
+        experts_per_token=case.experts_per_token,
+        rank=rank,
+        world_size=world_size,
+        dp_size=case.dp_size,
+        hidden_dim=case.hidden_dim,
+        hidden_dim_bytes=case.hidden_dim_bytes,
+        hidden_dim_scale_bytes=case.hidden_dim_scale_bytes,
+    )
+
+
+CASES = [
+    (Case("fp8", torch.bfloat16, torch.bfloat16), 4),
+    (Case("bf16", torch.float16, torch.float32, dp_size=2), 4),
+    (Case("bf16", torch.bfloat16, torch.bfloat16, num_experts=8, experts_per_token=8), 8),
+]
+
+
+@pytest.mark.parametrize("case, world_size", CASES, ids=lambda v: str(v))
+def test_dispatch_delivers_each_token_to_each_of_its_experts(case: Case, world_size: int) -> None:
+    groups = make_groups(case, world_size, seed=1)
+    local = case.num_experts // world_size
+    for rank in range(world_size):
+        inboxes = reference.dispatch(config(case, rank, world_size), [g.tokens() for g in groups])
+        expected: list[list[tuple[int, int]]] = [[] for _ in range(local)]
+        for g, data in enumerate(groups):
+            for t in range(data.m):
+                for e in data.indices[t].tolist():
+                    if e // local == rank:
+                        expected[e % local].append((g, t))
+        assert inboxes == [sorted(inbox) for inbox in expected]
+
+
+@pytest.mark.parametrize("case, world_size", CASES, ids=lambda v: str(v))
+def test_combine_is_the_weighted_sum_in_k_order(case: Case, world_size: int) -> None:
+    groups = make_groups(case, world_size, seed=2)
+    table = expert_outputs_table(case, groups)
+    for rank in range(0, world_size, case.dp_size):
+        g = rank // case.dp_size
+        data = groups[g]
+        got = reference.combine(config(case, rank, world_size), g, data.tokens(), table)
+        want = torch.zeros(data.m, case.hidden_dim)
+        for k in range(case.experts_per_token):
+            rows = table[data.indices[: data.m, k].long(), g, torch.arange(data.m)]
+            want = want + data.weights[: data.m, k : k + 1] * rows
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_dispatch_rejects_a_repeated_expert() -> None:
+    case = Case("bf16", torch.bfloat16, torch.bfloat16, num_experts=8)
+    groups = make_groups(case, 2, seed=3, rows=4)
+    groups[1].m = 4
+    groups[1].indices[2, 1] = groups[1].indices[2, 0]
+    with pytest.raises(ValueError, match=r"group 1, token 2, k 1: expert index \d+ repeats the expert at k 0"):
+        reference.dispatch(config(case, 0, 2), [g.tokens() for g in groups])
+
+
+def test_dispatch_rejects_an_expert_out_of_range() -> None:
+    case = Case("bf16", torch.bfloat16, torch.bfloat16, num_experts=8)
+    groups = make_groups(case, 2, seed=4, rows=3)
+    groups[0].m = 3
+    groups[0].indices[1, 0] = 8
+    with pytest.raises(ValueError, match=r"expert index 8 is out of range \[0, num_experts=8\)"):
+        reference.dispatch(config(case, 0, 2), [g.tokens() for g in groups])
+
+
+def test_config_validation_names_the_field() -> None:
+    with pytest.raises(ValueError, match="num_experts"):
+        reference.AllToAllConfig(
+            max_num_tokens=8,
+            num_experts=7,
+            experts_per_token=2,
+            rank=0,
+            world_size=2,
+            dp_size=1,
+            hidden_dim=128,
+            hidden_dim_bytes=256,
+            hidden_dim_scale_bytes=0,
+        )
+
+
+def test_16_bit_conversions_match_torch() -> None:
+    from expertwire import _ext
+
+    values = torch.cat(
+        [
+            torch.randn(2000, generator=torch.Generator().manual_seed(5)) * 1000,
+            torch.tensor([0.0, -0.0, 1.0, 65504.0, 65520.0, 1e-8, 6.1e-5, 3.0e38, float("inf"), -float("inf")]),
+        ]
+    )
+    for value in values.tolist():
+        bf16 = torch.tensor([value]).to(torch.bfloat16)
+        assert _ext.float_to_bf16(value) == bf16.view(torch.int16).item() & 0xFFFF, value
+        assert _ext.bf16_to_float(_ext.float_to_bf16(value)) == bf16.float().item()
+        half = torch.tensor([value]).to(torch.float16)
+        assert _ext.float_to_half(value) == half.view(torch.int16).item() & 0xFFFF, value
+        assert _ext.half_to_float(_ext.float_to_half(value)) == half.float().item()
