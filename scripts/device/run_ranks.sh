@@ -12,19 +12,14 @@ set -euo pipefail
 NP=${1:?usage: run_ranks.sh NP COMMAND [ARGS...]}; shift
 [ $# -ge 1 ] || { echo "usage: run_ranks.sh NP COMMAND [ARGS...]" >&2; exit 2; }
 
-GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
-if [ "${GPUS:-0}" -eq 0 ]; then
+. "$(dirname "$0")/rank_env.sh"
+count_gpus
+if [ "$GPUS" -eq 0 ]; then
   echo "SKIPPED: no GPU visible (nvidia-smi lists none); $(basename "$1") needs a CUDA device"
   exit 77
 fi
 
-# NVSHMEM from the pip wheel: its plugins (bootstrap, transports) are loaded from the loader path.
-NV=$(python3 -c 'import nvidia.nvshmem as m;print(list(m.__path__)[0])')
-export LD_LIBRARY_PATH="$NV/lib:${LD_LIBRARY_PATH:-}"
-# NVLink multicast stays off: it can take a shared host's GPUs out of service.
-export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-2G}
-export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}
+export_nvshmem_env
 EXPORTS=(-x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_SYMMETRIC_SIZE
          -x NVSHMEM_REMOTE_TRANSPORT -x LD_LIBRARY_PATH)
 for kv in ${RANKS_EXPORT:-}; do EXPORTS+=(-x "$kv"); done
@@ -33,13 +28,7 @@ if [ "$GPUS" -eq 1 ] && [ "$NP" -gt 1 ] && [ "${RANKS_MPS:-1}" = 0 ]; then
   echo "run_ranks.sh: RANKS_MPS=0: $NP ranks time-slice one GPU as separate CUDA contexts (no MPS daemon)" >&2
   unset CUDA_MPS_PIPE_DIRECTORY  # ranks inherit this environment: keep them off any daemon it names
 elif [ "$GPUS" -eq 1 ] && [ "$NP" -gt 1 ]; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  # One job per MPS daemon: stop a daemon left from an earlier job, then start a fresh one.
-  echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true
-  sleep 1
-  nvidia-cuda-mps-control -d
-  trap 'echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; sleep 1' EXIT
+  start_fresh_mps
   export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$(( 100 / NP ))
   EXPORTS+=(-x CUDA_MPS_PIPE_DIRECTORY -x CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)
 elif [ "$NP" -gt "$GPUS" ]; then

@@ -1,0 +1,29 @@
+# Sourced by run_ranks.sh and with_mps.sh: the environment every rank process of this machine runs in.
+#   count_gpus                 GPUS = the GPUs nvidia-smi lists (0 without a driver)
+#   export_nvshmem_env         NVSHMEM from the pip wheel on the loader path; no NVLink multicast (it can take a
+#                              shared host's GPUs out of service); no remote transport; a 2G symmetric heap
+#   start_fresh_mps            a new CUDA MPS daemon, quit when the calling script exits. One job per daemon:
+#                              a daemon left by an earlier job (or its clients) makes the next start fail.
+
+count_gpus() {
+  GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
+  GPUS=${GPUS:-0}
+}
+
+export_nvshmem_env() {
+  local nv
+  nv=$(python3 -c 'import nvidia.nvshmem as m;print(list(m.__path__)[0])' 2>/dev/null || true)
+  if [ -n "$nv" ]; then export LD_LIBRARY_PATH="$nv/lib:${LD_LIBRARY_PATH:-}"; fi
+  export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-2G}
+  export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}
+}
+
+start_fresh_mps() {
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true
+  sleep 1
+  nvidia-cuda-mps-control -d
+  trap 'echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; sleep 1' EXIT
+}
