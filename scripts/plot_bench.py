@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Plot bench_all_to_all --json results: latency against tokens per rank, one line per transport and expert
+count, with the bandwidth floor (dashed) that the benchmark measured beside each case.
+
+    python3 scripts/plot_bench.py docs/bench_h100_8ranks.json docs/bench_h100_8ranks.png
+"""
+import argparse
+import json
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="JSON written by bench_all_to_all --json")
+    parser.add_argument("png", help="where to write the plot")
+    args = parser.parse_args()
+    with open(args.results) as f:
+        cases = json.load(f)
+
+    series = defaultdict(list)  # (transport, experts) -> cases in token order
+    for case in cases:
+        series[(case["transport"], case["experts"])].append(case)
+    ranks = cases[0]["ranks"]
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, op in zip(axes, ("dispatch", "combine")):
+        for (transport, experts), runs in sorted(series.items()):
+            runs.sort(key=lambda c: c["tokens"])
+            tokens = [c["tokens"] for c in runs]
+            line = axis.errorbar(tokens, [c[op]["mean_us"] for c in runs], yerr=[c[op]["std_us"] for c in runs],
+                                 marker="o", capsize=3, label=f"{transport}, {experts} experts")
+            if all(f"{op}_floor" in c for c in runs):
+                axis.plot(tokens, [c[f"{op}_floor"]["mean_us"] for c in runs], linestyle="--",
+                          color=line[0].get_color(), alpha=0.6)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("tokens per rank")
+        axis.set_ylabel("µs, slowest rank (mean ± std)")
+        axis.set_title(f"{op} ({ranks} ranks); dashed: bandwidth floor")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(args.png, dpi=110)
+    print(f"plot written to {args.png}")
+
+
+if __name__ == "__main__":
+    main()
