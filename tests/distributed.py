@@ -80,10 +80,13 @@ def _rank_entry(
 ) -> None:
     for name, value in RANK_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    shares_gpu = visible_gpus() < world_local_size
-    if shares_gpu:
-        # Before CUDA is touched: the MPS client reads it when its context is made.
+    if world_local_size > 1 and mps_running():
+        # Before anything touches CUDA, torch.cuda.device_count() included: the MPS client takes its SM limit
+        # when CUDA starts. Without it every rank sizes its launch for the whole GPU, the ranks' blocks cannot
+        # all be resident at once, and kernels that wait on each other time out. (MPS is only started for
+        # ranks that share one GPU: scripts/device/with_mps.sh.)
         os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, 100 // world_local_size))
+    shares_gpu = visible_gpus() < world_local_size
     device_index = 0 if shares_gpu else local_rank
     torch.cuda.set_device(device_index)
     rank = node_rank * world_local_size + local_rank
