@@ -7,21 +7,7 @@ import torch
 
 from expertwire import reference
 
-from .all_to_all_data import Case, expert_outputs_table, make_groups
-
-
-def config(case: Case, rank: int, world_size: int) -> reference.AllToAllConfig:
-    return reference.AllToAllConfig(
-        max_num_tokens=case.max_num_tokens,
-        num_experts=case.num_experts,
-        experts_per_token=case.experts_per_token,
-        rank=rank,
-        world_size=world_size,
-        dp_size=case.dp_size,
-        hidden_dim=case.hidden_dim,
-        hidden_dim_bytes=case.hidden_dim_bytes,
-        hidden_dim_scale_bytes=case.hidden_dim_scale_bytes,
-    )
+from .all_to_all_data import Case, config_of, expert_outputs_table, make_groups
 
 
 CASES = [
@@ -36,7 +22,7 @@ def test_dispatch_delivers_each_token_to_each_of_its_experts(case: Case, world_s
     groups = make_groups(case, world_size, seed=1)
     local = case.num_experts // world_size
     for rank in range(world_size):
-        inboxes = reference.dispatch(config(case, rank, world_size), [g.tokens() for g in groups])
+        inboxes = reference.dispatch(config_of(case, rank, world_size), [g.tokens() for g in groups])
         expected: list[list[tuple[int, int]]] = [[] for _ in range(local)]
         for g, data in enumerate(groups):
             for t in range(data.m):
@@ -53,7 +39,7 @@ def test_combine_is_the_weighted_sum_in_k_order(case: Case, world_size: int) -> 
     for rank in range(0, world_size, case.dp_size):
         g = rank // case.dp_size
         data = groups[g]
-        got = reference.combine(config(case, rank, world_size), g, data.tokens(), table)
+        got = reference.combine(config_of(case, rank, world_size), g, data.tokens(), table)
         want = torch.zeros(data.m, case.hidden_dim)
         for k in range(case.experts_per_token):
             rows = table[data.indices[: data.m, k].long(), g, torch.arange(data.m)]
@@ -67,7 +53,7 @@ def test_dispatch_rejects_a_repeated_expert() -> None:
     groups[1].m = 4
     groups[1].indices[2, 1] = groups[1].indices[2, 0]
     with pytest.raises(ValueError, match=r"group 1, token 2, k 1: expert index \d+ repeats the expert at k 0"):
-        reference.dispatch(config(case, 0, 2), [g.tokens() for g in groups])
+        reference.dispatch(config_of(case, 0, 2), [g.tokens() for g in groups])
 
 
 def test_dispatch_rejects_an_expert_out_of_range() -> None:
@@ -76,7 +62,7 @@ def test_dispatch_rejects_an_expert_out_of_range() -> None:
     groups[0].m = 3
     groups[0].indices[1, 0] = 8
     with pytest.raises(ValueError, match=r"expert index 8 is out of range \[0, num_experts=8\)"):
-        reference.dispatch(config(case, 0, 2), [g.tokens() for g in groups])
+        reference.dispatch(config_of(case, 0, 2), [g.tokens() for g in groups])
 
 
 def test_config_validation_names_the_field() -> None:

@@ -364,10 +364,5 @@ int run(int argc, char** argv) {
 }  // namespace expertwire
 
 int main(int argc, char** argv) {
-  try {
-    return expertwire::run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_all_to_all: %s\n", e.what());
-    return 2;
-  }
+  return expertwire::harness::run_reporting_errors("bench_all_to_all", expertwire::run, argc, argv);
 }

@@ -104,6 +104,22 @@ uint64_t symmetric_heap_bytes_from_env() {
   return (text && *text) ? parse_size_bytes(text) : (1ull << 30);
 }
 
+AllToAllConfig make_config(int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank,
+                           int64_t world_size, int64_t dp_size, int64_t hidden_dim, int64_t hidden_dim_bytes,
+                           int64_t hidden_dim_scale_bytes) {
+  AllToAllConfig config;
+  config.max_num_tokens = max_num_tokens;
+  config.num_experts = num_experts;
+  config.experts_per_token = experts_per_token;
+  config.rank = rank;
+  config.world_size = world_size;
+  config.dp_size = dp_size;
+  config.hidden_dim = hidden_dim;
+  config.hidden_dim_bytes = hidden_dim_bytes;
+  config.hidden_dim_scale_bytes = hidden_dim_scale_bytes;
+  return config;
+}
+
 uint64_t default_timeout_ns() {
   const char* text = std::getenv("EXPERTWIRE_TIMEOUT_MS");
   if (!text || !*text) return 10'000'000'000ull;

@@ -28,6 +28,11 @@ struct AllToAllConfig {
   void validate() const;
 };
 
+// A configuration from pplx_kernels' constructor arguments, in their order. Not validated.
+AllToAllConfig make_config(int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank,
+                           int64_t world_size, int64_t dp_size, int64_t hidden_dim, int64_t hidden_dim_bytes,
+                           int64_t hidden_dim_scale_bytes);
+
 // Bytes in NVSHMEM's symmetric heap per PE, as NVSHMEM_SYMMETRIC_SIZE sets it (default 1 GiB).
 // Accepts NVSHMEM's spelling: a number with an optional K/M/G/T suffix (powers of 1024).
 uint64_t symmetric_heap_bytes_from_env();

@@ -182,19 +182,11 @@ void reference_combine(const AllToAllConfig& config, uint32_t group, int64_t m, 
   reference::combine(config, group, input, expert_output, out.data());
 }
 
-AllToAllConfig make_config(int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank,
-                           int64_t world_size, int64_t dp_size, int64_t hidden_dim, int64_t hidden_dim_bytes,
-                           int64_t hidden_dim_scale_bytes) {
-  AllToAllConfig config;
-  config.max_num_tokens = max_num_tokens;
-  config.num_experts = num_experts;
-  config.experts_per_token = experts_per_token;
-  config.rank = rank;
-  config.world_size = world_size;
-  config.dp_size = dp_size;
-  config.hidden_dim = hidden_dim;
-  config.hidden_dim_bytes = hidden_dim_bytes;
-  config.hidden_dim_scale_bytes = hidden_dim_scale_bytes;
+AllToAllConfig make_validated_config(int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token,
+                                     int64_t rank, int64_t world_size, int64_t dp_size, int64_t hidden_dim,
+                                     int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes) {
+  AllToAllConfig config = make_config(max_num_tokens, num_experts, experts_per_token, rank, world_size, dp_size,
+                                      hidden_dim, hidden_dim_bytes, hidden_dim_scale_bytes);
   config.validate();
   return config;
 }
@@ -225,7 +217,7 @@ NB_MODULE(_expertwire, m) {
       .value("float16", ScalarType::kFloat16);
 
   nb::class_<AllToAllConfig>(m, "AllToAllConfig")
-      .def(nb::new_(&make_config), "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "rank"_a,
+      .def(nb::new_(&make_validated_config), "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "rank"_a,
            "world_size"_a, "dp_size"_a, "hidden_dim"_a, "hidden_dim_bytes"_a, "hidden_dim_scale_bytes"_a,
            "Validates the fields; raises ValueError naming the first invalid one.")
       .def_ro("max_num_tokens", &AllToAllConfig::max_num_tokens)

@@ -594,10 +594,5 @@ int run(int argc, char** argv) {
 }  // namespace expertwire
 
 int main(int argc, char** argv) {
-  try {
-    return expertwire::run(argc, argv);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "test_failures: %s\n", e.what());
-    return 2;
-  }
+  return expertwire::harness::run_reporting_errors("test_failures", expertwire::run, argc, argv);
 }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,15 @@ NvshmemSession::NvshmemSession(const MpiSession& mpi) {
 NvshmemSession::~NvshmemSession() { nvshmem_finalize_runtime(); }
 
 void barrier() { MPI_Barrier(MPI_COMM_WORLD); }
+
+int run_reporting_errors(const char* program, int (*run)(int, char**), int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: %s\n", program, e.what());
+    return 2;
+  }
+}
 
 bool all_ranks(bool value) {
   int local = value ? 1 : 0, global = 0;

@@ -45,6 +45,10 @@ class NvshmemSession {
 };
 
 void barrier();                       // every rank reaches this point before any leaves it
+// main() of every multi-rank program: run(argc, argv), or "<program>: <what>" on stderr and exit code 2 when
+// it throws.
+int run_reporting_errors(const char* program, int (*run)(int, char**), int argc, char** argv);
+
 bool all_ranks(bool value);           // logical AND over ranks
 double max_over_ranks(double value);  // maximum over ranks
 uint64_t broadcast_from_root(uint64_t value);
