@@ -10,9 +10,11 @@ Several ranks on one GPU need CUDA MPS (scripts/device/with_mps.sh starts it).
 
 Every rank moves exactly --tokens tokens, each to --top-k distinct experts. Each timed operation is preceded by
 an NVSHMEM barrier on the stream and timed with CUDA events; per iteration the slowest rank counts, and the
-table gives the mean and median of those. The baselines move, for each destination rank, the rows expertwire
-delivers there (one per (token, expert) pair): dispatch-sized rows (fp8 payload + scales) and combine-sized rows
-(bf16), each destination padded to the largest count as a dense all-to-all needs.
+table gives the mean and median of those. expertwire is timed twice: called from Python ("eager": the slowest
+rank's host time per call counts, as the others wait for it) and replayed from a CUDA graph ("graph"). The
+baselines move, for each destination rank, the rows expertwire delivers there (one per (token, expert) pair):
+dispatch-sized rows (fp8 payload + scales) and combine-sized rows (bf16), each destination padded to the largest
+count as a dense all-to-all needs.
 """
 
 from __future__ import annotations
@@ -121,7 +123,32 @@ def bench_expertwire(opts: Options, info: RankInfo, tokens: int, transport: str,
     def combine() -> None:
         a2a.combine(out_tokens, work.indices, work.weights, expert_y, None)
 
-    # Each combine needs the routes of a dispatch before it: time them alternately.
+    eager = _time_dispatch_combine(opts, dispatch, combine)
+    # Serving stacks replay the layer as a CUDA graph: the same kernels without Python's host time per call.
+    dispatch_graph, combine_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(dispatch_graph):
+        dispatch()
+    with torch.cuda.graph(combine_graph):
+        combine()
+    replayed = _time_dispatch_combine(opts, dispatch_graph.replay, combine_graph.replay)
+    a2a.check_errors()
+    dist.barrier()
+    del dispatch_graph, combine_graph
+    a2a.destroy()
+    timings = []
+    for method, (dispatch_stats, combine_stats) in (
+        (f"expertwire {transport}", eager),
+        (f"expertwire {transport} graph", replayed),
+    ):
+        timings.append(Timing(method, "dispatch", tokens, *dispatch_stats))
+        timings.append(Timing(method, "combine", tokens, *combine_stats))
+    return timings
+
+
+def _time_dispatch_combine(
+    opts: Options, dispatch: Callable[[], None], combine: Callable[[], None]
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Times dispatch and combine alternately (each combine needs the routes of a dispatch before it)."""
     stream = torch.cuda.current_stream()
     dispatch_us: list[float] = []
     combine_us: list[float] = []
@@ -139,14 +166,7 @@ def bench_expertwire(opts: Options, info: RankInfo, tokens: int, transport: str,
         if i >= opts.warmup:
             dispatch_us.append(events[0].elapsed_time(events[1]) * 1e3)
             combine_us.append(events[2].elapsed_time(events[3]) * 1e3)
-    a2a.check_errors()
-    dist.barrier()
-    a2a.destroy()
-    name = f"expertwire {transport}"
-    return [
-        Timing(name, "dispatch", tokens, *_slowest_rank_stats(dispatch_us)),
-        Timing(name, "combine", tokens, *_slowest_rank_stats(combine_us)),
-    ]
+    return _slowest_rank_stats(dispatch_us), _slowest_rank_stats(combine_us)
 
 
 def _rows_per_destination(opts: Options, info: RankInfo, work: RankWorkload) -> tuple[list[torch.Tensor], int]:

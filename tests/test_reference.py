@@ -9,7 +9,6 @@ from expertwire import reference
 
 from .all_to_all_data import Case, config_of, expert_outputs_table, make_groups
 
-
 CASES = [
     (Case("fp8", torch.bfloat16, torch.bfloat16), 4),
     (Case("bf16", torch.float16, torch.float32, dp_size=2), 4),

@@ -195,7 +195,8 @@ class AllToAll:
             do_send,
             do_recv,
         )
-        ops.dispatch(
+        dispatch_op = ops.dispatch if torch.compiler.is_compiling() else ops.launch_dispatch
+        dispatch_op(
             handle,
             out_expert_num_tokens,
             out_expert_x,
@@ -224,7 +225,8 @@ class AllToAll:
         max_recv_tokens, hidden_dim] bfloat16 or float16."""
         handle = self._live_handle("combine")
         check_combine(self._shape, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
-        ops.combine(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
+        combine_op = ops.combine if torch.compiler.is_compiling() else ops.launch_combine
+        combine_op(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (a peer that timed out, an
