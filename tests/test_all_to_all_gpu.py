@@ -100,7 +100,9 @@ class RankBuffers:
         self.out_tokens.fill_(float("nan"))
 
 
-def dispatch_and_combine(a2a: expertwire.AllToAll, case: Case, b: RankBuffers) -> None:
+def dispatch_and_combine(a2a: expertwire.AllToAll, case: Case, b: RankBuffers, in_buffer: bool = False) -> None:
+    """One dispatch, the test experts, one combine; with `in_buffer`, the experts' outputs go to
+    a2a.expert_output_buffer() and combine reads them from there."""
     halves = [(True, False), (False, True)] if case.split else [(True, True)]
     for do_send, do_recv in halves:
         a2a.dispatch(
@@ -115,6 +117,8 @@ def dispatch_and_combine(a2a: expertwire.AllToAll, case: Case, b: RankBuffers) -
             do_recv=do_recv,
         )
     expert_y = run_experts(case, b.expert_x, b.expert_factors)
+    if in_buffer:
+        expert_y = a2a.expert_output_buffer(expert_y.dtype).copy_(expert_y)
     for do_send, do_recv in halves:
         a2a.combine(b.out_tokens, b.indices, b.weights, expert_y, b.bound_m, do_send=do_send, do_recv=do_recv)
 
@@ -139,10 +143,11 @@ def _worker_eager(info: RankInfo, transport: str) -> None:
             groups = make_groups(case, info.world_size, seed)
             a2a = make_all_to_all(transport, case, info)
             buffers = RankBuffers(case, info, groups[info.rank // case.dp_size])
-            # Twice on one object: the second call proves the first left every signal and counter reset.
-            for _ in range(2):
+            # Twice on one object: the second call proves the first left every signal and counter reset. The
+            # second takes the experts' outputs from the communication buffer.
+            for in_buffer in (False, True):
                 buffers.out_tokens.fill_(float("nan"))
-                dispatch_and_combine(a2a, case, buffers)
+                dispatch_and_combine(a2a, case, buffers, in_buffer)
                 torch.cuda.synchronize()
                 a2a.check_errors()
                 _check(case, info, groups, buffers)

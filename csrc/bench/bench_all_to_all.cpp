@@ -109,6 +109,7 @@ class Events {
 struct CaseResult {
   int64_t tokens, experts;
   Stats dispatch, dispatch_send, dispatch_recv, combine, combine_send, combine_recv;
+  Stats combine_in_buffer;  // expert_y is the object's expert_output_buffer(): no copy of the rows on send
   Stats loop_dispatch, loop_combine;
   double dispatch_bytes, combine_bytes;  // bytes this rank sends
   // Bandwidth floor: the bytes that must move for this rank, copied device-to-device by every rank at once.
@@ -171,15 +172,17 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
     a2a->dispatch(num_tokens.get<int32_t>(), out_x.get(), out_s.get(), dp_x.get(), dp_x_scale.get(),
                   indices.get<uint32_t>(), m, nullptr, mode, stream);
   };
-  auto combine = [&](SplitMode mode) {
-    a2a->combine(out.get(), ScalarType::kBFloat16, indices.get<uint32_t>(), weights.get<float>(), expert_y.get(),
+  auto combine_from = [&](const void* y, SplitMode mode) {
+    a2a->combine(out.get(), ScalarType::kBFloat16, indices.get<uint32_t>(), weights.get<float>(), y,
                  ScalarType::kBFloat16, m, nullptr, mode, stream);
   };
+  auto combine = [&](SplitMode mode) { combine_from(expert_y.get(), mode); };
+  EW_CUDA_CHECK(cudaMemcpy(a2a->expert_output_buffer(), expert_y.get(), expert_y.bytes(), cudaMemcpyDeviceToDevice));
 
   // Barrier before each timed operation.
   const int n = o.iterations;
-  std::vector<double> d(n), ds(n), dr(n), cb(n), cs(n), cr(n);
-  Events ev(10);
+  std::vector<double> d(n), ds(n), dr(n), cb(n), cs(n), cr(n), cz(n);
+  Events ev(12);
   for (int i = -o.warmup; i < n; ++i) {
     nvshmem_barrier_on_stream(stream);
     ev.record(0, stream);
@@ -201,6 +204,12 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
     ev.record(8, stream);
     combine(SplitMode::kRecv);
     ev.record(9, stream);
+    nvshmem_barrier_on_stream(stream);
+    dispatch(SplitMode::kNone);
+    nvshmem_barrier_on_stream(stream);
+    ev.record(10, stream);
+    combine_from(a2a->expert_output_buffer(), SplitMode::kNone);
+    ev.record(11, stream);
     EW_CUDA_CHECK(cudaStreamSynchronize(stream));
     a2a->check_errors();
     if (i < 0) continue;
@@ -210,6 +219,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
     dr[i] = ev.micros(5, 6);
     cs[i] = ev.micros(7, 8);
     cr[i] = ev.micros(8, 9);
+    cz[i] = ev.micros(10, 11);
   }
 
   // Back to back: no barriers, events between operations.
@@ -267,6 +277,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   r.combine = stats_of(slowest_rank(cb));
   r.combine_send = stats_of(slowest_rank(cs));
   r.combine_recv = stats_of(slowest_rank(cr));
+  r.combine_in_buffer = stats_of(slowest_rank(cz));
   r.loop_dispatch = stats_of(slowest_rank(ld));
   r.loop_combine = stats_of(slowest_rank(lc));
   r.dispatch_bytes = double(tokens * o.top_k) * double(c.hidden_dim_bytes + c.hidden_dim_scale_bytes);
@@ -288,13 +299,15 @@ void print_tables(const char* title, int world, const std::vector<CaseResult>& r
   std::printf("\n%s, %d ranks, hidden %lld, top-k %lld, fp8 dispatch (+%lld B scales), bf16 combine\n", title, world,
               (long long)o.hidden, (long long)o.top_k, (long long)((o.hidden + 127) / 128 * 4));
   std::printf("Barrier before each operation; slowest rank; µs mean ± std (median):\n");
-  std::printf("| tokens | experts | dispatch | send half | recv half | GB/s | combine | send half | recv half | GB/s |\n");
-  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("| tokens | experts | dispatch | send half | recv half | GB/s | combine | send half | recv half | GB/s "
+              "| combine, expert_y in buffer |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : results) {
-    std::printf("| %lld | %lld | %s | %s | %s | %.1f | %s | %s | %s | %.1f |\n", (long long)r.tokens,
+    std::printf("| %lld | %lld | %s | %s | %s | %.1f | %s | %s | %s | %.1f | %s |\n", (long long)r.tokens,
                 (long long)r.experts, cell(r.dispatch).c_str(), cell(r.dispatch_send).c_str(),
                 cell(r.dispatch_recv).c_str(), r.dispatch_bytes / r.dispatch.mean / 1e3, cell(r.combine).c_str(),
-                cell(r.combine_send).c_str(), cell(r.combine_recv).c_str(), r.combine_bytes / r.combine.mean / 1e3);
+                cell(r.combine_send).c_str(), cell(r.combine_recv).c_str(), r.combine_bytes / r.combine.mean / 1e3,
+                cell(r.combine_in_buffer).c_str());
   }
   std::printf("Back-to-back loop, no barriers; slowest rank; µs mean ± std (median):\n");
   std::printf("| tokens | experts | dispatch | combine |\n|---:|---:|---:|---:|\n");
@@ -329,7 +342,8 @@ void write_json(const std::string& path, int world, const std::vector<std::pair<
         << ", \"experts\": " << r.experts << ", \"dispatch\": " << stats(r.dispatch)
         << ", \"dispatch_send\": " << stats(r.dispatch_send) << ", \"dispatch_recv\": " << stats(r.dispatch_recv)
         << ", \"combine\": " << stats(r.combine) << ", \"combine_send\": " << stats(r.combine_send)
-        << ", \"combine_recv\": " << stats(r.combine_recv) << ", \"loop_dispatch\": " << stats(r.loop_dispatch)
+        << ", \"combine_recv\": " << stats(r.combine_recv)
+        << ", \"combine_in_buffer\": " << stats(r.combine_in_buffer) << ", \"loop_dispatch\": " << stats(r.loop_dispatch)
         << ", \"loop_combine\": " << stats(r.loop_combine) << ", \"dispatch_bytes_per_rank\": " << r.dispatch_bytes
         << ", \"combine_bytes_per_rank\": " << r.combine_bytes
         << ", \"dispatch_floor_bytes_per_rank\": " << r.dispatch_floor_bytes

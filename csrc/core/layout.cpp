@@ -78,6 +78,16 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
       place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "dispatch_ready");
   l.send_expert_counts_offset =
       place(cursor, uint64_t(l.num_experts) * sizeof(uint32_t), kRegionAlign, "send_expert_counts");
+  l.combine_slots_offset = place(
+      cursor,
+      checked_mul(checked_mul(uint64_t(l.num_dp_groups) * l.max_num_tokens, l.experts_per_token, "combine_slots"),
+                  sizeof(uint32_t), "combine_slots"),
+      kRegionAlign, "combine_slots");
+  l.expert_outputs_offset = place(
+      cursor,
+      checked_mul(checked_mul(l.num_local_experts, l.max_recv_tokens, "expert_outputs"), l.combine_row_bytes,
+                  "expert_outputs"),
+      kRegionAlign, "expert_outputs");
   l.symmetric_bytes = place(cursor, 0, kRegionAlign, "symmetric buffer");
 
   uint64_t ws = 0;

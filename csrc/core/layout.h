@@ -18,6 +18,12 @@
 //   dispatch_ready  [world_size] u64: m + 1 once that rank's send_rows are staged (0 = not yet).
 //   send_expert_counts [num_experts] u32: how many of this rank's staged tokens name each expert, published
 //                   with send_rows so receivers size their regions without reading every header.
+//   combine_slots   [num_dp_groups][max_num_tokens][top-k] u32: the row of expert_outputs that holds the output
+//                   of token (group, t) for its k-th expert, when that expert is ours; written by the pull
+//                   dispatch, read by the tokens' ranks in the pull combine.
+//   expert_outputs  [num_local_experts][max_recv_tokens] rows of hidden_dim 16-bit values, expert_y's layout:
+//                   where the pull combine's readers find our experts' outputs. combine copies expert_y here,
+//                   unless the experts wrote their outputs here in the first place (AllToAll::expert_output_buffer).
 //
 // Local workspace (cudaMalloc, this rank only):
 //   send_counts     [num_experts] u32: tokens this rank has sent (push) or staged (pull) for each expert in
@@ -98,6 +104,8 @@ struct BufferLayout {
   uint64_t send_rows_offset;
   uint64_t dispatch_ready_offset;
   uint64_t send_expert_counts_offset;
+  uint64_t combine_slots_offset;
+  uint64_t expert_outputs_offset;
   uint64_t symmetric_bytes;
 
   // Local workspace: offsets from its base, and its size.
@@ -138,6 +146,13 @@ struct BufferLayout {
   }
   EW_HOST_DEVICE uint64_t send_expert_count_offset(uint32_t expert) const {
     return send_expert_counts_offset + uint64_t(expert) * sizeof(uint32_t);
+  }
+  EW_HOST_DEVICE uint64_t combine_slot_offset(uint32_t source_group, uint32_t token, uint32_t k) const {
+    return combine_slots_offset +
+           ((uint64_t(source_group) * max_num_tokens + token) * experts_per_token + k) * sizeof(uint32_t);
+  }
+  EW_HOST_DEVICE uint64_t expert_output_offset(uint32_t local_expert, uint32_t row) const {
+    return expert_outputs_offset + (uint64_t(local_expert) * max_recv_tokens + row) * combine_row_bytes;
   }
   EW_HOST_DEVICE uint64_t route_offset(uint32_t local_expert, uint32_t row) const {
     return routes_offset + (uint64_t(local_expert) * max_recv_tokens + row) * sizeof(TokenRoute);

@@ -27,6 +27,13 @@
 //                   the last block out sets "done" at every rank.
 //   combine recv    wait for "done" from all ranks, out[t] = sum_k w[t][k] * row(t, k); the last block out
 //                   clears the flags.
+// Combine, like dispatch, also comes in a pull form for load/store transports, in which each row moves once
+// (or not at all, when the experts wrote their outputs into expert_outputs themselves):
+//   pull dispatch   besides copying, records in combine_slots where each (group, token, k) row lands.
+//   pull send       copy expert_y into our expert_outputs unless it is already there; the last block out sets
+//                   "done" at every rank.
+//   pull recv       wait for "done" from all ranks, out[t] = sum_k w[t][k] * row(t, k), reading row (t, k)
+//                   straight from the expert_outputs of the expert's owner, at the slot the owner recorded.
 // A rank can only start dispatch n+1 after hearing "done" for combine n from every rank, and every rank
 // sends "done" only after its dispatch-recv n has finished, so no signal or slot is overwritten while a
 // peer still reads it, and no signal is cleared after a peer has set it again.
@@ -365,6 +372,8 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
         } else {
           row = region_base[region] + taken;
           routes[uint64_t(expert - first_expert) * l.max_recv_tokens + row] = TokenRoute{t, uint16_t(g), uint16_t(k)};
+          // For the pull combine; its readers start after this kernel has ended (see the top).
+          *reinterpret_cast<uint32_t*>(c.symmetric + l.combine_slot_offset(g, t, k)) = row;
         }
       }
       for (unsigned pending = __ballot_sync(kFullMask, mine); pending != 0; pending &= pending - 1) {
@@ -486,22 +495,18 @@ struct Vec8<float> {
   }
 };
 
-template <class OutT, class ExpertT>
-__device__ void combine_recv(const CombineArgs& a) {
+// out[t] = sum_k weights[t][k] * row(t, k) for the first bound_m tokens, in fp32, written as OutT. `row_of(t, k,
+// expert)` gives the address of the expert output row of (t, k) for a valid expert. One thread per 8-element
+// vector of the output, spread over the whole grid; the rows of up to eight k are loaded before any is summed
+// so their latencies overlap. Sums stay in k order, as the reference's.
+template <class OutT, class ExpertT, class RowOf>
+__device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
-  for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
-    wait_signal(c.local_signal(l.combine_done_offset_of(peer)), c.timeout_ns, c.error, Phase::kCombineRecv,
-                int32_t(peer));
-  }
-  __syncthreads();
-
   const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kCombineRecv);
   const uint32_t top_k = l.experts_per_token;
   const uint32_t vectors = l.hidden_dim / 8;
   auto* out = static_cast<OutT*>(a.out_tokens);
-  // One thread per 8-element vector of the output, spread over the whole grid; the rows of up to eight k
-  // are loaded before any is summed so their latencies overlap. Sums stay in k order, as the reference's.
   constexpr uint32_t kBatch = 8;
   const uint64_t work = uint64_t(m) * vectors;
   for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < work; i += uint64_t(gridDim.x) * blockDim.x) {
@@ -515,10 +520,11 @@ __device__ void combine_recv(const CombineArgs& a) {
 #pragma unroll
       for (uint32_t u = 0; u < kBatch; ++u) {
         const uint32_t k = k0 + u;
+        const uint32_t expert = k < top_k ? experts[k] : ~0u;
         // Rows of invalid experts were never sent (dispatch reported them): they add nothing.
-        const bool valid = k < top_k && experts[k] < l.num_experts;
+        const bool valid = expert < l.num_experts;
         w[u] = valid ? weights[k] : 0.0f;
-        raw[u] = valid ? reinterpret_cast<const int4*>(c.symmetric + l.combine_row_offset(t, k))[v] : int4{0, 0, 0, 0};
+        raw[u] = valid ? row_of(t, k, expert)[v] : int4{0, 0, 0, 0};
       }
 #pragma unroll
       for (uint32_t u = 0; u < kBatch; ++u) {
@@ -531,19 +537,97 @@ __device__ void combine_recv(const CombineArgs& a) {
     }
     Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
   }
+}
 
+// Waits for "done" from every rank (its rows are where this rank's reduction reads them).
+__device__ inline void wait_combine_done(const RankContext& c) {
+  for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
+    wait_signal(c.local_signal(c.layout.combine_done_offset_of(peer)), c.timeout_ns, c.error, Phase::kCombineRecv,
+                int32_t(peer));
+  }
+  __syncthreads();
+}
+
+// The last block out of a combine receive clears the "done" flags for the next call.
+__device__ inline void finish_combine_recv(const RankContext& c) {
   if (last_block_out(c.phase_counter(kCombineRecvDone))) {
-    for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
-      *c.local_signal(l.combine_done_offset_of(peer)) = 0;
+    for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
+      *c.local_signal(c.layout.combine_done_offset_of(peer)) = 0;
     }
     if (threadIdx.x == 0) *c.phase_counter(kCombineRecvDone) = 0;
   }
+}
+
+template <class OutT, class ExpertT>
+__device__ void combine_recv(const CombineArgs& a) {
+  const RankContext& c = a.ctx;
+  wait_combine_done(c);
+  weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t) {
+    return reinterpret_cast<const int4*>(c.symmetric + c.layout.combine_row_offset(t, k));
+  });
+  finish_combine_recv(c);
 }
 
 template <class Transport, class OutT, class ExpertT>
 __global__ void __launch_bounds__(1024) combine_kernel(CombineArgs args, Transport transport) {
   if (args.do_send) combine_send(args, transport);
   if (args.do_recv) combine_recv<OutT, ExpertT>(args);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Pull combine.
+
+template <class Transport>
+__device__ void combine_pull_send(const CombineArgs& a, const Transport& transport) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t num_local = l.num_local_experts;
+  uint8_t* expert_outputs = c.symmetric + l.expert_outputs_offset;
+  if (a.expert_y != expert_outputs) {
+    extern __shared__ uint32_t shared[];
+    uint32_t* expert_total = shared;
+    uint32_t* expert_start = expert_total + num_local + 1;
+    const auto* recv_counts = reinterpret_cast<const int32_t*>(c.workspace + l.recv_counts_offset);
+    for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) expert_total[le] = uint32_t(recv_counts[le]);
+    __syncthreads();
+    if (warp_id() == 0) warp_exclusive_scan(expert_total, expert_start, num_local);
+    __syncthreads();
+    // Only the rows the last dispatch filled: the rest of expert_y is never read.
+    for (uint32_t j = global_warp(); j < expert_start[num_local]; j += total_warps()) {
+      const uint32_t le = find_segment(expert_start, num_local, j);
+      const uint64_t offset = l.expert_output_offset(le, j - expert_start[le]) - l.expert_outputs_offset;
+      warp_copy_16<SourceKind::kInput>(expert_outputs + offset, a.expert_y + offset, l.combine_row_bytes);
+    }
+  }
+  if (last_block_out(c.phase_counter(kCombineSendDone))) {
+    for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
+      transport.signal(int(peer), l.combine_done_offset_of(c.rank), 1);
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kCombineSendDone) = 0;
+  }
+}
+
+template <class Transport, class OutT, class ExpertT>
+__device__ void combine_pull_recv(const CombineArgs& a, const Transport& transport) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  wait_combine_done(c);
+  weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t expert) {
+    const int owner = int(expert / l.num_local_experts);
+    const uint32_t slot = *reinterpret_cast<const uint32_t*>(
+        transport.peer_address(owner, l.combine_slot_offset(c.dp_group, t, k)));
+    // A slot the owner never wrote (a repeated expert, which dispatch reported) still reads inside the buffer.
+    const uint32_t row = min(slot, l.max_recv_tokens - 1);
+    return reinterpret_cast<const int4*>(
+        transport.peer_address(owner, l.expert_output_offset(expert % l.num_local_experts, row)));
+  });
+  finish_combine_recv(c);
+}
+
+template <class Transport, class OutT, class ExpertT>
+__global__ void __launch_bounds__(1024) combine_pull_kernel(CombineArgs args, Transport transport) {
+  if (args.do_send) combine_pull_send(args, transport);
+  if (args.do_recv) combine_pull_recv<Transport, OutT, ExpertT>(args, transport);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -562,11 +646,16 @@ void launch_dispatch(const DispatchArgs& args, const Transport& transport, Launc
   EW_CUDA_CHECK(cudaGetLastError());
 }
 
+// The pull combine when every peer's buffer is load/store reachable, else the push combine.
 template <class Transport, class OutT, class ExpertT>
 void launch_combine_typed(const CombineArgs& args, const Transport& transport, LaunchShape shape,
                           cudaStream_t stream) {
-  combine_kernel<Transport, OutT, ExpertT>
-      <<<shape.blocks, shape.threads, combine_shared_bytes(args.ctx.layout), stream>>>(args, transport);
+  const uint64_t shared_bytes = combine_shared_bytes(args.ctx.layout);
+  if (transport.load_store_only()) {
+    combine_pull_kernel<Transport, OutT, ExpertT><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
+  } else if constexpr (Transport::kMayPut) {
+    combine_kernel<Transport, OutT, ExpertT><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
+  }
   EW_CUDA_CHECK(cudaGetLastError());
 }
 

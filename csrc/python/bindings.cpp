@@ -72,6 +72,7 @@ class AllToAllHandle {
   }
 
   void check_errors() const { live().check_errors(); }
+  uintptr_t expert_output_buffer() const { return reinterpret_cast<uintptr_t>(live().expert_output_buffer()); }
   uint32_t num_blocks() const { return live().launch_shape().blocks; }
   bool alive() const { return impl_ != nullptr; }
   void destroy() { impl_.reset(); }
@@ -261,6 +262,8 @@ NB_MODULE(_expertwire, m) {
       .def("combine", &AllToAllHandle::combine, "out_tokens"_a, "out_type"_a, "indices"_a, "weights"_a,
            "expert_y"_a, "expert_type"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a)
       .def("check_errors", &AllToAllHandle::check_errors)
+      .def_prop_ro("expert_output_buffer", &AllToAllHandle::expert_output_buffer,
+                   "Device address of this rank's expert_outputs region (see AllToAll::expert_output_buffer).")
       .def_prop_ro("num_blocks", &AllToAllHandle::num_blocks)
       .def_prop_ro("alive", &AllToAllHandle::alive)
       .def("destroy", &AllToAllHandle::destroy);

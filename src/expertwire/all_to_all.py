@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from ._device_memory import tensor_over
 from ._native import ext
-from .checks import AllToAllShape, check_combine, check_dispatch
+from .checks import EXPERT_Y_DTYPES, AllToAllShape, check_combine, check_dispatch
 
 
 def _resolve_group(group_name: str) -> dist.ProcessGroup:
@@ -227,6 +228,20 @@ class AllToAll:
         check_combine(self._shape, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
         combine_op = ops.combine if torch.compiler.is_compiling() else ops.launch_combine
         combine_op(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
+
+    def expert_output_buffer(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """expert_y's home in this rank's communication buffer: a [num_local_experts, max_recv_tokens, hidden_dim]
+        tensor of `dtype` (bfloat16 or float16) that peers read combine's rows from. Experts that write their
+        outputs here (after dispatch's receive half, on the same stream) and pass this tensor as combine's
+        expert_y spare combine a copy of every row. Valid until destroy(); not zeroed."""
+        if dtype not in EXPERT_Y_DTYPES:
+            raise ValueError(
+                f"expert_output_buffer: dtype must be {' or '.join(str(d) for d in EXPERT_Y_DTYPES)}, got {dtype}"
+            )
+        native = ops.native(self._live_handle("expert_output_buffer"))
+        shape = (self._shape.num_local_experts, self._shape.max_recv_tokens, self._shape.hidden_dim)
+        device = torch.device("cuda", torch.cuda.current_device())
+        return tensor_over(native.expert_output_buffer, shape, dtype, device, owner=native)
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (a peer that timed out, an

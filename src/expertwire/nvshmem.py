@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from . import ops
+from ._device_memory import tensor_over
 from ._native import ext
 
 _symmetric: "weakref.WeakSet[ext.SymmetricMemory]" = weakref.WeakSet()
@@ -71,30 +72,15 @@ def nvshmem_barrier_all_on_current_stream() -> None:
     ext.nvshmem_barrier_all_on_stream(torch.cuda.current_stream().cuda_stream)
 
 
-class _CudaArray:
-    """Presents symmetric memory through __cuda_array_interface__; the tensor made from it keeps it alive."""
-
-    def __init__(self, memory: "ext.SymmetricMemory") -> None:
-        self.memory = memory
-        self.__cuda_array_interface__ = {
-            "shape": (memory.nbytes,),
-            "typestr": "|u1",
-            "data": (memory.data_ptr, False),
-            "version": 3,
-        }
-
-
 def nvshmem_malloc(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor in NVSHMEM's symmetric heap, zeroed. Collective: every rank allocates the same shape in the same
     order. The memory is freed (collectively) when the last reference to the tensor goes, or at nvshmem_finalize."""
     elements = 1
     for extent in shape:
         elements *= int(extent)
-    nbytes = elements * torch.empty((), dtype=dtype).element_size()
-    memory = ext.SymmetricMemory(max(nbytes, 1))
+    memory = ext.SymmetricMemory(max(elements * torch.empty((), dtype=dtype).element_size(), 1))
     _symmetric.add(memory)
-    raw = torch.as_tensor(_CudaArray(memory), device=device)
-    return raw[:nbytes].view(dtype).view(tuple(int(extent) for extent in shape))
+    return tensor_over(memory.data_ptr, shape, dtype, device, owner=memory)
 
 
 def nvshmem_alltoall(dest: torch.Tensor, source: torch.Tensor) -> None:

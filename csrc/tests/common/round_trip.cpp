@@ -77,6 +77,7 @@ CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index) {
   shape.expert_type = kExpert[pair / 3];
   shape.split = rng.below(2) == 1;
   shape.use_bound_m = rng.below(2) == 1;
+  shape.expert_y_in_buffer = rng.below(2) == 1;
   return shape;
 }
 
@@ -85,7 +86,8 @@ std::string describe(const CallShape& shape) {
   out << "m=[";
   for (size_t g = 0; g < shape.m_per_group.size(); ++g) out << (g ? " " : "") << shape.m_per_group[g];
   out << "] out=" << scalar_type_name(shape.out_type) << " expert=" << scalar_type_name(shape.expert_type)
-      << " split=" << int(shape.split) << " bound_m=" << int(shape.use_bound_m);
+      << " split=" << int(shape.split) << " bound_m=" << int(shape.use_bound_m)
+      << " in_buffer=" << int(shape.expert_y_in_buffer);
   return out.str();
 }
 
@@ -265,6 +267,7 @@ void RoundTrip::check_dispatch(const std::vector<reference::ExpertInbox>& expect
 
 void RoundTrip::combine(AllToAll& a2a, const CallShape& shape) {
   const int64_t hidden = config_.hidden_dim, max_recv = config_.max_recv_tokens();
+  auto* expert_y = static_cast<uint16_t*>(shape.expert_y_in_buffer ? a2a.expert_output_buffer() : expert_y_.get());
   std::vector<float> values(hidden);
   std::vector<uint16_t> block;
   for (int64_t le = 0; le < config_.num_local_experts(); ++le) {
@@ -275,11 +278,12 @@ void RoundTrip::combine(AllToAll& a2a, const CallShape& shape) {
       expert_output_row(expert, rows[i].first, rows[i].second, shape.expert_type, hidden, values.data());
       for (int64_t h = 0; h < hidden; ++h) block[i * hidden + h] = to_bits16(values[h], shape.expert_type);
     }
-    EW_CUDA_CHECK(cudaMemcpy(expert_y_.get<uint16_t>() + le * max_recv * hidden, block.data(),
-                             block.size() * sizeof(uint16_t), cudaMemcpyHostToDevice));
+    EW_CUDA_CHECK(cudaMemcpy(expert_y + le * max_recv * hidden, block.data(), block.size() * sizeof(uint16_t),
+                             cudaMemcpyHostToDevice));
   }
   EW_CUDA_CHECK(cudaMemsetAsync(out_tokens_.get(), kSentinel, out_tokens_.bytes(), stream_));
-  const CombineArguments args = combine_arguments(shape);
+  CombineArguments args = combine_arguments(shape);
+  args.expert_y = expert_y;
   for (const SplitMode mode : modes_of(shape)) call_combine(a2a, args, mode, stream_);
   EW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   a2a.check_errors();

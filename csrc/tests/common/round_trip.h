@@ -44,12 +44,14 @@ struct CallShape {
   ScalarType expert_type = ScalarType::kBFloat16;
   bool split = false;        // send and receive halves launched separately
   bool use_bound_m = false;  // pass m = max_num_tokens and the real count through bound_m
+  bool expert_y_in_buffer = false;  // the experts write into AllToAll::expert_output_buffer(), passed as expert_y
 };
 
 // A random call. Index 0 fills every group to max_num_tokens and index 1 leaves group 0 empty, so a sequence
 // of calls covers both ends of the range.
 CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index);
-std::string describe(const CallShape& shape);  // "m=[3 0] out=float32 expert=bfloat16 split=0 bound_m=1"
+// "m=[3 0] out=float32 expert=bfloat16 split=0 bound_m=1 in_buffer=0"
+std::string describe(const CallShape& shape);
 
 // Every DP group's tokens of a call: every rank rebuilds all of them from the seed to predict what it receives.
 std::vector<GroupData> make_all_groups(const AllToAllConfig& config, const CallShape& shape, uint64_t seed);
@@ -105,8 +107,8 @@ class RoundTrip {
   // byte, and the sentinel in every other byte of the outputs and their guards. Remembers each row's source
   // for combine.
   void check_dispatch(const std::vector<reference::ExpertInbox>& expected, Failures& failures);
-  // Fills expert_y with the test experts' outputs for the rows check_dispatch saw, calls combine, waits for it
-  // and raises its device error, if any.
+  // Fills expert_y (or the object's expert_output_buffer(), per shape) with the test experts' outputs for the
+  // rows check_dispatch saw, calls combine, waits for it and raises its device error, if any.
   void combine(AllToAll& a2a, const CallShape& shape);
   // Checks out_tokens against the reference combine of `own` (this rank's group), and the sentinel after its
   // first own.m rows.

@@ -111,6 +111,10 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
           {"send_rows", l.send_rows_offset, uint64_t(l.max_num_tokens) * l.dispatch_token_bytes},
           {"dispatch_ready", l.dispatch_ready_offset, uint64_t(l.world_size) * 8},
           {"send_expert_counts", l.send_expert_counts_offset, uint64_t(l.num_experts) * 4},
+          {"combine_slots", l.combine_slots_offset,
+           uint64_t(l.num_dp_groups) * l.max_num_tokens * l.experts_per_token * 4},
+          {"expert_outputs", l.expert_outputs_offset,
+           uint64_t(l.num_local_experts) * l.max_recv_tokens * l.combine_row_bytes},
       },
       l.symmetric_bytes);
   expect_disjoint_regions(
@@ -168,8 +172,12 @@ TEST(Layout, SmallConfigSymmetricRegions) {
   EXPECT_EQ(l.dispatch_ready_offset, 3072u);
   // send_expert_counts: align256(3104) = 3328 (13 * 256); 8 experts * 4 B = 32 B -> cursor 3360
   EXPECT_EQ(l.send_expert_counts_offset, 3328u);
-  // align256(3360) = 3584 (14 * 256)
-  EXPECT_EQ(l.symmetric_bytes, 3584u);
+  // combine_slots: align256(3360) = 3584 (14 * 256); 2 groups * 4 tokens * 3 k * 4 B = 96 B -> cursor 3680
+  EXPECT_EQ(l.combine_slots_offset, 3584u);
+  // expert_outputs: align256(3680) = 3840 (15 * 256); 2 local experts * 8 rows * 64 B = 1024 B -> cursor 4864
+  EXPECT_EQ(l.expert_outputs_offset, 3840u);
+  // 4864 = 19 * 256 is already aligned
+  EXPECT_EQ(l.symmetric_bytes, 4864u);
 }
 
 TEST(Layout, SmallConfigWorkspace) {
@@ -229,6 +237,16 @@ TEST(Layout, SmallConfigAccessors) {
   EXPECT_EQ(l.send_expert_count_offset(0), 3328u);
   EXPECT_EQ(l.send_expert_count_offset(7), 3356u);  // last: 3328 + 7 * 4; ends at 3360 <= 3584
 
+  // Slot (group, token, k) is (group * 4 + token) * 3 + k; 4 B each, base 3584.
+  EXPECT_EQ(l.combine_slot_offset(0, 0, 0), 3584u);
+  EXPECT_EQ(l.combine_slot_offset(0, 1, 2), 3604u);  // 3584 + (1 * 3 + 2 = 5) * 4
+  EXPECT_EQ(l.combine_slot_offset(1, 3, 2), 3676u);  // last: 3584 + ((1 * 4 + 3) * 3 + 2 = 23) * 4; ends at 3680
+
+  // Expert output (local expert, row) is expert * 8 + row; 64 B each, base 3840.
+  EXPECT_EQ(l.expert_output_offset(0, 0), 3840u);
+  EXPECT_EQ(l.expert_output_offset(1, 0), 4352u);  // 3840 + 8 * 64
+  EXPECT_EQ(l.expert_output_offset(1, 7), 4800u);  // last: 3840 + 15 * 64; ends at 4864 = symmetric_bytes
+
   // Route (expert, row) is expert * 8 + row; 8 B each, base 512.
   EXPECT_EQ(l.route_offset(0, 0), 512u);
   EXPECT_EQ(l.route_offset(0, 5), 552u);  // 512 + 5 * 8
@@ -264,8 +282,12 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.dispatch_ready_offset, 2560u);
   // send_expert_counts: align256(2584) = 2816; 6 * 4 B = 24 B -> 2840
   EXPECT_EQ(l.send_expert_counts_offset, 2816u);
-  // align256(2840) = 3072
-  EXPECT_EQ(l.symmetric_bytes, 3072u);
+  // combine_slots: align256(2840) = 3072; 3 groups * 2 tokens * 5 k * 4 B = 120 B -> 3192
+  EXPECT_EQ(l.combine_slots_offset, 3072u);
+  // expert_outputs: align256(3192) = 3328; 2 local experts * 6 rows * 32 B = 384 B -> 3712
+  EXPECT_EQ(l.expert_outputs_offset, 3328u);
+  // align256(3712) = 3840
+  EXPECT_EQ(l.symmetric_bytes, 3840u);
 
   // send 6 * 4 = 24 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
   // phase at 768 (+16 = 784); pull_fill at align256(784) = 1024 (2 * 3 * 4 = 24 -> 1048);
@@ -288,6 +310,8 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.dispatch_ready_offset_of(2), 2576u);    // last: 2560 + 2 * 8; ends at 2584 <= 2816
   EXPECT_EQ(l.send_expert_count_offset(0), 2816u);    // first: the region base
   EXPECT_EQ(l.send_expert_count_offset(5), 2836u);    // last: 2816 + 5 * 4; ends at 2840 <= 3072
+  EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 3188u);   // last: 3072 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 3192
+  EXPECT_EQ(l.expert_output_offset(1, 5), 3680u);     // last: 3328 + (1 * 6 + 5 = 11) * 32; ends at 3712
   EXPECT_EQ(l.route_offset(1, 5), 600u);              // last: 512 + (1 * 6 + 5 = 11) * 8
 
   expect_layout_regions_disjoint(l);
@@ -326,8 +350,14 @@ TEST(Layout, DeepSeekV3Config) {
   // send_expert_counts: align256(260,346,176) = 260,346,112 + 256 = 260,346,368; 256 * 4 = 1024 B
   // -> 260,347,392
   EXPECT_EQ(l.send_expert_counts_offset, 260346368u);
-  // 260,347,392 = 260,346,368 + 4 * 256 is already aligned
-  EXPECT_EQ(l.symmetric_bytes, 260347392u);
+  // combine_slots: 260,347,392 = 260,346,368 + 4 * 256 is already aligned; 8 groups * 128 tokens * 8 k * 4 B
+  // = 32,768 B -> 260,380,160
+  EXPECT_EQ(l.combine_slots_offset, 260347392u);
+  // expert_outputs: 260,380,160 is aligned (32,768 = 128 * 256); 32 * 1024 rows * 14336 B = 469,762,048 B
+  // -> 730,142,208
+  EXPECT_EQ(l.expert_outputs_offset, 260380160u);
+  // 469,762,048 = 1,835,008 * 256, so the end is already aligned
+  EXPECT_EQ(l.symmetric_bytes, 730142208u);
 
   // send_counts: 256 * 4 = 1024 at 0; recv_counts: at 1024, 32 * 4 = 128 -> 1152;
   // routes: align256(1152) = 1280, 32 * 1024 * 8 = 262,144 -> 263,424 (= 1029 * 256);
@@ -358,8 +388,13 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.dispatch_ready_offset_of(0), 260346112u);
   EXPECT_EQ(l.dispatch_ready_offset_of(7), 260346168u);  // 260,346,112 + 7 * 8; ends at 260,346,176
   EXPECT_EQ(l.send_expert_count_offset(0), 260346368u);
-  // Last count: 260,346,368 + 255 * 4 (= 1020) = 260,347,388; ends at 260,347,392 = symmetric_bytes
+  // Last count: 260,346,368 + 255 * 4 (= 1020) = 260,347,388; ends at 260,347,392, where combine_slots starts
   EXPECT_EQ(l.send_expert_count_offset(255), 260347388u);
+  // Last slot: (7 * 128 + 127) * 8 + 7 = 8191; 260,347,392 + 8191 * 4 = 260,380,156; ends at 260,380,160
+  EXPECT_EQ(l.combine_slot_offset(7, 127, 7), 260380156u);
+  // Last expert output: 31 * 1024 + 1023 = 32767; 260,380,160 + 32767 * 14336 (= 469,747,712) = 730,127,872;
+  // ends at 730,142,208 = symmetric_bytes
+  EXPECT_EQ(l.expert_output_offset(31, 1023), 730127872u);
   // Last route: 31 * 1024 + 1023 = 32767; 1280 + 32767 * 8 = 1280 + 262,136 = 263,416; ends at 263,424
   EXPECT_EQ(l.route_offset(31, 1023), 263416u);
 
@@ -390,41 +425,31 @@ TEST(LayoutOverflow, StagingEndPastAddressSpace) {
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
-// small_config() puts staging at 2304 with 64-byte rows, and three fixed-size regions follow it: send_rows
-// (4 tokens * 64 B = 256 B), dispatch_ready (4 ranks * 8 B = 32 B) and send_expert_counts (8 experts * 4 B
-// = 32 B). With slots = 2^58 - n:
+// small_config() puts staging at 2304 with 64-byte rows, and five fixed-size regions follow it: send_rows
+// (4 tokens * 64 B = 256 B), dispatch_ready (4 ranks * 8 B = 32 B), send_expert_counts (8 experts * 4 B
+// = 32 B), combine_slots (2 groups * 4 tokens * 3 k * 4 B = 96 B) and expert_outputs (2 experts * 8 rows * 64 B
+// = 1024 B). With slots = 2^58 - n:
 //   staging ends at          E = 2304 + 64 * (2^58 - n) = 2^64 - (64 * n - 2304) = 2^64 - 64 * (n - 36)
 //   send_rows                [S, S + 256) with S = align256(E)        (computing E + 255 must not pass 2^64)
 //   dispatch_ready           [S + 256, S + 288)                       (S + 256 is already aligned)
 //   send_expert_counts       [S + 512, S + 544)                       (align256(S + 288) = S + 512)
-//   symmetric_bytes          = align256(S + 544) = S + 768
+//   combine_slots            [S + 768, S + 864)                       (align256(S + 544) = S + 768)
+//   expert_outputs           [S + 1024, S + 2048)                     (align256(S + 864) = S + 1024)
+//   symmetric_bytes          = S + 2048, already aligned
 // so, by n:
 //   n <= 36     staging ends at or past 2^64                                   -> "staging" overflows
 //   n = 37..39  E = 2^64 - 64, - 128, - 192: align256(E) reaches 2^64          -> "send_rows" overflows
 //   n = 40..43  E = 2^64 - 256 .. - 448, S = 2^64 - 256: send_rows ends at 2^64 -> "send_rows" overflows
 //   n = 44..47  S = 2^64 - 512: dispatch_ready ends at 2^64 - 224; aligning the start of send_expert_counts
 //               reaches 2^64                                                   -> "send_expert_counts" overflows
-//   n = 48..51  E = 2^64 - 768 .. - 960, S = 2^64 - 768: send_expert_counts [2^64 - 256, 2^64 - 224) fits,
-//               so the layout ends 224 bytes below 2^64, but rounding that end up to 256 reaches 2^64
-//                                                                              -> "symmetric buffer" overflows
-//   n = 52      E = S = 2^64 - 1024: symmetric_bytes = 2^64 - 256, the largest aligned size: it fits.
-// The layout end is S + 544 = 32 mod 256 here, so it never lands exactly on 2^64 with this config; see
-// LayoutOverflow.LayoutEndsExactlyAt2To64 for a config where it does.
-class LayoutFinalAlignOverflow : public ::testing::TestWithParam<uint64_t> {};
-
-TEST_P(LayoutFinalAlignOverflow, ThrowsInsteadOfWrappingToZero) {
-  const uint64_t slots = (uint64_t(1) << 58) - GetParam();
-  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
-  EXPECT_THAT(message, HasSubstr("symmetric buffer"));
-  EXPECT_THAT(message, HasSubstr("overflows"));
-}
-
-INSTANTIATE_TEST_SUITE_P(EndWithin256BytesOf2To64, LayoutFinalAlignOverflow, ::testing::Values(48u, 49u, 50u, 51u),
-                         [](const ::testing::TestParamInfo<uint64_t>& info) {
-                           return "slots_2pow58_minus_" + std::to_string(info.param);
-                         });
-
-// The rows n = 37..47 of the table above: a region after staging is the first whose placement passes 2^64.
+//   n = 48..51  S = 2^64 - 768: send_expert_counts [2^64 - 256, 2^64 - 224) fits; aligning the start of
+//               combine_slots reaches 2^64                                     -> "combine_slots" overflows
+//   n = 52..55  S = 2^64 - 1024: combine_slots [2^64 - 256, 2^64 - 160) fits; aligning the start of
+//               expert_outputs reaches 2^64                                    -> "expert_outputs" overflows
+//   n = 56..71  S = 2^64 - 1280 .. - 2048: expert_outputs starts below 2^64 and ends past it, exactly at 2^64
+//               for S = 2^64 - 2048 (n = 68..71)                               -> "expert_outputs" overflows
+//   n = 72      E = S = 2^64 - 2304: symmetric_bytes = 2^64 - 256, the largest aligned size: it fits.
+// The rows n = 37..71: a region after staging is the first whose placement passes 2^64.
 struct RegionOverflowCase {
   uint64_t n;          // staging_slots = 2^58 - n
   const char* region;  // the region named in the error
@@ -446,7 +471,14 @@ INSTANTIATE_TEST_SUITE_P(
                       RegionOverflowCase{40, "send_rows"},  // send_rows ends exactly at 2^64
                       RegionOverflowCase{43, "send_rows"},
                       RegionOverflowCase{44, "send_expert_counts"},  // aligning its start wraps
-                      RegionOverflowCase{47, "send_expert_counts"}),
+                      RegionOverflowCase{47, "send_expert_counts"},
+                      RegionOverflowCase{48, "combine_slots"},  // aligning its start wraps to zero
+                      RegionOverflowCase{51, "combine_slots"},
+                      RegionOverflowCase{52, "expert_outputs"},  // aligning its start wraps to zero
+                      RegionOverflowCase{55, "expert_outputs"},
+                      RegionOverflowCase{56, "expert_outputs"},  // starts below 2^64, ends past it
+                      RegionOverflowCase{68, "expert_outputs"},  // ends exactly at 2^64
+                      RegionOverflowCase{71, "expert_outputs"}),
     [](const ::testing::TestParamInfo<RegionOverflowCase>& info) {
       return "slots_2pow58_minus_" + std::to_string(info.param.n);
     });
@@ -460,22 +492,25 @@ TEST(LayoutOverflow, StagingEndsExactlyAt2To64) {
 }
 
 TEST(LayoutOverflow, LargestAlignedEndStillFits) {
-  // 2^58 - 52 slots: staging ends at 2304 + 64 * (2^58 - 52) = 2^64 - 1024 (aligned); send_rows at 2^64 - 1024
-  // (256 B -> 2^64 - 768); dispatch_ready at 2^64 - 768 (32 B -> 2^64 - 736); send_expert_counts at
-  // align256 = 2^64 - 512 (32 B -> 2^64 - 480); align256 = 2^64 - 256, the largest 256-aligned size, so the
-  // layout is valid. One slot more (n = 51) wraps (see above).
-  const uint64_t slots = (uint64_t(1) << 58) - 52;
+  // 2^58 - 72 slots: staging ends at 2304 + 64 * (2^58 - 72) = 2^64 - 2304 (aligned); send_rows at 2^64 - 2304
+  // (256 B -> 2^64 - 2048); dispatch_ready at 2^64 - 2048 (32 B); send_expert_counts at align256 = 2^64 - 1792
+  // (32 B); combine_slots at 2^64 - 1536 (96 B); expert_outputs at 2^64 - 1280 (1024 B -> 2^64 - 256), the
+  // largest 256-aligned size, so the layout is valid. One slot more (n = 71) wraps (see above).
+  const uint64_t slots = (uint64_t(1) << 58) - 72;
   const BufferLayout l = make_buffer_layout(small_config(), slots);
   EXPECT_EQ(l.staging_offset, 2304u);
-  EXPECT_EQ(l.send_rows_offset, 18446744073709550592ull);           // 2^64 - 1024
-  EXPECT_EQ(l.dispatch_ready_offset, 18446744073709550848ull);      // 2^64 - 768
-  EXPECT_EQ(l.send_expert_counts_offset, 18446744073709551104ull);  // 2^64 - 512
-  EXPECT_EQ(l.send_expert_count_offset(7), 18446744073709551132ull);  // 2^64 - 512 + 28; ends at 2^64 - 480
-  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);  // 2^64 - 256
+  EXPECT_EQ(l.send_rows_offset, 18446744073709549312ull);             // 2^64 - 2304
+  EXPECT_EQ(l.dispatch_ready_offset, 18446744073709549568ull);        // 2^64 - 2048
+  EXPECT_EQ(l.send_expert_counts_offset, 18446744073709549824ull);    // 2^64 - 1792
+  EXPECT_EQ(l.send_expert_count_offset(7), 18446744073709549852ull);  // 2^64 - 1792 + 28
+  EXPECT_EQ(l.combine_slots_offset, 18446744073709550080ull);         // 2^64 - 1536
+  EXPECT_EQ(l.expert_outputs_offset, 18446744073709550336ull);        // 2^64 - 1280
+  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);              // 2^64 - 256
 }
 
-// small_config() with 64 experts (16 local experts), so that send_expert_counts, the last region, is exactly
-// 64 * 4 = 256 bytes and the end of the whole layout can land on a 256-byte boundary such as 2^64.
+// small_config() with 64 experts (16 local experts): send_expert_counts is exactly 64 * 4 = 256 bytes and
+// expert_outputs 16 * 8 * 64 = 8192 bytes, so the end of the whole layout lands on 256-byte boundaries such as
+// 2^64.
 AllToAllConfig many_experts_config() {
   AllToAllConfig config = small_config();
   config.num_experts = 64;
@@ -496,6 +531,8 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   // send_rows: align256(10048) = 10240 (40 * 256); 4 * 64 B = 256 B -> 10496
   // dispatch_ready: at 10496 (41 * 256); 4 * 8 B = 32 B -> 10528
   // send_expert_counts: align256(10528) = 10752 (42 * 256); 64 * 4 B = 256 B -> 11008 (43 * 256)
+  // combine_slots: at 11008; 2 * 4 * 3 * 4 B = 96 B -> 11104
+  // expert_outputs: align256(11104) = 11264 (44 * 256); 16 * 8 * 64 B = 8192 B -> 19456 (76 * 256)
   EXPECT_EQ(l.dispatch_recv_offset, 0u);
   EXPECT_EQ(l.combine_recv_offset, 8192u);
   EXPECT_EQ(l.dispatch_counts_offset, 8960u);
@@ -504,10 +541,13 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   EXPECT_EQ(l.send_rows_offset, 10240u);
   EXPECT_EQ(l.dispatch_ready_offset, 10496u);
   EXPECT_EQ(l.send_expert_counts_offset, 10752u);
-  EXPECT_EQ(l.symmetric_bytes, 11008u);
+  EXPECT_EQ(l.combine_slots_offset, 11008u);
+  EXPECT_EQ(l.expert_outputs_offset, 11264u);
+  EXPECT_EQ(l.symmetric_bytes, 19456u);
   EXPECT_EQ(l.send_row_offset(3), 10432u);            // last: 10240 + 3 * 64; ends at 10496
   EXPECT_EQ(l.dispatch_ready_offset_of(3), 10520u);   // last: 10496 + 3 * 8; ends at 10528
-  EXPECT_EQ(l.send_expert_count_offset(63), 11004u);  // last: 10752 + 63 * 4; ends at 11008 = symmetric_bytes
+  EXPECT_EQ(l.send_expert_count_offset(63), 11004u);  // last: 10752 + 63 * 4; ends at 11008
+  EXPECT_EQ(l.expert_output_offset(15, 7), 19392u);   // last: 11264 + 127 * 64; ends at 19456 = symmetric_bytes
   // Workspace: send 64 * 4 = 256 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
   // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+16 = 1552); pull_fill at align256(1552) = 1792
   // (16 * 2 * 4 = 128 -> 1920); total align256(1920) = 2048
@@ -521,24 +561,27 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
 
 TEST(LayoutOverflow, LayoutEndsExactlyAt2To64) {
   // many_experts_config(): staging at 9728, rows of 64 B; send_rows [S, S + 256), dispatch_ready
-  // [S + 256, S + 288), send_expert_counts [S + 512, S + 768) with S = align256(9728 + 64 * slots).
-  // 2^58 - 164 slots: 9728 + 64 * (2^58 - 164) = 2^64 - 768 (10496 = 164 * 64), aligned, so S = 2^64 - 768 and
-  // send_expert_counts starts at 2^64 - 256 and its 256 bytes end exactly at 2^64, one past the largest offset.
-  const uint64_t slots = (uint64_t(1) << 58) - 164;
+  // [S + 256, S + 288), send_expert_counts [S + 512, S + 768), combine_slots [S + 768, S + 864), expert_outputs
+  // [S + 1024, S + 9216) with S = align256(9728 + 64 * slots).
+  // 2^58 - 296 slots: 9728 + 64 * (2^58 - 296) = 2^64 - 9216 (18944 = 296 * 64), aligned, so S = 2^64 - 9216 and
+  // expert_outputs ends exactly at 2^64, one past the largest offset.
+  const uint64_t slots = (uint64_t(1) << 58) - 296;
   const std::string message = config_error_message([&] { make_buffer_layout(many_experts_config(), slots); });
-  EXPECT_THAT(message, HasSubstr("send_expert_counts"));
+  EXPECT_THAT(message, HasSubstr("expert_outputs"));
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
 TEST(LayoutOverflow, ManyExpertsLargestEndStillFits) {
-  // 2^58 - 168 slots: staging ends at 9728 + 64 * (2^58 - 168) = 2^64 - 1024 (10752 = 168 * 64); send_rows at
-  // 2^64 - 1024, dispatch_ready at 2^64 - 768, send_expert_counts at 2^64 - 512 ending at 2^64 - 256: already
-  // aligned, the largest valid size.
-  const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 168);
+  // 2^58 - 300 slots: staging ends at 9728 + 64 * (2^58 - 300) = 2^64 - 9472 (19200 = 300 * 64); send_rows at
+  // 2^64 - 9472, dispatch_ready at 2^64 - 9216, send_expert_counts at 2^64 - 8960, combine_slots at 2^64 - 8704,
+  // expert_outputs at 2^64 - 8448 ending at 2^64 - 256: already aligned, the largest valid size.
+  const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 300);
   EXPECT_EQ(l.staging_offset, 9728u);
-  EXPECT_EQ(l.send_rows_offset, 18446744073709550592ull);           // 2^64 - 1024
-  EXPECT_EQ(l.dispatch_ready_offset, 18446744073709550848ull);      // 2^64 - 768
-  EXPECT_EQ(l.send_expert_counts_offset, 18446744073709551104ull);  // 2^64 - 512
+  EXPECT_EQ(l.send_rows_offset, 18446744073709542144ull);           // 2^64 - 9472
+  EXPECT_EQ(l.dispatch_ready_offset, 18446744073709542400ull);      // 2^64 - 9216
+  EXPECT_EQ(l.send_expert_counts_offset, 18446744073709542656ull);  // 2^64 - 8960
+  EXPECT_EQ(l.combine_slots_offset, 18446744073709542912ull);       // 2^64 - 8704
+  EXPECT_EQ(l.expert_outputs_offset, 18446744073709543168ull);      // 2^64 - 8448
   EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);            // 2^64 - 256
 }
 
@@ -573,31 +616,31 @@ TEST(LayoutOverflow, DispatchRecvFromConfig) {
 TEST(SymmetricHeap, FitsInLargeHeap) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   EXPECT_NO_THROW(require_fits_symmetric_heap(l, 1ull << 30));  // 1 GiB
-  // 260,347,392 + 64 MiB (67,108,864) reserve = 327,456,256: exactly enough.
-  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 327456256ull));
+  // 730,142,208 + 64 MiB (67,108,864) reserve = 797,251,072: exactly enough.
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 797251072ull));
 }
 
 TEST(SymmetricHeap, OneByteShort) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
-  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 327456255ull); });
-  EXPECT_THAT(message, HasSubstr("327456256"));
+  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 797251071ull); });
+  EXPECT_THAT(message, HasSubstr("797251072"));
 }
 
 TEST(SymmetricHeap, SmallHeapNamesNeededBytesAndVariable) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 256ull << 20); });
-  EXPECT_THAT(message, HasSubstr("260347392"));  // symmetric bytes
-  EXPECT_THAT(message, HasSubstr("327456256"));  // + 64 MiB reserve
+  EXPECT_THAT(message, HasSubstr("730142208"));  // symmetric bytes
+  EXPECT_THAT(message, HasSubstr("797251072"));  // + 64 MiB reserve
   EXPECT_THAT(message, HasSubstr("268435456"));  // the heap it was given: 256 * 2^20
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE"));
-  // 327,456,256 = 312 * 2^20 (327,155,712) + 300,544, so ceil(327,456,256 / 2^20) = 313
-  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=313M"));
+  // 797,251,072 = 760 * 2^20 (796,917,760) + 333,312, so ceil(797,251,072 / 2^20) = 761
+  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=761M"));
 }
 
 TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
   // symmetric_bytes = 2^64 - 256 (see LargestAlignedEndStillFits); + 64 MiB reserve passes 2^64. Unchecked, the
   // sum wrapped to 64 MiB - 256 and even a small heap appeared to fit.
-  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 52);
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 72);
   ASSERT_EQ(l.symmetric_bytes, 18446744073709551360ull);
   for (const uint64_t heap_bytes : {uint64_t(1) << 30, std::numeric_limits<uint64_t>::max()}) {
     const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, heap_bytes); });
@@ -607,10 +650,10 @@ TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
 }
 
 TEST(SymmetricHeap, NeededJustBelow2To64) {
-  // 2^58 - 2^20 - 52 slots: staging ends at 2304 + 64 * slots = 2^64 - 2^26 - 1024 (256-aligned), which is
-  // S in the table above LayoutFinalAlignOverflow; symmetric_bytes = S + 768 = 2^64 - 2^26 - 256, so
+  // 2^58 - 2^20 - 72 slots: staging ends at 2304 + 64 * slots = 2^64 - 2^26 - 2304 (256-aligned), which is
+  // S in the table above LayoutRegionAfterStagingOverflow; symmetric_bytes = S + 2048 = 2^64 - 2^26 - 256, so
   // needed = + 64 MiB (2^26) = 2^64 - 256 fits.
-  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 52);
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 72);
   ASSERT_EQ(l.symmetric_bytes, 18446744073642442496ull);  // 2^64 - 2^26 - 256
   EXPECT_NO_THROW(require_fits_symmetric_heap(l, std::numeric_limits<uint64_t>::max()));
   const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 1ull << 30); });

@@ -48,6 +48,12 @@ class AllToAll {
   // half-set, so the object cannot be trusted); make a fresh object to continue.
   void check_errors() const;
 
+  // This rank's expert_outputs region of the symmetric buffer, laid out as expert_y: [num_local_experts]
+  // [max_recv_tokens][hidden_dim] 16-bit values. Experts that write their outputs here (in stream order after
+  // dispatch's receive half) and pass it to combine as expert_y save combine a copy of every row when every
+  // peer is load/store reachable; other transports read it as any expert_y. Valid until the object is destroyed.
+  void* expert_output_buffer() const { return symmetric_ + layout_.expert_outputs_offset; }
+
   const AllToAllConfig& config() const { return config_; }
   const BufferLayout& layout() const { return layout_; }
   device::LaunchShape launch_shape() const { return shape_; }

@@ -1,0 +1,34 @@
+"""Torch tensors over device memory that expertwire owns (NVSHMEM allocations, regions of an all-to-all's buffer)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class _CudaArray:
+    """Presents `nbytes` at `address` through __cuda_array_interface__; keeps `owner` alive as long as the tensor
+    made from it lives."""
+
+    def __init__(self, address: int, nbytes: int, owner: object) -> None:
+        self.owner = owner
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "version": 3,
+        }
+
+
+def tensor_over(
+    address: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, owner: object
+) -> torch.Tensor:
+    """A contiguous tensor of `shape` and `dtype` over the memory at `address`, which must hold enough bytes."""
+    dims = tuple(int(extent) for extent in shape)
+    elements = 1
+    for extent in dims:
+        elements *= extent
+    nbytes = elements * torch.empty((), dtype=dtype).element_size()
+    raw = torch.as_tensor(_CudaArray(address, max(nbytes, 1), owner), device=device)
+    return raw[:nbytes].view(dtype).view(dims)
