@@ -496,9 +496,11 @@ struct Vec8<float> {
 };
 
 // out[t] = sum_k weights[t][k] * row(t, k) for the first bound_m tokens, in fp32, written as OutT. `row_of(t, k,
-// expert)` gives the address of the expert output row of (t, k) for a valid expert. One thread per 8-element
-// vector of the output, spread over the whole grid; the rows of up to eight k are loaded before any is summed
-// so their latencies overlap. Sums stay in k order, as the reference's.
+// expert)` gives the address of the expert output row of (t, k) for a valid expert. Work items are (token,
+// chunk of kVectorsPerLane * 32 vectors of 8 elements), one per warp at a time: the lanes first find the rows of
+// eight k at once (the row lookup may take dependent loads, e.g. a slot read from a peer), then every lane loads
+// its vectors of all eight rows before summing any, so many loads are in flight. Sums stay in k order, as the
+// reference's.
 template <class OutT, class ExpertT, class RowOf>
 __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   const RankContext& c = a.ctx;
@@ -508,34 +510,56 @@ __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   const uint32_t vectors = l.hidden_dim / 8;
   auto* out = static_cast<OutT*>(a.out_tokens);
   constexpr uint32_t kBatch = 8;
-  const uint64_t work = uint64_t(m) * vectors;
-  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < work; i += uint64_t(gridDim.x) * blockDim.x) {
-    const uint32_t t = uint32_t(i / vectors), v = uint32_t(i % vectors);
+  constexpr uint32_t kVectorsPerLane = 2;
+  constexpr uint32_t kChunk = kVectorsPerLane * kWarpSize;
+  const uint32_t chunks = (vectors + kChunk - 1) / kChunk;
+  const int lane = lane_id();
+  for (uint32_t item = global_warp(); item < m * chunks; item += total_warps()) {
+    const uint32_t t = item / chunks, first_vector = (item % chunks) * kChunk;
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
     const float* weights = a.weights + uint64_t(t) * top_k;
-    float acc[8] = {};
+    float acc[kVectorsPerLane][8] = {};
     for (uint32_t k0 = 0; k0 < top_k; k0 += kBatch) {
-      int4 raw[kBatch];
+      // Lane u < kBatch looks up k = k0 + u. Rows of invalid experts were never sent (dispatch reported
+      // them): they add nothing.
+      const int4* my_row = nullptr;
+      float my_weight = 0.0f;
+      if (uint32_t(lane) < kBatch && k0 + lane < top_k) {
+        const uint32_t expert = experts[k0 + lane];
+        if (expert < l.num_experts) {
+          my_row = row_of(t, k0 + lane, expert);
+          my_weight = weights[k0 + lane];
+        }
+      }
+      const int4* rows[kBatch];
       float w[kBatch];
 #pragma unroll
       for (uint32_t u = 0; u < kBatch; ++u) {
-        const uint32_t k = k0 + u;
-        const uint32_t expert = k < top_k ? experts[k] : ~0u;
-        // Rows of invalid experts were never sent (dispatch reported them): they add nothing.
-        const bool valid = expert < l.num_experts;
-        w[u] = valid ? weights[k] : 0.0f;
-        raw[u] = valid ? row_of(t, k, expert)[v] : int4{0, 0, 0, 0};
+        rows[u] = reinterpret_cast<const int4*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), u));
+        w[u] = __shfl_sync(kFullMask, my_weight, u);
       }
 #pragma unroll
-      for (uint32_t u = 0; u < kBatch; ++u) {
-        if (k0 + u >= top_k) break;
-        float y[8];
-        Vec8<ExpertT>::to_float(raw[u], y);
+      for (uint32_t i = 0; i < kVectorsPerLane; ++i) {
+        const uint32_t v = first_vector + i * kWarpSize + lane;
+        if (v >= vectors) break;
+        int4 raw[kBatch];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] += w[u] * y[e];
+        for (uint32_t u = 0; u < kBatch; ++u) raw[u] = rows[u] != nullptr ? rows[u][v] : int4{0, 0, 0, 0};
+#pragma unroll
+        for (uint32_t u = 0; u < kBatch; ++u) {
+          if (rows[u] == nullptr) continue;
+          float y[8];
+          Vec8<ExpertT>::to_float(raw[u], y);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[i][e] += w[u] * y[e];
+        }
       }
     }
-    Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
+#pragma unroll
+    for (uint32_t i = 0; i < kVectorsPerLane; ++i) {
+      const uint32_t v = first_vector + i * kWarpSize + lane;
+      if (v < vectors) Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc[i]);
+    }
   }
 }
 
