@@ -248,7 +248,7 @@ __device__ inline void dispatch_recv(const DispatchArgs& a) {
 }
 
 template <class Transport>
-__global__ void __launch_bounds__(kMaxBlockThreads) dispatch_kernel(DispatchArgs args, Transport transport) {
+__global__ void __launch_bounds__(1024) dispatch_kernel(DispatchArgs args, Transport transport) {
   if (args.do_send) dispatch_send(args, transport);
   if (args.do_recv) dispatch_recv(args);
 }
@@ -395,7 +395,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
 }
 
 template <class Transport>
-__global__ void __launch_bounds__(kMaxBlockThreads) dispatch_pull_kernel(DispatchArgs args, Transport transport) {
+__global__ void __launch_bounds__(1024) dispatch_pull_kernel(DispatchArgs args, Transport transport) {
   if (args.do_send) dispatch_pull_send(args, transport);
   if (args.do_recv) dispatch_pull_recv(args, transport);
 }
@@ -593,7 +593,7 @@ __device__ void combine_recv(const CombineArgs& a) {
 }
 
 template <class Transport, class OutT, class ExpertT>
-__global__ void __launch_bounds__(kMaxBlockThreads) combine_kernel(CombineArgs args, Transport transport) {
+__global__ void __launch_bounds__(1024) combine_kernel(CombineArgs args, Transport transport) {
   if (args.do_send) combine_send(args, transport);
   if (args.do_recv) combine_recv<OutT, ExpertT>(args);
 }
@@ -649,7 +649,7 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
 }
 
 template <class Transport, class OutT, class ExpertT>
-__global__ void __launch_bounds__(kMaxBlockThreads) combine_pull_kernel(CombineArgs args, Transport transport) {
+__global__ void __launch_bounds__(1024) combine_pull_kernel(CombineArgs args, Transport transport) {
   if (args.do_send) combine_pull_send(args, transport);
   if (args.do_recv) combine_pull_recv<Transport, OutT, ExpertT>(args, transport);
 }

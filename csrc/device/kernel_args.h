@@ -63,10 +63,6 @@ inline uint64_t combine_shared_bytes(const BufferLayout& l) {
   return 2 * (uint64_t(l.num_local_experts) + 1) * sizeof(uint32_t);
 }
 
-// Largest block of any launch (the kernels' __launch_bounds__). 512 leaves each thread up to 128 registers: with
-// 1024, the 64-register cap made every kernel spill its copy and reduction registers to local memory (ncu).
-inline constexpr uint32_t kMaxBlockThreads = 512;
-
 // Grid of every launch: the same shape serves dispatch and combine.
 struct LaunchShape {
   uint32_t blocks;
