@@ -248,7 +248,7 @@ __device__ inline void dispatch_recv(const DispatchArgs& a) {
 }
 
 template <class Transport>
-__global__ void __launch_bounds__(1024) dispatch_kernel(DispatchArgs args, Transport transport) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) dispatch_kernel(DispatchArgs args, Transport transport) {
   if (args.do_send) dispatch_send(args, transport);
   if (args.do_recv) dispatch_recv(args);
 }
@@ -395,7 +395,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
 }
 
 template <class Transport>
-__global__ void __launch_bounds__(1024) dispatch_pull_kernel(DispatchArgs args, Transport transport) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) dispatch_pull_kernel(DispatchArgs args, Transport transport) {
   if (args.do_send) dispatch_pull_send(args, transport);
   if (args.do_recv) dispatch_pull_recv(args, transport);
 }
@@ -497,10 +497,9 @@ struct Vec8<float> {
 
 // out[t] = sum_k weights[t][k] * row(t, k) for the first bound_m tokens, in fp32, written as OutT. `row_of(t, k,
 // expert)` gives the address of the expert output row of (t, k) for a valid expert. Work items are (token,
-// chunk of kVectorsPerLane * 32 vectors of 8 elements), one per warp at a time: the lanes first find the rows of
-// eight k at once (the row lookup may take dependent loads, e.g. a slot read from a peer), then every lane loads
-// its vectors of all eight rows before summing any, so many loads are in flight. Sums stay in k order, as the
-// reference's.
+// chunk of 32 vectors of 8 elements), one per warp at a time: the lanes first find the rows of eight k at once
+// (the row lookup may take dependent loads, e.g. a slot read from a peer), then every lane loads its vector of
+// all eight rows before summing any. Sums stay in k order, as the reference's.
 template <class OutT, class ExpertT, class RowOf>
 __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   const RankContext& c = a.ctx;
@@ -510,15 +509,13 @@ __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   const uint32_t vectors = l.hidden_dim / 8;
   auto* out = static_cast<OutT*>(a.out_tokens);
   constexpr uint32_t kBatch = 8;
-  constexpr uint32_t kVectorsPerLane = 2;
-  constexpr uint32_t kChunk = kVectorsPerLane * kWarpSize;
-  const uint32_t chunks = (vectors + kChunk - 1) / kChunk;
+  const uint32_t chunks = (vectors + kWarpSize - 1) / kWarpSize;
   const int lane = lane_id();
   for (uint32_t item = global_warp(); item < m * chunks; item += total_warps()) {
-    const uint32_t t = item / chunks, first_vector = (item % chunks) * kChunk;
+    const uint32_t t = item / chunks, v = (item % chunks) * kWarpSize + lane;
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
     const float* weights = a.weights + uint64_t(t) * top_k;
-    float acc[kVectorsPerLane][8] = {};
+    float acc[8] = {};
     for (uint32_t k0 = 0; k0 < top_k; k0 += kBatch) {
       // Lane u < kBatch looks up k = k0 + u. Rows of invalid experts were never sent (dispatch reported
       // them): they add nothing.
@@ -538,28 +535,20 @@ __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
         rows[u] = reinterpret_cast<const int4*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), u));
         w[u] = __shfl_sync(kFullMask, my_weight, u);
       }
+      if (v >= vectors) continue;
+      int4 raw[kBatch];
 #pragma unroll
-      for (uint32_t i = 0; i < kVectorsPerLane; ++i) {
-        const uint32_t v = first_vector + i * kWarpSize + lane;
-        if (v >= vectors) break;
-        int4 raw[kBatch];
+      for (uint32_t u = 0; u < kBatch; ++u) raw[u] = rows[u] != nullptr ? rows[u][v] : int4{0, 0, 0, 0};
 #pragma unroll
-        for (uint32_t u = 0; u < kBatch; ++u) raw[u] = rows[u] != nullptr ? rows[u][v] : int4{0, 0, 0, 0};
+      for (uint32_t u = 0; u < kBatch; ++u) {
+        if (rows[u] == nullptr) continue;
+        float y[8];
+        Vec8<ExpertT>::to_float(raw[u], y);
 #pragma unroll
-        for (uint32_t u = 0; u < kBatch; ++u) {
-          if (rows[u] == nullptr) continue;
-          float y[8];
-          Vec8<ExpertT>::to_float(raw[u], y);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[i][e] += w[u] * y[e];
-        }
+        for (int e = 0; e < 8; ++e) acc[e] += w[u] * y[e];
       }
     }
-#pragma unroll
-    for (uint32_t i = 0; i < kVectorsPerLane; ++i) {
-      const uint32_t v = first_vector + i * kWarpSize + lane;
-      if (v < vectors) Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc[i]);
-    }
+    if (v < vectors) Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
   }
 }
 
@@ -593,7 +582,7 @@ __device__ void combine_recv(const CombineArgs& a) {
 }
 
 template <class Transport, class OutT, class ExpertT>
-__global__ void __launch_bounds__(1024) combine_kernel(CombineArgs args, Transport transport) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) combine_kernel(CombineArgs args, Transport transport) {
   if (args.do_send) combine_send(args, transport);
   if (args.do_recv) combine_recv<OutT, ExpertT>(args);
 }
@@ -649,7 +638,7 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
 }
 
 template <class Transport, class OutT, class ExpertT>
-__global__ void __launch_bounds__(1024) combine_pull_kernel(CombineArgs args, Transport transport) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) combine_pull_kernel(CombineArgs args, Transport transport) {
   if (args.do_send) combine_pull_send(args, transport);
   if (args.do_recv) combine_pull_recv<Transport, OutT, ExpertT>(args, transport);
 }

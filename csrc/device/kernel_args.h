@@ -63,6 +63,14 @@ inline uint64_t combine_shared_bytes(const BufferLayout& l) {
   return 2 * (uint64_t(l.num_local_experts) + 1) * sizeof(uint32_t);
 }
 
+// Every block of every rank's launch must be resident at once (blocks wait on each other's peers), also when
+// ranks share a GPU and their blocks share SMs. Kernels are compiled for blocks of at most kMaxBlockThreads
+// threads, two blocks per SM: one block per SM (128 registers a thread) left no room to share, and 2 and 4 ranks
+// on one H100 waited out their timeouts. That caps each thread at 64 registers; the copy and reduction loops are
+// sized to fit them (ncu showed the reduction spilling to local memory when it kept 16 vectors in flight a lane).
+inline constexpr uint32_t kMaxBlockThreads = 512;
+inline constexpr uint32_t kMinBlocksPerSm = 2;
+
 // Grid of every launch: the same shape serves dispatch and combine.
 struct LaunchShape {
   uint32_t blocks;

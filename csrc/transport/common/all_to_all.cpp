@@ -30,8 +30,8 @@ device::LaunchShape default_launch_shape(uint32_t max_sm_count) {
   EW_CUDA_CHECK(cudaGetDevice(&device));
   EW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const uint32_t threads = env_uint("EXPERTWIRE_BLOCK_THREADS", 512);
-  EW_REQUIRE(threads % 32 == 0 && threads <= 1024, "EXPERTWIRE_BLOCK_THREADS must be a multiple of 32 <= 1024, got ",
-             threads);
+  EW_REQUIRE(threads % 32 == 0 && threads <= device::kMaxBlockThreads,
+             "EXPERTWIRE_BLOCK_THREADS must be a multiple of 32 <= ", device::kMaxBlockThreads, ", got ", threads);
   uint32_t blocks = env_uint("EXPERTWIRE_NUM_BLOCKS", uint32_t(sms));
   if (max_sm_count != 0 && max_sm_count < blocks) blocks = max_sm_count;
   return device::LaunchShape{blocks, threads};
