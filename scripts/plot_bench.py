@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Plot bench_all_to_all --json results: latency against tokens per rank, one line per transport and expert
-count, with the bandwidth floor (dashed) that the benchmark measured beside each case.
+count, with the bandwidth floor (dashed) that the benchmark measured beside each case and, for combine, the
+combine that reads expert_y from the all-to-all's own buffer (dotted).
 
     python3 scripts/plot_bench.py docs/bench_h100_8ranks.json docs/bench_h100_8ranks.png
 """
+
 import argparse
 import json
 from collections import defaultdict
@@ -32,15 +34,35 @@ def main() -> None:
         for (transport, experts), runs in sorted(series.items()):
             runs.sort(key=lambda c: c["tokens"])
             tokens = [c["tokens"] for c in runs]
-            line = axis.errorbar(tokens, [c[op]["mean_us"] for c in runs], yerr=[c[op]["std_us"] for c in runs],
-                                 marker="o", capsize=3, label=f"{transport}, {experts} experts")
+            line = axis.errorbar(
+                tokens,
+                [c[op]["mean_us"] for c in runs],
+                yerr=[c[op]["std_us"] for c in runs],
+                marker="o",
+                capsize=3,
+                label=f"{transport}, {experts} experts",
+            )
             if all(f"{op}_floor" in c for c in runs):
-                axis.plot(tokens, [c[f"{op}_floor"]["mean_us"] for c in runs], linestyle="--",
-                          color=line[0].get_color(), alpha=0.6)
+                axis.plot(
+                    tokens,
+                    [c[f"{op}_floor"]["mean_us"] for c in runs],
+                    linestyle="--",
+                    color=line[0].get_color(),
+                    alpha=0.6,
+                )
+            if op == "combine" and all("combine_in_buffer" in c for c in runs):
+                axis.plot(
+                    tokens,
+                    [c["combine_in_buffer"]["mean_us"] for c in runs],
+                    linestyle=":",
+                    marker=".",
+                    color=line[0].get_color(),
+                )
         axis.set_xscale("log", base=2)
         axis.set_xlabel("tokens per rank")
         axis.set_ylabel("µs, slowest rank (mean ± std)")
-        axis.set_title(f"{op} ({ranks} ranks); dashed: bandwidth floor")
+        extra = "; dotted: expert_y in buffer" if op == "combine" else ""
+        axis.set_title(f"{op}, {ranks} ranks (dashed: floor{extra})", fontsize=10)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()

@@ -128,6 +128,17 @@ def test_calls_after_destroy_raise() -> None:
         a2a.dispatch(**d)
     with pytest.raises(RuntimeError, match="AllToAll.combine: this AllToAll was destroyed"):
         a2a.combine(**c)
+    with pytest.raises(RuntimeError, match="AllToAll.expert_output_buffer: this AllToAll was destroyed"):
+        a2a.expert_output_buffer()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn, torch.int16])
+def test_expert_output_buffer_takes_16_bit_float_types_only(dtype: torch.dtype) -> None:
+    a2a = AllToAll(NativeStub(), SHAPE, uses_nvshmem=False)  # type: ignore[arg-type]
+    message = f"expert_output_buffer: dtype must be torch.bfloat16 or torch.float16, got {dtype}"
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        a2a.expert_output_buffer(dtype)
+    a2a.destroy()
 
 
 def test_ops_declare_their_outputs_mutated() -> None:

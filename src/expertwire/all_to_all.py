@@ -44,6 +44,12 @@ def _all_gather_over(group: dist.ProcessGroup):
     return all_gather
 
 
+def _traced(tensor: torch.Tensor) -> bool:
+    """Whether a call is being traced (torch.compile, make_fx, fake tensors) rather than run: traced calls go
+    through the custom ops, so that they appear as single ops; run calls launch directly (ops module)."""
+    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor or torch._C._len_torch_dispatch_stack() > 0
+
+
 class AllToAll:
     """One MoE all-to-all: dispatch sends tokens to their experts' ranks, combine brings the expert outputs back
     and sums them with the router weights. Create it with AllToAll.internode (NVSHMEM, any number of nodes) or
@@ -196,7 +202,7 @@ class AllToAll:
             do_send,
             do_recv,
         )
-        dispatch_op = ops.dispatch if torch.compiler.is_compiling() else ops.launch_dispatch
+        dispatch_op = ops.dispatch if _traced(out_expert_x) else ops.launch_dispatch
         dispatch_op(
             handle,
             out_expert_num_tokens,
@@ -226,7 +232,7 @@ class AllToAll:
         max_recv_tokens, hidden_dim] bfloat16 or float16."""
         handle = self._live_handle("combine")
         check_combine(self._shape, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
-        combine_op = ops.combine if torch.compiler.is_compiling() else ops.launch_combine
+        combine_op = ops.combine if _traced(out_tokens) else ops.launch_combine
         combine_op(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
 
     def expert_output_buffer(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
