@@ -403,20 +403,39 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) dispatch_pu
 // ---------------------------------------------------------------------------------------------------------
 // Combine.
 
+// Where the rows the last dispatch delivered start: expert_start[le] is the first of local expert le's rows in
+// one running count over all experts, expert_start[num_local_experts] their total (in shared memory). Call with
+// the whole block.
+__device__ inline const uint32_t* received_row_starts(const RankContext& c) {
+  const uint32_t num_local = c.layout.num_local_experts;
+  extern __shared__ uint32_t shared[];
+  uint32_t* expert_total = shared;
+  uint32_t* expert_start = expert_total + num_local + 1;
+  const auto* recv_counts = reinterpret_cast<const int32_t*>(c.workspace + c.layout.recv_counts_offset);
+  for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) expert_total[le] = uint32_t(recv_counts[le]);
+  __syncthreads();
+  if (warp_id() == 0) warp_exclusive_scan(expert_total, expert_start, num_local);
+  __syncthreads();
+  return expert_start;
+}
+
+// The last block out of a combine send tells every rank that this rank's rows are in place.
+template <class Transport>
+__device__ void finish_combine_send(const RankContext& c, const Transport& transport) {
+  if (last_block_out(c.phase_counter(kCombineSendDone))) {
+    for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
+      transport.signal(int(peer), c.layout.combine_done_offset_of(c.rank), 1);
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kCombineSendDone) = 0;
+  }
+}
+
 template <class Transport>
 __device__ void combine_send(const CombineArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
   const uint32_t num_local = l.num_local_experts;
-
-  extern __shared__ uint32_t shared[];
-  uint32_t* expert_total = shared;
-  uint32_t* expert_start = expert_total + num_local + 1;
-  const auto* recv_counts = reinterpret_cast<const int32_t*>(c.workspace + l.recv_counts_offset);
-  for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) expert_total[le] = uint32_t(recv_counts[le]);
-  __syncthreads();
-  if (warp_id() == 0) warp_exclusive_scan(expert_total, expert_start, num_local);
-  __syncthreads();
+  const uint32_t* expert_start = received_row_starts(c);
 
   const auto* routes = reinterpret_cast<const TokenRoute*>(c.workspace + l.routes_offset);
   uint8_t* staging = c.symmetric + l.staging_row_offset(global_warp());
@@ -435,13 +454,7 @@ __device__ void combine_send(const CombineArgs& a, const Transport& transport) {
     }
   }
   transport.flush_warp();
-
-  if (last_block_out(c.phase_counter(kCombineSendDone))) {
-    for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
-      transport.signal(int(peer), l.combine_done_offset_of(c.rank), 1);
-    }
-    if (threadIdx.x == 0) *c.phase_counter(kCombineSendDone) = 0;
-  }
+  finish_combine_send(c, transport);
 }
 
 template <class T>
@@ -597,14 +610,7 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   const uint32_t num_local = l.num_local_experts;
   uint8_t* expert_outputs = c.symmetric + l.expert_outputs_offset;
   if (a.expert_y != expert_outputs) {
-    extern __shared__ uint32_t shared[];
-    uint32_t* expert_total = shared;
-    uint32_t* expert_start = expert_total + num_local + 1;
-    const auto* recv_counts = reinterpret_cast<const int32_t*>(c.workspace + l.recv_counts_offset);
-    for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) expert_total[le] = uint32_t(recv_counts[le]);
-    __syncthreads();
-    if (warp_id() == 0) warp_exclusive_scan(expert_total, expert_start, num_local);
-    __syncthreads();
+    const uint32_t* expert_start = received_row_starts(c);
     // Only the rows the last dispatch filled: the rest of expert_y is never read.
     for (uint32_t j = global_warp(); j < expert_start[num_local]; j += total_warps()) {
       const uint32_t le = find_segment(expert_start, num_local, j);
@@ -612,12 +618,7 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
       warp_copy_16<SourceKind::kInput>(expert_outputs + offset, a.expert_y + offset, l.combine_row_bytes);
     }
   }
-  if (last_block_out(c.phase_counter(kCombineSendDone))) {
-    for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
-      transport.signal(int(peer), l.combine_done_offset_of(c.rank), 1);
-    }
-    if (threadIdx.x == 0) *c.phase_counter(kCombineSendDone) = 0;
-  }
+  finish_combine_send(c, transport);
 }
 
 template <class Transport, class OutT, class ExpertT>

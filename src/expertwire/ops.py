@@ -91,51 +91,12 @@ def launch_dispatch(
     )
 
 
-@torch.library.custom_op(
+# The ops run the launchers themselves (torch.library wraps the function and leaves it callable as it is).
+dispatch = torch.library.custom_op(
     "expertwire::dispatch",
     mutates_args=("out_expert_num_tokens", "out_expert_x", "out_expert_x_scale"),
     device_types="cuda",
-)
-def dispatch(
-    handle: int,
-    out_expert_num_tokens: torch.Tensor,
-    out_expert_x: torch.Tensor,
-    out_expert_x_scale: Optional[torch.Tensor],
-    dp_x: torch.Tensor,
-    dp_x_scale: Optional[torch.Tensor],
-    indices: torch.Tensor,
-    bound_m: Optional[torch.Tensor],
-    do_send: bool,
-    do_recv: bool,
-) -> None:
-    launch_dispatch(
-        handle,
-        out_expert_num_tokens,
-        out_expert_x,
-        out_expert_x_scale,
-        dp_x,
-        dp_x_scale,
-        indices,
-        bound_m,
-        do_send,
-        do_recv,
-    )
-
-
-@dispatch.register_fake
-def _(
-    handle: int,
-    out_expert_num_tokens: torch.Tensor,
-    out_expert_x: torch.Tensor,
-    out_expert_x_scale: Optional[torch.Tensor],
-    dp_x: torch.Tensor,
-    dp_x_scale: Optional[torch.Tensor],
-    indices: torch.Tensor,
-    bound_m: Optional[torch.Tensor],
-    do_send: bool,
-    do_recv: bool,
-) -> None:
-    return None
+)(launch_dispatch)
 
 
 def launch_combine(
@@ -163,29 +124,15 @@ def launch_combine(
     )
 
 
-@torch.library.custom_op("expertwire::combine", mutates_args=("out_tokens",), device_types="cuda")
-def combine(
-    handle: int,
-    out_tokens: torch.Tensor,
-    indices: torch.Tensor,
-    weights: torch.Tensor,
-    expert_y: torch.Tensor,
-    bound_m: Optional[torch.Tensor],
-    do_send: bool,
-    do_recv: bool,
-) -> None:
-    launch_combine(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
+combine = torch.library.custom_op("expertwire::combine", mutates_args=("out_tokens",), device_types="cuda")(
+    launch_combine
+)
 
 
-@combine.register_fake
-def _(
-    handle: int,
-    out_tokens: torch.Tensor,
-    indices: torch.Tensor,
-    weights: torch.Tensor,
-    expert_y: torch.Tensor,
-    bound_m: Optional[torch.Tensor],
-    do_send: bool,
-    do_recv: bool,
-) -> None:
+def _writes_only_its_arguments(*args: object, **kwargs: object) -> None:
+    """The ops' fake (meta) implementation: they return nothing and only write tensors they were given."""
     return None
+
+
+dispatch.register_fake(_writes_only_its_arguments)
+combine.register_fake(_writes_only_its_arguments)
