@@ -343,8 +343,9 @@ void write_json(const std::string& path, int world, const std::vector<std::pair<
         << ", \"dispatch_send\": " << stats(r.dispatch_send) << ", \"dispatch_recv\": " << stats(r.dispatch_recv)
         << ", \"combine\": " << stats(r.combine) << ", \"combine_send\": " << stats(r.combine_send)
         << ", \"combine_recv\": " << stats(r.combine_recv)
-        << ", \"combine_in_buffer\": " << stats(r.combine_in_buffer) << ", \"loop_dispatch\": " << stats(r.loop_dispatch)
-        << ", \"loop_combine\": " << stats(r.loop_combine) << ", \"dispatch_bytes_per_rank\": " << r.dispatch_bytes
+        << ", \"combine_in_buffer\": " << stats(r.combine_in_buffer)
+        << ", \"loop_dispatch\": " << stats(r.loop_dispatch) << ", \"loop_combine\": " << stats(r.loop_combine)
+        << ", \"dispatch_bytes_per_rank\": " << r.dispatch_bytes
         << ", \"combine_bytes_per_rank\": " << r.combine_bytes
         << ", \"dispatch_floor_bytes_per_rank\": " << r.dispatch_floor_bytes
         << ", \"combine_floor_bytes_per_rank\": " << r.combine_floor_bytes

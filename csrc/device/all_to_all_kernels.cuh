@@ -248,7 +248,8 @@ __device__ inline void dispatch_recv(const DispatchArgs& a) {
 }
 
 template <class Transport>
-__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) dispatch_kernel(DispatchArgs args, Transport transport) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
+    dispatch_kernel(DispatchArgs args, Transport transport) {
   if (args.do_send) dispatch_send(args, transport);
   if (args.do_recv) dispatch_recv(args);
 }
@@ -395,7 +396,8 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
 }
 
 template <class Transport>
-__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) dispatch_pull_kernel(DispatchArgs args, Transport transport) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
+    dispatch_pull_kernel(DispatchArgs args, Transport transport) {
   if (args.do_send) dispatch_pull_send(args, transport);
   if (args.do_recv) dispatch_pull_recv(args, transport);
 }
@@ -524,8 +526,8 @@ __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   constexpr uint32_t kBatch = 8;
   const uint32_t chunks = (vectors + kWarpSize - 1) / kWarpSize;
   const int lane = lane_id();
-  for (uint32_t item = global_warp(); item < m * chunks; item += total_warps()) {
-    const uint32_t t = item / chunks, v = (item % chunks) * kWarpSize + lane;
+  for (uint64_t item = global_warp(); item < uint64_t(m) * chunks; item += total_warps()) {
+    const uint32_t t = uint32_t(item / chunks), v = uint32_t(item % chunks) * kWarpSize + lane;
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
     const float* weights = a.weights + uint64_t(t) * top_k;
     float acc[8] = {};
@@ -595,7 +597,8 @@ __device__ void combine_recv(const CombineArgs& a) {
 }
 
 template <class Transport, class OutT, class ExpertT>
-__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) combine_kernel(CombineArgs args, Transport transport) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
+    combine_kernel(CombineArgs args, Transport transport) {
   if (args.do_send) combine_send(args, transport);
   if (args.do_recv) combine_recv<OutT, ExpertT>(args);
 }
@@ -639,7 +642,8 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
 }
 
 template <class Transport, class OutT, class ExpertT>
-__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) combine_pull_kernel(CombineArgs args, Transport transport) {
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
+    combine_pull_kernel(CombineArgs args, Transport transport) {
   if (args.do_send) combine_pull_send(args, transport);
   if (args.do_recv) combine_pull_recv<Transport, OutT, ExpertT>(args, transport);
 }
@@ -666,7 +670,8 @@ void launch_combine_typed(const CombineArgs& args, const Transport& transport, L
                           cudaStream_t stream) {
   const uint64_t shared_bytes = combine_shared_bytes(args.ctx.layout);
   if (transport.load_store_only()) {
-    combine_pull_kernel<Transport, OutT, ExpertT><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
+    combine_pull_kernel<Transport, OutT, ExpertT>
+        <<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
   } else if constexpr (Transport::kMayPut) {
     combine_kernel<Transport, OutT, ExpertT><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
   }

@@ -21,14 +21,18 @@ class _CudaArray:
         }
 
 
+def tensor_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes of a contiguous tensor of `shape` and `dtype`."""
+    elements = 1
+    for extent in shape:
+        elements *= int(extent)
+    return elements * torch.empty((), dtype=dtype).element_size()
+
+
 def tensor_over(
     address: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device, owner: object
 ) -> torch.Tensor:
     """A contiguous tensor of `shape` and `dtype` over the memory at `address`, which must hold enough bytes."""
-    dims = tuple(int(extent) for extent in shape)
-    elements = 1
-    for extent in dims:
-        elements *= extent
-    nbytes = elements * torch.empty((), dtype=dtype).element_size()
+    nbytes = tensor_bytes(shape, dtype)
     raw = torch.as_tensor(_CudaArray(address, max(nbytes, 1), owner), device=device)
-    return raw[:nbytes].view(dtype).view(dims)
+    return raw[:nbytes].view(dtype).view(tuple(int(extent) for extent in shape))

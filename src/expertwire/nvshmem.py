@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from . import ops
-from ._device_memory import tensor_over
+from ._device_memory import tensor_bytes, tensor_over
 from ._native import ext
 
 _symmetric: "weakref.WeakSet[ext.SymmetricMemory]" = weakref.WeakSet()
@@ -75,10 +75,7 @@ def nvshmem_barrier_all_on_current_stream() -> None:
 def nvshmem_malloc(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor in NVSHMEM's symmetric heap, zeroed. Collective: every rank allocates the same shape in the same
     order. The memory is freed (collectively) when the last reference to the tensor goes, or at nvshmem_finalize."""
-    elements = 1
-    for extent in shape:
-        elements *= int(extent)
-    memory = ext.SymmetricMemory(max(elements * torch.empty((), dtype=dtype).element_size(), 1))
+    memory = ext.SymmetricMemory(max(tensor_bytes(shape, dtype), 1))
     _symmetric.add(memory)
     return tensor_over(memory.data_ptr, shape, dtype, device, owner=memory)
 
