@@ -48,6 +48,8 @@ void AllToAllConfig::validate() const {
   EW_REQUIRE(max_num_tokens * (world_size / dp_size) <= int64_t(std::numeric_limits<uint32_t>::max() / 2),
              "AllToAllConfig: max_num_tokens * world_size / dp_size (rows per local expert) is too large for 32-bit "
              "device indexing, got ", max_num_tokens * (world_size / dp_size));
+  // The pull dispatch announces m + 1 in a 24-bit field of its arrival signal (core/layout.h).
+  EW_REQUIRE(max_num_tokens < 0xffffff, "AllToAllConfig.max_num_tokens must be < 16777215, got ", max_num_tokens);
   EW_REQUIRE(experts_per_token <= 0xffff, "AllToAllConfig.experts_per_token must be <= 65535, got ",
              experts_per_token);
   EW_REQUIRE(world_size / dp_size <= 0xffff, "AllToAllConfig: world_size / dp_size must be <= 65535, got ",

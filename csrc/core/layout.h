@@ -10,14 +10,16 @@
 //   combine_recv    [max_num_tokens][top-k] expert output rows of hidden_dim 16-bit values; row (t, k) is
 //                   written by the owner of expert indices[t][k], so the reduction reads each row exactly once.
 //   dispatch_counts [num_local_experts][world_size] u64: count + 1 from each source rank (0 = not arrived).
-//   combine_done    [world_size] u64: 1 once that rank has written all its combine rows to us.
+//   combine_done    [world_size] ArrivalSignal: complete once every block of that rank has put its combine rows
+//                   where we read them.
 //   staging         [staging_slots] rows of max(DispatchToken, combine row): the source of NVSHMEM puts to
 //                   peers that are not load/store reachable (RDMA needs a registered source).
 //   send_rows       [max_num_tokens] DispatchToken: this rank's tokens, staged once for peers that pull them
 //                   with loads (the pull dispatch, used when every peer is load/store reachable).
-//   dispatch_ready  [world_size] u64: m + 1 once that rank's send_rows are staged (0 = not yet).
-//   send_expert_counts [num_experts] u32: how many of this rank's staged tokens name each expert, published
-//                   with send_rows so receivers size their regions without reading every header.
+//   dispatch_ready  [world_size] ArrivalSignal: complete, with payload m + 1, once every block of that rank has
+//                   staged its share of send_rows.
+//   send_expert_counts [num_experts] u32: how many of this rank's staged tokens name each expert, counted as
+//                   they are staged, so receivers size their regions without reading every header.
 //   combine_slots   [num_dp_groups][max_num_tokens][top-k] u32: the row of expert_outputs that holds the output
 //                   of token (group, t) for its k-th expert, when that expert is ours; written by the pull
 //                   dispatch, read by the tokens' ranks in the pull combine.
@@ -26,13 +28,12 @@
 //                   unless the experts wrote their outputs here in the first place (AllToAll::expert_output_buffer).
 //
 // Local workspace (cudaMalloc, this rank only):
-//   send_counts     [num_experts] u32: tokens this rank has sent (push) or staged (pull) for each expert in
-//                   the running dispatch.
+//   send_counts     [num_experts] u32: tokens this rank has sent for each expert in the running push dispatch.
 //   recv_counts     [num_local_experts] i32: tokens received per local expert by the last dispatch.
 //   routes          [num_local_experts][max_recv_tokens] u64: where row i of out_expert_x came from
 //                   (source DP group, token, k), read by combine to send each result back.
-//   phase_counters  [kNumPhaseCounters] u32: blocks that finished a phase (the last one signals / resets),
-//                   and the pull dispatch's work queue.
+//   phase_counters  [kNumPhaseCounters] u32: blocks that finished a push dispatch phase (the last one signals /
+//                   resets), and the pull dispatch's work queue.
 //   pull_fill       [num_local_experts][num_dp_groups] u32: rows of each region taken so far by the pull dispatch.
 #pragma once
 
@@ -51,14 +52,28 @@ namespace expertwire {
 inline constexpr uint64_t kBufferAlign = 16;      // every row and region starts on a 16-byte vector boundary
 inline constexpr uint64_t kRegionAlign = 256;     // regions of the symmetric allocation start 256-aligned
 inline constexpr uint64_t kCombineElementBytes = 2;  // expert outputs are bf16 or fp16
-inline constexpr int kNumPhaseCounters = 5;
+inline constexpr int kNumPhaseCounters = 3;
 
 enum PhaseCounter : int {
   kDispatchSendDone = 0,
   kDispatchRecvDone = 1,
-  kCombineSendDone = 2,
-  kCombineRecvDone = 3,
-  kDispatchRecvNextToken = 4,  // work queue of the pull dispatch's copy: next sender token to take
+  kDispatchRecvNextToken = 2,  // work queue of the pull dispatch's copy: next sender token to take
+};
+
+// A u64 signal that every block of the sending rank adds its share to once, as soon as that block's part of
+// the phase is written: no block waits for the others before peers hear of its work. Bits 0..15 count the
+// blocks that arrived; block 0 also adds a 24-bit payload (bits 16..39) and the sender's block count (bits
+// 40..). Complete when the count reaches the block count; 0 until block 0 arrives.
+struct ArrivalSignal {
+  static constexpr uint32_t kMaxBlocks = 0xffff;
+  static constexpr uint32_t kMaxPayload = 0xffffff;
+  EW_HOST_DEVICE static constexpr uint64_t share(uint32_t block, uint32_t blocks, uint32_t payload) {
+    return 1 + (block == 0 ? (uint64_t(payload) << 16) | (uint64_t(blocks) << 40) : 0);
+  }
+  EW_HOST_DEVICE static constexpr bool complete(uint64_t value) {
+    return (value >> 40) != 0 && (value & kMaxBlocks) == (value >> 40);
+  }
+  EW_HOST_DEVICE static constexpr uint32_t payload(uint64_t value) { return uint32_t(value >> 16) & kMaxPayload; }
 };
 
 EW_HOST_DEVICE constexpr uint64_t align_up(uint64_t value, uint64_t alignment) {

@@ -6,16 +6,18 @@
 //   uint8_t* peer_address(int pe, uint64_t offset)   // load/store address of the peer's byte, or nullptr
 //   void put_warp(int pe, uint64_t offset, const uint8_t* staged, uint64_t bytes)  // for nullptr peers
 //   void flush_warp()                                 // this warp's writes complete before a later signal
-//   void signal(int pe, uint64_t offset, uint64_t value)
+//   void signal(int pe, uint64_t offset, uint64_t value)       // set, with release
+//   void signal_add(int pe, uint64_t offset, uint64_t value)   // add, with release
 //
 // Protocol (one call = dispatch then combine; every rank takes part in both). Dispatch comes in two forms:
 // push, for transports where some peer is reachable only by puts, and pull, when every peer's buffer can be
 // loaded from directly (NVLink, or ranks sharing a GPU), which moves each token's bytes once instead of twice.
 //   pull send       stage the tokens (header with their experts, payload, scales) in our send_rows and count
-//                   them per expert; the last block out publishes the counts and tells every rank "m + 1".
-//   pull recv       wait for every rank's "m + 1"; size each local expert's regions from the counts of the
-//                   sender of our dp_rank in each group, then copy every token whose row names a local expert
-//                   straight from that sender's send_rows into out_expert_x; the last block out clears.
+//                   them per expert in send_expert_counts; each block then adds its arrival to every rank's
+//                   dispatch_ready (block 0's share carries m + 1).
+//   pull recv       wait until every rank's dispatch_ready is complete; size each local expert's regions from
+//                   the counts of the sender of our dp_rank in each group, then copy every token whose row names a
+//                   local expert straight from that sender's send_rows into out_expert_x.
 //   dispatch send   each token goes once to each expert of its row owned by a rank whose dp_rank is ours,
 //                   into slot atomicAdd(send_counts[e]) of region (expert, our DP group) of the owner; the last
 //                   block out then sends every (rank, local expert) its count + 1, zeros included, so every
@@ -24,19 +26,21 @@
 //                   into out_expert_x in group order and remember each row's route; the last block out
 //                   clears the counts.
 //   combine send    each row i of expert_y[le] goes back to row (token, k) of every rank of its source group;
-//                   the last block out sets "done" at every rank.
-//   combine recv    wait for "done" from all ranks, out[t] = sum_k w[t][k] * row(t, k); the last block out
-//                   clears the flags.
+//                   each block then adds its arrival to every rank's combine_done.
+//   combine recv    wait until every rank's combine_done is complete, out[t] = sum_k w[t][k] * row(t, k).
 // Combine, like dispatch, also comes in a pull form for load/store transports, in which each row moves once
 // (or not at all, when the experts wrote their outputs into expert_outputs themselves):
 //   pull dispatch   besides copying, records in combine_slots where each (group, token, k) row lands.
-//   pull send       copy expert_y into our expert_outputs unless it is already there; the last block out sets
-//                   "done" at every rank.
-//   pull recv       wait for "done" from all ranks, out[t] = sum_k w[t][k] * row(t, k), reading row (t, k)
-//                   straight from the expert_outputs of the expert's owner, at the slot the owner recorded.
-// A rank can only start dispatch n+1 after hearing "done" for combine n from every rank, and every rank
-// sends "done" only after its dispatch-recv n has finished, so no signal or slot is overwritten while a
-// peer still reads it, and no signal is cleared after a peer has set it again.
+//   pull send       copy expert_y into our expert_outputs unless it is already there; each block then adds its
+//                   arrival to every rank's combine_done.
+//   pull recv       wait until every rank's combine_done is complete, out[t] = sum_k w[t][k] * row(t, k), reading
+//                   row (t, k) straight from the expert_outputs of the expert's owner, at the slot it recorded.
+// A rank can only start dispatch n+1 after hearing combine n from every rank, and every rank announces combine
+// n only after its dispatch-recv n has finished, so no signal or slot is overwritten while a peer still reads
+// it. Each signal is cleared by its owner in the first phase that must precede a peer setting it again, before
+// the owner announces that phase, so that no kernel ends on a reset: combine_done in dispatch send, the pull
+// dispatch's dispatch_ready and work counters in combine send; send_expert_counts, which peers read, in combine
+// recv once every peer has announced its combine (so has finished reading them).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -91,6 +95,28 @@ __device__ __forceinline__ void deliver_row(const Transport& transport, int pe, 
   }
 }
 
+// Tells every rank that this block's part of a phase is written: its ArrivalSignal share at `offset`, added
+// with release after the block's barrier, so it carries every thread's writes (release is cumulative). Call
+// with the whole block, after the block's puts are flushed.
+template <class Transport>
+__device__ __forceinline__ void announce_block_arrival(const RankContext& c, const Transport& transport,
+                                                       uint64_t offset, uint32_t payload) {
+  __syncthreads();
+  const uint64_t share = ArrivalSignal::share(blockIdx.x, gridDim.x, payload);
+  for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
+    transport.signal_add(int(peer), offset, share);
+  }
+}
+
+// Dispatch n+1 starts after this rank's combine n read its combine_done flags, and no peer announces combine
+// n+1 before this dispatch announces itself: block 0 clears them first.
+__device__ __forceinline__ void clear_combine_done(const RankContext& c) {
+  if (blockIdx.x != 0) return;
+  for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
+    *c.local_signal(c.layout.combine_done_offset_of(peer)) = 0;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Dispatch.
 
@@ -102,6 +128,7 @@ __device__ void dispatch_send(const DispatchArgs& a, const Transport& transport)
   auto* send_counts = reinterpret_cast<uint32_t*>(c.workspace + l.send_counts_offset);
   uint8_t* staging = c.symmetric + l.staging_row_offset(global_warp());
   const uint32_t top_k = l.experts_per_token;
+  clear_combine_done(c);
 
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
@@ -272,7 +299,9 @@ __device__ void dispatch_pull_send(const DispatchArgs& a, const Transport& trans
   const BufferLayout& l = c.layout;
   const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
   const uint32_t top_k = l.experts_per_token;
-  auto* send_counts = reinterpret_cast<uint32_t*>(c.workspace + l.send_counts_offset);
+  // Zero since the last combine's receive (see the top); peers read them once this dispatch is announced.
+  auto* expert_counts = reinterpret_cast<uint32_t*>(c.symmetric + l.send_expert_counts_offset);
+  clear_combine_done(c);
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
     for (uint32_t k = lane_id(); k < top_k; k += kWarpSize) {
@@ -282,26 +311,14 @@ __device__ void dispatch_pull_send(const DispatchArgs& a, const Transport& trans
       } else if (!first_occurrence(experts, k)) {
         record_error(c.error, ErrorCode::kRepeatedExpert, Phase::kDispatchSend, -1, expert);
       } else {
-        atomicAdd(&send_counts[expert], 1u);
+        atomicAdd(&expert_counts[expert], 1u);
       }
     }
     write_dispatch_token(c.symmetric + l.send_row_offset(t), l, t, experts, a.dp_x + uint64_t(t) * l.hidden_dim_bytes,
                          a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes);
   }
   transport.flush_warp();
-  if (last_block_out(c.phase_counter(kDispatchSendDone))) {
-    // Publish the counts beside the rows; the running counters start the next call at zero.
-    auto* published = reinterpret_cast<uint32_t*>(c.symmetric + l.send_expert_counts_offset);
-    for (uint32_t e = threadIdx.x; e < l.num_experts; e += blockDim.x) {
-      published[e] = send_counts[e];
-      send_counts[e] = 0;
-    }
-    __syncthreads();  // the counts before the release stores that announce them
-    for (uint32_t peer = threadIdx.x; peer < l.world_size; peer += blockDim.x) {
-      transport.signal(int(peer), l.dispatch_ready_offset_of(c.rank), uint64_t(m) + 1);
-    }
-    if (threadIdx.x == 0) *c.phase_counter(kDispatchSendDone) = 0;
-  }
+  announce_block_arrival(c, transport, l.dispatch_ready_offset_of(c.rank), m + 1);
 }
 
 template <class Transport>
@@ -321,10 +338,11 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
 
   // Hearing from every rank, not only the senders we pull from, keeps all ranks in step (see the top).
   for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
-    const uint64_t value = wait_signal(c.local_signal(l.dispatch_ready_offset_of(source)), c.timeout_ns, c.error,
-                                       Phase::kDispatchRecv, int32_t(source));
+    const uint64_t value = wait_arrivals(c.local_signal(l.dispatch_ready_offset_of(source)), c.timeout_ns, c.error,
+                                         Phase::kDispatchRecv, int32_t(source));
     if (source % l.dp_size == c.dp_rank) {
-      group_tokens[source / l.dp_size] = value == 0 ? 0u : min(uint32_t(value - 1), l.max_num_tokens);
+      const uint32_t payload = ArrivalSignal::payload(value);
+      group_tokens[source / l.dp_size] = payload == 0 ? 0u : min(payload - 1, l.max_num_tokens);
     }
   }
   __syncthreads();
@@ -384,15 +402,6 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
       }
     }
   }
-
-  if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
-    for (uint32_t i = threadIdx.x; i < regions; i += blockDim.x) fill[i] = 0;
-    if (threadIdx.x == 0) *queue = 0;
-    for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
-      *c.local_signal(l.dispatch_ready_offset_of(source)) = 0;
-    }
-    if (threadIdx.x == 0) *c.phase_counter(kDispatchRecvDone) = 0;
-  }
 }
 
 template <class Transport>
@@ -421,17 +430,6 @@ __device__ inline const uint32_t* received_row_starts(const RankContext& c) {
   return expert_start;
 }
 
-// The last block out of a combine send tells every rank that this rank's rows are in place.
-template <class Transport>
-__device__ void finish_combine_send(const RankContext& c, const Transport& transport) {
-  if (last_block_out(c.phase_counter(kCombineSendDone))) {
-    for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
-      transport.signal(int(peer), c.layout.combine_done_offset_of(c.rank), 1);
-    }
-    if (threadIdx.x == 0) *c.phase_counter(kCombineSendDone) = 0;
-  }
-}
-
 template <class Transport>
 __device__ void combine_send(const CombineArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
@@ -456,7 +454,7 @@ __device__ void combine_send(const CombineArgs& a, const Transport& transport) {
     }
   }
   transport.flush_warp();
-  finish_combine_send(c, transport);
+  announce_block_arrival(c, transport, l.combine_done_offset_of(c.rank), 0);
 }
 
 template <class T>
@@ -511,10 +509,12 @@ struct Vec8<float> {
 };
 
 // out[t] = sum_k weights[t][k] * row(t, k) for the first bound_m tokens, in fp32, written as OutT. `row_of(t, k,
-// expert)` gives the address of the expert output row of (t, k) for a valid expert. Work items are (token,
-// chunk of 32 vectors of 8 elements), one per warp at a time: the lanes first find the rows of eight k at once
-// (the row lookup may take dependent loads, e.g. a slot read from a peer), then every lane loads its vector of
-// all eight rows before summing any. Sums stay in k order, as the reference's.
+// expert)` gives the address of the expert output row of (t, k) for a valid expert; it may take dependent
+// loads (a slot read from a peer), so each warp looks the rows up once per work item and then sums a run of
+// chunks (32 vectors of 8 elements, one per lane) of the same token: lane k finds row k into the warp's row
+// table, then every lane loads its vector of eight rows before summing any. Runs are as long as keeps about
+// kItemsPerWarp items per warp, so every warp has work and each lookup serves several chunks. Sums stay in k
+// order, as the reference's.
 template <class OutT, class ExpertT, class RowOf>
 __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   const RankContext& c = a.ctx;
@@ -524,66 +524,76 @@ __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   const uint32_t vectors = l.hidden_dim / 8;
   auto* out = static_cast<OutT*>(a.out_tokens);
   constexpr uint32_t kBatch = 8;
+  constexpr uint64_t kItemsPerWarp = 4;
+  __shared__ const int4* row_table[kMaxBlockThreads / kWarpSize][kWarpSize];
+  __shared__ float weight_table[kMaxBlockThreads / kWarpSize][kWarpSize];
+  const int4** rows = row_table[warp_id()];
+  float* weights_of_k = weight_table[warp_id()];
+
   const uint32_t chunks = (vectors + kWarpSize - 1) / kWarpSize;
+  const uint64_t warps = uint64_t(total_warps());
+  // A table holds 32 rows: wider rows (top_k > 32) look up every pass again, one chunk per item.
+  const uint64_t balanced_run = (uint64_t(m) * chunks + kItemsPerWarp * warps - 1) / (kItemsPerWarp * warps);
+  const uint32_t run = top_k > kWarpSize ? 1u : uint32_t(balanced_run < 1 ? 1 : balanced_run > chunks ? chunks : balanced_run);
+  const uint32_t runs_per_token = (chunks + run - 1) / run;
   const int lane = lane_id();
-  for (uint64_t item = global_warp(); item < uint64_t(m) * chunks; item += total_warps()) {
-    const uint32_t t = uint32_t(item / chunks), v = uint32_t(item % chunks) * kWarpSize + lane;
+  for (uint64_t item = global_warp(); item < uint64_t(m) * runs_per_token; item += warps) {
+    const uint32_t t = uint32_t(item / runs_per_token);
+    const uint32_t first_chunk = uint32_t(item % runs_per_token) * run;
+    const uint32_t end_chunk = min(chunks, first_chunk + run);
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
     const float* weights = a.weights + uint64_t(t) * top_k;
-    float acc[8] = {};
-    for (uint32_t k0 = 0; k0 < top_k; k0 += kBatch) {
-      // Lane u < kBatch looks up k = k0 + u. Rows of invalid experts were never sent (dispatch reported
-      // them): they add nothing.
-      const int4* my_row = nullptr;
-      float my_weight = 0.0f;
-      if (uint32_t(lane) < kBatch && k0 + lane < top_k) {
-        const uint32_t expert = experts[k0 + lane];
-        if (expert < l.num_experts) {
-          my_row = row_of(t, k0 + lane, expert);
-          my_weight = weights[k0 + lane];
+    for (uint32_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
+      const uint32_t v = chunk * kWarpSize + lane;
+      float acc[8] = {};
+      for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
+        if (chunk == first_chunk) {
+          // Rows of invalid experts were never sent (dispatch reported them): they add nothing.
+          __syncwarp();
+          const int4* row = nullptr;
+          float weight = 0.0f;
+          if (k0 + lane < top_k) {
+            const uint32_t expert = experts[k0 + lane];
+            if (expert < l.num_experts) {
+              row = row_of(t, k0 + lane, expert);
+              weight = weights[k0 + lane];
+            }
+          }
+          rows[lane] = row;
+          weights_of_k[lane] = weight;
+          __syncwarp();
+        }
+        if (v >= vectors) continue;
+        const uint32_t pass = min(uint32_t(kWarpSize), top_k - k0);
+        for (uint32_t k1 = 0; k1 < pass; k1 += kBatch) {
+          int4 raw[kBatch];
+#pragma unroll
+          for (uint32_t u = 0; u < kBatch; ++u) {
+            raw[u] = k1 + u < pass && rows[k1 + u] != nullptr ? rows[k1 + u][v] : int4{0, 0, 0, 0};
+          }
+#pragma unroll
+          for (uint32_t u = 0; u < kBatch; ++u) {
+            if (k1 + u >= pass || rows[k1 + u] == nullptr) continue;
+            float y[8];
+            Vec8<ExpertT>::to_float(raw[u], y);
+            const float w = weights_of_k[k1 + u];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += w * y[e];
+          }
         }
       }
-      const int4* rows[kBatch];
-      float w[kBatch];
-#pragma unroll
-      for (uint32_t u = 0; u < kBatch; ++u) {
-        rows[u] = reinterpret_cast<const int4*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(my_row), u));
-        w[u] = __shfl_sync(kFullMask, my_weight, u);
-      }
-      if (v >= vectors) continue;
-      int4 raw[kBatch];
-#pragma unroll
-      for (uint32_t u = 0; u < kBatch; ++u) raw[u] = rows[u] != nullptr ? rows[u][v] : int4{0, 0, 0, 0};
-#pragma unroll
-      for (uint32_t u = 0; u < kBatch; ++u) {
-        if (rows[u] == nullptr) continue;
-        float y[8];
-        Vec8<ExpertT>::to_float(raw[u], y);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] += w[u] * y[e];
-      }
+      if (v < vectors) Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
     }
-    if (v < vectors) Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
   }
 }
 
-// Waits for "done" from every rank (its rows are where this rank's reduction reads them).
+// Waits until every rank has announced its combine rows (they are where this rank's reduction reads them).
 __device__ inline void wait_combine_done(const RankContext& c) {
   for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
-    wait_signal(c.local_signal(c.layout.combine_done_offset_of(peer)), c.timeout_ns, c.error, Phase::kCombineRecv,
-                int32_t(peer));
+    wait_arrivals(c.local_signal(c.layout.combine_done_offset_of(peer)), c.timeout_ns, c.error, Phase::kCombineRecv,
+                  int32_t(peer));
   }
   __syncthreads();
-}
-
-// The last block out of a combine receive clears the "done" flags for the next call.
-__device__ inline void finish_combine_recv(const RankContext& c) {
-  if (last_block_out(c.phase_counter(kCombineRecvDone))) {
-    for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
-      *c.local_signal(c.layout.combine_done_offset_of(peer)) = 0;
-    }
-    if (threadIdx.x == 0) *c.phase_counter(kCombineRecvDone) = 0;
-  }
 }
 
 template <class OutT, class ExpertT>
@@ -593,7 +603,6 @@ __device__ void combine_recv(const CombineArgs& a) {
   weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t) {
     return reinterpret_cast<const int4*>(c.symmetric + c.layout.combine_row_offset(t, k));
   });
-  finish_combine_recv(c);
 }
 
 template <class Transport, class OutT, class ExpertT>
@@ -612,6 +621,15 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   const BufferLayout& l = c.layout;
   const uint32_t num_local = l.num_local_experts;
   uint8_t* expert_outputs = c.symmetric + l.expert_outputs_offset;
+  if (blockIdx.x == 0) {
+    // The pull dispatch's state, for dispatch n+1 (see the top).
+    auto* fill = reinterpret_cast<uint32_t*>(c.workspace + l.pull_fill_offset);
+    for (uint32_t i = threadIdx.x; i < l.num_local_experts * l.num_dp_groups; i += blockDim.x) fill[i] = 0;
+    if (threadIdx.x == 0) *c.phase_counter(kDispatchRecvNextToken) = 0;
+    for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
+      *c.local_signal(l.dispatch_ready_offset_of(source)) = 0;
+    }
+  }
   if (a.expert_y != expert_outputs) {
     const uint32_t* expert_start = received_row_starts(c);
     // Only the rows the last dispatch filled: the rest of expert_y is never read.
@@ -621,7 +639,7 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
       warp_copy_16<SourceKind::kInput>(expert_outputs + offset, a.expert_y + offset, l.combine_row_bytes);
     }
   }
-  finish_combine_send(c, transport);
+  announce_block_arrival(c, transport, l.combine_done_offset_of(c.rank), 0);
 }
 
 template <class Transport, class OutT, class ExpertT>
@@ -629,6 +647,11 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
   wait_combine_done(c);
+  if (blockIdx.x == 0) {
+    // Every peer has finished its dispatch recv, the last reader of these: zero for the next dispatch.
+    auto* expert_counts = reinterpret_cast<uint32_t*>(c.symmetric + l.send_expert_counts_offset);
+    for (uint32_t e = threadIdx.x; e < l.num_experts; e += blockDim.x) expert_counts[e] = 0;
+  }
   weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t expert) {
     const int owner = int(expert / l.num_local_experts);
     const uint32_t slot = *reinterpret_cast<const uint32_t*>(
@@ -638,7 +661,6 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
     return reinterpret_cast<const int4*>(
         transport.peer_address(owner, l.expert_output_offset(expert % l.num_local_experts, row)));
   });
-  finish_combine_recv(c);
 }
 
 template <class Transport, class OutT, class ExpertT>

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "core/layout.h"
 #include "device/error_record.h"
 
 namespace expertwire::device {
@@ -35,6 +36,11 @@ __device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* address) {
 
 __device__ __forceinline__ void store_release_sys(uint64_t* address, uint64_t value) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
+}
+
+// Adds to a signal at system scope, after this thread's earlier writes (and those they are ordered after).
+__device__ __forceinline__ void red_add_release_sys(uint64_t* address, uint64_t value) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
 }
 
 // Streaming read of data that this kernel reads once: skip L1.
@@ -103,16 +109,17 @@ __device__ __forceinline__ bool wait_failed(const ErrorRecord* record) {
   return *reinterpret_cast<const volatile int32_t*>(&record->code) == int32_t(ErrorCode::kTimeout);
 }
 
-// Waits until a peer sets `*signal` to a non-zero value and returns it. Never spins forever: after
-// `timeout_ns`, or as soon as another wait of this rank has timed out, it records the error and returns 0.
-__device__ __forceinline__ uint64_t wait_signal(const uint64_t* signal, uint64_t timeout_ns, ErrorRecord* record,
-                                                Phase phase, int32_t peer) {
+// Waits until `arrived(*signal)` holds for a value peers write, and returns that value. Never spins forever:
+// after `timeout_ns`, or as soon as another wait of this rank has timed out, it records the error and returns 0.
+template <class Arrived>
+__device__ __forceinline__ uint64_t wait_signal_until(const uint64_t* signal, Arrived arrived, uint64_t timeout_ns,
+                                                      ErrorRecord* record, Phase phase, int32_t peer) {
   uint64_t value = load_acquire_sys(signal);
-  if (value != 0) return value;
+  if (arrived(value)) return value;
   const uint64_t start = global_timer_ns();
   for (uint32_t spin = 1;; ++spin) {
     value = load_acquire_sys(signal);
-    if (value != 0) return value;
+    if (arrived(value)) return value;
     // The error record lives in host memory: look at it rarely, the clock often.
     if ((spin & 1023) == 0 && wait_failed(record)) return 0;
     if (global_timer_ns() - start > timeout_ns) {
@@ -120,6 +127,19 @@ __device__ __forceinline__ uint64_t wait_signal(const uint64_t* signal, uint64_t
       return 0;
     }
   }
+}
+
+// Waits until a peer sets `*signal` to a non-zero value and returns it (0 on timeout, see above).
+__device__ __forceinline__ uint64_t wait_signal(const uint64_t* signal, uint64_t timeout_ns, ErrorRecord* record,
+                                                Phase phase, int32_t peer) {
+  return wait_signal_until(signal, [](uint64_t value) { return value != 0; }, timeout_ns, record, phase, peer);
+}
+
+// Waits until every block of a peer has added its share to an ArrivalSignal; returns it (0 on timeout).
+__device__ __forceinline__ uint64_t wait_arrivals(const uint64_t* signal, uint64_t timeout_ns, ErrorRecord* record,
+                                                  Phase phase, int32_t peer) {
+  return wait_signal_until(signal, [](uint64_t value) { return ArrivalSignal::complete(value); }, timeout_ns, record,
+                           phase, peer);
 }
 
 // Exclusive prefix sum of `values[0..n)` into `out[0..n]` (out[n] = total), computed by one warp.

@@ -158,6 +158,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadConfigCase{"max_num_tokens_too_large_for_u32",
                       [](AllToAllConfig& c) { c.max_num_tokens = 4294967296; },
                       {"AllToAllConfig.max_num_tokens is too large", "32-bit", "got 4294967296"}},
+        // m + 1 travels in a 24-bit field of the pull dispatch's arrival signal.
+        BadConfigCase{"max_num_tokens_past_arrival_payload", [](AllToAllConfig& c) { c.max_num_tokens = 16777215; },
+                      {"AllToAllConfig.max_num_tokens must be < 16777215", "got 16777215"}},
         // Each field fits on its own, but the rows per local expert do not: (2^31 - 1) * (8 / 1) = 17,179,869,176
         BadConfigCase{"max_recv_tokens_too_large_for_u32",
                       [](AllToAllConfig& c) {
@@ -179,14 +182,15 @@ INSTANTIATE_TEST_SUITE_P(
 
 TEST(ConfigValidate, MaxRecvTokensAtLimitPasses) {
   AllToAllConfig config = deepseek_v3_config();
-  config.max_num_tokens = 268435455;  // (2^28 - 1) * 8 = 2,147,483,640 <= 2,147,483,647
+  // The largest max_num_tokens (2^24 - 2) on 128 ranks: 16,777,214 * 128 = 2,147,483,392 <= 2,147,483,647.
+  config.world_size = 128;
+  config.max_num_tokens = 16777214;
   EXPECT_NO_THROW(config.validate());
-  EXPECT_EQ(config.max_recv_tokens(), 2147483640);
-  // dp_size = world_size: one DP group, so max_num_tokens alone may reach the limit.
-  config.dp_size = 8;
-  config.max_num_tokens = 2147483647;
+  EXPECT_EQ(config.max_recv_tokens(), 2147483392);
+  // One more rank per group would pass the 32-bit limit; one DP group of 128 ranks keeps it at max_num_tokens.
+  config.dp_size = 128;
   EXPECT_NO_THROW(config.validate());
-  EXPECT_EQ(config.max_recv_tokens(), 2147483647);
+  EXPECT_EQ(config.max_recv_tokens(), 16777214);
 }
 
 TEST(ConfigValidate, FirstInvalidFieldIsReported) {

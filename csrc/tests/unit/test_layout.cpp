@@ -596,10 +596,10 @@ TEST(LayoutOverflow, RowsPerLocalExpertFromConfig) {
 }
 
 TEST(LayoutOverflow, DispatchRecvFromConfig) {
-  // Every field at its 32-bit limit: (2^31 - 1) experts * 1 group * (2^31 - 1) tokens ~ 2^62 slots, times a
-  // ~2^31-byte token, is far past 2^64.
+  // Every field at its limit: (2^31 - 1) experts * 1 group * (2^24 - 2) tokens ~ 2^55 slots, times a ~2^31-byte
+  // token, is far past 2^64.
   AllToAllConfig config;
-  config.max_num_tokens = 2147483647;
+  config.max_num_tokens = 16777214;
   config.num_experts = 2147483647;
   config.experts_per_token = 1;
   config.rank = 0;
@@ -660,6 +660,38 @@ TEST(SymmetricHeap, NeededJustBelow2To64) {
   EXPECT_THAT(message, HasSubstr("18446744073709551360"));  // needed = 2^64 - 256
   // ceil((2^64 - 256) / 2^20) = 2^44; rounding up by adding 2^20 - 1 first would wrap and print 0M.
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=17592186044416M"));
+}
+
+// Shares added in any order: complete exactly when the last of `blocks` arrives, block 0's payload intact.
+TEST(ArrivalSignal, CompleteOnlyWhenEveryBlockArrived) {
+  for (const uint32_t blocks : {1u, 2u, 14u, ArrivalSignal::kMaxBlocks}) {
+    for (const uint32_t first : {0u, blocks - 1}) {  // block 0 first, or last
+      const uint32_t payload = ArrivalSignal::kMaxPayload;
+      uint64_t value = 0;
+      EXPECT_FALSE(ArrivalSignal::complete(value));
+      uint32_t arrived = 0;
+      for (uint32_t i = 0; i < blocks; ++i) {
+        const uint32_t block = first == 0 ? i : blocks - 1 - i;
+        value += ArrivalSignal::share(block, blocks, payload);
+        ++arrived;
+        EXPECT_EQ(ArrivalSignal::complete(value), arrived == blocks) << "blocks " << blocks << " arrived " << arrived;
+        if (arrived == blocks) break;
+        if (blocks > 64 && i == 32) {  // jump over the middle of a large count
+          const uint32_t skip = blocks - arrived - 1;
+          for (uint32_t j = 0; j < skip; ++j) value += ArrivalSignal::share(first == 0 ? blocks - 1 : 1, blocks, 0);
+          arrived += skip;
+          i += skip;
+        }
+      }
+      EXPECT_TRUE(ArrivalSignal::complete(value));
+      EXPECT_EQ(ArrivalSignal::payload(value), payload);
+      EXPECT_EQ(value >> 40, blocks);
+    }
+  }
+  // Block 0 alone of two: its count field says 2, one has arrived.
+  EXPECT_FALSE(ArrivalSignal::complete(ArrivalSignal::share(0, 2, 5)));
+  EXPECT_EQ(ArrivalSignal::payload(ArrivalSignal::share(0, 2, 5)), 5u);
+  EXPECT_EQ(ArrivalSignal::payload(ArrivalSignal::share(1, 2, 5)), 0u);
 }
 
 }  // namespace

@@ -34,6 +34,8 @@ device::LaunchShape default_launch_shape(uint32_t max_sm_count) {
              "EXPERTWIRE_BLOCK_THREADS must be a multiple of 32 <= ", device::kMaxBlockThreads, ", got ", threads);
   uint32_t blocks = env_uint("EXPERTWIRE_NUM_BLOCKS", uint32_t(sms));
   if (max_sm_count != 0 && max_sm_count < blocks) blocks = max_sm_count;
+  EW_REQUIRE(blocks <= ArrivalSignal::kMaxBlocks, "EXPERTWIRE_NUM_BLOCKS must be <= ", ArrivalSignal::kMaxBlocks,
+             " (arrival signals count blocks in 16 bits), got ", blocks);
   return device::LaunchShape{blocks, threads};
 }
 

@@ -44,6 +44,14 @@ struct NvshmemTransport {
       nvshmemx_signal_op(reinterpret_cast<uint64_t*>(symmetric + offset), value, NVSHMEM_SIGNAL_SET, pe);
     }
   }
+
+  __device__ void signal_add(int pe, uint64_t offset, uint64_t value) const {
+    if (uint8_t* base = peer_bases[pe]) {
+      red_add_release_sys(reinterpret_cast<uint64_t*>(base + offset), value);
+    } else {
+      nvshmemx_signal_op(reinterpret_cast<uint64_t*>(symmetric + offset), value, NVSHMEM_SIGNAL_ADD, pe);
+    }
+  }
 };
 
 }  // namespace expertwire::device

@@ -24,6 +24,10 @@ struct PeerTransport {
   __device__ void signal(int pe, uint64_t offset, uint64_t value) const {
     store_release_sys(reinterpret_cast<uint64_t*>(peer_bases[pe] + offset), value);
   }
+
+  __device__ void signal_add(int pe, uint64_t offset, uint64_t value) const {
+    red_add_release_sys(reinterpret_cast<uint64_t*>(peer_bases[pe] + offset), value);
+  }
 };
 
 }  // namespace expertwire::device
