@@ -97,8 +97,8 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
       ws, checked_mul(uint64_t(l.num_local_experts) * l.max_recv_tokens, sizeof(TokenRoute), "routes"),
       kRegionAlign, "routes");
   l.phase_counters_offset = place(ws, kNumPhaseCounters * sizeof(uint32_t), kRegionAlign, "phase_counters");
-  l.pull_fill_offset =
-      place(ws, uint64_t(l.num_local_experts) * l.num_dp_groups * sizeof(uint32_t), kRegionAlign, "pull_fill");
+  l.pull_state_offset = place(ws, checked_mul(l.pull_state_words(), sizeof(uint32_t), "pull_state"), kRegionAlign,
+                              "pull_state");
   l.workspace_bytes = place(ws, 0, kRegionAlign, "workspace");
   return l;
 }

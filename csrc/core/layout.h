@@ -33,8 +33,11 @@
 //   routes          [num_local_experts][max_recv_tokens] u64: where row i of out_expert_x came from
 //                   (source DP group, token, k), read by combine to send each result back.
 //   phase_counters  [kNumPhaseCounters] u32: blocks that finished a push dispatch phase (the last one signals /
-//                   resets), and the pull dispatch's work queue.
-//   pull_fill       [num_local_experts][num_dp_groups] u32: rows of each region taken so far by the pull dispatch.
+//                   resets).
+//   pull_state      u32 state of the pull dispatch's receive, zeroed by the next combine (PullReceiveState):
+//                   [num_local_experts] rows of out_expert_x placed, [num_dp_groups] next token of each sender
+//                   and its placement state, [num_local_experts][num_dp_groups] each region's first row, end
+//                   and rows taken, and one token queue over all senders.
 #pragma once
 
 #include <cstdint>
@@ -52,12 +55,11 @@ namespace expertwire {
 inline constexpr uint64_t kBufferAlign = 16;      // every row and region starts on a 16-byte vector boundary
 inline constexpr uint64_t kRegionAlign = 256;     // regions of the symmetric allocation start 256-aligned
 inline constexpr uint64_t kCombineElementBytes = 2;  // expert outputs are bf16 or fp16
-inline constexpr int kNumPhaseCounters = 3;
+inline constexpr int kNumPhaseCounters = 2;
 
 enum PhaseCounter : int {
   kDispatchSendDone = 0,
   kDispatchRecvDone = 1,
-  kDispatchRecvNextToken = 2,  // work queue of the pull dispatch's copy: next sender token to take
 };
 
 // A u64 signal that every block of the sending rank adds its share to once, as soon as that block's part of
@@ -128,7 +130,7 @@ struct BufferLayout {
   uint64_t recv_counts_offset;
   uint64_t routes_offset;
   uint64_t phase_counters_offset;
-  uint64_t pull_fill_offset;
+  uint64_t pull_state_offset;
   uint64_t workspace_bytes;
 
   EW_HOST_DEVICE uint64_t payload_offset_in_token() const { return token_header_bytes; }
@@ -168,6 +170,11 @@ struct BufferLayout {
   }
   EW_HOST_DEVICE uint64_t expert_output_offset(uint32_t local_expert, uint32_t row) const {
     return expert_outputs_offset + (uint64_t(local_expert) * max_recv_tokens + row) * combine_row_bytes;
+  }
+  // u32 words of pull_state (see PullReceiveState).
+  EW_HOST_DEVICE uint64_t pull_state_words() const {
+    return uint64_t(num_local_experts) + 2 * uint64_t(num_dp_groups) + 3 * uint64_t(num_local_experts) * num_dp_groups +
+           1;
   }
   EW_HOST_DEVICE uint64_t route_offset(uint32_t local_expert, uint32_t row) const {
     return routes_offset + (uint64_t(local_expert) * max_recv_tokens + row) * sizeof(TokenRoute);

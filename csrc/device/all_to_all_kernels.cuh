@@ -8,6 +8,7 @@
 //   void flush_warp()                                 // this warp's writes complete before a later signal
 //   void signal(int pe, uint64_t offset, uint64_t value)       // set, with release
 //   void signal_add(int pe, uint64_t offset, uint64_t value)   // add, with release
+//   static constexpr bool kPlaceOnArrival             // the pull dispatch's row placement (see dispatch_pull_recv)
 //
 // Protocol (one call = dispatch then combine; every rank takes part in both). Dispatch comes in two forms:
 // push, for transports where some peer is reachable only by puts, and pull, when every peer's buffer can be
@@ -15,9 +16,9 @@
 //   pull send       stage the tokens (header with their experts, payload, scales) in our send_rows and count
 //                   them per expert in send_expert_counts; each block then adds its arrival to every rank's
 //                   dispatch_ready (block 0's share carries m + 1).
-//   pull recv       wait until every rank's dispatch_ready is complete; size each local expert's regions from
-//                   the counts of the sender of our dp_rank in each group, then copy every token whose row names a
-//                   local expert straight from that sender's send_rows into out_expert_x.
+//   pull recv       as soon as the sender of our dp_rank in a group has announced itself, copy every token of
+//                   it whose row names a local expert straight from its send_rows into out_expert_x (the rows of
+//                   an expert in arrival order); each expert's count is the sum of what the senders counted.
 //   dispatch send   each token goes once to each expert of its row owned by a rank whose dp_rank is ours,
 //                   into slot atomicAdd(send_counts[e]) of region (expert, our DP group) of the owner; the last
 //                   block out then sends every (rank, local expert) its count + 1, zeros included, so every
@@ -321,12 +322,83 @@ __device__ void dispatch_pull_send(const DispatchArgs& a, const Transport& trans
   announce_block_arrival(c, transport, l.dispatch_ready_offset_of(c.rank), m + 1);
 }
 
+// The pull receive copies every token of the sender of our dp_rank in each group that names a local expert
+// into the expert's region for that group (its rows together, filling as the tokens are taken). Where the
+// regions go is the transport's choice (Transport::kPlaceOnArrival):
+//   in group order  every block waits for all senders, then places the regions sender after sender in group
+//                   order, as the reference lists them (dispatch_pull_recv_in_group_order).
+//   on arrival      ranks enter a kernel several µs apart (up to ~20 µs on one GPU under MPS), so copying
+//                   starts with the first senders heard from: the first warp to hear from a sender places its
+//                   regions after the rows already placed (dispatch_pull_recv_on_arrival).
+// Its state lives in the workspace's pull_state, zeroed by the next combine.
+struct PullReceiveState {
+  uint32_t* expert_rows;   // [num_local]: rows of each expert placed so far (on arrival)
+  uint32_t* sender_next;   // [groups]: next token of the sender to take (on arrival)
+  uint32_t* sender_state;  // [groups]: kUnplaced, kPlacing, kPlaced (on arrival)
+  uint32_t* region_base;   // [num_local][groups]: first row of the region (on arrival)
+  uint32_t* region_end;    // [num_local][groups]: one past its last row (on arrival)
+  uint32_t* region_fill;   // [num_local][groups]: rows taken
+  uint32_t* token_queue;   // next token to take over all senders (in group order)
+
+  static constexpr uint32_t kUnplaced = 0, kPlacing = 1, kPlaced = 2;
+
+  __device__ explicit PullReceiveState(const RankContext& c) {
+    const uint32_t num_local = c.layout.num_local_experts, groups = c.layout.num_dp_groups;
+    expert_rows = reinterpret_cast<uint32_t*>(c.workspace + c.layout.pull_state_offset);
+    sender_next = expert_rows + num_local;
+    sender_state = sender_next + groups;
+    region_base = sender_state + groups;
+    region_end = region_base + num_local * groups;
+    region_fill = region_end + num_local * groups;
+    token_queue = region_fill + num_local * groups;
+  }
+};
+
+inline constexpr uint32_t kNoRow = ~0u;
+
+// Copies token t of the sender of group g, staged at `token`, to each local expert its row names, at the row
+// `take_row(region)` gives for region (local expert, g), or nowhere if it gives kNoRow (a sender that
+// contradicts its own counts, reported here); records each row's route and, for the pull combine, its slot.
+// Call with the whole warp.
+template <class TakeRow>
+__device__ void copy_token_to_local_experts(const DispatchArgs& a, const uint8_t* token, uint32_t g, uint32_t t,
+                                            int sender_rank, TakeRow take_row) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t num_local = l.num_local_experts, top_k = l.experts_per_token, first_expert = c.rank * num_local;
+  auto* routes = reinterpret_cast<TokenRoute*>(c.workspace + l.routes_offset);
+  const auto* experts = reinterpret_cast<const uint32_t*>(token) + 1;
+  for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
+    const uint32_t k = k0 + lane_id();
+    const uint32_t expert = k < top_k ? experts[k] : ~0u;
+    bool mine = k < top_k && expert - first_expert < num_local && first_occurrence(experts, k);
+    uint32_t row = 0;
+    if (mine) {
+      const uint32_t le = expert - first_expert;
+      row = take_row(le * l.num_dp_groups + g);
+      if (row == kNoRow || row >= l.max_recv_tokens) {
+        record_error(c.error, ErrorCode::kSlotOverflow, Phase::kDispatchRecv, sender_rank, expert);
+        mine = false;
+      } else {
+        routes[uint64_t(le) * l.max_recv_tokens + row] = TokenRoute{t, uint16_t(g), uint16_t(k)};
+        // For the pull combine; its readers start after this kernel has ended (see the top).
+        *reinterpret_cast<uint32_t*>(c.symmetric + l.combine_slot_offset(g, t, k)) = row;
+      }
+    }
+    for (unsigned left = __ballot_sync(kFullMask, mine); left != 0; left &= left - 1) {
+      const int from = __ffs(left) - 1;
+      const uint32_t le = __shfl_sync(kFullMask, expert, from) - first_expert;
+      copy_to_expert_row(a, uint64_t(le) * l.max_recv_tokens + __shfl_sync(kFullMask, row, from), token);
+    }
+  }
+}
+
 template <class Transport>
-__device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& transport) {
+__device__ void dispatch_pull_recv_in_group_order(const DispatchArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
   const uint32_t num_local = l.num_local_experts, groups = l.num_dp_groups, regions = num_local * groups;
-  const uint32_t top_k = l.experts_per_token, first_expert = c.rank * num_local;
+  const uint32_t first_expert = c.rank * num_local;
 
   extern __shared__ uint32_t shared[];
   uint32_t* region_count = shared;                        // [local expert][group]
@@ -350,56 +422,175 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   __syncthreads();
 
   auto sender = [&](uint32_t group) { return int(group * l.dp_size + c.dp_rank); };
-  auto sender_row = [&](uint32_t group, uint32_t token) {
-    return transport.peer_address(sender(group), l.send_row_offset(token));
-  };
-  // Region sizes: what each sender published for our experts.
+  // Region sizes: what each sender counted for our experts.
   for (uint32_t i = threadIdx.x; i < regions; i += blockDim.x) {
     const uint32_t le = i / groups, g = i % groups;
-    const auto* published =
-        reinterpret_cast<const uint32_t*>(transport.peer_address(sender(g), l.send_expert_count_offset(first_expert + le)));
-    region_count[i] = min(*published, group_tokens[g]);
+    const auto* counted = reinterpret_cast<const uint32_t*>(
+        transport.peer_address(sender(g), l.send_expert_count_offset(first_expert + le)));
+    region_count[i] = min(*counted, group_tokens[g]);
   }
   __syncthreads();
   place_regions(a, region_count, region_base, expert_total);
 
-  // Copy: one warp per sender token, to each local expert of its row.
-  auto* routes = reinterpret_cast<TokenRoute*>(c.workspace + l.routes_offset);
-  auto* fill = reinterpret_cast<uint32_t*>(c.workspace + l.pull_fill_offset);
   // Tokens name 0..top-k local experts, so a fixed share per warp leaves some warps copying long after the
   // rest: warps take tokens from a queue instead, asking for the next one before copying the current.
-  uint32_t* queue = c.phase_counter(kDispatchRecvNextToken);
-  auto ticket = [&]() { return lane_id() == 0 ? atomicAdd(queue, 1u) : 0u; };  // read only by the shuffle
+  const PullReceiveState state(c);
+  auto ticket = [&]() { return lane_id() == 0 ? atomicAdd(state.token_queue, 1u) : 0u; };  // read by the shuffle
   for (uint32_t j = __shfl_sync(kFullMask, ticket(), 0), next; j < group_start[groups];
        j = __shfl_sync(kFullMask, next, 0)) {
     next = ticket();
     const uint32_t g = find_segment(group_start, groups, j), t = j - group_start[g];
-    const uint8_t* token = sender_row(g, t);
-    const auto* experts = reinterpret_cast<const uint32_t*>(token) + 1;
-    for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
-      const uint32_t k = k0 + lane_id();
-      const uint32_t expert = k < top_k ? experts[k] : ~0u;
-      bool mine = k < top_k && expert - first_expert < num_local && first_occurrence(experts, k);
-      uint32_t row = 0;
-      if (mine) {
-        const uint32_t region = (expert - first_expert) * groups + g;
-        const uint32_t taken = atomicAdd(&fill[region], 1u);
-        // Only a sender that contradicts its own published counts gets here; never write past the region.
-        if (taken >= region_count[region]) {
-          record_error(c.error, ErrorCode::kSlotOverflow, Phase::kDispatchRecv, int32_t(sender(g)), expert);
-          mine = false;
-        } else {
-          row = region_base[region] + taken;
-          routes[uint64_t(expert - first_expert) * l.max_recv_tokens + row] = TokenRoute{t, uint16_t(g), uint16_t(k)};
-          // For the pull combine; its readers start after this kernel has ended (see the top).
-          *reinterpret_cast<uint32_t*>(c.symmetric + l.combine_slot_offset(g, t, k)) = row;
+    copy_token_to_local_experts(a, transport.peer_address(sender(g), l.send_row_offset(t)), g, t, sender(g),
+                                [&](uint32_t region) {
+                                  const uint32_t taken = atomicAdd(&state.region_fill[region], 1u);
+                                  return taken < region_count[region] ? region_base[region] + taken : kNoRow;
+                                });
+  }
+}
+
+// Each warp keeps its own view of the senders in `seen` (shared memory, one u32 per source group): 0 until the
+// warp has acquired the sender's announcement itself (so the sender's rows are visible to it), then the
+// sender's m + 1; kPlacedSeen once the warp has seen the sender's regions placed, kAllTaken once the grid has
+// taken every token of the sender.
+inline constexpr uint32_t kAllTaken = 0x80000000u, kPlacedSeen = 0x40000000u;
+inline constexpr uint32_t kAnnounced = ~(kAllTaken | kPlacedSeen);
+
+template <class Transport>
+__device__ void dispatch_pull_recv_on_arrival(const DispatchArgs& a, const Transport& transport) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t num_local = l.num_local_experts, groups = l.num_dp_groups;
+  const uint32_t first_expert = c.rank * num_local;
+  const uint32_t lane = uint32_t(lane_id());
+  auto sender = [&](uint32_t group) { return int(group * l.dp_size + c.dp_rank); };
+  auto counted = [&](uint32_t group, uint32_t le) {  // what the sender counted for local expert le
+    return *reinterpret_cast<const uint32_t*>(
+        transport.peer_address(sender(group), l.send_expert_count_offset(first_expert + le)));
+  };
+  const PullReceiveState state(c);
+
+  extern __shared__ uint32_t shared[];
+  uint32_t* seen = shared + uint64_t(warp_id()) * groups;
+  for (uint32_t g = lane; g < groups; g += kWarpSize) seen[g] = 0;
+  __syncwarp();
+
+  // Warps start from different senders, so they spread over the ready ones.
+  const uint32_t rotation = (uint32_t(global_warp()) + c.rank) % groups;
+  uint64_t wait_start = 0;
+  // Lane 0 asks for the next token of the sender it copies from before copying the current one, which hides
+  // the atomic's latency; the held ticket is used first (a sender whose tokens are not all taken stays chosen).
+  int held_group = -1;
+  uint32_t held_ticket = 0;
+  for (uint32_t spin = 0;;) {
+    // The first sender, from the rotation on, whose regions this warp has seen placed and whose tokens are not
+    // all taken; the others are polled only when there is none.
+    int chosen = held_group;
+    bool open = chosen >= 0;
+    for (uint32_t base = 0; base < groups && chosen < 0; base += kWarpSize) {
+      const uint32_t i = base + lane, g = (i + rotation) % groups;
+      const uint32_t view = i < groups ? seen[g] : kAllTaken;
+      open |= __ballot_sync(kFullMask, (view & kAllTaken) == 0) != 0;
+      const unsigned ready = __ballot_sync(kFullMask, (view & (kAllTaken | kPlacedSeen)) == kPlacedSeen);
+      if (ready != 0) chosen = int(__shfl_sync(kFullMask, g, __ffs(ready) - 1));
+    }
+    if (!open) break;
+    if (chosen < 0) {
+      __syncwarp();  // every lane has read `seen` before any lane writes it
+      bool progress = false;
+      for (uint32_t base = 0; base < groups; base += kWarpSize) {
+        const uint32_t g = base + lane;
+        bool place = false;
+        if (g < groups && seen[g] == 0) {
+          const uint64_t value = load_acquire_sys(c.local_signal(l.dispatch_ready_offset_of(uint32_t(sender(g)))));
+          if (ArrivalSignal::complete(value)) {
+            seen[g] = min(ArrivalSignal::payload(value) - 1, l.max_num_tokens) + 1;
+            place = atomicCAS(&state.sender_state[g], PullReceiveState::kUnplaced, PullReceiveState::kPlacing) ==
+                    PullReceiveState::kUnplaced;
+            progress = true;
+          }
+        } else if (g < groups && (seen[g] & kPlacedSeen) == 0) {
+          if (ld_acquire_gpu(&state.sender_state[g]) == PullReceiveState::kPlaced) {
+            seen[g] |= kPlacedSeen;
+            progress = true;
+          }
+        }
+        __syncwarp();  // each lane's acquire before any lane reads that sender's rows or regions
+        // Place the regions of the senders this warp won, one sender at a time, a local expert per lane.
+        for (unsigned won = __ballot_sync(kFullMask, place); won != 0; won &= won - 1) {
+          const uint32_t pg = base + uint32_t(__ffs(won) - 1);
+          const uint32_t m_pg = (seen[pg] & kAnnounced) - 1;
+          for (uint32_t le = lane; le < num_local; le += kWarpSize) {
+            const uint32_t rows = min(counted(pg, le), m_pg);
+            const uint32_t first = atomicAdd(&state.expert_rows[le], rows);
+            state.region_base[le * groups + pg] = first;
+            state.region_end[le * groups + pg] = first + rows;
+          }
+          __syncwarp();
+          if (lane == 0) st_release_gpu(&state.sender_state[pg], PullReceiveState::kPlaced);
         }
       }
-      for (unsigned pending = __ballot_sync(kFullMask, mine); pending != 0; pending &= pending - 1) {
-        const int from = __ffs(pending) - 1;
-        const uint32_t le = __shfl_sync(kFullMask, expert, from) - first_expert;
-        copy_to_expert_row(a, uint64_t(le) * l.max_recv_tokens + __shfl_sync(kFullMask, row, from), token);
+      if (__any_sync(kFullMask, progress)) continue;
+      // Every sender still open is late: wait, within the timeout, or stop once another wait has failed. The
+      // error record lives in host memory: look at it rarely, the clock often.
+      if (wait_start == 0) wait_start = global_timer_ns();
+      const bool give_up =
+          (++spin % 1024 == 0 && wait_failed(c.error)) || global_timer_ns() - wait_start > c.timeout_ns;
+      if (__any_sync(kFullMask, give_up)) {
+        const unsigned late = __ballot_sync(kFullMask, lane < groups && seen[lane] == 0);
+        if (lane == 0) {
+          const int peer = late != 0 ? sender(uint32_t(__ffs(late) - 1)) : -1;
+          record_error(c.error, ErrorCode::kTimeout, Phase::kDispatchRecv, peer, int64_t(c.timeout_ns / 1000000));
+        }
+        break;
       }
+      __nanosleep(128);
+      continue;
+    }
+
+    const uint32_t g = uint32_t(chosen), m_g = (seen[g] & kAnnounced) - 1;
+    uint32_t t = held_ticket;
+    if (held_group < 0 && lane == 0) t = atomicAdd(&state.sender_next[g], 1u);
+    t = __shfl_sync(kFullMask, t, 0);
+    held_group = -1;
+    if (t >= m_g) {
+      __syncwarp();  // every lane has read seen[g] before lane 0 writes it
+      if (lane == 0) seen[g] |= kAllTaken;
+      __syncwarp();
+      continue;
+    }
+    held_ticket = lane == 0 ? atomicAdd(&state.sender_next[g], 1u) : 0u;
+    held_group = int(g);
+    copy_token_to_local_experts(a, transport.peer_address(sender(g), l.send_row_offset(t)), g, t, sender(g),
+                                [&](uint32_t region) {
+                                  const uint32_t row = __ldcg(&state.region_base[region]) +
+                                                       atomicAdd(&state.region_fill[region], 1u);
+                                  return row < __ldcg(&state.region_end[region]) ? row : kNoRow;
+                                });
+  }
+
+  // Each expert's row count is known once every sender has been heard from: the sum of what they counted for
+  // it. The first warp of the grid has heard from all of them when its loop ends (or has timed out). It also
+  // hears from the ranks of other dp_ranks, which send us nothing: combine clears every rank's announcement,
+  // so each must have arrived (see the top).
+  if (global_warp() == 0) {
+    for (uint32_t source = lane; source < l.world_size; source += kWarpSize) {
+      if (source % l.dp_size != c.dp_rank) {
+        wait_arrivals(c.local_signal(l.dispatch_ready_offset_of(source)), c.timeout_ns, c.error, Phase::kDispatchRecv,
+                      int32_t(source));
+      }
+    }
+    auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
+    for (uint32_t le = lane; le < num_local; le += kWarpSize) {
+      uint32_t rows = 0;
+#pragma unroll 8
+      for (uint32_t g = 0; g < groups; ++g) {
+        const uint32_t announced = seen[g] & kAnnounced;  // m + 1, or 0 if never heard from
+        const uint32_t count = counted(g, le);
+        rows += announced == 0 ? 0u : min(count, announced - 1);
+      }
+      rows = min(rows, l.max_recv_tokens);
+      a.out_expert_num_tokens[le] = int32_t(rows);
+      recv_counts[le] = int32_t(rows);
     }
   }
 }
@@ -408,7 +599,13 @@ template <class Transport>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     dispatch_pull_kernel(DispatchArgs args, Transport transport) {
   if (args.do_send) dispatch_pull_send(args, transport);
-  if (args.do_recv) dispatch_pull_recv(args, transport);
+  if (args.do_recv) {
+    if constexpr (Transport::kPlaceOnArrival) {
+      dispatch_pull_recv_on_arrival(args, transport);
+    } else {
+      dispatch_pull_recv_in_group_order(args, transport);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -534,7 +731,8 @@ __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   const uint64_t warps = uint64_t(total_warps());
   // A table holds 32 rows: wider rows (top_k > 32) look up every pass again, one chunk per item.
   const uint64_t balanced_run = (uint64_t(m) * chunks + kItemsPerWarp * warps - 1) / (kItemsPerWarp * warps);
-  const uint32_t run = top_k > kWarpSize ? 1u : uint32_t(balanced_run < 1 ? 1 : balanced_run > chunks ? chunks : balanced_run);
+  const uint32_t run =
+      top_k > kWarpSize ? 1u : uint32_t(balanced_run < 1 ? 1 : balanced_run > chunks ? chunks : balanced_run);
   const uint32_t runs_per_token = (chunks + run - 1) / run;
   const int lane = lane_id();
   for (uint64_t item = global_warp(); item < uint64_t(m) * runs_per_token; item += warps) {
@@ -623,9 +821,8 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   uint8_t* expert_outputs = c.symmetric + l.expert_outputs_offset;
   if (blockIdx.x == 0) {
     // The pull dispatch's state, for dispatch n+1 (see the top).
-    auto* fill = reinterpret_cast<uint32_t*>(c.workspace + l.pull_fill_offset);
-    for (uint32_t i = threadIdx.x; i < l.num_local_experts * l.num_dp_groups; i += blockDim.x) fill[i] = 0;
-    if (threadIdx.x == 0) *c.phase_counter(kDispatchRecvNextToken) = 0;
+    auto* pull_state = reinterpret_cast<uint32_t*>(c.workspace + l.pull_state_offset);
+    for (uint64_t i = threadIdx.x; i < l.pull_state_words(); i += blockDim.x) pull_state[i] = 0;
     for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
       *c.local_signal(l.dispatch_ready_offset_of(source)) = 0;
     }
@@ -677,11 +874,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
 // senders), else the push dispatch.
 template <class Transport>
 void launch_dispatch(const DispatchArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
-  const uint64_t shared_bytes = dispatch_shared_bytes(args.ctx.layout);
   if (transport.load_store_only()) {
+    const uint64_t shared_bytes = Transport::kPlaceOnArrival
+                                      ? pull_dispatch_on_arrival_shared_bytes(args.ctx.layout, shape.threads)
+                                      : pull_dispatch_in_group_order_shared_bytes(args.ctx.layout);
+    EW_REQUIRE(shared_bytes <= kMaxDefaultSharedBytes, "dispatch: ", args.ctx.layout.num_dp_groups,
+               " DP groups need ", shared_bytes, " bytes of shared memory per block (at most ", kMaxDefaultSharedBytes,
+               "); use fewer threads per block (EXPERTWIRE_BLOCK_THREADS)");
     dispatch_pull_kernel<Transport><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
   } else if constexpr (Transport::kMayPut) {
-    dispatch_kernel<Transport><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
+    dispatch_kernel<Transport>
+        <<<shape.blocks, shape.threads, push_dispatch_shared_bytes(args.ctx.layout), stream>>>(args, transport);
   }
   EW_CUDA_CHECK(cudaGetLastError());
 }

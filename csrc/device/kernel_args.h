@@ -53,11 +53,18 @@ struct CombineArgs {
   bool do_recv;
 };
 
-// Dynamic shared memory the dispatch kernels need (the combine kernel needs less).
-inline uint64_t dispatch_shared_bytes(const BufferLayout& l) {
+// Dynamic shared memory of each kernel, per block.
+inline constexpr uint64_t kMaxDefaultSharedBytes = 48 << 10;  // more needs an opt-in attribute
+inline uint64_t push_dispatch_shared_bytes(const BufferLayout& l) {
   const uint64_t regions = uint64_t(l.num_local_experts) * l.num_dp_groups;
-  return (2 * regions + 2 * (uint64_t(l.num_local_experts) + 1) + 2 * (uint64_t(l.num_dp_groups) + 1)) *
-         sizeof(uint32_t);
+  return (2 * regions + 2 * (uint64_t(l.num_local_experts) + 1)) * sizeof(uint32_t);
+}
+inline uint64_t pull_dispatch_in_group_order_shared_bytes(const BufferLayout& l) {
+  return push_dispatch_shared_bytes(l) + 2 * (uint64_t(l.num_dp_groups) + 1) * sizeof(uint32_t);
+}
+// Each warp's view of the senders: one u32 per source group.
+inline uint64_t pull_dispatch_on_arrival_shared_bytes(const BufferLayout& l, uint32_t threads) {
+  return uint64_t(threads / 32) * l.num_dp_groups * sizeof(uint32_t);
 }
 inline uint64_t combine_shared_bytes(const BufferLayout& l) {
   return 2 * (uint64_t(l.num_local_experts) + 1) * sizeof(uint32_t);

@@ -123,7 +123,7 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
           {"recv_counts", l.recv_counts_offset, uint64_t(l.num_local_experts) * 4},
           {"routes", l.routes_offset, uint64_t(l.num_local_experts) * l.max_recv_tokens * 8},
           {"phase_counters", l.phase_counters_offset, uint64_t(kNumPhaseCounters) * 4},
-          {"pull_fill", l.pull_fill_offset, uint64_t(l.num_local_experts) * l.num_dp_groups * 4},
+          {"pull_state", l.pull_state_offset, l.pull_state_words() * 4},
       },
       l.workspace_bytes);
 }
@@ -188,11 +188,11 @@ TEST(Layout, SmallConfigWorkspace) {
   EXPECT_EQ(l.recv_counts_offset, 256u);
   // routes: align256(264) = 512; 2 local experts * 8 rows * 8 B = 128 B -> 640
   EXPECT_EQ(l.routes_offset, 512u);
-  // phase_counters: align256(640) = 768; 4 * 4 B = 16 B -> 784
+  // phase_counters: align256(640) = 768; 2 * 4 B = 8 B -> 776
   EXPECT_EQ(l.phase_counters_offset, 768u);
-  // pull_fill: align256(784) = 1024; 2 local experts * 2 groups * 4 B = 16 B -> 1040
-  EXPECT_EQ(l.pull_fill_offset, 1024u);
-  // align256(1040) = 1280
+  // pull_state: align256(776) = 1024; (2 local experts + 2 * 2 groups + 3 * 2 * 2 regions + 1) * 4 B = 76 B -> 1100
+  EXPECT_EQ(l.pull_state_offset, 1024u);
+  // align256(1100) = 1280
   EXPECT_EQ(l.workspace_bytes, 1280u);
 }
 
@@ -290,13 +290,13 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.symmetric_bytes, 3840u);
 
   // send 6 * 4 = 24 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
-  // phase at 768 (+16 = 784); pull_fill at align256(784) = 1024 (2 * 3 * 4 = 24 -> 1048);
-  // total align256(1048) = 1280
+  // phase at 768 (+8 = 776); pull_state at align256(776) = 1024 ((2 + 2 * 3 + 3 * 6 + 1) * 4 = 108 -> 1132);
+  // total align256(1132) = 1280
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
   EXPECT_EQ(l.phase_counters_offset, 768u);
-  EXPECT_EQ(l.pull_fill_offset, 1024u);
+  EXPECT_EQ(l.pull_state_offset, 1024u);
   EXPECT_EQ(l.workspace_bytes, 1280u);
 
   EXPECT_EQ(l.dispatch_token_offset(1, 2, 1), 880u);  // last slot: ((1 * 3 + 2) * 2 + 1 = 11) * 80
@@ -361,15 +361,15 @@ TEST(Layout, DeepSeekV3Config) {
 
   // send_counts: 256 * 4 = 1024 at 0; recv_counts: at 1024, 32 * 4 = 128 -> 1152;
   // routes: align256(1152) = 1280, 32 * 1024 * 8 = 262,144 -> 263,424 (= 1029 * 256);
-  // phase_counters: at 263,424, +16 -> 263,440;
-  // pull_fill: align256(263,440) = 263,680 (1030 * 256), 32 * 8 * 4 = 1024 -> 264,704;
-  // total: 264,704 = 1034 * 256, already aligned
+  // phase_counters: at 263,424, +8 -> 263,432;
+  // pull_state: align256(263,432) = 263,680 (1030 * 256), (32 + 2 * 8 + 3 * 256 + 1) * 4 = 3,268 -> 266,948;
+  // total: align256(266,948) = 267,008 (1043 * 256)
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 1024u);
   EXPECT_EQ(l.routes_offset, 1280u);
   EXPECT_EQ(l.phase_counters_offset, 263424u);
-  EXPECT_EQ(l.pull_fill_offset, 263680u);
-  EXPECT_EQ(l.workspace_bytes, 264704u);
+  EXPECT_EQ(l.pull_state_offset, 263680u);
+  EXPECT_EQ(l.workspace_bytes, 267008u);
 
   // Last slot: (31 * 8 + 7) * 128 + 127 = 255 * 128 + 127 = 32767; 32767 * 7440 = 243,786,480 (+7440 = end)
   EXPECT_EQ(l.dispatch_token_offset(31, 7, 127), 243786480u);
@@ -549,13 +549,13 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   EXPECT_EQ(l.send_expert_count_offset(63), 11004u);  // last: 10752 + 63 * 4; ends at 11008
   EXPECT_EQ(l.expert_output_offset(15, 7), 19392u);   // last: 11264 + 127 * 64; ends at 19456 = symmetric_bytes
   // Workspace: send 64 * 4 = 256 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
-  // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+16 = 1552); pull_fill at align256(1552) = 1792
-  // (16 * 2 * 4 = 128 -> 1920); total align256(1920) = 2048
+  // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+8 = 1544); pull_state at align256(1544) = 1792
+  // ((16 + 2 * 2 + 3 * 32 + 1) * 4 = 468 -> 2260); total align256(2260) = 2304
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
   EXPECT_EQ(l.phase_counters_offset, 1536u);
-  EXPECT_EQ(l.pull_fill_offset, 1792u);
-  EXPECT_EQ(l.workspace_bytes, 2048u);
+  EXPECT_EQ(l.pull_state_offset, 1792u);
+  EXPECT_EQ(l.workspace_bytes, 2304u);
   expect_layout_regions_disjoint(l);
 }
 
