@@ -8,7 +8,7 @@
 //   void flush_warp()                                 // this warp's writes complete before a later signal
 //   void signal(int pe, uint64_t offset, uint64_t value)       // set, with release
 //   void signal_add(int pe, uint64_t offset, uint64_t value)   // add, with release
-//   static constexpr bool kPlaceOnArrival             // the pull dispatch's row placement (see dispatch_pull_recv)
+//   static constexpr bool kPlaceOnArrival             // the pull receive's row placement (see PullReceiveState)
 //
 // Protocol (one call = dispatch then combine; every rank takes part in both). Dispatch comes in two forms:
 // push, for transports where some peer is reachable only by puts, and pull, when every peer's buffer can be
@@ -16,9 +16,10 @@
 //   pull send       stage the tokens (header with their experts, payload, scales) in our send_rows and count
 //                   them per expert in send_expert_counts; each block then adds its arrival to every rank's
 //                   dispatch_ready (block 0's share carries m + 1).
-//   pull recv       as soon as the sender of our dp_rank in a group has announced itself, copy every token of
-//                   it whose row names a local expert straight from its send_rows into out_expert_x (the rows of
-//                   an expert in arrival order); each expert's count is the sum of what the senders counted.
+//   pull recv       copy every token of the sender of our dp_rank in each group whose row names a local expert
+//                   straight from its send_rows into out_expert_x, into the expert's region for that sender;
+//                   regions are placed in group order once every sender has announced itself, or each as soon
+//                   as its sender has (the transport's choice); each expert's count is what the senders counted.
 //   dispatch send   each token goes once to each expert of its row owned by a rank whose dp_rank is ours,
 //                   into slot atomicAdd(send_counts[e]) of region (expert, our DP group) of the owner; the last
 //                   block out then sends every (rank, local expert) its count + 1, zeros included, so every
