@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -10,7 +11,7 @@ import torch.distributed as dist
 from . import ops
 from ._device_memory import tensor_over
 from ._native import ext
-from .checks import EXPERT_Y_DTYPES, AllToAllShape, check_combine, check_dispatch
+from .checks import EXPERT_Y_DTYPES, AllToAllShape, check_combine, check_dispatch, dtype_names
 
 
 def _resolve_group(group_name: str) -> dist.ProcessGroup:
@@ -73,18 +74,6 @@ class AllToAll:
         hidden_dim_bytes: int,
         hidden_dim_scale_bytes: int,
     ) -> tuple["ext.AllToAllConfig", AllToAllShape]:
-        # The native config validates every field and raises ValueError naming the first bad one.
-        config = ext.AllToAllConfig(
-            max_num_tokens=max_num_tokens,
-            num_experts=num_experts,
-            experts_per_token=experts_per_token,
-            rank=rank,
-            world_size=world_size,
-            dp_size=dp_size,
-            hidden_dim=hidden_dim,
-            hidden_dim_bytes=hidden_dim_bytes,
-            hidden_dim_scale_bytes=hidden_dim_scale_bytes,
-        )
         shape = AllToAllShape(
             max_num_tokens=max_num_tokens,
             num_experts=num_experts,
@@ -95,6 +84,8 @@ class AllToAll:
             hidden_dim_bytes=hidden_dim_bytes,
             hidden_dim_scale_bytes=hidden_dim_scale_bytes,
         )
+        # The native config validates every field and raises ValueError naming the first bad one.
+        config = ext.AllToAllConfig(rank=rank, **dataclasses.asdict(shape))
         return config, shape
 
     @classmethod
@@ -241,9 +232,7 @@ class AllToAll:
         outputs here (after dispatch's receive half, on the same stream) and pass this tensor as combine's
         expert_y spare combine a copy of every row. Valid until destroy(); not zeroed."""
         if dtype not in EXPERT_Y_DTYPES:
-            raise ValueError(
-                f"expert_output_buffer: dtype must be {' or '.join(str(d) for d in EXPERT_Y_DTYPES)}, got {dtype}"
-            )
+            raise ValueError(f"expert_output_buffer: dtype must be {dtype_names(EXPERT_Y_DTYPES)}, got {dtype}")
         native = ops.native(self._live_handle("expert_output_buffer"))
         shape = (self._shape.num_local_experts, self._shape.max_recv_tokens, self._shape.hidden_dim)
         device = torch.device("cuda", torch.cuda.current_device())

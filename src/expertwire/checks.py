@@ -47,7 +47,7 @@ class AllToAllShape:
         return self.hidden_dim_scale_bytes > 0
 
 
-def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return " or ".join(str(d) for d in dtypes)
 
 
@@ -76,7 +76,7 @@ class _Checker:
     ) -> torch.Tensor:
         value = self.is_tensor(name, value)
         if value.dtype not in dtypes:
-            raise self.fail(name, f"have dtype {_dtype_names(dtypes)}", value.dtype)
+            raise self.fail(name, f"have dtype {dtype_names(dtypes)}", value.dtype)
         if tuple(value.shape) != tuple(shape):
             raise self.fail(name, f"have shape {list(shape)}", list(value.shape))
         if not value.is_contiguous():
@@ -161,7 +161,7 @@ def check_dispatch(
             c, "dp_x_scale", dp_x_scale, shape.hidden_dim_scale_bytes, "hidden_dim_scale_bytes"
         )
         if dp_x_scale.dtype not in SCALE_DTYPES:
-            raise c.fail("dp_x_scale", f"have dtype {_dtype_names(SCALE_DTYPES)}", dp_x_scale.dtype)
+            raise c.fail("dp_x_scale", f"have dtype {dtype_names(SCALE_DTYPES)}", dp_x_scale.dtype)
         c.tensor("out_expert_x_scale", out_expert_x_scale, (dp_x_scale.dtype,), (local, recv, scale_columns))
     else:
         c.absent("out_expert_x_scale", out_expert_x_scale, "hidden_dim_scale_bytes=0")
