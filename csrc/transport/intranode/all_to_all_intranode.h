@@ -1,5 +1,5 @@
-// All-to-all among the ranks of one node: every rank's buffer is a plain cudaMalloc, shared with the other
-// ranks through CUDA IPC handles, and every byte moves by NVLink loads and stores. Needs no NVSHMEM.
+// All-to-all among the ranks of one node: every rank's buffer is device memory that the other ranks map into
+// their address space (symmem/ipc_buffer.h), and every byte moves by NVLink loads and stores. Needs no NVSHMEM.
 #pragma once
 
 #include <cstdint>

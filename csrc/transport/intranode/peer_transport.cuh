@@ -1,5 +1,5 @@
-// Device Transport of the intranode all-to-all: every peer's buffer is mapped into this process (CUDA IPC),
-// so every byte moves by loads and stores, and signals are release stores.
+// Device Transport of the intranode all-to-all: every peer's buffer is mapped into this process
+// (symmem/ipc_buffer.h), so every byte moves by loads and stores, and signals are release stores.
 #pragma once
 
 #include <cstdint>
@@ -11,10 +11,9 @@ namespace expertwire::device {
 struct PeerTransport {
   // peer_address never returns null: kernels compile without their put paths.
   static constexpr bool kMayPut = false;
-  // Rows placed in group order. Measured (8 ranks on one H100 under MPS, 128 tokens): placed on arrival, the
-  // dispatch ran 15 µs faster, but combine's reads of the same rows through these CUDA IPC mappings ran 16-25 µs
-  // slower (expert outputs in the buffer: 107-116 vs 91 µs), where NVSHMEM's mappings showed no difference.
-  static constexpr bool kPlaceOnArrival = false;
+  // The pull dispatch copies from the first senders heard from (see symmem/ipc_buffer.h for why the buffers
+  // are mapped through the CUDA virtual memory API: it is what makes that placement pay off here).
+  static constexpr bool kPlaceOnArrival = true;
 
   uint8_t* const* peer_bases;  // [world_size] base of each rank's buffer in this process, ours included
 
