@@ -830,11 +830,16 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   }
   if (a.expert_y != expert_outputs) {
     const uint32_t* expert_start = received_row_starts(c);
-    // Only the rows the last dispatch filled: the rest of expert_y is never read.
-    for (uint32_t j = global_warp(); j < expert_start[num_local]; j += total_warps()) {
+    // Only the rows the last dispatch filled: the rest of expert_y is never read. A warp copies a piece of a
+    // row (one batch of its loads in flight), so that a few rows still keep many warps busy.
+    const uint64_t pieces_per_row = (l.combine_row_bytes + kCopyPieceBytes - 1) / kCopyPieceBytes;
+    for (uint64_t item = global_warp(); item < expert_start[num_local] * pieces_per_row; item += total_warps()) {
+      const uint32_t j = uint32_t(item / pieces_per_row);
+      const uint64_t piece = (item % pieces_per_row) * kCopyPieceBytes;
       const uint32_t le = find_segment(expert_start, num_local, j);
-      const uint64_t offset = l.expert_output_offset(le, j - expert_start[le]) - l.expert_outputs_offset;
-      warp_copy_16<SourceKind::kInput>(expert_outputs + offset, a.expert_y + offset, l.combine_row_bytes);
+      const uint64_t offset = l.expert_output_offset(le, j - expert_start[le]) - l.expert_outputs_offset + piece;
+      warp_copy_16<SourceKind::kInput>(expert_outputs + offset, a.expert_y + offset,
+                                       min(kCopyPieceBytes, l.combine_row_bytes - piece));
     }
   }
   announce_block_arrival(c, transport, l.combine_done_offset_of(c.rank), 0);

@@ -76,21 +76,25 @@ __device__ __forceinline__ int4 load_vector(const int4* address) {
   }
 }
 
+// Vectors in flight per lane in warp_copy_16, and the bytes a warp moves per pass (4 KiB): callers split long
+// copies into pieces of this size to spread them over warps.
+inline constexpr int kCopyUnroll = 8;
+inline constexpr uint64_t kCopyPieceBytes = uint64_t(kCopyUnroll) * kWarpSize * 16;
+
 // Warp-wide copy of `bytes` (a multiple of 16) between 16-byte aligned addresses; dst may be a peer's
-// memory. Eight vectors in flight per lane (4 KiB per warp) hide the latency of peer loads and stores.
+// memory. kCopyUnroll vectors in flight per lane hide the latency of peer loads and stores.
 template <SourceKind kSource>
 __device__ __forceinline__ void warp_copy_16(void* dst, const void* src, uint64_t bytes) {
   auto* d = static_cast<int4*>(dst);
   const auto* s = static_cast<const int4*>(src);
   const uint64_t n = bytes / sizeof(int4);
-  constexpr int kUnroll = 8;
   uint64_t i = lane_id();
-  for (; i + (kUnroll - 1) * kWarpSize < n; i += kUnroll * kWarpSize) {
-    int4 v[kUnroll];
+  for (; i + (kCopyUnroll - 1) * kWarpSize < n; i += kCopyUnroll * kWarpSize) {
+    int4 v[kCopyUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = load_vector<kSource>(s + i + u * kWarpSize);
+    for (int u = 0; u < kCopyUnroll; ++u) v[u] = load_vector<kSource>(s + i + u * kWarpSize);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) d[i + u * kWarpSize] = v[u];
+    for (int u = 0; u < kCopyUnroll; ++u) d[i + u * kWarpSize] = v[u];
   }
   for (; i < n; i += kWarpSize) d[i] = load_vector<kSource>(s + i);
 }
