@@ -74,10 +74,9 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
       place(cursor, checked_mul(staging_slots, l.staging_row_bytes, "staging"), kRegionAlign, "staging");
   l.send_rows_offset =
       place(cursor, checked_mul(l.max_num_tokens, l.dispatch_token_bytes, "send_rows"), kRegionAlign, "send_rows");
-  l.dispatch_ready_offset =
-      place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "dispatch_ready");
-  l.send_expert_counts_offset =
-      place(cursor, uint64_t(l.num_experts) * sizeof(uint32_t), kRegionAlign, "send_expert_counts");
+  l.send_announce_offset = place(cursor, sizeof(uint64_t), kRegionAlign, "send_announce");
+  l.send_stamps_offset =
+      place(cursor, uint64_t(l.max_num_tokens) * sizeof(uint64_t), kRegionAlign, "send_stamps");
   l.combine_slots_offset = place(
       cursor,
       checked_mul(checked_mul(uint64_t(l.num_dp_groups) * l.max_num_tokens, l.experts_per_token, "combine_slots"),

@@ -16,10 +16,10 @@
 //                   peers that are not load/store reachable (RDMA needs a registered source).
 //   send_rows       [max_num_tokens] DispatchToken: this rank's tokens, staged once for peers that pull them
 //                   with loads (the pull dispatch, used when every peer is load/store reachable).
-//   dispatch_ready  [world_size] ArrivalSignal: complete, with payload m + 1, once every block of that rank has
-//                   staged its share of send_rows.
-//   send_expert_counts [num_experts] u32: how many of this rank's staged tokens name each expert, counted as
-//                   they are staged, so receivers size their regions without reading every header.
+//   send_announce   u64 (epoch << 32) | m: set when this rank's pull dispatch `epoch` starts, m its token count.
+//   send_stamps     [max_num_tokens] u64: the epoch of the pull dispatch that last staged send_rows[t], set
+//                   (with release) once the row is written, so receivers copy each row as soon as it is there.
+//                   Epochs count dispatches; nothing is cleared between them.
 //   combine_slots   [num_dp_groups][max_num_tokens][top-k] u32: the row of expert_outputs that holds the output
 //                   of token (group, t) for its k-th expert, when that expert is ours; written by the pull
 //                   dispatch, read by the tokens' ranks in the pull combine.
@@ -35,9 +35,8 @@
 //   phase_counters  [kNumPhaseCounters] u32: blocks that finished a push dispatch phase (the last one signals /
 //                   resets).
 //   pull_state      u32 state of the pull dispatch's receive, zeroed by the next combine (PullReceiveState):
-//                   [num_local_experts] rows of out_expert_x placed, [num_dp_groups] next token of each sender
-//                   and its placement state, [num_local_experts][num_dp_groups] each region's first row, end
-//                   and rows taken, and one token queue over all senders.
+//                   [num_local_experts] rows of out_expert_x taken, [num_dp_groups] next token of each sender,
+//                   and the warps that have finished.
 #pragma once
 
 #include <cstdint>
@@ -119,8 +118,8 @@ struct BufferLayout {
   uint64_t staging_offset;
   uint64_t staging_slots;
   uint64_t send_rows_offset;
-  uint64_t dispatch_ready_offset;
-  uint64_t send_expert_counts_offset;
+  uint64_t send_announce_offset;
+  uint64_t send_stamps_offset;
   uint64_t combine_slots_offset;
   uint64_t expert_outputs_offset;
   uint64_t symmetric_bytes;
@@ -158,11 +157,8 @@ struct BufferLayout {
   EW_HOST_DEVICE uint64_t send_row_offset(uint32_t token) const {
     return send_rows_offset + uint64_t(token) * dispatch_token_bytes;
   }
-  EW_HOST_DEVICE uint64_t dispatch_ready_offset_of(uint32_t source_rank) const {
-    return dispatch_ready_offset + uint64_t(source_rank) * sizeof(uint64_t);
-  }
-  EW_HOST_DEVICE uint64_t send_expert_count_offset(uint32_t expert) const {
-    return send_expert_counts_offset + uint64_t(expert) * sizeof(uint32_t);
+  EW_HOST_DEVICE uint64_t send_stamp_offset(uint32_t token) const {
+    return send_stamps_offset + uint64_t(token) * sizeof(uint64_t);
   }
   EW_HOST_DEVICE uint64_t combine_slot_offset(uint32_t source_group, uint32_t token, uint32_t k) const {
     return combine_slots_offset +
@@ -172,10 +168,7 @@ struct BufferLayout {
     return expert_outputs_offset + (uint64_t(local_expert) * max_recv_tokens + row) * combine_row_bytes;
   }
   // u32 words of pull_state (see PullReceiveState).
-  EW_HOST_DEVICE uint64_t pull_state_words() const {
-    return uint64_t(num_local_experts) + 2 * uint64_t(num_dp_groups) + 3 * uint64_t(num_local_experts) * num_dp_groups +
-           1;
-  }
+  EW_HOST_DEVICE uint64_t pull_state_words() const { return uint64_t(num_local_experts) + num_dp_groups + 1; }
   EW_HOST_DEVICE uint64_t route_offset(uint32_t local_expert, uint32_t row) const {
     return routes_offset + (uint64_t(local_expert) * max_recv_tokens + row) * sizeof(TokenRoute);
   }

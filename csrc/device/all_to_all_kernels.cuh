@@ -8,18 +8,15 @@
 //   void flush_warp()                                 // this warp's writes complete before a later signal
 //   void signal(int pe, uint64_t offset, uint64_t value)       // set, with release
 //   void signal_add(int pe, uint64_t offset, uint64_t value)   // add, with release
-//   static constexpr bool kPlaceOnArrival             // the pull receive's row placement (see PullReceiveState)
 //
 // Protocol (one call = dispatch then combine; every rank takes part in both). Dispatch comes in two forms:
 // push, for transports where some peer is reachable only by puts, and pull, when every peer's buffer can be
 // loaded from directly (NVLink, or ranks sharing a GPU), which moves each token's bytes once instead of twice.
-//   pull send       stage the tokens (header with their experts, payload, scales) in our send_rows and count
-//                   them per expert in send_expert_counts; each block then adds its arrival to every rank's
-//                   dispatch_ready (block 0's share carries m + 1).
-//   pull recv       copy every token of the sender of our dp_rank in each group whose row names a local expert
-//                   straight from its send_rows into out_expert_x, into the expert's region for that sender;
-//                   regions are placed in group order once every sender has announced itself, or each as soon
-//                   as its sender has (the transport's choice); each expert's count is what the senders counted.
+//   pull send       announce m (send_announce), then stage the tokens (header with their experts, payload,
+//                   scales) in our send_rows, stamping each row with this dispatch's epoch once it is written.
+//   pull recv       copy each stamped token of the sender of our dp_rank in each group, as soon as it is stamped,
+//                   from its send_rows straight into out_expert_x, to every local expert its row names, at that
+//                   expert's next free row; each expert's count is the rows taken.
 //   dispatch send   each token goes once to each expert of its row owned by a rank whose dp_rank is ours,
 //                   into slot atomicAdd(send_counts[e]) of region (expert, our DP group) of the owner; the last
 //                   block out then sends every (rank, local expert) its count + 1, zeros included, so every
@@ -38,11 +35,12 @@
 //   pull recv       wait until every rank's combine_done is complete, out[t] = sum_k w[t][k] * row(t, k), reading
 //                   row (t, k) straight from the expert_outputs of the expert's owner, at the slot it recorded.
 // A rank can only start dispatch n+1 after hearing combine n from every rank, and every rank announces combine
-// n only after its dispatch-recv n has finished, so no signal or slot is overwritten while a peer still reads
-// it. Each signal is cleared by its owner in the first phase that must precede a peer setting it again, before
-// the owner announces that phase, so that no kernel ends on a reset: combine_done in dispatch send, the pull
-// dispatch's dispatch_ready and work counters in combine send; send_expert_counts, which peers read, in combine
-// recv once every peer has announced its combine (so has finished reading them).
+// n only after its dispatch-recv n has finished, so no row, stamp or slot is overwritten while a peer still
+// reads it. The pull dispatch's announcements and stamps carry the dispatch's epoch (every rank counts the same
+// collective calls) and are never cleared. combine_done is cleared by its owner in dispatch send, before it
+// announces that dispatch, and every rank hears every rank's announcement of dispatch n+1 before it announces
+// combine n+1, so no kernel ends on a reset and no clear wipes an arrival. The receive state of the pull
+// dispatch (local) is zeroed by the combine that follows it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -295,15 +293,18 @@ __device__ __forceinline__ bool first_occurrence(const uint32_t* experts, uint32
   return true;
 }
 
-template <class Transport>
-__device__ void dispatch_pull_send(const DispatchArgs& a, const Transport& transport) {
+// Stages our tokens in send_rows for the receivers to pull: the count first (send_announce), then each row,
+// stamped with this dispatch's epoch once it is written.
+__device__ inline void dispatch_pull_send(const DispatchArgs& a) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
   const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
   const uint32_t top_k = l.experts_per_token;
-  // Zero since the last combine's receive (see the top); peers read them once this dispatch is announced.
-  auto* expert_counts = reinterpret_cast<uint32_t*>(c.symmetric + l.send_expert_counts_offset);
   clear_combine_done(c);
+  if (blockIdx.x == 0) {
+    __syncthreads();  // the clears before the announcement, which releases them (see the top)
+    if (threadIdx.x == 0) store_release_sys(c.local_signal(l.send_announce_offset), (uint64_t(a.epoch) << 32) | m);
+  }
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
     for (uint32_t k = lane_id(); k < top_k; k += kWarpSize) {
@@ -312,55 +313,31 @@ __device__ void dispatch_pull_send(const DispatchArgs& a, const Transport& trans
         record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, expert);
       } else if (!first_occurrence(experts, k)) {
         record_error(c.error, ErrorCode::kRepeatedExpert, Phase::kDispatchSend, -1, expert);
-      } else {
-        atomicAdd(&expert_counts[expert], 1u);
       }
     }
     write_dispatch_token(c.symmetric + l.send_row_offset(t), l, t, experts, a.dp_x + uint64_t(t) * l.hidden_dim_bytes,
                          a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes);
+    __syncwarp();  // every lane's part of the row before the stamp, whose release carries it (cumulative)
+    if (lane_id() == 0) store_release_sys(c.local_signal(l.send_stamp_offset(t)), a.epoch);
   }
-  transport.flush_warp();
-  announce_block_arrival(c, transport, l.dispatch_ready_offset_of(c.rank), m + 1);
 }
 
-// The pull receive copies every token of the sender of our dp_rank in each group that names a local expert
-// into the expert's region for that group (its rows together, filling as the tokens are taken). Where the
-// regions go is the transport's choice (Transport::kPlaceOnArrival):
-//   in group order  every block waits for all senders, then places the regions sender after sender in group
-//                   order, as the reference lists them (dispatch_pull_recv_in_group_order).
-//   on arrival      ranks enter a kernel several µs apart (up to ~20 µs on one GPU under MPS), so copying
-//                   starts with the first senders heard from: the first warp to hear from a sender places its
-//                   regions after the rows already placed (dispatch_pull_recv_on_arrival).
-// Its state lives in the workspace's pull_state, zeroed by the next combine.
+// The pull receive's state, in the workspace's pull_state, zeroed by the next combine.
 struct PullReceiveState {
-  uint32_t* expert_rows;   // [num_local]: rows of each expert placed so far (on arrival)
-  uint32_t* sender_next;   // [groups]: next token of the sender to take (on arrival)
-  uint32_t* sender_state;  // [groups]: kUnplaced, kPlacing, kPlaced (on arrival)
-  uint32_t* region_base;   // [num_local][groups]: first row of the region (on arrival)
-  uint32_t* region_end;    // [num_local][groups]: one past its last row (on arrival)
-  uint32_t* region_fill;   // [num_local][groups]: rows taken
-  uint32_t* token_queue;   // next token to take over all senders (in group order)
-
-  static constexpr uint32_t kUnplaced = 0, kPlacing = 1, kPlaced = 2;
+  uint32_t* expert_rows;  // [num_local]: rows of out_expert_x taken so far, per local expert
+  uint32_t* sender_next;  // [groups]: next token of the sender to take
+  uint32_t* warps_done;   // warps of the grid whose receive loop has ended
 
   __device__ explicit PullReceiveState(const RankContext& c) {
-    const uint32_t num_local = c.layout.num_local_experts, groups = c.layout.num_dp_groups;
     expert_rows = reinterpret_cast<uint32_t*>(c.workspace + c.layout.pull_state_offset);
-    sender_next = expert_rows + num_local;
-    sender_state = sender_next + groups;
-    region_base = sender_state + groups;
-    region_end = region_base + num_local * groups;
-    region_fill = region_end + num_local * groups;
-    token_queue = region_fill + num_local * groups;
+    sender_next = expert_rows + c.layout.num_local_experts;
+    warps_done = sender_next + c.layout.num_dp_groups;
   }
 };
 
-inline constexpr uint32_t kNoRow = ~0u;
-
 // Copies token t of the sender of group g, staged at `token`, to each local expert its row names, at the row
-// `take_row(region)` gives for region (local expert, g), or nowhere if it gives kNoRow (a sender that
-// contradicts its own counts, reported here); records each row's route and, for the pull combine, its slot.
-// Call with the whole warp.
+// `take_row(local expert)` gives; records each row's route and, for the pull combine, its slot. Call with the
+// whole warp.
 template <class TakeRow>
 __device__ void copy_token_to_local_experts(const DispatchArgs& a, const uint8_t* token, uint32_t g, uint32_t t,
                                             int sender_rank, TakeRow take_row) {
@@ -376,8 +353,8 @@ __device__ void copy_token_to_local_experts(const DispatchArgs& a, const uint8_t
     uint32_t row = 0;
     if (mine) {
       const uint32_t le = expert - first_expert;
-      row = take_row(le * l.num_dp_groups + g);
-      if (row == kNoRow || row >= l.max_recv_tokens) {
+      row = take_row(le);
+      if (row >= l.max_recv_tokens) {
         record_error(c.error, ErrorCode::kSlotOverflow, Phase::kDispatchRecv, sender_rank, expert);
         mine = false;
       } else {
@@ -394,79 +371,25 @@ __device__ void copy_token_to_local_experts(const DispatchArgs& a, const uint8_t
   }
 }
 
+// In a warp's view of a sender (shared memory, one u32 per source group): 0 until the warp has read the
+// sender's announcement of this dispatch, then the sender's m + 1, with kAllTaken once the grid has taken
+// every token of the sender.
+inline constexpr uint32_t kAllTaken = 0x80000000u;
+
+// The pull receive. Ranks enter a kernel several µs apart (up to ~20 µs on one GPU under MPS), and a sender
+// stages its rows over several µs more, so warps copy each row as soon as its sender has stamped it: a warp
+// takes the next token of a sender it has heard from (a ticket), waits for that row's stamp, and copies it to
+// each local expert it names, at the next free row of that expert's block of out_expert_x. Rows thus land in
+// arrival order; combine_slots remembers where each went.
 template <class Transport>
-__device__ void dispatch_pull_recv_in_group_order(const DispatchArgs& a, const Transport& transport) {
+__device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
-  const uint32_t num_local = l.num_local_experts, groups = l.num_dp_groups, regions = num_local * groups;
-  const uint32_t first_expert = c.rank * num_local;
-
-  extern __shared__ uint32_t shared[];
-  uint32_t* region_count = shared;                        // [local expert][group]
-  uint32_t* region_base = region_count + regions;         // first row of the region inside the expert's block
-  uint32_t* expert_total = region_base + regions;         // [local expert]
-  uint32_t* expert_start = expert_total + num_local + 1;  // [num_local + 1]
-  uint32_t* group_tokens = expert_start + num_local + 1;  // [group]: m of the sender we pull from
-  uint32_t* group_start = group_tokens + groups + 1;      // [groups + 1]
-
-  // Hearing from every rank, not only the senders we pull from, keeps all ranks in step (see the top).
-  for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
-    const uint64_t value = wait_arrivals(c.local_signal(l.dispatch_ready_offset_of(source)), c.timeout_ns, c.error,
-                                         Phase::kDispatchRecv, int32_t(source));
-    if (source % l.dp_size == c.dp_rank) {
-      const uint32_t payload = ArrivalSignal::payload(value);
-      group_tokens[source / l.dp_size] = payload == 0 ? 0u : min(payload - 1, l.max_num_tokens);
-    }
-  }
-  __syncthreads();
-  if (warp_id() == 0) warp_exclusive_scan(group_tokens, group_start, groups);
-  __syncthreads();
-
-  auto sender = [&](uint32_t group) { return int(group * l.dp_size + c.dp_rank); };
-  // Region sizes: what each sender counted for our experts.
-  for (uint32_t i = threadIdx.x; i < regions; i += blockDim.x) {
-    const uint32_t le = i / groups, g = i % groups;
-    const auto* counted = reinterpret_cast<const uint32_t*>(
-        transport.peer_address(sender(g), l.send_expert_count_offset(first_expert + le)));
-    region_count[i] = min(*counted, group_tokens[g]);
-  }
-  __syncthreads();
-  place_regions(a, region_count, region_base, expert_total);
-
-  // Tokens name 0..top-k local experts, so a fixed share per warp leaves some warps copying long after the
-  // rest: warps take tokens from a queue instead, asking for the next one before copying the current.
-  const PullReceiveState state(c);
-  auto ticket = [&]() { return lane_id() == 0 ? atomicAdd(state.token_queue, 1u) : 0u; };  // read by the shuffle
-  for (uint32_t j = __shfl_sync(kFullMask, ticket(), 0), next; j < group_start[groups];
-       j = __shfl_sync(kFullMask, next, 0)) {
-    next = ticket();
-    const uint32_t g = find_segment(group_start, groups, j), t = j - group_start[g];
-    copy_token_to_local_experts(a, transport.peer_address(sender(g), l.send_row_offset(t)), g, t, sender(g),
-                                [&](uint32_t region) {
-                                  const uint32_t taken = atomicAdd(&state.region_fill[region], 1u);
-                                  return taken < region_count[region] ? region_base[region] + taken : kNoRow;
-                                });
-  }
-}
-
-// Each warp keeps its own view of the senders in `seen` (shared memory, one u32 per source group): 0 until the
-// warp has acquired the sender's announcement itself (so the sender's rows are visible to it), then the
-// sender's m + 1; kPlacedSeen once the warp has seen the sender's regions placed, kAllTaken once the grid has
-// taken every token of the sender.
-inline constexpr uint32_t kAllTaken = 0x80000000u, kPlacedSeen = 0x40000000u;
-inline constexpr uint32_t kAnnounced = ~(kAllTaken | kPlacedSeen);
-
-template <class Transport>
-__device__ void dispatch_pull_recv_on_arrival(const DispatchArgs& a, const Transport& transport) {
-  const RankContext& c = a.ctx;
-  const BufferLayout& l = c.layout;
-  const uint32_t num_local = l.num_local_experts, groups = l.num_dp_groups;
-  const uint32_t first_expert = c.rank * num_local;
+  const uint32_t groups = l.num_dp_groups;
   const uint32_t lane = uint32_t(lane_id());
   auto sender = [&](uint32_t group) { return int(group * l.dp_size + c.dp_rank); };
-  auto counted = [&](uint32_t group, uint32_t le) {  // what the sender counted for local expert le
-    return *reinterpret_cast<const uint32_t*>(
-        transport.peer_address(sender(group), l.send_expert_count_offset(first_expert + le)));
+  auto sender_signal = [&](uint32_t group, uint64_t offset) {
+    return reinterpret_cast<const uint64_t*>(transport.peer_address(sender(group), offset));
   };
   const PullReceiveState state(c);
 
@@ -483,53 +406,30 @@ __device__ void dispatch_pull_recv_on_arrival(const DispatchArgs& a, const Trans
   int held_group = -1;
   uint32_t held_ticket = 0;
   for (uint32_t spin = 0;;) {
-    // The first sender, from the rotation on, whose regions this warp has seen placed and whose tokens are not
-    // all taken; the others are polled only when there is none.
+    // The first sender, from the rotation on, that this warp has heard from and whose tokens are not all
+    // taken; the others are polled only when there is none.
     int chosen = held_group;
     bool open = chosen >= 0;
     for (uint32_t base = 0; base < groups && chosen < 0; base += kWarpSize) {
       const uint32_t i = base + lane, g = (i + rotation) % groups;
       const uint32_t view = i < groups ? seen[g] : kAllTaken;
       open |= __ballot_sync(kFullMask, (view & kAllTaken) == 0) != 0;
-      const unsigned ready = __ballot_sync(kFullMask, (view & (kAllTaken | kPlacedSeen)) == kPlacedSeen);
+      const unsigned ready = __ballot_sync(kFullMask, view != 0 && (view & kAllTaken) == 0);
       if (ready != 0) chosen = int(__shfl_sync(kFullMask, g, __ffs(ready) - 1));
     }
     if (!open) break;
     if (chosen < 0) {
       __syncwarp();  // every lane has read `seen` before any lane writes it
       bool progress = false;
-      for (uint32_t base = 0; base < groups; base += kWarpSize) {
-        const uint32_t g = base + lane;
-        bool place = false;
-        if (g < groups && seen[g] == 0) {
-          const uint64_t value = load_acquire_sys(c.local_signal(l.dispatch_ready_offset_of(uint32_t(sender(g)))));
-          if (ArrivalSignal::complete(value)) {
-            seen[g] = min(ArrivalSignal::payload(value) - 1, l.max_num_tokens) + 1;
-            place = atomicCAS(&state.sender_state[g], PullReceiveState::kUnplaced, PullReceiveState::kPlacing) ==
-                    PullReceiveState::kUnplaced;
-            progress = true;
-          }
-        } else if (g < groups && (seen[g] & kPlacedSeen) == 0) {
-          if (ld_acquire_gpu(&state.sender_state[g]) == PullReceiveState::kPlaced) {
-            seen[g] |= kPlacedSeen;
-            progress = true;
-          }
-        }
-        __syncwarp();  // each lane's acquire before any lane reads that sender's rows or regions
-        // Place the regions of the senders this warp won, one sender at a time, a local expert per lane.
-        for (unsigned won = __ballot_sync(kFullMask, place); won != 0; won &= won - 1) {
-          const uint32_t pg = base + uint32_t(__ffs(won) - 1);
-          const uint32_t m_pg = (seen[pg] & kAnnounced) - 1;
-          for (uint32_t le = lane; le < num_local; le += kWarpSize) {
-            const uint32_t rows = min(counted(pg, le), m_pg);
-            const uint32_t first = atomicAdd(&state.expert_rows[le], rows);
-            state.region_base[le * groups + pg] = first;
-            state.region_end[le * groups + pg] = first + rows;
-          }
-          __syncwarp();
-          if (lane == 0) st_release_gpu(&state.sender_state[pg], PullReceiveState::kPlaced);
+      for (uint32_t g = lane; g < groups; g += kWarpSize) {
+        if (seen[g] != 0) continue;
+        const uint64_t announced = load_acquire_sys(sender_signal(g, l.send_announce_offset));
+        if (uint32_t(announced >> 32) == a.epoch) {
+          seen[g] = min(uint32_t(announced), l.max_num_tokens) + 1;
+          progress = true;
         }
       }
+      __syncwarp();
       if (__any_sync(kFullMask, progress)) continue;
       // Every sender still open is late: wait, within the timeout, or stop once another wait has failed. The
       // error record lives in host memory: look at it rarely, the clock often.
@@ -548,7 +448,7 @@ __device__ void dispatch_pull_recv_on_arrival(const DispatchArgs& a, const Trans
       continue;
     }
 
-    const uint32_t g = uint32_t(chosen), m_g = (seen[g] & kAnnounced) - 1;
+    const uint32_t g = uint32_t(chosen), m_g = (seen[g] & ~kAllTaken) - 1;
     uint32_t t = held_ticket;
     if (held_group < 0 && lane == 0) t = atomicAdd(&state.sender_next[g], 1u);
     t = __shfl_sync(kFullMask, t, 0);
@@ -561,37 +461,34 @@ __device__ void dispatch_pull_recv_on_arrival(const DispatchArgs& a, const Trans
     }
     held_ticket = lane == 0 ? atomicAdd(&state.sender_next[g], 1u) : 0u;
     held_group = int(g);
+    uint64_t stamp = 0;
+    if (lane == 0) {
+      stamp = wait_signal_until(sender_signal(g, l.send_stamp_offset(t)),
+                                [&](uint64_t value) { return value == a.epoch; }, c.timeout_ns, c.error,
+                                Phase::kDispatchRecv, sender(g));
+    }
+    __syncwarp();  // lane 0's acquire of the stamp before any lane reads the row
+    if (__shfl_sync(kFullMask, stamp, 0) == 0) break;  // timed out (recorded)
     copy_token_to_local_experts(a, transport.peer_address(sender(g), l.send_row_offset(t)), g, t, sender(g),
-                                [&](uint32_t region) {
-                                  const uint32_t row = __ldcg(&state.region_base[region]) +
-                                                       atomicAdd(&state.region_fill[region], 1u);
-                                  return row < __ldcg(&state.region_end[region]) ? row : kNoRow;
-                                });
+                                [&](uint32_t le) { return atomicAdd(&state.expert_rows[le], 1u); });
   }
 
-  // Each expert's row count is known once every sender has been heard from: the sum of what they counted for
-  // it. The first warp of the grid has heard from all of them when its loop ends (or has timed out). It also
-  // hears from the ranks of other dp_ranks, which send us nothing: combine clears every rank's announcement,
-  // so each must have arrived (see the top).
-  if (global_warp() == 0) {
+  // Each expert's row count is final once every warp has left its loop, having taken every row it copies: the
+  // last warp out hands the counts to the caller (out_expert_num_tokens) and to combine (recv_counts). It also
+  // hears from the ranks of other dp_ranks, which send us nothing: each must have cleared its combine_done for
+  // this round before our combine adds to it (see the top).
+  if (last_warp_out(state.warps_done)) {
     for (uint32_t source = lane; source < l.world_size; source += kWarpSize) {
-      if (source % l.dp_size != c.dp_rank) {
-        wait_arrivals(c.local_signal(l.dispatch_ready_offset_of(source)), c.timeout_ns, c.error, Phase::kDispatchRecv,
-                      int32_t(source));
-      }
+      if (source % l.dp_size == c.dp_rank) continue;
+      wait_signal_until(reinterpret_cast<const uint64_t*>(transport.peer_address(int(source), l.send_announce_offset)),
+                        [&](uint64_t value) { return uint32_t(value >> 32) == a.epoch; }, c.timeout_ns, c.error,
+                        Phase::kDispatchRecv, int32_t(source));
     }
     auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
-    for (uint32_t le = lane; le < num_local; le += kWarpSize) {
-      uint32_t rows = 0;
-#pragma unroll 8
-      for (uint32_t g = 0; g < groups; ++g) {
-        const uint32_t announced = seen[g] & kAnnounced;  // m + 1, or 0 if never heard from
-        const uint32_t count = counted(g, le);
-        rows += announced == 0 ? 0u : min(count, announced - 1);
-      }
-      rows = min(rows, l.max_recv_tokens);
-      a.out_expert_num_tokens[le] = int32_t(rows);
-      recv_counts[le] = int32_t(rows);
+    for (uint32_t le = lane; le < l.num_local_experts; le += kWarpSize) {
+      const int32_t rows = int32_t(min(__ldcg(&state.expert_rows[le]), l.max_recv_tokens));
+      a.out_expert_num_tokens[le] = rows;
+      recv_counts[le] = rows;
     }
   }
 }
@@ -599,14 +496,8 @@ __device__ void dispatch_pull_recv_on_arrival(const DispatchArgs& a, const Trans
 template <class Transport>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     dispatch_pull_kernel(DispatchArgs args, Transport transport) {
-  if (args.do_send) dispatch_pull_send(args, transport);
-  if (args.do_recv) {
-    if constexpr (Transport::kPlaceOnArrival) {
-      dispatch_pull_recv_on_arrival(args, transport);
-    } else {
-      dispatch_pull_recv_in_group_order(args, transport);
-    }
-  }
+  if (args.do_send) dispatch_pull_send(args);
+  if (args.do_recv) dispatch_pull_recv(args, transport);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -821,12 +712,9 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   const uint32_t num_local = l.num_local_experts;
   uint8_t* expert_outputs = c.symmetric + l.expert_outputs_offset;
   if (blockIdx.x == 0) {
-    // The pull dispatch's state, for dispatch n+1 (see the top).
+    // The pull dispatch's receive state, for dispatch n+1 (this rank's dispatch n has ended).
     auto* pull_state = reinterpret_cast<uint32_t*>(c.workspace + l.pull_state_offset);
     for (uint64_t i = threadIdx.x; i < l.pull_state_words(); i += blockDim.x) pull_state[i] = 0;
-    for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
-      *c.local_signal(l.dispatch_ready_offset_of(source)) = 0;
-    }
   }
   if (a.expert_y != expert_outputs) {
     const uint32_t* expert_start = received_row_starts(c);
@@ -850,11 +738,6 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
   wait_combine_done(c);
-  if (blockIdx.x == 0) {
-    // Every peer has finished its dispatch recv, the last reader of these: zero for the next dispatch.
-    auto* expert_counts = reinterpret_cast<uint32_t*>(c.symmetric + l.send_expert_counts_offset);
-    for (uint32_t e = threadIdx.x; e < l.num_experts; e += blockDim.x) expert_counts[e] = 0;
-  }
   weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t expert) {
     const int owner = int(expert / l.num_local_experts);
     const uint32_t slot = *reinterpret_cast<const uint32_t*>(
@@ -881,9 +764,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
 template <class Transport>
 void launch_dispatch(const DispatchArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
   if (transport.load_store_only()) {
-    const uint64_t shared_bytes = Transport::kPlaceOnArrival
-                                      ? pull_dispatch_on_arrival_shared_bytes(args.ctx.layout, shape.threads)
-                                      : pull_dispatch_in_group_order_shared_bytes(args.ctx.layout);
+    const uint64_t shared_bytes = pull_dispatch_shared_bytes(args.ctx.layout, shape.threads);
     EW_REQUIRE(shared_bytes <= kMaxDefaultSharedBytes, "dispatch: ", args.ctx.layout.num_dp_groups,
                " DP groups need ", shared_bytes, " bytes of shared memory per block (at most ", kMaxDefaultSharedBytes,
                "); use fewer threads per block (EXPERTWIRE_BLOCK_THREADS)");

@@ -37,6 +37,7 @@ struct DispatchArgs {
   const uint32_t* indices;         // [m][experts_per_token]
   uint32_t m;
   const uint32_t* bound_m;  // device; may be null (then m)
+  uint32_t epoch;           // this dispatch's number, never 0: stamps the pull dispatch's send rows
   bool do_send;
   bool do_recv;
 };
@@ -59,11 +60,8 @@ inline uint64_t push_dispatch_shared_bytes(const BufferLayout& l) {
   const uint64_t regions = uint64_t(l.num_local_experts) * l.num_dp_groups;
   return (2 * regions + 2 * (uint64_t(l.num_local_experts) + 1)) * sizeof(uint32_t);
 }
-inline uint64_t pull_dispatch_in_group_order_shared_bytes(const BufferLayout& l) {
-  return push_dispatch_shared_bytes(l) + 2 * (uint64_t(l.num_dp_groups) + 1) * sizeof(uint32_t);
-}
 // Each warp's view of the senders: one u32 per source group.
-inline uint64_t pull_dispatch_on_arrival_shared_bytes(const BufferLayout& l, uint32_t threads) {
+inline uint64_t pull_dispatch_shared_bytes(const BufferLayout& l, uint32_t threads) {
   return uint64_t(threads / 32) * l.num_dp_groups * sizeof(uint32_t);
 }
 inline uint64_t combine_shared_bytes(const BufferLayout& l) {

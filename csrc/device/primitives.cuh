@@ -203,6 +203,18 @@ __device__ __forceinline__ bool last_block_out(uint32_t* counter) {
   return is_last;
 }
 
+// Counts warps out of a loop. Returns true in every lane of exactly one warp, the last to arrive; everything
+// any warp did before its call happens before what that warp does next (the same chain as last_block_out, one
+// warp at a time). Call with the whole warp.
+__device__ __forceinline__ bool last_warp_out(uint32_t* counter) {
+  __syncwarp();
+  uint32_t before = 0;
+  if (lane_id() == 0) {
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+  }
+  return __shfl_sync(kFullMask, before, 0) == uint32_t(total_warps()) - 1;
+}
+
 // The token count of this call: *bound_m when given, never more than m (checked, not trusted).
 __device__ __forceinline__ uint32_t read_bound_m(const uint32_t* bound_m, uint32_t m, ErrorRecord* record,
                                                  Phase phase) {

@@ -109,8 +109,8 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
           {"combine_done", l.combine_done_offset, uint64_t(l.world_size) * 8},
           {"staging", l.staging_offset, l.staging_slots * l.staging_row_bytes},
           {"send_rows", l.send_rows_offset, uint64_t(l.max_num_tokens) * l.dispatch_token_bytes},
-          {"dispatch_ready", l.dispatch_ready_offset, uint64_t(l.world_size) * 8},
-          {"send_expert_counts", l.send_expert_counts_offset, uint64_t(l.num_experts) * 4},
+          {"send_announce", l.send_announce_offset, 8},
+          {"send_stamps", l.send_stamps_offset, uint64_t(l.max_num_tokens) * 8},
           {"combine_slots", l.combine_slots_offset,
            uint64_t(l.num_dp_groups) * l.max_num_tokens * l.experts_per_token * 4},
           {"expert_outputs", l.expert_outputs_offset,
@@ -168,10 +168,10 @@ TEST(Layout, SmallConfigSymmetricRegions) {
   EXPECT_EQ(l.staging_slots, 5u);
   // send_rows: align256(2624) = 2816 (11 * 256); 4 tokens * 64 B = 256 B -> cursor 3072
   EXPECT_EQ(l.send_rows_offset, 2816u);
-  // dispatch_ready: align256(3072) = 3072 (12 * 256); 4 ranks * 8 B = 32 B -> cursor 3104
-  EXPECT_EQ(l.dispatch_ready_offset, 3072u);
-  // send_expert_counts: align256(3104) = 3328 (13 * 256); 8 experts * 4 B = 32 B -> cursor 3360
-  EXPECT_EQ(l.send_expert_counts_offset, 3328u);
+  // send_announce: align256(3072) = 3072 (12 * 256); 8 B -> cursor 3080
+  EXPECT_EQ(l.send_announce_offset, 3072u);
+  // send_stamps: align256(3080) = 3328 (13 * 256); 4 tokens * 8 B = 32 B -> cursor 3360
+  EXPECT_EQ(l.send_stamps_offset, 3328u);
   // combine_slots: align256(3360) = 3584 (14 * 256); 2 groups * 4 tokens * 3 k * 4 B = 96 B -> cursor 3680
   EXPECT_EQ(l.combine_slots_offset, 3584u);
   // expert_outputs: align256(3680) = 3840 (15 * 256); 2 local experts * 8 rows * 64 B = 1024 B -> cursor 4864
@@ -190,9 +190,9 @@ TEST(Layout, SmallConfigWorkspace) {
   EXPECT_EQ(l.routes_offset, 512u);
   // phase_counters: align256(640) = 768; 2 * 4 B = 8 B -> 776
   EXPECT_EQ(l.phase_counters_offset, 768u);
-  // pull_state: align256(776) = 1024; (2 local experts + 2 * 2 groups + 3 * 2 * 2 regions + 1) * 4 B = 76 B -> 1100
+  // pull_state: align256(776) = 1024; (2 local experts + 2 groups + 1) * 4 B = 20 B -> 1044
   EXPECT_EQ(l.pull_state_offset, 1024u);
-  // align256(1100) = 1280
+  // align256(1044) = 1280
   EXPECT_EQ(l.workspace_bytes, 1280u);
 }
 
@@ -227,15 +227,11 @@ TEST(Layout, SmallConfigAccessors) {
   // Send row per token, 64 B each, base 2816.
   EXPECT_EQ(l.send_row_offset(0), 2816u);
   EXPECT_EQ(l.send_row_offset(3), 3008u);  // last: 2816 + 3 * 64
-  EXPECT_EQ(3008u + 64u, l.dispatch_ready_offset);  // the last row ends where the ready flags start
+  EXPECT_EQ(3008u + 64u, l.send_announce_offset);  // the last row ends where the announcement starts
 
-  // Ready flag per source rank, 8 B each, base 3072.
-  EXPECT_EQ(l.dispatch_ready_offset_of(0), 3072u);
-  EXPECT_EQ(l.dispatch_ready_offset_of(3), 3096u);  // last: 3072 + 3 * 8; ends at 3104 <= 3328
-
-  // Count per expert, 4 B each, base 3328.
-  EXPECT_EQ(l.send_expert_count_offset(0), 3328u);
-  EXPECT_EQ(l.send_expert_count_offset(7), 3356u);  // last: 3328 + 7 * 4; ends at 3360 <= 3584
+  // Stamp per token, 8 B each, base 3328.
+  EXPECT_EQ(l.send_stamp_offset(0), 3328u);
+  EXPECT_EQ(l.send_stamp_offset(3), 3352u);  // last: 3328 + 3 * 8; ends at 3360 <= 3584
 
   // Slot (group, token, k) is (group * 4 + token) * 3 + k; 4 B each, base 3584.
   EXPECT_EQ(l.combine_slot_offset(0, 0, 0), 3584u);
@@ -278,11 +274,11 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.staging_offset, 2048u);
   // send_rows: align256(2288) = 2304; 2 tokens * 80 B = 160 B -> 2464
   EXPECT_EQ(l.send_rows_offset, 2304u);
-  // dispatch_ready: align256(2464) = 2560; 3 * 8 B = 24 B -> 2584
-  EXPECT_EQ(l.dispatch_ready_offset, 2560u);
-  // send_expert_counts: align256(2584) = 2816; 6 * 4 B = 24 B -> 2840
-  EXPECT_EQ(l.send_expert_counts_offset, 2816u);
-  // combine_slots: align256(2840) = 3072; 3 groups * 2 tokens * 5 k * 4 B = 120 B -> 3192
+  // send_announce: align256(2464) = 2560; 8 B -> 2568
+  EXPECT_EQ(l.send_announce_offset, 2560u);
+  // send_stamps: align256(2568) = 2816; 2 tokens * 8 B = 16 B -> 2832
+  EXPECT_EQ(l.send_stamps_offset, 2816u);
+  // combine_slots: align256(2832) = 3072; 3 groups * 2 tokens * 5 k * 4 B = 120 B -> 3192
   EXPECT_EQ(l.combine_slots_offset, 3072u);
   // expert_outputs: align256(3192) = 3328; 2 local experts * 6 rows * 32 B = 384 B -> 3712
   EXPECT_EQ(l.expert_outputs_offset, 3328u);
@@ -290,8 +286,8 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.symmetric_bytes, 3840u);
 
   // send 6 * 4 = 24 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
-  // phase at 768 (+8 = 776); pull_state at align256(776) = 1024 ((2 + 2 * 3 + 3 * 6 + 1) * 4 = 108 -> 1132);
-  // total align256(1132) = 1280
+  // phase at 768 (+8 = 776); pull_state at align256(776) = 1024 ((2 + 3 + 1) * 4 = 24 -> 1048);
+  // total align256(1048) = 1280
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
@@ -306,10 +302,8 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.staging_row_offset(2), 2208u);          // last: 2048 + 2 * 80
   EXPECT_EQ(l.send_row_offset(0), 2304u);             // first: the region base
   EXPECT_EQ(l.send_row_offset(1), 2384u);             // last: 2304 + 1 * 80; ends at 2464
-  EXPECT_EQ(l.dispatch_ready_offset_of(0), 2560u);    // first: the region base
-  EXPECT_EQ(l.dispatch_ready_offset_of(2), 2576u);    // last: 2560 + 2 * 8; ends at 2584 <= 2816
-  EXPECT_EQ(l.send_expert_count_offset(0), 2816u);    // first: the region base
-  EXPECT_EQ(l.send_expert_count_offset(5), 2836u);    // last: 2816 + 5 * 4; ends at 2840 <= 3072
+  EXPECT_EQ(l.send_stamp_offset(0), 2816u);           // first: the region base
+  EXPECT_EQ(l.send_stamp_offset(1), 2824u);           // last: 2816 + 1 * 8; ends at 2832 <= 3072
   EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 3188u);   // last: 3072 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 3192
   EXPECT_EQ(l.expert_output_offset(1, 5), 3680u);     // last: 3328 + (1 * 6 + 5 = 11) * 32; ends at 3712
   EXPECT_EQ(l.route_offset(1, 5), 600u);              // last: 512 + (1 * 6 + 5 = 11) * 8
@@ -345,11 +339,11 @@ TEST(Layout, DeepSeekV3Config) {
   // send_rows: 917,504 = 3584 * 256, so 259,393,792 is already aligned; 128 * 7440 = 952,320 B
   // (= 3720 * 256) -> 260,346,112
   EXPECT_EQ(l.send_rows_offset, 259393792u);
-  // dispatch_ready: 260,346,112 is 256-aligned; 8 * 8 = 64 B -> 260,346,176
-  EXPECT_EQ(l.dispatch_ready_offset, 260346112u);
-  // send_expert_counts: align256(260,346,176) = 260,346,112 + 256 = 260,346,368; 256 * 4 = 1024 B
+  // send_announce: 260,346,112 is 256-aligned; 8 B -> 260,346,120
+  EXPECT_EQ(l.send_announce_offset, 260346112u);
+  // send_stamps: align256(260,346,120) = 260,346,112 + 256 = 260,346,368; 128 tokens * 8 = 1024 B
   // -> 260,347,392
-  EXPECT_EQ(l.send_expert_counts_offset, 260346368u);
+  EXPECT_EQ(l.send_stamps_offset, 260346368u);
   // combine_slots: 260,347,392 = 260,346,368 + 4 * 256 is already aligned; 8 groups * 128 tokens * 8 k * 4 B
   // = 32,768 B -> 260,380,160
   EXPECT_EQ(l.combine_slots_offset, 260347392u);
@@ -362,14 +356,14 @@ TEST(Layout, DeepSeekV3Config) {
   // send_counts: 256 * 4 = 1024 at 0; recv_counts: at 1024, 32 * 4 = 128 -> 1152;
   // routes: align256(1152) = 1280, 32 * 1024 * 8 = 262,144 -> 263,424 (= 1029 * 256);
   // phase_counters: at 263,424, +8 -> 263,432;
-  // pull_state: align256(263,432) = 263,680 (1030 * 256), (32 + 2 * 8 + 3 * 256 + 1) * 4 = 3,268 -> 266,948;
-  // total: align256(266,948) = 267,008 (1043 * 256)
+  // pull_state: align256(263,432) = 263,680 (1030 * 256), (32 + 8 + 1) * 4 = 164 -> 263,844;
+  // total: align256(263,844) = 263,936 (1031 * 256)
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 1024u);
   EXPECT_EQ(l.routes_offset, 1280u);
   EXPECT_EQ(l.phase_counters_offset, 263424u);
   EXPECT_EQ(l.pull_state_offset, 263680u);
-  EXPECT_EQ(l.workspace_bytes, 267008u);
+  EXPECT_EQ(l.workspace_bytes, 263936u);
 
   // Last slot: (31 * 8 + 7) * 128 + 127 = 255 * 128 + 127 = 32767; 32767 * 7440 = 243,786,480 (+7440 = end)
   EXPECT_EQ(l.dispatch_token_offset(31, 7, 127), 243786480u);
@@ -385,11 +379,9 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.send_row_offset(0), 259393792u);  // first send row: the region base, right after staging
   // Last send row: 259,393,792 + 127 * 7440 (= 944,880) = 260,338,672; ends at 260,346,112
   EXPECT_EQ(l.send_row_offset(127), 260338672u);
-  EXPECT_EQ(l.dispatch_ready_offset_of(0), 260346112u);
-  EXPECT_EQ(l.dispatch_ready_offset_of(7), 260346168u);  // 260,346,112 + 7 * 8; ends at 260,346,176
-  EXPECT_EQ(l.send_expert_count_offset(0), 260346368u);
-  // Last count: 260,346,368 + 255 * 4 (= 1020) = 260,347,388; ends at 260,347,392, where combine_slots starts
-  EXPECT_EQ(l.send_expert_count_offset(255), 260347388u);
+  EXPECT_EQ(l.send_stamp_offset(0), 260346368u);
+  // Last stamp: 260,346,368 + 127 * 8 (= 1016) = 260,347,384; ends at 260,347,392, where combine_slots starts
+  EXPECT_EQ(l.send_stamp_offset(127), 260347384u);
   // Last slot: (7 * 128 + 127) * 8 + 7 = 8191; 260,347,392 + 8191 * 4 = 260,380,156; ends at 260,380,160
   EXPECT_EQ(l.combine_slot_offset(7, 127, 7), 260380156u);
   // Last expert output: 31 * 1024 + 1023 = 32767; 260,380,160 + 32767 * 14336 (= 469,747,712) = 730,127,872;
@@ -426,13 +418,12 @@ TEST(LayoutOverflow, StagingEndPastAddressSpace) {
 }
 
 // small_config() puts staging at 2304 with 64-byte rows, and five fixed-size regions follow it: send_rows
-// (4 tokens * 64 B = 256 B), dispatch_ready (4 ranks * 8 B = 32 B), send_expert_counts (8 experts * 4 B
-// = 32 B), combine_slots (2 groups * 4 tokens * 3 k * 4 B = 96 B) and expert_outputs (2 experts * 8 rows * 64 B
+// (4 tokens * 64 B = 256 B), send_announce (8 B), send_stamps (4 tokens * 8 B = 32 B), combine_slots (2 groups * 4 tokens * 3 k * 4 B = 96 B) and expert_outputs (2 experts * 8 rows * 64 B
 // = 1024 B). With slots = 2^58 - n:
 //   staging ends at          E = 2304 + 64 * (2^58 - n) = 2^64 - (64 * n - 2304) = 2^64 - 64 * (n - 36)
 //   send_rows                [S, S + 256) with S = align256(E)        (computing E + 255 must not pass 2^64)
-//   dispatch_ready           [S + 256, S + 288)                       (S + 256 is already aligned)
-//   send_expert_counts       [S + 512, S + 544)                       (align256(S + 288) = S + 512)
+//   send_announce            [S + 256, S + 264)                       (S + 256 is already aligned)
+//   send_stamps              [S + 512, S + 544)                       (align256(S + 264) = S + 512)
 //   combine_slots            [S + 768, S + 864)                       (align256(S + 544) = S + 768)
 //   expert_outputs           [S + 1024, S + 2048)                     (align256(S + 864) = S + 1024)
 //   symmetric_bytes          = S + 2048, already aligned
@@ -440,9 +431,9 @@ TEST(LayoutOverflow, StagingEndPastAddressSpace) {
 //   n <= 36     staging ends at or past 2^64                                   -> "staging" overflows
 //   n = 37..39  E = 2^64 - 64, - 128, - 192: align256(E) reaches 2^64          -> "send_rows" overflows
 //   n = 40..43  E = 2^64 - 256 .. - 448, S = 2^64 - 256: send_rows ends at 2^64 -> "send_rows" overflows
-//   n = 44..47  S = 2^64 - 512: dispatch_ready ends at 2^64 - 224; aligning the start of send_expert_counts
-//               reaches 2^64                                                   -> "send_expert_counts" overflows
-//   n = 48..51  S = 2^64 - 768: send_expert_counts [2^64 - 256, 2^64 - 224) fits; aligning the start of
+//   n = 44..47  S = 2^64 - 512: send_announce ends at 2^64 - 248; aligning the start of send_stamps
+//               reaches 2^64                                                   -> "send_stamps" overflows
+//   n = 48..51  S = 2^64 - 768: send_stamps [2^64 - 256, 2^64 - 224) fits; aligning the start of
 //               combine_slots reaches 2^64                                     -> "combine_slots" overflows
 //   n = 52..55  S = 2^64 - 1024: combine_slots [2^64 - 256, 2^64 - 160) fits; aligning the start of
 //               expert_outputs reaches 2^64                                    -> "expert_outputs" overflows
@@ -470,8 +461,8 @@ INSTANTIATE_TEST_SUITE_P(
                       RegionOverflowCase{39, "send_rows"},  // aligning the start of send_rows wraps
                       RegionOverflowCase{40, "send_rows"},  // send_rows ends exactly at 2^64
                       RegionOverflowCase{43, "send_rows"},
-                      RegionOverflowCase{44, "send_expert_counts"},  // aligning its start wraps
-                      RegionOverflowCase{47, "send_expert_counts"},
+                      RegionOverflowCase{44, "send_stamps"},  // aligning its start wraps
+                      RegionOverflowCase{47, "send_stamps"},
                       RegionOverflowCase{48, "combine_slots"},  // aligning its start wraps to zero
                       RegionOverflowCase{51, "combine_slots"},
                       RegionOverflowCase{52, "expert_outputs"},  // aligning its start wraps to zero
@@ -493,24 +484,23 @@ TEST(LayoutOverflow, StagingEndsExactlyAt2To64) {
 
 TEST(LayoutOverflow, LargestAlignedEndStillFits) {
   // 2^58 - 72 slots: staging ends at 2304 + 64 * (2^58 - 72) = 2^64 - 2304 (aligned); send_rows at 2^64 - 2304
-  // (256 B -> 2^64 - 2048); dispatch_ready at 2^64 - 2048 (32 B); send_expert_counts at align256 = 2^64 - 1792
+  // (256 B -> 2^64 - 2048); send_announce at 2^64 - 2048 (8 B); send_stamps at align256 = 2^64 - 1792
   // (32 B); combine_slots at 2^64 - 1536 (96 B); expert_outputs at 2^64 - 1280 (1024 B -> 2^64 - 256), the
   // largest 256-aligned size, so the layout is valid. One slot more (n = 71) wraps (see above).
   const uint64_t slots = (uint64_t(1) << 58) - 72;
   const BufferLayout l = make_buffer_layout(small_config(), slots);
   EXPECT_EQ(l.staging_offset, 2304u);
   EXPECT_EQ(l.send_rows_offset, 18446744073709549312ull);             // 2^64 - 2304
-  EXPECT_EQ(l.dispatch_ready_offset, 18446744073709549568ull);        // 2^64 - 2048
-  EXPECT_EQ(l.send_expert_counts_offset, 18446744073709549824ull);    // 2^64 - 1792
-  EXPECT_EQ(l.send_expert_count_offset(7), 18446744073709549852ull);  // 2^64 - 1792 + 28
+  EXPECT_EQ(l.send_announce_offset, 18446744073709549568ull);  // 2^64 - 2048
+  EXPECT_EQ(l.send_stamps_offset, 18446744073709549824ull);    // 2^64 - 1792
+  EXPECT_EQ(l.send_stamp_offset(3), 18446744073709549848ull);  // 2^64 - 1792 + 24
   EXPECT_EQ(l.combine_slots_offset, 18446744073709550080ull);         // 2^64 - 1536
   EXPECT_EQ(l.expert_outputs_offset, 18446744073709550336ull);        // 2^64 - 1280
   EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);              // 2^64 - 256
 }
 
-// small_config() with 64 experts (16 local experts): send_expert_counts is exactly 64 * 4 = 256 bytes and
-// expert_outputs 16 * 8 * 64 = 8192 bytes, so the end of the whole layout lands on 256-byte boundaries such as
-// 2^64.
+// small_config() with 64 experts (16 local experts): expert_outputs is 16 * 8 * 64 = 8192 bytes, a multiple of
+// 256, so the end of the whole layout lands on 256-byte boundaries such as 2^64.
 AllToAllConfig many_experts_config() {
   AllToAllConfig config = small_config();
   config.num_experts = 64;
@@ -529,9 +519,9 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   // combine_done: at 9472 (37 * 256); 4 * 8 B = 32 B -> 9504
   // staging: align256(9504) = 9728 (38 * 256); 5 * 64 B = 320 B -> 10048
   // send_rows: align256(10048) = 10240 (40 * 256); 4 * 64 B = 256 B -> 10496
-  // dispatch_ready: at 10496 (41 * 256); 4 * 8 B = 32 B -> 10528
-  // send_expert_counts: align256(10528) = 10752 (42 * 256); 64 * 4 B = 256 B -> 11008 (43 * 256)
-  // combine_slots: at 11008; 2 * 4 * 3 * 4 B = 96 B -> 11104
+  // send_announce: at 10496 (41 * 256); 8 B -> 10504
+  // send_stamps: align256(10504) = 10752 (42 * 256); 4 * 8 B = 32 B -> 10784
+  // combine_slots: align256(10784) = 11008 (43 * 256); 2 * 4 * 3 * 4 B = 96 B -> 11104
   // expert_outputs: align256(11104) = 11264 (44 * 256); 16 * 8 * 64 B = 8192 B -> 19456 (76 * 256)
   EXPECT_EQ(l.dispatch_recv_offset, 0u);
   EXPECT_EQ(l.combine_recv_offset, 8192u);
@@ -539,29 +529,28 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   EXPECT_EQ(l.combine_done_offset, 9472u);
   EXPECT_EQ(l.staging_offset, 9728u);
   EXPECT_EQ(l.send_rows_offset, 10240u);
-  EXPECT_EQ(l.dispatch_ready_offset, 10496u);
-  EXPECT_EQ(l.send_expert_counts_offset, 10752u);
+  EXPECT_EQ(l.send_announce_offset, 10496u);
+  EXPECT_EQ(l.send_stamps_offset, 10752u);
   EXPECT_EQ(l.combine_slots_offset, 11008u);
   EXPECT_EQ(l.expert_outputs_offset, 11264u);
   EXPECT_EQ(l.symmetric_bytes, 19456u);
   EXPECT_EQ(l.send_row_offset(3), 10432u);            // last: 10240 + 3 * 64; ends at 10496
-  EXPECT_EQ(l.dispatch_ready_offset_of(3), 10520u);   // last: 10496 + 3 * 8; ends at 10528
-  EXPECT_EQ(l.send_expert_count_offset(63), 11004u);  // last: 10752 + 63 * 4; ends at 11008
+  EXPECT_EQ(l.send_stamp_offset(3), 10776u);          // last: 10752 + 3 * 8; ends at 10784
   EXPECT_EQ(l.expert_output_offset(15, 7), 19392u);   // last: 11264 + 127 * 64; ends at 19456 = symmetric_bytes
   // Workspace: send 64 * 4 = 256 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
   // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+8 = 1544); pull_state at align256(1544) = 1792
-  // ((16 + 2 * 2 + 3 * 32 + 1) * 4 = 468 -> 2260); total align256(2260) = 2304
+  // ((16 + 2 + 1) * 4 = 76 -> 1868); total align256(1868) = 2048
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
   EXPECT_EQ(l.phase_counters_offset, 1536u);
   EXPECT_EQ(l.pull_state_offset, 1792u);
-  EXPECT_EQ(l.workspace_bytes, 2304u);
+  EXPECT_EQ(l.workspace_bytes, 2048u);
   expect_layout_regions_disjoint(l);
 }
 
 TEST(LayoutOverflow, LayoutEndsExactlyAt2To64) {
-  // many_experts_config(): staging at 9728, rows of 64 B; send_rows [S, S + 256), dispatch_ready
-  // [S + 256, S + 288), send_expert_counts [S + 512, S + 768), combine_slots [S + 768, S + 864), expert_outputs
+  // many_experts_config(): staging at 9728, rows of 64 B; send_rows [S, S + 256), send_announce
+  // [S + 256, S + 264), send_stamps [S + 512, S + 544), combine_slots [S + 768, S + 864), expert_outputs
   // [S + 1024, S + 9216) with S = align256(9728 + 64 * slots).
   // 2^58 - 296 slots: 9728 + 64 * (2^58 - 296) = 2^64 - 9216 (18944 = 296 * 64), aligned, so S = 2^64 - 9216 and
   // expert_outputs ends exactly at 2^64, one past the largest offset.
@@ -573,13 +562,13 @@ TEST(LayoutOverflow, LayoutEndsExactlyAt2To64) {
 
 TEST(LayoutOverflow, ManyExpertsLargestEndStillFits) {
   // 2^58 - 300 slots: staging ends at 9728 + 64 * (2^58 - 300) = 2^64 - 9472 (19200 = 300 * 64); send_rows at
-  // 2^64 - 9472, dispatch_ready at 2^64 - 9216, send_expert_counts at 2^64 - 8960, combine_slots at 2^64 - 8704,
+  // 2^64 - 9472, send_announce at 2^64 - 9216, send_stamps at 2^64 - 8960, combine_slots at 2^64 - 8704,
   // expert_outputs at 2^64 - 8448 ending at 2^64 - 256: already aligned, the largest valid size.
   const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 300);
   EXPECT_EQ(l.staging_offset, 9728u);
   EXPECT_EQ(l.send_rows_offset, 18446744073709542144ull);           // 2^64 - 9472
-  EXPECT_EQ(l.dispatch_ready_offset, 18446744073709542400ull);      // 2^64 - 9216
-  EXPECT_EQ(l.send_expert_counts_offset, 18446744073709542656ull);  // 2^64 - 8960
+  EXPECT_EQ(l.send_announce_offset, 18446744073709542400ull);  // 2^64 - 9216
+  EXPECT_EQ(l.send_stamps_offset, 18446744073709542656ull);    // 2^64 - 8960
   EXPECT_EQ(l.combine_slots_offset, 18446744073709542912ull);       // 2^64 - 8704
   EXPECT_EQ(l.expert_outputs_offset, 18446744073709543168ull);      // 2^64 - 8448
   EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);            // 2^64 - 256

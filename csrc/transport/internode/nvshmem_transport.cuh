@@ -13,7 +13,6 @@ namespace expertwire::device {
 
 struct NvshmemTransport {
   static constexpr bool kMayPut = true;
-  static constexpr bool kPlaceOnArrival = true;  // the pull dispatch copies from the first senders heard from
 
   uint8_t* symmetric;           // this rank's symmetric buffer; NVSHMEM translates it for each peer
   uint8_t* const* peer_bases;   // [world_size] load/store address of each peer's buffer, or null

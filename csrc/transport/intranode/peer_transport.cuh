@@ -11,9 +11,6 @@ namespace expertwire::device {
 struct PeerTransport {
   // peer_address never returns null: kernels compile without their put paths.
   static constexpr bool kMayPut = false;
-  // The pull dispatch copies from the first senders heard from (see symmem/ipc_buffer.h for why the buffers
-  // are mapped through the CUDA virtual memory API: it is what makes that placement pay off here).
-  static constexpr bool kPlaceOnArrival = true;
 
   uint8_t* const* peer_bases;  // [world_size] base of each rank's buffer in this process, ours included
 
