@@ -98,6 +98,7 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.phase_counters_offset = place(ws, kNumPhaseCounters * sizeof(uint32_t), kRegionAlign, "phase_counters");
   l.pull_state_offset = place(ws, checked_mul(l.pull_state_words(), sizeof(uint32_t), "pull_state"), kRegionAlign,
                               "pull_state");
+  l.dispatch_epoch_offset = place(ws, sizeof(uint32_t), kRegionAlign, "dispatch_epoch");
   l.workspace_bytes = place(ws, 0, kRegionAlign, "workspace");
   return l;
 }

@@ -19,7 +19,7 @@
 //   send_announce   u64 (epoch << 32) | m: set when this rank's pull dispatch `epoch` starts, m its token count.
 //   send_stamps     [max_num_tokens] u64: the epoch of the pull dispatch that last staged send_rows[t], set
 //                   (with release) once the row is written, so receivers copy each row as soon as it is there.
-//                   Epochs count dispatches; nothing is cleared between them.
+//                   Nothing is cleared between dispatches: the epoch tells them apart (see dispatch_epoch).
 //   combine_slots   [num_dp_groups][max_num_tokens][top-k] u32: the row of expert_outputs that holds the output
 //                   of token (group, t) for its k-th expert, when that expert is ours; written by the pull
 //                   dispatch, read by the tokens' ranks in the pull combine.
@@ -37,6 +37,10 @@
 //   pull_state      u32 state of the pull dispatch's receive, zeroed by the next combine (PullReceiveState):
 //                   [num_local_experts] rows of out_expert_x taken, [num_dp_groups] next token of each sender,
 //                   and the warps that have finished.
+//   dispatch_epoch  u32: the pull dispatches this rank has finished, advanced by the combine after each; the
+//                   next dispatch's epoch is (dispatch_epoch mod 2^32 - 1) + 1, never 0 (what fresh stamps hold).
+//                   Every rank counts the same collective calls, and the count lives on the device so that
+//                   CUDA graph replays advance it too.
 #pragma once
 
 #include <cstdint>
@@ -130,6 +134,7 @@ struct BufferLayout {
   uint64_t routes_offset;
   uint64_t phase_counters_offset;
   uint64_t pull_state_offset;
+  uint64_t dispatch_epoch_offset;
   uint64_t workspace_bytes;
 
   EW_HOST_DEVICE uint64_t payload_offset_in_token() const { return token_header_bytes; }

@@ -293,17 +293,24 @@ __device__ __forceinline__ bool first_occurrence(const uint32_t* experts, uint32
   return true;
 }
 
+// This rank's running pull dispatch (see dispatch_epoch in core/layout.h): constant from the dispatch's send to
+// the combine that follows it.
+__device__ __forceinline__ uint32_t current_dispatch_epoch(const RankContext& c) {
+  return *c.dispatch_epoch_counter() % 0xffffffffu + 1;
+}
+
 // Stages our tokens in send_rows for the receivers to pull: the count first (send_announce), then each row,
 // stamped with this dispatch's epoch once it is written.
 __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
   const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
+  const uint32_t epoch = current_dispatch_epoch(c);
   const uint32_t top_k = l.experts_per_token;
   clear_combine_done(c);
   if (blockIdx.x == 0) {
     __syncthreads();  // the clears before the announcement, which releases them (see the top)
-    if (threadIdx.x == 0) store_release_sys(c.local_signal(l.send_announce_offset), (uint64_t(a.epoch) << 32) | m);
+    if (threadIdx.x == 0) store_release_sys(c.local_signal(l.send_announce_offset), (uint64_t(epoch) << 32) | m);
   }
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
@@ -318,7 +325,7 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
     write_dispatch_token(c.symmetric + l.send_row_offset(t), l, t, experts, a.dp_x + uint64_t(t) * l.hidden_dim_bytes,
                          a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes);
     __syncwarp();  // every lane's part of the row before the stamp, whose release carries it (cumulative)
-    if (lane_id() == 0) store_release_sys(c.local_signal(l.send_stamp_offset(t)), a.epoch);
+    if (lane_id() == 0) store_release_sys(c.local_signal(l.send_stamp_offset(t)), epoch);
   }
 }
 
@@ -387,6 +394,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   const BufferLayout& l = c.layout;
   const uint32_t groups = l.num_dp_groups;
   const uint32_t lane = uint32_t(lane_id());
+  const uint32_t epoch = current_dispatch_epoch(c);
   auto sender = [&](uint32_t group) { return int(group * l.dp_size + c.dp_rank); };
   auto sender_signal = [&](uint32_t group, uint64_t offset) {
     return reinterpret_cast<const uint64_t*>(transport.peer_address(sender(group), offset));
@@ -424,7 +432,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
       for (uint32_t g = lane; g < groups; g += kWarpSize) {
         if (seen[g] != 0) continue;
         const uint64_t announced = load_acquire_sys(sender_signal(g, l.send_announce_offset));
-        if (uint32_t(announced >> 32) == a.epoch) {
+        if (uint32_t(announced >> 32) == epoch) {
           seen[g] = min(uint32_t(announced), l.max_num_tokens) + 1;
           progress = true;
         }
@@ -464,7 +472,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     uint64_t stamp = 0;
     if (lane == 0) {
       stamp = wait_signal_until(sender_signal(g, l.send_stamp_offset(t)),
-                                [&](uint64_t value) { return value == a.epoch; }, c.timeout_ns, c.error,
+                                [&](uint64_t value) { return value == epoch; }, c.timeout_ns, c.error,
                                 Phase::kDispatchRecv, sender(g));
     }
     __syncwarp();  // lane 0's acquire of the stamp before any lane reads the row
@@ -481,7 +489,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     for (uint32_t source = lane; source < l.world_size; source += kWarpSize) {
       if (source % l.dp_size == c.dp_rank) continue;
       wait_signal_until(reinterpret_cast<const uint64_t*>(transport.peer_address(int(source), l.send_announce_offset)),
-                        [&](uint64_t value) { return uint32_t(value >> 32) == a.epoch; }, c.timeout_ns, c.error,
+                        [&](uint64_t value) { return uint32_t(value >> 32) == epoch; }, c.timeout_ns, c.error,
                         Phase::kDispatchRecv, int32_t(source));
     }
     auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
@@ -712,9 +720,10 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   const uint32_t num_local = l.num_local_experts;
   uint8_t* expert_outputs = c.symmetric + l.expert_outputs_offset;
   if (blockIdx.x == 0) {
-    // The pull dispatch's receive state, for dispatch n+1 (this rank's dispatch n has ended).
+    // The pull dispatch's receive state and epoch, for dispatch n+1 (this rank's dispatch n has ended).
     auto* pull_state = reinterpret_cast<uint32_t*>(c.workspace + l.pull_state_offset);
     for (uint64_t i = threadIdx.x; i < l.pull_state_words(); i += blockDim.x) pull_state[i] = 0;
+    if (threadIdx.x == 0) ++*c.dispatch_epoch_counter();
   }
   if (a.expert_y != expert_outputs) {
     const uint32_t* expert_start = received_row_starts(c);

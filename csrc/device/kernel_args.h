@@ -25,6 +25,9 @@ struct RankContext {
   EW_HOST_DEVICE uint64_t* local_signal(uint64_t offset) const {
     return reinterpret_cast<uint64_t*>(symmetric + offset);
   }
+  EW_HOST_DEVICE uint32_t* dispatch_epoch_counter() const {
+    return reinterpret_cast<uint32_t*>(workspace + layout.dispatch_epoch_offset);
+  }
 };
 
 struct DispatchArgs {
@@ -37,7 +40,6 @@ struct DispatchArgs {
   const uint32_t* indices;         // [m][experts_per_token]
   uint32_t m;
   const uint32_t* bound_m;  // device; may be null (then m)
-  uint32_t epoch;           // this dispatch's number, never 0: stamps the pull dispatch's send rows
   bool do_send;
   bool do_recv;
 };

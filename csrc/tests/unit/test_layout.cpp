@@ -124,6 +124,7 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
           {"routes", l.routes_offset, uint64_t(l.num_local_experts) * l.max_recv_tokens * 8},
           {"phase_counters", l.phase_counters_offset, uint64_t(kNumPhaseCounters) * 4},
           {"pull_state", l.pull_state_offset, l.pull_state_words() * 4},
+          {"dispatch_epoch", l.dispatch_epoch_offset, 4},
       },
       l.workspace_bytes);
 }
@@ -192,8 +193,10 @@ TEST(Layout, SmallConfigWorkspace) {
   EXPECT_EQ(l.phase_counters_offset, 768u);
   // pull_state: align256(776) = 1024; (2 local experts + 2 groups + 1) * 4 B = 20 B -> 1044
   EXPECT_EQ(l.pull_state_offset, 1024u);
-  // align256(1044) = 1280
-  EXPECT_EQ(l.workspace_bytes, 1280u);
+  // dispatch_epoch: align256(1044) = 1280; 4 B -> 1284
+  EXPECT_EQ(l.dispatch_epoch_offset, 1280u);
+  // align256(1284) = 1536
+  EXPECT_EQ(l.workspace_bytes, 1536u);
 }
 
 TEST(Layout, SmallConfigAccessors) {
@@ -287,13 +290,14 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
 
   // send 6 * 4 = 24 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
   // phase at 768 (+8 = 776); pull_state at align256(776) = 1024 ((2 + 3 + 1) * 4 = 24 -> 1048);
-  // total align256(1048) = 1280
+  // dispatch_epoch at align256(1048) = 1280 (+4 = 1284); total align256(1284) = 1536
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
   EXPECT_EQ(l.phase_counters_offset, 768u);
   EXPECT_EQ(l.pull_state_offset, 1024u);
-  EXPECT_EQ(l.workspace_bytes, 1280u);
+  EXPECT_EQ(l.dispatch_epoch_offset, 1280u);
+  EXPECT_EQ(l.workspace_bytes, 1536u);
 
   EXPECT_EQ(l.dispatch_token_offset(1, 2, 1), 880u);  // last slot: ((1 * 3 + 2) * 2 + 1 = 11) * 80
   EXPECT_EQ(l.combine_row_offset(1, 4), 1312u);       // last row: 1024 + (1 * 5 + 4 = 9) * 32
@@ -357,13 +361,15 @@ TEST(Layout, DeepSeekV3Config) {
   // routes: align256(1152) = 1280, 32 * 1024 * 8 = 262,144 -> 263,424 (= 1029 * 256);
   // phase_counters: at 263,424, +8 -> 263,432;
   // pull_state: align256(263,432) = 263,680 (1030 * 256), (32 + 8 + 1) * 4 = 164 -> 263,844;
-  // total: align256(263,844) = 263,936 (1031 * 256)
+  // dispatch_epoch: align256(263,844) = 263,936 (1031 * 256), 4 -> 263,940;
+  // total: align256(263,940) = 264,192 (1032 * 256)
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 1024u);
   EXPECT_EQ(l.routes_offset, 1280u);
   EXPECT_EQ(l.phase_counters_offset, 263424u);
   EXPECT_EQ(l.pull_state_offset, 263680u);
-  EXPECT_EQ(l.workspace_bytes, 263936u);
+  EXPECT_EQ(l.dispatch_epoch_offset, 263936u);
+  EXPECT_EQ(l.workspace_bytes, 264192u);
 
   // Last slot: (31 * 8 + 7) * 128 + 127 = 255 * 128 + 127 = 32767; 32767 * 7440 = 243,786,480 (+7440 = end)
   EXPECT_EQ(l.dispatch_token_offset(31, 7, 127), 243786480u);
@@ -539,12 +545,14 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   EXPECT_EQ(l.expert_output_offset(15, 7), 19392u);   // last: 11264 + 127 * 64; ends at 19456 = symmetric_bytes
   // Workspace: send 64 * 4 = 256 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
   // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+8 = 1544); pull_state at align256(1544) = 1792
-  // ((16 + 2 + 1) * 4 = 76 -> 1868); total align256(1868) = 2048
+  // ((16 + 2 + 1) * 4 = 76 -> 1868); dispatch_epoch at align256(1868) = 2048 (+4 = 2052); total
+  // align256(2052) = 2304
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
   EXPECT_EQ(l.phase_counters_offset, 1536u);
   EXPECT_EQ(l.pull_state_offset, 1792u);
-  EXPECT_EQ(l.workspace_bytes, 2048u);
+  EXPECT_EQ(l.dispatch_epoch_offset, 2048u);
+  EXPECT_EQ(l.workspace_bytes, 2304u);
   expect_layout_regions_disjoint(l);
 }
 

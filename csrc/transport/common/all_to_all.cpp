@@ -87,7 +87,6 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
     require_pointer(out_expert_x, "dispatch: out_expert_x", true);
     if (scales) require_pointer(out_expert_x_scale, "dispatch: out_expert_x_scale", false);
   }
-  if (send && ++dispatch_epoch_ == 0) dispatch_epoch_ = 1;
   device::DispatchArgs args{context(),
                             out_expert_num_tokens,
                             static_cast<uint8_t*>(out_expert_x),
@@ -97,7 +96,6 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
                             indices,
                             m,
                             bound_m,
-                            dispatch_epoch_,
                             send,
                             recv};
   launch_dispatch(args, stream);

@@ -82,9 +82,6 @@ class AllToAll {
   DeviceBuffer workspace_;
   MappedHostObject<ErrorRecord> error_;
   uint8_t* symmetric_ = nullptr;
-  // Dispatches sent so far: every rank counts the same collective calls, so a row stamped with a sender's count
-  // is one of this dispatch. Skips 0 (what a fresh buffer holds) when it wraps.
-  uint32_t dispatch_epoch_ = 0;
 };
 
 // Blocks and threads of every launch: one block per SM the process may use (EXPERTWIRE_NUM_BLOCKS overrides),
