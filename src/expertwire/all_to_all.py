@@ -19,7 +19,7 @@ def _resolve_group(group_name: str) -> dist.ProcessGroup:
     pplx_kernels' tests register under that name."""
     if not dist.is_initialized():
         raise RuntimeError(
-            "AllToAll.intranode exchanges CUDA IPC handles through torch.distributed: "
+            "AllToAll.intranode exchanges its buffer descriptions through torch.distributed: "
             "call torch.distributed.init_process_group first"
         )
     from torch.distributed import distributed_c10d as c10d
@@ -54,7 +54,7 @@ def _traced(tensor: torch.Tensor) -> bool:
 class AllToAll:
     """One MoE all-to-all: dispatch sends tokens to their experts' ranks, combine brings the expert outputs back
     and sums them with the router weights. Create it with AllToAll.internode (NVSHMEM, any number of nodes) or
-    AllToAll.intranode (CUDA IPC, one node), on every rank together; destroy() it on every rank together.
+    AllToAll.intranode (peer memory, one node), on every rank together; destroy() it on every rank together.
 
     Every operation runs on torch's current CUDA stream of the tensors' device."""
 
@@ -131,8 +131,9 @@ class AllToAll:
         group_name: str = "default",
         max_sm_count: int = 0,
     ) -> "AllToAll":
-        """Through CUDA IPC among the ranks of one node; the buffer handles are exchanged over the
-        torch.distributed group registered as `group_name`, whose ranks must be 0..world_size-1 in order."""
+        """Through peer memory among the ranks of one node; the buffer descriptions are exchanged over the
+        torch.distributed group registered as `group_name`, whose ranks must be 0..world_size-1 in order (the
+        memory itself travels as file descriptors over a Unix socket, so the ranks must share a host)."""
         config, shape = cls._config(
             max_num_tokens,
             num_experts,
