@@ -37,8 +37,8 @@
 //   pull_state      u32 state of the pull dispatch's receive, zeroed by the next combine (PullReceiveState):
 //                   [num_local_experts] rows of out_expert_x taken, [num_dp_groups] next token of each sender,
 //                   and the warps that have finished.
-//   dispatch_epoch  u32: the pull dispatches this rank has finished, advanced by the combine after each; the
-//                   next dispatch's epoch is (dispatch_epoch mod 2^32 - 1) + 1, never 0 (what fresh stamps hold).
+//   dispatch_epoch  u32: the pull dispatches this rank has finished (modulo 2^32 - 1), advanced by the combine
+//                   after each; the next dispatch's epoch follows from it (DispatchEpoch), never 0.
 //                   Every rank counts the same collective calls, and the count lives on the device so that
 //                   CUDA graph replays advance it too.
 #pragma once
@@ -79,6 +79,24 @@ struct ArrivalSignal {
     return (value >> 40) != 0 && (value & kMaxBlocks) == (value >> 40);
   }
   EW_HOST_DEVICE static constexpr uint32_t payload(uint64_t value) { return uint32_t(value >> 16) & kMaxPayload; }
+};
+
+// The pull dispatch's epoch and announcement (send_announce, send_stamps, dispatch_epoch above). The epoch
+// follows from the workspace counter of finished dispatches, which counts modulo kPeriod: epochs run 1..kPeriod
+// and again, never 0 (what a fresh buffer's stamps hold), and two dispatches in a row never share one. The
+// announcement packs the epoch with the sender's token count.
+struct DispatchEpoch {
+  static constexpr uint32_t kPeriod = 0xffffffffu;
+  EW_HOST_DEVICE static constexpr uint32_t of(uint32_t finished) { return finished % kPeriod + 1; }
+  // The counter once one more dispatch has finished.
+  EW_HOST_DEVICE static constexpr uint32_t advance(uint32_t finished) {
+    return finished % kPeriod + 1 == kPeriod ? 0u : finished % kPeriod + 1;
+  }
+  EW_HOST_DEVICE static constexpr uint64_t announcement(uint32_t epoch, uint32_t m) {
+    return (uint64_t(epoch) << 32) | m;
+  }
+  EW_HOST_DEVICE static constexpr uint32_t announced_epoch(uint64_t value) { return uint32_t(value >> 32); }
+  EW_HOST_DEVICE static constexpr uint32_t announced_tokens(uint64_t value) { return uint32_t(value); }
 };
 
 EW_HOST_DEVICE constexpr uint64_t align_up(uint64_t value, uint64_t alignment) {

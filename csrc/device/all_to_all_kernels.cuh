@@ -293,10 +293,10 @@ __device__ __forceinline__ bool first_occurrence(const uint32_t* experts, uint32
   return true;
 }
 
-// This rank's running pull dispatch (see dispatch_epoch in core/layout.h): constant from the dispatch's send to
-// the combine that follows it.
+// This rank's running pull dispatch (see DispatchEpoch): constant from the dispatch's send to the combine that
+// follows it.
 __device__ __forceinline__ uint32_t current_dispatch_epoch(const RankContext& c) {
-  return *c.dispatch_epoch_counter() % 0xffffffffu + 1;
+  return DispatchEpoch::of(*c.dispatch_epoch_counter());
 }
 
 // Stages our tokens in send_rows for the receivers to pull: the count first (send_announce), then each row,
@@ -310,7 +310,9 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
   clear_combine_done(c);
   if (blockIdx.x == 0) {
     __syncthreads();  // the clears before the announcement, which releases them (see the top)
-    if (threadIdx.x == 0) store_release_sys(c.local_signal(l.send_announce_offset), (uint64_t(epoch) << 32) | m);
+    if (threadIdx.x == 0) {
+      store_release_sys(c.local_signal(l.send_announce_offset), DispatchEpoch::announcement(epoch, m));
+    }
   }
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
@@ -432,8 +434,8 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
       for (uint32_t g = lane; g < groups; g += kWarpSize) {
         if (seen[g] != 0) continue;
         const uint64_t announced = load_acquire_sys(sender_signal(g, l.send_announce_offset));
-        if (uint32_t(announced >> 32) == epoch) {
-          seen[g] = min(uint32_t(announced), l.max_num_tokens) + 1;
+        if (DispatchEpoch::announced_epoch(announced) == epoch) {
+          seen[g] = min(DispatchEpoch::announced_tokens(announced), l.max_num_tokens) + 1;
           progress = true;
         }
       }
@@ -489,7 +491,8 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     for (uint32_t source = lane; source < l.world_size; source += kWarpSize) {
       if (source % l.dp_size == c.dp_rank) continue;
       wait_signal_until(reinterpret_cast<const uint64_t*>(transport.peer_address(int(source), l.send_announce_offset)),
-                        [&](uint64_t value) { return uint32_t(value >> 32) == epoch; }, c.timeout_ns, c.error,
+                        [&](uint64_t value) { return DispatchEpoch::announced_epoch(value) == epoch; }, c.timeout_ns,
+                        c.error,
                         Phase::kDispatchRecv, int32_t(source));
     }
     auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
@@ -723,7 +726,7 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
     // The pull dispatch's receive state and epoch, for dispatch n+1 (this rank's dispatch n has ended).
     auto* pull_state = reinterpret_cast<uint32_t*>(c.workspace + l.pull_state_offset);
     for (uint64_t i = threadIdx.x; i < l.pull_state_words(); i += blockDim.x) pull_state[i] = 0;
-    if (threadIdx.x == 0) ++*c.dispatch_epoch_counter();
+    if (threadIdx.x == 0) *c.dispatch_epoch_counter() = DispatchEpoch::advance(*c.dispatch_epoch_counter());
   }
   if (a.expert_y != expert_outputs) {
     const uint32_t* expert_start = received_row_starts(c);

@@ -682,5 +682,37 @@ TEST(ArrivalSignal, CompleteOnlyWhenEveryBlockArrived) {
   EXPECT_EQ(ArrivalSignal::payload(ArrivalSignal::share(1, 2, 5)), 0u);
 }
 
+// Epochs run 1, 2, ..., 2^32 - 1, then 1 again: never 0, which is what fresh stamps and announcements hold, and
+// never the same twice in a row across the wrap (a counter that wrapped at 2^32 instead gave epoch 1 twice).
+TEST(DispatchEpoch, NeverZeroAndNeverRepeatsAcrossTheWrap) {
+  EXPECT_EQ(DispatchEpoch::of(0), 1u);  // a fresh workspace: the first dispatch
+  EXPECT_EQ(DispatchEpoch::of(1), 2u);
+  EXPECT_EQ(DispatchEpoch::of(0xfffffffeu), 0xffffffffu);
+  EXPECT_EQ(DispatchEpoch::advance(0), 1u);
+  EXPECT_EQ(DispatchEpoch::advance(0xfffffffdu), 0xfffffffeu);
+  EXPECT_EQ(DispatchEpoch::advance(0xfffffffeu), 0u);  // the period closes: the next epoch is 1 again
+  uint32_t finished = 0xffffff00u;
+  for (int dispatch = 0; dispatch < 512; ++dispatch) {
+    const uint32_t next = DispatchEpoch::advance(finished);
+    EXPECT_NE(DispatchEpoch::of(finished), 0u) << finished;
+    EXPECT_NE(DispatchEpoch::of(next), DispatchEpoch::of(finished)) << finished;
+    finished = next;
+  }
+  // (2^32 - 256) + 512 = 2^32 + 256, and 2^32 = 1 modulo 2^32 - 1: 257.
+  EXPECT_EQ(finished, 257u);
+}
+
+TEST(DispatchEpoch, AnnouncementCarriesEpochAndTokens) {
+  for (const uint32_t epoch : {1u, 2u, 0xffffffffu}) {
+    for (const uint32_t m : {0u, 1u, 128u, 16777214u}) {
+      const uint64_t value = DispatchEpoch::announcement(epoch, m);
+      EXPECT_EQ(DispatchEpoch::announced_epoch(value), epoch);
+      EXPECT_EQ(DispatchEpoch::announced_tokens(value), m);
+      EXPECT_NE(value, 0u);  // never what a fresh buffer holds
+    }
+  }
+  EXPECT_NE(DispatchEpoch::announced_epoch(0), DispatchEpoch::of(0));  // a fresh announcement is no dispatch's
+}
+
 }  // namespace
 }  // namespace expertwire
