@@ -216,7 +216,17 @@ IpcSymmetricBuffer::IpcSymmetricBuffer(size_t bytes, int rank, int world_size, c
   bases[rank] = local();
   peers_.resize(world_size);
   for (int received = 0; received + 1 < world_size; ++received) {
-    FdMailbox::Received message = mailbox.receive(kExchangeTimeoutMs);
+    FdMailbox::Received message;
+    try {
+      message = mailbox.receive(kExchangeTimeoutMs);
+    } catch (const RuntimeError& error) {
+      std::string missing;
+      for (int peer = 0; peer < world_size; ++peer) {
+        if (bases[peer] == nullptr) missing += (missing.empty() ? "" : ", ") + std::to_string(peer);
+      }
+      EW_THROW(RuntimeError, "intranode: rank ", rank, " never received the buffer of rank(s) ", missing, ": ",
+               error.what());
+    }
     const int peer = message.from_rank;
     EW_REQUIRE(peer >= 0 && peer < world_size && peer != rank && bases[peer] == nullptr, "intranode: rank ", rank,
                " got a memory handle tagged rank ", peer, ", which is not a peer still to be heard from");
