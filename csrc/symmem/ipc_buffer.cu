@@ -16,6 +16,8 @@ namespace {
 // library from loading on machines without a driver (CI builds and skips there).
 struct DriverApi {
   PFN_cuGetErrorName_v6000 error_name;
+  PFN_cuDeviceGet_v2000 device_get;
+  PFN_cuDeviceGetAttribute_v2000 device_attribute;
   PFN_cuMemGetAllocationGranularity_v10020 granularity;
   PFN_cuMemCreate_v10020 create;
   PFN_cuMemRelease_v10020 release;
@@ -43,6 +45,8 @@ const DriverApi& driver() {
   static const DriverApi api = [] {
     DriverApi d{};
     find_entry_point(d.error_name, "cuGetErrorName");
+    find_entry_point(d.device_get, "cuDeviceGet");
+    find_entry_point(d.device_attribute, "cuDeviceGetAttribute");
     find_entry_point(d.granularity, "cuMemGetAllocationGranularity");
     find_entry_point(d.create, "cuMemCreate");
     find_entry_point(d.release, "cuMemRelease");
@@ -82,6 +86,21 @@ class AllocationHandle {
  private:
   CUmemGenericAllocationHandle handle_;
 };
+
+// The virtual memory API and POSIX file descriptor export, which the intranode buffer needs of the device.
+void require_exportable_memory(int device) {
+  const DriverApi& d = driver();
+  CUdevice handle = 0;
+  int vmm = 0, posix_fd = 0;
+  EW_CU_CHECK(d.device_get(&handle, device));
+  EW_CU_CHECK(d.device_attribute(&vmm, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, handle));
+  EW_CU_CHECK(d.device_attribute(&posix_fd, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED, handle));
+  if (!vmm || !posix_fd) {
+    EW_THROW(RuntimeError, "intranode: device ", device, " does not support ",
+             !vmm ? "the CUDA virtual memory API" : "exporting memory as POSIX file descriptors",
+             ", which the intranode buffer needs; use the internode transport");
+  }
+}
 
 CUmemAllocationProp exportable_device_memory(int device) {
   CUmemAllocationProp prop{};
@@ -161,6 +180,7 @@ IpcSymmetricBuffer::IpcSymmetricBuffer(size_t bytes, int rank, int world_size, c
   EW_REQUIRE(gethostname(own.host, sizeof(own.host) - 1) == 0, "gethostname failed");
   EW_CUDA_CHECK(cudaGetDevice(&own.device));
   EW_CUDA_CHECK(cudaDeviceGetPCIBusId(own.pci_bus_id, sizeof(own.pci_bus_id), own.device));
+  require_exportable_memory(own.device);
   const CUmemAllocationProp prop = exportable_device_memory(own.device);
   size_t granularity = 0;
   EW_CU_CHECK(d.granularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED));
