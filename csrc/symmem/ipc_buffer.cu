@@ -117,7 +117,6 @@ struct PeerRecord {
   int32_t rank;
   uint64_t bytes;
   uint64_t mapped_bytes;
-  uint64_t alignment;
   char host[64];
   char pci_bus_id[32];
   int32_t device;
@@ -184,7 +183,6 @@ IpcSymmetricBuffer::IpcSymmetricBuffer(size_t bytes, int rank, int world_size, c
   const CUmemAllocationProp prop = exportable_device_memory(own.device);
   size_t granularity = 0;
   EW_CU_CHECK(d.granularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED));
-  own.alignment = granularity;
   own.mapped_bytes = (bytes + granularity - 1) / granularity * granularity;
 
   CUmemGenericAllocationHandle handle = 0;
@@ -196,7 +194,7 @@ IpcSymmetricBuffer::IpcSymmetricBuffer(size_t bytes, int rank, int world_size, c
     EW_CU_CHECK(result);
   }
   const UniqueFd exported_fd(exported);
-  local_ = std::make_unique<MappedAllocation>(handle, own.mapped_bytes, own.alignment, own.device);
+  local_ = std::make_unique<MappedAllocation>(handle, own.mapped_bytes, granularity, own.device);
   // Peers may signal into the buffer as soon as they have mapped it: it must be zero before we publish it.
   EW_CUDA_CHECK(cudaMemset(local(), 0, own.mapped_bytes));
   EW_CUDA_CHECK(cudaDeviceSynchronize());
@@ -253,7 +251,7 @@ IpcSymmetricBuffer::IpcSymmetricBuffer(size_t bytes, int rank, int world_size, c
     CUmemGenericAllocationHandle imported = 0;
     EW_CU_CHECK(d.import_handle(&imported, reinterpret_cast<void*>(uintptr_t(message.fd.get())),
                                 CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR));
-    peers_[peer] = std::make_unique<MappedAllocation>(imported, own.mapped_bytes, own.alignment, own.device);
+    peers_[peer] = std::make_unique<MappedAllocation>(imported, own.mapped_bytes, granularity, own.device);
     bases[peer] = peers_[peer]->get();
   }
   peer_table_ = DeviceBuffer(bases.size() * sizeof(uint8_t*));
