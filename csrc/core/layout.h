@@ -90,7 +90,7 @@ struct DispatchEpoch {
   EW_HOST_DEVICE static constexpr uint32_t of(uint32_t finished) { return finished % kPeriod + 1; }
   // The counter once one more dispatch has finished.
   EW_HOST_DEVICE static constexpr uint32_t advance(uint32_t finished) {
-    return finished % kPeriod + 1 == kPeriod ? 0u : finished % kPeriod + 1;
+    return of(finished) == kPeriod ? 0u : of(finished);
   }
   EW_HOST_DEVICE static constexpr uint64_t announcement(uint32_t epoch, uint32_t m) {
     return (uint64_t(epoch) << 32) | m;

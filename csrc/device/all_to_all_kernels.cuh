@@ -398,8 +398,8 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   const uint32_t lane = uint32_t(lane_id());
   const uint32_t epoch = current_dispatch_epoch(c);
   auto sender = [&](uint32_t group) { return int(group * l.dp_size + c.dp_rank); };
-  auto sender_signal = [&](uint32_t group, uint64_t offset) {
-    return reinterpret_cast<const uint64_t*>(transport.peer_address(sender(group), offset));
+  auto peer_signal = [&](int pe, uint64_t offset) {
+    return reinterpret_cast<const uint64_t*>(transport.peer_address(pe, offset));
   };
   const PullReceiveState state(c);
 
@@ -433,7 +433,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
       bool progress = false;
       for (uint32_t g = lane; g < groups; g += kWarpSize) {
         if (seen[g] != 0) continue;
-        const uint64_t announced = load_acquire_sys(sender_signal(g, l.send_announce_offset));
+        const uint64_t announced = load_acquire_sys(peer_signal(sender(g), l.send_announce_offset));
         if (DispatchEpoch::announced_epoch(announced) == epoch) {
           seen[g] = min(DispatchEpoch::announced_tokens(announced), l.max_num_tokens) + 1;
           progress = true;
@@ -473,7 +473,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     held_group = int(g);
     uint64_t stamp = 0;
     if (lane == 0) {
-      stamp = wait_signal_until(sender_signal(g, l.send_stamp_offset(t)),
+      stamp = wait_signal_until(peer_signal(sender(g), l.send_stamp_offset(t)),
                                 [&](uint64_t value) { return value == epoch; }, c.timeout_ns, c.error,
                                 Phase::kDispatchRecv, sender(g));
     }
@@ -490,10 +490,9 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   if (last_warp_out(state.warps_done)) {
     for (uint32_t source = lane; source < l.world_size; source += kWarpSize) {
       if (source % l.dp_size == c.dp_rank) continue;
-      wait_signal_until(reinterpret_cast<const uint64_t*>(transport.peer_address(int(source), l.send_announce_offset)),
+      wait_signal_until(peer_signal(int(source), l.send_announce_offset),
                         [&](uint64_t value) { return DispatchEpoch::announced_epoch(value) == epoch; }, c.timeout_ns,
-                        c.error,
-                        Phase::kDispatchRecv, int32_t(source));
+                        c.error, Phase::kDispatchRecv, int32_t(source));
     }
     auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
     for (uint32_t le = lane; le < l.num_local_experts; le += kWarpSize) {

@@ -174,6 +174,14 @@ __device__ __forceinline__ uint32_t find_segment(const uint32_t* prefix, uint32_
   return lo;
 }
 
+// Adds 1 to a counter of this GPU with acquire-release ordering and returns the value before: the link that
+// chains every block (or warp) counted out of a phase to the last one.
+__device__ __forceinline__ uint32_t count_out_acq_rel(uint32_t* counter) {
+  uint32_t before;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+  return before;
+}
+
 // Counts blocks out of a phase. Returns true in exactly one block, the last to finish; everything any block
 // wrote before its call happens before what that block does next, so it may signal peers or reset shared
 // state (and must reset the counter itself). Call with the whole block.
@@ -183,11 +191,7 @@ __device__ __forceinline__ uint32_t find_segment(const uint32_t* prefix, uint32_
 __device__ __forceinline__ bool last_block_out(uint32_t* counter) {
   __shared__ bool is_last;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    uint32_t before;
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
-    is_last = before == gridDim.x - 1;
-  }
+  if (threadIdx.x == 0) is_last = count_out_acq_rel(counter) == gridDim.x - 1;
   __syncthreads();
   return is_last;
 }
@@ -197,10 +201,7 @@ __device__ __forceinline__ bool last_block_out(uint32_t* counter) {
 // warp at a time). Call with the whole warp.
 __device__ __forceinline__ bool last_warp_out(uint32_t* counter) {
   __syncwarp();
-  uint32_t before = 0;
-  if (lane_id() == 0) {
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
-  }
+  const uint32_t before = lane_id() == 0 ? count_out_acq_rel(counter) : 0u;
   return __shfl_sync(kFullMask, before, 0) == uint32_t(total_warps()) - 1;
 }
 
