@@ -173,16 +173,20 @@ __device__ void dispatch_send(const DispatchArgs& a, const Transport& transport)
   }
 }
 
-// Copies a received DispatchToken's payload and scales into row `out_row` of out_expert_x (and its scales),
-// with the whole warp. The token was written by a peer during this kernel, so it is read coherently.
-__device__ __forceinline__ void copy_to_expert_row(const DispatchArgs& a, uint64_t out_row, const uint8_t* token) {
+// Copies a received DispatchToken's payload and scales into row `out_row_of(lane)` of out_expert_x (and of its
+// scales) for every lane set in `lanes`, with the whole warp: the token is read once for all of them. The token
+// was written by a peer during this kernel, so it is read coherently.
+template <class OutRowOf>
+__device__ __forceinline__ void copy_to_expert_rows(const DispatchArgs& a, const uint8_t* token, unsigned lanes,
+                                                    OutRowOf out_row_of) {
   const BufferLayout& l = a.ctx.layout;
-  warp_copy_16<SourceKind::kPeerWritten>(a.out_expert_x + out_row * l.hidden_dim_bytes,
-                                         token + l.payload_offset_in_token(), l.hidden_dim_bytes);
   if (l.hidden_dim_scale_bytes != 0) {
-    warp_copy_4(a.out_expert_x_scale + out_row * l.hidden_dim_scale_bytes, token + l.scale_offset_in_token(),
-                l.hidden_dim_scale_bytes);
+    warp_copy_4_to_lanes(token + l.scale_offset_in_token(), l.hidden_dim_scale_bytes, lanes,
+                         [&](int lane) { return a.out_expert_x_scale + out_row_of(lane) * l.hidden_dim_scale_bytes; });
   }
+  warp_copy_16_to_lanes<SourceKind::kPeerWritten>(
+      token + l.payload_offset_in_token(), l.hidden_dim_bytes, lanes,
+      [&](int lane) { return a.out_expert_x + out_row_of(lane) * l.hidden_dim_bytes; });
 }
 
 // From the token count of each (local expert, source group) region: the region's first row inside its
@@ -263,7 +267,7 @@ __device__ inline void dispatch_recv(const DispatchArgs& a) {
     if (lane_id() == 0) {
       routes[uint64_t(le) * l.max_recv_tokens + row] = TokenRoute{header[0], uint16_t(g), uint16_t(k)};
     }
-    copy_to_expert_row(a, uint64_t(le) * l.max_recv_tokens + row, token);
+    copy_to_expert_rows(a, token, 1u, [&](int) { return uint64_t(le) * l.max_recv_tokens + row; });
   }
 
   if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
@@ -291,6 +295,15 @@ __device__ __forceinline__ bool first_occurrence(const uint32_t* experts, uint32
     if (experts[j] == experts[k]) return false;
   }
   return true;
+}
+
+// first_occurrence for the whole warp, lane i holding `expert` = experts[k0 + i]: the lanes of this chunk are
+// compared in registers, only earlier chunks (top_k > 32) are read again.
+__device__ __forceinline__ bool first_in_warp_chunk(const uint32_t* experts, uint32_t k0, uint32_t expert) {
+  const unsigned same = __match_any_sync(kFullMask, expert);
+  bool first = (same & ((1u << lane_id()) - 1u)) == 0;
+  for (uint32_t j = 0; j < k0 && first; ++j) first = experts[j] != expert;
+  return first;
 }
 
 // This rank's running pull dispatch (see DispatchEpoch): constant from the dispatch's send to the combine that
@@ -358,7 +371,7 @@ __device__ void copy_token_to_local_experts(const DispatchArgs& a, const uint8_t
   for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
     const uint32_t k = k0 + lane_id();
     const uint32_t expert = k < top_k ? experts[k] : ~0u;
-    bool mine = k < top_k && expert - first_expert < num_local && first_occurrence(experts, k);
+    bool mine = first_in_warp_chunk(experts, k0, expert) && k < top_k && expert - first_expert < num_local;
     uint32_t row = 0;
     if (mine) {
       const uint32_t le = expert - first_expert;
@@ -372,11 +385,9 @@ __device__ void copy_token_to_local_experts(const DispatchArgs& a, const uint8_t
         *reinterpret_cast<uint32_t*>(c.symmetric + l.combine_slot_offset(g, t, k)) = row;
       }
     }
-    for (unsigned left = __ballot_sync(kFullMask, mine); left != 0; left &= left - 1) {
-      const int from = __ffs(left) - 1;
-      const uint32_t le = __shfl_sync(kFullMask, expert, from) - first_expert;
-      copy_to_expert_row(a, uint64_t(le) * l.max_recv_tokens + __shfl_sync(kFullMask, row, from), token);
-    }
+    const uint64_t out_row = uint64_t(expert - first_expert) * l.max_recv_tokens + row;
+    copy_to_expert_rows(a, token, __ballot_sync(kFullMask, mine),
+                        [&](int lane) { return __shfl_sync(kFullMask, out_row, lane); });
   }
 }
 

@@ -65,34 +65,71 @@ __device__ __forceinline__ int4 load_vector(const int4* address) {
   }
 }
 
-// Vectors in flight per lane in warp_copy_16, and the bytes a warp moves per pass (4 KiB): callers split long
+// Vectors in flight per lane in a warp copy, and the bytes a warp moves per pass (4 KiB): callers split long
 // copies into pieces of this size to spread them over warps.
 inline constexpr int kCopyUnroll = 8;
 inline constexpr uint64_t kCopyPieceBytes = uint64_t(kCopyUnroll) * kWarpSize * 16;
 
-// Warp-wide copy of `bytes` (a multiple of 16) between 16-byte aligned addresses; dst may be a peer's
-// memory. kCopyUnroll vectors in flight per lane hide the latency of peer loads and stores.
-template <SourceKind kSource>
-__device__ __forceinline__ void warp_copy_16(void* dst, const void* src, uint64_t bytes) {
-  auto* d = static_cast<int4*>(dst);
+// Warp-wide copy of `bytes` (a multiple of 16) from a 16-byte aligned source to the destination of every lane
+// set in `lanes`, `dst_of(lane)` (called by the whole warp, which may shuffle in it; dst may be a peer's
+// memory). Each pass loads up to kCopyUnroll vectors per lane, a partial last pass included, before storing
+// any: a pass costs one round trip of latency, and a source read once serves every destination.
+template <SourceKind kSource, class DstOf>
+__device__ __forceinline__ void warp_copy_16_to_lanes(const void* src, uint64_t bytes, unsigned lanes,
+                                                      DstOf dst_of) {
   const auto* s = static_cast<const int4*>(src);
   const uint64_t n = bytes / sizeof(int4);
-  uint64_t i = lane_id();
-  for (; i + (kCopyUnroll - 1) * kWarpSize < n; i += kCopyUnroll * kWarpSize) {
+  // The pass loop is warp-uniform: dst_of may shuffle.
+  for (uint64_t pass = 0; pass < n; pass += kCopyUnroll * kWarpSize) {
+    const uint64_t base = pass + lane_id();
     int4 v[kCopyUnroll];
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) v[u] = load_vector<kSource>(s + i + u * kWarpSize);
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      if (base + u * kWarpSize < n) v[u] = load_vector<kSource>(s + base + u * kWarpSize);
+    }
+    for (unsigned left = lanes; left != 0; left &= left - 1) {
+      int4* d = reinterpret_cast<int4*>(dst_of(__ffs(left) - 1));
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) d[i + u * kWarpSize] = v[u];
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        if (base + u * kWarpSize < n) d[base + u * kWarpSize] = v[u];
+      }
+    }
   }
-  for (; i < n; i += kWarpSize) d[i] = load_vector<kSource>(s + i);
 }
 
-// Warp-wide copy of `bytes` (a multiple of 4): fp32 scale rows need not be 16-byte multiples.
-__device__ __forceinline__ void warp_copy_4(void* dst, const void* src, uint64_t bytes) {
-  auto* d = static_cast<uint32_t*>(dst);
+template <SourceKind kSource>
+__device__ __forceinline__ void warp_copy_16(void* dst, const void* src, uint64_t bytes) {
+  warp_copy_16_to_lanes<kSource>(src, bytes, 1u, [dst](int) { return dst; });
+}
+
+// Words in flight per lane in warp_copy_4.
+inline constexpr int kWordCopyUnroll = 4;
+
+// Warp-wide copy of `bytes` (a multiple of 4) to each lane's destination, as warp_copy_16_to_lanes: fp32 scale
+// rows need not be 16-byte multiples.
+template <class DstOf>
+__device__ __forceinline__ void warp_copy_4_to_lanes(const void* src, uint64_t bytes, unsigned lanes, DstOf dst_of) {
   const auto* s = static_cast<const uint32_t*>(src);
-  for (uint64_t i = lane_id(); i < bytes / 4; i += kWarpSize) d[i] = s[i];
+  const uint64_t n = bytes / 4;
+  for (uint64_t pass = 0; pass < n; pass += kWordCopyUnroll * kWarpSize) {
+    const uint64_t base = pass + lane_id();
+    uint32_t v[kWordCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kWordCopyUnroll; ++u) {
+      if (base + u * kWarpSize < n) v[u] = s[base + u * kWarpSize];
+    }
+    for (unsigned left = lanes; left != 0; left &= left - 1) {
+      auto* d = reinterpret_cast<uint32_t*>(dst_of(__ffs(left) - 1));
+#pragma unroll
+      for (int u = 0; u < kWordCopyUnroll; ++u) {
+        if (base + u * kWarpSize < n) d[base + u * kWarpSize] = v[u];
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void warp_copy_4(void* dst, const void* src, uint64_t bytes) {
+  warp_copy_4_to_lanes(src, bytes, 1u, [dst](int) { return dst; });
 }
 
 // Records the first error of a call; later ones are dropped so the host sees the root cause.
