@@ -1,5 +1,6 @@
 # Sourced by run_ranks.sh and with_mps.sh: the environment every rank process of this machine runs in.
-#   count_gpus                 GPUS = the GPUs nvidia-smi lists (0 without a driver)
+#   count_gpus                 GPUS = the GPUs nvidia-smi lists (0 without a driver), at most as many as
+#                              CUDA_VISIBLE_DEVICES names when it is set
 #   export_nvshmem_env         NVSHMEM from the pip wheel on the loader path; no NVLink multicast (it can take a
 #                              shared host's GPUs out of service); no remote transport; a 2G symmetric heap
 #   start_fresh_mps            a new CUDA MPS daemon, quit when the calling script exits. One job per daemon:
@@ -8,6 +9,13 @@
 count_gpus() {
   GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
   GPUS=${GPUS:-0}
+  # CUDA_VISIBLE_DEVICES narrows what CUDA (and an MPS daemon started here) sees: e.g. =0 runs the one-GPU
+  # MPS harness on a machine with several GPUs.
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    local visible
+    visible=$(printf '%s' "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c . || true)
+    if [ "$visible" -lt "$GPUS" ]; then GPUS=$visible; fi
+  fi
 }
 
 export_nvshmem_env() {
