@@ -152,12 +152,13 @@ class CaseRunner {
 };
 
 // A small valid configuration: fp8 tokens with scales (so the scale pointers are checked too), two experts
-// per rank, top-4.
+// per rank, top-4, and always an expert that a token's row leaves out (the out-of-range-index case models its
+// reference with one: with 2 ranks, top-4 of 4 experts left none).
 AllToAllConfig base_config(int rank, int world) {
   AllToAllConfig c;
   c.max_num_tokens = 32;
   c.num_experts = 2 * world;
-  c.experts_per_token = std::min<int64_t>(4, c.num_experts);
+  c.experts_per_token = std::min<int64_t>(4, c.num_experts - 1);
   c.rank = rank;
   c.world_size = world;
   c.dp_size = 1;
