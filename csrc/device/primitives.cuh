@@ -70,31 +70,39 @@ __device__ __forceinline__ int4 load_vector(const int4* address) {
 inline constexpr int kCopyUnroll = 8;
 inline constexpr uint64_t kCopyPieceBytes = uint64_t(kCopyUnroll) * kWarpSize * 16;
 
-// Warp-wide copy of `bytes` (a multiple of 16) from a 16-byte aligned source to the destination of every lane
-// set in `lanes`, `dst_of(lane)` (called by the whole warp, which may shuffle in it; dst may be a peer's
-// memory). Each pass loads up to kCopyUnroll vectors per lane, a partial last pass included, before storing
-// any: a pass costs one round trip of latency, and a source read once serves every destination.
-template <SourceKind kSource, class DstOf>
-__device__ __forceinline__ void warp_copy_16_to_lanes(const void* src, uint64_t bytes, unsigned lanes,
-                                                      DstOf dst_of) {
-  const auto* s = static_cast<const int4*>(src);
-  const uint64_t n = bytes / sizeof(int4);
-  // The pass loop is warp-uniform: dst_of may shuffle.
-  for (uint64_t pass = 0; pass < n; pass += kCopyUnroll * kWarpSize) {
+// Warp-wide copy of `bytes` (a multiple of sizeof(Word)) from `src` to the destination of every lane set in
+// `lanes`, `dst_of(lane)` (called by the whole warp, which may shuffle in it; dst may be a peer's memory). Each
+// pass loads up to kUnroll words per lane with `load`, a partial last pass included, before storing any: a pass
+// costs one round trip of latency, and a source read once serves every destination. The pass loop is
+// warp-uniform, for dst_of's shuffles.
+template <class Word, int kUnroll, class LoadWord, class DstOf>
+__device__ __forceinline__ void warp_copy_words_to_lanes(const void* src, uint64_t bytes, unsigned lanes,
+                                                         LoadWord load, DstOf dst_of) {
+  const auto* s = static_cast<const Word*>(src);
+  const uint64_t n = bytes / sizeof(Word);
+  for (uint64_t pass = 0; pass < n; pass += kUnroll * kWarpSize) {
     const uint64_t base = pass + lane_id();
-    int4 v[kCopyUnroll];
+    Word v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
-      if (base + u * kWarpSize < n) v[u] = load_vector<kSource>(s + base + u * kWarpSize);
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + u * kWarpSize < n) v[u] = load(s + base + u * kWarpSize);
     }
     for (unsigned left = lanes; left != 0; left &= left - 1) {
-      int4* d = reinterpret_cast<int4*>(dst_of(__ffs(left) - 1));
+      Word* d = reinterpret_cast<Word*>(dst_of(__ffs(left) - 1));
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
+      for (int u = 0; u < kUnroll; ++u) {
         if (base + u * kWarpSize < n) d[base + u * kWarpSize] = v[u];
       }
     }
   }
+}
+
+// 16-byte vectors, 16-byte aligned rows.
+template <SourceKind kSource, class DstOf>
+__device__ __forceinline__ void warp_copy_16_to_lanes(const void* src, uint64_t bytes, unsigned lanes,
+                                                      DstOf dst_of) {
+  warp_copy_words_to_lanes<int4, kCopyUnroll>(
+      src, bytes, lanes, [](const int4* word) { return load_vector<kSource>(word); }, dst_of);
 }
 
 template <SourceKind kSource>
@@ -102,30 +110,10 @@ __device__ __forceinline__ void warp_copy_16(void* dst, const void* src, uint64_
   warp_copy_16_to_lanes<kSource>(src, bytes, 1u, [dst](int) { return dst; });
 }
 
-// Words in flight per lane in warp_copy_4.
-inline constexpr int kWordCopyUnroll = 4;
-
-// Warp-wide copy of `bytes` (a multiple of 4) to each lane's destination, as warp_copy_16_to_lanes: fp32 scale
-// rows need not be 16-byte multiples.
+// 4-byte words, for fp32 scale rows, which need not be 16-byte multiples (4 words in flight a lane).
 template <class DstOf>
 __device__ __forceinline__ void warp_copy_4_to_lanes(const void* src, uint64_t bytes, unsigned lanes, DstOf dst_of) {
-  const auto* s = static_cast<const uint32_t*>(src);
-  const uint64_t n = bytes / 4;
-  for (uint64_t pass = 0; pass < n; pass += kWordCopyUnroll * kWarpSize) {
-    const uint64_t base = pass + lane_id();
-    uint32_t v[kWordCopyUnroll];
-#pragma unroll
-    for (int u = 0; u < kWordCopyUnroll; ++u) {
-      if (base + u * kWarpSize < n) v[u] = s[base + u * kWarpSize];
-    }
-    for (unsigned left = lanes; left != 0; left &= left - 1) {
-      auto* d = reinterpret_cast<uint32_t*>(dst_of(__ffs(left) - 1));
-#pragma unroll
-      for (int u = 0; u < kWordCopyUnroll; ++u) {
-        if (base + u * kWarpSize < n) d[base + u * kWarpSize] = v[u];
-      }
-    }
-  }
+  warp_copy_words_to_lanes<uint32_t, 4>(src, bytes, lanes, [](const uint32_t* word) { return *word; }, dst_of);
 }
 
 __device__ __forceinline__ void warp_copy_4(void* dst, const void* src, uint64_t bytes) {
