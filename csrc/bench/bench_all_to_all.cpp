@@ -115,6 +115,9 @@ struct CaseResult {
   // Bandwidth floor: the bytes that must move for this rank, copied device-to-device by every rank at once.
   double dispatch_floor_bytes, combine_floor_bytes;
   Stats dispatch_floor, combine_floor;
+  // Latency floor: one cross-rank barrier (nvshmem_barrier_on_stream), timed like the operations. Every
+  // dispatch and combine waits on its peers at least once.
+  Stats barrier;
 };
 
 // Bytes that must move for this rank's tokens. Dispatch: each token once to each distinct rank that owns
@@ -243,14 +246,14 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   }
   // The floor, timed like the operations: barrier, then every rank copies its bytes at the same time.
   const auto [dispatch_floor_bytes, combine_floor_bytes] = floor_bytes(c, data);
-  std::vector<double> fd(n), fc(n);
+  std::vector<double> fd(n), fc(n), fb(n);
   {
     const size_t copy_bytes = size_t(std::max(dispatch_floor_bytes, combine_floor_bytes));
     DeviceBuffer copy_src(copy_bytes), copy_dst(copy_bytes);
     auto copy = [&](double bytes) {
       EW_CUDA_CHECK(cudaMemcpyAsync(copy_dst.get(), copy_src.get(), size_t(bytes), cudaMemcpyDeviceToDevice, stream));
     };
-    Events floor_events(4);
+    Events floor_events(6);
     for (int i = -o.warmup; i < n; ++i) {
       nvshmem_barrier_on_stream(stream);
       floor_events.record(0, stream);
@@ -260,10 +263,15 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
       floor_events.record(2, stream);
       copy(combine_floor_bytes);
       floor_events.record(3, stream);
+      nvshmem_barrier_on_stream(stream);
+      floor_events.record(4, stream);
+      nvshmem_barrier_on_stream(stream);
+      floor_events.record(5, stream);
       EW_CUDA_CHECK(cudaStreamSynchronize(stream));
       if (i < 0) continue;
       fd[i] = floor_events.micros(0, 1);
       fc[i] = floor_events.micros(2, 3);
+      fb[i] = floor_events.micros(4, 5);
     }
   }
   EW_CUDA_CHECK(cudaStreamDestroy(stream));
@@ -286,6 +294,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   r.combine_floor_bytes = combine_floor_bytes;
   r.dispatch_floor = stats_of(slowest_rank(fd));
   r.combine_floor = stats_of(slowest_rank(fc));
+  r.barrier = stats_of(slowest_rank(fb));
   return r;
 }
 
@@ -316,13 +325,15 @@ void print_tables(const char* title, int world, const std::vector<CaseResult>& r
                 cell(r.loop_dispatch).c_str(), cell(r.loop_combine).c_str());
   }
   std::printf("Bandwidth floor: this rank's bytes that must move, copied device-to-device by all ranks at once "
-              "(slowest rank, mean µs); time / floor:\n");
-  std::printf("| tokens | experts | dispatch MB | floor | dispatch / floor | combine MB | floor | combine / floor |\n");
-  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+              "(slowest rank, mean µs); time / floor; latency floor: one cross-rank barrier, timed the same way:\n");
+  std::printf("| tokens | experts | dispatch MB | floor | dispatch / floor | combine MB | floor | combine / floor "
+              "| barrier |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : results) {
-    std::printf("| %lld | %lld | %.2f | %.1f | %.2fx | %.2f | %.1f | %.2fx |\n", (long long)r.tokens, (long long)r.experts,
-                r.dispatch_floor_bytes / 1e6, r.dispatch_floor.mean, r.dispatch.mean / r.dispatch_floor.mean,
-                r.combine_floor_bytes / 1e6, r.combine_floor.mean, r.combine.mean / r.combine_floor.mean);
+    std::printf("| %lld | %lld | %.2f | %.1f | %.2fx | %.2f | %.1f | %.2fx | %.1f |\n", (long long)r.tokens,
+                (long long)r.experts, r.dispatch_floor_bytes / 1e6, r.dispatch_floor.mean,
+                r.dispatch.mean / r.dispatch_floor.mean, r.combine_floor_bytes / 1e6, r.combine_floor.mean,
+                r.combine.mean / r.combine_floor.mean, r.barrier.mean);
   }
   std::fflush(stdout);
 }
@@ -350,6 +361,7 @@ void write_json(const std::string& path, int world, const std::vector<std::pair<
         << ", \"dispatch_floor_bytes_per_rank\": " << r.dispatch_floor_bytes
         << ", \"combine_floor_bytes_per_rank\": " << r.combine_floor_bytes
         << ", \"dispatch_floor\": " << stats(r.dispatch_floor) << ", \"combine_floor\": " << stats(r.combine_floor)
+        << ", \"barrier\": " << stats(r.barrier)
         << "}" << (i + 1 < all.size() ? "," : "") << "\n";
   }
   out << "]\n";
