@@ -11,7 +11,7 @@
 //                   written by the owner of expert indices[t][k], so the reduction reads each row exactly once.
 //   dispatch_counts [num_local_experts][world_size] u64: count + 1 from each source rank (0 = not arrived).
 //   combine_done    [world_size] ArrivalSignal: complete once every block of that rank has put its combine rows
-//                   where we read them.
+//                   where we read them; its payload says where (CombineRowsAt in the kernels).
 //   staging         [staging_slots] rows of max(DispatchToken, combine row): the source of NVSHMEM puts to
 //                   peers that are not load/store reachable (RDMA needs a registered source).
 //   send_rows       [max_num_tokens] DispatchToken: this rank's tokens, staged once for peers that pull them
@@ -24,8 +24,8 @@
 //                   of token (group, t) for its k-th expert, when that expert is ours; written by the pull
 //                   dispatch, read by the tokens' ranks in the pull combine.
 //   expert_outputs  [num_local_experts][max_recv_tokens] rows of hidden_dim 16-bit values, expert_y's layout:
-//                   where the pull combine's readers find our experts' outputs. combine copies expert_y here,
-//                   unless the experts wrote their outputs here in the first place (AllToAll::expert_output_buffer).
+//                   where the pull combine's readers find our experts' outputs when the experts wrote them here
+//                   (AllToAll::expert_output_buffer); a caller's expert_y is pushed to combine_recv instead.
 //
 // Local workspace (cudaMalloc, this rank only):
 //   send_counts     [num_experts] u32: tokens this rank has sent for each expert in the running push dispatch.

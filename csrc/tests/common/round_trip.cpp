@@ -77,7 +77,9 @@ CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index) {
   shape.expert_type = kExpert[pair / 3];
   shape.split = rng.below(2) == 1;
   shape.use_bound_m = rng.below(2) == 1;
-  shape.expert_y_in_buffer = rng.below(2) == 1;
+  static constexpr CallShape::InBuffer kInBuffer[] = {CallShape::InBuffer::kNone, CallShape::InBuffer::kAll,
+                                                      CallShape::InBuffer::kOddRanks};
+  shape.expert_y_in_buffer = kInBuffer[rng.below(3)];
   return shape;
 }
 
@@ -87,7 +89,10 @@ std::string describe(const CallShape& shape) {
   for (size_t g = 0; g < shape.m_per_group.size(); ++g) out << (g ? " " : "") << shape.m_per_group[g];
   out << "] out=" << scalar_type_name(shape.out_type) << " expert=" << scalar_type_name(shape.expert_type)
       << " split=" << int(shape.split) << " bound_m=" << int(shape.use_bound_m)
-      << " in_buffer=" << int(shape.expert_y_in_buffer);
+      << " in_buffer="
+      << (shape.expert_y_in_buffer == CallShape::InBuffer::kNone  ? "none"
+          : shape.expert_y_in_buffer == CallShape::InBuffer::kAll ? "all"
+                                                                   : "odd");
   return out.str();
 }
 
@@ -267,7 +272,7 @@ void RoundTrip::check_dispatch(const std::vector<reference::ExpertInbox>& expect
 
 void RoundTrip::combine(AllToAll& a2a, const CallShape& shape) {
   const int64_t hidden = config_.hidden_dim, max_recv = config_.max_recv_tokens();
-  auto* expert_y = static_cast<uint16_t*>(shape.expert_y_in_buffer ? a2a.expert_output_buffer() : expert_y_.get());
+  auto* expert_y = static_cast<uint16_t*>(shape.expert_y_in_buffer_on(config_.rank) ? a2a.expert_output_buffer() : expert_y_.get());
   std::vector<float> values(hidden);
   std::vector<uint16_t> block;
   for (int64_t le = 0; le < config_.num_local_experts(); ++le) {

@@ -44,13 +44,18 @@ struct CallShape {
   ScalarType expert_type = ScalarType::kBFloat16;
   bool split = false;        // send and receive halves launched separately
   bool use_bound_m = false;  // pass m = max_num_tokens and the real count through bound_m
-  bool expert_y_in_buffer = false;  // the experts write into AllToAll::expert_output_buffer(), passed as expert_y
+  // Which ranks' experts write into AllToAll::expert_output_buffer(), passed as expert_y; the others pass their
+  // own expert_y. Mixed, readers find some owners' rows in place and others pushed to them.
+  enum class InBuffer { kNone, kAll, kOddRanks } expert_y_in_buffer = InBuffer::kNone;
+  bool expert_y_in_buffer_on(int64_t rank) const {
+    return expert_y_in_buffer == InBuffer::kAll || (expert_y_in_buffer == InBuffer::kOddRanks && rank % 2 == 1);
+  }
 };
 
 // A random call. Index 0 fills every group to max_num_tokens and index 1 leaves group 0 empty, so a sequence
 // of calls covers both ends of the range.
 CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index);
-// "m=[3 0] out=float32 expert=bfloat16 split=0 bound_m=1 in_buffer=0"
+// "m=[3 0] out=float32 expert=bfloat16 split=0 bound_m=1 in_buffer=odd"
 std::string describe(const CallShape& shape);
 
 // Every DP group's tokens of a call: every rank rebuilds all of them from the seed to predict what it receives.
