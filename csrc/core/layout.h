@@ -36,7 +36,7 @@
 //                   resets).
 //   pull_state      u32 state of the pull dispatch's receive, zeroed by the next combine (PullReceiveState):
 //                   [num_local_experts] rows of out_expert_x taken, [num_dp_groups] next token of each sender,
-//                   and the warps that have finished.
+//                   and the blocks that have finished.
 //   dispatch_epoch  u32: the pull dispatches this rank has finished (modulo 2^32 - 1), advanced by the combine
 //                   after each; the next dispatch's epoch follows from it (DispatchEpoch), never 0.
 //                   Every rank counts the same collective calls, and the count lives on the device so that

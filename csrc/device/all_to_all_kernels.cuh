@@ -350,12 +350,12 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
 struct PullReceiveState {
   uint32_t* expert_rows;  // [num_local]: rows of out_expert_x taken so far, per local expert
   uint32_t* sender_next;  // [groups]: next token of the sender to take
-  uint32_t* warps_done;   // warps of the grid whose receive loop has ended
+  uint32_t* blocks_done;  // blocks of the grid whose receive has ended
 
   __device__ explicit PullReceiveState(const RankContext& c) {
     expert_rows = reinterpret_cast<uint32_t*>(c.workspace + c.layout.pull_state_offset);
     sender_next = expert_rows + c.layout.num_local_experts;
-    warps_done = sender_next + c.layout.num_dp_groups;
+    blocks_done = sender_next + c.layout.num_dp_groups;
   }
 };
 
@@ -497,18 +497,19 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   }
 
   // Each expert's row count is final once every warp has left its loop, having taken every row it copies: the
-  // last warp out hands the counts to the caller (out_expert_num_tokens) and to combine (recv_counts). It also
-  // hears from the ranks of other dp_ranks, which send us nothing: each must have cleared its combine_done for
-  // this round before our combine adds to it (see the top).
-  if (last_warp_out(state.warps_done)) {
-    for (uint32_t source = lane; source < l.world_size; source += kWarpSize) {
+  // last block out (one atomic a block, not a warp: fewer to serialize) hands the counts to the caller
+  // (out_expert_num_tokens) and to combine (recv_counts). It also hears from the ranks of other dp_ranks, which
+  // send us nothing: each must have cleared its combine_done for this round before our combine adds to it (see
+  // the top).
+  if (last_block_out(state.blocks_done)) {
+    for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
       if (source % l.dp_size == c.dp_rank) continue;
       wait_signal_until(peer_signal(int(source), l.send_announce_offset),
                         [&](uint64_t value) { return DispatchEpoch::announced_epoch(value) == epoch; }, c.timeout_ns,
                         c.error, Phase::kDispatchRecv, int32_t(source));
     }
     auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
-    for (uint32_t le = lane; le < l.num_local_experts; le += kWarpSize) {
+    for (uint32_t le = threadIdx.x; le < l.num_local_experts; le += blockDim.x) {
       const int32_t rows = int32_t(min(__ldcg(&state.expert_rows[le]), l.max_recv_tokens));
       a.out_expert_num_tokens[le] = rows;
       recv_counts[le] = rows;

@@ -200,7 +200,7 @@ __device__ __forceinline__ uint32_t find_segment(const uint32_t* prefix, uint32_
 }
 
 // Adds 1 to a counter of this GPU with acquire-release ordering and returns the value before: the link that
-// chains every block (or warp) counted out of a phase to the last one.
+// chains every block counted out of a phase to the last one.
 __device__ __forceinline__ uint32_t count_out_acq_rel(uint32_t* counter) {
   uint32_t before;
   asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
@@ -219,15 +219,6 @@ __device__ __forceinline__ bool last_block_out(uint32_t* counter) {
   if (threadIdx.x == 0) is_last = count_out_acq_rel(counter) == gridDim.x - 1;
   __syncthreads();
   return is_last;
-}
-
-// Counts warps out of a loop. Returns true in every lane of exactly one warp, the last to arrive; everything
-// any warp did before its call happens before what that warp does next (the same chain as last_block_out, one
-// warp at a time). Call with the whole warp.
-__device__ __forceinline__ bool last_warp_out(uint32_t* counter) {
-  __syncwarp();
-  const uint32_t before = lane_id() == 0 ? count_out_acq_rel(counter) : 0u;
-  return __shfl_sync(kFullMask, before, 0) == uint32_t(total_warps()) - 1;
 }
 
 // The token count of this call: *bound_m when given, never more than m (checked, not trusted).
