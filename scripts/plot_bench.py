@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Plot bench_all_to_all --json results: latency against tokens per rank, one line per transport and expert
-count, with the bandwidth floor (dashed) that the benchmark measured beside each case and, for combine, the
-combine that reads expert_y from the all-to-all's own buffer (dotted).
+count, with the bandwidth floor (dashed) that the benchmark measured beside each case, the latency floor (one
+cross-rank barrier, grey, when the file has it) and, for combine, the combine that reads expert_y from the
+all-to-all's own buffer (dotted).
 
     python3 scripts/plot_bench.py docs/bench_h100_8ranks.json docs/bench_h100_8ranks.png
 """
@@ -58,6 +59,18 @@ def main() -> None:
                     marker=".",
                     color=line[0].get_color(),
                 )
+        barrier_runs = sorted((c for c in cases if "barrier" in c), key=lambda c: c["tokens"])
+        if barrier_runs:
+            by_tokens = defaultdict(list)
+            for c in barrier_runs:
+                by_tokens[c["tokens"]].append(c["barrier"]["mean_us"])
+            axis.plot(
+                sorted(by_tokens),
+                [sum(v) / len(v) for _, v in sorted(by_tokens.items())],
+                color="grey",
+                linestyle="-.",
+                label="one barrier (latency floor)",
+            )
         axis.set_xscale("log", base=2)
         axis.set_xlabel("tokens per rank")
         axis.set_ylabel("µs, slowest rank (mean ± std)")
