@@ -771,8 +771,9 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
     for (uint64_t i = threadIdx.x; i < l.pull_state_words(); i += blockDim.x) pull_state[i] = 0;
     if (threadIdx.x == 0) *c.dispatch_epoch_counter() = DispatchEpoch::advance(*c.dispatch_epoch_counter());
   }
-  // The caller's expert_y is readable only here: its rows are pushed to their readers (measured on one H200
-  // with 8 ranks, 128 tokens: 4-5 µs faster than copying them into expert_outputs for the readers to pull).
+  // The caller's expert_y is readable only here: its rows are pushed to their readers. Measured at 128 tokens
+  // against copying them into expert_outputs for the readers to pull: 4 µs faster with 8 ranks on one H200,
+  // 4.6 µs (11 %) with 2 ranks on two H200s over NVLink (docs/performance.md).
   const bool push = a.expert_y != c.symmetric + l.expert_outputs_offset;
   if (push) push_rows_to_sources(a, MappedPeers<Transport>{transport});
   announce_block_arrival(c, transport, l.combine_done_offset_of(c.rank), push ? kRowsPushed : kRowsInOwnerBuffer);

@@ -65,10 +65,9 @@ __device__ __forceinline__ int4 load_vector(const int4* address) {
   }
 }
 
-// Vectors in flight per lane in a warp copy, and the bytes a warp moves per pass (4 KiB): callers split long
-// copies into pieces of this size to spread them over warps.
+// Vectors in flight per lane in a warp copy of 16-byte vectors (4 KiB a warp per pass): 32 of a thread's 64
+// registers (kernel_args.h).
 inline constexpr int kCopyUnroll = 8;
-inline constexpr uint64_t kCopyPieceBytes = uint64_t(kCopyUnroll) * kWarpSize * 16;
 
 // Warp-wide copy of `bytes` (a multiple of sizeof(Word)) from `src` to the destination of every lane set in
 // `lanes`, `dst_of(lane)` (called by the whole warp, which may shuffle in it; dst may be a peer's memory). Each

@@ -9,11 +9,13 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config.h"
 #include "core/error.h"
 #include "core/layout.h"
+#include "device/kernel_args.h"
 
 namespace expertwire {
 namespace {
@@ -680,6 +682,24 @@ TEST(ArrivalSignal, CompleteOnlyWhenEveryBlockArrived) {
   EXPECT_FALSE(ArrivalSignal::complete(ArrivalSignal::share(0, 2, 5)));
   EXPECT_EQ(ArrivalSignal::payload(ArrivalSignal::share(0, 2, 5)), 5u);
   EXPECT_EQ(ArrivalSignal::payload(ArrivalSignal::share(1, 2, 5)), 0u);
+}
+
+// Combine's dynamic shared memory: each local expert's row count and first row (received_row_starts, 2 *
+// (num_local + 1) words), then a bit per rank (which ranks pushed their rows), rounded up to whole words.
+TEST(KernelSharedMemory, CombineHoldsExpertStartsThenARankBitmap) {
+  const BufferLayout small = make_buffer_layout(small_config(), 5);  // 2 local experts, 4 ranks
+  EXPECT_EQ(device::combine_shared_rank_bits_word(small), 6u);      // 2 * (2 + 1)
+  EXPECT_EQ(device::rank_bit_words(small), 1u);
+  EXPECT_EQ(device::combine_shared_bytes(small), 28u);  // (6 + 1) * 4
+  for (const auto& [world, words] : {std::pair{32, 1u}, std::pair{33, 2u}, std::pair{64, 2u}, std::pair{65, 3u}}) {
+    AllToAllConfig config = small_config();
+    config.world_size = world;
+    config.dp_size = 1;
+    config.num_experts = 2 * world;  // still 2 local experts
+    const BufferLayout l = make_buffer_layout(config, 5);
+    EXPECT_EQ(device::rank_bit_words(l), words) << world << " ranks";
+    EXPECT_EQ(device::combine_shared_bytes(l), (6u + words) * 4u) << world << " ranks";
+  }
 }
 
 // Epochs run 1, 2, ..., 2^32 - 1, then 1 again: never 0, which is what fresh stamps and announcements hold, and
