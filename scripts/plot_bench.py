@@ -59,11 +59,11 @@ def main() -> None:
                     marker=".",
                     color=line[0].get_color(),
                 )
-        barrier_runs = sorted((c for c in cases if "barrier" in c), key=lambda c: c["tokens"])
-        if barrier_runs:
-            by_tokens = defaultdict(list)
-            for c in barrier_runs:
+        by_tokens = defaultdict(list)  # one barrier, timed in every case: averaged over the cases of a token count
+        for c in cases:
+            if "barrier" in c:
                 by_tokens[c["tokens"]].append(c["barrier"]["mean_us"])
+        if by_tokens:
             axis.plot(
                 sorted(by_tokens),
                 [sum(v) / len(v) for _, v in sorted(by_tokens.items())],
