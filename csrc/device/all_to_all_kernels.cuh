@@ -291,16 +291,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
 // Pull dispatch.
 
 // A token's row may repeat an expert only by mistake; the pull dispatch delivers such a token once, to the
-// first k that names the expert, and the sender reports it.
-__device__ __forceinline__ bool first_occurrence(const uint32_t* experts, uint32_t k) {
-  for (uint32_t j = 0; j < k; ++j) {
-    if (experts[j] == experts[k]) return false;
-  }
-  return true;
-}
-
-// first_occurrence for the whole warp, lane i holding `expert` = experts[k0 + i]: the lanes of this chunk are
-// compared in registers, only earlier chunks (top_k > 32) are read again.
+// first k that names the expert, and the sender reports it. Whether experts[k0 + lane] is the first of its value,
+// for the whole warp, lane i holding `expert` = experts[k0 + i]: the lanes of this chunk are compared in
+// registers, only earlier chunks (top_k > 32) are read again.
 __device__ __forceinline__ bool first_in_warp_chunk(const uint32_t* experts, uint32_t k0, uint32_t expert) {
   const unsigned same = __match_any_sync(kFullMask, expert);
   bool first = (same & ((1u << lane_id()) - 1u)) == 0;
@@ -331,11 +324,14 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
   }
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
-    for (uint32_t k = lane_id(); k < top_k; k += kWarpSize) {
-      const uint32_t expert = experts[k];
+    for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
+      const uint32_t k = k0 + lane_id();
+      const uint32_t expert = k < top_k ? experts[k] : ~0u;
+      const bool first = first_in_warp_chunk(experts, k0, expert);
+      if (k >= top_k) continue;
       if (expert >= l.num_experts) {
         record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, expert);
-      } else if (!first_occurrence(experts, k)) {
+      } else if (!first) {
         record_error(c.error, ErrorCode::kRepeatedExpert, Phase::kDispatchSend, -1, expert);
       }
     }
