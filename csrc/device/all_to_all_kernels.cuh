@@ -524,13 +524,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
 // Combine.
 
 // Where the rows the last dispatch delivered start: expert_start[le] is the first of local expert le's rows in
-// one running count over all experts, expert_start[num_local_experts] their total (in shared memory). Call with
-// the whole block.
+// one running count over all experts, expert_start[num_local_experts] their total (in shared memory, laid out
+// as combine_shared_bytes says). Call with the whole block.
 __device__ inline const uint32_t* received_row_starts(const RankContext& c) {
   const uint32_t num_local = c.layout.num_local_experts;
   extern __shared__ uint32_t shared[];
   uint32_t* expert_total = shared;
-  uint32_t* expert_start = expert_total + num_local + 1;
+  uint32_t* expert_start = shared + combine_shared_expert_start_word(c.layout);
   const auto* recv_counts = reinterpret_cast<const int32_t*>(c.workspace + c.layout.recv_counts_offset);
   for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) expert_total[le] = uint32_t(recv_counts[le]);
   __syncthreads();

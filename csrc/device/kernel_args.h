@@ -66,11 +66,15 @@ inline uint64_t push_dispatch_shared_bytes(const BufferLayout& l) {
 inline uint64_t pull_dispatch_shared_bytes(const BufferLayout& l, uint32_t threads) {
   return uint64_t(threads / 32) * l.num_dp_groups * sizeof(uint32_t);
 }
-// Combine: each local expert's received row count and first row (received_row_starts), then a bit per rank
-// (the pull receive's note of which ranks pushed their rows).
+// Combine: each local expert's received row count (num_local_experts + 1 words, the last unused) and first row
+// plus the total (received_row_starts), then a bit per rank (the pull receive's note of which ranks pushed their
+// rows). Offsets in u32 words.
 EW_HOST_DEVICE inline uint64_t rank_bit_words(const BufferLayout& l) { return (uint64_t(l.world_size) + 31) / 32; }
+EW_HOST_DEVICE inline uint64_t combine_shared_expert_start_word(const BufferLayout& l) {
+  return uint64_t(l.num_local_experts) + 1;
+}
 EW_HOST_DEVICE inline uint64_t combine_shared_rank_bits_word(const BufferLayout& l) {
-  return 2 * (uint64_t(l.num_local_experts) + 1);
+  return 2 * combine_shared_expert_start_word(l);
 }
 inline uint64_t combine_shared_bytes(const BufferLayout& l) {
   return (combine_shared_rank_bits_word(l) + rank_bit_words(l)) * sizeof(uint32_t);

@@ -688,6 +688,7 @@ TEST(ArrivalSignal, CompleteOnlyWhenEveryBlockArrived) {
 // (num_local + 1) words), then a bit per rank (which ranks pushed their rows), rounded up to whole words.
 TEST(KernelSharedMemory, CombineHoldsExpertStartsThenARankBitmap) {
   const BufferLayout small = make_buffer_layout(small_config(), 5);  // 2 local experts, 4 ranks
+  EXPECT_EQ(device::combine_shared_expert_start_word(small), 3u);   // after 2 counts and a spare word
   EXPECT_EQ(device::combine_shared_rank_bits_word(small), 6u);      // 2 * (2 + 1)
   EXPECT_EQ(device::rank_bit_words(small), 1u);
   EXPECT_EQ(device::combine_shared_bytes(small), 28u);  // (6 + 1) * 4
