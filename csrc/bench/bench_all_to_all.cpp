@@ -28,6 +28,7 @@ struct Options {
   std::vector<int64_t> experts = {64, 256};
   int64_t top_k = 8;
   int64_t hidden = 7168;
+  int64_t dp_size = 1;  // consecutive ranks that hold the same tokens
   int warmup = 10;
   int iterations = 50;
   std::string transport = harness::kDefaultTransports;
@@ -53,13 +54,14 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--experts") o.experts = parse_list(value());
     else if (arg == "--top-k") o.top_k = std::stoll(value());
     else if (arg == "--hidden") o.hidden = std::stoll(value());
+    else if (arg == "--dp-size") o.dp_size = std::stoll(value());
     else if (arg == "--warmup") o.warmup = std::stoi(value());
     else if (arg == "--iters") o.iterations = std::stoi(value());
     else if (arg == "--transport") o.transport = value();
     else if (arg == "--json") o.json = value();
     else EW_THROW(ConfigError, "bench_all_to_all: unknown argument '", arg,
-                  "' (known: --tokens 1,32,128 --experts 64,256 --top-k 8 --hidden 7168 --warmup 10 --iters 50 "
-                  "--transport T --json FILE; T: ", harness::kTransportFlagHelp, ", default ", harness::kDefaultTransports,
+                  "' (known: --tokens 1,32,128 --experts 64,256 --top-k 8 --hidden 7168 --dp-size 1 --warmup 10 "
+                  "--iters 50 --transport T --json FILE; T: ", harness::kTransportFlagHelp, ", default ", harness::kDefaultTransports,
                   ")");
   }
   return o;
@@ -121,8 +123,10 @@ struct CaseResult {
 };
 
 // Bytes that must move for this rank's tokens. Dispatch: each token once to each distinct rank that owns
-// one of its experts (payload + scales), plus one count per expert. Combine: one expert-output row back per
-// (token, valid k): rows cannot be summed before they reach the token's rank, which alone has the weights.
+// one of its experts (payload + scales), plus one count per expert; with DP groups, this rank serves the owners
+// of its dp_rank, the group's other ranks the rest. Combine: one expert-output row back per (token, valid k):
+// rows cannot be summed before they reach the token's rank, which alone has the weights (every rank of a DP
+// group outputs all of the group's tokens).
 std::pair<double, double> floor_bytes(const AllToAllConfig& c, const harness::GroupData& data) {
   const int64_t top_k = c.experts_per_token, num_local = c.num_local_experts();
   double dispatch = double(c.num_experts) * sizeof(uint32_t), combine = 0;
@@ -131,7 +135,9 @@ std::pair<double, double> floor_bytes(const AllToAllConfig& c, const harness::Gr
     for (int64_t k = 0; k < top_k; ++k) {
       const uint32_t expert = data.indices[size_t(t * top_k + k)];
       const int64_t owner = expert / num_local;
-      if (!seen[size_t(owner)]) dispatch += double(c.hidden_dim_bytes + c.hidden_dim_scale_bytes);
+      if (!seen[size_t(owner)] && owner % c.dp_size == c.dp_rank()) {
+        dispatch += double(c.hidden_dim_bytes + c.hidden_dim_scale_bytes);
+      }
       seen[size_t(owner)] = true;
       combine += double(c.hidden_dim) * 2;
     }
@@ -146,7 +152,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   c.experts_per_token = o.top_k;
   c.rank = rank;
   c.world_size = world;
-  c.dp_size = 1;
+  c.dp_size = o.dp_size;
   c.hidden_dim = o.hidden;
   c.hidden_dim_bytes = o.hidden;                       // fp8 e4m3
   c.hidden_dim_scale_bytes = (o.hidden + 127) / 128 * 4;  // one fp32 scale per 128-wide block
@@ -156,7 +162,9 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
                 a2a->launch_shape().threads);
   }
 
-  const harness::GroupData data = harness::make_group_data(c, uint32_t(c.dp_group()), tokens, 1234 + rank);
+  // The ranks of a DP group hold the same tokens.
+  const harness::GroupData data =
+      harness::make_group_data(c, uint32_t(c.dp_group()), tokens, 1234 + uint64_t(c.dp_group()));
   const int64_t num_local = c.num_local_experts(), max_recv = c.max_recv_tokens();
   DeviceBuffer dp_x(data.x.size()), dp_x_scale(data.x_scale.size()), indices(data.indices.size() * 4),
       weights(data.weights.size() * 4);
@@ -305,8 +313,9 @@ std::string cell(const Stats& s) {
 }
 
 void print_tables(const char* title, int world, const std::vector<CaseResult>& results, const Options& o) {
-  std::printf("\n%s, %d ranks, hidden %lld, top-k %lld, fp8 dispatch (+%lld B scales), bf16 combine\n", title, world,
-              (long long)o.hidden, (long long)o.top_k, (long long)((o.hidden + 127) / 128 * 4));
+  std::printf("\n%s, %d ranks (DP size %lld), hidden %lld, top-k %lld, fp8 dispatch (+%lld B scales), bf16 combine\n",
+              title, world, (long long)o.dp_size, (long long)o.hidden, (long long)o.top_k,
+              (long long)((o.hidden + 127) / 128 * 4));
   std::printf("Barrier before each operation; slowest rank; µs mean ± std (median):\n");
   std::printf("| tokens | experts | dispatch | send half | recv half | GB/s | combine | send half | recv half | GB/s "
               "| combine, expert_y in buffer |\n");
@@ -338,7 +347,8 @@ void print_tables(const char* title, int world, const std::vector<CaseResult>& r
   std::fflush(stdout);
 }
 
-void write_json(const std::string& path, int world, const std::vector<std::pair<std::string, CaseResult>>& all) {
+void write_json(const std::string& path, int world, int64_t dp_size,
+                const std::vector<std::pair<std::string, CaseResult>>& all) {
   std::ofstream out(path);
   EW_REQUIRE(out.good(), "bench_all_to_all: cannot write --json file '", path, "'");
   auto stats = [](const Stats& s) {
@@ -349,7 +359,8 @@ void write_json(const std::string& path, int world, const std::vector<std::pair<
   out << "[\n";
   for (size_t i = 0; i < all.size(); ++i) {
     const auto& [transport, r] = all[i];
-    out << "  {\"transport\": \"" << transport << "\", \"ranks\": " << world << ", \"tokens\": " << r.tokens
+    out << "  {\"transport\": \"" << transport << "\", \"ranks\": " << world << ", \"dp_size\": " << dp_size
+        << ", \"tokens\": " << r.tokens
         << ", \"experts\": " << r.experts << ", \"dispatch\": " << stats(r.dispatch)
         << ", \"dispatch_send\": " << stats(r.dispatch_send) << ", \"dispatch_recv\": " << stats(r.dispatch_recv)
         << ", \"combine\": " << stats(r.combine) << ", \"combine_send\": " << stats(r.combine_send)
@@ -383,7 +394,7 @@ int run(int argc, char** argv) {
     }
     if (mpi.rank() == 0) print_tables(harness::transport_title(kind), mpi.world_size(), results, o);
   }
-  if (mpi.rank() == 0 && !o.json.empty()) write_json(o.json, mpi.world_size(), all);
+  if (mpi.rank() == 0 && !o.json.empty()) write_json(o.json, mpi.world_size(), o.dp_size, all);
   return 0;
 }
 
