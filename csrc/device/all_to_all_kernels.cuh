@@ -632,13 +632,14 @@ struct Vec8<float> {
 
 // out[t] = sum_k weights[t][k] * row(t, k) for the first bound_m tokens, in fp32, written as OutT. `row_of(t, k,
 // expert)` gives the address of the expert output row of (t, k) for a valid expert; it may take dependent
-// loads (a slot read from a peer), so each warp looks the rows up once per work item and then sums a run of
-// chunks (32 vectors of 8 elements, one per lane) of the same token: lane k finds row k into the warp's row
-// table, then every lane loads its vector of eight rows before summing any. Runs are as long as keeps about
-// kItemsPerWarp items per warp, so every warp has work and each lookup serves several chunks. Sums stay in k
-// order, as the reference's.
-template <class OutT, class ExpertT, class RowOf>
-__device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
+// loads (a slot read from a peer). A work item is a run of chunks (32 vectors of 8 elements, one per lane) of
+// one token; runs are as long as keeps about kItemsPerWarp items per warp, so every warp has work. A warp looks
+// up the rows of 32 / top_k of its items at once, lane i row i % top_k of item i / top_k, into its row table:
+// one round trip of index, weight and slot loads for all of them, not one per item. Then every lane loads its
+// vector of eight rows before summing any. Sums stay in k order, as the reference's. kWide: top_k > 32, whose
+// rows a table holds a pass of 32 at a time (weighted_sum_rows picks; apart, neither spills registers).
+template <bool kWide, class OutT, class ExpertT, class RowOf>
+__device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf row_of) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
   const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kCombineRecv);
@@ -649,64 +650,84 @@ __device__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
   constexpr uint64_t kItemsPerWarp = 4;
   __shared__ const int4* row_table[kMaxBlockThreads / kWarpSize][kWarpSize];
   __shared__ float weight_table[kMaxBlockThreads / kWarpSize][kWarpSize];
-  const int4** rows = row_table[warp_id()];
-  float* weights_of_k = weight_table[warp_id()];
+  const int4** table_rows = row_table[warp_id()];
+  float* table_weights = weight_table[warp_id()];
 
   const uint32_t chunks = (vectors + kWarpSize - 1) / kWarpSize;
   const uint64_t warps = uint64_t(total_warps());
-  // A table holds 32 rows: wider rows (top_k > 32) look up every pass again, one chunk per item.
+  // Wide rows look up every pass of 32 again: one item a table, one chunk an item.
+  constexpr bool wide = kWide;
   const uint64_t balanced_run = (uint64_t(m) * chunks + kItemsPerWarp * warps - 1) / (kItemsPerWarp * warps);
-  const uint32_t run =
-      top_k > kWarpSize ? 1u : uint32_t(balanced_run < 1 ? 1 : balanced_run > chunks ? chunks : balanced_run);
+  const uint32_t run = wide ? 1u : uint32_t(balanced_run < 1 ? 1 : balanced_run > chunks ? chunks : balanced_run);
   const uint32_t runs_per_token = (chunks + run - 1) / run;
+  const uint64_t items = uint64_t(m) * runs_per_token;
+  const uint32_t items_per_table = wide ? 1u : kWarpSize / top_k;
   const int lane = lane_id();
-  for (uint64_t item = global_warp(); item < uint64_t(m) * runs_per_token; item += warps) {
-    const uint32_t t = uint32_t(item / runs_per_token);
-    const uint32_t first_chunk = uint32_t(item % runs_per_token) * run;
-    const uint32_t end_chunk = min(chunks, first_chunk + run);
-    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
-    const float* weights = a.weights + uint64_t(t) * top_k;
-    for (uint32_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
-      const uint32_t v = chunk * kWarpSize + lane;
-      float acc[8] = {};
-      for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
-        if (chunk == first_chunk) {
-          // Rows of invalid experts were never sent (dispatch reported them): they add nothing.
-          __syncwarp();
-          const int4* row = nullptr;
-          float weight = 0.0f;
-          if (k0 + lane < top_k) {
-            const uint32_t expert = experts[k0 + lane];
-            if (expert < l.num_experts) {
-              row = row_of(t, k0 + lane, expert);
-              weight = weights[k0 + lane];
+  // Lane `lane` looks up row k of `item` (any lane past the items, or past top_k, writes an empty entry).
+  auto fill_table = [&](uint64_t item, uint32_t k, bool valid) {
+    __syncwarp();  // every lane is done with the last table
+    const int4* row = nullptr;
+    float weight = 0.0f;
+    if (valid && item < items && k < top_k) {
+      const uint32_t t = uint32_t(item / runs_per_token);
+      const uint32_t expert = a.indices[uint64_t(t) * top_k + k];
+      // Rows of invalid experts were never sent (dispatch reported them): they add nothing.
+      if (expert < l.num_experts) {
+        row = row_of(t, k, expert);
+        weight = a.weights[uint64_t(t) * top_k + k];
+      }
+    }
+    table_rows[lane] = row;
+    table_weights[lane] = weight;
+    __syncwarp();
+  };
+  for (uint64_t first_item = global_warp(); first_item < items; first_item += warps * items_per_table) {
+    const uint32_t lane_item = uint32_t(lane) / top_k;
+    if (!wide) fill_table(first_item + lane_item * warps, uint32_t(lane) % top_k, lane_item < items_per_table);
+    for (uint32_t j = 0; j < items_per_table; ++j) {
+      const uint64_t item = first_item + j * warps;
+      if (item >= items) break;
+      const uint32_t t = uint32_t(item / runs_per_token);
+      const uint32_t first_chunk = uint32_t(item % runs_per_token) * run;
+      const uint32_t end_chunk = min(chunks, first_chunk + run);
+      const int4* const* rows = table_rows + (wide ? 0 : j * top_k);
+      const float* weights_of_k = table_weights + (wide ? 0 : j * top_k);
+      for (uint32_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
+        const uint32_t v = chunk * kWarpSize + lane;
+        float acc[8] = {};
+        for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
+          if (wide) fill_table(item, k0 + uint32_t(lane), true);
+          if (v >= vectors) continue;
+          const uint32_t pass = min(uint32_t(kWarpSize), top_k - k0);
+          for (uint32_t k1 = 0; k1 < pass; k1 += kBatch) {
+            int4 raw[kBatch];
+#pragma unroll
+            for (uint32_t u = 0; u < kBatch; ++u) {
+              raw[u] = k1 + u < pass && rows[k1 + u] != nullptr ? rows[k1 + u][v] : int4{0, 0, 0, 0};
+            }
+#pragma unroll
+            for (uint32_t u = 0; u < kBatch; ++u) {
+              if (k1 + u >= pass || rows[k1 + u] == nullptr) continue;
+              float y[8];
+              Vec8<ExpertT>::to_float(raw[u], y);
+              const float w = weights_of_k[k1 + u];
+#pragma unroll
+              for (int e = 0; e < 8; ++e) acc[e] += w * y[e];
             }
           }
-          rows[lane] = row;
-          weights_of_k[lane] = weight;
-          __syncwarp();
         }
-        if (v >= vectors) continue;
-        const uint32_t pass = min(uint32_t(kWarpSize), top_k - k0);
-        for (uint32_t k1 = 0; k1 < pass; k1 += kBatch) {
-          int4 raw[kBatch];
-#pragma unroll
-          for (uint32_t u = 0; u < kBatch; ++u) {
-            raw[u] = k1 + u < pass && rows[k1 + u] != nullptr ? rows[k1 + u][v] : int4{0, 0, 0, 0};
-          }
-#pragma unroll
-          for (uint32_t u = 0; u < kBatch; ++u) {
-            if (k1 + u >= pass || rows[k1 + u] == nullptr) continue;
-            float y[8];
-            Vec8<ExpertT>::to_float(raw[u], y);
-            const float w = weights_of_k[k1 + u];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] += w * y[e];
-          }
-        }
+        if (v < vectors) Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
       }
-      if (v < vectors) Vec8<OutT>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
     }
+  }
+}
+
+template <class OutT, class ExpertT, class RowOf>
+__device__ __forceinline__ void weighted_sum_rows(const CombineArgs& a, RowOf row_of) {
+  if (a.ctx.layout.experts_per_token > kWarpSize) {
+    weighted_sum_rows_of<true, OutT, ExpertT>(a, row_of);
+  } else {
+    weighted_sum_rows_of<false, OutT, ExpertT>(a, row_of);
   }
 }
 

@@ -56,7 +56,8 @@ Options parse_options(int argc, char** argv) {
 }
 
 // A random configuration, the same on every rank (drawn from the shared seed). The first one is the
-// DeepSeek-V3 shape: hidden 7168 in fp8 with 128-wide block scales.
+// DeepSeek-V3 shape: hidden 7168 in fp8 with 128-wide block scales; the second has top-40 of 64 experts, wider
+// than a warp (the kernels take such rows in passes of 32).
 AllToAllConfig random_config(Rng& rng, int index, int rank, int world) {
   AllToAllConfig c;
   c.rank = rank;
@@ -78,6 +79,9 @@ AllToAllConfig random_config(Rng& rng, int index, int rank, int world) {
   if (index == 0) {
     c.experts_per_token = std::min<int64_t>(8, c.num_experts);
     c.max_num_tokens = 64;
+  } else if (index == 1 && 64 % world == 0) {
+    c.num_experts = 64;
+    c.experts_per_token = 40;
   }
   return c;
 }
