@@ -48,6 +48,11 @@ void AllToAllConfig::validate() const {
   EW_REQUIRE(max_num_tokens * (world_size / dp_size) <= int64_t(std::numeric_limits<uint32_t>::max() / 2),
              "AllToAllConfig: max_num_tokens * world_size / dp_size (rows per local expert) is too large for 32-bit "
              "device indexing, got ", max_num_tokens * (world_size / dp_size));
+  // The combine counts its work items (runs of a token's 256-element chunks) in 32 bits on the device.
+  const int64_t combine_chunks = max_num_tokens * ((hidden_dim + 255) / 256);
+  EW_REQUIRE(combine_chunks <= int64_t(std::numeric_limits<uint32_t>::max() / 2),
+             "AllToAllConfig: max_num_tokens * ceil(hidden_dim / 256) (combine work items) is too large for 32-bit "
+             "device indexing, got ", combine_chunks);
   // The pull dispatch announces m + 1 in a 24-bit field of its arrival signal (core/layout.h).
   EW_REQUIRE(max_num_tokens < 0xffffff, "AllToAllConfig.max_num_tokens must be < 16777215, got ", max_num_tokens);
   EW_REQUIRE(experts_per_token <= 0xffff, "AllToAllConfig.experts_per_token must be <= 65535, got ",

@@ -654,17 +654,17 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
   float* table_weights = weight_table[warp_id()];
 
   const uint32_t chunks = (vectors + kWarpSize - 1) / kWarpSize;
-  const uint64_t warps = uint64_t(total_warps());
+  const uint32_t warps = uint32_t(total_warps());
   // Wide rows look up every pass of 32 again: one item a table, one chunk an item.
   constexpr bool wide = kWide;
-  const uint64_t balanced_run = (uint64_t(m) * chunks + kItemsPerWarp * warps - 1) / (kItemsPerWarp * warps);
+  const uint32_t balanced_run = (m * chunks + uint32_t(kItemsPerWarp) * warps - 1) / (uint32_t(kItemsPerWarp) * warps);
   const uint32_t run = wide ? 1u : uint32_t(balanced_run < 1 ? 1 : balanced_run > chunks ? chunks : balanced_run);
   const uint32_t runs_per_token = (chunks + run - 1) / run;
-  const uint64_t items = uint64_t(m) * runs_per_token;
+  const uint32_t items = m * runs_per_token;
   const uint32_t items_per_table = wide ? 1u : kWarpSize / top_k;
   const int lane = lane_id();
   // Lane `lane` looks up row k of `item` (any lane past the items, or past top_k, writes an empty entry).
-  auto fill_table = [&](uint64_t item, uint32_t k, bool valid) {
+  auto fill_table = [&](uint32_t item, uint32_t k, bool valid) {
     __syncwarp();  // every lane is done with the last table
     const int4* row = nullptr;
     float weight = 0.0f;
@@ -681,11 +681,11 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
     table_weights[lane] = weight;
     __syncwarp();
   };
-  for (uint64_t first_item = global_warp(); first_item < items; first_item += warps * items_per_table) {
+  for (uint32_t first_item = global_warp(); first_item < items; first_item += warps * items_per_table) {
     const uint32_t lane_item = uint32_t(lane) / top_k;
     if (!wide) fill_table(first_item + lane_item * warps, uint32_t(lane) % top_k, lane_item < items_per_table);
     for (uint32_t j = 0; j < items_per_table; ++j) {
-      const uint64_t item = first_item + j * warps;
+      const uint32_t item = first_item + j * warps;
       if (item >= items) break;
       const uint32_t t = uint32_t(item / runs_per_token);
       const uint32_t first_chunk = uint32_t(item % runs_per_token) * run;

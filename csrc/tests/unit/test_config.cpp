@@ -168,6 +168,13 @@ INSTANTIATE_TEST_SUITE_P(
                         c.num_experts = 8;
                       },
                       {"max_num_tokens * world_size / dp_size", "32-bit", "got 17179869176"}},
+        // Each fits, but not the combine's work items: 16,777,214 tokens * (65536 / 256 = 256 chunks)
+        BadConfigCase{"combine_chunks_too_large_for_u32",
+                      [](AllToAllConfig& c) {
+                        c.max_num_tokens = 16777214;
+                        c.hidden_dim = 65536;
+                      },
+                      {"max_num_tokens * ceil(hidden_dim / 256)", "32-bit", "got 4294966784"}},
         // Just past the limit: 2^28 * 8 = 2^31 > UINT32_MAX / 2 = 2147483647
         BadConfigCase{"max_recv_tokens_one_past_limit", [](AllToAllConfig& c) { c.max_num_tokens = 268435456; },
                       {"max_num_tokens * world_size / dp_size", "got 2147483648"}},

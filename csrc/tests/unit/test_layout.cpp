@@ -595,10 +595,10 @@ TEST(LayoutOverflow, RowsPerLocalExpertFromConfig) {
 }
 
 TEST(LayoutOverflow, DispatchRecvFromConfig) {
-  // Every field at its limit: (2^31 - 1) experts * 1 group * (2^24 - 2) tokens ~ 2^55 slots, times a ~2^31-byte
-  // token, is far past 2^64.
+  // Fields at their limits: (2^31 - 1) experts * 1 group * 255 tokens ~ 2^39 slots, times a ~2^31-byte token, is
+  // far past 2^64. (255 tokens: the most whose combine work items, 255 * 2^23 chunks of hidden 2^31 - 8, fit.)
   AllToAllConfig config;
-  config.max_num_tokens = 16777214;
+  config.max_num_tokens = 255;
   config.num_experts = 2147483647;
   config.experts_per_token = 1;
   config.rank = 0;
