@@ -61,8 +61,8 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--json") o.json = value();
     else EW_THROW(ConfigError, "bench_all_to_all: unknown argument '", arg,
                   "' (known: --tokens 1,32,128 --experts 64,256 --top-k 8 --hidden 7168 --dp-size 1 --warmup 10 "
-                  "--iters 50 --transport T --json FILE; T: ", harness::kTransportFlagHelp, ", default ", harness::kDefaultTransports,
-                  ")");
+                  "--iters 50 --transport T --json FILE; T: ", harness::kTransportFlagHelp, ", default ",
+                  harness::kDefaultTransports, ")");
   }
   return o;
 }

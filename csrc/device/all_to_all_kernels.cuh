@@ -647,7 +647,7 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
   const uint32_t vectors = l.hidden_dim / 8;
   auto* out = static_cast<OutT*>(a.out_tokens);
   constexpr uint32_t kBatch = 8;
-  constexpr uint64_t kItemsPerWarp = 4;
+  constexpr uint32_t kItemsPerWarp = 4;
   __shared__ const int4* row_table[kMaxBlockThreads / kWarpSize][kWarpSize];
   __shared__ float weight_table[kMaxBlockThreads / kWarpSize][kWarpSize];
   const int4** table_rows = row_table[warp_id()];
@@ -655,13 +655,13 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
 
   const uint32_t chunks = (vectors + kWarpSize - 1) / kWarpSize;
   const uint32_t warps = uint32_t(total_warps());
-  // Wide rows look up every pass of 32 again: one item a table, one chunk an item.
-  constexpr bool wide = kWide;
-  const uint32_t balanced_run = (m * chunks + uint32_t(kItemsPerWarp) * warps - 1) / (uint32_t(kItemsPerWarp) * warps);
-  const uint32_t run = wide ? 1u : uint32_t(balanced_run < 1 ? 1 : balanced_run > chunks ? chunks : balanced_run);
+  // Wide rows look up every pass of 32 again: one item a table, one chunk an item. Work items are counted in 32
+  // bits (AllToAllConfig::validate bounds max_num_tokens * chunks).
+  const uint32_t balanced_run = (m * chunks + kItemsPerWarp * warps - 1) / (kItemsPerWarp * warps);
+  const uint32_t run = kWide ? 1u : balanced_run < 1 ? 1u : balanced_run > chunks ? chunks : balanced_run;
   const uint32_t runs_per_token = (chunks + run - 1) / run;
   const uint32_t items = m * runs_per_token;
-  const uint32_t items_per_table = wide ? 1u : kWarpSize / top_k;
+  const uint32_t items_per_table = kWide ? 1u : kWarpSize / top_k;
   const int lane = lane_id();
   // Lane `lane` looks up row k of `item` (any lane past the items, or past top_k, writes an empty entry).
   auto fill_table = [&](uint32_t item, uint32_t k, bool valid) {
@@ -669,7 +669,7 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
     const int4* row = nullptr;
     float weight = 0.0f;
     if (valid && item < items && k < top_k) {
-      const uint32_t t = uint32_t(item / runs_per_token);
+      const uint32_t t = item / runs_per_token;
       const uint32_t expert = a.indices[uint64_t(t) * top_k + k];
       // Rows of invalid experts were never sent (dispatch reported them): they add nothing.
       if (expert < l.num_experts) {
@@ -683,20 +683,20 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
   };
   for (uint32_t first_item = global_warp(); first_item < items; first_item += warps * items_per_table) {
     const uint32_t lane_item = uint32_t(lane) / top_k;
-    if (!wide) fill_table(first_item + lane_item * warps, uint32_t(lane) % top_k, lane_item < items_per_table);
+    if (!kWide) fill_table(first_item + lane_item * warps, uint32_t(lane) % top_k, lane_item < items_per_table);
     for (uint32_t j = 0; j < items_per_table; ++j) {
       const uint32_t item = first_item + j * warps;
       if (item >= items) break;
-      const uint32_t t = uint32_t(item / runs_per_token);
-      const uint32_t first_chunk = uint32_t(item % runs_per_token) * run;
+      const uint32_t t = item / runs_per_token;
+      const uint32_t first_chunk = item % runs_per_token * run;
       const uint32_t end_chunk = min(chunks, first_chunk + run);
-      const int4* const* rows = table_rows + (wide ? 0 : j * top_k);
-      const float* weights_of_k = table_weights + (wide ? 0 : j * top_k);
+      const int4* const* rows = table_rows + (kWide ? 0 : j * top_k);
+      const float* weights_of_k = table_weights + (kWide ? 0 : j * top_k);
       for (uint32_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
         const uint32_t v = chunk * kWarpSize + lane;
         float acc[8] = {};
         for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
-          if (wide) fill_table(item, k0 + uint32_t(lane), true);
+          if (kWide) fill_table(item, k0 + uint32_t(lane), true);
           if (v >= vectors) continue;
           const uint32_t pass = min(uint32_t(kWarpSize), top_k - k0);
           for (uint32_t k1 = 0; k1 < pass; k1 += kBatch) {
