@@ -690,8 +690,8 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
       const uint32_t t = item / runs_per_token;
       const uint32_t first_chunk = item % runs_per_token * run;
       const uint32_t end_chunk = min(chunks, first_chunk + run);
-      const int4* const* rows = table_rows + (kWide ? 0 : j * top_k);
-      const float* weights_of_k = table_weights + (kWide ? 0 : j * top_k);
+      const int4* const* rows = table_rows + j * top_k;  // j is 0 for wide rows (a table per item)
+      const float* weights_of_k = table_weights + j * top_k;
       for (uint32_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
         const uint32_t v = chunk * kWarpSize + lane;
         float acc[8] = {};
