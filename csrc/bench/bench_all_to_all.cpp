@@ -1,8 +1,8 @@
 // bench_all_to_all: dispatch and combine latency on N ranks, `mpirun -np N ./bench_all_to_all [flags]`.
 //
 // Every rank moves exactly --tokens tokens (no random 1..N draw). Each timed operation starts after a
-// barrier on the stream, so all ranks begin together; CUDA events time it on every rank and the slowest
-// rank's time is what counts. A second table times a back-to-back loop with no barriers.
+// barrier on the stream, so all ranks begin together, and is followed by one; CUDA events time it on every
+// rank and the slowest rank's time is what counts. A second table times a back-to-back loop with no barriers.
 #include <cuda_runtime.h>
 
 #include <algorithm>
