@@ -77,8 +77,9 @@ __device__ __forceinline__ void write_dispatch_token(uint8_t* dst, const BufferL
 }
 
 // Writes one row to `offset` of peer `pe` with the whole warp. `write(dst)` produces the row at dst: straight
-// into the peer's memory when it is mapped, else once into this warp's staging row (`staged` remembers it
-// across destinations) and from there by a put.
+// into the peer's memory when it is mapped, else once into `staging` (`staged` remembers it across
+// destinations) and from there by a put. With `staged` already true, `staging` is the row itself, in this rank's
+// symmetric buffer, and is only read.
 template <class Transport, class WriteRow>
 __device__ __forceinline__ void deliver_row(const Transport& transport, int pe, uint64_t offset, uint64_t bytes,
                                             uint8_t* staging, bool& staged, WriteRow write) {
@@ -550,6 +551,9 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
 
   const auto* routes = reinterpret_cast<const TokenRoute*>(c.workspace + l.routes_offset);
   uint8_t* staging = c.symmetric + l.staging_row_offset(global_warp());
+  // Rows the experts wrote into expert_outputs are in the symmetric buffer already: puts send them from there
+  // (128 tokens through puts, 8 ranks on one H200: 174 µs instead of 198).
+  const bool y_is_symmetric = a.expert_y == c.symmetric + l.expert_outputs_offset;
   const uint32_t total = expert_start[num_local];
   for (uint32_t j = global_warp(); j < total; j += total_warps()) {
     const uint32_t le = find_segment(expert_start, num_local, j);
@@ -557,10 +561,11 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
     const TokenRoute route = routes[row];
     const uint8_t* y = a.expert_y + row * l.combine_row_bytes;
     const uint64_t offset = l.combine_row_offset(route.token, route.k);
-    bool staged = false;
+    bool staged = y_is_symmetric;
+    uint8_t* put_source = y_is_symmetric ? const_cast<uint8_t*>(y) : staging;  // written only when !staged
     for (uint32_t d = 0; d < l.dp_size; ++d) {
       const int peer = int(route.source_group * l.dp_size + d);
-      deliver_row(transport, peer, offset, l.combine_row_bytes, staging, staged,
+      deliver_row(transport, peer, offset, l.combine_row_bytes, put_source, staged,
                   [&](uint8_t* dst) { warp_copy_16<SourceKind::kInput>(dst, y, l.combine_row_bytes); });
     }
   }
