@@ -53,9 +53,7 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.combine_row_bytes = checked_mul(l.hidden_dim, kCombineElementBytes, "combine row");
   l.staging_row_bytes = std::max(l.dispatch_token_bytes, l.combine_row_bytes);
 
-  const uint64_t dispatch_slots =
-      checked_mul(checked_mul(l.num_local_experts, l.num_dp_groups, "dispatch_recv"), l.max_num_tokens,
-                  "dispatch_recv");
+  const uint64_t dispatch_slots = checked_mul(l.num_dp_groups, l.max_num_tokens, "dispatch_recv");
   uint64_t cursor = 0;
   l.dispatch_recv_offset =
       place(cursor, checked_mul(dispatch_slots, l.dispatch_token_bytes, "dispatch_recv"), kRegionAlign,
@@ -66,8 +64,7 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
                   "combine_recv"),
       kRegionAlign, "combine_recv");
   l.dispatch_counts_offset =
-      place(cursor, checked_mul(uint64_t(l.num_local_experts) * l.world_size, sizeof(uint64_t), "dispatch_counts"),
-            kRegionAlign, "dispatch_counts");
+      place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "dispatch_counts");
   l.combine_done_offset = place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "combine_done");
   l.staging_slots = staging_slots;
   l.staging_offset =
@@ -90,7 +87,7 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.symmetric_bytes = place(cursor, 0, kRegionAlign, "symmetric buffer");
 
   uint64_t ws = 0;
-  l.send_counts_offset = place(ws, uint64_t(l.num_experts) * sizeof(uint32_t), kRegionAlign, "send_counts");
+  l.send_counts_offset = place(ws, uint64_t(l.world_size) * sizeof(uint32_t), kRegionAlign, "send_counts");
   l.recv_counts_offset = place(ws, uint64_t(l.num_local_experts) * sizeof(int32_t), kRegionAlign, "recv_counts");
   l.routes_offset = place(
       ws, checked_mul(uint64_t(l.num_local_experts) * l.max_recv_tokens, sizeof(TokenRoute), "routes"),

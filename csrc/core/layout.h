@@ -2,14 +2,15 @@
 //
 // Symmetric memory (one allocation per rank, same layout on every rank; peers write into it):
 //
-//   dispatch_recv   [num_local_experts][num_dp_groups][max_num_tokens] DispatchToken
+//   dispatch_recv   [num_dp_groups][max_num_tokens] DispatchToken
 //                   DispatchToken = header (u32 source token, u32 experts[top-k], padded to 16 B)
 //                                 | payload (hidden_dim_bytes) | scales (hidden_dim_scale_bytes, padded to 16 B)
-//                   One region per (local expert, source DP group): the one rank of that group whose dp_rank
-//                   equals ours writes it, so slots need no cross-rank coordination.
+//                   One region per source DP group, for the push dispatch: the one rank of that group whose
+//                   dp_rank equals ours puts each of its tokens there once, however many of our experts the
+//                   token names, so slots need no cross-rank coordination.
 //   combine_recv    [max_num_tokens][top-k] expert output rows of hidden_dim 16-bit values; row (t, k) is
 //                   written by the owner of expert indices[t][k], so the reduction reads each row exactly once.
-//   dispatch_counts [num_local_experts][world_size] u64: count + 1 from each source rank (0 = not arrived).
+//   dispatch_counts [world_size] u64: count + 1 from each source rank (0 = not arrived).
 //   combine_done    [world_size] ArrivalSignal: complete once every block of that rank has put its combine rows
 //                   where we read them; its payload says where (CombineRowsAt in the kernels).
 //   staging         [staging_slots] rows of max(DispatchToken, combine row): the source of NVSHMEM puts to
@@ -28,7 +29,7 @@
 //                   (AllToAll::expert_output_buffer); a caller's expert_y is pushed to combine_recv instead.
 //
 // Local workspace (cudaMalloc, this rank only):
-//   send_counts     [num_experts] u32: tokens this rank has sent for each expert in the running push dispatch.
+//   send_counts     [world_size] u32: tokens this rank has sent to each rank in the running push dispatch.
 //   recv_counts     [num_local_experts] i32: tokens received per local expert by the last dispatch.
 //   routes          [num_local_experts][max_recv_tokens] u64: where row i of out_expert_x came from
 //                   (source DP group, token, k), read by combine to send each result back.
@@ -36,7 +37,8 @@
 //                   resets).
 //   pull_state      u32 state of the pull dispatch's receive, zeroed by the next combine (PullReceiveState):
 //                   [num_local_experts] rows of out_expert_x taken, [num_dp_groups] next token of each sender,
-//                   and the blocks that have finished.
+//                   and the blocks that have finished. The push dispatch's receive takes rows with the first
+//                   part too, and zeroes it itself.
 //   dispatch_epoch  u32: the pull dispatches this rank has finished (modulo 2^32 - 1), advanced by the combine
 //                   after each; the next dispatch's epoch follows from it (DispatchEpoch), never 0.
 //                   Every rank counts the same collective calls, and the count lives on the device so that
@@ -158,18 +160,15 @@ struct BufferLayout {
   EW_HOST_DEVICE uint64_t payload_offset_in_token() const { return token_header_bytes; }
   EW_HOST_DEVICE uint64_t scale_offset_in_token() const { return token_header_bytes + hidden_dim_bytes; }
 
-  // Byte offset (from the symmetric base) of slot `slot` of the region (local expert, source group).
-  EW_HOST_DEVICE uint64_t dispatch_token_offset(uint32_t local_expert, uint32_t source_group,
-                                                uint32_t slot) const {
-    return dispatch_recv_offset +
-           ((uint64_t(local_expert) * num_dp_groups + source_group) * max_num_tokens + slot) *
-               dispatch_token_bytes;
+  // Byte offset (from the symmetric base) of slot `slot` of source group `source_group`'s region.
+  EW_HOST_DEVICE uint64_t dispatch_token_offset(uint32_t source_group, uint32_t slot) const {
+    return dispatch_recv_offset + (uint64_t(source_group) * max_num_tokens + slot) * dispatch_token_bytes;
   }
   EW_HOST_DEVICE uint64_t combine_row_offset(uint32_t token, uint32_t k) const {
     return combine_recv_offset + (uint64_t(token) * experts_per_token + k) * combine_row_bytes;
   }
-  EW_HOST_DEVICE uint64_t dispatch_count_offset(uint32_t local_expert, uint32_t source_rank) const {
-    return dispatch_counts_offset + (uint64_t(local_expert) * world_size + source_rank) * sizeof(uint64_t);
+  EW_HOST_DEVICE uint64_t dispatch_count_offset(uint32_t source_rank) const {
+    return dispatch_counts_offset + uint64_t(source_rank) * sizeof(uint64_t);
   }
   EW_HOST_DEVICE uint64_t combine_done_offset_of(uint32_t source_rank) const {
     return combine_done_offset + uint64_t(source_rank) * sizeof(uint64_t);

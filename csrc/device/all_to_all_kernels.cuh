@@ -17,12 +17,12 @@
 //   pull recv       copy each stamped token of the sender of our dp_rank in each group, as soon as it is stamped,
 //                   from its send_rows straight into out_expert_x, to every local expert its row names, at that
 //                   expert's next free row; each expert's count is the rows taken.
-//   dispatch send   each token goes once to each expert of its row owned by a rank whose dp_rank is ours,
-//                   into slot atomicAdd(send_counts[e]) of region (expert, our DP group) of the owner; the last
-//                   block out then sends every (rank, local expert) its count + 1, zeros included, so every
-//                   receiver hears from every sender.
-//   dispatch recv   wait for all num_local_experts * world_size counts, pack the regions of each local expert
-//                   into out_expert_x in group order and remember each row's route; the last block out
+//   dispatch send   each token goes once to each rank that owns one of its experts and whose dp_rank is ours,
+//                   into slot atomicAdd(send_counts[rank]) of that rank's region for our DP group; the last
+//                   block out then sends every rank its count + 1, zeros included, so every receiver hears from
+//                   every sender.
+//   dispatch recv   wait for all world_size counts, copy each received token to every local expert its row
+//                   names, at that expert's next free row, and remember each row's route; the last block out
 //                   clears the counts.
 //   combine send    each row i of expert_y[le] goes back to row (token, k) of combine_recv of every rank of its
 //                   source group; each block then adds its arrival to every rank's combine_done.
@@ -121,60 +121,52 @@ __device__ __forceinline__ void clear_combine_done(const RankContext& c) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Dispatch.
+// Receiving tokens (both dispatch forms).
 
-template <class Transport>
-__device__ void dispatch_send(const DispatchArgs& a, const Transport& transport) {
-  const RankContext& c = a.ctx;
-  const BufferLayout& l = c.layout;
-  const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
-  auto* send_counts = reinterpret_cast<uint32_t*>(c.workspace + l.send_counts_offset);
-  uint8_t* staging = c.symmetric + l.staging_row_offset(global_warp());
-  const uint32_t top_k = l.experts_per_token;
-  clear_combine_done(c);
+// Whether `key` = key_of(experts[k0 + lane]) is the first of its value in the token's row, for the whole warp,
+// every lane holding its own: the lanes of this chunk are compared in registers, only earlier chunks (top_k > 32)
+// are read again.
+template <class KeyOf>
+__device__ __forceinline__ bool first_in_row(const uint32_t* experts, uint32_t k0, uint32_t key, KeyOf key_of) {
+  const unsigned same = __match_any_sync(kFullMask, key);
+  bool first = (same & ((1u << lane_id()) - 1u)) == 0;
+  for (uint32_t j = 0; j < k0 && first; ++j) first = key_of(experts[j]) != key;
+  return first;
+}
 
-  for (uint32_t t = global_warp(); t < m; t += total_warps()) {
-    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
-    const uint8_t* x = a.dp_x + uint64_t(t) * l.hidden_dim_bytes;
-    const uint8_t* x_scale = a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes;
-    bool staged = false;
-    for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
-      const uint32_t k = k0 + lane_id();
-      uint32_t expert = 0, slot = 0;
-      bool send = false;
-      if (k < top_k) {
-        expert = experts[k];
-        if (expert >= l.num_experts) {
-          record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, expert);
-        } else if ((expert / l.num_local_experts) % l.dp_size == c.dp_rank) {
-          slot = atomicAdd(&send_counts[expert], 1u);
-          send = slot < l.max_num_tokens;
-          if (!send) record_error(c.error, ErrorCode::kSlotOverflow, Phase::kDispatchSend, -1, expert);
-        }
-      }
-      for (unsigned pending = __ballot_sync(kFullMask, send); pending != 0; pending &= pending - 1) {
-        const int from = __ffs(pending) - 1;
-        const uint32_t e = __shfl_sync(kFullMask, expert, from);
-        const uint32_t s = __shfl_sync(kFullMask, slot, from);
-        const int owner = int(e / l.num_local_experts);
-        deliver_row(transport, owner, l.dispatch_token_offset(e % l.num_local_experts, c.dp_group, s),
-                    l.dispatch_token_bytes, staging, staged,
-                    [&](uint8_t* dst) { write_dispatch_token(dst, l, t, experts, x, x_scale); });
-      }
-    }
-  }
-  transport.flush_warp();
+// A token's row may repeat an expert only by mistake; the dispatch delivers such a token once, to the first k
+// that names the expert, and the sender reports it. Whether experts[k0 + lane] (`expert`) is the first of its
+// value (see first_in_row).
+__device__ __forceinline__ bool first_in_warp_chunk(const uint32_t* experts, uint32_t k0, uint32_t expert) {
+  return first_in_row(experts, k0, expert, [](uint32_t e) { return e; });
+}
 
-  if (last_block_out(c.phase_counter(kDispatchSendDone))) {
-    for (uint32_t e = threadIdx.x; e < l.num_experts; e += blockDim.x) {
-      const uint32_t owner = e / l.num_local_experts;
-      const uint32_t count = owner % l.dp_size == c.dp_rank ? min(send_counts[e], l.max_num_tokens) : 0u;
-      send_counts[e] = 0;
-      transport.signal(int(owner), l.dispatch_count_offset(e % l.num_local_experts, c.rank), uint64_t(count) + 1);
-    }
-    if (threadIdx.x == 0) *c.phase_counter(kDispatchSendDone) = 0;
+// Records what is wrong with `expert` = experts[k0 + lane] of a token's row (`in_row`: k0 + lane < top_k): an
+// index out of range (never sent) or an expert the row repeats (sent once). Call with the whole warp.
+__device__ __forceinline__ void check_row_expert(const RankContext& c, const uint32_t* experts, uint32_t k0,
+                                                 uint32_t expert, bool in_row) {
+  const bool first = first_in_warp_chunk(experts, k0, expert);
+  if (!in_row) return;
+  if (expert >= c.layout.num_experts) {
+    record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, expert);
+  } else if (!first) {
+    record_error(c.error, ErrorCode::kRepeatedExpert, Phase::kDispatchSend, -1, expert);
   }
 }
+
+// The pull receive's state, in the workspace's pull_state, zeroed by the next combine. The push receive takes
+// rows with expert_rows too, and zeroes it itself.
+struct PullReceiveState {
+  uint32_t* expert_rows;  // [num_local]: rows of out_expert_x taken so far, per local expert
+  uint32_t* sender_next;  // [groups]: next token of the sender to take
+  uint32_t* blocks_done;  // blocks of the grid whose receive has ended
+
+  __device__ explicit PullReceiveState(const RankContext& c) {
+    expert_rows = reinterpret_cast<uint32_t*>(c.workspace + c.layout.pull_state_offset);
+    sender_next = expert_rows + c.layout.num_local_experts;
+    blocks_done = sender_next + c.layout.num_dp_groups;
+  }
+};
 
 // Copies a received DispatchToken's payload and scales into row `out_row_of(lane)` of out_expert_x (and of its
 // scales) for every lane set in `lanes`, with the whole warp: the token is read once for all of them. The token
@@ -191,170 +183,6 @@ __device__ __forceinline__ void copy_to_expert_rows(const DispatchArgs& a, const
       token + l.payload_offset_in_token(), l.hidden_dim_bytes, lanes,
       [&](int lane) { return a.out_expert_x + out_row_of(lane) * l.hidden_dim_bytes; });
 }
-
-// From the token count of each (local expert, source group) region: the region's first row inside its
-// expert's block of out_expert_x (groups in order) and each expert's total, which block 0 also hands to
-// the caller (out_expert_num_tokens) and to combine (recv_counts). Call with the whole block.
-__device__ inline void place_regions(const DispatchArgs& a, const uint32_t* region_count, uint32_t* region_base,
-                                     uint32_t* expert_total) {
-  const BufferLayout& l = a.ctx.layout;
-  const uint32_t num_local = l.num_local_experts, groups = l.num_dp_groups;
-  for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
-    uint32_t running = 0;
-    for (uint32_t g = 0; g < groups; ++g) {
-      region_base[le * groups + g] = running;
-      running += region_count[le * groups + g];
-    }
-    expert_total[le] = running;
-  }
-  __syncthreads();
-  if (blockIdx.x == 0) {
-    auto* recv_counts = reinterpret_cast<int32_t*>(a.ctx.workspace + l.recv_counts_offset);
-    for (uint32_t le = threadIdx.x; le < num_local; le += blockDim.x) {
-      a.out_expert_num_tokens[le] = int32_t(expert_total[le]);
-      recv_counts[le] = int32_t(expert_total[le]);
-    }
-  }
-}
-
-__device__ inline void dispatch_recv(const DispatchArgs& a) {
-  const RankContext& c = a.ctx;
-  const BufferLayout& l = c.layout;
-  const uint32_t num_local = l.num_local_experts;
-  const uint32_t groups = l.num_dp_groups;
-  const uint32_t regions = num_local * groups;
-
-  extern __shared__ uint32_t shared[];
-  uint32_t* region_count = shared;                   // [local expert][group]
-  uint32_t* region_base = region_count + regions;    // first row of the region inside the expert's block
-  uint32_t* expert_total = region_base + regions;    // [local expert]
-  uint32_t* expert_start = expert_total + num_local + 1;  // exclusive scan of expert_total, [num_local + 1]
-
-  // Every sender reports to every (local expert, rank) pair; only the sender of our dp_rank in each group
-  // can have sent tokens.
-  for (uint32_t i = threadIdx.x; i < num_local * l.world_size; i += blockDim.x) {
-    const uint32_t le = i / l.world_size, source = i % l.world_size;
-    const uint64_t value =
-        wait_signal(c.local_signal(l.dispatch_count_offset(le, source)), c.timeout_ns, c.error,
-                    Phase::kDispatchRecv, int32_t(source));
-    if (source % l.dp_size == c.dp_rank) {
-      region_count[le * groups + source / l.dp_size] = value == 0 ? 0u : min(uint32_t(value - 1), l.max_num_tokens);
-    }
-  }
-  __syncthreads();
-  place_regions(a, region_count, region_base, expert_total);
-  if (warp_id() == 0) warp_exclusive_scan(expert_total, expert_start, num_local);
-  __syncthreads();
-
-  auto* routes = reinterpret_cast<TokenRoute*>(c.workspace + l.routes_offset);
-  const uint32_t total = expert_start[num_local];
-  for (uint32_t j = global_warp(); j < total; j += total_warps()) {
-    const uint32_t le = find_segment(expert_start, num_local, j);
-    const uint32_t row = j - expert_start[le];
-    uint32_t g = 0;
-    while (row >= region_base[le * groups + g] + region_count[le * groups + g]) ++g;
-    const uint8_t* token = c.symmetric + l.dispatch_token_offset(le, g, row - region_base[le * groups + g]);
-    const auto* header = reinterpret_cast<const uint32_t*>(token);
-
-    // Which of the token's top-k slots is this expert: combine must write back to exactly that slot.
-    const uint32_t expert = c.rank * num_local + le;
-    uint32_t k = 0;
-    for (uint32_t k0 = 0; k0 < l.experts_per_token; k0 += kWarpSize) {
-      const uint32_t kk = k0 + lane_id();
-      const unsigned hit = __ballot_sync(kFullMask, kk < l.experts_per_token && header[1 + kk] == expert);
-      if (hit != 0) {
-        k = k0 + __ffs(hit) - 1;
-        break;
-      }
-    }
-    if (lane_id() == 0) {
-      routes[uint64_t(le) * l.max_recv_tokens + row] = TokenRoute{header[0], uint16_t(g), uint16_t(k)};
-    }
-    copy_to_expert_rows(a, token, 1u, [&](int) { return uint64_t(le) * l.max_recv_tokens + row; });
-  }
-
-  if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
-    for (uint32_t i = threadIdx.x; i < num_local * l.world_size; i += blockDim.x) {
-      *c.local_signal(l.dispatch_count_offset(i / l.world_size, i % l.world_size)) = 0;
-    }
-    if (threadIdx.x == 0) *c.phase_counter(kDispatchRecvDone) = 0;
-  }
-}
-
-template <class Transport>
-__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
-    dispatch_kernel(DispatchArgs args, Transport transport) {
-  if (args.do_send) dispatch_send(args, transport);
-  if (args.do_recv) dispatch_recv(args);
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Pull dispatch.
-
-// A token's row may repeat an expert only by mistake; the pull dispatch delivers such a token once, to the
-// first k that names the expert, and the sender reports it. Whether experts[k0 + lane] is the first of its value,
-// for the whole warp, lane i holding `expert` = experts[k0 + i]: the lanes of this chunk are compared in
-// registers, only earlier chunks (top_k > 32) are read again.
-__device__ __forceinline__ bool first_in_warp_chunk(const uint32_t* experts, uint32_t k0, uint32_t expert) {
-  const unsigned same = __match_any_sync(kFullMask, expert);
-  bool first = (same & ((1u << lane_id()) - 1u)) == 0;
-  for (uint32_t j = 0; j < k0 && first; ++j) first = experts[j] != expert;
-  return first;
-}
-
-// This rank's running pull dispatch (see DispatchEpoch): constant from the dispatch's send to the combine that
-// follows it.
-__device__ __forceinline__ uint32_t current_dispatch_epoch(const RankContext& c) {
-  return DispatchEpoch::of(*c.dispatch_epoch_counter());
-}
-
-// Stages our tokens in send_rows for the receivers to pull: the count first (send_announce), then each row,
-// stamped with this dispatch's epoch once it is written.
-__device__ inline void dispatch_pull_send(const DispatchArgs& a) {
-  const RankContext& c = a.ctx;
-  const BufferLayout& l = c.layout;
-  const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
-  const uint32_t epoch = current_dispatch_epoch(c);
-  const uint32_t top_k = l.experts_per_token;
-  clear_combine_done(c);
-  if (blockIdx.x == 0) {
-    __syncthreads();  // the clears before the announcement, which releases them (see the top)
-    if (threadIdx.x == 0) {
-      store_release_sys(c.local_signal(l.send_announce_offset), DispatchEpoch::announcement(epoch, m));
-    }
-  }
-  for (uint32_t t = global_warp(); t < m; t += total_warps()) {
-    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
-    for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
-      const uint32_t k = k0 + lane_id();
-      const uint32_t expert = k < top_k ? experts[k] : ~0u;
-      const bool first = first_in_warp_chunk(experts, k0, expert);
-      if (k >= top_k) continue;
-      if (expert >= l.num_experts) {
-        record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, expert);
-      } else if (!first) {
-        record_error(c.error, ErrorCode::kRepeatedExpert, Phase::kDispatchSend, -1, expert);
-      }
-    }
-    write_dispatch_token(c.symmetric + l.send_row_offset(t), l, t, experts, a.dp_x + uint64_t(t) * l.hidden_dim_bytes,
-                         a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes);
-    __syncwarp();  // every lane's part of the row before the stamp, whose release carries it (cumulative)
-    if (lane_id() == 0) store_release_sys(c.local_signal(l.send_stamp_offset(t)), epoch);
-  }
-}
-
-// The pull receive's state, in the workspace's pull_state, zeroed by the next combine.
-struct PullReceiveState {
-  uint32_t* expert_rows;  // [num_local]: rows of out_expert_x taken so far, per local expert
-  uint32_t* sender_next;  // [groups]: next token of the sender to take
-  uint32_t* blocks_done;  // blocks of the grid whose receive has ended
-
-  __device__ explicit PullReceiveState(const RankContext& c) {
-    expert_rows = reinterpret_cast<uint32_t*>(c.workspace + c.layout.pull_state_offset);
-    sender_next = expert_rows + c.layout.num_local_experts;
-    blocks_done = sender_next + c.layout.num_dp_groups;
-  }
-};
 
 // Copies token t of the sender of group g, staged at `token`, to each local expert its row names, at the row
 // `take_row(local expert)` gives; records each row's route and, for the pull combine, its slot. Call with the
@@ -387,6 +215,154 @@ __device__ void copy_token_to_local_experts(const DispatchArgs& a, const uint8_t
     const uint64_t out_row = uint64_t(expert - first_expert) * l.max_recv_tokens + row;
     copy_to_expert_rows(a, token, __ballot_sync(kFullMask, mine),
                         [&](int lane) { return __shfl_sync(kFullMask, out_row, lane); });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Dispatch.
+
+// The rank that owns `expert`, or ~0u (no rank) for an index out of range.
+__device__ __forceinline__ uint32_t owner_of(const BufferLayout& l, uint32_t expert) {
+  return expert < l.num_experts ? expert / l.num_local_experts : ~0u;
+}
+
+template <class Transport>
+__device__ void dispatch_send(const DispatchArgs& a, const Transport& transport) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
+  auto* send_counts = reinterpret_cast<uint32_t*>(c.workspace + l.send_counts_offset);
+  uint8_t* staging = c.symmetric + l.staging_row_offset(global_warp());
+  const uint32_t top_k = l.experts_per_token;
+  clear_combine_done(c);
+
+  for (uint32_t t = global_warp(); t < m; t += total_warps()) {
+    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
+    const uint8_t* x = a.dp_x + uint64_t(t) * l.hidden_dim_bytes;
+    const uint8_t* x_scale = a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes;
+    bool staged = false;
+    for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
+      const uint32_t k = k0 + lane_id();
+      const uint32_t expert = k < top_k ? experts[k] : ~0u;
+      check_row_expert(c, experts, k0, expert, k < top_k);
+      // The token goes to a rank once, from the first k that names one of its experts.
+      const uint32_t owner = owner_of(l, expert);
+      const bool send = first_in_row(experts, k0, owner, [&](uint32_t e) { return owner_of(l, e); }) &&
+                        owner != ~0u && owner % l.dp_size == c.dp_rank;
+      // A rank gets each token at most once, so its slots stay below m <= max_num_tokens.
+      const uint32_t slot = send ? atomicAdd(&send_counts[owner], 1u) : 0u;
+      for (unsigned pending = __ballot_sync(kFullMask, send); pending != 0; pending &= pending - 1) {
+        const int from = __ffs(pending) - 1;
+        const int rank = int(__shfl_sync(kFullMask, owner, from));
+        const uint32_t s = __shfl_sync(kFullMask, slot, from);
+        deliver_row(transport, rank, l.dispatch_token_offset(c.dp_group, s), l.dispatch_token_bytes, staging, staged,
+                    [&](uint8_t* dst) { write_dispatch_token(dst, l, t, experts, x, x_scale); });
+      }
+    }
+  }
+  transport.flush_warp();
+
+  if (last_block_out(c.phase_counter(kDispatchSendDone))) {
+    for (uint32_t rank = threadIdx.x; rank < l.world_size; rank += blockDim.x) {
+      const uint32_t count = send_counts[rank];  // 0 for ranks of other dp_ranks
+      send_counts[rank] = 0;
+      transport.signal(int(rank), l.dispatch_count_offset(c.rank), uint64_t(count) + 1);
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kDispatchSendDone) = 0;
+  }
+}
+
+// Waits for every rank's count, then copies each token in dispatch_recv to each local expert its row names, at
+// that expert's next free row, as the pull receive does (rows in no particular order; routes remember them).
+// The last block out hands the counts to the caller (out_expert_num_tokens) and to combine (recv_counts) and
+// clears the counts. Call with the whole block.
+__device__ inline void dispatch_recv(const DispatchArgs& a) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t groups = l.num_dp_groups;
+
+  extern __shared__ uint32_t shared[];
+  uint32_t* group_count = shared;           // [group]: tokens its sender of our dp_rank put here
+  uint32_t* group_start = shared + groups;  // exclusive scan of group_count, [groups + 1]
+
+  // Every sender reports to every rank; only the sender of our dp_rank in each group can have sent tokens.
+  for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
+    const uint64_t value = wait_signal(c.local_signal(l.dispatch_count_offset(source)), c.timeout_ns, c.error,
+                                       Phase::kDispatchRecv, int32_t(source));
+    if (source % l.dp_size == c.dp_rank) {
+      group_count[source / l.dp_size] = value == 0 ? 0u : min(uint32_t(value - 1), l.max_num_tokens);
+    }
+  }
+  __syncthreads();
+  if (warp_id() == 0) warp_exclusive_scan(group_count, group_start, groups);
+  __syncthreads();
+
+  const PullReceiveState state(c);
+  const uint32_t total = group_start[groups];
+  for (uint32_t j = global_warp(); j < total; j += total_warps()) {
+    const uint32_t g = find_segment(group_start, groups, j);
+    const uint8_t* token = c.symmetric + l.dispatch_token_offset(g, j - group_start[g]);
+    copy_token_to_local_experts(a, token, g, reinterpret_cast<const uint32_t*>(token)[0],
+                                int(g * l.dp_size + c.dp_rank),
+                                [&](uint32_t le) { return atomicAdd(&state.expert_rows[le], 1u); });
+  }
+
+  if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
+    auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
+    for (uint32_t le = threadIdx.x; le < l.num_local_experts; le += blockDim.x) {
+      const int32_t rows = int32_t(min(__ldcg(&state.expert_rows[le]), l.max_recv_tokens));
+      a.out_expert_num_tokens[le] = rows;
+      recv_counts[le] = rows;
+      state.expert_rows[le] = 0;
+    }
+    for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
+      *c.local_signal(l.dispatch_count_offset(source)) = 0;
+    }
+    if (threadIdx.x == 0) *c.phase_counter(kDispatchRecvDone) = 0;
+  }
+}
+
+template <class Transport>
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
+    dispatch_kernel(DispatchArgs args, Transport transport) {
+  if (args.do_send) dispatch_send(args, transport);
+  if (args.do_recv) dispatch_recv(args);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Pull dispatch.
+
+// This rank's running pull dispatch (see DispatchEpoch): constant from the dispatch's send to the combine that
+// follows it.
+__device__ __forceinline__ uint32_t current_dispatch_epoch(const RankContext& c) {
+  return DispatchEpoch::of(*c.dispatch_epoch_counter());
+}
+
+// Stages our tokens in send_rows for the receivers to pull: the count first (send_announce), then each row,
+// stamped with this dispatch's epoch once it is written.
+__device__ inline void dispatch_pull_send(const DispatchArgs& a) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
+  const uint32_t epoch = current_dispatch_epoch(c);
+  const uint32_t top_k = l.experts_per_token;
+  clear_combine_done(c);
+  if (blockIdx.x == 0) {
+    __syncthreads();  // the clears before the announcement, which releases them (see the top)
+    if (threadIdx.x == 0) {
+      store_release_sys(c.local_signal(l.send_announce_offset), DispatchEpoch::announcement(epoch, m));
+    }
+  }
+  for (uint32_t t = global_warp(); t < m; t += total_warps()) {
+    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
+    for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
+      const uint32_t k = k0 + lane_id();
+      check_row_expert(c, experts, k0, k < top_k ? experts[k] : ~0u, k < top_k);
+    }
+    write_dispatch_token(c.symmetric + l.send_row_offset(t), l, t, experts, a.dp_x + uint64_t(t) * l.hidden_dim_bytes,
+                         a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes);
+    __syncwarp();  // every lane's part of the row before the stamp, whose release carries it (cumulative)
+    if (lane_id() == 0) store_release_sys(c.local_signal(l.send_stamp_offset(t)), epoch);
   }
 }
 

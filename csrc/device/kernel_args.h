@@ -58,9 +58,9 @@ struct CombineArgs {
 
 // Dynamic shared memory of each kernel, per block.
 inline constexpr uint64_t kMaxDefaultSharedBytes = 48 << 10;  // more needs an opt-in attribute
+// The push dispatch's receive: each source group's token count, then their exclusive scan (groups + 1 words).
 inline uint64_t push_dispatch_shared_bytes(const BufferLayout& l) {
-  const uint64_t regions = uint64_t(l.num_local_experts) * l.num_dp_groups;
-  return (2 * regions + 2 * (uint64_t(l.num_local_experts) + 1)) * sizeof(uint32_t);
+  return (2 * uint64_t(l.num_dp_groups) + 1) * sizeof(uint32_t);
 }
 // Each warp's view of the senders: one u32 per source group.
 inline uint64_t pull_dispatch_shared_bytes(const BufferLayout& l, uint32_t threads) {

@@ -104,10 +104,10 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
   expect_disjoint_regions(
       {
           {"dispatch_recv", l.dispatch_recv_offset,
-           uint64_t(l.num_local_experts) * l.num_dp_groups * l.max_num_tokens * l.dispatch_token_bytes},
+           uint64_t(l.num_dp_groups) * l.max_num_tokens * l.dispatch_token_bytes},
           {"combine_recv", l.combine_recv_offset,
            uint64_t(l.max_num_tokens) * l.experts_per_token * l.combine_row_bytes},
-          {"dispatch_counts", l.dispatch_counts_offset, uint64_t(l.num_local_experts) * l.world_size * 8},
+          {"dispatch_counts", l.dispatch_counts_offset, uint64_t(l.world_size) * 8},
           {"combine_done", l.combine_done_offset, uint64_t(l.world_size) * 8},
           {"staging", l.staging_offset, l.staging_slots * l.staging_row_bytes},
           {"send_rows", l.send_rows_offset, uint64_t(l.max_num_tokens) * l.dispatch_token_bytes},
@@ -121,7 +121,7 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
       l.symmetric_bytes);
   expect_disjoint_regions(
       {
-          {"send_counts", l.send_counts_offset, uint64_t(l.num_experts) * 4},
+          {"send_counts", l.send_counts_offset, uint64_t(l.world_size) * 4},
           {"recv_counts", l.recv_counts_offset, uint64_t(l.num_local_experts) * 4},
           {"routes", l.routes_offset, uint64_t(l.num_local_experts) * l.max_recv_tokens * 8},
           {"phase_counters", l.phase_counters_offset, uint64_t(kNumPhaseCounters) * 4},
@@ -158,36 +158,36 @@ TEST(Layout, SmallConfigStrides) {
 
 TEST(Layout, SmallConfigSymmetricRegions) {
   const BufferLayout l = make_buffer_layout(small_config(), 5);
-  // dispatch_recv: 2 local experts * 2 groups * 4 tokens = 16 slots * 64 B = 1024 B, at 0 -> cursor 1024
+  // dispatch_recv: 2 groups * 4 tokens = 8 slots * 64 B = 512 B, at 0 -> cursor 512
   EXPECT_EQ(l.dispatch_recv_offset, 0u);
-  // combine_recv: align256(1024) = 1024; 4 tokens * 3 k * 64 B = 768 B -> cursor 1792
-  EXPECT_EQ(l.combine_recv_offset, 1024u);
-  // dispatch_counts: align256(1792) = 1792 (7 * 256); 2 * 4 * 8 B = 64 B -> cursor 1856
-  EXPECT_EQ(l.dispatch_counts_offset, 1792u);
-  // combine_done: align256(1856) = 2048 (8 * 256); 4 * 8 B = 32 B -> cursor 2080
-  EXPECT_EQ(l.combine_done_offset, 2048u);
-  // staging: align256(2080) = 2304 (9 * 256); 5 slots * 64 B = 320 B -> cursor 2624
-  EXPECT_EQ(l.staging_offset, 2304u);
+  // combine_recv: align256(512) = 512; 4 tokens * 3 k * 64 B = 768 B -> cursor 1280
+  EXPECT_EQ(l.combine_recv_offset, 512u);
+  // dispatch_counts: align256(1280) = 1280 (5 * 256); 4 ranks * 8 B = 32 B -> cursor 1312
+  EXPECT_EQ(l.dispatch_counts_offset, 1280u);
+  // combine_done: align256(1312) = 1536 (6 * 256); 4 * 8 B = 32 B -> cursor 1568
+  EXPECT_EQ(l.combine_done_offset, 1536u);
+  // staging: align256(1568) = 1792 (7 * 256); 5 slots * 64 B = 320 B -> cursor 2112
+  EXPECT_EQ(l.staging_offset, 1792u);
   EXPECT_EQ(l.staging_slots, 5u);
-  // send_rows: align256(2624) = 2816 (11 * 256); 4 tokens * 64 B = 256 B -> cursor 3072
-  EXPECT_EQ(l.send_rows_offset, 2816u);
-  // send_announce: align256(3072) = 3072 (12 * 256); 8 B -> cursor 3080
-  EXPECT_EQ(l.send_announce_offset, 3072u);
-  // send_stamps: align256(3080) = 3328 (13 * 256); 4 tokens * 8 B = 32 B -> cursor 3360
-  EXPECT_EQ(l.send_stamps_offset, 3328u);
-  // combine_slots: align256(3360) = 3584 (14 * 256); 2 groups * 4 tokens * 3 k * 4 B = 96 B -> cursor 3680
-  EXPECT_EQ(l.combine_slots_offset, 3584u);
-  // expert_outputs: align256(3680) = 3840 (15 * 256); 2 local experts * 8 rows * 64 B = 1024 B -> cursor 4864
-  EXPECT_EQ(l.expert_outputs_offset, 3840u);
-  // 4864 = 19 * 256 is already aligned
-  EXPECT_EQ(l.symmetric_bytes, 4864u);
+  // send_rows: align256(2112) = 2304 (9 * 256); 4 tokens * 64 B = 256 B -> cursor 2560
+  EXPECT_EQ(l.send_rows_offset, 2304u);
+  // send_announce: align256(2560) = 2560 (10 * 256); 8 B -> cursor 2568
+  EXPECT_EQ(l.send_announce_offset, 2560u);
+  // send_stamps: align256(2568) = 2816 (11 * 256); 4 tokens * 8 B = 32 B -> cursor 2848
+  EXPECT_EQ(l.send_stamps_offset, 2816u);
+  // combine_slots: align256(2848) = 3072 (12 * 256); 2 groups * 4 tokens * 3 k * 4 B = 96 B -> cursor 3168
+  EXPECT_EQ(l.combine_slots_offset, 3072u);
+  // expert_outputs: align256(3168) = 3328 (13 * 256); 2 local experts * 8 rows * 64 B = 1024 B -> cursor 4352
+  EXPECT_EQ(l.expert_outputs_offset, 3328u);
+  // 4352 = 17 * 256 is already aligned
+  EXPECT_EQ(l.symmetric_bytes, 4352u);
 }
 
 TEST(Layout, SmallConfigWorkspace) {
   const BufferLayout l = make_buffer_layout(small_config(), 5);
-  // send_counts: 8 experts * 4 B = 32 B at 0 -> 32
+  // send_counts: 4 ranks * 4 B = 16 B at 0 -> 16
   EXPECT_EQ(l.send_counts_offset, 0u);
-  // recv_counts: align256(32) = 256; 2 * 4 B = 8 B -> 264
+  // recv_counts: align256(16) = 256; 2 * 4 B = 8 B -> 264
   EXPECT_EQ(l.recv_counts_offset, 256u);
   // routes: align256(264) = 512; 2 local experts * 8 rows * 8 B = 128 B -> 640
   EXPECT_EQ(l.routes_offset, 512u);
@@ -203,50 +203,50 @@ TEST(Layout, SmallConfigWorkspace) {
 
 TEST(Layout, SmallConfigAccessors) {
   const BufferLayout l = make_buffer_layout(small_config(), 5);
-  // Slot index of (expert, group, slot) is (expert * 2 + group) * 4 + slot; stride 64 B, base 0.
-  EXPECT_EQ(l.dispatch_token_offset(0, 0, 0), 0u);
-  EXPECT_EQ(l.dispatch_token_offset(0, 1, 0), 256u);  // (0 * 2 + 1) * 4 + 0 = 4 -> 4 * 64
-  EXPECT_EQ(l.dispatch_token_offset(1, 0, 2), 640u);  // (1 * 2 + 0) * 4 + 2 = 10 -> 10 * 64
-  EXPECT_EQ(l.dispatch_token_offset(1, 1, 3), 960u);  // last slot: (1 * 2 + 1) * 4 + 3 = 15 -> 15 * 64
-  EXPECT_EQ(l.dispatch_token_offset(1, 1, 3) + l.dispatch_token_bytes, l.combine_recv_offset);  // 960 + 64
+  // Slot index of (group, slot) is group * 4 + slot; stride 64 B, base 0.
+  EXPECT_EQ(l.dispatch_token_offset(0, 0), 0u);
+  EXPECT_EQ(l.dispatch_token_offset(0, 1), 64u);   // 1 * 64
+  EXPECT_EQ(l.dispatch_token_offset(1, 0), 256u);  // (1 * 4 + 0 = 4) * 64
+  EXPECT_EQ(l.dispatch_token_offset(1, 3), 448u);  // last slot: (1 * 4 + 3 = 7) * 64
+  EXPECT_EQ(l.dispatch_token_offset(1, 3) + l.dispatch_token_bytes, l.combine_recv_offset);  // 448 + 64
 
-  // Row (token, k) is token * 3 + k; stride 64 B, base 1024.
-  EXPECT_EQ(l.combine_row_offset(0, 0), 1024u);
-  EXPECT_EQ(l.combine_row_offset(1, 0), 1216u);  // 1024 + 3 * 64
-  EXPECT_EQ(l.combine_row_offset(3, 2), 1728u);  // last row: 1024 + (3 * 3 + 2 = 11) * 64 = 1024 + 704
-  EXPECT_EQ(1728u + 64u, l.dispatch_counts_offset);  // the last row ends where the counts start
+  // Row (token, k) is token * 3 + k; stride 64 B, base 512.
+  EXPECT_EQ(l.combine_row_offset(0, 0), 512u);
+  EXPECT_EQ(l.combine_row_offset(1, 0), 704u);   // 512 + 3 * 64
+  EXPECT_EQ(l.combine_row_offset(3, 2), 1216u);  // last row: 512 + (3 * 3 + 2 = 11) * 64 = 512 + 704
+  EXPECT_EQ(1216u + 64u, l.dispatch_counts_offset);  // the last row ends where the counts start
 
-  // Count (expert, source rank) is expert * 4 + rank; 8 B each, base 1792.
-  EXPECT_EQ(l.dispatch_count_offset(0, 0), 1792u);
-  EXPECT_EQ(l.dispatch_count_offset(0, 2), 1808u);  // 1792 + 2 * 8
-  EXPECT_EQ(l.dispatch_count_offset(1, 3), 1848u);  // last: 1792 + (1 * 4 + 3 = 7) * 8 = 1792 + 56
+  // Count per source rank, 8 B each, base 1280.
+  EXPECT_EQ(l.dispatch_count_offset(0), 1280u);
+  EXPECT_EQ(l.dispatch_count_offset(2), 1296u);  // 1280 + 2 * 8
+  EXPECT_EQ(l.dispatch_count_offset(3), 1304u);  // last: 1280 + 3 * 8; ends at 1312
 
-  // Flag per source rank, 8 B each, base 2048.
-  EXPECT_EQ(l.combine_done_offset_of(0), 2048u);
-  EXPECT_EQ(l.combine_done_offset_of(3), 2072u);  // last: 2048 + 3 * 8
+  // Flag per source rank, 8 B each, base 1536.
+  EXPECT_EQ(l.combine_done_offset_of(0), 1536u);
+  EXPECT_EQ(l.combine_done_offset_of(3), 1560u);  // last: 1536 + 3 * 8
 
-  // Staging row per slot, 64 B each, base 2304.
-  EXPECT_EQ(l.staging_row_offset(0), 2304u);
-  EXPECT_EQ(l.staging_row_offset(4), 2560u);  // last: 2304 + 4 * 64; ends at 2624 <= 2816 (send_rows)
+  // Staging row per slot, 64 B each, base 1792.
+  EXPECT_EQ(l.staging_row_offset(0), 1792u);
+  EXPECT_EQ(l.staging_row_offset(4), 2048u);  // last: 1792 + 4 * 64; ends at 2112 <= 2304 (send_rows)
 
-  // Send row per token, 64 B each, base 2816.
-  EXPECT_EQ(l.send_row_offset(0), 2816u);
-  EXPECT_EQ(l.send_row_offset(3), 3008u);  // last: 2816 + 3 * 64
-  EXPECT_EQ(3008u + 64u, l.send_announce_offset);  // the last row ends where the announcement starts
+  // Send row per token, 64 B each, base 2304.
+  EXPECT_EQ(l.send_row_offset(0), 2304u);
+  EXPECT_EQ(l.send_row_offset(3), 2496u);  // last: 2304 + 3 * 64
+  EXPECT_EQ(2496u + 64u, l.send_announce_offset);  // the last row ends where the announcement starts
 
-  // Stamp per token, 8 B each, base 3328.
-  EXPECT_EQ(l.send_stamp_offset(0), 3328u);
-  EXPECT_EQ(l.send_stamp_offset(3), 3352u);  // last: 3328 + 3 * 8; ends at 3360 <= 3584
+  // Stamp per token, 8 B each, base 2816.
+  EXPECT_EQ(l.send_stamp_offset(0), 2816u);
+  EXPECT_EQ(l.send_stamp_offset(3), 2840u);  // last: 2816 + 3 * 8; ends at 2848 <= 3072
 
-  // Slot (group, token, k) is (group * 4 + token) * 3 + k; 4 B each, base 3584.
-  EXPECT_EQ(l.combine_slot_offset(0, 0, 0), 3584u);
-  EXPECT_EQ(l.combine_slot_offset(0, 1, 2), 3604u);  // 3584 + (1 * 3 + 2 = 5) * 4
-  EXPECT_EQ(l.combine_slot_offset(1, 3, 2), 3676u);  // last: 3584 + ((1 * 4 + 3) * 3 + 2 = 23) * 4; ends at 3680
+  // Slot (group, token, k) is (group * 4 + token) * 3 + k; 4 B each, base 3072.
+  EXPECT_EQ(l.combine_slot_offset(0, 0, 0), 3072u);
+  EXPECT_EQ(l.combine_slot_offset(0, 1, 2), 3092u);  // 3072 + (1 * 3 + 2 = 5) * 4
+  EXPECT_EQ(l.combine_slot_offset(1, 3, 2), 3164u);  // last: 3072 + ((1 * 4 + 3) * 3 + 2 = 23) * 4; ends at 3168
 
-  // Expert output (local expert, row) is expert * 8 + row; 64 B each, base 3840.
-  EXPECT_EQ(l.expert_output_offset(0, 0), 3840u);
-  EXPECT_EQ(l.expert_output_offset(1, 0), 4352u);  // 3840 + 8 * 64
-  EXPECT_EQ(l.expert_output_offset(1, 7), 4800u);  // last: 3840 + 15 * 64; ends at 4864 = symmetric_bytes
+  // Expert output (local expert, row) is expert * 8 + row; 64 B each, base 3328.
+  EXPECT_EQ(l.expert_output_offset(0, 0), 3328u);
+  EXPECT_EQ(l.expert_output_offset(1, 0), 3840u);  // 3328 + 8 * 64
+  EXPECT_EQ(l.expert_output_offset(1, 7), 4288u);  // last: 3328 + 15 * 64; ends at 4352 = symmetric_bytes
 
   // Route (expert, row) is expert * 8 + row; 8 B each, base 512.
   EXPECT_EQ(l.route_offset(0, 0), 512u);
@@ -267,30 +267,30 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.staging_row_bytes, 80u);     // max(80, 32)
   EXPECT_EQ(l.scale_offset_in_token(), 64u);  // 32 + 32
 
-  // dispatch_recv: 2 * 3 * 2 = 12 slots * 80 B = 960 B -> cursor 960
+  // dispatch_recv: 3 groups * 2 tokens = 6 slots * 80 B = 480 B -> cursor 480
   EXPECT_EQ(l.dispatch_recv_offset, 0u);
-  // combine_recv: align256(960) = 1024; 2 * 5 * 32 B = 320 B -> 1344
-  EXPECT_EQ(l.combine_recv_offset, 1024u);
-  // dispatch_counts: align256(1344) = 1536; 2 * 3 * 8 B = 48 B -> 1584
-  EXPECT_EQ(l.dispatch_counts_offset, 1536u);
-  // combine_done: align256(1584) = 1792; 3 * 8 B = 24 B -> 1816
-  EXPECT_EQ(l.combine_done_offset, 1792u);
-  // staging: align256(1816) = 2048; 3 * 80 B = 240 B -> 2288
-  EXPECT_EQ(l.staging_offset, 2048u);
-  // send_rows: align256(2288) = 2304; 2 tokens * 80 B = 160 B -> 2464
-  EXPECT_EQ(l.send_rows_offset, 2304u);
-  // send_announce: align256(2464) = 2560; 8 B -> 2568
-  EXPECT_EQ(l.send_announce_offset, 2560u);
-  // send_stamps: align256(2568) = 2816; 2 tokens * 8 B = 16 B -> 2832
-  EXPECT_EQ(l.send_stamps_offset, 2816u);
-  // combine_slots: align256(2832) = 3072; 3 groups * 2 tokens * 5 k * 4 B = 120 B -> 3192
-  EXPECT_EQ(l.combine_slots_offset, 3072u);
-  // expert_outputs: align256(3192) = 3328; 2 local experts * 6 rows * 32 B = 384 B -> 3712
-  EXPECT_EQ(l.expert_outputs_offset, 3328u);
-  // align256(3712) = 3840
-  EXPECT_EQ(l.symmetric_bytes, 3840u);
+  // combine_recv: align256(480) = 512; 2 * 5 * 32 B = 320 B -> 832
+  EXPECT_EQ(l.combine_recv_offset, 512u);
+  // dispatch_counts: align256(832) = 1024; 3 ranks * 8 B = 24 B -> 1048
+  EXPECT_EQ(l.dispatch_counts_offset, 1024u);
+  // combine_done: align256(1048) = 1280; 3 * 8 B = 24 B -> 1304
+  EXPECT_EQ(l.combine_done_offset, 1280u);
+  // staging: align256(1304) = 1536; 3 * 80 B = 240 B -> 1776
+  EXPECT_EQ(l.staging_offset, 1536u);
+  // send_rows: align256(1776) = 1792; 2 tokens * 80 B = 160 B -> 1952
+  EXPECT_EQ(l.send_rows_offset, 1792u);
+  // send_announce: align256(1952) = 2048; 8 B -> 2056
+  EXPECT_EQ(l.send_announce_offset, 2048u);
+  // send_stamps: align256(2056) = 2304; 2 tokens * 8 B = 16 B -> 2320
+  EXPECT_EQ(l.send_stamps_offset, 2304u);
+  // combine_slots: align256(2320) = 2560; 3 groups * 2 tokens * 5 k * 4 B = 120 B -> 2680
+  EXPECT_EQ(l.combine_slots_offset, 2560u);
+  // expert_outputs: align256(2680) = 2816; 2 local experts * 6 rows * 32 B = 384 B -> 3200
+  EXPECT_EQ(l.expert_outputs_offset, 2816u);
+  // align256(3200) = 3328
+  EXPECT_EQ(l.symmetric_bytes, 3328u);
 
-  // send 6 * 4 = 24 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
+  // send 3 * 4 = 12 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
   // phase at 768 (+8 = 776); pull_state at align256(776) = 1024 ((2 + 3 + 1) * 4 = 24 -> 1048);
   // dispatch_epoch at align256(1048) = 1280 (+4 = 1284); total align256(1284) = 1536
   EXPECT_EQ(l.send_counts_offset, 0u);
@@ -301,17 +301,17 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.dispatch_epoch_offset, 1280u);
   EXPECT_EQ(l.workspace_bytes, 1536u);
 
-  EXPECT_EQ(l.dispatch_token_offset(1, 2, 1), 880u);  // last slot: ((1 * 3 + 2) * 2 + 1 = 11) * 80
-  EXPECT_EQ(l.combine_row_offset(1, 4), 1312u);       // last row: 1024 + (1 * 5 + 4 = 9) * 32
-  EXPECT_EQ(l.dispatch_count_offset(1, 2), 1576u);    // last: 1536 + (1 * 3 + 2 = 5) * 8
-  EXPECT_EQ(l.combine_done_offset_of(2), 1808u);      // last: 1792 + 2 * 8
-  EXPECT_EQ(l.staging_row_offset(2), 2208u);          // last: 2048 + 2 * 80
-  EXPECT_EQ(l.send_row_offset(0), 2304u);             // first: the region base
-  EXPECT_EQ(l.send_row_offset(1), 2384u);             // last: 2304 + 1 * 80; ends at 2464
-  EXPECT_EQ(l.send_stamp_offset(0), 2816u);           // first: the region base
-  EXPECT_EQ(l.send_stamp_offset(1), 2824u);           // last: 2816 + 1 * 8; ends at 2832 <= 3072
-  EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 3188u);   // last: 3072 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 3192
-  EXPECT_EQ(l.expert_output_offset(1, 5), 3680u);     // last: 3328 + (1 * 6 + 5 = 11) * 32; ends at 3712
+  EXPECT_EQ(l.dispatch_token_offset(2, 1), 400u);     // last slot: (2 * 2 + 1 = 5) * 80; ends at 480
+  EXPECT_EQ(l.combine_row_offset(1, 4), 800u);        // last row: 512 + (1 * 5 + 4 = 9) * 32; ends at 832
+  EXPECT_EQ(l.dispatch_count_offset(2), 1040u);       // last: 1024 + 2 * 8
+  EXPECT_EQ(l.combine_done_offset_of(2), 1296u);      // last: 1280 + 2 * 8
+  EXPECT_EQ(l.staging_row_offset(2), 1696u);          // last: 1536 + 2 * 80; ends at 1776
+  EXPECT_EQ(l.send_row_offset(0), 1792u);             // first: the region base
+  EXPECT_EQ(l.send_row_offset(1), 1872u);             // last: 1792 + 1 * 80; ends at 1952
+  EXPECT_EQ(l.send_stamp_offset(0), 2304u);           // first: the region base
+  EXPECT_EQ(l.send_stamp_offset(1), 2312u);           // last: 2304 + 1 * 8; ends at 2320 <= 2560
+  EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 2676u);   // last: 2560 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 2680
+  EXPECT_EQ(l.expert_output_offset(1, 5), 3168u);     // last: 2816 + (1 * 6 + 5 = 11) * 32; ends at 3200
   EXPECT_EQ(l.route_offset(1, 5), 600u);              // last: 512 + (1 * 6 + 5 = 11) * 8
 
   expect_layout_regions_disjoint(l);
@@ -329,74 +329,70 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.staging_row_bytes, 14336u);    // max(7440, 14336)
   EXPECT_EQ(l.scale_offset_in_token(), 7216u);  // 48 + 7168
 
-  // dispatch_recv: 32 * 8 * 128 = 32768 slots * 7440 B = 243,793,920 B (7000 * 32768 = 229,376,000,
-  // 440 * 32768 = 14,417,920)
+  // dispatch_recv: 8 groups * 128 tokens = 1024 slots * 7440 B = 7,618,560 B (= 4 * 7440 * 256)
   EXPECT_EQ(l.dispatch_recv_offset, 0u);
-  // combine_recv: 243,793,920 is a multiple of 256 (32768 = 2^15 divides it); 128 * 8 * 14336 = 14,680,064 B
-  // -> 258,473,984
-  EXPECT_EQ(l.combine_recv_offset, 243793920u);
-  // dispatch_counts: 258,473,984 is 256-aligned (14,680,064 = 1024 * 14336); 32 * 8 * 8 = 2048 B
-  // -> 258,476,032
-  EXPECT_EQ(l.dispatch_counts_offset, 258473984u);
-  // combine_done: 258,476,032 is 256-aligned (+2048); 8 * 8 = 64 B -> 258,476,096
-  EXPECT_EQ(l.combine_done_offset, 258476032u);
-  // staging: align256(258,476,096) = 258,476,032 + 256 = 258,476,288; 64 * 14336 = 917,504 B -> 259,393,792
-  EXPECT_EQ(l.staging_offset, 258476288u);
-  // send_rows: 917,504 = 3584 * 256, so 259,393,792 is already aligned; 128 * 7440 = 952,320 B
-  // (= 3720 * 256) -> 260,346,112
-  EXPECT_EQ(l.send_rows_offset, 259393792u);
-  // send_announce: 260,346,112 is 256-aligned; 8 B -> 260,346,120
-  EXPECT_EQ(l.send_announce_offset, 260346112u);
-  // send_stamps: align256(260,346,120) = 260,346,112 + 256 = 260,346,368; 128 tokens * 8 = 1024 B
-  // -> 260,347,392
-  EXPECT_EQ(l.send_stamps_offset, 260346368u);
-  // combine_slots: 260,347,392 = 260,346,368 + 4 * 256 is already aligned; 8 groups * 128 tokens * 8 k * 4 B
-  // = 32,768 B -> 260,380,160
-  EXPECT_EQ(l.combine_slots_offset, 260347392u);
-  // expert_outputs: 260,380,160 is aligned (32,768 = 128 * 256); 32 * 1024 rows * 14336 B = 469,762,048 B
-  // -> 730,142,208
-  EXPECT_EQ(l.expert_outputs_offset, 260380160u);
+  // combine_recv: 7,618,560 is 256-aligned; 128 * 8 * 14336 = 14,680,064 B -> 22,298,624
+  EXPECT_EQ(l.combine_recv_offset, 7618560u);
+  // dispatch_counts: 22,298,624 is 256-aligned (14,680,064 = 1024 * 14336); 8 ranks * 8 B = 64 B -> 22,298,688
+  EXPECT_EQ(l.dispatch_counts_offset, 22298624u);
+  // combine_done: align256(22,298,688) = 22,298,624 + 256 = 22,298,880; 8 * 8 = 64 B -> 22,298,944
+  EXPECT_EQ(l.combine_done_offset, 22298880u);
+  // staging: align256(22,298,944) = 22,298,880 + 256 = 22,299,136; 64 * 14336 = 917,504 B -> 23,216,640
+  EXPECT_EQ(l.staging_offset, 22299136u);
+  // send_rows: 917,504 = 3584 * 256, so 23,216,640 is already aligned; 128 * 7440 = 952,320 B
+  // (= 3720 * 256) -> 24,168,960
+  EXPECT_EQ(l.send_rows_offset, 23216640u);
+  // send_announce: 24,168,960 is 256-aligned; 8 B -> 24,168,968
+  EXPECT_EQ(l.send_announce_offset, 24168960u);
+  // send_stamps: align256(24,168,968) = 24,168,960 + 256 = 24,169,216; 128 tokens * 8 = 1024 B -> 24,170,240
+  EXPECT_EQ(l.send_stamps_offset, 24169216u);
+  // combine_slots: 24,170,240 = 24,169,216 + 4 * 256 is already aligned; 8 groups * 128 tokens * 8 k * 4 B
+  // = 32,768 B -> 24,203,008
+  EXPECT_EQ(l.combine_slots_offset, 24170240u);
+  // expert_outputs: 24,203,008 is aligned (32,768 = 128 * 256); 32 * 1024 rows * 14336 B = 469,762,048 B
+  // -> 493,965,056
+  EXPECT_EQ(l.expert_outputs_offset, 24203008u);
   // 469,762,048 = 1,835,008 * 256, so the end is already aligned
-  EXPECT_EQ(l.symmetric_bytes, 730142208u);
+  EXPECT_EQ(l.symmetric_bytes, 493965056u);
 
-  // send_counts: 256 * 4 = 1024 at 0; recv_counts: at 1024, 32 * 4 = 128 -> 1152;
-  // routes: align256(1152) = 1280, 32 * 1024 * 8 = 262,144 -> 263,424 (= 1029 * 256);
-  // phase_counters: at 263,424, +8 -> 263,432;
-  // pull_state: align256(263,432) = 263,680 (1030 * 256), (32 + 8 + 1) * 4 = 164 -> 263,844;
-  // dispatch_epoch: align256(263,844) = 263,936 (1031 * 256), 4 -> 263,940;
-  // total: align256(263,940) = 264,192 (1032 * 256)
+  // send_counts: 8 ranks * 4 = 32 at 0; recv_counts: align256(32) = 256, 32 * 4 = 128 -> 384;
+  // routes: align256(384) = 512, 32 * 1024 * 8 = 262,144 -> 262,656 (= 1026 * 256);
+  // phase_counters: at 262,656, +8 -> 262,664;
+  // pull_state: align256(262,664) = 262,912 (1027 * 256), (32 + 8 + 1) * 4 = 164 -> 263,076;
+  // dispatch_epoch: align256(263,076) = 263,168 (1028 * 256), 4 -> 263,172;
+  // total: align256(263,172) = 263,424 (1029 * 256)
   EXPECT_EQ(l.send_counts_offset, 0u);
-  EXPECT_EQ(l.recv_counts_offset, 1024u);
-  EXPECT_EQ(l.routes_offset, 1280u);
-  EXPECT_EQ(l.phase_counters_offset, 263424u);
-  EXPECT_EQ(l.pull_state_offset, 263680u);
-  EXPECT_EQ(l.dispatch_epoch_offset, 263936u);
-  EXPECT_EQ(l.workspace_bytes, 264192u);
+  EXPECT_EQ(l.recv_counts_offset, 256u);
+  EXPECT_EQ(l.routes_offset, 512u);
+  EXPECT_EQ(l.phase_counters_offset, 262656u);
+  EXPECT_EQ(l.pull_state_offset, 262912u);
+  EXPECT_EQ(l.dispatch_epoch_offset, 263168u);
+  EXPECT_EQ(l.workspace_bytes, 263424u);
 
-  // Last slot: (31 * 8 + 7) * 128 + 127 = 255 * 128 + 127 = 32767; 32767 * 7440 = 243,786,480 (+7440 = end)
-  EXPECT_EQ(l.dispatch_token_offset(31, 7, 127), 243786480u);
-  // Second expert, first group, first slot: (1 * 8 + 0) * 128 = 1024 slots * 7440 = 7,618,560
-  EXPECT_EQ(l.dispatch_token_offset(1, 0, 0), 7618560u);
-  // Last row: 127 * 8 + 7 = 1023; 243,793,920 + 1023 * 14336 (= 14,665,728) = 258,459,648
-  EXPECT_EQ(l.combine_row_offset(127, 7), 258459648u);
-  // Last count: 31 * 8 + 7 = 255; 258,473,984 + 255 * 8 = 258,476,024
-  EXPECT_EQ(l.dispatch_count_offset(31, 7), 258476024u);
-  EXPECT_EQ(l.combine_done_offset_of(7), 258476088u);  // 258,476,032 + 7 * 8
-  // Last staging row: 258,476,288 + 63 * 14336 (= 903,168) = 259,379,456; ends at 259,393,792
-  EXPECT_EQ(l.staging_row_offset(63), 259379456u);
-  EXPECT_EQ(l.send_row_offset(0), 259393792u);  // first send row: the region base, right after staging
-  // Last send row: 259,393,792 + 127 * 7440 (= 944,880) = 260,338,672; ends at 260,346,112
-  EXPECT_EQ(l.send_row_offset(127), 260338672u);
-  EXPECT_EQ(l.send_stamp_offset(0), 260346368u);
-  // Last stamp: 260,346,368 + 127 * 8 (= 1016) = 260,347,384; ends at 260,347,392, where combine_slots starts
-  EXPECT_EQ(l.send_stamp_offset(127), 260347384u);
-  // Last slot: (7 * 128 + 127) * 8 + 7 = 8191; 260,347,392 + 8191 * 4 = 260,380,156; ends at 260,380,160
-  EXPECT_EQ(l.combine_slot_offset(7, 127, 7), 260380156u);
-  // Last expert output: 31 * 1024 + 1023 = 32767; 260,380,160 + 32767 * 14336 (= 469,747,712) = 730,127,872;
-  // ends at 730,142,208 = symmetric_bytes
-  EXPECT_EQ(l.expert_output_offset(31, 1023), 730127872u);
-  // Last route: 31 * 1024 + 1023 = 32767; 1280 + 32767 * 8 = 1280 + 262,136 = 263,416; ends at 263,424
-  EXPECT_EQ(l.route_offset(31, 1023), 263416u);
+  // Last slot: 7 * 128 + 127 = 1023; 1023 * 7440 = 7,611,120 (+7440 = end)
+  EXPECT_EQ(l.dispatch_token_offset(7, 127), 7611120u);
+  // Second group, first slot: 128 slots * 7440 = 952,320
+  EXPECT_EQ(l.dispatch_token_offset(1, 0), 952320u);
+  // Last row: 127 * 8 + 7 = 1023; 7,618,560 + 1023 * 14336 (= 14,665,728) = 22,284,288
+  EXPECT_EQ(l.combine_row_offset(127, 7), 22284288u);
+  // Last count: 22,298,624 + 7 * 8 = 22,298,680
+  EXPECT_EQ(l.dispatch_count_offset(7), 22298680u);
+  EXPECT_EQ(l.combine_done_offset_of(7), 22298936u);  // 22,298,880 + 7 * 8
+  // Last staging row: 22,299,136 + 63 * 14336 (= 903,168) = 23,202,304; ends at 23,216,640
+  EXPECT_EQ(l.staging_row_offset(63), 23202304u);
+  EXPECT_EQ(l.send_row_offset(0), 23216640u);  // first send row: the region base, right after staging
+  // Last send row: 23,216,640 + 127 * 7440 (= 944,880) = 24,161,520; ends at 24,168,960
+  EXPECT_EQ(l.send_row_offset(127), 24161520u);
+  EXPECT_EQ(l.send_stamp_offset(0), 24169216u);
+  // Last stamp: 24,169,216 + 127 * 8 (= 1016) = 24,170,232; ends at 24,170,240, where combine_slots starts
+  EXPECT_EQ(l.send_stamp_offset(127), 24170232u);
+  // Last slot: (7 * 128 + 127) * 8 + 7 = 8191; 24,170,240 + 8191 * 4 = 24,203,004; ends at 24,203,008
+  EXPECT_EQ(l.combine_slot_offset(7, 127, 7), 24203004u);
+  // Last expert output: 31 * 1024 + 1023 = 32767; 24,203,008 + 32767 * 14336 (= 469,747,712) = 493,950,720;
+  // ends at 493,965,056 = symmetric_bytes
+  EXPECT_EQ(l.expert_output_offset(31, 1023), 493950720u);
+  // Last route: 31 * 1024 + 1023 = 32767; 512 + 32767 * 8 = 512 + 262,136 = 262,648; ends at 262,656
+  EXPECT_EQ(l.route_offset(31, 1023), 262648u);
 
   expect_layout_regions_disjoint(l);
 }
@@ -418,17 +414,17 @@ TEST(LayoutOverflow, StagingSlotsTimesRowBytes) {
 }
 
 TEST(LayoutOverflow, StagingEndPastAddressSpace) {
-  // (2^64 - 1) / 64 slots * 64 B = 2^64 - 64 B, which fits, but starting at offset 2304 it ends past 2^64.
+  // (2^64 - 1) / 64 slots * 64 B = 2^64 - 64 B, which fits, but starting at offset 1792 it ends past 2^64.
   const uint64_t slots = std::numeric_limits<uint64_t>::max() / 64;
   const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
   EXPECT_THAT(message, HasSubstr("staging"));
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
-// small_config() puts staging at 2304 with 64-byte rows, and five fixed-size regions follow it: send_rows
+// small_config() puts staging at 1792 with 64-byte rows, and five fixed-size regions follow it: send_rows
 // (4 tokens * 64 B = 256 B), send_announce (8 B), send_stamps (4 tokens * 8 B = 32 B), combine_slots (2 groups * 4 tokens * 3 k * 4 B = 96 B) and expert_outputs (2 experts * 8 rows * 64 B
 // = 1024 B). With slots = 2^58 - n:
-//   staging ends at          E = 2304 + 64 * (2^58 - n) = 2^64 - (64 * n - 2304) = 2^64 - 64 * (n - 36)
+//   staging ends at          E = 1792 + 64 * (2^58 - n) = 2^64 - (64 * n - 1792) = 2^64 - 64 * (n - 28)
 //   send_rows                [S, S + 256) with S = align256(E)        (computing E + 255 must not pass 2^64)
 //   send_announce            [S + 256, S + 264)                       (S + 256 is already aligned)
 //   send_stamps              [S + 512, S + 544)                       (align256(S + 264) = S + 512)
@@ -436,19 +432,19 @@ TEST(LayoutOverflow, StagingEndPastAddressSpace) {
 //   expert_outputs           [S + 1024, S + 2048)                     (align256(S + 864) = S + 1024)
 //   symmetric_bytes          = S + 2048, already aligned
 // so, by n:
-//   n <= 36     staging ends at or past 2^64                                   -> "staging" overflows
-//   n = 37..39  E = 2^64 - 64, - 128, - 192: align256(E) reaches 2^64          -> "send_rows" overflows
-//   n = 40..43  E = 2^64 - 256 .. - 448, S = 2^64 - 256: send_rows ends at 2^64 -> "send_rows" overflows
-//   n = 44..47  S = 2^64 - 512: send_announce ends at 2^64 - 248; aligning the start of send_stamps
+//   n <= 28     staging ends at or past 2^64                                   -> "staging" overflows
+//   n = 29..31  E = 2^64 - 64, - 128, - 192: align256(E) reaches 2^64          -> "send_rows" overflows
+//   n = 32..35  E = 2^64 - 256 .. - 448, S = 2^64 - 256: send_rows ends at 2^64 -> "send_rows" overflows
+//   n = 36..39  S = 2^64 - 512: send_announce ends at 2^64 - 248; aligning the start of send_stamps
 //               reaches 2^64                                                   -> "send_stamps" overflows
-//   n = 48..51  S = 2^64 - 768: send_stamps [2^64 - 256, 2^64 - 224) fits; aligning the start of
+//   n = 40..43  S = 2^64 - 768: send_stamps [2^64 - 256, 2^64 - 224) fits; aligning the start of
 //               combine_slots reaches 2^64                                     -> "combine_slots" overflows
-//   n = 52..55  S = 2^64 - 1024: combine_slots [2^64 - 256, 2^64 - 160) fits; aligning the start of
+//   n = 44..47  S = 2^64 - 1024: combine_slots [2^64 - 256, 2^64 - 160) fits; aligning the start of
 //               expert_outputs reaches 2^64                                    -> "expert_outputs" overflows
-//   n = 56..71  S = 2^64 - 1280 .. - 2048: expert_outputs starts below 2^64 and ends past it, exactly at 2^64
-//               for S = 2^64 - 2048 (n = 68..71)                               -> "expert_outputs" overflows
-//   n = 72      E = S = 2^64 - 2304: symmetric_bytes = 2^64 - 256, the largest aligned size: it fits.
-// The rows n = 37..71: a region after staging is the first whose placement passes 2^64.
+//   n = 48..63  S = 2^64 - 1280 .. - 2048: expert_outputs starts below 2^64 and ends past it, exactly at 2^64
+//               for S = 2^64 - 2048 (n = 60..63)                               -> "expert_outputs" overflows
+//   n = 64      E = S = 2^64 - 2304: symmetric_bytes = 2^64 - 256, the largest aligned size: it fits.
+// The rows n = 29..63: a region after staging is the first whose placement passes 2^64.
 struct RegionOverflowCase {
   uint64_t n;          // staging_slots = 2^58 - n
   const char* region;  // the region named in the error
@@ -465,39 +461,39 @@ TEST_P(LayoutRegionAfterStagingOverflow, ThrowsNamingTheRegion) {
 
 INSTANTIATE_TEST_SUITE_P(
     SmallConfig, LayoutRegionAfterStagingOverflow,
-    ::testing::Values(RegionOverflowCase{37, "send_rows"}, RegionOverflowCase{38, "send_rows"},
-                      RegionOverflowCase{39, "send_rows"},  // aligning the start of send_rows wraps
-                      RegionOverflowCase{40, "send_rows"},  // send_rows ends exactly at 2^64
-                      RegionOverflowCase{43, "send_rows"},
-                      RegionOverflowCase{44, "send_stamps"},  // aligning its start wraps
-                      RegionOverflowCase{47, "send_stamps"},
-                      RegionOverflowCase{48, "combine_slots"},  // aligning its start wraps to zero
-                      RegionOverflowCase{51, "combine_slots"},
-                      RegionOverflowCase{52, "expert_outputs"},  // aligning its start wraps to zero
-                      RegionOverflowCase{55, "expert_outputs"},
-                      RegionOverflowCase{56, "expert_outputs"},  // starts below 2^64, ends past it
-                      RegionOverflowCase{68, "expert_outputs"},  // ends exactly at 2^64
-                      RegionOverflowCase{71, "expert_outputs"}),
+    ::testing::Values(RegionOverflowCase{29, "send_rows"}, RegionOverflowCase{30, "send_rows"},
+                      RegionOverflowCase{31, "send_rows"},  // aligning the start of send_rows wraps
+                      RegionOverflowCase{32, "send_rows"},  // send_rows ends exactly at 2^64
+                      RegionOverflowCase{35, "send_rows"},
+                      RegionOverflowCase{36, "send_stamps"},  // aligning its start wraps
+                      RegionOverflowCase{39, "send_stamps"},
+                      RegionOverflowCase{40, "combine_slots"},  // aligning its start wraps to zero
+                      RegionOverflowCase{43, "combine_slots"},
+                      RegionOverflowCase{44, "expert_outputs"},  // aligning its start wraps to zero
+                      RegionOverflowCase{47, "expert_outputs"},
+                      RegionOverflowCase{48, "expert_outputs"},  // starts below 2^64, ends past it
+                      RegionOverflowCase{60, "expert_outputs"},  // ends exactly at 2^64
+                      RegionOverflowCase{63, "expert_outputs"}),
     [](const ::testing::TestParamInfo<RegionOverflowCase>& info) {
       return "slots_2pow58_minus_" + std::to_string(info.param.n);
     });
 
 TEST(LayoutOverflow, StagingEndsExactlyAt2To64) {
-  // 2^58 - 36 slots: 2304 + 64 * (2^58 - 36) = 2^64 + 2304 - 2304 = 2^64, one past the largest offset.
-  const uint64_t slots = (uint64_t(1) << 58) - 36;
+  // 2^58 - 28 slots: 1792 + 64 * (2^58 - 28) = 2^64 + 1792 - 1792 = 2^64, one past the largest offset.
+  const uint64_t slots = (uint64_t(1) << 58) - 28;
   const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
   EXPECT_THAT(message, HasSubstr("staging"));
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
 TEST(LayoutOverflow, LargestAlignedEndStillFits) {
-  // 2^58 - 72 slots: staging ends at 2304 + 64 * (2^58 - 72) = 2^64 - 2304 (aligned); send_rows at 2^64 - 2304
+  // 2^58 - 64 slots: staging ends at 1792 + 64 * (2^58 - 64) = 2^64 - 2304 (aligned); send_rows at 2^64 - 2304
   // (256 B -> 2^64 - 2048); send_announce at 2^64 - 2048 (8 B); send_stamps at align256 = 2^64 - 1792
   // (32 B); combine_slots at 2^64 - 1536 (96 B); expert_outputs at 2^64 - 1280 (1024 B -> 2^64 - 256), the
-  // largest 256-aligned size, so the layout is valid. One slot more (n = 71) wraps (see above).
-  const uint64_t slots = (uint64_t(1) << 58) - 72;
+  // largest 256-aligned size, so the layout is valid. One slot more (n = 63) wraps (see above).
+  const uint64_t slots = (uint64_t(1) << 58) - 64;
   const BufferLayout l = make_buffer_layout(small_config(), slots);
-  EXPECT_EQ(l.staging_offset, 2304u);
+  EXPECT_EQ(l.staging_offset, 1792u);
   EXPECT_EQ(l.send_rows_offset, 18446744073709549312ull);             // 2^64 - 2304
   EXPECT_EQ(l.send_announce_offset, 18446744073709549568ull);  // 2^64 - 2048
   EXPECT_EQ(l.send_stamps_offset, 18446744073709549824ull);    // 2^64 - 1792
@@ -521,31 +517,31 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   EXPECT_EQ(l.num_dp_groups, 2u);          // 4 / 2
   EXPECT_EQ(l.dispatch_token_bytes, 64u);  // as small_config()
   EXPECT_EQ(l.staging_row_bytes, 64u);
-  // dispatch_recv: 16 * 2 * 4 = 128 slots * 64 B = 8192 B -> 8192
-  // combine_recv: at 8192; 4 * 3 * 64 B = 768 B -> 8960
-  // dispatch_counts: align256(8960) = 8960 (35 * 256); 16 * 4 * 8 B = 512 B -> 9472
-  // combine_done: at 9472 (37 * 256); 4 * 8 B = 32 B -> 9504
-  // staging: align256(9504) = 9728 (38 * 256); 5 * 64 B = 320 B -> 10048
-  // send_rows: align256(10048) = 10240 (40 * 256); 4 * 64 B = 256 B -> 10496
-  // send_announce: at 10496 (41 * 256); 8 B -> 10504
-  // send_stamps: align256(10504) = 10752 (42 * 256); 4 * 8 B = 32 B -> 10784
-  // combine_slots: align256(10784) = 11008 (43 * 256); 2 * 4 * 3 * 4 B = 96 B -> 11104
-  // expert_outputs: align256(11104) = 11264 (44 * 256); 16 * 8 * 64 B = 8192 B -> 19456 (76 * 256)
+  // dispatch_recv: 2 groups * 4 tokens = 8 slots * 64 B = 512 B -> 512
+  // combine_recv: at 512; 4 * 3 * 64 B = 768 B -> 1280
+  // dispatch_counts: align256(1280) = 1280 (5 * 256); 4 ranks * 8 B = 32 B -> 1312
+  // combine_done: align256(1312) = 1536 (6 * 256); 4 * 8 B = 32 B -> 1568
+  // staging: align256(1568) = 1792 (7 * 256); 5 * 64 B = 320 B -> 2112
+  // send_rows: align256(2112) = 2304 (9 * 256); 4 * 64 B = 256 B -> 2560
+  // send_announce: at 2560 (10 * 256); 8 B -> 2568
+  // send_stamps: align256(2568) = 2816 (11 * 256); 4 * 8 B = 32 B -> 2848
+  // combine_slots: align256(2848) = 3072 (12 * 256); 2 * 4 * 3 * 4 B = 96 B -> 3168
+  // expert_outputs: align256(3168) = 3328 (13 * 256); 16 * 8 * 64 B = 8192 B -> 11520 (45 * 256)
   EXPECT_EQ(l.dispatch_recv_offset, 0u);
-  EXPECT_EQ(l.combine_recv_offset, 8192u);
-  EXPECT_EQ(l.dispatch_counts_offset, 8960u);
-  EXPECT_EQ(l.combine_done_offset, 9472u);
-  EXPECT_EQ(l.staging_offset, 9728u);
-  EXPECT_EQ(l.send_rows_offset, 10240u);
-  EXPECT_EQ(l.send_announce_offset, 10496u);
-  EXPECT_EQ(l.send_stamps_offset, 10752u);
-  EXPECT_EQ(l.combine_slots_offset, 11008u);
-  EXPECT_EQ(l.expert_outputs_offset, 11264u);
-  EXPECT_EQ(l.symmetric_bytes, 19456u);
-  EXPECT_EQ(l.send_row_offset(3), 10432u);            // last: 10240 + 3 * 64; ends at 10496
-  EXPECT_EQ(l.send_stamp_offset(3), 10776u);          // last: 10752 + 3 * 8; ends at 10784
-  EXPECT_EQ(l.expert_output_offset(15, 7), 19392u);   // last: 11264 + 127 * 64; ends at 19456 = symmetric_bytes
-  // Workspace: send 64 * 4 = 256 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
+  EXPECT_EQ(l.combine_recv_offset, 512u);
+  EXPECT_EQ(l.dispatch_counts_offset, 1280u);
+  EXPECT_EQ(l.combine_done_offset, 1536u);
+  EXPECT_EQ(l.staging_offset, 1792u);
+  EXPECT_EQ(l.send_rows_offset, 2304u);
+  EXPECT_EQ(l.send_announce_offset, 2560u);
+  EXPECT_EQ(l.send_stamps_offset, 2816u);
+  EXPECT_EQ(l.combine_slots_offset, 3072u);
+  EXPECT_EQ(l.expert_outputs_offset, 3328u);
+  EXPECT_EQ(l.symmetric_bytes, 11520u);
+  EXPECT_EQ(l.send_row_offset(3), 2496u);             // last: 2304 + 3 * 64; ends at 2560
+  EXPECT_EQ(l.send_stamp_offset(3), 2840u);           // last: 2816 + 3 * 8; ends at 2848
+  EXPECT_EQ(l.expert_output_offset(15, 7), 11456u);   // last: 3328 + 127 * 64; ends at 11520 = symmetric_bytes
+  // Workspace: send 4 * 4 = 16 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
   // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+8 = 1544); pull_state at align256(1544) = 1792
   // ((16 + 2 + 1) * 4 = 76 -> 1868); dispatch_epoch at align256(1868) = 2048 (+4 = 2052); total
   // align256(2052) = 2304
@@ -559,23 +555,23 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
 }
 
 TEST(LayoutOverflow, LayoutEndsExactlyAt2To64) {
-  // many_experts_config(): staging at 9728, rows of 64 B; send_rows [S, S + 256), send_announce
+  // many_experts_config(): staging at 1792, rows of 64 B; send_rows [S, S + 256), send_announce
   // [S + 256, S + 264), send_stamps [S + 512, S + 544), combine_slots [S + 768, S + 864), expert_outputs
-  // [S + 1024, S + 9216) with S = align256(9728 + 64 * slots).
-  // 2^58 - 296 slots: 9728 + 64 * (2^58 - 296) = 2^64 - 9216 (18944 = 296 * 64), aligned, so S = 2^64 - 9216 and
+  // [S + 1024, S + 9216) with S = align256(1792 + 64 * slots).
+  // 2^58 - 172 slots: 1792 + 64 * (2^58 - 172) = 2^64 - 9216 (11008 = 172 * 64), aligned, so S = 2^64 - 9216 and
   // expert_outputs ends exactly at 2^64, one past the largest offset.
-  const uint64_t slots = (uint64_t(1) << 58) - 296;
+  const uint64_t slots = (uint64_t(1) << 58) - 172;
   const std::string message = config_error_message([&] { make_buffer_layout(many_experts_config(), slots); });
   EXPECT_THAT(message, HasSubstr("expert_outputs"));
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
 TEST(LayoutOverflow, ManyExpertsLargestEndStillFits) {
-  // 2^58 - 300 slots: staging ends at 9728 + 64 * (2^58 - 300) = 2^64 - 9472 (19200 = 300 * 64); send_rows at
+  // 2^58 - 176 slots: staging ends at 1792 + 64 * (2^58 - 176) = 2^64 - 9472 (11264 = 176 * 64); send_rows at
   // 2^64 - 9472, send_announce at 2^64 - 9216, send_stamps at 2^64 - 8960, combine_slots at 2^64 - 8704,
   // expert_outputs at 2^64 - 8448 ending at 2^64 - 256: already aligned, the largest valid size.
-  const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 300);
-  EXPECT_EQ(l.staging_offset, 9728u);
+  const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 176);
+  EXPECT_EQ(l.staging_offset, 1792u);
   EXPECT_EQ(l.send_rows_offset, 18446744073709542144ull);           // 2^64 - 9472
   EXPECT_EQ(l.send_announce_offset, 18446744073709542400ull);  // 2^64 - 9216
   EXPECT_EQ(l.send_stamps_offset, 18446744073709542656ull);    // 2^64 - 8960
@@ -594,9 +590,10 @@ TEST(LayoutOverflow, RowsPerLocalExpertFromConfig) {
   EXPECT_THAT(message, HasSubstr("got 17179869176"));  // (2^31 - 1) * 8
 }
 
-TEST(LayoutOverflow, DispatchRecvFromConfig) {
-  // Fields at their limits: (2^31 - 1) experts * 1 group * 255 tokens ~ 2^39 slots, times a ~2^31-byte token, is
-  // far past 2^64. (255 tokens: the most whose combine work items, 255 * 2^23 chunks of hidden 2^31 - 8, fit.)
+TEST(LayoutOverflow, ExpertOutputsFromConfig) {
+  // Fields at their limits: (2^31 - 1) local experts * 255 rows ~ 2^39 rows, times a ~2^32-byte row (2 bytes an
+  // element), is far past 2^64; every region before it fits (dispatch_recv: 1 group * 255 tokens of ~2^31 bytes).
+  // (255 tokens: the most whose combine work items, 255 * 2^23 chunks of hidden 2^31 - 8, fit.)
   AllToAllConfig config;
   config.max_num_tokens = 255;
   config.num_experts = 2147483647;
@@ -608,38 +605,38 @@ TEST(LayoutOverflow, DispatchRecvFromConfig) {
   config.hidden_dim_bytes = 2147483632;  // largest multiple of 16 below 2^31
   config.hidden_dim_scale_bytes = 0;
   const std::string message = config_error_message([&] { make_buffer_layout(config, 1); });
-  EXPECT_THAT(message, HasSubstr("dispatch_recv"));
+  EXPECT_THAT(message, HasSubstr("expert_outputs"));
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
 TEST(SymmetricHeap, FitsInLargeHeap) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   EXPECT_NO_THROW(require_fits_symmetric_heap(l, 1ull << 30));  // 1 GiB
-  // 730,142,208 + 64 MiB (67,108,864) reserve = 797,251,072: exactly enough.
-  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 797251072ull));
+  // 493,965,056 + 64 MiB (67,108,864) reserve = 561,073,920: exactly enough.
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 561073920ull));
 }
 
 TEST(SymmetricHeap, OneByteShort) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
-  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 797251071ull); });
-  EXPECT_THAT(message, HasSubstr("797251072"));
+  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 561073919ull); });
+  EXPECT_THAT(message, HasSubstr("561073920"));
 }
 
 TEST(SymmetricHeap, SmallHeapNamesNeededBytesAndVariable) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 256ull << 20); });
-  EXPECT_THAT(message, HasSubstr("730142208"));  // symmetric bytes
-  EXPECT_THAT(message, HasSubstr("797251072"));  // + 64 MiB reserve
+  EXPECT_THAT(message, HasSubstr("493965056"));  // symmetric bytes
+  EXPECT_THAT(message, HasSubstr("561073920"));  // + 64 MiB reserve
   EXPECT_THAT(message, HasSubstr("268435456"));  // the heap it was given: 256 * 2^20
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE"));
-  // 797,251,072 = 760 * 2^20 (796,917,760) + 333,312, so ceil(797,251,072 / 2^20) = 761
-  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=761M"));
+  // 561,073,920 = 535 * 2^20 (560,988,160) + 85,760, so ceil(561,073,920 / 2^20) = 536
+  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=536M"));
 }
 
 TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
   // symmetric_bytes = 2^64 - 256 (see LargestAlignedEndStillFits); + 64 MiB reserve passes 2^64. Unchecked, the
   // sum wrapped to 64 MiB - 256 and even a small heap appeared to fit.
-  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 72);
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 64);
   ASSERT_EQ(l.symmetric_bytes, 18446744073709551360ull);
   for (const uint64_t heap_bytes : {uint64_t(1) << 30, std::numeric_limits<uint64_t>::max()}) {
     const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, heap_bytes); });
@@ -649,10 +646,10 @@ TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
 }
 
 TEST(SymmetricHeap, NeededJustBelow2To64) {
-  // 2^58 - 2^20 - 72 slots: staging ends at 2304 + 64 * slots = 2^64 - 2^26 - 2304 (256-aligned), which is
+  // 2^58 - 2^20 - 64 slots: staging ends at 1792 + 64 * slots = 2^64 - 2^26 - 2304 (256-aligned), which is
   // S in the table above LayoutRegionAfterStagingOverflow; symmetric_bytes = S + 2048 = 2^64 - 2^26 - 256, so
   // needed = + 64 MiB (2^26) = 2^64 - 256 fits.
-  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 72);
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 64);
   ASSERT_EQ(l.symmetric_bytes, 18446744073642442496ull);  // 2^64 - 2^26 - 256
   EXPECT_NO_THROW(require_fits_symmetric_heap(l, std::numeric_limits<uint64_t>::max()));
   const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 1ull << 30); });
