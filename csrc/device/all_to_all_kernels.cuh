@@ -169,8 +169,9 @@ struct PullReceiveState {
 };
 
 // Copies a received DispatchToken's payload and scales into row `out_row_of(lane)` of out_expert_x (and of its
-// scales) for every lane set in `lanes`, with the whole warp: the token is read once for all of them. The token
-// was written by a peer during this kernel, so it is read coherently.
+// scales) for every lane set in `lanes`, with the whole warp: the token is read once for all of them. Peers
+// write tokens while kernels run (stores to a sender's send_rows, or puts into our dispatch_recv), so it is read
+// coherently.
 template <class OutRowOf>
 __device__ __forceinline__ void copy_to_expert_rows(const DispatchArgs& a, const uint8_t* token, unsigned lanes,
                                                     OutRowOf out_row_of) {
