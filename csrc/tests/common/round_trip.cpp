@@ -272,7 +272,8 @@ void RoundTrip::check_dispatch(const std::vector<reference::ExpertInbox>& expect
 
 void RoundTrip::combine(AllToAll& a2a, const CallShape& shape) {
   const int64_t hidden = config_.hidden_dim, max_recv = config_.max_recv_tokens();
-  auto* expert_y = static_cast<uint16_t*>(shape.expert_y_in_buffer_on(config_.rank) ? a2a.expert_output_buffer() : expert_y_.get());
+  auto* expert_y = static_cast<uint16_t*>(shape.expert_y_in_buffer_on(config_.rank) ? a2a.expert_output_buffer()
+                                                                                     : expert_y_.get());
   std::vector<float> values(hidden);
   std::vector<uint16_t> block;
   for (int64_t le = 0; le < config_.num_local_experts(); ++le) {
