@@ -155,7 +155,7 @@ __device__ __forceinline__ void check_row_expert(const RankContext& c, const uin
 }
 
 // The pull receive's state, in the workspace's pull_state, zeroed by the next combine. The push receive takes
-// rows with expert_rows too, and zeroes it itself.
+// rows with expert_rows too; both forms' hand-over (hand_over_expert_rows) zeroes it for the next dispatch.
 struct PullReceiveState {
   uint32_t* expert_rows;  // [num_local]: rows of out_expert_x taken so far, per local expert
   uint32_t* sender_next;  // [groups]: next token of the sender to take
@@ -167,6 +167,19 @@ struct PullReceiveState {
     blocks_done = sender_next + c.layout.num_dp_groups;
   }
 };
+
+// Hands each local expert's row count to the caller (out_expert_num_tokens) and to combine (recv_counts), and
+// zeroes expert_rows for the next dispatch. Call from the receive's last block out, once every row is taken.
+__device__ inline void hand_over_expert_rows(const DispatchArgs& a, const PullReceiveState& state) {
+  const BufferLayout& l = a.ctx.layout;
+  auto* recv_counts = reinterpret_cast<int32_t*>(a.ctx.workspace + l.recv_counts_offset);
+  for (uint32_t le = threadIdx.x; le < l.num_local_experts; le += blockDim.x) {
+    const int32_t rows = int32_t(min(__ldcg(&state.expert_rows[le]), l.max_recv_tokens));
+    a.out_expert_num_tokens[le] = rows;
+    recv_counts[le] = rows;
+    state.expert_rows[le] = 0;
+  }
+}
 
 // Copies a received DispatchToken's payload and scales into row `out_row_of(lane)` of out_expert_x (and of its
 // scales) for every lane set in `lanes`, with the whole warp: the token is read once for all of them. Peers
@@ -309,13 +322,7 @@ __device__ inline void dispatch_recv(const DispatchArgs& a) {
   }
 
   if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
-    auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
-    for (uint32_t le = threadIdx.x; le < l.num_local_experts; le += blockDim.x) {
-      const int32_t rows = int32_t(min(__ldcg(&state.expert_rows[le]), l.max_recv_tokens));
-      a.out_expert_num_tokens[le] = rows;
-      recv_counts[le] = rows;
-      state.expert_rows[le] = 0;
-    }
+    hand_over_expert_rows(a, state);
     for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
       *c.local_signal(l.dispatch_count_offset(source)) = 0;
     }
@@ -482,12 +489,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
                         [&](uint64_t value) { return DispatchEpoch::announced_epoch(value) == epoch; }, c.timeout_ns,
                         c.error, Phase::kDispatchRecv, int32_t(source));
     }
-    auto* recv_counts = reinterpret_cast<int32_t*>(c.workspace + l.recv_counts_offset);
-    for (uint32_t le = threadIdx.x; le < l.num_local_experts; le += blockDim.x) {
-      const int32_t rows = int32_t(min(__ldcg(&state.expert_rows[le]), l.max_recv_tokens));
-      a.out_expert_num_tokens[le] = rows;
-      recv_counts[le] = rows;
-    }
+    hand_over_expert_rows(a, state);
   }
 }
 
