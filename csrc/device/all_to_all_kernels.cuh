@@ -409,6 +409,12 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   // the atomic's latency; the held ticket is used first (a sender whose tokens are not all taken stays chosen).
   int held_group = -1;
   uint32_t held_ticket = 0;
+  // A ticket for a token of group g's sender, or m_g once they are all taken. Every warp of the grid asks every
+  // sender for tickets, and with many warps per token (132 blocks a rank on its own GPU) most find them all
+  // taken: the load spares those the atomic, on one address all of them would queue on.
+  auto take_ticket = [&](uint32_t g, uint32_t m_g) {
+    return __ldcg(&state.sender_next[g]) >= m_g ? m_g : atomicAdd(&state.sender_next[g], 1u);
+  };
   for (uint32_t spin = 0;;) {
     // The first sender, from the rotation on, that this warp has heard from and whose tokens are not all
     // taken; the others are polled only when there is none.
@@ -454,7 +460,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
 
     const uint32_t g = uint32_t(chosen), m_g = (seen[g] & ~kAllTaken) - 1;
     uint32_t t = held_ticket;
-    if (held_group < 0 && lane == 0) t = atomicAdd(&state.sender_next[g], 1u);
+    if (held_group < 0 && lane == 0) t = take_ticket(g, m_g);
     t = __shfl_sync(kFullMask, t, 0);
     held_group = -1;
     if (t >= m_g) {
@@ -463,7 +469,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
       __syncwarp();
       continue;
     }
-    held_ticket = lane == 0 ? atomicAdd(&state.sender_next[g], 1u) : 0u;
+    held_ticket = lane == 0 ? take_ticket(g, m_g) : 0u;
     held_group = int(g);
     uint64_t stamp = 0;
     if (lane == 0) {
