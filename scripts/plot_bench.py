@@ -2,9 +2,11 @@
 """Plot bench_all_to_all --json results: latency against tokens per rank, one line per transport and expert
 count, with the bandwidth floor (dashed) that the benchmark measured beside each case, the latency floor (one
 cross-rank barrier, grey, when the file has it) and, for combine, the combine that reads expert_y from the
-all-to-all's own buffer (dotted).
+all-to-all's own buffer (dotted). --median plots medians without error bars, for runs where a few stalled
+iterations (host or VM) make the standard deviation larger than the times.
 
     python3 scripts/plot_bench.py docs/bench_h100_8ranks.json docs/bench_h100_8ranks.png
+    python3 scripts/plot_bench.py --median docs/bench_h200_2gpu.json docs/bench_h200_2gpu.png
 """
 
 import argparse
@@ -21,7 +23,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", help="JSON written by bench_all_to_all --json")
     parser.add_argument("png", help="where to write the plot")
+    parser.add_argument("--median", action="store_true", help="plot medians, without error bars")
     args = parser.parse_args()
+    stat = "median_us" if args.median else "mean_us"
     with open(args.results) as f:
         cases = json.load(f)
 
@@ -37,8 +41,8 @@ def main() -> None:
             tokens = [c["tokens"] for c in runs]
             line = axis.errorbar(
                 tokens,
-                [c[op]["mean_us"] for c in runs],
-                yerr=[c[op]["std_us"] for c in runs],
+                [c[op][stat] for c in runs],
+                yerr=None if args.median else [c[op]["std_us"] for c in runs],
                 marker="o",
                 capsize=3,
                 label=f"{transport}, {experts} experts",
@@ -46,7 +50,7 @@ def main() -> None:
             if all(f"{op}_floor" in c for c in runs):
                 axis.plot(
                     tokens,
-                    [c[f"{op}_floor"]["mean_us"] for c in runs],
+                    [c[f"{op}_floor"][stat] for c in runs],
                     linestyle="--",
                     color=line[0].get_color(),
                     alpha=0.6,
@@ -54,7 +58,7 @@ def main() -> None:
             if op == "combine" and all("combine_in_buffer" in c for c in runs):
                 axis.plot(
                     tokens,
-                    [c["combine_in_buffer"]["mean_us"] for c in runs],
+                    [c["combine_in_buffer"][stat] for c in runs],
                     linestyle=":",
                     marker=".",
                     color=line[0].get_color(),
@@ -62,7 +66,7 @@ def main() -> None:
         by_tokens = defaultdict(list)  # one barrier, timed in every case: averaged over the cases of a token count
         for c in cases:
             if "barrier" in c:
-                by_tokens[c["tokens"]].append(c["barrier"]["mean_us"])
+                by_tokens[c["tokens"]].append(c["barrier"][stat])
         if by_tokens:
             axis.plot(
                 sorted(by_tokens),
@@ -73,7 +77,7 @@ def main() -> None:
             )
         axis.set_xscale("log", base=2)
         axis.set_xlabel("tokens per rank")
-        axis.set_ylabel("µs, slowest rank (mean ± std)")
+        axis.set_ylabel("µs, slowest rank (median)" if args.median else "µs, slowest rank (mean ± std)")
         extra = "; dotted: expert_y in buffer" if op == "combine" else ""
         axis.set_title(f"{op}, {ranks} ranks (dashed: floor{extra})", fontsize=10)
         axis.grid(True, alpha=0.3)

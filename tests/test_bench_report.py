@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,15 @@ def test_plot_writes_a_png_or_says_why_not(tmp_path: Path, capsys: pytest.Captur
         assert "plot skipped: matplotlib is not installed" in capsys.readouterr().out
     else:
         assert Path(opts.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("median", [False, True], ids=["mean", "median"])
+def test_plot_bench_script_plots_a_saved_run(tmp_path: Path, median: bool) -> None:
+    """scripts/plot_bench.py on a run kept in docs/, with means and error bars or with medians."""
+    pytest.importorskip("matplotlib", reason="plot_bench.py needs matplotlib")
+    root = Path(__file__).resolve().parent.parent
+    png = tmp_path / "plot.png"
+    saved = root / "docs" / "bench_h200_2gpu.json"
+    command = [sys.executable, str(root / "scripts" / "plot_bench.py"), str(saved), str(png)]
+    subprocess.run(command + (["--median"] if median else []), check=True, capture_output=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
