@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# compute-sanitizer memcheck and racecheck on test_all_to_all with 2 ranks, for the intranode and the internode
-# transport: prints the test's closing line and each rank's sanitizer summary line per run, and exits non-zero
+# compute-sanitizer memcheck and racecheck on test_all_to_all with 2 ranks, for each transport (intranode,
+# internode, and internode-puts, the put path that runs between nodes): prints the test's closing line and each rank's sanitizer summary line per run, and exits non-zero
 # when a run fails or a summary reports anything.
 #   bash scripts/device/sanitize.sh        (builds first when build/test_all_to_all is missing)
 # Each rank process runs under its own compute-sanitizer (mpirun ... compute-sanitizer --tool T test_all_to_all).
@@ -10,7 +10,7 @@
 # NVSHMEM takes its heap from cudaMalloc instead of the CUDA VMM API (NVSHMEM_DISABLE_CUDA_VMM=1), which the
 # sanitizer tracks as ordinary device allocations.
 # Env: SANITIZER (path of compute-sanitizer), SANITIZE_TOOLS (default "memcheck racecheck"),
-# SANITIZE_TRANSPORTS (default "intranode internode"), SANITIZE_ARGS (test_all_to_all arguments, default
+# SANITIZE_TRANSPORTS (default "intranode internode internode-puts"), SANITIZE_ARGS (test_all_to_all arguments, default
 # "--configs 2 --iterations 2"), SANITIZE_TIMEOUT_S (per run, default 1200). Logs: build/sanitize/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -55,7 +55,7 @@ export RANKS_EXPORT="EXPERTWIRE_TIMEOUT_MS=${EXPERTWIRE_TIMEOUT_MS:-600000} NVSH
 
 failed=0
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
-  for transport in ${SANITIZE_TRANSPORTS:-intranode internode}; do
+  for transport in ${SANITIZE_TRANSPORTS:-intranode internode internode-puts}; do
     name=$tool-$transport
     rm -f "$LOGS/$name".rank*.log
     echo "== $tool, $transport transport, 2 ranks"
