@@ -411,7 +411,8 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   uint32_t held_ticket = 0;
   // A ticket for a token of group g's sender, or m_g once they are all taken. Every warp of the grid asks every
   // sender for tickets, and with many warps per token (132 blocks a rank on its own GPU) most find them all
-  // taken: the load spares those the atomic, on one address all of them would queue on.
+  // taken: the load spares those the atomic, on one address all of them would queue on, and a warp that copied
+  // the last token does not wait behind that queue for a held ticket it cannot use (docs/performance.md).
   auto take_ticket = [&](uint32_t g, uint32_t m_g) {
     return __ldcg(&state.sender_next[g]) >= m_g ? m_g : atomicAdd(&state.sender_next[g], 1u);
   };
