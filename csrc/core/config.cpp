@@ -1,6 +1,7 @@
 #include "core/config.h"
 
 #include <cctype>
+#include <cmath>
 #include <cstdlib>
 #include <limits>
 
@@ -87,23 +88,57 @@ bool parse_decimal(const std::string& digits, uint64_t* value) {
 }  // namespace
 
 uint64_t parse_size_bytes(const std::string& text) {
+  // NVSHMEM's format, as its documentation gives it: a non-negative integer or decimal number (".5" and an
+  // exponent allowed), then an optional scaling suffix k, m, g or t (either case, powers of 2^10) after which
+  // anything is ignored ("2GB" is 2 GiB); the size is the ceiling of the product. Parsing it the same way keeps
+  // the heap size checked here the one NVSHMEM allocates.
+  const auto digit_at = [&](size_t i) { return i < text.size() && std::isdigit(static_cast<unsigned char>(text[i])); };
   size_t pos = 0;
-  while (pos < text.size() && std::isdigit(static_cast<unsigned char>(text[pos]))) ++pos;
-  uint64_t value = 0;
-  EW_REQUIRE(pos > 0 && pos + 1 >= text.size() && parse_decimal(text.substr(0, pos), &value), "malformed size '", text,
-             "': expected digits (at most 64 bits) with an optional K, M, G or T suffix");
-  if (pos == text.size()) return value;
-  int shift = 0;
-  switch (std::toupper(static_cast<unsigned char>(text[pos]))) {
-    case 'K': shift = 10; break;
-    case 'M': shift = 20; break;
-    case 'G': shift = 30; break;
-    case 'T': shift = 40; break;
-    default:
-      EW_THROW(ConfigError, "malformed size '", text, "': unknown suffix '", text[pos], "'");
+  while (pos < text.size() && std::isspace(static_cast<unsigned char>(text[pos]))) ++pos;
+  const size_t begin = pos;
+  while (digit_at(pos)) ++pos;
+  const size_t integer_end = pos;
+  bool fractional = false;
+  if (pos < text.size() && text[pos] == '.') {
+    fractional = true;
+    ++pos;
+    while (digit_at(pos)) ++pos;
   }
-  EW_REQUIRE(value <= (std::numeric_limits<uint64_t>::max() >> shift), "size '", text, "' overflows 64 bits");
-  return value << shift;
+  const bool has_digits = integer_end > begin || pos > integer_end + 1;
+  if (has_digits && pos < text.size() && (text[pos] == 'e' || text[pos] == 'E')) {
+    size_t exponent = pos + 1;
+    if (exponent < text.size() && (text[exponent] == '+' || text[exponent] == '-')) ++exponent;
+    if (digit_at(exponent)) {
+      fractional = true;
+      pos = exponent;
+      while (digit_at(pos)) ++pos;
+    }
+  }
+  const std::string number = text.substr(begin, pos - begin);
+  uint64_t integer = 0;
+  EW_REQUIRE(has_digits && (fractional || parse_decimal(number, &integer)), "malformed size '", text,
+             "': expected a non-negative number (an integer of at most 64 bits, or a decimal) with an optional k, m, "
+             "g or t suffix");
+  int shift = 0;
+  if (pos < text.size()) {
+    switch (std::toupper(static_cast<unsigned char>(text[pos]))) {
+      case 'K': shift = 10; break;
+      case 'M': shift = 20; break;
+      case 'G': shift = 30; break;
+      case 'T': shift = 40; break;
+      default:
+        EW_THROW(ConfigError, "malformed size '", text, "': unknown suffix '", text[pos], "'");
+    }
+  }
+  if (!fractional) {
+    EW_REQUIRE(integer <= (std::numeric_limits<uint64_t>::max() >> shift), "size '", text, "' overflows 64 bits");
+    return integer << shift;
+  }
+  // long double holds every uint64_t exactly (64-bit mantissa), so the bound below is exact.
+  const long double bytes = std::ceil(std::strtold(number.c_str(), nullptr) * std::ldexp(1.0L, shift));
+  EW_REQUIRE(bytes <= static_cast<long double>(std::numeric_limits<uint64_t>::max()), "size '", text,
+             "' overflows 64 bits");
+  return static_cast<uint64_t>(bytes);
 }
 
 uint64_t symmetric_heap_bytes_from_env() {

@@ -34,7 +34,8 @@ AllToAllConfig make_config(int64_t max_num_tokens, int64_t num_experts, int64_t 
                            int64_t hidden_dim_scale_bytes);
 
 // Bytes in NVSHMEM's symmetric heap per PE, as NVSHMEM_SYMMETRIC_SIZE sets it (default 1 GiB).
-// Accepts NVSHMEM's spelling: a number with an optional K/M/G/T suffix (powers of 1024).
+// Accepts NVSHMEM's spelling: a number (decimals too, rounded up) with an optional k/m/g/t suffix (powers of
+// 1024, either case), anything after the suffix ignored ("2GB" is 2 GiB).
 uint64_t symmetric_heap_bytes_from_env();
 uint64_t parse_size_bytes(const std::string& text);  // throws ConfigError on a malformed value
 

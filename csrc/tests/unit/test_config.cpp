@@ -259,9 +259,32 @@ TEST(ParseSizeBytes, Empty) {
   EXPECT_THAT(message, HasSubstr("malformed size ''"));
 }
 
-TEST(ParseSizeBytes, TrailingCharactersAfterSuffix) {
-  const std::string message = config_error_message([] { parse_size_bytes("1GB"); });
-  EXPECT_THAT(message, HasSubstr("'1GB'"));
+TEST(ParseSizeBytes, CharactersAfterTheSuffixAreIgnoredAsNvshmemDoes) {
+  EXPECT_EQ(parse_size_bytes("1GB"), 1073741824ull);
+  EXPECT_EQ(parse_size_bytes("20kk"), 20480ull);  // one multiplier only: not 20m
+}
+
+TEST(ParseSizeBytes, DecimalsRoundUpAsNvshmemDocuments) {
+  EXPECT_EQ(parse_size_bytes("3.1M"), 3250586ull);  // ceil(3.1 * 2^20) = ceil(3250585.6)
+  EXPECT_EQ(parse_size_bytes(".5m"), 524288ull);
+  EXPECT_EQ(parse_size_bytes("0.5m"), 524288ull);
+  EXPECT_EQ(parse_size_bytes("1.5G"), 1610612736ull);
+  EXPECT_EQ(parse_size_bytes("2e9"), 2000000000ull);
+  EXPECT_EQ(parse_size_bytes("1.e3"), 1000ull);
+  EXPECT_EQ(parse_size_bytes(" 2G"), 2147483648ull);  // leading blanks, as sscanf skips them
+}
+
+TEST(ParseSizeBytes, MalformedNumbers) {
+  for (const char* text : {".", "-1", "+1", "e5", "1e", "--2G"}) {
+    const std::string message = config_error_message([&] { parse_size_bytes(text); });
+    EXPECT_THAT(message, HasSubstr(std::string("'") + text + "'")) << text;
+  }
+  EXPECT_THAT(config_error_message([] { parse_size_bytes("1e"); }), HasSubstr("unknown suffix 'e'"));
+}
+
+TEST(ParseSizeBytes, DecimalOverflow) {
+  EXPECT_THAT(config_error_message([] { parse_size_bytes("16777216.5T"); }), HasSubstr("overflows 64 bits"));
+  EXPECT_THAT(config_error_message([] { parse_size_bytes("1e30"); }), HasSubstr("overflows 64 bits"));
 }
 
 TEST(ParseSizeBytes, SuffixWithoutDigits) {
