@@ -171,4 +171,13 @@ uint64_t default_timeout_ns() {
   return ns;
 }
 
+uint32_t positive_uint32_from_env(const char* name, uint32_t fallback) {
+  const char* text = std::getenv(name);
+  if (!text || !*text) return fallback;
+  uint64_t value = 0;
+  EW_REQUIRE(parse_decimal(text, &value) && value > 0 && value <= std::numeric_limits<uint32_t>::max(), name,
+             " must be a positive integer below 2^32, got '", text, "'");
+  return uint32_t(value);
+}
+
 }  // namespace expertwire

@@ -42,4 +42,8 @@ uint64_t parse_size_bytes(const std::string& text);  // throws ConfigError on a 
 // Timeout of every device-side wait: EXPERTWIRE_TIMEOUT_MS, default 10 s.
 uint64_t default_timeout_ns();
 
+// The positive 32-bit integer an environment variable holds (digits only), or `fallback` when it is unset or
+// empty; throws ConfigError naming the variable otherwise.
+uint32_t positive_uint32_from_env(const char* name, uint32_t fallback);
+
 }  // namespace expertwire

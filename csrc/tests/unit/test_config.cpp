@@ -1,4 +1,4 @@
-// AllToAllConfig::validate(), parse_size_bytes() and default_timeout_ns().
+// AllToAllConfig::validate(), parse_size_bytes(), default_timeout_ns() and positive_uint32_from_env().
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -419,6 +419,30 @@ TEST(SymmetricHeapFromEnv, DefaultAndSet) {
     ScopedEnv env("NVSHMEM_SYMMETRIC_SIZE", std::string("4Q"));
     const std::string message = config_error_message([] { symmetric_heap_bytes_from_env(); });
     EXPECT_THAT(message, HasSubstr("'4Q'"));
+  }
+}
+
+TEST(PositiveUint32FromEnv, UnsetOrEmptyIsTheFallback) {
+  {
+    ScopedEnv env("EXPERTWIRE_TEST_COUNT", std::nullopt);
+    EXPECT_EQ(positive_uint32_from_env("EXPERTWIRE_TEST_COUNT", 7), 7u);
+  }
+  ScopedEnv env("EXPERTWIRE_TEST_COUNT", std::string());
+  EXPECT_EQ(positive_uint32_from_env("EXPERTWIRE_TEST_COUNT", 7), 7u);
+}
+
+TEST(PositiveUint32FromEnv, ReadsDigits) {
+  ScopedEnv env("EXPERTWIRE_TEST_COUNT", std::string("4294967295"));  // 2^32 - 1
+  EXPECT_EQ(positive_uint32_from_env("EXPERTWIRE_TEST_COUNT", 7), 4294967295u);
+}
+
+TEST(PositiveUint32FromEnv, RejectsWhatWouldWrapOrIsNotAPositiveInteger) {
+  // 2^32 and 2^32 + 512 wrapped to 0 and 512 blocks or threads before; "-1" to 2^32 - 1.
+  for (const char* text : {"4294967296", "4294967808", "-1", "0", "+5", " 5", "5 ", "0x10", "12ms"}) {
+    ScopedEnv env("EXPERTWIRE_TEST_COUNT", std::string(text));
+    const std::string message = config_error_message([] { positive_uint32_from_env("EXPERTWIRE_TEST_COUNT", 7); });
+    EXPECT_THAT(message, HasSubstr("EXPERTWIRE_TEST_COUNT must be a positive integer below 2^32")) << text;
+    EXPECT_THAT(message, HasSubstr(std::string("'") + text + "'")) << text;
   }
 }
 

@@ -1,21 +1,11 @@
 #include "transport/common/all_to_all.h"
 
-#include <cstdlib>
 #include <string>
 
 #include "core/error.h"
 
 namespace expertwire {
 namespace {
-
-uint32_t env_uint(const char* name, uint32_t fallback) {
-  const char* text = std::getenv(name);
-  if (!text || !*text) return fallback;
-  char* end = nullptr;
-  const unsigned long value = std::strtoul(text, &end, 10);
-  EW_REQUIRE(end && *end == '\0' && value > 0, name, " must be a positive integer, got '", text, "'");
-  return uint32_t(value);
-}
 
 void require_pointer(const void* pointer, const char* name, bool aligned16) {
   EW_REQUIRE(pointer != nullptr, name, " must not be null");
@@ -29,13 +19,18 @@ device::LaunchShape default_launch_shape(uint32_t max_sm_count) {
   int device = 0, sms = 0;
   EW_CUDA_CHECK(cudaGetDevice(&device));
   EW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const uint32_t threads = env_uint("EXPERTWIRE_BLOCK_THREADS", 512);
+  const uint32_t threads = positive_uint32_from_env("EXPERTWIRE_BLOCK_THREADS", 512);
   EW_REQUIRE(threads % 32 == 0 && threads <= device::kMaxBlockThreads,
              "EXPERTWIRE_BLOCK_THREADS must be a multiple of 32 <= ", device::kMaxBlockThreads, ", got ", threads);
-  uint32_t blocks = env_uint("EXPERTWIRE_NUM_BLOCKS", uint32_t(sms));
+  uint32_t blocks = positive_uint32_from_env("EXPERTWIRE_NUM_BLOCKS", uint32_t(sms));
   if (max_sm_count != 0 && max_sm_count < blocks) blocks = max_sm_count;
   EW_REQUIRE(blocks <= ArrivalSignal::kMaxBlocks, "EXPERTWIRE_NUM_BLOCKS must be <= ", ArrivalSignal::kMaxBlocks,
              " (arrival signals count blocks in 16 bits), got ", blocks);
+  // Blocks wait for their peers' blocks, so every block of the grid must be resident at once.
+  const uint64_t resident = uint64_t(device::kMinBlocksPerSm) * uint64_t(sms);
+  EW_REQUIRE(blocks <= resident, "EXPERTWIRE_NUM_BLOCKS must be <= ", device::kMinBlocksPerSm, " blocks per SM x ", sms,
+             " SMs = ", resident, " (every block must be resident at once: blocks wait for their peers'), got ",
+             blocks);
   return device::LaunchShape{blocks, threads};
 }
 
