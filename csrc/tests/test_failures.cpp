@@ -224,7 +224,10 @@ void host_argument_cases(const Context& ctx) {
 
   const uint32_t too_many = uint32_t(config.max_num_tokens + 1);
   const std::string too_many_tail = detail::concat(" must be <= max_num_tokens=", config.max_num_tokens, ", got ", too_many);
-  auto misaligned = [](const void* pointer) { return static_cast<uint8_t*>(const_cast<void*>(pointer)) + 8; };
+  auto misaligned_by = [](const void* pointer, int bytes) {
+    return static_cast<uint8_t*>(const_cast<void*>(pointer)) + bytes;
+  };
+  auto misaligned = [&](const void* pointer) { return misaligned_by(pointer, 8); };
 
   struct DispatchCase {
     const char* name;
@@ -246,6 +249,12 @@ void host_argument_cases(const Context& ctx) {
        "dispatch: dp_x must be 16-byte aligned"},
       {"dispatch with misaligned out_expert_x", [&](DispatchArguments& a) { a.out_expert_x = misaligned(a.out_expert_x); },
        "dispatch: out_expert_x must be 16-byte aligned"},
+      {"dispatch with misaligned dp_x_scale",
+       [&](DispatchArguments& a) { a.dp_x_scale = misaligned_by(a.dp_x_scale, 2); },
+       "dispatch: dp_x_scale must be 4-byte aligned"},
+      {"dispatch with misaligned out_expert_x_scale",
+       [&](DispatchArguments& a) { a.out_expert_x_scale = misaligned_by(a.out_expert_x_scale, 2); },
+       "dispatch: out_expert_x_scale must be 4-byte aligned"},
   };
   for (const DispatchCase& c : dispatch_cases) {
     ctx.run(detail::concat("host: ", c.name), [&] {
@@ -275,6 +284,9 @@ void host_argument_cases(const Context& ctx) {
        "combine: indices must not be null"},
       {"combine with null weights", [](CombineArguments& a) { a.weights = nullptr; },
        "combine: weights must not be null"},
+      {"combine with misaligned weights",
+       [&](CombineArguments& a) { a.weights = reinterpret_cast<const float*>(misaligned_by(a.weights, 2)); },
+       "combine: weights must be 4-byte aligned"},
   };
   for (const CombineCase& c : combine_cases) {
     ctx.run(detail::concat("host: ", c.name), [&] {

@@ -53,6 +53,12 @@ std::vector<uint8_t> download(const DeviceBuffer& buffer) {
   return host;
 }
 
+// A call's per-token arrays; null in a call without tokens, as a torch tensor of no rows passes them.
+template <class T>
+T* per_token(const DeviceBuffer& buffer, uint32_t m) {
+  return m == 0 ? nullptr : buffer.get<T>();
+}
+
 }  // namespace
 
 std::string Failures::summary() const {
@@ -167,24 +173,26 @@ void RoundTrip::set_device_bound_m(uint32_t value) {
 
 DispatchArguments RoundTrip::dispatch_arguments(const CallShape& shape) const {
   const bool scales = config_.hidden_dim_scale_bytes != 0;
+  const uint32_t m = shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_;
   return DispatchArguments{num_tokens_.get<int32_t>(),
                            expert_x_.get(),
                            scales ? expert_x_scale_.get() : nullptr,
-                           dp_x_.get(),
-                           scales ? dp_x_scale_.get() : nullptr,
-                           indices_.get<uint32_t>(),
-                           shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_,
+                           per_token<void>(dp_x_, m),
+                           scales ? per_token<void>(dp_x_scale_, m) : nullptr,
+                           per_token<uint32_t>(indices_, m),
+                           m,
                            shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr};
 }
 
 CombineArguments RoundTrip::combine_arguments(const CallShape& shape) const {
-  return CombineArguments{out_tokens_.get(),
+  const uint32_t m = shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_;
+  return CombineArguments{per_token<void>(out_tokens_, m),
                           shape.out_type,
-                          indices_.get<uint32_t>(),
-                          weights_.get<float>(),
+                          per_token<uint32_t>(indices_, m),
+                          per_token<float>(weights_, m),
                           expert_y_.get(),
                           shape.expert_type,
-                          shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_,
+                          m,
                           shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr};
 }
 

@@ -7,10 +7,11 @@
 namespace expertwire {
 namespace {
 
-void require_pointer(const void* pointer, const char* name, bool aligned16) {
+// Kernels read 16-byte vectors of rows and whole words of everything else.
+void require_pointer(const void* pointer, const char* name, uintptr_t alignment) {
   EW_REQUIRE(pointer != nullptr, name, " must not be null");
-  EW_REQUIRE(!aligned16 || reinterpret_cast<uintptr_t>(pointer) % 16 == 0, name,
-             " must be 16-byte aligned, got address ", pointer);
+  EW_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % alignment == 0, name, " must be ", alignment,
+             "-byte aligned, got address ", pointer);
 }
 
 }  // namespace
@@ -72,16 +73,19 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
              m);
   const bool send = split_mode != SplitMode::kRecv, recv = split_mode != SplitMode::kSend;
   const bool scales = config_.hidden_dim_scale_bytes != 0;
-  if (send) {
-    require_pointer(dp_x, "dispatch: dp_x", true);
-    require_pointer(indices, "dispatch: indices", false);
-    if (scales) require_pointer(dp_x_scale, "dispatch: dp_x_scale", false);
+  // Without tokens the per-token arrays may be empty, and null (a torch tensor of no rows has no storage): the
+  // kernels read them only below m.
+  if (send && m > 0) {
+    require_pointer(dp_x, "dispatch: dp_x", 16);
+    require_pointer(indices, "dispatch: indices", 4);
+    if (scales) require_pointer(dp_x_scale, "dispatch: dp_x_scale", 4);
   }
   if (recv) {
-    require_pointer(out_expert_num_tokens, "dispatch: out_expert_num_tokens", false);
-    require_pointer(out_expert_x, "dispatch: out_expert_x", true);
-    if (scales) require_pointer(out_expert_x_scale, "dispatch: out_expert_x_scale", false);
+    require_pointer(out_expert_num_tokens, "dispatch: out_expert_num_tokens", 4);
+    require_pointer(out_expert_x, "dispatch: out_expert_x", 16);
+    if (scales) require_pointer(out_expert_x_scale, "dispatch: out_expert_x_scale", 4);
   }
+  if (bound_m != nullptr) require_pointer(bound_m, "dispatch: bound_m", 4);
   device::DispatchArgs args{context(),
                             out_expert_num_tokens,
                             static_cast<uint8_t*>(out_expert_x),
@@ -105,12 +109,13 @@ void AllToAll::combine(void* out_tokens, ScalarType out_type, const uint32_t* in
   EW_REQUIRE(expert_type == ScalarType::kBFloat16 || expert_type == ScalarType::kFloat16,
              "combine: expert_y must be bfloat16 or float16, got ", scalar_type_name(expert_type));
   const bool send = split_mode != SplitMode::kRecv, recv = split_mode != SplitMode::kSend;
-  if (send) require_pointer(expert_y, "combine: expert_y", true);
-  if (recv) {
-    require_pointer(out_tokens, "combine: out_tokens", true);
-    require_pointer(indices, "combine: indices", false);
-    require_pointer(weights, "combine: weights", false);
+  if (send) require_pointer(expert_y, "combine: expert_y", 16);
+  if (recv && m > 0) {  // as in dispatch: without tokens the per-token arrays may be null
+    require_pointer(out_tokens, "combine: out_tokens", 16);
+    require_pointer(indices, "combine: indices", 4);
+    require_pointer(weights, "combine: weights", 4);
   }
+  if (bound_m != nullptr) require_pointer(bound_m, "combine: bound_m", 4);
   device::CombineArgs args{context(), out_tokens, indices, weights, static_cast<const uint8_t*>(expert_y),
                            m,         bound_m,    send,    recv};
   launch_combine(args, out_type, expert_type, stream);
