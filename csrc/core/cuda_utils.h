@@ -19,6 +19,34 @@
 
 namespace expertwire {
 
+// The calling thread's current CUDA device.
+inline int current_device() {
+  int device = 0;
+  EW_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+// Makes `device` current while it lives and then restores the caller's: a call launches on the GPU that owns
+// its buffers, whichever device the caller has made current.
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device) : previous_(current_device()) {
+    if (previous_ != device) {
+      EW_CUDA_CHECK(cudaSetDevice(device));
+      switched_ = true;
+    }
+  }
+  ~ScopedDevice() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+
+ private:
+  int previous_;
+  bool switched_ = false;
+};
+
 // Device memory from cudaMalloc, zeroed on allocation.
 class DeviceBuffer {
  public:

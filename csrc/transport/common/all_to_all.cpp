@@ -17,9 +17,8 @@ void require_pointer(const void* pointer, const char* name, uintptr_t alignment)
 }  // namespace
 
 device::LaunchShape default_launch_shape(uint32_t max_sm_count) {
-  int device = 0, sms = 0;
-  EW_CUDA_CHECK(cudaGetDevice(&device));
-  EW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int sms = 0;
+  EW_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, current_device()));
   const uint32_t threads = positive_uint32_from_env("EXPERTWIRE_BLOCK_THREADS", 512);
   EW_REQUIRE(threads % 32 == 0 && threads <= device::kMaxBlockThreads,
              "EXPERTWIRE_BLOCK_THREADS must be a multiple of 32 <= ", device::kMaxBlockThreads, ", got ", threads);
@@ -37,7 +36,8 @@ device::LaunchShape default_launch_shape(uint32_t max_sm_count) {
 
 AllToAll::AllToAll(const AllToAllConfig& config, uint64_t staging_rows_per_warp, uint64_t timeout_ns,
                    uint32_t max_sm_count)
-    : config_(config),
+    : device_(current_device()),
+      config_(config),
       shape_(default_launch_shape(max_sm_count)),
       layout_(make_buffer_layout(config, staging_rows_per_warp * shape_.warps())),
       timeout_ns_(timeout_ns != 0 ? timeout_ns : default_timeout_ns()),
@@ -69,6 +69,7 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
                         const void* dp_x, const void* dp_x_scale, const uint32_t* indices, uint32_t m,
                         const uint32_t* bound_m, SplitMode split_mode, cudaStream_t stream) {
   check_errors();
+  const ScopedDevice on_own_device(device_);
   EW_REQUIRE(m <= config_.max_num_tokens, "dispatch: m must be <= max_num_tokens=", config_.max_num_tokens, ", got ",
              m);
   const bool send = split_mode != SplitMode::kRecv, recv = split_mode != SplitMode::kSend;
@@ -104,6 +105,7 @@ void AllToAll::combine(void* out_tokens, ScalarType out_type, const uint32_t* in
                        const void* expert_y, ScalarType expert_type, uint32_t m, const uint32_t* bound_m,
                        SplitMode split_mode, cudaStream_t stream) {
   check_errors();
+  const ScopedDevice on_own_device(device_);
   EW_REQUIRE(m <= config_.max_num_tokens, "combine: m must be <= max_num_tokens=", config_.max_num_tokens, ", got ",
              m);
   EW_REQUIRE(expert_type == ScalarType::kBFloat16 || expert_type == ScalarType::kFloat16,

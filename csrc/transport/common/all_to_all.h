@@ -75,6 +75,7 @@ class AllToAll {
  private:
   device::RankContext context() const;
 
+  int device_;  // the GPU current at construction, which owns every buffer; each call launches there
   AllToAllConfig config_;
   device::LaunchShape shape_;
   BufferLayout layout_;
