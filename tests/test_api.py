@@ -34,6 +34,8 @@ PPLX_CONFIG_ARGS = [
 class NativeStub:
     """Stands in for the native object, which needs a GPU to exist."""
 
+    device = 0
+
     def __init__(self) -> None:
         self.destroyed = False
 

@@ -122,8 +122,8 @@ def test_cpu_tensors_are_rejected_naming_device() -> None:
         ),
         (
             "out_expert_x",
-            lambda: torch.empty(2, 32, 256, dtype=torch.uint8, device="cuda"),
-            "out_expert_x must have dtype torch.float8_e4m3fn, got torch.uint8",
+            lambda: torch.empty(2, 32, 256, dtype=torch.bfloat16, device="cuda"),
+            r"out_expert_x must have shape \[2, 32, 128\], got \[2, 32, 256\]",
         ),
         (
             "out_expert_x_scale",
@@ -133,7 +133,7 @@ def test_cpu_tensors_are_rejected_naming_device() -> None:
         (
             "out_expert_x_scale",
             lambda: torch.empty(2, 32, 2, dtype=torch.float16, device="cuda"),
-            "out_expert_x_scale must have dtype torch.float32, got torch.float16",
+            "out_expert_x_scale must have dtype torch.float32 or torch.uint8, got torch.float16",
         ),
         (
             "dp_x",
@@ -199,7 +199,11 @@ def test_dispatch_scales_must_be_absent_without_scale_bytes(fake_cuda: None) -> 
 
 def test_dispatch_payload_itemsize_must_divide_hidden_dim_bytes(fake_cuda: None) -> None:
     shape = AllToAllShape(8, 8, 2, 4, 1, hidden_dim=255, hidden_dim_bytes=255, hidden_dim_scale_bytes=0)
-    args = {**dispatch_args(NO_SCALES), "dp_x": torch.empty(5, 128, dtype=torch.bfloat16, device="cuda")}
+    args = {
+        **dispatch_args(NO_SCALES),
+        "out_expert_x": torch.empty(2, 32, 255, dtype=torch.uint8, device="cuda"),
+        "dp_x": torch.empty(5, 128, dtype=torch.bfloat16, device="cuda"),
+    }
     _raises(
         lambda **kw: check_dispatch(shape, **kw),
         re.escape(
@@ -207,6 +211,44 @@ def test_dispatch_payload_itemsize_must_divide_hidden_dim_bytes(fake_cuda: None)
             "got dtype torch.bfloat16 (2 bytes)"
         ),
         **args,
+    )
+
+
+def test_a_scale_dtype_outside_the_list_is_named_before_its_element_size(fake_cuda: None) -> None:
+    """float64's 8 bytes do not divide 4 scale bytes; the message names the dtype, which is what is wrong."""
+    shape = AllToAllShape(8, 8, 2, 4, 1, hidden_dim=256, hidden_dim_bytes=256, hidden_dim_scale_bytes=4)
+    args = {**dispatch_args(shape), "dp_x_scale": torch.empty(5, 1, dtype=torch.float64, device="cuda")}
+    _raises(
+        lambda **kw: check_dispatch(shape, **kw),
+        re.escape("dispatch: dp_x_scale must have dtype torch.float32 or torch.uint8, got torch.float64"),
+        **args,
+    )
+
+
+def test_payload_and_scales_move_as_bytes_whatever_their_types(fake_cuda: None) -> None:
+    """fp8 in and uint8 out, float32 scales in and uint8 scales out: each tensor's columns follow its own element
+    size, as pplx_kernels copies bytes."""
+    args = {
+        **dispatch_args(SHAPE),
+        "out_expert_x": torch.empty(2, 32, 256, dtype=torch.uint8, device="cuda"),
+        "out_expert_x_scale": torch.empty(2, 32, 8, dtype=torch.uint8, device="cuda"),
+        "dp_x_scale": torch.empty(5, 8, dtype=torch.uint8, device="cuda"),
+    }
+    assert check_dispatch(SHAPE, **args) == 5
+
+
+def test_tensors_must_be_on_the_all_to_alls_device(fake_cuda: None) -> None:
+    args = dispatch_args(SHAPE)
+    assert check_dispatch(SHAPE, **args, device=torch.device("cuda", 0)) == 5
+    _raises(
+        lambda **kw: check_dispatch(SHAPE, **kw, device=torch.device("cuda", 1)),
+        re.escape("dispatch: out_expert_num_tokens must be on cuda:1 like this AllToAll, got device cuda:0"),
+        **args,
+    )
+    _raises(
+        lambda **kw: check_combine(SHAPE, **kw, device=torch.device("cuda", 1)),
+        re.escape("combine: out_tokens must be on cuda:1 like this AllToAll, got device cuda:0"),
+        **combine_args(SHAPE),
     )
 
 

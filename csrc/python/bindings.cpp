@@ -74,6 +74,7 @@ class AllToAllHandle {
   void check_errors() const { live().check_errors(); }
   uintptr_t expert_output_buffer() const { return reinterpret_cast<uintptr_t>(live().expert_output_buffer()); }
   uint32_t num_blocks() const { return live().launch_shape().blocks; }
+  int device() const { return live().device(); }
   bool alive() const { return impl_ != nullptr; }
   void destroy() { impl_.reset(); }
 
@@ -265,6 +266,7 @@ NB_MODULE(_expertwire, m) {
       .def_prop_ro("expert_output_buffer", &AllToAllHandle::expert_output_buffer,
                    "Device address of this rank's expert_outputs region (see AllToAll::expert_output_buffer).")
       .def_prop_ro("num_blocks", &AllToAllHandle::num_blocks)
+      .def_prop_ro("device", &AllToAllHandle::device, "The CUDA device that owns its buffers.")
       .def_prop_ro("alive", &AllToAllHandle::alive)
       .def("destroy", &AllToAllHandle::destroy);
 

@@ -56,9 +56,11 @@ class AllToAll:
     and sums them with the router weights. Create it with AllToAll.internode (NVSHMEM, any number of nodes) or
     AllToAll.intranode (peer memory, one node), on every rank together; destroy() it on every rank together.
 
-    Every operation runs on torch's current CUDA stream of the tensors' device."""
+    Every operation takes tensors on the CUDA device that was current when it was created, and runs on torch's
+    current stream of that device."""
 
     def __init__(self, native: "ext.AllToAllHandle", shape: AllToAllShape, uses_nvshmem: bool) -> None:
+        self._device = torch.device("cuda", native.device)
         self._handle: Optional[int] = ops.register(native, uses_nvshmem)
         self._shape = shape
 
@@ -178,9 +180,10 @@ class AllToAll:
     ) -> None:
         """Sends the first bound_m (default: all dp_x.shape[0]) tokens of dp_x to the experts named in `indices`.
         Shapes: out_expert_num_tokens [num_local_experts] int32; out_expert_x [num_local_experts,
-        max_num_tokens * world_size / dp_size, hidden_dim_bytes / itemsize] (dp_x's dtype); out_expert_x_scale
-        likewise with hidden_dim_scale_bytes (float32 or uint8); dp_x [m, hidden_dim_bytes / itemsize]; dp_x_scale
-        [m, ...]; indices [m, experts_per_token] uint32; bound_m [1] uint32 on the GPU or None."""
+        max_num_tokens * world_size / dp_size, hidden_dim_bytes / itemsize] (any dtype: rows move as bytes);
+        out_expert_x_scale likewise with hidden_dim_scale_bytes (float32 or uint8); dp_x [m, hidden_dim_bytes /
+        itemsize]; dp_x_scale [m, ...]; indices [m, experts_per_token] uint32; bound_m [1] uint32 on the GPU or
+        None."""
         handle = self._live_handle("dispatch")
         check_dispatch(
             self._shape,
@@ -193,6 +196,7 @@ class AllToAll:
             bound_m,
             do_send,
             do_recv,
+            device=self._device,
         )
         dispatch_op = ops.dispatch if _traced(out_expert_x) else ops.launch_dispatch
         dispatch_op(
@@ -223,7 +227,9 @@ class AllToAll:
         or float16; indices, weights [m, experts_per_token] uint32, float32; expert_y [num_local_experts,
         max_recv_tokens, hidden_dim] bfloat16 or float16."""
         handle = self._live_handle("combine")
-        check_combine(self._shape, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
+        check_combine(
+            self._shape, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv, device=self._device
+        )
         combine_op = ops.combine if _traced(out_tokens) else ops.launch_combine
         combine_op(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
 
@@ -236,8 +242,7 @@ class AllToAll:
             raise ValueError(f"expert_output_buffer: dtype must be {dtype_names(EXPERT_Y_DTYPES)}, got {dtype}")
         native = ops.native(self._live_handle("expert_output_buffer"))
         shape = (self._shape.num_local_experts, self._shape.max_recv_tokens, self._shape.hidden_dim)
-        device = torch.device("cuda", torch.cuda.current_device())
-        return tensor_over(native.expert_output_buffer, shape, dtype, device, owner=native)
+        return tensor_over(native.expert_output_buffer, shape, dtype, self._device, owner=native)
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (a peer that timed out, an

@@ -54,10 +54,10 @@ def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
 class _Checker:
     """Checks the arguments of one call; `op` prefixes every message ("dispatch", "combine")."""
 
-    def __init__(self, op: str) -> None:
+    def __init__(self, op: str, device: Optional[torch.device]) -> None:
         self.op = op
-        self.device: Optional[torch.device] = None
-        self.device_source = ""
+        self.device = device
+        self.device_source = "this AllToAll"
 
     def fail(self, name: str, expected: str, given: object) -> ValueError:
         return ValueError(f"{self.op}: {name} must {expected}, got {given}")
@@ -71,11 +71,12 @@ class _Checker:
         self,
         name: str,
         value: object,
-        dtypes: Sequence[torch.dtype],
+        dtypes: Optional[Sequence[torch.dtype]],
         shape: Sequence[int],
     ) -> torch.Tensor:
+        """`dtypes` None: any (bytes that the kernels move as they are)."""
         value = self.is_tensor(name, value)
-        if value.dtype not in dtypes:
+        if dtypes is not None and value.dtype not in dtypes:
             raise self.fail(name, f"have dtype {dtype_names(dtypes)}", value.dtype)
         if tuple(value.shape) != tuple(shape):
             raise self.fail(name, f"have shape {list(shape)}", list(value.shape))
@@ -137,37 +138,40 @@ def check_dispatch(
     bound_m: object,
     do_send: bool,
     do_recv: bool,
+    device: Optional[torch.device] = None,
 ) -> int:
-    """Checks dispatch's arguments and returns m, the number of tokens in dp_x."""
-    c = _Checker("dispatch")
+    """Checks dispatch's arguments and returns m, the number of tokens in dp_x. `device`: the all-to-all's,
+    which every tensor must be on (None: any one CUDA device, the same for all)."""
+    c = _Checker("dispatch", device)
     c.split(do_send, do_recv)
     dp_x = c.is_tensor("dp_x", dp_x)
     m = _token_count(c, "dp_x", dp_x, shape)
-    payload_columns = _payload_columns(c, "dp_x", dp_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
-    payload_dtype = (dp_x.dtype,)
     local, recv = shape.num_local_experts, shape.max_recv_tokens
 
+    # Payloads and scales move as bytes: each tensor's own element size sets its columns (fp8 in, uint8 out is
+    # fine, as in pplx_kernels).
+    def columns(name: str, tensor: object, row_bytes: int, what: str) -> int:
+        return _payload_columns(c, name, c.is_tensor(name, tensor), row_bytes, what)
+
     c.tensor("out_expert_num_tokens", out_expert_num_tokens, (torch.int32,), (local,))
-    c.tensor("out_expert_x", out_expert_x, payload_dtype, (local, recv, payload_columns))
+    out_columns = columns("out_expert_x", out_expert_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
+    c.tensor("out_expert_x", out_expert_x, None, (local, recv, out_columns))
     if shape.has_scales:
-        if out_expert_x_scale is None:
-            raise c.fail(
-                "out_expert_x_scale", f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})", None
-            )
-        if dp_x_scale is None:
-            raise c.fail("dp_x_scale", f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})", None)
-        dp_x_scale = c.is_tensor("dp_x_scale", dp_x_scale)
-        scale_columns = _payload_columns(
-            c, "dp_x_scale", dp_x_scale, shape.hidden_dim_scale_bytes, "hidden_dim_scale_bytes"
-        )
-        if dp_x_scale.dtype not in SCALE_DTYPES:
-            raise c.fail("dp_x_scale", f"have dtype {dtype_names(SCALE_DTYPES)}", dp_x_scale.dtype)
-        c.tensor("out_expert_x_scale", out_expert_x_scale, (dp_x_scale.dtype,), (local, recv, scale_columns))
+        for name, value in (("out_expert_x_scale", out_expert_x_scale), ("dp_x_scale", dp_x_scale)):
+            if value is None:
+                raise c.fail(name, f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})", None)
+            if c.is_tensor(name, value).dtype not in SCALE_DTYPES:
+                raise c.fail(name, f"have dtype {dtype_names(SCALE_DTYPES)}", value.dtype)
+        scale_bytes = shape.hidden_dim_scale_bytes
+        out_scale_columns = columns("out_expert_x_scale", out_expert_x_scale, scale_bytes, "hidden_dim_scale_bytes")
+        c.tensor("out_expert_x_scale", out_expert_x_scale, SCALE_DTYPES, (local, recv, out_scale_columns))
     else:
         c.absent("out_expert_x_scale", out_expert_x_scale, "hidden_dim_scale_bytes=0")
         c.absent("dp_x_scale", dp_x_scale, "hidden_dim_scale_bytes=0")
-    c.tensor("dp_x", dp_x, payload_dtype, (m, payload_columns))
+    payload_columns = columns("dp_x", dp_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
+    c.tensor("dp_x", dp_x, None, (m, payload_columns))
     if shape.has_scales:
+        scale_columns = columns("dp_x_scale", dp_x_scale, shape.hidden_dim_scale_bytes, "hidden_dim_scale_bytes")
         c.tensor("dp_x_scale", dp_x_scale, SCALE_DTYPES, (m, scale_columns))
     c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
     c.bound_m(bound_m)
@@ -183,9 +187,11 @@ def check_combine(
     bound_m: object,
     do_send: bool,
     do_recv: bool,
+    device: Optional[torch.device] = None,
 ) -> int:
-    """Checks combine's arguments and returns m, the number of tokens in indices."""
-    c = _Checker("combine")
+    """Checks combine's arguments and returns m, the number of tokens in indices. `device` as in
+    check_dispatch."""
+    c = _Checker("combine", device)
     c.split(do_send, do_recv)
     m = _token_count(c, "indices", c.is_tensor("indices", indices), shape)
     out_tokens = c.is_tensor("out_tokens", out_tokens)

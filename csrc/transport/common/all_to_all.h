@@ -55,6 +55,7 @@ class AllToAll {
   void* expert_output_buffer() const { return symmetric_ + layout_.expert_outputs_offset; }
 
   const AllToAllConfig& config() const { return config_; }
+  int device() const { return device_; }  // the CUDA device that owns its buffers (current at construction)
   const BufferLayout& layout() const { return layout_; }
   device::LaunchShape launch_shape() const { return shape_; }
 
