@@ -6,7 +6,8 @@
 //
 // Before NVSHMEM is initialized: the internode constructor raises RuntimeError. Then, per transport:
 //   host     arguments dispatch/combine refuse before launching anything (m > max_num_tokens, null and
-//            misaligned pointers, an expert type that is not 16-bit); the same object then completes a call.
+//            misaligned pointers, an expert type that is not 16-bit, a call out of order); the same object
+//            then completes a call.
 //   config   configurations the constructors refuse; internode: world size or rank unlike NVSHMEM's, symmetric
 //            heap too small; intranode: more than 8 ranks, all_gather results that are not one buffer
 //            description per rank in rank order.
@@ -296,6 +297,20 @@ void host_argument_cases(const Context& ctx) {
                                        {c.message});
     });
   }
+
+  ctx.run("host: combine before any dispatch", [&] {
+    return expect_error<ConfigError>(
+        [&] { harness::call_combine(*a2a, trip.combine_arguments(shape), SplitMode::kNone, trip.stream()); },
+        {"combine out of order: a dispatch (do_send) comes next"});
+  });
+  ctx.run("host: a second dispatch before the first one's combine", [&] {
+    trip.dispatch(*a2a, shape);
+    const Verdict verdict = expect_error<ConfigError>(
+        [&] { harness::call_dispatch(*a2a, trip.dispatch_arguments(shape), SplitMode::kNone, trip.stream()); },
+        {"dispatch out of order: the combine of the last dispatch comes next"});
+    trip.combine(*a2a, shape);
+    return verdict;
+  });
 
   // Host errors are raised before anything is launched: they leave the object as it was.
   ctx.run("host: the object still works after host errors", [&] {

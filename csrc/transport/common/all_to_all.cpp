@@ -87,6 +87,7 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
     if (scales) require_pointer(out_expert_x_scale, "dispatch: out_expert_x_scale", 4);
   }
   if (bound_m != nullptr) require_pointer(bound_m, "dispatch: bound_m", 4);
+  order_.check(Operation::kDispatch, split_mode);
   device::DispatchArgs args{context(),
                             out_expert_num_tokens,
                             static_cast<uint8_t*>(out_expert_x),
@@ -99,6 +100,7 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
                             send,
                             recv};
   launch_dispatch(args, stream);
+  order_.advance(Operation::kDispatch, split_mode);
 }
 
 void AllToAll::combine(void* out_tokens, ScalarType out_type, const uint32_t* indices, const float* weights,
@@ -118,9 +120,11 @@ void AllToAll::combine(void* out_tokens, ScalarType out_type, const uint32_t* in
     require_pointer(weights, "combine: weights", 4);
   }
   if (bound_m != nullptr) require_pointer(bound_m, "combine: bound_m", 4);
+  order_.check(Operation::kCombine, split_mode);
   device::CombineArgs args{context(), out_tokens, indices, weights, static_cast<const uint8_t*>(expert_y),
                            m,         bound_m,    send,    recv};
   launch_combine(args, out_type, expert_type, stream);
+  order_.advance(Operation::kCombine, split_mode);
 }
 
 }  // namespace expertwire

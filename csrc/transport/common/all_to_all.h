@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "core/call_order.h"
 #include "core/config.h"
 #include "core/cuda_utils.h"
 #include "core/dtype.h"
@@ -84,6 +85,7 @@ class AllToAll {
   DeviceBuffer workspace_;
   MappedHostObject<ErrorRecord> error_;
   uint8_t* symmetric_ = nullptr;
+  CallOrder order_;
 };
 
 // Blocks and threads of every launch: one block per SM the process may use (EXPERTWIRE_NUM_BLOCKS overrides),
