@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstring>
 #include <random>
+#include <utility>
 
 #include "core/error.h"
 
@@ -98,7 +99,8 @@ FdMailbox::Received FdMailbox::receive(int timeout_ms) const {
   message.msg_control = control;
   message.msg_controllen = sizeof(control);
   ssize_t got;
-  while ((got = recvmsg(socket_.get(), &message, MSG_CMSG_CLOEXEC)) < 0) {
+  // MSG_TRUNC: the datagram's real length, so that a longer message is not taken for a rank.
+  while ((got = recvmsg(socket_.get(), &message, MSG_CMSG_CLOEXEC | MSG_TRUNC)) < 0) {
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
       EW_THROW(RuntimeError, "fd passing: no memory handle arrived within ", timeout_ms,
@@ -106,15 +108,18 @@ FdMailbox::Received FdMailbox::receive(int timeout_ms) const {
     }
     EW_THROW(RuntimeError, "fd passing: recvmsg failed: ", std::strerror(errno));
   }
+  // The descriptor is ours as soon as it arrives: owned first, so that a message refused below closes it.
   const cmsghdr* rights = CMSG_FIRSTHDR(&message);
-  if (got != ssize_t(sizeof(from_rank)) || (message.msg_flags & MSG_CTRUNC) != 0 || rights == nullptr ||
-      rights->cmsg_level != SOL_SOCKET || rights->cmsg_type != SCM_RIGHTS ||
-      rights->cmsg_len != CMSG_LEN(sizeof(int))) {
-    EW_THROW(RuntimeError, "fd passing: a message of ", got, " bytes without one descriptor arrived");
+  const bool one_descriptor = rights != nullptr && rights->cmsg_level == SOL_SOCKET &&
+                              rights->cmsg_type == SCM_RIGHTS && rights->cmsg_len == CMSG_LEN(sizeof(int));
+  int raw_fd = -1;
+  if (one_descriptor) std::memcpy(&raw_fd, CMSG_DATA(rights), sizeof(int));
+  UniqueFd fd(raw_fd);
+  if (got != ssize_t(sizeof(from_rank)) || (message.msg_flags & MSG_CTRUNC) != 0 || !one_descriptor) {
+    EW_THROW(RuntimeError, "fd passing: a message of ", got, " bytes ",
+             one_descriptor ? "(not a rank)" : "without one descriptor", " arrived");
   }
-  int fd = -1;
-  std::memcpy(&fd, CMSG_DATA(rights), sizeof(int));
-  return Received{from_rank, UniqueFd(fd)};
+  return Received{from_rank, std::move(fd)};
 }
 
 }  // namespace expertwire

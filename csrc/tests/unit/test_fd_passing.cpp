@@ -1,9 +1,15 @@
 // FdMailbox: a descriptor sent from one mailbox arrives in the other as a descriptor of the same open file,
 // tagged with the sender's rank; missing peers and silent peers are errors, not hangs.
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstddef>
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -49,6 +55,49 @@ TEST(FdMailbox, DescriptorArrivesAsTheSameFileWithItsRank) {
   char got[4] = {};
   ASSERT_EQ(read(pipe.read_end.get(), got, 3), 3);
   EXPECT_EQ(std::string(got), "ew!");
+}
+
+// Sends `fd` to the mailbox `name` with an 8-byte payload where a 4-byte rank belongs, as no FdMailbox would.
+void send_malformed(const std::string& name, int fd) {
+  UniqueFd out(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+  ASSERT_GE(out.get(), 0);
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::memcpy(address.sun_path + 1, name.data(), name.size());  // abstract namespace: a leading NUL
+  const auto length = socklen_t(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+  int64_t payload_value = 7;
+  iovec payload{&payload_value, sizeof(payload_value)};
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  msghdr message{};
+  message.msg_name = &address;
+  message.msg_namelen = length;
+  message.msg_iov = &payload;
+  message.msg_iovlen = 1;
+  message.msg_control = control;
+  message.msg_controllen = sizeof(control);
+  cmsghdr* rights = CMSG_FIRSTHDR(&message);
+  rights->cmsg_level = SOL_SOCKET;
+  rights->cmsg_type = SCM_RIGHTS;
+  rights->cmsg_len = CMSG_LEN(sizeof(int));
+  std::memcpy(CMSG_DATA(rights), &fd, sizeof(int));
+  ASSERT_EQ(sendmsg(out.get(), &message, 0), ssize_t(sizeof(payload_value))) << std::strerror(errno);
+}
+
+TEST(FdMailbox, ARefusedMessageClosesTheDescriptorItCarried) {
+  const FdMailbox receiver;
+  Pipe pipe;
+  send_malformed(receiver.name(), pipe.write_end.get());
+  pipe.write_end = UniqueFd();  // the copy in flight is now the pipe's only write end
+  try {
+    receiver.receive(1000);
+    FAIL() << "a malformed message was accepted";
+  } catch (const RuntimeError& error) {
+    EXPECT_THAT(error.what(), HasSubstr("a message of 8 bytes (not a rank) arrived"));
+  }
+  // End of file, not "would block": no write end is left open, the received copy included.
+  ASSERT_EQ(fcntl(pipe.read_end.get(), F_SETFL, O_NONBLOCK), 0);
+  char byte;
+  EXPECT_EQ(read(pipe.read_end.get(), &byte, 1), 0) << "the received descriptor leaked (errno " << errno << ")";
 }
 
 TEST(FdMailbox, ReceiveTimesOutWhenNothingArrives) {
