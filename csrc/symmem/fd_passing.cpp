@@ -63,15 +63,14 @@ FdMailbox::FdMailbox() : socket_(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0)
   }
 }
 
-void FdMailbox::send(const std::string& peer_name, int peer_rank, int32_t from_rank, int fd, int timeout_ms) const {
+long send_with_descriptor(int socket, const std::string& peer_name, const void* payload, size_t bytes, int fd) {
   const AbstractAddress peer(peer_name);
-  set_timeout(socket_.get(), SO_SNDTIMEO, timeout_ms);
-  iovec payload{&from_rank, sizeof(from_rank)};
+  iovec data{const_cast<void*>(payload), bytes};
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
   msghdr message{};
   message.msg_name = const_cast<sockaddr_un*>(&peer.address);
   message.msg_namelen = peer.length;
-  message.msg_iov = &payload;
+  message.msg_iov = &data;
   message.msg_iovlen = 1;
   message.msg_control = control;
   message.msg_controllen = sizeof(control);
@@ -80,7 +79,12 @@ void FdMailbox::send(const std::string& peer_name, int peer_rank, int32_t from_r
   rights->cmsg_type = SCM_RIGHTS;
   rights->cmsg_len = CMSG_LEN(sizeof(int));
   std::memcpy(CMSG_DATA(rights), &fd, sizeof(int));
-  while (sendmsg(socket_.get(), &message, 0) < 0) {
+  return sendmsg(socket, &message, 0);
+}
+
+void FdMailbox::send(const std::string& peer_name, int peer_rank, int32_t from_rank, int fd, int timeout_ms) const {
+  set_timeout(socket_.get(), SO_SNDTIMEO, timeout_ms);
+  while (send_with_descriptor(socket_.get(), peer_name, &from_rank, sizeof(from_rank), fd) < 0) {
     if (errno == EINTR) continue;
     EW_THROW(RuntimeError, "fd passing: sending a memory handle to rank ", peer_rank, " (socket '", peer_name,
              "') failed: ", std::strerror(errno),

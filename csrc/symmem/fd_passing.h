@@ -3,6 +3,7 @@
 // CUDA exports physical memory as such a descriptor (CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -29,6 +30,10 @@ class UniqueFd {
  private:
   int fd_ = -1;
 };
+
+// Sends one datagram of `bytes` bytes from `payload`, carrying `fd`, from `socket` to the mailbox named
+// `peer_name` (FdMailbox::name). Returns sendmsg's result: the bytes sent, or -1 with errno set.
+long send_with_descriptor(int socket, const std::string& peer_name, const void* payload, size_t bytes, int fd);
 
 // One bound socket per process. Its name is unique on the host (pid and a random nonce), so jobs sharing a
 // host never see each other's messages; send it to the peers by any means (an all_gather).

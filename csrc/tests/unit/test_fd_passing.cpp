@@ -4,11 +4,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstddef>
 #include <cstring>
 #include <string>
 
@@ -61,26 +59,9 @@ TEST(FdMailbox, DescriptorArrivesAsTheSameFileWithItsRank) {
 void send_malformed(const std::string& name, int fd) {
   UniqueFd out(::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0));
   ASSERT_GE(out.get(), 0);
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  std::memcpy(address.sun_path + 1, name.data(), name.size());  // abstract namespace: a leading NUL
-  const auto length = socklen_t(offsetof(sockaddr_un, sun_path) + 1 + name.size());
-  int64_t payload_value = 7;
-  iovec payload{&payload_value, sizeof(payload_value)};
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  msghdr message{};
-  message.msg_name = &address;
-  message.msg_namelen = length;
-  message.msg_iov = &payload;
-  message.msg_iovlen = 1;
-  message.msg_control = control;
-  message.msg_controllen = sizeof(control);
-  cmsghdr* rights = CMSG_FIRSTHDR(&message);
-  rights->cmsg_level = SOL_SOCKET;
-  rights->cmsg_type = SCM_RIGHTS;
-  rights->cmsg_len = CMSG_LEN(sizeof(int));
-  std::memcpy(CMSG_DATA(rights), &fd, sizeof(int));
-  ASSERT_EQ(sendmsg(out.get(), &message, 0), ssize_t(sizeof(payload_value))) << std::strerror(errno);
+  const int64_t payload = 7;
+  ASSERT_EQ(send_with_descriptor(out.get(), name, &payload, sizeof(payload), fd), long(sizeof(payload)))
+      << std::strerror(errno);
 }
 
 TEST(FdMailbox, ARefusedMessageClosesTheDescriptorItCarried) {
