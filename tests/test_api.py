@@ -101,7 +101,7 @@ def test_unique_id_round_trips_as_a_cpu_uint8_tensor() -> None:
     [
         (
             torch.zeros(3, dtype=torch.uint8),
-            r"uid must be a uint8 tensor of shape \[\d+\], got torch.uint8 of shape \[3\]",
+            r"uid must be a uint8 tensor of \d+ elements, got torch.uint8 of shape \[3\]",
         ),
         ("bytes", "uid must be a torch.Tensor, got str"),
     ],

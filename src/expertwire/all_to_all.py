@@ -223,7 +223,7 @@ class AllToAll:
         do_recv: bool = True,
     ) -> None:
         """Returns expert_y's rows to their tokens' ranks and writes out_tokens[t] = sum_k weights[t, k] *
-        y(indices[t, k], t), summed in fp32. Shapes: out_tokens [m..max_num_tokens, hidden_dim] float32, bfloat16
+        y(indices[t, k], t), summed in fp32. Shapes: out_tokens [m or more rows, hidden_dim] float32, bfloat16
         or float16; indices, weights [m, experts_per_token] uint32, float32; expert_y [num_local_experts,
         max_recv_tokens, hidden_dim] bfloat16 or float16."""
         handle = self._live_handle("combine")

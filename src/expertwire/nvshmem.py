@@ -35,13 +35,14 @@ def nvshmem_init(uid: torch.Tensor, rank: int, world_size: int) -> int:
     size = nvshmem_unique_id_size()
     if not isinstance(uid, torch.Tensor):
         raise ValueError(f"nvshmem_init: uid must be a torch.Tensor, got {type(uid).__name__}")
-    if uid.dtype != torch.uint8 or tuple(uid.shape) != (size,):
+    # Any shape of `size` bytes, as pplx_kernels takes it (a [1, size] row of a gathered batch, say).
+    if uid.dtype != torch.uint8 or uid.numel() != size:
         raise ValueError(
-            f"nvshmem_init: uid must be a uint8 tensor of shape [{size}], got {uid.dtype} of shape {list(uid.shape)}"
+            f"nvshmem_init: uid must be a uint8 tensor of {size} elements, got {uid.dtype} of shape {list(uid.shape)}"
         )
     if uid.device.type != "cpu":
         raise ValueError(f"nvshmem_init: uid must be on the CPU, got device {uid.device}")
-    ext.nvshmem_init(bytes(uid.tolist()), rank, world_size)
+    ext.nvshmem_init(bytes(uid.reshape(-1).tolist()), rank, world_size)
     torch.cuda.synchronize()
     return 0
 
