@@ -171,9 +171,13 @@ void RoundTrip::set_device_bound_m(uint32_t value) {
   EW_CUDA_CHECK(cudaMemcpy(bound_m_.get(), &value, sizeof(value), cudaMemcpyHostToDevice));
 }
 
+uint32_t RoundTrip::call_m(const CallShape& shape) const {
+  return shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_;
+}
+
 DispatchArguments RoundTrip::dispatch_arguments(const CallShape& shape) const {
   const bool scales = config_.hidden_dim_scale_bytes != 0;
-  const uint32_t m = shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_;
+  const uint32_t m = call_m(shape);
   return DispatchArguments{num_tokens_.get<int32_t>(),
                            expert_x_.get(),
                            scales ? expert_x_scale_.get() : nullptr,
@@ -185,7 +189,7 @@ DispatchArguments RoundTrip::dispatch_arguments(const CallShape& shape) const {
 }
 
 CombineArguments RoundTrip::combine_arguments(const CallShape& shape) const {
-  const uint32_t m = shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_;
+  const uint32_t m = call_m(shape);
   return CombineArguments{per_token<void>(out_tokens_, m),
                           shape.out_type,
                           per_token<uint32_t>(indices_, m),

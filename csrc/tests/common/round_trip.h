@@ -127,6 +127,8 @@ class RoundTrip {
   size_t expert_x_bytes() const;
   size_t expert_scale_bytes() const;
   size_t out_tokens_bytes() const;
+  // The m a call passes: max_num_tokens when the device bound_m carries the count, else this rank's own m.
+  uint32_t call_m(const CallShape& shape) const;
   void fill_dispatch_outputs();
 
   AllToAllConfig config_;
