@@ -27,6 +27,10 @@ class Case:
     num_experts: int = 16
     experts_per_token: int = 4
     hidden_dim: int = 256
+    # How the scale tensors are laid out: "contiguous"; "padded", rows wider than the scales, as vLLM's
+    # per-token fp8 allocates out_expert_x_scale (round_up(hidden_dim, 4) words a row); "column-major", as
+    # DeepGEMM reads them.
+    scale_layout: str = "contiguous"
 
     @property
     def payload_dtype(self) -> torch.dtype:
@@ -51,6 +55,8 @@ class Case:
             f"out={str(self.out_dtype)[6:]}",
             f"dp={self.dp_size}",
         ]
+        if self.scale_layout != "contiguous":
+            parts.append(f"scales={self.scale_layout}")
         return " ".join(parts + (["split"] if self.split else []) + ([] if self.use_bound_m else ["no-bound_m"]))
 
 

@@ -40,10 +40,10 @@ def _require_ranks(world_size: int) -> None:
 
 def _cases(world_size: int) -> list[Case]:
     cases = [
-        Case("fp8", torch.bfloat16, torch.bfloat16),
+        Case("fp8", torch.bfloat16, torch.bfloat16, scale_layout="padded"),
         Case("bf16", torch.bfloat16, torch.float32),
         Case("bf16", torch.float16, torch.float16, use_bound_m=False),
-        Case("fp8", torch.float16, torch.float32, split=True),
+        Case("fp8", torch.float16, torch.float32, split=True, scale_layout="column-major"),
     ]
     if world_size >= 4:
         cases += [
@@ -68,6 +68,16 @@ def make_all_to_all(transport: str, case: Case, info: RankInfo) -> expertwire.Al
     )
 
 
+def scale_tensor(case: Case, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A zeroed float32 [*rows, scale_columns] view laid out as case.scale_layout says."""
+    columns = case.scale_columns
+    if case.scale_layout == "padded":
+        return torch.zeros((*rows, (case.hidden_dim + 3) // 4 * 4), device=device)[..., :columns]
+    if case.scale_layout == "column-major":
+        return torch.zeros((*rows[:-1], columns, rows[-1]), device=device).transpose(-1, -2)
+    return torch.zeros((*rows, columns), device=device)
+
+
 class RankBuffers:
     """This rank's inputs (on the GPU) and outputs for one case."""
 
@@ -77,11 +87,12 @@ class RankBuffers:
         recv = case.max_num_tokens * (info.world_size // case.dp_size)
         self.expert_num_tokens = torch.full((local,), -1, dtype=torch.int32, device=device)
         self.expert_x = torch.zeros((local, recv, case.hidden_dim), dtype=case.payload_dtype, device=device)
-        self.expert_x_scale = (
-            torch.zeros((local, recv, case.scale_columns), device=device) if case.payload == "fp8" else None
-        )
+        self.expert_x_scale = None if case.payload != "fp8" else scale_tensor(case, (local, recv), device)
         self.dp_x = mine.x.to(device)
-        self.dp_x_scale = None if mine.x_scale is None else mine.x_scale.to(device)
+        self.dp_x_scale = None
+        if mine.x_scale is not None:
+            self.dp_x_scale = scale_tensor(case, (mine.rows,), device)
+            self.dp_x_scale.copy_(mine.x_scale)
         self.indices = mine.indices.to(device)
         self.weights = mine.weights.to(device)
         self.bound_m = torch.tensor([mine.m], dtype=torch.uint32, device=device) if case.use_bound_m else None
@@ -125,6 +136,11 @@ def dispatch_and_combine(a2a: expertwire.AllToAll, case: Case, b: RankBuffers, i
 
 def _check(case: Case, info: RankInfo, groups: list[GroupData], b: RankBuffers) -> None:
     check_dispatch(case, info.rank, info.world_size, groups, b.expert_num_tokens, b.expert_x, b.expert_x_scale)
+    if case.scale_layout == "padded" and b.expert_x_scale is not None:
+        # Only the scales are written: vLLM's padding past them stays as allocated.
+        rows = b.expert_x_scale.shape[:-1]
+        padded = b.expert_x_scale.as_strided((*rows, b.expert_x_scale.stride(-2)), b.expert_x_scale.stride())
+        assert not padded[..., case.scale_columns :].any(), "out_expert_x_scale written past its scale columns"
     check_combine(case, info.rank, info.world_size, groups, b.out_tokens)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from expertwire.checks import AllToAllShape, check_combine, check_dispatch
+from expertwire.ops import _scale_strides
 
 SHAPE = AllToAllShape(
     max_num_tokens=8,
@@ -146,7 +147,32 @@ def test_cpu_tensors_are_rejected_naming_device() -> None:
             r"dp_x must be 2-dimensional \[tokens, ...\], got shape \[5, 256, 1\]",
         ),
         ("dp_x", lambda: "not a tensor", "dp_x must be a torch.Tensor, got str"),
-        ("dp_x_scale", lambda: torch.empty(5, 3, device="cuda"), r"dp_x_scale must have shape \[5, 2\], got \[5, 3\]"),
+        (
+            "dp_x_scale",
+            lambda: torch.empty(5, 1, device="cuda"),
+            r"dp_x_scale must have shape \[5, at least 2\], got \[5, 1\]",
+        ),
+        (
+            "dp_x_scale",
+            lambda: torch.empty(5, 16, dtype=torch.uint8, device="cuda")[:, ::2],
+            r"dp_x_scale must have contiguous rows \(stride 1 in its last dimension\) as uint8, got strides \[16, 2\]",
+        ),
+        (
+            "dp_x_scale",
+            lambda: torch.empty(5, 9, dtype=torch.uint8, device="cuda")[:, :8],
+            r"dp_x_scale must have strides of whole 4-byte words, got strides \[9, 1\] of 1-byte elements",
+        ),
+        (
+            "out_expert_x_scale",
+            lambda: torch.empty(1, 1, 2, device="cuda").expand(2, 32, 2),
+            r"out_expert_x_scale must not have stride 0 in a dimension of size > 1 \(rows would overlap\), "
+            r"got strides \[0, 0, 1\]",
+        ),
+        (
+            "out_expert_x_scale",
+            lambda: torch.empty(2, 16, 2, device="cuda"),
+            r"out_expert_x_scale must have shape \[2, 32, at least 2\], got \[2, 16, 2\]",
+        ),
         (
             "dp_x_scale",
             lambda: torch.empty(5, 2, dtype=torch.float64, device="cuda"),
@@ -235,6 +261,24 @@ def test_payload_and_scales_move_as_bytes_whatever_their_types(fake_cuda: None) 
         "dp_x_scale": torch.empty(5, 8, dtype=torch.uint8, device="cuda"),
     }
     assert check_dispatch(SHAPE, **args) == 5
+
+
+def test_scales_take_any_word_strides_as_pplx_kernels_does(fake_cuda: None) -> None:
+    """vLLM's per-token fp8 pads out_expert_x_scale's rows (round_up(hidden_dim, 4) words, 2 used here), DeepGEMM
+    reads scales column-major, and a per-tensor scale may be broadcast to every token (row stride 0)."""
+    padded = torch.empty(2, 32, 256, device="cuda")
+    column_major = torch.empty(2, 2, 32, device="cuda").transpose(1, 2)
+    broadcast = torch.empty(1, 2, device="cuda").expand(5, 2)
+    for out_scale, dp_scale in ((padded, broadcast), (column_major, torch.empty(2, 5, device="cuda").t())):
+        args = {**dispatch_args(SHAPE), "out_expert_x_scale": out_scale, "dp_x_scale": dp_scale}
+        assert check_dispatch(SHAPE, **args) == 5
+
+
+def test_scale_strides_are_passed_in_bytes_with_the_word_stride_last() -> None:
+    column_major = torch.empty(2, 2, 32).transpose(1, 2)
+    assert _scale_strides(column_major) == (256, 4, 128)
+    assert _scale_strides(torch.empty(5, 2).expand(5, 2)) == (8, 4)
+    assert _scale_strides(torch.empty(5, 12, dtype=torch.uint8)[:, :8]) == (12, 4)
 
 
 def test_tensors_must_be_on_the_all_to_alls_device(fake_cuda: None) -> None:

@@ -113,6 +113,25 @@ struct TokenRoute {
 };
 static_assert(sizeof(TokenRoute) == 8, "route table rows are 8 bytes");
 
+// Byte strides of a caller's scale tensor, whose elements are 4-byte words (fp32 scales): word w of row r of
+// local expert e lies at e * expert + r * row + w * word from its start (dp_x_scale has no expert dimension).
+// pplx_kernels follows any strides here, and callers use them: vLLM pads out_expert_x_scale's rows (per-token
+// fp8 allocates round_up(hidden_dim, 4) words a row and fills four), DeepGEMM reads scales column-major, and a per-tensor
+// scale broadcast to every token has row stride 0.
+struct ScaleStrides {
+  uint64_t expert = 0;
+  uint64_t row = 0;
+  uint64_t word = 4;
+
+  EW_HOST_DEVICE uint64_t offset(uint64_t expert_index, uint64_t row_index, uint64_t word_index) const {
+    return expert_index * expert + row_index * row + word_index * word;
+  }
+  // Row-major [experts][rows_per_expert][scale_bytes / 4], the layout when a tensor is contiguous.
+  EW_HOST_DEVICE static constexpr ScaleStrides contiguous(uint64_t scale_bytes, uint64_t rows_per_expert) {
+    return ScaleStrides{rows_per_expert * scale_bytes, scale_bytes, 4};
+  }
+};
+
 // Plain offsets and strides, copied by value into kernels.
 struct BufferLayout {
   // Shape, repeated here so kernels need nothing else.

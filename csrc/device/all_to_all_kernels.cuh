@@ -62,17 +62,19 @@ namespace expertwire::device {
 // ---------------------------------------------------------------------------------------------------------
 // Token rows.
 
-// Writes one DispatchToken (header, payload, scales) at `dst` with the whole warp.
+// Writes one DispatchToken (header, payload, scales) at `dst` with the whole warp. `x_scale`: the token's row of
+// dp_x_scale, whose words lie `scale_word_stride` bytes apart.
 __device__ __forceinline__ void write_dispatch_token(uint8_t* dst, const BufferLayout& l, uint32_t token,
                                                      const uint32_t* experts, const uint8_t* x,
-                                                     const uint8_t* x_scale) {
+                                                     const uint8_t* x_scale, uint64_t scale_word_stride) {
   auto* header = reinterpret_cast<uint32_t*>(dst);
   for (uint32_t w = lane_id(); w <= l.experts_per_token; w += kWarpSize) {
     header[w] = w == 0 ? token : experts[w - 1];
   }
   warp_copy_16<SourceKind::kInput>(dst + l.payload_offset_in_token(), x, l.hidden_dim_bytes);
   if (l.hidden_dim_scale_bytes != 0) {
-    warp_copy_4(dst + l.scale_offset_in_token(), x_scale, l.hidden_dim_scale_bytes);
+    warp_copy_4_strided_to_lanes(x_scale, scale_word_stride, l.hidden_dim_scale_bytes / 4, 1u, 4,
+                                 [dst, &l](int) { return dst + l.scale_offset_in_token(); });
   }
 }
 
@@ -181,21 +183,27 @@ __device__ inline void hand_over_expert_rows(const DispatchArgs& a, const PullRe
   }
 }
 
-// Copies a received DispatchToken's payload and scales into row `out_row_of(lane)` of out_expert_x (and of its
-// scales) for every lane set in `lanes`, with the whole warp: the token is read once for all of them. Peers
-// write tokens while kernels run (stores to a sender's send_rows, or puts into our dispatch_recv), so it is read
-// coherently.
-template <class OutRowOf>
+// Copies a received DispatchToken's payload and scales into row `row` of local expert `local_expert` (each
+// lane's own) of out_expert_x and out_expert_x_scale for every lane set in `lanes`, with the whole warp: the
+// token is read once for all of them. Peers write tokens while kernels run (stores to a sender's send_rows, or
+// puts into our dispatch_recv), so it is read coherently.
 __device__ __forceinline__ void copy_to_expert_rows(const DispatchArgs& a, const uint8_t* token, unsigned lanes,
-                                                    OutRowOf out_row_of) {
+                                                    uint32_t local_expert, uint32_t row) {
   const BufferLayout& l = a.ctx.layout;
   if (l.hidden_dim_scale_bytes != 0) {
-    warp_copy_4_to_lanes(token + l.scale_offset_in_token(), l.hidden_dim_scale_bytes, lanes,
-                         [&](int lane) { return a.out_expert_x_scale + out_row_of(lane) * l.hidden_dim_scale_bytes; });
+    const ScaleStrides& strides = a.out_expert_x_scale_strides;
+    warp_copy_4_strided_to_lanes(token + l.scale_offset_in_token(), 4, l.hidden_dim_scale_bytes / 4, lanes,
+                                 strides.word, [&](int lane) {
+                                   return a.out_expert_x_scale + strides.offset(__shfl_sync(kFullMask, local_expert, lane),
+                                                                                __shfl_sync(kFullMask, row, lane), 0);
+                                 });
   }
   warp_copy_16_to_lanes<SourceKind::kPeerWritten>(
-      token + l.payload_offset_in_token(), l.hidden_dim_bytes, lanes,
-      [&](int lane) { return a.out_expert_x + out_row_of(lane) * l.hidden_dim_bytes; });
+      token + l.payload_offset_in_token(), l.hidden_dim_bytes, lanes, [&](int lane) {
+        const uint64_t out_row = uint64_t(__shfl_sync(kFullMask, local_expert, lane)) * l.max_recv_tokens +
+                                 __shfl_sync(kFullMask, row, lane);
+        return a.out_expert_x + out_row * l.hidden_dim_bytes;
+      });
 }
 
 // Copies token t of the sender of group g, staged at `token`, to each local expert its row names, at the row
@@ -226,9 +234,7 @@ __device__ void copy_token_to_local_experts(const DispatchArgs& a, const uint8_t
         *reinterpret_cast<uint32_t*>(c.symmetric + l.combine_slot_offset(g, t, k)) = row;
       }
     }
-    const uint64_t out_row = uint64_t(expert - first_expert) * l.max_recv_tokens + row;
-    copy_to_expert_rows(a, token, __ballot_sync(kFullMask, mine),
-                        [&](int lane) { return __shfl_sync(kFullMask, out_row, lane); });
+    copy_to_expert_rows(a, token, __ballot_sync(kFullMask, mine), expert - first_expert, row);
   }
 }
 
@@ -253,7 +259,7 @@ __device__ void dispatch_send(const DispatchArgs& a, const Transport& transport)
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
     const uint8_t* x = a.dp_x + uint64_t(t) * l.hidden_dim_bytes;
-    const uint8_t* x_scale = a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes;
+    const uint8_t* x_scale = a.dp_x_scale + a.dp_x_scale_strides.offset(0, t, 0);
     bool staged = false;
     for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
       const uint32_t k = k0 + lane_id();
@@ -270,7 +276,9 @@ __device__ void dispatch_send(const DispatchArgs& a, const Transport& transport)
         const int rank = int(__shfl_sync(kFullMask, owner, from));
         const uint32_t s = __shfl_sync(kFullMask, slot, from);
         deliver_row(transport, rank, l.dispatch_token_offset(c.dp_group, s), l.dispatch_token_bytes, staging, staged,
-                    [&](uint8_t* dst) { write_dispatch_token(dst, l, t, experts, x, x_scale); });
+                    [&](uint8_t* dst) {
+                      write_dispatch_token(dst, l, t, experts, x, x_scale, a.dp_x_scale_strides.word);
+                    });
       }
     }
   }
@@ -368,7 +376,7 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
       check_row_expert(c, experts, k0, k < top_k ? experts[k] : ~0u, k < top_k);
     }
     write_dispatch_token(c.symmetric + l.send_row_offset(t), l, t, experts, a.dp_x + uint64_t(t) * l.hidden_dim_bytes,
-                         a.dp_x_scale + uint64_t(t) * l.hidden_dim_scale_bytes);
+                         a.dp_x_scale + a.dp_x_scale_strides.offset(0, t, 0), a.dp_x_scale_strides.word);
     __syncwarp();  // every lane's part of the row before the stamp, whose release carries it (cumulative)
     if (lane_id() == 0) store_release_sys(c.local_signal(l.send_stamp_offset(t)), epoch);
   }

@@ -34,9 +34,11 @@ struct DispatchArgs {
   RankContext ctx;
   int32_t* out_expert_num_tokens;  // [num_local_experts]
   uint8_t* out_expert_x;           // [num_local_experts][max_recv_tokens][hidden_dim_bytes]
-  uint8_t* out_expert_x_scale;     // [num_local_experts][max_recv_tokens][hidden_dim_scale_bytes]
+  uint8_t* out_expert_x_scale;     // [num_local_experts][max_recv_tokens][hidden_dim_scale_bytes / 4] words
   const uint8_t* dp_x;             // [m][hidden_dim_bytes]
-  const uint8_t* dp_x_scale;       // [m][hidden_dim_scale_bytes]
+  const uint8_t* dp_x_scale;       // [m][hidden_dim_scale_bytes / 4] words
+  ScaleStrides out_expert_x_scale_strides;
+  ScaleStrides dp_x_scale_strides;  // expert unused
   const uint32_t* indices;         // [m][experts_per_token]
   uint32_t m;
   const uint32_t* bound_m;  // device; may be null (then m)

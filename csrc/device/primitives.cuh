@@ -109,14 +109,30 @@ __device__ __forceinline__ void warp_copy_16(void* dst, const void* src, uint64_
   warp_copy_16_to_lanes<kSource>(src, bytes, 1u, [dst](int) { return dst; });
 }
 
-// 4-byte words, for fp32 scale rows, which need not be 16-byte multiples (4 words in flight a lane).
+// 4-byte words (fp32 scales) at any byte stride, as a caller's scale tensors may be laid out (padded rows,
+// column-major): word i of `words` is read at src + i * src_stride and written at dst_of(lane) + i * dst_stride
+// for every lane set in `lanes` (dst_of as in warp_copy_words_to_lanes). 4 words in flight a lane.
 template <class DstOf>
-__device__ __forceinline__ void warp_copy_4_to_lanes(const void* src, uint64_t bytes, unsigned lanes, DstOf dst_of) {
-  warp_copy_words_to_lanes<uint32_t, 4>(src, bytes, lanes, [](const uint32_t* word) { return *word; }, dst_of);
-}
-
-__device__ __forceinline__ void warp_copy_4(void* dst, const void* src, uint64_t bytes) {
-  warp_copy_4_to_lanes(src, bytes, 1u, [dst](int) { return dst; });
+__device__ __forceinline__ void warp_copy_4_strided_to_lanes(const uint8_t* src, uint64_t src_stride, uint64_t words,
+                                                             unsigned lanes, uint64_t dst_stride, DstOf dst_of) {
+  constexpr int kUnroll = 4;
+  for (uint64_t pass = 0; pass < words; pass += kUnroll * kWarpSize) {
+    const uint64_t base = pass + lane_id();
+    uint32_t v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint64_t i = base + u * kWarpSize;
+      if (i < words) v[u] = *reinterpret_cast<const uint32_t*>(src + i * src_stride);
+    }
+    for (unsigned left = lanes; left != 0; left &= left - 1) {
+      uint8_t* d = dst_of(__ffs(left) - 1);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const uint64_t i = base + u * kWarpSize;
+        if (i < words) *reinterpret_cast<uint32_t*>(d + i * dst_stride) = v[u];
+      }
+    }
+  }
 }
 
 // Records the first error of a call; later ones are dropped so the host sees the root cause.

@@ -221,7 +221,7 @@ void host_argument_cases(const Context& ctx) {
   RoundTrip trip(config);
   const CallShape shape = plain_shape(config, config.max_num_tokens, false);
   const std::vector<GroupData> groups = harness::make_all_groups(config, shape, ctx.seed);
-  trip.upload(groups[config.dp_group()]);
+  trip.upload(groups[config.dp_group()], shape);
 
   const uint32_t too_many = uint32_t(config.max_num_tokens + 1);
   const std::string too_many_tail = detail::concat(" must be <= max_num_tokens=", config.max_num_tokens, ", got ", too_many);
@@ -256,6 +256,11 @@ void host_argument_cases(const Context& ctx) {
       {"dispatch with misaligned out_expert_x_scale",
        [&](DispatchArguments& a) { a.out_expert_x_scale = misaligned_by(a.out_expert_x_scale, 2); },
        "dispatch: out_expert_x_scale must be 4-byte aligned"},
+      {"dispatch with a dp_x_scale word stride of 2 bytes", [](DispatchArguments& a) { a.dp_x_scale_strides.word = 2; },
+       "dispatch: dp_x_scale: word stride must be a multiple of 4 bytes, got 2"},
+      {"dispatch with an out_expert_x_scale row stride of 6 bytes",
+       [](DispatchArguments& a) { a.out_expert_x_scale_strides.row = 6; },
+       "dispatch: out_expert_x_scale: row stride must be a multiple of 4 bytes, got 6"},
   };
   for (const DispatchCase& c : dispatch_cases) {
     ctx.run(detail::concat("host: ", c.name), [&] {
@@ -450,7 +455,7 @@ void device_input_cases(const Context& ctx) {
     const std::vector<reference::ExpertInbox> expected = inboxes_without_entry(config, stand_in, bad_rank, 0, top_k - 1);
     const uint32_t bad_expert = uint32_t(config.num_experts + 3);
     sent[bad_rank].indices[top_k - 1] = bad_expert;
-    trip.upload(sent[config.dp_group()]);
+    trip.upload(sent[config.dp_group()], shape);
     std::unique_ptr<AllToAll> a2a = ctx.make();
     std::string original;
     ctx.run("device: expert index >= num_experts", [&] {
@@ -464,7 +469,7 @@ void device_input_cases(const Context& ctx) {
         trip.dispatch(*a2a, shape);
       }
       Failures failures;
-      trip.check_dispatch(expected, failures);
+      trip.check_dispatch(shape, expected, failures);
       return joined(verdict, verdict_of(failures));
     });
     ctx.run("device: the error is sticky (later calls raise the original error)", [&] {
@@ -483,7 +488,7 @@ void device_input_cases(const Context& ctx) {
     const std::vector<GroupData> sent = harness::make_all_groups(config, shape, ctx.seed + 2);
     std::vector<GroupData> received = sent;
     received[bad_rank].m = 0;
-    trip.upload(sent[config.dp_group()]);
+    trip.upload(sent[config.dp_group()], shape);
     if (ctx.rank == bad_rank) trip.set_device_bound_m(bad_bound_m);
     std::unique_ptr<AllToAll> a2a = ctx.make();
     ctx.run("device: bound_m > m in dispatch", [&] {
@@ -495,7 +500,7 @@ void device_input_cases(const Context& ctx) {
         trip.dispatch(*a2a, shape);
       }
       Failures failures;
-      trip.check_dispatch(harness::reference_inboxes(config, received), failures);
+      trip.check_dispatch(shape, harness::reference_inboxes(config, received), failures);
       return joined(verdict, verdict_of(failures));
     });
     discard_together(a2a);
@@ -505,12 +510,12 @@ void device_input_cases(const Context& ctx) {
   {
     const CallShape shape = plain_shape(config, config.max_num_tokens, true);
     const std::vector<GroupData> groups = harness::make_all_groups(config, shape, ctx.seed + 3);
-    trip.upload(groups[config.dp_group()]);
+    trip.upload(groups[config.dp_group()], shape);
     std::unique_ptr<AllToAll> a2a = ctx.make();
     ctx.run("device: bound_m > m in combine", [&] {
       Failures failures;
       trip.dispatch(*a2a, shape);
-      trip.check_dispatch(harness::reference_inboxes(config, groups), failures);
+      trip.check_dispatch(shape, harness::reference_inboxes(config, groups), failures);
       if (ctx.rank != bad_rank) {
         trip.combine(*a2a, shape);
         trip.check_combine(groups[config.dp_group()], shape, failures);
@@ -538,7 +543,7 @@ void timeout_cases(const Context& ctx) {
   const CallShape shape = plain_shape(config, config.max_num_tokens / 2, false);
   const std::vector<GroupData> groups = harness::make_all_groups(config, shape, ctx.seed + 4);
   RoundTrip trip(config);
-  trip.upload(groups[config.dp_group()]);
+  trip.upload(groups[config.dp_group()], shape);
 
   // Runs `call` on this rank, expecting the timeout on `phase` within the limit. Returns the message.
   auto expect_timeout = [&](const std::function<void()>& call, const char* phase, std::string* message) {
@@ -568,7 +573,7 @@ void timeout_cases(const Context& ctx) {
     ctx.run("timeout: every rank dispatches before the skipped combine", [&] {
       Failures failures;
       trip.dispatch(*a2a, shape);
-      trip.check_dispatch(harness::reference_inboxes(config, groups), failures);
+      trip.check_dispatch(shape, harness::reference_inboxes(config, groups), failures);
       return verdict_of(failures);
     });
     ctx.run(detail::concat("timeout: rank ", skipper, " skips a combine"), [&] {

@@ -93,6 +93,25 @@ class _Checker:
         elif value.device != self.device:
             raise self.fail(name, f"be on {self.device} like {self.device_source}", f"device {value.device}")
 
+    def scales(self, name: str, value: torch.Tensor, rows: Sequence[int], row_bytes: int, written: bool) -> None:
+        """A scale tensor of shape [*rows, columns] whose first row_bytes bytes a row hold the scales, with any
+        strides (as pplx_kernels takes them): a float32 tensor's words may lie anywhere, a uint8 tensor's rows
+        are contiguous bytes; every stride in bytes a multiple of 4. An output may not have two elements at one
+        address (a stride 0)."""
+        itemsize = value.element_size()
+        need = -(-row_bytes // itemsize)
+        if value.dim() != len(rows) + 1 or tuple(value.shape[:-1]) != tuple(rows) or value.shape[-1] < need:
+            expected = ", ".join([*(str(r) for r in rows), f"at least {need}"])
+            raise self.fail(name, f"have shape [{expected}]", list(value.shape))
+        strides = value.stride()
+        if itemsize == 1 and value.shape[-1] > 1 and strides[-1] != 1:
+            raise self.fail(name, "have contiguous rows (stride 1 in its last dimension) as uint8", f"strides {list(strides)}")
+        if any(stride * itemsize % 4 for stride in strides[:-1]):
+            raise self.fail(name, "have strides of whole 4-byte words", f"strides {list(strides)} of {itemsize}-byte elements")
+        if written and any(stride == 0 and size > 1 for stride, size in zip(strides, value.shape)):
+            raise self.fail(name, "not have stride 0 in a dimension of size > 1 (rows would overlap)", f"strides {list(strides)}")
+        self.on_common_device(name, value)
+
     def absent(self, name: str, value: object, why: str) -> None:
         if isinstance(value, torch.Tensor):
             raise self.fail(name, f"be None ({why})", f"a {value.dtype} tensor of shape {list(value.shape)}")
@@ -162,17 +181,14 @@ def check_dispatch(
                 raise c.fail(name, f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})", None)
             if c.is_tensor(name, value).dtype not in SCALE_DTYPES:
                 raise c.fail(name, f"have dtype {dtype_names(SCALE_DTYPES)}", value.dtype)
-        scale_bytes = shape.hidden_dim_scale_bytes
-        out_scale_columns = columns("out_expert_x_scale", out_expert_x_scale, scale_bytes, "hidden_dim_scale_bytes")
-        c.tensor("out_expert_x_scale", out_expert_x_scale, SCALE_DTYPES, (local, recv, out_scale_columns))
+        c.scales("out_expert_x_scale", out_expert_x_scale, (local, recv), shape.hidden_dim_scale_bytes, written=True)
     else:
         c.absent("out_expert_x_scale", out_expert_x_scale, "hidden_dim_scale_bytes=0")
         c.absent("dp_x_scale", dp_x_scale, "hidden_dim_scale_bytes=0")
     payload_columns = columns("dp_x", dp_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
     c.tensor("dp_x", dp_x, None, (m, payload_columns))
     if shape.has_scales:
-        scale_columns = columns("dp_x_scale", dp_x_scale, shape.hidden_dim_scale_bytes, "hidden_dim_scale_bytes")
-        c.tensor("dp_x_scale", dp_x_scale, SCALE_DTYPES, (m, scale_columns))
+        c.scales("dp_x_scale", dp_x_scale, (m,), shape.hidden_dim_scale_bytes, written=False)
     c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
     c.bound_m(bound_m)
     return m

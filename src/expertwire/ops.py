@@ -64,6 +64,14 @@ def _stream(tensor: torch.Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
+def _scale_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Byte strides of a scale tensor's dimensions, its 4-byte words' last: a float32 tensor's own strides, and
+    a uint8 tensor (whose last dimension is contiguous, checks.py) reads 4 bytes as a word."""
+    itemsize = tensor.element_size()
+    *outer, last = (stride * itemsize for stride in tensor.stride())
+    return (*outer, 4 if itemsize == 1 else last)
+
+
 def launch_dispatch(
     handle: int,
     out_expert_num_tokens: torch.Tensor,
@@ -88,6 +96,8 @@ def launch_dispatch(
         do_send,
         do_recv,
         _stream(out_expert_x),
+        _scale_strides(out_expert_x_scale) if out_expert_x_scale is not None else (0, 0, 4),
+        _scale_strides(dp_x_scale) if dp_x_scale is not None else (0, 4),
     )
 
 

@@ -14,6 +14,8 @@ namespace {
 constexpr uint8_t kSentinel = 0xab;
 // Bytes after each output buffer that no call may write.
 constexpr size_t kGuardBytes = 4096;
+// Unused bytes after each row of scales in CallShape::ScaleLayout::kPaddedRows.
+constexpr size_t kScaleRowPadBytes = 12;
 
 size_t element_bytes(ScalarType type) { return type == ScalarType::kFloat32 ? 4 : 2; }
 
@@ -86,6 +88,9 @@ CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index) {
   static constexpr CallShape::InBuffer kInBuffer[] = {CallShape::InBuffer::kNone, CallShape::InBuffer::kAll,
                                                       CallShape::InBuffer::kOddRanks};
   shape.expert_y_in_buffer = kInBuffer[rng.below(3)];
+  static constexpr CallShape::ScaleLayout kScaleLayouts[] = {
+      CallShape::ScaleLayout::kContiguous, CallShape::ScaleLayout::kPaddedRows, CallShape::ScaleLayout::kColumnMajor};
+  shape.scale_layout = kScaleLayouts[rng.below(3)];
   return shape;
 }
 
@@ -98,7 +103,11 @@ std::string describe(const CallShape& shape) {
       << " in_buffer="
       << (shape.expert_y_in_buffer == CallShape::InBuffer::kNone  ? "none"
           : shape.expert_y_in_buffer == CallShape::InBuffer::kAll ? "all"
-                                                                   : "odd");
+                                                                   : "odd")
+      << " scales="
+      << (shape.scale_layout == CallShape::ScaleLayout::kContiguous   ? "contiguous"
+          : shape.scale_layout == CallShape::ScaleLayout::kPaddedRows ? "padded"
+                                                                      : "column-major");
   return out.str();
 }
 
@@ -119,7 +128,7 @@ std::vector<reference::ExpertInbox> reference_inboxes(const AllToAllConfig& conf
 
 void call_dispatch(AllToAll& a2a, const DispatchArguments& a, SplitMode mode, cudaStream_t stream) {
   a2a.dispatch(a.out_expert_num_tokens, a.out_expert_x, a.out_expert_x_scale, a.dp_x, a.dp_x_scale, a.indices, a.m,
-               a.bound_m, mode, stream);
+               a.bound_m, mode, stream, a.out_expert_x_scale_strides, a.dp_x_scale_strides);
 }
 
 void call_combine(AllToAll& a2a, const CombineArguments& a, SplitMode mode, cudaStream_t stream) {
@@ -130,7 +139,7 @@ void call_combine(AllToAll& a2a, const CombineArguments& a, SplitMode mode, cuda
 RoundTrip::RoundTrip(const AllToAllConfig& config)
     : config_(config),
       dp_x_(config.max_num_tokens * config.hidden_dim_bytes),
-      dp_x_scale_(std::max<size_t>(config.max_num_tokens * config.hidden_dim_scale_bytes, 16)),
+      dp_x_scale_(std::max<size_t>(config.max_num_tokens * (config.hidden_dim_scale_bytes + kScaleRowPadBytes), 16)),
       indices_(config.max_num_tokens * config.experts_per_token * sizeof(uint32_t)),
       weights_(config.max_num_tokens * config.experts_per_token * sizeof(float)),
       bound_m_(sizeof(uint32_t)),
@@ -150,15 +159,42 @@ size_t RoundTrip::expert_x_bytes() const {
 }
 
 size_t RoundTrip::expert_scale_bytes() const {
-  return config_.num_local_experts() * config_.max_recv_tokens() * config_.hidden_dim_scale_bytes;
+  const size_t row_bytes = config_.hidden_dim_scale_bytes == 0 ? 0 : config_.hidden_dim_scale_bytes + kScaleRowPadBytes;
+  return config_.num_local_experts() * config_.max_recv_tokens() * row_bytes;
+}
+
+ScaleStrides RoundTrip::out_expert_x_scale_strides(const CallShape& shape) const {
+  const uint64_t s = uint64_t(config_.hidden_dim_scale_bytes), rows = uint64_t(config_.max_recv_tokens());
+  switch (shape.scale_layout) {
+    case CallShape::ScaleLayout::kPaddedRows: return ScaleStrides::contiguous(s + kScaleRowPadBytes, rows);
+    case CallShape::ScaleLayout::kColumnMajor: return ScaleStrides{rows * s, 4, rows * 4};
+    case CallShape::ScaleLayout::kContiguous: break;
+  }
+  return ScaleStrides::contiguous(s, rows);
+}
+
+ScaleStrides RoundTrip::dp_x_scale_strides(const CallShape& shape) const {
+  const uint64_t s = uint64_t(config_.hidden_dim_scale_bytes), rows = uint64_t(config_.max_num_tokens);
+  switch (shape.scale_layout) {
+    case CallShape::ScaleLayout::kPaddedRows: return ScaleStrides::contiguous(s + kScaleRowPadBytes, 0);
+    case CallShape::ScaleLayout::kColumnMajor: return ScaleStrides{0, 4, rows * 4};
+    case CallShape::ScaleLayout::kContiguous: break;
+  }
+  return ScaleStrides::contiguous(s, 0);
 }
 
 // Room for max_num_tokens rows of the widest output type.
 size_t RoundTrip::out_tokens_bytes() const { return config_.max_num_tokens * config_.hidden_dim * sizeof(float); }
 
-void RoundTrip::upload(const GroupData& own) {
+void RoundTrip::upload(const GroupData& own, const CallShape& shape) {
   EW_CUDA_CHECK(cudaMemcpy(dp_x_.get(), own.x.data(), own.x.size(), cudaMemcpyHostToDevice));
-  EW_CUDA_CHECK(cudaMemcpy(dp_x_scale_.get(), own.x_scale.data(), own.x_scale.size(), cudaMemcpyHostToDevice));
+  const size_t s = config_.hidden_dim_scale_bytes;
+  const ScaleStrides strides = dp_x_scale_strides(shape);
+  std::vector<uint8_t> scales(dp_x_scale_.bytes(), kSentinel);
+  for (size_t t = 0; s != 0 && t < own.x_scale.size() / s; ++t) {
+    for (size_t w = 0; w < s / 4; ++w) std::memcpy(&scales[strides.offset(0, t, w)], &own.x_scale[t * s + w * 4], 4);
+  }
+  EW_CUDA_CHECK(cudaMemcpy(dp_x_scale_.get(), scales.data(), scales.size(), cudaMemcpyHostToDevice));
   EW_CUDA_CHECK(cudaMemcpy(indices_.get(), own.indices.data(), own.indices.size() * sizeof(uint32_t),
                            cudaMemcpyHostToDevice));
   EW_CUDA_CHECK(cudaMemcpy(weights_.get(), own.weights.data(), own.weights.size() * sizeof(float),
@@ -185,7 +221,9 @@ DispatchArguments RoundTrip::dispatch_arguments(const CallShape& shape) const {
                            scales ? per_token<void>(dp_x_scale_, m) : nullptr,
                            per_token<uint32_t>(indices_, m),
                            m,
-                           shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr};
+                           shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr,
+                           out_expert_x_scale_strides(shape),
+                           dp_x_scale_strides(shape)};
 }
 
 CombineArguments RoundTrip::combine_arguments(const CallShape& shape) const {
@@ -214,11 +252,16 @@ void RoundTrip::dispatch(AllToAll& a2a, const CallShape& shape) {
   a2a.check_errors();
 }
 
-void RoundTrip::check_dispatch(const std::vector<reference::ExpertInbox>& expected, Failures& fail) {
+void RoundTrip::check_dispatch(const CallShape& shape, const std::vector<reference::ExpertInbox>& expected,
+                               Failures& fail) {
   const int64_t num_local = config_.num_local_experts(), max_recv = config_.max_recv_tokens(), rank = config_.rank;
   const size_t x_row = config_.hidden_dim_bytes, s_row = config_.hidden_dim_scale_bytes;
-  const std::vector<uint8_t> counts = download(num_tokens_), got_x = download(expert_x_),
-                             got_s = download(expert_x_scale_);
+  const std::vector<uint8_t> counts = download(num_tokens_), got_x = download(expert_x_);
+  // Scales are compared word by word where the layout puts them, then overwritten with the sentinel: what is
+  // left must be sentinel everywhere (unused rows, padding, the guard).
+  std::vector<uint8_t> got_s = download(expert_x_scale_);
+  const ScaleStrides scale_strides = out_expert_x_scale_strides(shape);
+  std::vector<uint8_t> row_scales(s_row);
 
   for (int64_t le = 0; le < num_local; ++le) {
     rows_of_[le].clear();
@@ -238,6 +281,11 @@ void RoundTrip::check_dispatch(const std::vector<reference::ExpertInbox>& expect
       uint32_t g, t;
       read_marker(row, &g, &t);
       rows_of_[le].push_back({g, t});
+      for (size_t w = 0; w < s_row / 4; ++w) {
+        uint8_t* word = &got_s[scale_strides.offset(le, i, w)];
+        std::memcpy(&row_scales[w * 4], word, 4);
+        std::memset(word, kSentinel, 4);
+      }
       const auto it = std::lower_bound(inbox.begin(), inbox.end(), std::pair{g, t},
                                        [](const reference::ReceivedToken& tok, const std::pair<uint32_t, uint32_t>& key) {
                                          return std::pair{tok.source_group, tok.token} < key;
@@ -252,7 +300,7 @@ void RoundTrip::check_dispatch(const std::vector<reference::ExpertInbox>& expect
       if (std::memcmp(row, it->x, x_row) != 0) {
         fail.add("rank ", rank, " expert ", le, " row ", i, ": payload of (group ", g, ", token ", t, ") differs");
       }
-      if (s_row && std::memcmp(&got_s[(le * max_recv + i) * s_row], it->x_scale, s_row) != 0) {
+      if (s_row && std::memcmp(row_scales.data(), it->x_scale, s_row) != 0) {
         fail.add("rank ", rank, " expert ", le, " row ", i, ": scales of (group ", g, ", token ", t, ") differ");
       }
     }
@@ -263,18 +311,18 @@ void RoundTrip::check_dispatch(const std::vector<reference::ExpertInbox>& expect
       fail.add("rank ", rank, " expert ", le, ": out_expert_x written past its ", count, " rows (row ",
                count + int64_t(x_bad / x_row), ")");
     }
-    const size_t s_bad = first_non_sentinel(&got_s[(le * max_recv + count) * s_row], unused_rows * s_row);
-    if (s_bad != unused_rows * s_row) {
-      fail.add("rank ", rank, " expert ", le, ": out_expert_x_scale written past its ", count, " rows");
-    }
+  }
+  const size_t s_bad = first_non_sentinel(got_s.data(), got_s.size());
+  if (s_bad != got_s.size()) {
+    fail.add("rank ", rank, ": out_expert_x_scale written outside the scales of the received rows (byte ", s_bad,
+             " of ", got_s.size(), ", the last ", kGuardBytes, " a guard)");
   }
   const struct {
     const char* name;
     const std::vector<uint8_t>& bytes;
     size_t used;
   } guarded[] = {{"out_expert_num_tokens", counts, num_local * sizeof(int32_t)},
-                 {"out_expert_x", got_x, expert_x_bytes()},
-                 {"out_expert_x_scale", got_s, expert_scale_bytes()}};
+                 {"out_expert_x", got_x, expert_x_bytes()}};
   for (const auto& buffer : guarded) {
     if (first_non_sentinel(&buffer.bytes[buffer.used], kGuardBytes) != kGuardBytes) {
       fail.add("rank ", rank, ": ", buffer.name, " written past its end (guard region changed)");
@@ -350,9 +398,9 @@ void run_checked_round_trip(AllToAll& a2a, RoundTrip& trip, const AllToAllConfig
                             uint64_t seed, Failures& failures) {
   const std::vector<GroupData> groups = make_all_groups(config, shape, seed);
   const GroupData& own = groups[config.dp_group()];
-  trip.upload(own);
+  trip.upload(own, shape);
   trip.dispatch(a2a, shape);
-  trip.check_dispatch(reference_inboxes(config, groups), failures);
+  trip.check_dispatch(shape, reference_inboxes(config, groups), failures);
   trip.combine(a2a, shape);
   trip.check_combine(own, shape, failures);
 }

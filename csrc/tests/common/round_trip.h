@@ -47,6 +47,10 @@ struct CallShape {
   // Which ranks' experts write into AllToAll::expert_output_buffer(), passed as expert_y; the others pass their
   // own expert_y. Mixed, readers find some owners' rows in place and others pushed to them.
   enum class InBuffer { kNone, kAll, kOddRanks } expert_y_in_buffer = InBuffer::kNone;
+  // How the scale tensors are laid out (ScaleStrides): contiguous; rows padded with unused words (vLLM's
+  // per-token fp8 allocates wider rows than it fills); column-major, each expert's words [word][row] (DeepGEMM's
+  // layout; dp_x_scale [word][token]).
+  enum class ScaleLayout { kContiguous, kPaddedRows, kColumnMajor } scale_layout = ScaleLayout::kContiguous;
   bool expert_y_in_buffer_on(int64_t rank) const {
     return expert_y_in_buffer == InBuffer::kAll || (expert_y_in_buffer == InBuffer::kOddRanks && rank % 2 == 1);
   }
@@ -55,7 +59,7 @@ struct CallShape {
 // A random call. Index 0 fills every group to max_num_tokens and index 1 leaves group 0 empty, so a sequence
 // of calls covers both ends of the range.
 CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index);
-// "m=[3 0] out=float32 expert=bfloat16 split=0 bound_m=1 in_buffer=odd"
+// "m=[3 0] out=float32 expert=bfloat16 split=0 bound_m=1 in_buffer=odd scales=padded"
 std::string describe(const CallShape& shape);
 
 // Every DP group's tokens of a call: every rank rebuilds all of them from the seed to predict what it receives.
@@ -74,6 +78,8 @@ struct DispatchArguments {
   const uint32_t* indices;
   uint32_t m;
   const uint32_t* bound_m;
+  ScaleStrides out_expert_x_scale_strides;
+  ScaleStrides dp_x_scale_strides;
 };
 struct CombineArguments {
   void* out_tokens;
@@ -98,8 +104,9 @@ class RoundTrip {
   RoundTrip(const RoundTrip&) = delete;
   RoundTrip& operator=(const RoundTrip&) = delete;
 
-  // Copies this rank's tokens, indices and weights to the device; the device bound_m holds own.m.
-  void upload(const GroupData& own);
+  // Copies this rank's tokens (scales laid out as `shape` says), indices and weights to the device; the device
+  // bound_m holds own.m.
+  void upload(const GroupData& own, const CallShape& shape);
   // Replaces the device value behind bound_m (tests of a bad bound_m).
   void set_device_bound_m(uint32_t value);
 
@@ -108,10 +115,10 @@ class RoundTrip {
 
   // Calls dispatch (in two halves when shape.split), waits for it and raises its device error, if any.
   void dispatch(AllToAll& a2a, const CallShape& shape);
-  // Checks what the last dispatch delivered against `expected`: the counts, every row and its scales byte for
-  // byte, and the sentinel in every other byte of the outputs and their guards. Remembers each row's source
-  // for combine.
-  void check_dispatch(const std::vector<reference::ExpertInbox>& expected, Failures& failures);
+  // Checks what the last dispatch (of `shape`) delivered against `expected`: the counts, every row and its
+  // scales byte for byte, and the sentinel in every other byte of the outputs and their guards. Remembers each
+  // row's source for combine.
+  void check_dispatch(const CallShape& shape, const std::vector<reference::ExpertInbox>& expected, Failures& failures);
   // Fills expert_y (or the object's expert_output_buffer(), per shape) with the test experts' outputs for the
   // rows check_dispatch saw, calls combine, waits for it and raises its device error, if any.
   void combine(AllToAll& a2a, const CallShape& shape);
@@ -125,7 +132,9 @@ class RoundTrip {
 
  private:
   size_t expert_x_bytes() const;
-  size_t expert_scale_bytes() const;
+  size_t expert_scale_bytes() const;  // room for the widest scale layout
+  ScaleStrides out_expert_x_scale_strides(const CallShape& shape) const;
+  ScaleStrides dp_x_scale_strides(const CallShape& shape) const;
   size_t out_tokens_bytes() const;
   // The m a call passes: max_num_tokens when the device bound_m carries the count, else this rank's own m.
   uint32_t call_m(const CallShape& shape) const;

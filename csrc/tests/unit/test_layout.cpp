@@ -700,6 +700,25 @@ TEST(KernelSharedMemory, CombineHoldsExpertStartsThenARankBitmap) {
   }
 }
 
+// Scale tensors of DeepSeek-V3's shape (56 fp32 words a token), 2 local experts of 32 rows each.
+TEST(ScaleStrides, ContiguousIsRowMajor) {
+  const ScaleStrides s = ScaleStrides::contiguous(224, 32);
+  EXPECT_EQ(s.expert, 7168u);  // 32 * 224
+  EXPECT_EQ(s.row, 224u);
+  EXPECT_EQ(s.word, 4u);
+  EXPECT_EQ(s.offset(1, 2, 3), 7168u + 448u + 12u);
+}
+
+TEST(ScaleStrides, ColumnMajorAndPaddedRows) {
+  const ScaleStrides column_major{32 * 224, 4, 32 * 4};  // each expert [56 words][32 rows]
+  EXPECT_EQ(column_major.offset(0, 5, 0), 20u);
+  EXPECT_EQ(column_major.offset(0, 5, 1), 128u + 20u);
+  EXPECT_EQ(column_major.offset(1, 0, 55), 7168u + 55u * 128u);
+  const ScaleStrides padded = ScaleStrides::contiguous(7168 * 4, 32);  // vLLM per-token: a row of hidden_dim words
+  EXPECT_EQ(padded.offset(0, 1, 0), 28672u);
+  EXPECT_EQ(padded.offset(1, 0, 3), 32u * 28672u + 12u);
+}
+
 // Epochs run 1, 2, ..., 2^32 - 1, then 1 again: never 0, which is what fresh stamps and announcements hold, and
 // never the same twice in a row across the wrap (a counter that wrapped at 2^32 instead gave epoch 1 twice).
 TEST(DispatchEpoch, NeverZeroAndNeverRepeatsAcrossTheWrap) {

@@ -1,6 +1,7 @@
 #include "transport/common/all_to_all.h"
 
 #include <string>
+#include <utility>
 
 #include "core/error.h"
 
@@ -12,6 +13,14 @@ void require_pointer(const void* pointer, const char* name, uintptr_t alignment)
   EW_REQUIRE(pointer != nullptr, name, " must not be null");
   EW_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % alignment == 0, name, " must be ", alignment,
              "-byte aligned, got address ", pointer);
+}
+
+// Scales are read and written as 4-byte words.
+void require_word_strides(const ScaleStrides& strides, const char* name) {
+  for (const auto& [what, stride] : {std::pair{"expert", strides.expert}, std::pair{"row", strides.row},
+                                     std::pair{"word", strides.word}}) {
+    EW_REQUIRE(stride % 4 == 0, name, ": ", what, " stride must be a multiple of 4 bytes, got ", stride);
+  }
 }
 
 }  // namespace
@@ -68,6 +77,16 @@ void AllToAll::check_errors() const {
 void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale,
                         const void* dp_x, const void* dp_x_scale, const uint32_t* indices, uint32_t m,
                         const uint32_t* bound_m, SplitMode split_mode, cudaStream_t stream) {
+  const uint64_t scale_bytes = uint64_t(config_.hidden_dim_scale_bytes);
+  dispatch(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices, m, bound_m, split_mode,
+           stream, ScaleStrides::contiguous(scale_bytes, uint64_t(config_.max_recv_tokens())),
+           ScaleStrides::contiguous(scale_bytes, 0));
+}
+
+void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale,
+                        const void* dp_x, const void* dp_x_scale, const uint32_t* indices, uint32_t m,
+                        const uint32_t* bound_m, SplitMode split_mode, cudaStream_t stream,
+                        const ScaleStrides& out_expert_x_scale_strides, const ScaleStrides& dp_x_scale_strides) {
   check_errors();
   const ScopedDevice on_own_device(device_);
   EW_REQUIRE(m <= config_.max_num_tokens, "dispatch: m must be <= max_num_tokens=", config_.max_num_tokens, ", got ",
@@ -79,12 +98,18 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
   if (send && m > 0) {
     require_pointer(dp_x, "dispatch: dp_x", 16);
     require_pointer(indices, "dispatch: indices", 4);
-    if (scales) require_pointer(dp_x_scale, "dispatch: dp_x_scale", 4);
+    if (scales) {
+      require_pointer(dp_x_scale, "dispatch: dp_x_scale", 4);
+      require_word_strides(dp_x_scale_strides, "dispatch: dp_x_scale");
+    }
   }
   if (recv) {
     require_pointer(out_expert_num_tokens, "dispatch: out_expert_num_tokens", 4);
     require_pointer(out_expert_x, "dispatch: out_expert_x", 16);
-    if (scales) require_pointer(out_expert_x_scale, "dispatch: out_expert_x_scale", 4);
+    if (scales) {
+      require_pointer(out_expert_x_scale, "dispatch: out_expert_x_scale", 4);
+      require_word_strides(out_expert_x_scale_strides, "dispatch: out_expert_x_scale");
+    }
   }
   if (bound_m != nullptr) require_pointer(bound_m, "dispatch: bound_m", 4);
   order_.check(Operation::kDispatch, split_mode);
@@ -94,6 +119,8 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
                             static_cast<uint8_t*>(out_expert_x_scale),
                             static_cast<const uint8_t*>(dp_x),
                             static_cast<const uint8_t*>(dp_x_scale),
+                            out_expert_x_scale_strides,
+                            dp_x_scale_strides,
                             indices,
                             m,
                             bound_m,

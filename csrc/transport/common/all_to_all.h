@@ -34,6 +34,12 @@ class AllToAll {
   void dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale, const void* dp_x,
                 const void* dp_x_scale, const uint32_t* indices, uint32_t m, const uint32_t* bound_m,
                 SplitMode split_mode, cudaStream_t stream);
+  // The same with scale tensors of any layout: their words lie where `out_expert_x_scale_strides` and
+  // `dp_x_scale_strides` say (byte strides, each a multiple of 4; dp_x_scale's expert stride is unused).
+  void dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale, const void* dp_x,
+                const void* dp_x_scale, const uint32_t* indices, uint32_t m, const uint32_t* bound_m,
+                SplitMode split_mode, cudaStream_t stream, const ScaleStrides& out_expert_x_scale_strides,
+                const ScaleStrides& dp_x_scale_strides);
 
   // Sends each expert output row back to the ranks that hold its token and sums, per token,
   // weights[t][k] * expert_y(expert indices[t][k]) in fp32 into out_tokens. Layouts:
