@@ -190,20 +190,20 @@ __device__ inline void hand_over_expert_rows(const DispatchArgs& a, const PullRe
 __device__ __forceinline__ void copy_to_expert_rows(const DispatchArgs& a, const uint8_t* token, unsigned lanes,
                                                     uint32_t local_expert, uint32_t row) {
   const BufferLayout& l = a.ctx.layout;
-  if (l.hidden_dim_scale_bytes != 0) {
-    const ScaleStrides& strides = a.out_expert_x_scale_strides;
-    warp_copy_4_strided_to_lanes(token + l.scale_offset_in_token(), 4, l.hidden_dim_scale_bytes / 4, lanes,
-                                 strides.word, [&](int lane) {
-                                   return a.out_expert_x_scale + strides.offset(__shfl_sync(kFullMask, local_expert, lane),
-                                                                                __shfl_sync(kFullMask, row, lane), 0);
-                                 });
-  }
   warp_copy_16_to_lanes<SourceKind::kPeerWritten>(
       token + l.payload_offset_in_token(), l.hidden_dim_bytes, lanes, [&](int lane) {
         const uint64_t out_row = uint64_t(__shfl_sync(kFullMask, local_expert, lane)) * l.max_recv_tokens +
                                  __shfl_sync(kFullMask, row, lane);
         return a.out_expert_x + out_row * l.hidden_dim_bytes;
       });
+  if (l.hidden_dim_scale_bytes != 0) {
+    const ScaleStrides& strides = a.out_expert_x_scale_strides;
+    warp_copy_4_strided_to_lanes(
+        token + l.scale_offset_in_token(), 4, l.hidden_dim_scale_bytes / 4, lanes, strides.word, [&](int lane) {
+          const uint32_t lane_expert = __shfl_sync(kFullMask, local_expert, lane);
+          return a.out_expert_x_scale + strides.offset(lane_expert, __shfl_sync(kFullMask, row, lane), 0);
+        });
+  }
 }
 
 // Copies token t of the sender of group g, staged at `token`, to each local expert its row names, at the row

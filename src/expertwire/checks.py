@@ -104,12 +104,13 @@ class _Checker:
             expected = ", ".join([*(str(r) for r in rows), f"at least {need}"])
             raise self.fail(name, f"have shape [{expected}]", list(value.shape))
         strides = value.stride()
+        given = f"strides {list(strides)}"
         if itemsize == 1 and value.shape[-1] > 1 and strides[-1] != 1:
-            raise self.fail(name, "have contiguous rows (stride 1 in its last dimension) as uint8", f"strides {list(strides)}")
+            raise self.fail(name, "have contiguous rows (stride 1 in its last dimension) as uint8", given)
         if any(stride * itemsize % 4 for stride in strides[:-1]):
-            raise self.fail(name, "have strides of whole 4-byte words", f"strides {list(strides)} of {itemsize}-byte elements")
+            raise self.fail(name, "have strides of whole 4-byte words", f"{given} of {itemsize}-byte elements")
         if written and any(stride == 0 and size > 1 for stride, size in zip(strides, value.shape)):
-            raise self.fail(name, "not have stride 0 in a dimension of size > 1 (rows would overlap)", f"strides {list(strides)}")
+            raise self.fail(name, "not have stride 0 in a dimension of size > 1 (rows would overlap)", given)
         self.on_common_device(name, value)
 
     def absent(self, name: str, value: object, why: str) -> None:
