@@ -33,6 +33,11 @@ class Case:
     scale_layout: str = "contiguous"
 
     @property
+    def row_dtype(self) -> torch.dtype:
+        """The type expert rows travel and are summed as: a float32 expert_y's are rounded to out_dtype."""
+        return self.out_dtype if self.expert_dtype == torch.float32 else self.expert_dtype
+
+    @property
     def payload_dtype(self) -> torch.dtype:
         return torch.float8_e4m3fn if self.payload == "fp8" else torch.bfloat16
 
@@ -104,11 +109,12 @@ def expert_factor(expert: int) -> float:
 
 def expert_outputs_table(case: Case, groups: list[GroupData]) -> torch.Tensor:
     """[num_experts, num_dp_groups, max_num_tokens, hidden_dim] float32: expert e's output for each token, rounded
-    to expert_dtype as the GPU holds it."""
+    to expert_dtype and then to row_dtype, as the GPU sums it."""
     table = torch.zeros(case.num_experts, len(groups), case.max_num_tokens, case.hidden_dim)
     for g, data in enumerate(groups):
         for e in range(case.num_experts):
-            table[e, g, : data.rows] = (data.x.float() * expert_factor(e)).to(case.expert_dtype).float()
+            rows = (data.x.float() * expert_factor(e)).to(case.expert_dtype).to(case.row_dtype)
+            table[e, g, : data.rows] = rows.float()
     return table
 
 

@@ -44,6 +44,7 @@ def _cases(world_size: int) -> list[Case]:
         Case("bf16", torch.bfloat16, torch.float32),
         Case("bf16", torch.float16, torch.float16, use_bound_m=False),
         Case("fp8", torch.float16, torch.float32, split=True, scale_layout="column-major"),
+        Case("bf16", torch.float32, torch.bfloat16),
     ]
     if world_size >= 4:
         cases += [
@@ -160,8 +161,8 @@ def _worker_eager(info: RankInfo, transport: str) -> None:
             a2a = make_all_to_all(transport, case, info)
             buffers = RankBuffers(case, info, groups[info.rank // case.dp_size])
             # Twice on one object: the second call proves the first left every signal and counter reset. The
-            # second takes the experts' outputs from the communication buffer.
-            for in_buffer in (False, True):
+            # second takes the experts' outputs from the communication buffer, which holds 16-bit rows.
+            for in_buffer in (False, case.expert_dtype != torch.float32):
                 buffers.out_tokens.fill_(float("nan"))
                 dispatch_and_combine(a2a, case, buffers, in_buffer)
                 torch.cuda.synchronize()

@@ -341,8 +341,8 @@ def test_split_needs_a_half() -> None:
         ("weights", lambda: torch.empty(5, 3, device="cuda"), re.escape("weights must have shape [5, 2], got [5, 3]")),
         (
             "expert_y",
-            lambda: torch.empty(2, 32, 256, device="cuda"),
-            "expert_y must have dtype torch.bfloat16 or torch.float16, got torch.float32",
+            lambda: torch.empty(2, 32, 256, dtype=torch.float64, device="cuda"),
+            "expert_y must have dtype torch.bfloat16 or torch.float16 or torch.float32, got torch.float64",
         ),
         (
             "expert_y",
@@ -356,6 +356,21 @@ def test_combine_argument_errors_name_the_argument(
 ) -> None:
     args = {**combine_args(SHAPE, m=5), name: value()}
     _raises(lambda **kw: check_combine(SHAPE, **kw), "^combine: " + message + "$", **args)
+
+
+def test_float32_expert_y_needs_16_bit_out_tokens(fake_cuda: None) -> None:
+    """pplx_kernels takes a float32 expert_y with bfloat16 or float16 out_tokens; its rows travel as that type."""
+    y = torch.empty(SHAPE.num_local_experts, SHAPE.max_recv_tokens, SHAPE.hidden_dim, device="cuda")
+    for out_dtype in (torch.bfloat16, torch.float16):
+        assert check_combine(SHAPE, **{**combine_args(SHAPE, out_dtype=out_dtype), "expert_y": y}) == 5
+    _raises(
+        lambda **kw: check_combine(SHAPE, **kw),
+        re.escape(
+            "combine: out_tokens must have dtype torch.bfloat16 or torch.float16 with a float32 expert_y (its rows "
+            "travel as that type), got torch.float32"
+        ),
+        **{**combine_args(SHAPE, out_dtype=torch.float32), "expert_y": y},
+    )
 
 
 def test_out_tokens_may_have_more_rows_than_max_num_tokens(fake_cuda: None) -> None:

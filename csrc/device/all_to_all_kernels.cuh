@@ -25,7 +25,8 @@
 //                   names, at that expert's next free row, and remember each row's route; the last block out
 //                   clears the counts.
 //   combine send    each row i of expert_y[le] goes back to row (token, k) of combine_recv of every rank of its
-//                   source group; each block then adds its arrival to every rank's combine_done.
+//                   source group (a float32 expert_y's rows as out_tokens' 16-bit type); each block then adds its
+//                   arrival to every rank's combine_done.
 //   combine recv    wait until every rank's combine_done is complete, out[t] = sum_k w[t][k] * row(t, k).
 // Combine also comes in a pull form for load/store transports, in which the rows do not move at all when the
 // experts wrote their outputs into expert_outputs themselves:
@@ -50,6 +51,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "core/cuda_utils.h"
 #include "core/dtype.h"
@@ -534,50 +536,6 @@ __device__ inline const uint32_t* received_row_starts(const RankContext& c) {
   return expert_start;
 }
 
-// Writes each row i of expert_y[le] to row (token, k) of combine_recv of every rank of its source group, a row
-// per warp, and flushes the puts. Call with the whole block.
-template <class Transport>
-__device__ void push_rows_to_sources(const CombineArgs& a, const Transport& transport) {
-  const RankContext& c = a.ctx;
-  const BufferLayout& l = c.layout;
-  const uint32_t num_local = l.num_local_experts;
-  const uint32_t* expert_start = received_row_starts(c);
-
-  const auto* routes = reinterpret_cast<const TokenRoute*>(c.workspace + l.routes_offset);
-  uint8_t* staging = c.symmetric + l.staging_row_offset(global_warp());
-  // Rows the experts wrote into expert_outputs are in the symmetric buffer already: puts send them from there
-  // (128 tokens through puts, 8 ranks on one H200: 176 µs instead of 200, medians).
-  const bool y_is_symmetric = a.expert_y == c.symmetric + l.expert_outputs_offset;
-  const uint32_t total = expert_start[num_local];
-  for (uint32_t j = global_warp(); j < total; j += total_warps()) {
-    const uint32_t le = find_segment(expert_start, num_local, j);
-    const uint64_t row = uint64_t(le) * l.max_recv_tokens + (j - expert_start[le]);
-    const TokenRoute route = routes[row];
-    const uint8_t* y = a.expert_y + row * l.combine_row_bytes;
-    const uint64_t offset = l.combine_row_offset(route.token, route.k);
-    bool staged = y_is_symmetric;
-    uint8_t* put_source = y_is_symmetric ? const_cast<uint8_t*>(y) : staging;  // written only when !staged
-    for (uint32_t d = 0; d < l.dp_size; ++d) {
-      const int peer = int(route.source_group * l.dp_size + d);
-      deliver_row(transport, peer, offset, l.combine_row_bytes, put_source, staged,
-                  [&](uint8_t* dst) { warp_copy_16<SourceKind::kInput>(dst, y, l.combine_row_bytes); });
-    }
-  }
-  transport.flush_warp();
-}
-
-// What a rank's combine_done arrival tells its readers (the payload of its ArrivalSignal): where its rows are.
-enum CombineRowsAt : uint32_t {
-  kRowsInOwnerBuffer = 0,  // the owner's expert_outputs, at the slot the pull dispatch recorded (pull combine)
-  kRowsPushed = 1,         // the reader's own combine_recv[token][k]
-};
-
-template <class Transport>
-__device__ void combine_send(const CombineArgs& a, const Transport& transport) {
-  push_rows_to_sources(a, transport);
-  announce_block_arrival(a.ctx, transport, a.ctx.layout.combine_done_offset_of(a.ctx.rank), kRowsPushed);
-}
-
 template <class T>
 struct Vec8;  // eight 16-bit values <-> eight floats
 
@@ -592,13 +550,14 @@ struct Vec8<__nv_bfloat16> {
       out[2 * i + 1] = f.y;
     }
   }
-  __device__ static void store(__nv_bfloat16* dst, const float* in) {
+  __device__ static int4 pack(const float* in) {
     int4 raw;
     auto* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
 #pragma unroll
     for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
-    *reinterpret_cast<int4*>(dst) = raw;
+    return raw;
   }
+  __device__ static void store(__nv_bfloat16* dst, const float* in) { *reinterpret_cast<int4*>(dst) = pack(in); }
 };
 
 template <>
@@ -612,13 +571,14 @@ struct Vec8<__half> {
       out[2 * i + 1] = f.y;
     }
   }
-  __device__ static void store(__half* dst, const float* in) {
+  __device__ static int4 pack(const float* in) {
     int4 raw;
     auto* pairs = reinterpret_cast<__half2*>(&raw);
 #pragma unroll
     for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(in[2 * i], in[2 * i + 1]);
-    *reinterpret_cast<int4*>(dst) = raw;
+    return raw;
   }
+  __device__ static void store(__half* dst, const float* in) { *reinterpret_cast<int4*>(dst) = pack(in); }
 };
 
 template <>
@@ -628,6 +588,84 @@ struct Vec8<float> {
     reinterpret_cast<float4*>(dst)[1] = make_float4(in[4], in[5], in[6], in[7]);
   }
 };
+
+// Warp-wide copy of a float32 row of `elements` values (a multiple of 8) to `dst` as RowT (16-bit): a caller's
+// float32 expert_y travels at the 16 bits of the out_tokens its readers write. 2 vectors of 8 values in flight a
+// lane (two 16-byte loads each): 4 spilled registers in the pull combine.
+template <class RowT>
+__device__ __forceinline__ void warp_copy_floats_as(uint8_t* dst, const float* src, uint64_t elements) {
+  constexpr int kUnroll = 2;
+  const uint64_t vectors = elements / 8;
+  const auto* s = reinterpret_cast<const int4*>(src);
+  auto* d = reinterpret_cast<int4*>(dst);
+  for (uint64_t pass = 0; pass < vectors; pass += kUnroll * kWarpSize) {
+    int4 raw[kUnroll][2];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint64_t v = pass + lane_id() + u * kWarpSize;
+      if (v < vectors) {
+        raw[u][0] = load_stream(s + 2 * v);
+        raw[u][1] = load_stream(s + 2 * v + 1);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint64_t v = pass + lane_id() + u * kWarpSize;
+      if (v < vectors) d[v] = Vec8<RowT>::pack(reinterpret_cast<const float*>(raw[u]));
+    }
+  }
+}
+
+// Writes each row i of expert_y[le] (SourceT: ExpertT, or float32 to send as ExpertT) to row (token, k) of
+// combine_recv of every rank of its source group, a row per warp, and flushes the puts. Call with the whole
+// block.
+template <class ExpertT, class SourceT, class Transport>
+__device__ void push_rows_to_sources(const CombineArgs& a, const Transport& transport) {
+  const RankContext& c = a.ctx;
+  const BufferLayout& l = c.layout;
+  const uint32_t num_local = l.num_local_experts;
+  const uint32_t* expert_start = received_row_starts(c);
+
+  const auto* routes = reinterpret_cast<const TokenRoute*>(c.workspace + l.routes_offset);
+  uint8_t* staging = c.symmetric + l.staging_row_offset(global_warp());
+  // Rows the experts wrote into expert_outputs are in the symmetric buffer already: puts send them from there
+  // (128 tokens through puts, 8 ranks on one H200: 176 µs instead of 200, medians).
+  constexpr bool kConverts = !std::is_same_v<SourceT, ExpertT>;  // float32 rows (never in expert_outputs)
+  const bool y_is_symmetric = !kConverts && a.expert_y == c.symmetric + l.expert_outputs_offset;
+  const uint32_t total = expert_start[num_local];
+  for (uint32_t j = global_warp(); j < total; j += total_warps()) {
+    const uint32_t le = find_segment(expert_start, num_local, j);
+    const uint64_t row = uint64_t(le) * l.max_recv_tokens + (j - expert_start[le]);
+    const TokenRoute route = routes[row];
+    const uint8_t* y = a.expert_y + row * (kConverts ? uint64_t(l.hidden_dim) * sizeof(float) : l.combine_row_bytes);
+    const uint64_t offset = l.combine_row_offset(route.token, route.k);
+    bool staged = y_is_symmetric;
+    uint8_t* put_source = y_is_symmetric ? const_cast<uint8_t*>(y) : staging;  // written only when !staged
+    for (uint32_t d = 0; d < l.dp_size; ++d) {
+      const int peer = int(route.source_group * l.dp_size + d);
+      deliver_row(transport, peer, offset, l.combine_row_bytes, put_source, staged, [&](uint8_t* dst) {
+        if constexpr (kConverts) {
+          warp_copy_floats_as<ExpertT>(dst, reinterpret_cast<const float*>(y), l.hidden_dim);
+        } else {
+          warp_copy_16<SourceKind::kInput>(dst, y, l.combine_row_bytes);
+        }
+      });
+    }
+  }
+  transport.flush_warp();
+}
+
+// What a rank's combine_done arrival tells its readers (the payload of its ArrivalSignal): where its rows are.
+enum CombineRowsAt : uint32_t {
+  kRowsInOwnerBuffer = 0,  // the owner's expert_outputs, at the slot the pull dispatch recorded (pull combine)
+  kRowsPushed = 1,         // the reader's own combine_recv[token][k]
+};
+
+template <class ExpertT, class SourceT, class Transport>
+__device__ void combine_send(const CombineArgs& a, const Transport& transport) {
+  push_rows_to_sources<ExpertT, SourceT>(a, transport);
+  announce_block_arrival(a.ctx, transport, a.ctx.layout.combine_done_offset_of(a.ctx.rank), kRowsPushed);
+}
 
 // out[t] = sum_k weights[t][k] * row(t, k) for the first bound_m tokens, in fp32, written as OutT. `row_of(t, k,
 // expert)` gives the address of the expert output row of (t, k) for a valid expert; it may take dependent
@@ -757,10 +795,10 @@ __device__ void combine_recv(const CombineArgs& a) {
   });
 }
 
-template <class Transport, class OutT, class ExpertT>
+template <class Transport, class OutT, class ExpertT, class SourceT>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     combine_kernel(CombineArgs args, Transport transport) {
-  if (args.do_send) combine_send(args, transport);
+  if (args.do_send) combine_send<ExpertT, SourceT>(args, transport);
   if (args.do_recv) combine_recv<OutT, ExpertT>(args);
 }
 
@@ -777,7 +815,7 @@ struct MappedPeers {
   __device__ void flush_warp() const { __syncwarp(); }
 };
 
-template <class Transport>
+template <class ExpertT, class SourceT, class Transport>
 __device__ void combine_pull_send(const CombineArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
@@ -790,8 +828,8 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   // The caller's expert_y is readable only here: its rows are pushed to their readers. Measured at 128 tokens
   // against copying them into expert_outputs for the readers to pull: 4 µs faster with 8 ranks on one H200,
   // 4.6 µs (11 %) with 2 ranks on two H200s over NVLink (docs/performance.md).
-  const bool push = a.expert_y != c.symmetric + l.expert_outputs_offset;
-  if (push) push_rows_to_sources(a, MappedPeers<Transport>{transport});
+  const bool push = !std::is_same_v<SourceT, ExpertT> || a.expert_y != c.symmetric + l.expert_outputs_offset;
+  if (push) push_rows_to_sources<ExpertT, SourceT>(a, MappedPeers<Transport>{transport});
   announce_block_arrival(c, transport, l.combine_done_offset_of(c.rank), push ? kRowsPushed : kRowsInOwnerBuffer);
 }
 
@@ -816,10 +854,10 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
   });
 }
 
-template <class Transport, class OutT, class ExpertT>
+template <class Transport, class OutT, class ExpertT, class SourceT>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     combine_pull_kernel(CombineArgs args, Transport transport) {
-  if (args.do_send) combine_pull_send(args, transport);
+  if (args.do_send) combine_pull_send<ExpertT, SourceT>(args, transport);
   if (args.do_recv) combine_pull_recv<Transport, OutT, ExpertT>(args, transport);
 }
 
@@ -843,16 +881,18 @@ void launch_dispatch(const DispatchArgs& args, const Transport& transport, Launc
   EW_CUDA_CHECK(cudaGetLastError());
 }
 
-// The pull combine when every peer's buffer is load/store reachable, else the push combine.
-template <class Transport, class OutT, class ExpertT>
+// The pull combine when every peer's buffer is load/store reachable, else the push combine. Rows travel and are
+// summed as ExpertT; expert_y holds SourceT (ExpertT, or float32).
+template <class Transport, class OutT, class ExpertT, class SourceT = ExpertT>
 void launch_combine_typed(const CombineArgs& args, const Transport& transport, LaunchShape shape,
                           cudaStream_t stream) {
   const uint64_t shared_bytes = combine_shared_bytes(args.ctx.layout);
   if (transport.load_store_only()) {
-    combine_pull_kernel<Transport, OutT, ExpertT>
+    combine_pull_kernel<Transport, OutT, ExpertT, SourceT>
         <<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
   } else if constexpr (Transport::kMayPut) {
-    combine_kernel<Transport, OutT, ExpertT><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
+    combine_kernel<Transport, OutT, ExpertT, SourceT>
+        <<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
   }
   EW_CUDA_CHECK(cudaGetLastError());
 }
@@ -877,9 +917,17 @@ void launch_combine(const CombineArgs& args, const Transport& transport, ScalarT
       return launch_combine_for_expert<Transport, __nv_bfloat16>(args, transport, out_type, shape, stream);
     case ScalarType::kFloat16:
       return launch_combine_for_expert<Transport, __half>(args, transport, out_type, shape, stream);
-    default:
-      EW_THROW(ConfigError, "combine: expert_y must be bfloat16 or float16, got ", scalar_type_name(expert_type));
+    case ScalarType::kFloat32:  // rows travel as out_tokens' 16-bit type (AllToAll::combine checks it is one)
+      if (out_type == ScalarType::kBFloat16) {
+        return launch_combine_typed<Transport, __nv_bfloat16, __nv_bfloat16, float>(args, transport, shape, stream);
+      }
+      if (out_type == ScalarType::kFloat16) {
+        return launch_combine_typed<Transport, __half, __half, float>(args, transport, shape, stream);
+      }
+      break;
   }
+  EW_THROW(ConfigError, "combine: unsupported expert_y / out_tokens types ", scalar_type_name(expert_type), " / ",
+           scalar_type_name(out_type));
 }
 
 }  // namespace expertwire::device

@@ -278,8 +278,19 @@ void host_argument_cases(const Context& ctx) {
   };
   const CombineCase combine_cases[] = {
       {"combine with m > max_num_tokens", [&](CombineArguments& a) { a.m = too_many; }, "combine: m" + too_many_tail},
-      {"combine with float32 expert_y", [](CombineArguments& a) { a.expert_type = ScalarType::kFloat32; },
-       "combine: expert_y must be bfloat16 or float16, got float32"},
+      {"combine with float32 expert_y and float32 out_tokens",
+       [](CombineArguments& a) {
+         a.expert_type = ScalarType::kFloat32;
+         a.out_type = ScalarType::kFloat32;
+       },
+       "combine: a float32 expert_y needs bfloat16 or float16 out_tokens (its rows travel as that type), got float32 "
+       "out_tokens"},
+      {"combine with float32 expert_y in expert_output_buffer()",
+       [&](CombineArguments& a) {
+         a.expert_type = ScalarType::kFloat32;
+         a.expert_y = a2a->expert_output_buffer();
+       },
+       "combine: expert_output_buffer() holds 16-bit rows; a float32 expert_y must be the caller's own"},
       {"combine with null expert_y", [](CombineArguments& a) { a.expert_y = nullptr; },
        "combine: expert_y must not be null"},
       {"combine with null out_tokens", [](CombineArguments& a) { a.out_tokens = nullptr; },

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from . import ops
 from ._device_memory import tensor_over
 from ._native import ext
-from .checks import EXPERT_Y_DTYPES, AllToAllShape, check_combine, check_dispatch, dtype_names
+from .checks import EXPERT_ROW_DTYPES, AllToAllShape, check_combine, check_dispatch, dtype_names
 
 
 def _resolve_group(group_name: str) -> dist.ProcessGroup:
@@ -225,7 +225,8 @@ class AllToAll:
         """Returns expert_y's rows to their tokens' ranks and writes out_tokens[t] = sum_k weights[t, k] *
         y(indices[t, k], t), summed in fp32. Shapes: out_tokens [m or more rows, hidden_dim] float32, bfloat16
         or float16; indices, weights [m, experts_per_token] uint32, float32; expert_y [num_local_experts,
-        max_recv_tokens, hidden_dim] bfloat16 or float16."""
+        max_recv_tokens, hidden_dim] bfloat16 or float16, or float32 with 16-bit out_tokens (its rows are rounded
+        to out_tokens' type before they travel)."""
         handle = self._live_handle("combine")
         check_combine(
             self._shape, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv, device=self._device
@@ -238,8 +239,8 @@ class AllToAll:
         tensor of `dtype` (bfloat16 or float16) that peers read combine's rows from. Experts that write their
         outputs here (after dispatch's receive half, on the same stream) and pass this tensor as combine's
         expert_y spare combine a copy of every row. Valid until destroy(); not zeroed."""
-        if dtype not in EXPERT_Y_DTYPES:
-            raise ValueError(f"expert_output_buffer: dtype must be {dtype_names(EXPERT_Y_DTYPES)}, got {dtype}")
+        if dtype not in EXPERT_ROW_DTYPES:
+            raise ValueError(f"expert_output_buffer: dtype must be {dtype_names(EXPERT_ROW_DTYPES)}, got {dtype}")
         native = ops.native(self._live_handle("expert_output_buffer"))
         shape = (self._shape.num_local_experts, self._shape.max_recv_tokens, self._shape.hidden_dim)
         return tensor_over(native.expert_output_buffer, shape, dtype, self._device, owner=native)

@@ -14,9 +14,11 @@ from typing import Optional
 
 import torch
 
-# Element types of combine's output and of the expert outputs it reads, as the kernels instantiate them.
+# Element types of combine's output and of the expert outputs it reads, as the kernels instantiate them. Rows
+# travel at 16 bits: a float32 expert_y's as out_tokens' type, which must then be 16-bit (as in pplx_kernels).
 COMBINE_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-EXPERT_Y_DTYPES = (torch.bfloat16, torch.float16)
+EXPERT_ROW_DTYPES = (torch.bfloat16, torch.float16)  # also what expert_output_buffer() holds
+EXPERT_Y_DTYPES = (*EXPERT_ROW_DTYPES, torch.float32)
 # Scales travel as raw bytes; pplx_kernels hands them over as float32, uint8 says "bytes" as plainly.
 SCALE_DTYPES = (torch.float32, torch.uint8)
 
@@ -221,5 +223,11 @@ def check_combine(
     c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
     c.tensor("weights", weights, (torch.float32,), (m, shape.experts_per_token))
     c.tensor("expert_y", expert_y, EXPERT_Y_DTYPES, (shape.num_local_experts, shape.max_recv_tokens, shape.hidden_dim))
+    if expert_y.dtype == torch.float32 and out_tokens.dtype not in EXPERT_ROW_DTYPES:  # type: ignore[union-attr]
+        raise c.fail(
+            "out_tokens",
+            f"have dtype {dtype_names(EXPERT_ROW_DTYPES)} with a float32 expert_y (its rows travel as that type)",
+            out_tokens.dtype,
+        )
     c.bound_m(bound_m)
     return m

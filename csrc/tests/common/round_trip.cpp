@@ -78,16 +78,21 @@ CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index) {
     if (index == 1 && g == 0) m = 0;
     shape.m_per_group.push_back(m);
   }
-  static constexpr ScalarType kOut[] = {ScalarType::kFloat32, ScalarType::kBFloat16, ScalarType::kFloat16};
-  static constexpr ScalarType kExpert[] = {ScalarType::kBFloat16, ScalarType::kFloat16};
-  const uint32_t pair = rng.below(6);
-  shape.out_type = kOut[pair % 3];
-  shape.expert_type = kExpert[pair / 3];
+  // (out_tokens, expert_y) types: every 16-bit expert_y with every output, and float32 expert_y with the 16-bit
+  // outputs it allows.
+  static constexpr std::pair<ScalarType, ScalarType> kTypes[] = {
+      {ScalarType::kFloat32, ScalarType::kBFloat16},  {ScalarType::kBFloat16, ScalarType::kBFloat16},
+      {ScalarType::kFloat16, ScalarType::kBFloat16},  {ScalarType::kFloat32, ScalarType::kFloat16},
+      {ScalarType::kBFloat16, ScalarType::kFloat16},  {ScalarType::kFloat16, ScalarType::kFloat16},
+      {ScalarType::kBFloat16, ScalarType::kFloat32}, {ScalarType::kFloat16, ScalarType::kFloat32}};
+  std::tie(shape.out_type, shape.expert_type) = kTypes[rng.below(8)];
   shape.split = rng.below(2) == 1;
   shape.use_bound_m = rng.below(2) == 1;
   static constexpr CallShape::InBuffer kInBuffer[] = {CallShape::InBuffer::kNone, CallShape::InBuffer::kAll,
                                                       CallShape::InBuffer::kOddRanks};
   shape.expert_y_in_buffer = kInBuffer[rng.below(3)];
+  // expert_output_buffer() holds 16-bit rows.
+  if (shape.expert_type == ScalarType::kFloat32) shape.expert_y_in_buffer = CallShape::InBuffer::kNone;
   static constexpr CallShape::ScaleLayout kScaleLayouts[] = {
       CallShape::ScaleLayout::kContiguous, CallShape::ScaleLayout::kPaddedRows, CallShape::ScaleLayout::kColumnMajor};
   shape.scale_layout = kScaleLayouts[rng.below(3)];
@@ -146,7 +151,7 @@ RoundTrip::RoundTrip(const AllToAllConfig& config)
       num_tokens_(config.num_local_experts() * sizeof(int32_t) + kGuardBytes),
       expert_x_(expert_x_bytes() + kGuardBytes),
       expert_x_scale_(expert_scale_bytes() + kGuardBytes),
-      expert_y_(config.num_local_experts() * config.max_recv_tokens() * config.hidden_dim * 2),
+      expert_y_(config.num_local_experts() * config.max_recv_tokens() * config.hidden_dim * sizeof(float)),
       out_tokens_(out_tokens_bytes() + kGuardBytes),
       rows_of_(config.num_local_experts()) {
   EW_CUDA_CHECK(cudaStreamCreate(&stream_));
@@ -332,19 +337,28 @@ void RoundTrip::check_dispatch(const CallShape& shape, const std::vector<referen
 
 void RoundTrip::combine(AllToAll& a2a, const CallShape& shape) {
   const int64_t hidden = config_.hidden_dim, max_recv = config_.max_recv_tokens();
-  auto* expert_y = static_cast<uint16_t*>(shape.expert_y_in_buffer_on(config_.rank) ? a2a.expert_output_buffer()
-                                                                                     : expert_y_.get());
+  auto* expert_y = static_cast<uint8_t*>(shape.expert_y_in_buffer_on(config_.rank) ? a2a.expert_output_buffer()
+                                                                                    : expert_y_.get());
+  const size_t element = element_bytes(shape.expert_type);
   std::vector<float> values(hidden);
-  std::vector<uint16_t> block;
+  std::vector<uint8_t> block;
   for (int64_t le = 0; le < config_.num_local_experts(); ++le) {
     const uint32_t expert = uint32_t(config_.rank * config_.num_local_experts() + le);
     const auto& rows = rows_of_[le];
-    block.resize(rows.size() * hidden);
+    block.resize(rows.size() * hidden * element);
     for (size_t i = 0; i < rows.size(); ++i) {
       expert_output_row(expert, rows[i].first, rows[i].second, shape.expert_type, hidden, values.data());
-      for (int64_t h = 0; h < hidden; ++h) block[i * hidden + h] = to_bits16(values[h], shape.expert_type);
+      for (int64_t h = 0; h < hidden; ++h) {
+        uint8_t* at = &block[(i * hidden + h) * element];
+        if (shape.expert_type == ScalarType::kFloat32) {
+          std::memcpy(at, &values[h], sizeof(float));
+        } else {
+          const uint16_t bits = to_bits16(values[h], shape.expert_type);
+          std::memcpy(at, &bits, sizeof(bits));
+        }
+      }
     }
-    EW_CUDA_CHECK(cudaMemcpy(expert_y + le * max_recv * hidden, block.data(), block.size() * sizeof(uint16_t),
+    EW_CUDA_CHECK(cudaMemcpy(expert_y + le * max_recv * hidden * element, block.data(), block.size(),
                              cudaMemcpyHostToDevice));
   }
   EW_CUDA_CHECK(cudaMemsetAsync(out_tokens_.get(), kSentinel, out_tokens_.bytes(), stream_));
@@ -362,7 +376,9 @@ void RoundTrip::check_combine(const GroupData& own, const CallShape& shape, Fail
     auto& row = expert_rows[{expert, g, t}];
     if (row.empty()) {
       row.resize(hidden);
-      expert_output_row(expert, g, t, shape.expert_type, hidden, row.data());
+      // A float32 expert_y's rows are summed as out_tokens' 16-bit type, to which they travel rounded.
+      const ScalarType row_type = shape.expert_type == ScalarType::kFloat32 ? shape.out_type : shape.expert_type;
+      expert_output_row(expert, g, t, row_type, hidden, row.data());
     }
     return row.data();
   };

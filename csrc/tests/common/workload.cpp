@@ -81,7 +81,10 @@ float from_bits16(uint16_t bits, ScalarType type) {
 void expert_output_row(uint32_t expert, uint32_t group, uint32_t token, ScalarType type, int64_t hidden_dim,
                        float* out) {
   Rng rng(mix_seed(expert, group, token));
-  for (int64_t h = 0; h < hidden_dim; ++h) out[h] = from_bits16(to_bits16(rng.uniform(-1.0f, 1.0f), type), type);
+  for (int64_t h = 0; h < hidden_dim; ++h) {
+    const float value = rng.uniform(-1.0f, 1.0f);
+    out[h] = type == ScalarType::kFloat32 ? value : from_bits16(to_bits16(value, type), type);
+  }
 }
 
 }  // namespace expertwire::harness

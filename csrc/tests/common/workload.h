@@ -42,7 +42,8 @@ GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t 
 void read_marker(const uint8_t* row, uint32_t* group, uint32_t* token);
 
 // What the test's experts output for token `token` of DP group `group`: hidden_dim values in [-1, 1] drawn from
-// the token's coordinates, already rounded to `type` (bfloat16 or float16) as the GPU holds them.
+// the token's coordinates, already rounded to `type` (bfloat16 or float16) as the GPU holds them, or exact for
+// float32. Rounding a float32 row to a 16-bit type gives that type's row.
 void expert_output_row(uint32_t expert, uint32_t group, uint32_t token, ScalarType type, int64_t hidden_dim,
                        float* out);
 

@@ -137,8 +137,15 @@ void AllToAll::combine(void* out_tokens, ScalarType out_type, const uint32_t* in
   const ScopedDevice on_own_device(device_);
   EW_REQUIRE(m <= config_.max_num_tokens, "combine: m must be <= max_num_tokens=", config_.max_num_tokens, ", got ",
              m);
-  EW_REQUIRE(expert_type == ScalarType::kBFloat16 || expert_type == ScalarType::kFloat16,
-             "combine: expert_y must be bfloat16 or float16, got ", scalar_type_name(expert_type));
+  // Rows travel at 16 bits: a float32 expert_y's as out_tokens' type, which must then be one of those (as in
+  // pplx_kernels, which takes a float32 expert_y with bfloat16 or float16 out_tokens only).
+  if (expert_type == ScalarType::kFloat32) {
+    EW_REQUIRE(out_type != ScalarType::kFloat32,
+               "combine: a float32 expert_y needs bfloat16 or float16 out_tokens (its rows travel as that type), "
+               "got float32 out_tokens");
+    EW_REQUIRE(expert_y != expert_output_buffer(),
+               "combine: expert_output_buffer() holds 16-bit rows; a float32 expert_y must be the caller's own");
+  }
   const bool send = split_mode != SplitMode::kRecv, recv = split_mode != SplitMode::kSend;
   if (send) require_pointer(expert_y, "combine: expert_y", 16);
   if (recv && m > 0) {  // as in dispatch: without tokens the per-token arrays may be null

@@ -44,7 +44,8 @@ class AllToAll {
   // Sends each expert output row back to the ranks that hold its token and sums, per token,
   // weights[t][k] * expert_y(expert indices[t][k]) in fp32 into out_tokens. Layouts:
   //   out_tokens [m][hidden_dim] out_type;  indices, weights [m][experts_per_token] (uint32, float32)
-  //   expert_y   [num_local_experts][max_recv_tokens][hidden_dim] expert_type (bfloat16 or float16)
+  //   expert_y   [num_local_experts][max_recv_tokens][hidden_dim] expert_type (bfloat16 or float16; float32
+  //              with 16-bit out_tokens, whose type its rows are rounded to before they travel)
   void combine(void* out_tokens, ScalarType out_type, const uint32_t* indices, const float* weights,
                const void* expert_y, ScalarType expert_type, uint32_t m, const uint32_t* bound_m,
                SplitMode split_mode, cudaStream_t stream);
