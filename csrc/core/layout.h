@@ -35,10 +35,10 @@
 //                   (source DP group, token, k), read by combine to send each result back.
 //   phase_counters  [kNumPhaseCounters] u32: blocks that finished a push dispatch phase (the last one signals /
 //                   resets).
-//   pull_state      u32 state of the pull dispatch's receive, zeroed by the next combine (PullReceiveState):
-//                   [num_local_experts] rows of out_expert_x taken, [num_dp_groups] next token of each sender,
-//                   and the blocks that have finished. The push dispatch's receive takes rows with the first
-//                   part too; both receives zero that part when they hand its counts over.
+//   pull_state      u32 state of the pull dispatch's receive (PullReceiveState): [num_local_experts] rows of
+//                   out_expert_x taken, [num_dp_groups] next token of each sender, and the blocks that have
+//                   finished. The push dispatch's receive takes rows with the first part too; both receives zero
+//                   that part when they hand its counts over, and the next pull combine zeroes the rest.
 //   dispatch_epoch  u32: the pull dispatches this rank has finished (modulo 2^32 - 1), advanced by the combine
 //                   after each; the next dispatch's epoch follows from it (DispatchEpoch), never 0.
 //                   Every rank counts the same collective calls, and the count lives on the device so that

@@ -820,9 +820,10 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
   if (blockIdx.x == 0) {
-    // The pull dispatch's receive state and epoch, for dispatch n+1 (this rank's dispatch n has ended).
+    // The pull dispatch's receive state and epoch, for dispatch n+1 (this rank's dispatch n has ended). Its
+    // expert_rows were zeroed when the receive handed them over.
     auto* pull_state = reinterpret_cast<uint32_t*>(c.workspace + l.pull_state_offset);
-    for (uint64_t i = threadIdx.x; i < l.pull_state_words(); i += blockDim.x) pull_state[i] = 0;
+    for (uint64_t i = l.num_local_experts + threadIdx.x; i < l.pull_state_words(); i += blockDim.x) pull_state[i] = 0;
     if (threadIdx.x == 0) *c.dispatch_epoch_counter() = DispatchEpoch::advance(*c.dispatch_epoch_counter());
   }
   // The caller's expert_y is readable only here: its rows are pushed to their readers. Measured at 128 tokens

@@ -24,11 +24,13 @@ enum class Phase : int32_t {
   kCombineRecv = 4,
 };
 
+// Written by the first error of a kernel (record_error): it claims the record, fills phase, peer and value, and
+// publishes `code` last, so a reader that sees a code sees the fields that go with it.
 struct ErrorRecord {
   ErrorCode code;
   Phase phase;
-  int32_t peer;  // rank waited for, or -1
-  int32_t reserved;
+  int32_t peer;     // rank waited for, or -1
+  int32_t claimed;  // 1 once an error has taken the record (its code may not be published yet)
   int64_t value;
 };
 

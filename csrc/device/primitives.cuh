@@ -135,13 +135,17 @@ __device__ __forceinline__ void warp_copy_4_strided_to_lanes(const uint8_t* src,
   }
 }
 
-// Records the first error of a call; later ones are dropped so the host sees the root cause.
+// Records the first error of a call; later ones are dropped so the host sees the root cause. The code is
+// published after the fields (ErrorRecord): the host, which reads the record while kernels run, never pairs a
+// code with another error's or a blank phase.
 __device__ __forceinline__ void record_error(ErrorRecord* record, ErrorCode code, Phase phase, int32_t peer,
                                              int64_t value) {
-  if (atomicCAS(reinterpret_cast<int*>(&record->code), 0, int(code)) == 0) {
+  if (atomicCAS(&record->claimed, 0, 1) == 0) {
     record->phase = phase;
     record->peer = peer;
     record->value = value;
+    __threadfence_system();
+    *reinterpret_cast<volatile int32_t*>(&record->code) = int32_t(code);
     __threadfence_system();
   }
 }

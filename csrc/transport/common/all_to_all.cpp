@@ -64,7 +64,8 @@ device::RankContext AllToAll::context() const {
 }
 
 void AllToAll::check_errors() const {
-  // Kernels write the record while the host may read it: read each field through volatile.
+  // Kernels write the record while the host may read it: read each field through volatile, the code first
+  // (published after the fields it goes with, see record_error).
   const volatile ErrorRecord* mapped = error_.host();
   ErrorRecord record{};
   record.code = mapped->code;
