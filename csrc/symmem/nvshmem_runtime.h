@@ -36,7 +36,8 @@ void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per
 class NvshmemSymmetricBuffer {
  public:
   // Throws RuntimeError when NVSHMEM is not initialized. `force_puts` leaves the peer table empty so every
-  // byte travels through NVSHMEM puts, as it does between nodes.
+  // byte travels through NVSHMEM puts, as it does between nodes. uses_puts() is the same on every rank: true
+  // when any rank reaches a peer only through puts or forces them.
   NvshmemSymmetricBuffer(size_t bytes, bool force_puts);
   ~NvshmemSymmetricBuffer();
   NvshmemSymmetricBuffer(const NvshmemSymmetricBuffer&) = delete;

@@ -200,10 +200,9 @@ void discard_together(std::unique_ptr<AllToAll>& a2a) {
   a2a.reset();
 }
 
-// A random call on a fresh object of the configuration, checked against the reference. Making and freeing the
-// object are collective steps, so they happen outside the case.
-void fresh_object_case(const Context& ctx, const std::string& name, uint64_t salt) {
-  std::unique_ptr<AllToAll> a2a = ctx.make();
+// A random call on `a2a`, a fresh object of the configuration, checked against the reference. Making and freeing
+// the object are collective steps, so they happen outside the case.
+void checked_call_case(const Context& ctx, const std::string& name, uint64_t salt, std::unique_ptr<AllToAll> a2a) {
   RoundTrip trip(ctx.config);
   ctx.run(name, [&] {
     harness::Rng rng(harness::mix_seed(ctx.seed, salt));
@@ -213,6 +212,20 @@ void fresh_object_case(const Context& ctx, const std::string& name, uint64_t sal
     return verdict_of(failures);
   });
   discard_together(a2a);
+}
+
+void fresh_object_case(const Context& ctx, const std::string& name, uint64_t salt) {
+  checked_call_case(ctx, name, salt, ctx.make());
+}
+
+// Ranks that would choose different protocols (rank 0 puts, its peers could pull) agree on one at construction:
+// a rank pulling while another pushed would wait out its timeout.
+void protocol_agreement_case(const Context& ctx) {
+  InternodeOptions options;
+  options.timeout_ns = ctx.timeout_ns;
+  options.force_puts = ctx.rank == 0;
+  checked_call_case(ctx, "only rank 0 forces puts: every rank runs the puts protocol", 3,
+                    std::make_unique<AllToAllInternode>(ctx.config, options));
 }
 
 void host_argument_cases(const Context& ctx) {
@@ -626,6 +639,7 @@ int run(int argc, char** argv) {
                       detail::concat(harness::transport_flag_name(kind), ": "),
                       cases};
     host_argument_cases(ctx);
+    if (kind == TransportKind::kInternode) protocol_agreement_case(ctx);
     config_cases(ctx);
     device_input_cases(ctx);
     timeout_cases(ctx);
