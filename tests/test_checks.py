@@ -165,8 +165,7 @@ def test_cpu_tensors_are_rejected_naming_device() -> None:
         (
             "out_expert_x_scale",
             lambda: torch.empty(1, 1, 2, device="cuda").expand(2, 32, 2),
-            r"out_expert_x_scale must not have stride 0 in a dimension of size > 1 \(rows would overlap\), "
-            r"got strides \[0, 0, 1\]",
+            r"out_expert_x_scale must not overlap itself \(two elements at one address\), got strides \[0, 0, 1\]",
         ),
         (
             "out_expert_x_scale",
@@ -274,11 +273,33 @@ def test_scales_take_any_word_strides_as_pplx_kernels_does(fake_cuda: None) -> N
         assert check_dispatch(SHAPE, **args) == 5
 
 
+def test_an_output_scale_tensor_may_not_overlap_itself(fake_cuda: None) -> None:
+    """Rows 1 element apart but 2 words wide share words (any stride pattern, not only stride 0)."""
+    overlapping = torch.empty(2 * 32 + 1, device="cuda").as_strided((2, 32, 2), (32, 1, 1))
+    _raises(
+        lambda **kw: check_dispatch(SHAPE, **kw),
+        re.escape(
+            "dispatch: out_expert_x_scale must not overlap itself (two elements at one address), got strides [32, 1, 1]"
+        ),
+        **{**dispatch_args(SHAPE), "out_expert_x_scale": overlapping},
+    )
+
+
+def test_strides_of_dimensions_of_size_0_or_1_are_not_used(fake_cuda: None) -> None:
+    """One token in a slice of a wider uint8 buffer, and no token at all in a transposed one."""
+    shape = AllToAllShape(8, 8, 2, 4, 1, hidden_dim=256, hidden_dim_bytes=256, hidden_dim_scale_bytes=8)
+    one_row = {**dispatch_args(shape, m=1), "dp_x_scale": torch.empty(9, 9, dtype=torch.uint8, device="cuda")[:1, :8]}
+    assert check_dispatch(shape, **one_row) == 1
+    no_rows = {**dispatch_args(shape, m=0), "dp_x_scale": torch.empty(8, 0, dtype=torch.uint8, device="cuda").t()}
+    assert check_dispatch(shape, **no_rows) == 0
+
+
 def test_scale_strides_are_passed_in_bytes_with_the_word_stride_last() -> None:
     column_major = torch.empty(2, 2, 32).transpose(1, 2)
     assert _scale_strides(column_major) == (256, 4, 128)
-    assert _scale_strides(torch.empty(5, 2).expand(5, 2)) == (8, 4)
+    assert _scale_strides(torch.empty(1, 2).expand(5, 2)) == (0, 4)
     assert _scale_strides(torch.empty(5, 12, dtype=torch.uint8)[:, :8]) == (12, 4)
+    assert _scale_strides(torch.empty(9, 9, dtype=torch.uint8)[:1, :8]) == (0, 4)
 
 
 def test_tensors_must_be_on_the_all_to_alls_device(fake_cuda: None) -> None:

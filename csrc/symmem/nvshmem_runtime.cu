@@ -57,14 +57,13 @@ void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_alltoallmem_on_stream failed with status ", status);
 }
 
-namespace {
-
-// Whether `local` holds on some rank: the max over NVSHMEM_TEAM_WORLD of one int each, through two ints of
-// symmetric memory of its own. Collective.
-bool on_any_rank(bool local) {
-  struct Scratch {
+bool nvshmem_on_any_rank(bool local) {
+  require_nvshmem_initialized();
+  struct Scratch {  // two ints of symmetric memory: this rank's flag, then the max over every rank's
     int* ints = static_cast<int*>(nvshmem_malloc(2 * sizeof(int)));
-    ~Scratch() { nvshmem_free(ints); }
+    ~Scratch() {
+      if (ints != nullptr) nvshmem_free(ints);
+    }
   } scratch;
   if (scratch.ints == nullptr) EW_THROW(RuntimeError, "nvshmem_malloc of ", 2 * sizeof(int), " bytes failed");
   const int flag = local ? 1 : 0;
@@ -76,8 +75,6 @@ bool on_any_rank(bool local) {
   EW_CUDA_CHECK(cudaMemcpy(&any, scratch.ints + 1, sizeof(any), cudaMemcpyDeviceToHost));
   return any != 0;
 }
-
-}  // namespace
 
 NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {
   require_nvshmem_initialized();
@@ -92,10 +89,6 @@ NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {
     peers[pe] = force_puts ? nullptr : static_cast<uint8_t*>(nvshmem_ptr(base_, pe));
     uses_puts_ |= peers[pe] == nullptr;
   }
-  // Kernels pick their protocol from uses_puts (pulls when every peer is load/store reachable), and every rank
-  // must run the same one: a rank that pulled while another pushed would wait out its timeout. One rank that
-  // needs puts (or was told to use them) makes all of them use puts' protocol; mapped peers still get stores.
-  uses_puts_ = on_any_rank(uses_puts_);
   EW_CUDA_CHECK(cudaMemset(base_, 0, bytes));
   EW_CUDA_CHECK(cudaDeviceSynchronize());
   peer_table_ = DeviceBuffer(ranks * sizeof(uint8_t*));

@@ -29,6 +29,9 @@ void nvshmem_barrier_on_stream(cudaStream_t stream);
 // bytes) lands in block `my rank` of rank r's `dest`. Both must be symmetric (NvshmemSymmetricBuffer) and hold
 // world_size blocks. Collective.
 void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per_rank, cudaStream_t stream);
+// Whether `local` is true on some rank (a max over every rank's flag, through symmetric scratch of its own).
+// Collective.
+bool nvshmem_on_any_rank(bool local);
 
 // One nvshmem_malloc'd buffer, zeroed, plus a device table of the address at which this process can load
 // and store each peer's copy (nvshmem_ptr; null where only puts reach the peer). Allocation and release
@@ -36,8 +39,7 @@ void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per
 class NvshmemSymmetricBuffer {
  public:
   // Throws RuntimeError when NVSHMEM is not initialized. `force_puts` leaves the peer table empty so every
-  // byte travels through NVSHMEM puts, as it does between nodes. uses_puts() is the same on every rank: true
-  // when any rank reaches a peer only through puts or forces them.
+  // byte travels through NVSHMEM puts, as it does between nodes.
   NvshmemSymmetricBuffer(size_t bytes, bool force_puts);
   ~NvshmemSymmetricBuffer();
   NvshmemSymmetricBuffer(const NvshmemSymmetricBuffer&) = delete;
@@ -45,7 +47,7 @@ class NvshmemSymmetricBuffer {
 
   uint8_t* local() const { return base_; }
   uint8_t* const* device_peer_table() const { return peer_table_.get<uint8_t*>(); }
-  bool uses_puts() const { return uses_puts_; }
+  bool uses_puts() const { return uses_puts_; }  // some peer of this rank is reached only through puts
 
  private:
   uint8_t* base_ = nullptr;

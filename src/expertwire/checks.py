@@ -99,7 +99,7 @@ class _Checker:
         """A scale tensor of shape [*rows, columns] whose first row_bytes bytes a row hold the scales, with any
         strides (as pplx_kernels takes them): a float32 tensor's words may lie anywhere, a uint8 tensor's rows
         are contiguous bytes; every stride in bytes a multiple of 4. An output may not have two elements at one
-        address (a stride 0)."""
+        address. Strides of dimensions of size 0 or 1 are never used, and not checked."""
         itemsize = value.element_size()
         need = -(-row_bytes // itemsize)
         if value.dim() != len(rows) + 1 or tuple(value.shape[:-1]) != tuple(rows) or value.shape[-1] < need:
@@ -107,12 +107,19 @@ class _Checker:
             raise self.fail(name, f"have shape [{expected}]", list(value.shape))
         strides = value.stride()
         given = f"strides {list(strides)}"
+        used = [(stride, size) for stride, size in zip(strides, value.shape) if size > 1]
         if itemsize == 1 and value.shape[-1] > 1 and strides[-1] != 1:
             raise self.fail(name, "have contiguous rows (stride 1 in its last dimension) as uint8", given)
-        if any(stride * itemsize % 4 for stride in strides[:-1]):
+        if any(stride * itemsize % 4 for stride, size in zip(strides[:-1], value.shape[:-1]) if size > 1):
             raise self.fail(name, "have strides of whole 4-byte words", f"{given} of {itemsize}-byte elements")
-        if written and any(stride == 0 and size > 1 for stride, size in zip(strides, value.shape)):
-            raise self.fail(name, "not have stride 0 in a dimension of size > 1 (rows would overlap)", given)
+        if written:
+            # No two elements at one address: with the dimensions in stride order, each stride must reach past
+            # every element of the dimensions before it.
+            reach = 0
+            for stride, size in sorted(used):
+                if stride <= reach:
+                    raise self.fail(name, "not overlap itself (two elements at one address)", given)
+                reach += stride * (size - 1)
         self.on_common_device(name, value)
 
     def absent(self, name: str, value: object, why: str) -> None:

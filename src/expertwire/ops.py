@@ -66,9 +66,10 @@ def _stream(tensor: torch.Tensor) -> int:
 
 def _scale_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     """Byte strides of a scale tensor's dimensions, its 4-byte words' last: a float32 tensor's own strides, and
-    a uint8 tensor (whose last dimension is contiguous, checks.py) reads 4 bytes as a word."""
+    a uint8 tensor (whose last dimension is contiguous, checks.py) reads 4 bytes as a word. A dimension of size
+    0 or 1 is never stepped along: 0."""
     itemsize = tensor.element_size()
-    *outer, last = (stride * itemsize for stride in tensor.stride())
+    *outer, last = (stride * itemsize if size > 1 else 0 for stride, size in zip(tensor.stride(), tensor.shape))
     return (*outer, 4 if itemsize == 1 else last)
 
 

@@ -1,5 +1,6 @@
 #include "transport/common/all_to_all.h"
 
+#include <atomic>
 #include <string>
 #include <utility>
 
@@ -69,6 +70,7 @@ void AllToAll::check_errors() const {
   const volatile ErrorRecord* mapped = error_.host();
   ErrorRecord record{};
   record.code = mapped->code;
+  std::atomic_thread_fence(std::memory_order_acquire);  // the fields after the code, also on weakly ordered hosts
   record.phase = mapped->phase;
   record.peer = mapped->peer;
   record.value = mapped->value;

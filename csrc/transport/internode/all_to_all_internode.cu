@@ -15,16 +15,20 @@ AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const Interno
   require_fits_symmetric_heap(layout(), symmetric_heap_bytes_from_env());
   buffer_ = std::make_unique<NvshmemSymmetricBuffer>(layout().symmetric_bytes, options.force_puts);
   set_symmetric_buffer(buffer_->local());
+  // The kernels pull where every peer is load/store reachable and push otherwise, and every rank must run the
+  // same protocol: a rank that pulled while another pushed would wait out its timeout. One rank that reaches a
+  // peer only through puts (or was told to use them) makes every rank push; mapped peers still get stores.
+  uses_puts_ = nvshmem_on_any_rank(buffer_->uses_puts());
 }
 
 void AllToAllInternode::launch_dispatch(const device::DispatchArgs& args, cudaStream_t stream) {
-  const device::NvshmemTransport transport{buffer_->local(), buffer_->device_peer_table(), buffer_->uses_puts()};
+  const device::NvshmemTransport transport{buffer_->local(), buffer_->device_peer_table(), uses_puts_};
   device::launch_dispatch(args, transport, launch_shape(), stream);
 }
 
 void AllToAllInternode::launch_combine(const device::CombineArgs& args, ScalarType out_type, ScalarType expert_type,
                                        cudaStream_t stream) {
-  const device::NvshmemTransport transport{buffer_->local(), buffer_->device_peer_table(), buffer_->uses_puts()};
+  const device::NvshmemTransport transport{buffer_->local(), buffer_->device_peer_table(), uses_puts_};
   device::launch_combine(args, transport, out_type, expert_type, launch_shape(), stream);
 }
 

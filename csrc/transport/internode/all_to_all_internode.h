@@ -28,6 +28,9 @@ class AllToAllInternode final : public AllToAll {
                       cudaStream_t stream) override;
 
   std::unique_ptr<NvshmemSymmetricBuffer> buffer_;
+  // Whether the kernels run the puts protocol (push) rather than pulls: the same on every rank (see the
+  // constructor).
+  bool uses_puts_ = false;
 };
 
 }  // namespace expertwire
