@@ -158,8 +158,9 @@ __device__ __forceinline__ void check_row_expert(const RankContext& c, const uin
   }
 }
 
-// The pull receive's state, in the workspace's pull_state, zeroed by the next combine. The push receive takes
-// rows with expert_rows too; both forms' hand-over (hand_over_expert_rows) zeroes it for the next dispatch.
+// The pull receive's state, in the workspace's pull_state. The push receive takes rows with expert_rows too;
+// both forms' hand-over (hand_over_expert_rows) zeroes it for the next dispatch, and the next pull combine
+// zeroes the rest.
 struct PullReceiveState {
   uint32_t* expert_rows;  // [num_local]: rows of out_expert_x taken so far, per local expert
   uint32_t* sender_next;  // [groups]: next token of the sender to take

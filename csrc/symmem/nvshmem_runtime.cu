@@ -82,6 +82,8 @@ NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {
   if (base_ == nullptr) {
     EW_THROW(RuntimeError, "nvshmem_malloc of ", bytes, " bytes failed; raise NVSHMEM_SYMMETRIC_SIZE");
   }
+  EW_CUDA_CHECK(cudaMemset(base_, 0, bytes));
+  EW_CUDA_CHECK(cudaDeviceSynchronize());
 
   const int ranks = nvshmem_n_pes();
   std::vector<uint8_t*> peers(ranks, nullptr);
@@ -89,8 +91,6 @@ NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {
     peers[pe] = force_puts ? nullptr : static_cast<uint8_t*>(nvshmem_ptr(base_, pe));
     uses_puts_ |= peers[pe] == nullptr;
   }
-  EW_CUDA_CHECK(cudaMemset(base_, 0, bytes));
-  EW_CUDA_CHECK(cudaDeviceSynchronize());
   peer_table_ = DeviceBuffer(ranks * sizeof(uint8_t*));
   EW_CUDA_CHECK(cudaMemcpy(peer_table_.get(), peers.data(), ranks * sizeof(uint8_t*), cudaMemcpyHostToDevice));
   // Every peer's buffer must be zeroed before anyone signals into it.

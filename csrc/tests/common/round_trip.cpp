@@ -45,6 +45,16 @@ size_t first_non_sentinel(const uint8_t* data, size_t bytes) {
   return bytes;
 }
 
+// Strides of a scale tensor of `rows` rows per expert, `scale_bytes` of scales a row, laid out as `layout` says.
+ScaleStrides scale_strides(CallShape::ScaleLayout layout, uint64_t scale_bytes, uint64_t rows) {
+  switch (layout) {
+    case CallShape::ScaleLayout::kPaddedRows: return ScaleStrides::contiguous(scale_bytes + kScaleRowPadBytes, rows);
+    case CallShape::ScaleLayout::kColumnMajor: return ScaleStrides{rows * scale_bytes, 4, rows * 4};
+    case CallShape::ScaleLayout::kContiguous: break;
+  }
+  return ScaleStrides::contiguous(scale_bytes, rows);
+}
+
 std::vector<SplitMode> modes_of(const CallShape& shape) {
   return shape.split ? std::vector{SplitMode::kSend, SplitMode::kRecv} : std::vector{SplitMode::kNone};
 }
@@ -169,23 +179,15 @@ size_t RoundTrip::expert_scale_bytes() const {
 }
 
 ScaleStrides RoundTrip::out_expert_x_scale_strides(const CallShape& shape) const {
-  const uint64_t s = uint64_t(config_.hidden_dim_scale_bytes), rows = uint64_t(config_.max_recv_tokens());
-  switch (shape.scale_layout) {
-    case CallShape::ScaleLayout::kPaddedRows: return ScaleStrides::contiguous(s + kScaleRowPadBytes, rows);
-    case CallShape::ScaleLayout::kColumnMajor: return ScaleStrides{rows * s, 4, rows * 4};
-    case CallShape::ScaleLayout::kContiguous: break;
-  }
-  return ScaleStrides::contiguous(s, rows);
+  return scale_strides(shape.scale_layout, uint64_t(config_.hidden_dim_scale_bytes),
+                       uint64_t(config_.max_recv_tokens()));
 }
 
 ScaleStrides RoundTrip::dp_x_scale_strides(const CallShape& shape) const {
-  const uint64_t s = uint64_t(config_.hidden_dim_scale_bytes), rows = uint64_t(config_.max_num_tokens);
-  switch (shape.scale_layout) {
-    case CallShape::ScaleLayout::kPaddedRows: return ScaleStrides::contiguous(s + kScaleRowPadBytes, 0);
-    case CallShape::ScaleLayout::kColumnMajor: return ScaleStrides{0, 4, rows * 4};
-    case CallShape::ScaleLayout::kContiguous: break;
-  }
-  return ScaleStrides::contiguous(s, 0);
+  ScaleStrides strides =
+      scale_strides(shape.scale_layout, uint64_t(config_.hidden_dim_scale_bytes), uint64_t(config_.max_num_tokens));
+  strides.expert = 0;  // dp_x_scale has no expert dimension
+  return strides;
 }
 
 // Room for max_num_tokens rows of the widest output type.
