@@ -113,16 +113,22 @@ class RankBuffers:
 
 
 def dispatch_and_combine(a2a: expertwire.AllToAll, case: Case, b: RankBuffers, in_buffer: bool = False) -> None:
-    """One dispatch, the test experts, one combine; with `in_buffer`, the experts' outputs go to
-    a2a.expert_output_buffer() and combine reads them from there."""
+    """One dispatch, the test experts, one combine; with `in_buffer`, the tokens go to a2a.dispatch_input_buffer()
+    (their scales to dispatch_input_scale_buffer(), when contiguous) and the experts' outputs to
+    a2a.expert_output_buffer(), and the calls read them from there."""
     halves = [(True, False), (False, True)] if case.split else [(True, True)]
+    dp_x, dp_x_scale = b.dp_x, b.dp_x_scale
+    if in_buffer:
+        dp_x = a2a.dispatch_input_buffer(dp_x.dtype)[: dp_x.shape[0]].copy_(dp_x)
+        if dp_x_scale is not None and case.scale_layout == "contiguous":
+            dp_x_scale = a2a.dispatch_input_scale_buffer()[: dp_x_scale.shape[0]].copy_(dp_x_scale)
     for do_send, do_recv in halves:
         a2a.dispatch(
             b.expert_num_tokens,
             b.expert_x,
             b.expert_x_scale,
-            b.dp_x,
-            b.dp_x_scale,
+            dp_x,
+            dp_x_scale,
             b.indices,
             b.bound_m,
             do_send=do_send,
@@ -161,7 +167,7 @@ def _worker_eager(info: RankInfo, transport: str) -> None:
             a2a = make_all_to_all(transport, case, info)
             buffers = RankBuffers(case, info, groups[info.rank // case.dp_size])
             # Twice on one object: the second call proves the first left every signal and counter reset. The
-            # second takes the experts' outputs from the communication buffer, which holds 16-bit rows.
+            # second takes the tokens and the experts' outputs from the communication buffer (16-bit rows there).
             for in_buffer in (False, case.expert_dtype != torch.float32):
                 buffers.out_tokens.fill_(float("nan"))
                 dispatch_and_combine(a2a, case, buffers, in_buffer)

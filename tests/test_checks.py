@@ -148,6 +148,18 @@ def test_cpu_tensors_are_rejected_naming_device() -> None:
         ),
         ("dp_x", lambda: "not a tensor", "dp_x must be a torch.Tensor, got str"),
         (
+            "dp_x",
+            lambda: torch.empty(5, 512, dtype=torch.float8_e4m3fn, device="cuda")[:, ::2],
+            r"dp_x must have contiguous rows \(stride 1 in its last dimension\), got strides \[512, 2\] of 1-byte "
+            r"elements",
+        ),
+        (  # rows 8 bytes further apart than their 256: not a whole 16-byte vector
+            "dp_x",
+            lambda: torch.empty(5, 264, dtype=torch.float8_e4m3fn, device="cuda")[:, :256],
+            r"dp_x must have rows a multiple of 16 bytes apart, at least 256, got strides \[264, 1\] of 1-byte "
+            r"elements",
+        ),
+        (
             "dp_x_scale",
             lambda: torch.empty(5, 1, device="cuda"),
             r"dp_x_scale must have shape \[5, at least 2\], got \[5, 1\]",
@@ -276,6 +288,13 @@ def test_scales_take_any_word_strides_as_pplx_kernels_does(fake_cuda: None) -> N
     for out_scale, dp_scale in ((padded, broadcast), (column_major, torch.empty(2, 5, device="cuda").t())):
         args = {**dispatch_args(SHAPE), "out_expert_x_scale": out_scale, "dp_x_scale": dp_scale}
         assert check_dispatch(SHAPE, **args) == 5
+
+
+def test_dp_x_rows_may_lie_apart_as_in_the_dispatch_input_buffer(fake_cuda: None) -> None:
+    """AllToAll.dispatch_input_buffer() gives rows that lie further apart than their bytes; any caller's dp_x may
+    too, a multiple of 16 bytes apart."""
+    padded = torch.empty(5, 256 + 48, dtype=torch.float8_e4m3fn, device="cuda")[:, :256]
+    assert check_dispatch(SHAPE, **{**dispatch_args(SHAPE), "dp_x": padded}) == 5
 
 
 def test_strides_of_dimensions_of_size_0_or_1_are_not_used(fake_cuda: None) -> None:

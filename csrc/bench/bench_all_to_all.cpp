@@ -111,7 +111,8 @@ class Events {
 struct CaseResult {
   int64_t tokens, experts;
   Stats dispatch, dispatch_send, dispatch_recv, combine, combine_send, combine_recv;
-  Stats combine_in_buffer;  // expert_y is the object's expert_output_buffer(): no copy of the rows on send
+  Stats combine_in_buffer;   // expert_y is the object's expert_output_buffer(): no copy of the rows on send
+  Stats dispatch_in_buffer;  // dp_x and dp_x_scale are the object's dispatch input buffers: nothing staged
   Stats loop_dispatch, loop_combine;
   double dispatch_bytes, combine_bytes;  // bytes this rank sends
   // Bandwidth floor: the bytes that must move for this rank, copied device-to-device by every rank at once.
@@ -183,6 +184,19 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
     a2a->dispatch(num_tokens.get<int32_t>(), out_x.get(), out_s.get(), dp_x.get(), dp_x_scale.get(),
                   indices.get<uint32_t>(), m, nullptr, mode, stream);
   };
+  // The same tokens written into the object's dispatch input buffers, as a caller's quantization could.
+  const uint64_t input_row_stride = a2a->dispatch_input_row_stride();
+  EW_CUDA_CHECK(cudaMemcpy2D(a2a->dispatch_input_buffer(), input_row_stride, dp_x.get(), c.hidden_dim_bytes,
+                             c.hidden_dim_bytes, m, cudaMemcpyDeviceToDevice));
+  EW_CUDA_CHECK(cudaMemcpy2D(a2a->dispatch_input_scale_buffer(), input_row_stride, dp_x_scale.get(),
+                             c.hidden_dim_scale_bytes, c.hidden_dim_scale_bytes, m, cudaMemcpyDeviceToDevice));
+  auto dispatch_in_buffer = [&] {
+    const uint64_t scale_bytes = uint64_t(c.hidden_dim_scale_bytes);
+    a2a->dispatch(num_tokens.get<int32_t>(), out_x.get(), out_s.get(), a2a->dispatch_input_buffer(),
+                  a2a->dispatch_input_scale_buffer(), indices.get<uint32_t>(), m, nullptr, SplitMode::kNone, stream,
+                  ScaleStrides::contiguous(scale_bytes, uint64_t(max_recv)), ScaleStrides{0, input_row_stride, 4},
+                  input_row_stride);
+  };
   auto combine_from = [&](const void* y, SplitMode mode) {
     a2a->combine(out.get(), ScalarType::kBFloat16, indices.get<uint32_t>(), weights.get<float>(), y,
                  ScalarType::kBFloat16, m, nullptr, mode, stream);
@@ -192,8 +206,8 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
 
   // Barrier before each timed operation.
   const int n = o.iterations;
-  std::vector<double> d(n), ds(n), dr(n), cb(n), cs(n), cr(n), cz(n);
-  Events ev(12);
+  std::vector<double> d(n), ds(n), dr(n), cb(n), cs(n), cr(n), cz(n), dz(n);
+  Events ev(14);
   for (int i = -o.warmup; i < n; ++i) {
     nvshmem_barrier_on_stream(stream);
     ev.record(0, stream);
@@ -221,6 +235,12 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
     ev.record(10, stream);
     combine_from(a2a->expert_output_buffer(), SplitMode::kNone);
     ev.record(11, stream);
+    nvshmem_barrier_on_stream(stream);
+    ev.record(12, stream);
+    dispatch_in_buffer();
+    ev.record(13, stream);
+    nvshmem_barrier_on_stream(stream);
+    combine(SplitMode::kNone);
     // Every timed operation is followed by a barrier, as the others are by the next one's: while the slowest
     // rank finishes, the others' barrier kernels already run on the GPU they share. Without it the in-buffer
     // combine read 4-5 us faster at 1 token and 3-5 us at 128 than under the conditions of the other columns.
@@ -235,6 +255,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
     cs[i] = ev.micros(7, 8);
     cr[i] = ev.micros(8, 9);
     cz[i] = ev.micros(10, 11);
+    dz[i] = ev.micros(12, 13);
   }
 
   // Back to back: no barriers, events between operations.
@@ -298,6 +319,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   r.combine_send = stats_of(slowest_rank(cs));
   r.combine_recv = stats_of(slowest_rank(cr));
   r.combine_in_buffer = stats_of(slowest_rank(cz));
+  r.dispatch_in_buffer = stats_of(slowest_rank(dz));
   r.loop_dispatch = stats_of(slowest_rank(ld));
   r.loop_combine = stats_of(slowest_rank(lc));
   r.dispatch_bytes = double(tokens * o.top_k) * double(c.hidden_dim_bytes + c.hidden_dim_scale_bytes);
@@ -322,14 +344,14 @@ void print_tables(const char* title, int world, const std::vector<CaseResult>& r
               (long long)((o.hidden + 127) / 128 * 4));
   std::printf("Barrier before each operation; slowest rank; µs mean ± std (median):\n");
   std::printf("| tokens | experts | dispatch | send half | recv half | GB/s | combine | send half | recv half | GB/s "
-              "| combine, expert_y in buffer |\n");
-  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+              "| combine, expert_y in buffer | dispatch, dp_x in buffer |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : results) {
-    std::printf("| %lld | %lld | %s | %s | %s | %.1f | %s | %s | %s | %.1f | %s |\n", (long long)r.tokens,
+    std::printf("| %lld | %lld | %s | %s | %s | %.1f | %s | %s | %s | %.1f | %s | %s |\n", (long long)r.tokens,
                 (long long)r.experts, cell(r.dispatch).c_str(), cell(r.dispatch_send).c_str(),
                 cell(r.dispatch_recv).c_str(), r.dispatch_bytes / r.dispatch.mean / 1e3, cell(r.combine).c_str(),
                 cell(r.combine_send).c_str(), cell(r.combine_recv).c_str(), r.combine_bytes / r.combine.mean / 1e3,
-                cell(r.combine_in_buffer).c_str());
+                cell(r.combine_in_buffer).c_str(), cell(r.dispatch_in_buffer).c_str());
   }
   std::printf("Back-to-back loop, no barriers; slowest rank; µs mean ± std (median):\n");
   std::printf("| tokens | experts | dispatch | combine |\n|---:|---:|---:|---:|\n");
@@ -370,6 +392,7 @@ void write_json(const std::string& path, int world, int64_t dp_size,
         << ", \"combine\": " << stats(r.combine) << ", \"combine_send\": " << stats(r.combine_send)
         << ", \"combine_recv\": " << stats(r.combine_recv)
         << ", \"combine_in_buffer\": " << stats(r.combine_in_buffer)
+        << ", \"dispatch_in_buffer\": " << stats(r.dispatch_in_buffer)
         << ", \"loop_dispatch\": " << stats(r.loop_dispatch) << ", \"loop_combine\": " << stats(r.loop_combine)
         << ", \"dispatch_bytes_per_rank\": " << r.dispatch_bytes
         << ", \"combine_bytes_per_rank\": " << r.combine_bytes

@@ -13,7 +13,8 @@
 // push, for transports where some peer is reachable only by puts, and pull, when every peer's buffer can be
 // loaded from directly (NVLink, or ranks sharing a GPU), which moves each token's bytes once instead of twice.
 //   pull send       announce m (send_announce), then stage the tokens (header with their experts, payload,
-//                   scales) in our send_rows, stamping each row with this dispatch's epoch once it is written.
+//                   scales) in our send_rows, stamping each row with this dispatch's epoch once it is written;
+//                   a payload or scales the caller wrote there itself (dispatch_input_buffer) is not copied.
 //   pull recv       copy each stamped token of the sender of our dp_rank in each group, as soon as it is stamped,
 //                   from its send_rows straight into out_expert_x, to every local expert its row names, at that
 //                   expert's next free row; each expert's count is the rows taken.
@@ -64,17 +65,19 @@ namespace expertwire::device {
 // ---------------------------------------------------------------------------------------------------------
 // Token rows.
 
-// Writes one DispatchToken (header, payload, scales) at `dst` with the whole warp. `x_scale`: the token's row of
-// dp_x_scale, whose words lie `scale_word_stride` bytes apart.
+// Writes one DispatchToken (header, payload, scales) at `dst` with the whole warp; the payload and the scales
+// only when `copy_payload` and `copy_scales` (false: the caller wrote them at dst itself). `x_scale`: the
+// token's row of dp_x_scale, whose words lie `scale_word_stride` bytes apart.
 __device__ __forceinline__ void write_dispatch_token(uint8_t* dst, const BufferLayout& l, uint32_t token,
                                                      const uint32_t* experts, const uint8_t* x,
-                                                     const uint8_t* x_scale, uint64_t scale_word_stride) {
+                                                     const uint8_t* x_scale, uint64_t scale_word_stride,
+                                                     bool copy_payload = true, bool copy_scales = true) {
   auto* header = reinterpret_cast<uint32_t*>(dst);
   for (uint32_t w = lane_id(); w <= l.experts_per_token; w += kWarpSize) {
     header[w] = w == 0 ? token : experts[w - 1];
   }
-  warp_copy_16<SourceKind::kInput>(dst + l.payload_offset_in_token(), x, l.hidden_dim_bytes);
-  if (l.hidden_dim_scale_bytes != 0) {
+  if (copy_payload) warp_copy_16<SourceKind::kInput>(dst + l.payload_offset_in_token(), x, l.hidden_dim_bytes);
+  if (copy_scales && l.hidden_dim_scale_bytes != 0) {
     warp_copy_4_strided_to_lanes(x_scale, scale_word_stride, l.hidden_dim_scale_bytes / 4, 1u, 4,
                                  [dst, &l](int) { return dst + l.scale_offset_in_token(); });
   }
@@ -261,7 +264,7 @@ __device__ void dispatch_send(const DispatchArgs& a, const Transport& transport)
 
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
-    const uint8_t* x = a.dp_x + uint64_t(t) * l.hidden_dim_bytes;
+    const uint8_t* x = a.dp_x + uint64_t(t) * a.dp_x_row_stride;
     const uint8_t* x_scale = a.dp_x_scale + a.dp_x_scale_strides.offset(0, t, 0);
     bool staged = false;
     for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
@@ -378,8 +381,9 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
       const uint32_t k = k0 + lane_id();
       check_row_expert(c, experts, k0, k < top_k ? experts[k] : ~0u, k < top_k);
     }
-    write_dispatch_token(c.symmetric + l.send_row_offset(t), l, t, experts, a.dp_x + uint64_t(t) * l.hidden_dim_bytes,
-                         a.dp_x_scale + a.dp_x_scale_strides.offset(0, t, 0), a.dp_x_scale_strides.word);
+    write_dispatch_token(c.symmetric + l.send_row_offset(t), l, t, experts, a.dp_x + uint64_t(t) * a.dp_x_row_stride,
+                         a.dp_x_scale + a.dp_x_scale_strides.offset(0, t, 0), a.dp_x_scale_strides.word,
+                         !a.dp_x_in_send_rows, !a.dp_x_scale_in_send_rows);
     __syncwarp();  // every lane's part of the row before the stamp, whose release carries it (cumulative)
     if (lane_id() == 0) store_release_sys(c.local_signal(l.send_stamp_offset(t)), epoch);
   }

@@ -35,7 +35,7 @@ struct DispatchArgs {
   int32_t* out_expert_num_tokens;  // [num_local_experts]
   uint8_t* out_expert_x;           // [num_local_experts][max_recv_tokens][hidden_dim_bytes]
   uint8_t* out_expert_x_scale;     // [num_local_experts][max_recv_tokens][hidden_dim_scale_bytes / 4] words
-  const uint8_t* dp_x;             // [m][hidden_dim_bytes]
+  const uint8_t* dp_x;             // [m][hidden_dim_bytes], rows dp_x_row_stride bytes apart
   const uint8_t* dp_x_scale;       // [m][hidden_dim_scale_bytes / 4] words
   ScaleStrides out_expert_x_scale_strides;
   ScaleStrides dp_x_scale_strides;  // expert unused
@@ -44,6 +44,10 @@ struct DispatchArgs {
   const uint32_t* bound_m;  // device; may be null (then m)
   bool do_send;
   bool do_recv;
+  uint64_t dp_x_row_stride;
+  // dp_x / dp_x_scale are where the pull dispatch stages them (AllToAll::dispatch_input_buffer): not copied.
+  bool dp_x_in_send_rows;
+  bool dp_x_scale_in_send_rows;
 };
 
 struct CombineArgs {

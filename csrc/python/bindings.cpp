@@ -54,19 +54,19 @@ class AllToAllHandle {
  public:
   explicit AllToAllHandle(std::unique_ptr<AllToAll> impl) : impl_(std::move(impl)) {}
 
-  // Scale strides in bytes: (expert, row, word) of out_expert_x_scale, (row, word) of dp_x_scale.
+  // Strides in bytes: (expert, row, word) of out_expert_x_scale, (row, word) of dp_x_scale, dp_x's rows.
   void dispatch(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale,
                 uintptr_t dp_x, uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m,
                 bool do_send, bool do_recv, uintptr_t stream,
                 const std::tuple<uint64_t, uint64_t, uint64_t>& out_expert_x_scale_strides,
-                const std::tuple<uint64_t, uint64_t>& dp_x_scale_strides) {
+                const std::tuple<uint64_t, uint64_t>& dp_x_scale_strides, uint64_t dp_x_row_stride) {
     const auto [out_expert, out_row, out_word] = out_expert_x_scale_strides;
     const auto [dp_row, dp_word] = dp_x_scale_strides;
     live().dispatch(device_pointer<int32_t>(out_expert_num_tokens), device_pointer<void>(out_expert_x),
                     device_pointer<void>(out_expert_x_scale), device_pointer<const void>(dp_x),
                     device_pointer<const void>(dp_x_scale), device_pointer<const uint32_t>(indices), m,
                     device_pointer<const uint32_t>(bound_m), split_mode(do_send, do_recv), stream_from(stream),
-                    ScaleStrides{out_expert, out_row, out_word}, ScaleStrides{0, dp_row, dp_word});
+                    ScaleStrides{out_expert, out_row, out_word}, ScaleStrides{0, dp_row, dp_word}, dp_x_row_stride);
   }
 
   void combine(uintptr_t out_tokens, ScalarType out_type, uintptr_t indices, uintptr_t weights, uintptr_t expert_y,
@@ -79,6 +79,11 @@ class AllToAllHandle {
 
   void check_errors() const { live().check_errors(); }
   uintptr_t expert_output_buffer() const { return reinterpret_cast<uintptr_t>(live().expert_output_buffer()); }
+  uintptr_t dispatch_input_buffer() const { return reinterpret_cast<uintptr_t>(live().dispatch_input_buffer()); }
+  uintptr_t dispatch_input_scale_buffer() const {
+    return reinterpret_cast<uintptr_t>(live().dispatch_input_scale_buffer());
+  }
+  uint64_t dispatch_input_row_stride() const { return live().dispatch_input_row_stride(); }
   uint32_t num_blocks() const { return live().launch_shape().blocks; }
   int device() const { return live().device(); }
   bool alive() const { return impl_ != nullptr; }
@@ -265,12 +270,18 @@ NB_MODULE(_expertwire, m) {
           "Collective: `all_gather(bytes) -> list[bytes]` returns every rank's bytes in rank order.")
       .def("dispatch", &AllToAllHandle::dispatch, "out_expert_num_tokens"_a, "out_expert_x"_a,
            "out_expert_x_scale"_a, "dp_x"_a, "dp_x_scale"_a, "indices"_a, "m"_a, "bound_m"_a, "do_send"_a,
-           "do_recv"_a, "stream"_a, "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a)
+           "do_recv"_a, "stream"_a, "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a, "dp_x_row_stride"_a)
       .def("combine", &AllToAllHandle::combine, "out_tokens"_a, "out_type"_a, "indices"_a, "weights"_a,
            "expert_y"_a, "expert_type"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a)
       .def("check_errors", &AllToAllHandle::check_errors)
       .def_prop_ro("expert_output_buffer", &AllToAllHandle::expert_output_buffer,
                    "Device address of this rank's expert_outputs region (see AllToAll::expert_output_buffer).")
+      .def_prop_ro("dispatch_input_buffer", &AllToAllHandle::dispatch_input_buffer,
+                   "Device address of this rank's first staged payload (see AllToAll::dispatch_input_buffer).")
+      .def_prop_ro("dispatch_input_scale_buffer", &AllToAllHandle::dispatch_input_scale_buffer,
+                   "Device address of this rank's first staged scales, 0 without scales.")
+      .def_prop_ro("dispatch_input_row_stride", &AllToAllHandle::dispatch_input_row_stride,
+                   "Bytes between the staged rows of both dispatch input buffers.")
       .def_prop_ro("num_blocks", &AllToAllHandle::num_blocks)
       .def_prop_ro("device", &AllToAllHandle::device, "The CUDA device that owns its buffers.")
       .def_prop_ro("alive", &AllToAllHandle::alive)

@@ -274,6 +274,24 @@ void host_argument_cases(const Context& ctx) {
       {"dispatch with an out_expert_x_scale row stride of 6 bytes",
        [](DispatchArguments& a) { a.out_expert_x_scale_strides.row = 6; },
        "dispatch: out_expert_x_scale: row stride must be a multiple of 4 bytes, got 6"},
+      {"dispatch with dp_x rows 8 bytes apart", [](DispatchArguments& a) { a.dp_x_row_stride = 8; },
+       detail::concat("dispatch: dp_x's rows must lie a multiple of 16 bytes apart, at least hidden_dim_bytes=",
+                      config.hidden_dim_bytes, ", got a row stride of 8 bytes")},
+      // Staging such an input would overwrite rows it has yet to read.
+      {"dispatch with dp_x one row into dispatch_input_buffer()",
+       [&](DispatchArguments& a) {
+         a.dp_x_row_stride = a2a->dispatch_input_row_stride();
+         a.dp_x = static_cast<uint8_t*>(a2a->dispatch_input_buffer()) + a.dp_x_row_stride;
+       },
+       "dispatch: dp_x overlaps the rows the dispatch stages tokens in without being dispatch_input_buffer() in its "
+       "layout"},
+      {"dispatch with dp_x_scale column-major in dispatch_input_scale_buffer()",
+       [&](DispatchArguments& a) {
+         a.dp_x_scale = a2a->dispatch_input_scale_buffer();
+         a.dp_x_scale_strides = ScaleStrides{0, 4, a2a->dispatch_input_row_stride()};
+       },
+       "dispatch: dp_x_scale overlaps the rows the dispatch stages tokens in without being "
+       "dispatch_input_scale_buffer() in its layout"},
   };
   for (const DispatchCase& c : dispatch_cases) {
     ctx.run(detail::concat("host: ", c.name), [&] {

@@ -36,3 +36,13 @@ def tensor_over(
     nbytes = tensor_bytes(shape, dtype)
     raw = torch.as_tensor(_CudaArray(address, max(nbytes, 1), owner), device=device)
     return raw[:nbytes].view(dtype).view(tuple(int(extent) for extent in shape))
+
+
+def rows_over(
+    address: int, rows: int, row_bytes: int, row_stride: int, dtype: torch.dtype, device: torch.device, owner: object
+) -> torch.Tensor:
+    """A [rows, row_bytes / itemsize] tensor of `dtype` whose rows start `row_stride` bytes apart from `address`
+    (contiguous within a row), over memory that must hold them."""
+    nbytes = (rows - 1) * row_stride + row_bytes if rows > 0 else 0
+    raw = torch.as_tensor(_CudaArray(address, max(nbytes, 1), owner), device=device)
+    return raw.as_strided((rows, row_bytes), (row_stride, 1)).view(dtype)

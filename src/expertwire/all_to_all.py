@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
-from ._device_memory import tensor_over
+from ._device_memory import rows_over, tensor_over
 from ._native import ext
 from .checks import EXPERT_ROW_DTYPES, AllToAllShape, check_combine, check_dispatch, dtype_names
 
@@ -244,6 +244,47 @@ class AllToAll:
         native = ops.native(self._live_handle("expert_output_buffer"))
         shape = (self._shape.num_local_experts, self._shape.max_recv_tokens, self._shape.hidden_dim)
         return tensor_over(native.expert_output_buffer, shape, dtype, self._device, owner=native)
+
+    def dispatch_input_buffer(self, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+        """dp_x's home in this rank's communication buffer: a [max_num_tokens, hidden_dim_bytes / itemsize]
+        tensor of `dtype` whose rows lie dispatch_input_row_stride bytes apart, where the dispatch stages its
+        tokens for peers to read. Tokens written here (their scales into dispatch_input_scale_buffer()) and
+        passed to dispatch, the whole tensor or its first m rows, spare dispatch a copy of each. Peers read them
+        until the combine after that dispatch: write them after the previous combine, on the same stream.
+        Valid until destroy(); not zeroed."""
+        native = ops.native(self._live_handle("dispatch_input_buffer"))
+        row_bytes = self._shape.hidden_dim_bytes
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if row_bytes % itemsize != 0:
+            raise ValueError(
+                f"dispatch_input_buffer: dtype must have an element size that divides hidden_dim_bytes={row_bytes}, "
+                f"got {dtype} ({itemsize} bytes)"
+            )
+        return rows_over(
+            native.dispatch_input_buffer,
+            self._shape.max_num_tokens,
+            row_bytes,
+            native.dispatch_input_row_stride,
+            dtype,
+            self._device,
+            owner=native,
+        )
+
+    def dispatch_input_scale_buffer(self) -> Optional[torch.Tensor]:
+        """dp_x_scale's home beside dispatch_input_buffer(): a float32 [max_num_tokens, hidden_dim_scale_bytes /
+        4] tensor, rows as far apart as the tokens'; None without scales."""
+        native = ops.native(self._live_handle("dispatch_input_scale_buffer"))
+        if not self._shape.has_scales:
+            return None
+        return rows_over(
+            native.dispatch_input_scale_buffer,
+            self._shape.max_num_tokens,
+            self._shape.hidden_dim_scale_bytes,
+            native.dispatch_input_row_stride,
+            torch.float32,
+            self._device,
+            owner=native,
+        )
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (a peer that timed out, an

@@ -87,6 +87,20 @@ class _Checker:
         self.on_common_device(name, value)
         return value
 
+    def rows(self, name: str, value: torch.Tensor, shape: Sequence[int], row_bytes: int) -> None:
+        """A 2-D tensor of `shape` with contiguous rows that lie any multiple of 16 bytes apart (at least
+        row_bytes), as pplx_kernels' contiguous ones and AllToAll.dispatch_input_buffer()'s do."""
+        if tuple(value.shape) != tuple(shape):
+            raise self.fail(name, f"have shape {list(shape)}", list(value.shape))
+        rows, columns = shape
+        given = f"strides {list(value.stride())} of {value.element_size()}-byte elements"
+        if columns > 1 and value.stride(1) != 1:
+            raise self.fail(name, "have contiguous rows (stride 1 in its last dimension)", given)
+        row_stride = value.stride(0) * value.element_size()
+        if rows > 1 and (row_stride % 16 != 0 or row_stride < row_bytes):
+            raise self.fail(name, f"have rows a multiple of 16 bytes apart, at least {row_bytes}", given)
+        self.on_common_device(name, value)
+
     def on_common_device(self, name: str, value: torch.Tensor) -> None:
         if value.device.type != "cuda":
             raise self.fail(name, "be on a CUDA device", f"device {value.device}")
@@ -196,7 +210,7 @@ def check_dispatch(
         c.absent("out_expert_x_scale", out_expert_x_scale, "hidden_dim_scale_bytes=0")
         c.absent("dp_x_scale", dp_x_scale, "hidden_dim_scale_bytes=0")
     payload_columns = columns("dp_x", dp_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
-    c.tensor("dp_x", dp_x, None, (m, payload_columns))
+    c.rows("dp_x", dp_x, (m, payload_columns), shape.hidden_dim_bytes)
     if shape.has_scales:
         c.scales("dp_x_scale", dp_x_scale, (m,), shape.hidden_dim_scale_bytes, written=False)
     c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))

@@ -99,6 +99,7 @@ def launch_dispatch(
         _stream(out_expert_x),
         _scale_strides(out_expert_x_scale) if out_expert_x_scale is not None else (0, 0, 4),
         _scale_strides(dp_x_scale) if dp_x_scale is not None else (0, 4),
+        dp_x.stride(0) * dp_x.element_size(),
     )
 
 

@@ -16,6 +16,8 @@ constexpr uint8_t kSentinel = 0xab;
 constexpr size_t kGuardBytes = 4096;
 // Unused bytes after each row of scales in CallShape::ScaleLayout::kPaddedRows.
 constexpr size_t kScaleRowPadBytes = 12;
+// Unused bytes after each row of a caller's dp_x in CallShape::dp_x_padded_rows.
+constexpr size_t kDpXRowPadBytes = 16;
 
 size_t element_bytes(ScalarType type) { return type == ScalarType::kFloat32 ? 4 : 2; }
 
@@ -53,6 +55,15 @@ ScaleStrides scale_strides(CallShape::ScaleLayout layout, uint64_t scale_bytes, 
     case CallShape::ScaleLayout::kContiguous: break;
   }
   return ScaleStrides::contiguous(scale_bytes, rows);
+}
+
+const char* in_buffer_name(CallShape::InBuffer which) {
+  switch (which) {
+    case CallShape::InBuffer::kAll: return "all";
+    case CallShape::InBuffer::kOddRanks: return "odd";
+    case CallShape::InBuffer::kNone: break;
+  }
+  return "none";
 }
 
 std::vector<SplitMode> modes_of(const CallShape& shape) {
@@ -106,6 +117,8 @@ CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index) {
   static constexpr CallShape::ScaleLayout kScaleLayouts[] = {
       CallShape::ScaleLayout::kContiguous, CallShape::ScaleLayout::kPaddedRows, CallShape::ScaleLayout::kColumnMajor};
   shape.scale_layout = kScaleLayouts[rng.below(3)];
+  shape.dp_x_in_buffer = kInBuffer[rng.below(3)];
+  shape.dp_x_padded_rows = rng.below(2) == 1;
   return shape;
 }
 
@@ -115,10 +128,8 @@ std::string describe(const CallShape& shape) {
   for (size_t g = 0; g < shape.m_per_group.size(); ++g) out << (g ? " " : "") << shape.m_per_group[g];
   out << "] out=" << scalar_type_name(shape.out_type) << " expert=" << scalar_type_name(shape.expert_type)
       << " split=" << int(shape.split) << " bound_m=" << int(shape.use_bound_m)
-      << " in_buffer="
-      << (shape.expert_y_in_buffer == CallShape::InBuffer::kNone  ? "none"
-          : shape.expert_y_in_buffer == CallShape::InBuffer::kAll ? "all"
-                                                                   : "odd")
+      << " in_buffer=" << in_buffer_name(shape.expert_y_in_buffer)
+      << " dp_x_in_buffer=" << in_buffer_name(shape.dp_x_in_buffer) << " dp_x_padded=" << int(shape.dp_x_padded_rows)
       << " scales="
       << (shape.scale_layout == CallShape::ScaleLayout::kContiguous   ? "contiguous"
           : shape.scale_layout == CallShape::ScaleLayout::kPaddedRows ? "padded"
@@ -143,7 +154,7 @@ std::vector<reference::ExpertInbox> reference_inboxes(const AllToAllConfig& conf
 
 void call_dispatch(AllToAll& a2a, const DispatchArguments& a, SplitMode mode, cudaStream_t stream) {
   a2a.dispatch(a.out_expert_num_tokens, a.out_expert_x, a.out_expert_x_scale, a.dp_x, a.dp_x_scale, a.indices, a.m,
-               a.bound_m, mode, stream, a.out_expert_x_scale_strides, a.dp_x_scale_strides);
+               a.bound_m, mode, stream, a.out_expert_x_scale_strides, a.dp_x_scale_strides, a.dp_x_row_stride);
 }
 
 void call_combine(AllToAll& a2a, const CombineArguments& a, SplitMode mode, cudaStream_t stream) {
@@ -153,7 +164,7 @@ void call_combine(AllToAll& a2a, const CombineArguments& a, SplitMode mode, cuda
 
 RoundTrip::RoundTrip(const AllToAllConfig& config)
     : config_(config),
-      dp_x_(config.max_num_tokens * config.hidden_dim_bytes),
+      dp_x_(config.max_num_tokens * (config.hidden_dim_bytes + kDpXRowPadBytes)),
       dp_x_scale_(std::max<size_t>(config.max_num_tokens * (config.hidden_dim_scale_bytes + kScaleRowPadBytes), 16)),
       indices_(config.max_num_tokens * config.experts_per_token * sizeof(uint32_t)),
       weights_(config.max_num_tokens * config.experts_per_token * sizeof(float)),
@@ -183,23 +194,23 @@ ScaleStrides RoundTrip::out_expert_x_scale_strides(const CallShape& shape) const
                        uint64_t(config_.max_recv_tokens()));
 }
 
-ScaleStrides RoundTrip::dp_x_scale_strides(const CallShape& shape) const {
-  ScaleStrides strides =
-      scale_strides(shape.scale_layout, uint64_t(config_.hidden_dim_scale_bytes), uint64_t(config_.max_num_tokens));
-  strides.expert = 0;  // dp_x_scale has no expert dimension
-  return strides;
-}
-
 // Room for max_num_tokens rows of the widest output type.
 size_t RoundTrip::out_tokens_bytes() const { return config_.max_num_tokens * config_.hidden_dim * sizeof(float); }
 
 void RoundTrip::upload(const GroupData& own, const CallShape& shape) {
-  EW_CUDA_CHECK(cudaMemcpy(dp_x_.get(), own.x.data(), own.x.size(), cudaMemcpyHostToDevice));
-  const size_t s = config_.hidden_dim_scale_bytes;
-  const ScaleStrides strides = dp_x_scale_strides(shape);
+  const size_t x_row = config_.hidden_dim_bytes, s = config_.hidden_dim_scale_bytes;
+  dp_x_row_stride_ = x_row + (shape.dp_x_padded_rows ? kDpXRowPadBytes : 0);
+  if (own.m > 0) {
+    EW_CUDA_CHECK(cudaMemcpy2D(dp_x_.get(), dp_x_row_stride_, own.x.data(), x_row, x_row, size_t(own.m),
+                               cudaMemcpyHostToDevice));
+  }
+  dp_x_scale_strides_ = scale_strides(shape.scale_layout, s, uint64_t(config_.max_num_tokens));
+  dp_x_scale_strides_.expert = 0;  // dp_x_scale has no expert dimension
   std::vector<uint8_t> scales(dp_x_scale_.bytes(), kSentinel);
-  for (size_t t = 0; s != 0 && t < own.x_scale.size() / s; ++t) {
-    for (size_t w = 0; w < s / 4; ++w) std::memcpy(&scales[strides.offset(0, t, w)], &own.x_scale[t * s + w * 4], 4);
+  for (size_t t = 0; s != 0 && t < size_t(own.m); ++t) {
+    for (size_t w = 0; w < s / 4; ++w) {
+      std::memcpy(&scales[dp_x_scale_strides_.offset(0, t, w)], &own.x_scale[t * s + w * 4], 4);
+    }
   }
   EW_CUDA_CHECK(cudaMemcpy(dp_x_scale_.get(), scales.data(), scales.size(), cudaMemcpyHostToDevice));
   EW_CUDA_CHECK(cudaMemcpy(indices_.get(), own.indices.data(), own.indices.size() * sizeof(uint32_t),
@@ -230,7 +241,8 @@ DispatchArguments RoundTrip::dispatch_arguments(const CallShape& shape) const {
                            m,
                            shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr,
                            out_expert_x_scale_strides(shape),
-                           dp_x_scale_strides(shape)};
+                           dp_x_scale_strides_,
+                           dp_x_row_stride_};
 }
 
 CombineArguments RoundTrip::combine_arguments(const CallShape& shape) const {
@@ -245,6 +257,21 @@ CombineArguments RoundTrip::combine_arguments(const CallShape& shape) const {
                           shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr};
 }
 
+void RoundTrip::move_inputs_into_buffer(AllToAll& a2a, const CallShape& shape, DispatchArguments& args) const {
+  const uint64_t row_stride = a2a.dispatch_input_row_stride(), x_row = config_.hidden_dim_bytes;
+  if (own_m_ == 0) return;
+  EW_CUDA_CHECK(cudaMemcpy2DAsync(a2a.dispatch_input_buffer(), row_stride, dp_x_.get(), dp_x_row_stride_, x_row,
+                                  own_m_, cudaMemcpyDeviceToDevice, stream_));
+  args.dp_x = a2a.dispatch_input_buffer();
+  args.dp_x_row_stride = row_stride;
+  const uint64_t s = config_.hidden_dim_scale_bytes;
+  if (s == 0 || shape.scale_layout == CallShape::ScaleLayout::kColumnMajor) return;
+  EW_CUDA_CHECK(cudaMemcpy2DAsync(a2a.dispatch_input_scale_buffer(), row_stride, dp_x_scale_.get(),
+                                  dp_x_scale_strides_.row, s, own_m_, cudaMemcpyDeviceToDevice, stream_));
+  args.dp_x_scale = a2a.dispatch_input_scale_buffer();
+  args.dp_x_scale_strides = ScaleStrides{0, row_stride, 4};
+}
+
 void RoundTrip::fill_dispatch_outputs() {
   for (DeviceBuffer* buffer : {&num_tokens_, &expert_x_, &expert_x_scale_}) {
     EW_CUDA_CHECK(cudaMemsetAsync(buffer->get(), kSentinel, buffer->bytes(), stream_));
@@ -253,7 +280,8 @@ void RoundTrip::fill_dispatch_outputs() {
 
 void RoundTrip::dispatch(AllToAll& a2a, const CallShape& shape) {
   fill_dispatch_outputs();
-  const DispatchArguments args = dispatch_arguments(shape);
+  DispatchArguments args = dispatch_arguments(shape);
+  if (shape.dp_x_in_buffer_on(config_.rank)) move_inputs_into_buffer(a2a, shape, args);
   for (const SplitMode mode : modes_of(shape)) call_dispatch(a2a, args, mode, stream_);
   EW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   a2a.check_errors();

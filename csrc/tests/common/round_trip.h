@@ -51,8 +51,16 @@ struct CallShape {
   // per-token fp8 allocates wider rows than it fills); column-major, each expert's words [word][row] (DeepGEMM's
   // layout; dp_x_scale [word][token]).
   enum class ScaleLayout { kContiguous, kPaddedRows, kColumnMajor } scale_layout = ScaleLayout::kContiguous;
-  bool expert_y_in_buffer_on(int64_t rank) const {
-    return expert_y_in_buffer == InBuffer::kAll || (expert_y_in_buffer == InBuffer::kOddRanks && rank % 2 == 1);
+  // Which ranks write their tokens into AllToAll::dispatch_input_buffer() (and their scales into
+  // dispatch_input_scale_buffer(), unless column-major), passed as dp_x (and dp_x_scale).
+  InBuffer dp_x_in_buffer = InBuffer::kNone;
+  bool dp_x_padded_rows = false;  // a caller's dp_x rows lie kDpXRowPadBytes further apart than their bytes
+  bool expert_y_in_buffer_on(int64_t rank) const { return on(expert_y_in_buffer, rank); }
+  bool dp_x_in_buffer_on(int64_t rank) const { return on(dp_x_in_buffer, rank); }
+
+ private:
+  static bool on(InBuffer which, int64_t rank) {
+    return which == InBuffer::kAll || (which == InBuffer::kOddRanks && rank % 2 == 1);
   }
 };
 
@@ -80,6 +88,7 @@ struct DispatchArguments {
   const uint32_t* bound_m;
   ScaleStrides out_expert_x_scale_strides;
   ScaleStrides dp_x_scale_strides;
+  uint64_t dp_x_row_stride;
 };
 struct CombineArguments {
   void* out_tokens;
@@ -104,8 +113,8 @@ class RoundTrip {
   RoundTrip(const RoundTrip&) = delete;
   RoundTrip& operator=(const RoundTrip&) = delete;
 
-  // Copies this rank's tokens (scales laid out as `shape` says), indices and weights to the device; the device
-  // bound_m holds own.m.
+  // Copies this rank's tokens (rows and scales laid out as `shape` says), indices and weights to the device; the
+  // device bound_m holds own.m.
   void upload(const GroupData& own, const CallShape& shape);
   // Replaces the device value behind bound_m (tests of a bad bound_m).
   void set_device_bound_m(uint32_t value);
@@ -113,7 +122,8 @@ class RoundTrip {
   DispatchArguments dispatch_arguments(const CallShape& shape) const;
   CombineArguments combine_arguments(const CallShape& shape) const;
 
-  // Calls dispatch (in two halves when shape.split), waits for it and raises its device error, if any.
+  // Calls dispatch (in two halves when shape.split), waits for it and raises its device error, if any. When the
+  // shape says so, the tokens move into a2a's dispatch input buffers first, in stream order.
   void dispatch(AllToAll& a2a, const CallShape& shape);
   // Checks what the last dispatch (of `shape`) delivered against `expected`: the counts, every row and its
   // scales byte for byte, and the sentinel in every other byte of the outputs and their guards. Remembers each
@@ -134,15 +144,20 @@ class RoundTrip {
   size_t expert_x_bytes() const;
   size_t expert_scale_bytes() const;  // room for the widest scale layout
   ScaleStrides out_expert_x_scale_strides(const CallShape& shape) const;
-  ScaleStrides dp_x_scale_strides(const CallShape& shape) const;
   size_t out_tokens_bytes() const;
   // The m a call passes: max_num_tokens when the device bound_m carries the count, else this rank's own m.
   uint32_t call_m(const CallShape& shape) const;
   void fill_dispatch_outputs();
+  // Copies the uploaded tokens (and their scales, unless column-major) into a2a's dispatch input buffers and
+  // points `args` at them.
+  void move_inputs_into_buffer(AllToAll& a2a, const CallShape& shape, DispatchArguments& args) const;
 
   AllToAllConfig config_;
   cudaStream_t stream_ = nullptr;
   DeviceBuffer dp_x_, dp_x_scale_, indices_, weights_, bound_m_;
+  // The layout of the last upload's dp_x_ and dp_x_scale_.
+  uint64_t dp_x_row_stride_ = 0;
+  ScaleStrides dp_x_scale_strides_;
   DeviceBuffer num_tokens_, expert_x_, expert_x_scale_, expert_y_, out_tokens_;  // each ends in a guard
   uint32_t own_m_ = 0;
   std::vector<std::vector<std::pair<uint32_t, uint32_t>>> rows_of_;  // (group, token) of each row, per expert

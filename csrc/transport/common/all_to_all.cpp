@@ -24,6 +24,20 @@ void require_word_strides(const ScaleStrides& strides, const char* name) {
   }
 }
 
+// Whether a dispatch input, `extent` bytes from `input`, lies where the pull dispatch would stage it, in that
+// layout (`in_place`): then the dispatch stages nothing of it. Any other overlap with the staging rows
+// [rows, rows + rows_bytes) is refused: staging the input would overwrite bytes that it has yet to read.
+bool staged_in_place(const void* input, uint64_t extent, bool in_place, const uint8_t* rows, uint64_t rows_bytes,
+                     const char* name, const char* buffer_name, const void* buffer, uint64_t row_stride) {
+  const auto begin = reinterpret_cast<uintptr_t>(input), rows_begin = reinterpret_cast<uintptr_t>(rows);
+  if (begin >= rows_begin + rows_bytes || rows_begin >= begin + extent) return false;
+  EW_REQUIRE(in_place, name, " overlaps the rows the dispatch stages tokens in without being ", buffer_name,
+             "() in its layout (that address, rows ", row_stride, " bytes apart): it starts ",
+             int64_t(begin - reinterpret_cast<uintptr_t>(buffer)), " bytes from it, ", extent,
+             " bytes long; pass the buffer itself, or a view of its first m rows");
+  return true;
+}
+
 }  // namespace
 
 device::LaunchShape default_launch_shape(uint32_t max_sm_count) {
@@ -83,13 +97,14 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
   const uint64_t scale_bytes = uint64_t(config_.hidden_dim_scale_bytes);
   dispatch(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices, m, bound_m, split_mode,
            stream, ScaleStrides::contiguous(scale_bytes, uint64_t(config_.max_recv_tokens())),
-           ScaleStrides::contiguous(scale_bytes, 0));
+           ScaleStrides::contiguous(scale_bytes, 0), uint64_t(config_.hidden_dim_bytes));
 }
 
 void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale,
                         const void* dp_x, const void* dp_x_scale, const uint32_t* indices, uint32_t m,
                         const uint32_t* bound_m, SplitMode split_mode, cudaStream_t stream,
-                        const ScaleStrides& out_expert_x_scale_strides, const ScaleStrides& dp_x_scale_strides) {
+                        const ScaleStrides& out_expert_x_scale_strides, const ScaleStrides& dp_x_scale_strides,
+                        uint64_t dp_x_row_stride) {
   check_errors();
   const ScopedDevice on_own_device(device_);
   EW_REQUIRE(m <= config_.max_num_tokens, "dispatch: m must be <= max_num_tokens=", config_.max_num_tokens, ", got ",
@@ -98,12 +113,33 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
   const bool scales = config_.hidden_dim_scale_bytes != 0;
   // Without tokens the per-token arrays may be empty, and null (a torch tensor of no rows has no storage): the
   // kernels read them only below m.
+  bool dp_x_in_send_rows = false, dp_x_scale_in_send_rows = false;
   if (send && m > 0) {
     require_pointer(dp_x, "dispatch: dp_x", 16);
     require_pointer(indices, "dispatch: indices", 4);
+    const uint64_t token_bytes = layout_.dispatch_token_bytes;
+    const uint8_t* rows = symmetric_ + layout_.send_rows_offset;
+    const uint64_t rows_bytes = uint64_t(config_.max_num_tokens) * token_bytes;
+    if (m > 1) {
+      EW_REQUIRE(dp_x_row_stride >= uint64_t(config_.hidden_dim_bytes) && dp_x_row_stride % 16 == 0,
+                 "dispatch: dp_x's rows must lie a multiple of 16 bytes apart, at least hidden_dim_bytes=",
+                 config_.hidden_dim_bytes, ", got a row stride of ", dp_x_row_stride, " bytes");
+    }
+    dp_x_in_send_rows = staged_in_place(
+        dp_x, (m - 1) * dp_x_row_stride + uint64_t(config_.hidden_dim_bytes),
+        dp_x == dispatch_input_buffer() && (m == 1 || dp_x_row_stride == token_bytes), rows, rows_bytes,
+        "dispatch: dp_x", "dispatch_input_buffer", dispatch_input_buffer(), token_bytes);
     if (scales) {
       require_pointer(dp_x_scale, "dispatch: dp_x_scale", 4);
       require_word_strides(dp_x_scale_strides, "dispatch: dp_x_scale");
+      const uint64_t words = uint64_t(config_.hidden_dim_scale_bytes) / 4;
+      const bool in_place = dp_x_scale == dispatch_input_scale_buffer() &&
+                            (m == 1 || dp_x_scale_strides.row == token_bytes) &&
+                            (words == 1 || dp_x_scale_strides.word == 4);
+      dp_x_scale_in_send_rows = staged_in_place(dp_x_scale, dp_x_scale_strides.offset(0, m - 1, words - 1) + 4,
+                                                in_place, rows, rows_bytes, "dispatch: dp_x_scale",
+                                                "dispatch_input_scale_buffer", dispatch_input_scale_buffer(),
+                                                token_bytes);
     }
   }
   if (recv) {
@@ -128,7 +164,10 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
                             m,
                             bound_m,
                             send,
-                            recv};
+                            recv,
+                            dp_x_row_stride,
+                            dp_x_in_send_rows,
+                            dp_x_scale_in_send_rows};
   launch_dispatch(args, stream);
   order_.advance(Operation::kDispatch, split_mode);
 }

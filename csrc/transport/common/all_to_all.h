@@ -34,12 +34,13 @@ class AllToAll {
   void dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale, const void* dp_x,
                 const void* dp_x_scale, const uint32_t* indices, uint32_t m, const uint32_t* bound_m,
                 SplitMode split_mode, cudaStream_t stream);
-  // The same with scale tensors of any layout: their words lie where `out_expert_x_scale_strides` and
-  // `dp_x_scale_strides` say (byte strides, each a multiple of 4; dp_x_scale's expert stride is unused).
+  // The same with scale tensors of any layout, their words where `out_expert_x_scale_strides` and
+  // `dp_x_scale_strides` say (byte strides, each a multiple of 4; dp_x_scale's expert stride is unused), and
+  // dp_x's rows `dp_x_row_stride` bytes apart (a multiple of 16, at least hidden_dim_bytes).
   void dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale, const void* dp_x,
                 const void* dp_x_scale, const uint32_t* indices, uint32_t m, const uint32_t* bound_m,
                 SplitMode split_mode, cudaStream_t stream, const ScaleStrides& out_expert_x_scale_strides,
-                const ScaleStrides& dp_x_scale_strides);
+                const ScaleStrides& dp_x_scale_strides, uint64_t dp_x_row_stride);
 
   // Sends each expert output row back to the ranks that hold its token and sums, per token,
   // weights[t][k] * expert_y(expert indices[t][k]) in fp32 into out_tokens. Layouts:
@@ -61,6 +62,22 @@ class AllToAll {
   // dispatch's receive half) and pass it to combine as expert_y save combine a copy of every row when every
   // peer is load/store reachable; other transports read it as any expert_y. Valid until the object is destroyed.
   void* expert_output_buffer() const { return symmetric_ + layout_.expert_outputs_offset; }
+
+  // Where this rank's pull dispatch stages its tokens, as dp_x ([max_num_tokens] rows of hidden_dim_bytes) and
+  // dp_x_scale ([max_num_tokens] rows of hidden_dim_scale_bytes / 4 contiguous words; null without scales), both
+  // with rows dispatch_input_row_stride() bytes apart. A caller that writes its tokens here and passes them (or
+  // their first m rows, at that row stride) to dispatch saves the dispatch a copy of each when every peer is
+  // load/store reachable; other transports read them as any dp_x. Peers read them until the combine that follows
+  // that dispatch: write them in stream order after the previous combine (or before the first dispatch). Valid
+  // until the object is destroyed.
+  void* dispatch_input_buffer() const {
+    return symmetric_ + layout_.send_row_offset(0) + layout_.payload_offset_in_token();
+  }
+  void* dispatch_input_scale_buffer() const {
+    return layout_.hidden_dim_scale_bytes == 0 ? nullptr
+                                               : symmetric_ + layout_.send_row_offset(0) + layout_.scale_offset_in_token();
+  }
+  uint64_t dispatch_input_row_stride() const { return layout_.dispatch_token_bytes; }
 
   const AllToAllConfig& config() const { return config_; }
   int device() const { return device_; }  // the CUDA device that owns its buffers (current at construction)
