@@ -660,16 +660,33 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
   transport.flush_warp();
 }
 
-// What a rank's combine_done arrival tells its readers (the payload of its ArrivalSignal): where its rows are.
+// Where a rank's combine rows are for their readers.
 enum CombineRowsAt : uint32_t {
   kRowsInOwnerBuffer = 0,  // the owner's expert_outputs, at the slot the pull dispatch recorded (pull combine)
   kRowsPushed = 1,         // the reader's own combine_recv[token][k]
 };
 
+template <class RowT>
+inline constexpr ScalarType kRowType = ScalarType::kBFloat16;
+template <>
+inline constexpr ScalarType kRowType<__half> = ScalarType::kFloat16;
+
+// What a rank's combine_done arrival tells its readers (the payload of its ArrivalSignal): where its rows are
+// (bit 0) and the 16-bit type they travel as (the bits above). Each rank passes its own expert_y, so the types
+// may differ by mistake, and a reader that summed another type's bits would return garbage: it refuses.
+struct CombineArrival {
+  __device__ static constexpr uint32_t payload(CombineRowsAt at, ScalarType row_type) {
+    return uint32_t(at) | (uint32_t(row_type) << 1);
+  }
+  __device__ static constexpr CombineRowsAt rows_at(uint32_t payload) { return CombineRowsAt(payload & 1u); }
+  __device__ static constexpr ScalarType row_type(uint32_t payload) { return ScalarType(payload >> 1); }
+};
+
 template <class ExpertT, class SourceT, class Transport>
 __device__ void combine_send(const CombineArgs& a, const Transport& transport) {
   push_rows_to_sources<ExpertT, SourceT>(a, transport);
-  announce_block_arrival(a.ctx, transport, a.ctx.layout.combine_done_offset_of(a.ctx.rank), kRowsPushed);
+  announce_block_arrival(a.ctx, transport, a.ctx.layout.combine_done_offset_of(a.ctx.rank),
+                         CombineArrival::payload(kRowsPushed, kRowType<ExpertT>));
 }
 
 // out[t] = sum_k weights[t][k] * row(t, k) for the first bound_m tokens, in fp32, written as OutT. `row_of(t, k,
@@ -774,27 +791,37 @@ __device__ __forceinline__ void weighted_sum_rows(const CombineArgs& a, RowOf ro
 }
 
 // Waits until every rank has announced its combine rows (they are where this rank's reduction reads them).
-// With `pushed_bits` (shared memory, a bit per rank) also notes which ranks pushed them (CombineRowsAt).
-__device__ inline void wait_combine_done(const RankContext& c, uint32_t* pushed_bits = nullptr) {
+// With `pushed_bits` (shared memory, a bit per rank) also notes which ranks pushed them (CombineRowsAt). Returns
+// whether every rank's rows travel as `row_type`, the type this rank sums; else the error is recorded (the
+// first other rank the block saw) and the caller writes nothing. Call with the whole block.
+__device__ inline bool wait_combine_done(const RankContext& c, ScalarType row_type, uint32_t* pushed_bits = nullptr) {
   const uint32_t world = c.layout.world_size;
   if (pushed_bits != nullptr) {
     for (uint32_t w = threadIdx.x; w < rank_bit_words(c.layout); w += blockDim.x) pushed_bits[w] = 0;
     __syncthreads();
   }
+  bool mismatch = false;
   for (uint32_t peer = threadIdx.x; peer < world; peer += blockDim.x) {
     const uint64_t arrival = wait_arrivals(c.local_signal(c.layout.combine_done_offset_of(peer)), c.timeout_ns,
                                            c.error, Phase::kCombineRecv, int32_t(peer));
-    if (pushed_bits != nullptr && ArrivalSignal::payload(arrival) == kRowsPushed) {
+    if (arrival == 0) continue;  // timed out (recorded)
+    const uint32_t payload = ArrivalSignal::payload(arrival);
+    if (CombineArrival::row_type(payload) != row_type) {
+      record_error(c.error, ErrorCode::kRowTypeMismatch, Phase::kCombineRecv, int32_t(peer),
+                   RowTypeMismatch::value(CombineArrival::row_type(payload), row_type));
+      mismatch = true;
+    }
+    if (pushed_bits != nullptr && CombineArrival::rows_at(payload) == kRowsPushed) {
       atomicOr(&pushed_bits[peer / 32], 1u << (peer % 32));
     }
   }
-  __syncthreads();
+  return __syncthreads_or(mismatch) == 0;
 }
 
 template <class OutT, class ExpertT>
 __device__ void combine_recv(const CombineArgs& a) {
   const RankContext& c = a.ctx;
-  wait_combine_done(c);
+  if (!wait_combine_done(c, kRowType<ExpertT>)) return;
   weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t) {
     return reinterpret_cast<const int4*>(c.symmetric + c.layout.combine_row_offset(t, k));
   });
@@ -836,7 +863,8 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   // 4.6 µs (11 %) with 2 ranks on two H200s over NVLink (docs/performance.md).
   const bool push = !std::is_same_v<SourceT, ExpertT> || a.expert_y != c.symmetric + l.expert_outputs_offset;
   if (push) push_rows_to_sources<ExpertT, SourceT>(a, MappedPeers<Transport>{transport});
-  announce_block_arrival(c, transport, l.combine_done_offset_of(c.rank), push ? kRowsPushed : kRowsInOwnerBuffer);
+  announce_block_arrival(c, transport, l.combine_done_offset_of(c.rank),
+                         CombineArrival::payload(push ? kRowsPushed : kRowsInOwnerBuffer, kRowType<ExpertT>));
 }
 
 template <class Transport, class OutT, class ExpertT>
@@ -845,7 +873,7 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
   const BufferLayout& l = c.layout;
   extern __shared__ uint32_t shared[];
   uint32_t* pushed_bits = shared + combine_shared_rank_bits_word(l);
-  wait_combine_done(c, pushed_bits);
+  if (!wait_combine_done(c, kRowType<ExpertT>, pushed_bits)) return;
   weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t expert) {
     const uint32_t owner = expert / l.num_local_experts;
     if ((pushed_bits[owner / 32] >> (owner % 32)) & 1u) {

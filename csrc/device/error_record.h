@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <string>
 
+#include "core/dtype.h"
+
 namespace expertwire {
 
 enum class ErrorCode : int32_t {
@@ -14,6 +16,15 @@ enum class ErrorCode : int32_t {
   kBadBoundM = 3,       // *bound_m > m; value = *bound_m, the call moved no tokens
   kSlotOverflow = 4,    // more than max_num_tokens tokens for one expert (a repeated expert in a row)
   kRepeatedExpert = 5,  // an expert appears twice in one token's row; value = the expert, sent once
+  kRowTypeMismatch = 6,  // peer's combine rows travel as another type than ours; value = RowTypeMismatch, no
+                         // output written
+};
+
+// kRowTypeMismatch's value: the peer's row type and this rank's (ScalarType codes).
+struct RowTypeMismatch {
+  static constexpr int64_t value(ScalarType peer, ScalarType own) { return int64_t(peer) << 8 | int64_t(own); }
+  static constexpr ScalarType peer(int64_t value) { return ScalarType(value >> 8); }
+  static constexpr ScalarType own(int64_t value) { return ScalarType(value & 0xff); }
 };
 
 enum class Phase : int32_t {
@@ -60,6 +71,12 @@ inline std::string describe(const ErrorRecord& record, int64_t rank) {
              " (repeated expert in a token's row?)" + where;
     case ErrorCode::kRepeatedExpert:
       return "expert " + std::to_string(record.value) + " appears twice in one token's row" + where;
+    case ErrorCode::kRowTypeMismatch:
+      return std::string("rank ") + std::to_string(record.peer) + "'s expert rows travel as " +
+             scalar_type_name(RowTypeMismatch::peer(record.value)) + ", this rank's as " +
+             scalar_type_name(RowTypeMismatch::own(record.value)) +
+             " (every rank must pass expert_y, and with a float32 expert_y out_tokens, of the same types); no "
+             "output written" + where;
     default:
       return "no error";
   }

@@ -572,6 +572,31 @@ void device_input_cases(const Context& ctx) {
     });
     discard_together(a2a);
   }
+
+  // A float16 expert_y on the bad rank, bfloat16 on the others: no rank sums rows of a type it does not sum,
+  // every rank raises, and none writes an output row.
+  {
+    const CallShape shape = plain_shape(config, config.max_num_tokens, false);
+    const std::vector<GroupData> groups = harness::make_all_groups(config, shape, ctx.seed + 5);
+    trip.upload(groups[config.dp_group()], shape);
+    std::unique_ptr<AllToAll> a2a = ctx.make();
+    ctx.run("device: float16 expert_y on one rank, bfloat16 on the others", [&] {
+      Failures failures;
+      trip.dispatch(*a2a, shape);
+      trip.check_dispatch(shape, harness::reference_inboxes(config, groups), failures);
+      CallShape own = shape;
+      if (ctx.rank == bad_rank) own.expert_type = ScalarType::kFloat16;
+      const std::string mismatch =
+          ctx.rank == bad_rank
+              ? std::string("'s expert rows travel as bfloat16, this rank's as float16")
+              : detail::concat("rank ", bad_rank, "'s expert rows travel as float16, this rank's as bfloat16");
+      const Verdict verdict = expect_error<DeviceError>([&] { trip.combine(*a2a, own); },
+                                                        {mismatch, "no output written", "in combine receive"});
+      trip.check_combine_wrote_nothing(failures);
+      return joined(verdict, verdict_of(failures));
+    });
+    discard_together(a2a);
+  }
 }
 
 // The last rank skips one operation; the others must time out on it, quickly and with a useful message.

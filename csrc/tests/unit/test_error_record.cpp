@@ -37,6 +37,15 @@ TEST(DescribeErrorRecord, BadInputNamesTheValue) {
             "expert 7 appears twice in one token's row in dispatch send on rank 0");
 }
 
+TEST(DescribeErrorRecord, RowTypeMismatchNamesBothTypesAndThePeer) {
+  const int64_t value = RowTypeMismatch::value(ScalarType::kFloat16, ScalarType::kBFloat16);
+  EXPECT_EQ(RowTypeMismatch::peer(value), ScalarType::kFloat16);
+  EXPECT_EQ(RowTypeMismatch::own(value), ScalarType::kBFloat16);
+  EXPECT_EQ(describe(record(ErrorCode::kRowTypeMismatch, Phase::kCombineRecv, 3, value), 1),
+            "rank 3's expert rows travel as float16, this rank's as bfloat16 (every rank must pass expert_y, and with "
+            "a float32 expert_y out_tokens, of the same types); no output written in combine receive on rank 1");
+}
+
 TEST(DescribeErrorRecord, EveryPhaseHasAName) {
   EXPECT_STREQ(phase_name(Phase::kDispatchSend), "dispatch send");
   EXPECT_STREQ(phase_name(Phase::kDispatchRecv), "dispatch receive");
