@@ -59,21 +59,22 @@ void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per
 
 bool nvshmem_on_any_rank(bool local) {
   require_nvshmem_initialized();
-  struct Scratch {  // two ints of symmetric memory: this rank's flag, then the max over every rank's
-    int* ints = static_cast<int*>(nvshmem_malloc(2 * sizeof(int)));
+  struct Scratch {  // one int of symmetric memory: this rank's flag
+    int* flag = static_cast<int*>(nvshmem_malloc(sizeof(int)));
     ~Scratch() {
-      if (ints != nullptr) nvshmem_free(ints);
+      if (flag != nullptr) nvshmem_free(flag);
     }
   } scratch;
-  if (scratch.ints == nullptr) EW_THROW(RuntimeError, "nvshmem_malloc of ", 2 * sizeof(int), " bytes failed");
-  const int flag = local ? 1 : 0;
-  EW_CUDA_CHECK(cudaMemcpy(scratch.ints, &flag, sizeof(flag), cudaMemcpyHostToDevice));
-  const int status =
-      nvshmemx_int_max_reduce_on_stream(NVSHMEM_TEAM_WORLD, scratch.ints + 1, scratch.ints, 1, nullptr);
-  if (status != 0) EW_THROW(RuntimeError, "nvshmemx_int_max_reduce_on_stream failed with status ", status);
-  int any = 0;
-  EW_CUDA_CHECK(cudaMemcpy(&any, scratch.ints + 1, sizeof(any), cudaMemcpyDeviceToHost));
-  return any != 0;
+  if (scratch.flag == nullptr) EW_THROW(RuntimeError, "nvshmem_malloc of ", sizeof(int), " bytes failed");
+  const int own = local ? 1 : 0;
+  EW_CUDA_CHECK(cudaMemcpy(scratch.flag, &own, sizeof(own), cudaMemcpyHostToDevice));
+  // Every rank reads every flag with a get, not a reduction: NVSHMEM refuses its reductions when ranks share a GPU
+  // without MPS ("limited MPG"), where barriers and point-to-point operations still work.
+  nvshmem_barrier_all();  // every flag written before any is read
+  bool any = false;
+  for (int pe = 0; pe < nvshmem_n_pes(); ++pe) any |= nvshmem_int_g(scratch.flag, pe) != 0;
+  nvshmem_barrier_all();  // every flag read before any is freed
+  return any;
 }
 
 NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {

@@ -29,7 +29,7 @@ void nvshmem_barrier_on_stream(cudaStream_t stream);
 // bytes) lands in block `my rank` of rank r's `dest`. Both must be symmetric (NvshmemSymmetricBuffer) and hold
 // world_size blocks. Collective.
 void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per_rank, cudaStream_t stream);
-// Whether `local` is true on some rank (a max over every rank's flag, through symmetric scratch of its own).
+// Whether `local` is true on some rank: every rank reads every rank's flag from symmetric scratch of its own.
 // Collective.
 bool nvshmem_on_any_rank(bool local);
 
