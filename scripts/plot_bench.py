@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Plot bench_all_to_all --json results: latency against tokens per rank, one line per transport and expert
 count, with the bandwidth floor (dashed) that the benchmark measured beside each case, the latency floor (one
-cross-rank barrier, grey, when the file has it) and, for combine, the combine that reads expert_y from the
-all-to-all's own buffer (dotted). --median plots medians without error bars, for runs where a few stalled
-iterations (host or VM) make the standard deviation larger than the times.
+cross-rank barrier, grey, when the file has it) and the dispatch and combine that read dp_x and expert_y from the
+all-to-all's own buffers (dotted, when the file has them). --median plots medians without error bars, for runs
+where a few stalled iterations (host or VM) make the standard deviation larger than the times.
 
     python3 scripts/plot_bench.py docs/bench_h100_8ranks.json docs/bench_h100_8ranks.png
     python3 scripts/plot_bench.py --median docs/bench_h200_2gpu.json docs/bench_h200_2gpu.png
@@ -55,10 +55,11 @@ def main() -> None:
                     color=line[0].get_color(),
                     alpha=0.6,
                 )
-            if op == "combine" and all("combine_in_buffer" in c for c in runs):
+            in_buffer = f"{op}_in_buffer"
+            if all(in_buffer in c for c in runs):
                 axis.plot(
                     tokens,
-                    [c["combine_in_buffer"][stat] for c in runs],
+                    [c[in_buffer][stat] for c in runs],
                     linestyle=":",
                     marker=".",
                     color=line[0].get_color(),
@@ -78,7 +79,8 @@ def main() -> None:
         axis.set_xscale("log", base=2)
         axis.set_xlabel("tokens per rank")
         axis.set_ylabel("µs, slowest rank (median)" if args.median else "µs, slowest rank (mean ± std)")
-        extra = "; dotted: expert_y in buffer" if op == "combine" else ""
+        in_buffer = f"{op}_in_buffer"
+        extra = f"; dotted: {'expert_y' if op == 'combine' else 'dp_x'} in buffer" if in_buffer in cases[0] else ""
         axis.set_title(f"{op}, {ranks} ranks (dashed: floor{extra})", fontsize=10)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
