@@ -482,6 +482,26 @@ std::vector<reference::ExpertInbox> inboxes_without_entry(const AllToAllConfig& 
   return inboxes;
 }
 
+// A case on a fresh object whose dispatch is good: every rank uploads its tokens of `shape` (drawn from `seed`),
+// dispatches and checks what arrived; then `combine_check(a2a, shape, own tokens, failures)` makes this rank's
+// combine and returns its verdict, joined with the failures.
+using CombineCheck = std::function<Verdict(AllToAll&, const CallShape&, const GroupData&, Failures&)>;
+void combine_case(const Context& ctx, RoundTrip& trip, const CallShape& shape, uint64_t seed, const std::string& name,
+                  const CombineCheck& combine_check) {
+  const std::vector<GroupData> groups = harness::make_all_groups(ctx.config, shape, seed);
+  const GroupData& own = groups[ctx.config.dp_group()];
+  trip.upload(own, shape);
+  std::unique_ptr<AllToAll> a2a = ctx.make();
+  ctx.run(name, [&] {
+    Failures failures;
+    trip.dispatch(*a2a, shape);
+    trip.check_dispatch(shape, harness::reference_inboxes(ctx.config, groups), failures);
+    const Verdict verdict = combine_check(*a2a, shape, own, failures);
+    return joined(verdict, verdict_of(failures));
+  });
+  discard_together(a2a);
+}
+
 void device_input_cases(const Context& ctx) {
   const AllToAllConfig& config = ctx.config;
   const int bad_rank = 1;  // dp_size 1: rank r sends group r's tokens
@@ -549,54 +569,38 @@ void device_input_cases(const Context& ctx) {
   }
 
   // *bound_m > m in combine: the bad rank writes no output row, the others combine as usual.
-  {
-    const CallShape shape = plain_shape(config, config.max_num_tokens, true);
-    const std::vector<GroupData> groups = harness::make_all_groups(config, shape, ctx.seed + 3);
-    trip.upload(groups[config.dp_group()], shape);
-    std::unique_ptr<AllToAll> a2a = ctx.make();
-    ctx.run("device: bound_m > m in combine", [&] {
-      Failures failures;
-      trip.dispatch(*a2a, shape);
-      trip.check_dispatch(shape, harness::reference_inboxes(config, groups), failures);
-      if (ctx.rank != bad_rank) {
-        trip.combine(*a2a, shape);
-        trip.check_combine(groups[config.dp_group()], shape, failures);
-        return verdict_of(failures);
-      }
-      trip.set_device_bound_m(bad_bound_m);
-      const Verdict verdict = expect_error<DeviceError>(
-          [&] { trip.combine(*a2a, shape); },
-          {detail::concat("bound_m = ", bad_bound_m, " exceeds m"), "in combine receive"});
-      trip.check_combine_wrote_nothing(failures);
-      return joined(verdict, verdict_of(failures));
-    });
-    discard_together(a2a);
-  }
+  combine_case(ctx, trip, plain_shape(config, config.max_num_tokens, true), ctx.seed + 3,
+               "device: bound_m > m in combine",
+               [&](AllToAll& a2a, const CallShape& shape, const GroupData& own, Failures& failures) {
+                 if (ctx.rank != bad_rank) {
+                   trip.combine(a2a, shape);
+                   trip.check_combine(own, shape, failures);
+                   return Verdict{};
+                 }
+                 trip.set_device_bound_m(bad_bound_m);
+                 const Verdict verdict = expect_error<DeviceError>(
+                     [&] { trip.combine(a2a, shape); },
+                     {detail::concat("bound_m = ", bad_bound_m, " exceeds m"), "in combine receive"});
+                 trip.check_combine_wrote_nothing(failures);
+                 return verdict;
+               });
 
   // A float16 expert_y on the bad rank, bfloat16 on the others: no rank sums rows of a type it does not sum,
   // every rank raises, and none writes an output row.
-  {
-    const CallShape shape = plain_shape(config, config.max_num_tokens, false);
-    const std::vector<GroupData> groups = harness::make_all_groups(config, shape, ctx.seed + 5);
-    trip.upload(groups[config.dp_group()], shape);
-    std::unique_ptr<AllToAll> a2a = ctx.make();
-    ctx.run("device: float16 expert_y on one rank, bfloat16 on the others", [&] {
-      Failures failures;
-      trip.dispatch(*a2a, shape);
-      trip.check_dispatch(shape, harness::reference_inboxes(config, groups), failures);
-      CallShape own = shape;
-      if (ctx.rank == bad_rank) own.expert_type = ScalarType::kFloat16;
-      const std::string mismatch =
-          ctx.rank == bad_rank
-              ? std::string("'s expert rows travel as bfloat16, this rank's as float16")
-              : detail::concat("rank ", bad_rank, "'s expert rows travel as float16, this rank's as bfloat16");
-      const Verdict verdict = expect_error<DeviceError>([&] { trip.combine(*a2a, own); },
-                                                        {mismatch, "no output written", "in combine receive"});
-      trip.check_combine_wrote_nothing(failures);
-      return joined(verdict, verdict_of(failures));
-    });
-    discard_together(a2a);
-  }
+  combine_case(ctx, trip, plain_shape(config, config.max_num_tokens, false), ctx.seed + 5,
+               "device: float16 expert_y on one rank, bfloat16 on the others",
+               [&](AllToAll& a2a, const CallShape& shape, const GroupData&, Failures& failures) {
+                 CallShape mine = shape;
+                 if (ctx.rank == bad_rank) mine.expert_type = ScalarType::kFloat16;
+                 const std::string mismatch =
+                     ctx.rank == bad_rank ? std::string("'s expert rows travel as bfloat16, this rank's as float16")
+                                          : detail::concat("rank ", bad_rank,
+                                                           "'s expert rows travel as float16, this rank's as bfloat16");
+                 const Verdict verdict = expect_error<DeviceError>(
+                     [&] { trip.combine(a2a, mine); }, {mismatch, "no output written", "in combine receive"});
+                 trip.check_combine_wrote_nothing(failures);
+                 return verdict;
+               });
 }
 
 // The last rank skips one operation; the others must time out on it, quickly and with a useful message.

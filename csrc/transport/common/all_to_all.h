@@ -74,8 +74,8 @@ class AllToAll {
     return symmetric_ + layout_.send_row_offset(0) + layout_.payload_offset_in_token();
   }
   void* dispatch_input_scale_buffer() const {
-    return layout_.hidden_dim_scale_bytes == 0 ? nullptr
-                                               : symmetric_ + layout_.send_row_offset(0) + layout_.scale_offset_in_token();
+    if (layout_.hidden_dim_scale_bytes == 0) return nullptr;
+    return symmetric_ + layout_.send_row_offset(0) + layout_.scale_offset_in_token();
   }
   uint64_t dispatch_input_row_stride() const { return layout_.dispatch_token_bytes; }
 
