@@ -119,8 +119,11 @@ def dispatch_and_combine(a2a: expertwire.AllToAll, case: Case, b: RankBuffers, i
     halves = [(True, False), (False, True)] if case.split else [(True, True)]
     dp_x, dp_x_scale = b.dp_x, b.dp_x_scale
     if in_buffer:
+        # Garbage first: the last call staged these very tokens there, which would hide a copy that never landed.
+        a2a.dispatch_input_buffer(torch.uint8).fill_(0xFF)
         dp_x = a2a.dispatch_input_buffer(dp_x.dtype)[: dp_x.shape[0]].copy_(dp_x)
         if dp_x_scale is not None and case.scale_layout == "contiguous":
+            a2a.dispatch_input_scale_buffer().fill_(float("nan"))
             dp_x_scale = a2a.dispatch_input_scale_buffer()[: dp_x_scale.shape[0]].copy_(dp_x_scale)
     for do_send, do_recv in halves:
         a2a.dispatch(

@@ -112,7 +112,7 @@ struct CaseResult {
   int64_t tokens, experts;
   Stats dispatch, dispatch_send, dispatch_recv, combine, combine_send, combine_recv;
   Stats combine_in_buffer;   // expert_y is the object's expert_output_buffer(): no copy of the rows on send
-  Stats dispatch_in_buffer;  // dp_x and dp_x_scale are the object's dispatch input buffers: nothing staged
+  Stats dispatch_in_buffer;  // dp_x and dp_x_scale in the dispatch input buffers: the pull dispatch stages headers
   Stats loop_dispatch, loop_combine;
   double dispatch_bytes, combine_bytes;  // bytes this rank sends
   // Bandwidth floor: the bytes that must move for this rank, copied device-to-device by every rank at once.
@@ -184,12 +184,15 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
     a2a->dispatch(num_tokens.get<int32_t>(), out_x.get(), out_s.get(), dp_x.get(), dp_x_scale.get(),
                   indices.get<uint32_t>(), m, nullptr, mode, stream);
   };
-  // The same tokens written into the object's dispatch input buffers, as a caller's quantization could.
+  // The same tokens written into the object's dispatch input buffers, as a caller's quantization could. They stay
+  // valid: the other dispatches of this case stage these very tokens at the same place.
   const uint64_t input_row_stride = a2a->dispatch_input_row_stride();
   EW_CUDA_CHECK(cudaMemcpy2D(a2a->dispatch_input_buffer(), input_row_stride, dp_x.get(), c.hidden_dim_bytes,
                              c.hidden_dim_bytes, m, cudaMemcpyDeviceToDevice));
-  EW_CUDA_CHECK(cudaMemcpy2D(a2a->dispatch_input_scale_buffer(), input_row_stride, dp_x_scale.get(),
-                             c.hidden_dim_scale_bytes, c.hidden_dim_scale_bytes, m, cudaMemcpyDeviceToDevice));
+  if (c.hidden_dim_scale_bytes != 0) {
+    EW_CUDA_CHECK(cudaMemcpy2D(a2a->dispatch_input_scale_buffer(), input_row_stride, dp_x_scale.get(),
+                               c.hidden_dim_scale_bytes, c.hidden_dim_scale_bytes, m, cudaMemcpyDeviceToDevice));
+  }
   auto dispatch_in_buffer = [&] {
     const uint64_t scale_bytes = uint64_t(c.hidden_dim_scale_bytes);
     a2a->dispatch(num_tokens.get<int32_t>(), out_x.get(), out_s.get(), a2a->dispatch_input_buffer(),

@@ -112,4 +112,19 @@ void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes
   }
 }
 
+LayoutSignature layout_signature(const BufferLayout& l) {
+  return LayoutSignature{{l.num_experts, l.experts_per_token, l.world_size, l.dp_size, l.max_num_tokens, l.hidden_dim,
+                          l.hidden_dim_bytes, l.hidden_dim_scale_bytes, l.staging_slots, l.symmetric_bytes}};
+}
+
+void require_same_layout(const std::vector<LayoutSignature>& by_rank) {
+  for (size_t rank = 1; rank < by_rank.size(); ++rank) {
+    for (int w = 0; w < LayoutSignature::kWords; ++w) {
+      EW_REQUIRE(by_rank[rank].words[w] == by_rank[0].words[w], "ranks disagree on ", LayoutSignature::kNames[w],
+                 ": rank 0 has ", by_rank[0].words[w], ", rank ", rank, " has ", by_rank[rank].words[w],
+                 "; every rank must construct its all-to-all alike");
+    }
+  }
+}
+
 }  // namespace expertwire

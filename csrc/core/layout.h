@@ -46,6 +46,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "core/config.h"
 
@@ -221,5 +222,22 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
 
 // Throws ConfigError when the symmetric allocation does not fit in `heap_bytes`, saying how much is needed.
 void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes);
+
+// What every rank's layout must agree on: a rank whose offsets differ would read and write the wrong bytes of its
+// peers' buffers. Plain words, exchanged between the ranks at construction; kNames says what each one is.
+struct LayoutSignature {
+  static constexpr int kWords = 10;
+  static constexpr const char* kNames[kWords] = {
+      "num_experts", "experts_per_token", "world_size", "dp_size", "max_num_tokens", "hidden_dim",
+      "hidden_dim_bytes", "hidden_dim_scale_bytes",
+      "staging rows (one per warp of the launch: max_sm_count, EXPERTWIRE_NUM_BLOCKS, EXPERTWIRE_BLOCK_THREADS)",
+      "symmetric buffer bytes"};
+  uint64_t words[kWords];
+};
+LayoutSignature layout_signature(const BufferLayout& layout);
+
+// Throws ConfigError, the same on every rank that passes the same signatures, naming the first word in which a
+// rank's signature (by_rank[r]) differs from rank 0's.
+void require_same_layout(const std::vector<LayoutSignature>& by_rank);
 
 }  // namespace expertwire

@@ -666,10 +666,12 @@ enum CombineRowsAt : uint32_t {
   kRowsPushed = 1,         // the reader's own combine_recv[token][k]
 };
 
+// The ScalarType of rows of RowT, which travel at 16 bits.
 template <class RowT>
-inline constexpr ScalarType kRowType = ScalarType::kBFloat16;
-template <>
-inline constexpr ScalarType kRowType<__half> = ScalarType::kFloat16;
+__device__ constexpr ScalarType row_type_of() {
+  static_assert(std::is_same_v<RowT, __nv_bfloat16> || std::is_same_v<RowT, __half>, "rows travel at 16 bits");
+  return std::is_same_v<RowT, __half> ? ScalarType::kFloat16 : ScalarType::kBFloat16;
+}
 
 // What a rank's combine_done arrival tells its readers (the payload of its ArrivalSignal): where its rows are
 // (bit 0) and the 16-bit type they travel as (the bits above). Each rank passes its own expert_y, so the types
@@ -686,7 +688,7 @@ template <class ExpertT, class SourceT, class Transport>
 __device__ void combine_send(const CombineArgs& a, const Transport& transport) {
   push_rows_to_sources<ExpertT, SourceT>(a, transport);
   announce_block_arrival(a.ctx, transport, a.ctx.layout.combine_done_offset_of(a.ctx.rank),
-                         CombineArrival::payload(kRowsPushed, kRowType<ExpertT>));
+                         CombineArrival::payload(kRowsPushed, row_type_of<ExpertT>()));
 }
 
 // out[t] = sum_k weights[t][k] * row(t, k) for the first bound_m tokens, in fp32, written as OutT. `row_of(t, k,
@@ -821,7 +823,7 @@ __device__ inline bool wait_combine_done(const RankContext& c, ScalarType row_ty
 template <class OutT, class ExpertT>
 __device__ void combine_recv(const CombineArgs& a) {
   const RankContext& c = a.ctx;
-  if (!wait_combine_done(c, kRowType<ExpertT>)) return;
+  if (!wait_combine_done(c, row_type_of<ExpertT>())) return;
   weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t) {
     return reinterpret_cast<const int4*>(c.symmetric + c.layout.combine_row_offset(t, k));
   });
@@ -864,7 +866,7 @@ __device__ void combine_pull_send(const CombineArgs& a, const Transport& transpo
   const bool push = !std::is_same_v<SourceT, ExpertT> || a.expert_y != c.symmetric + l.expert_outputs_offset;
   if (push) push_rows_to_sources<ExpertT, SourceT>(a, MappedPeers<Transport>{transport});
   announce_block_arrival(c, transport, l.combine_done_offset_of(c.rank),
-                         CombineArrival::payload(push ? kRowsPushed : kRowsInOwnerBuffer, kRowType<ExpertT>));
+                         CombineArrival::payload(push ? kRowsPushed : kRowsInOwnerBuffer, row_type_of<ExpertT>()));
 }
 
 template <class Transport, class OutT, class ExpertT>
@@ -873,7 +875,7 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
   const BufferLayout& l = c.layout;
   extern __shared__ uint32_t shared[];
   uint32_t* pushed_bits = shared + combine_shared_rank_bits_word(l);
-  if (!wait_combine_done(c, kRowType<ExpertT>, pushed_bits)) return;
+  if (!wait_combine_done(c, row_type_of<ExpertT>(), pushed_bits)) return;
   weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t expert) {
     const uint32_t owner = expert / l.num_local_experts;
     if ((pushed_bits[owner / 32] >> (owner % 32)) & 1u) {

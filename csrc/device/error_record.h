@@ -75,8 +75,8 @@ inline std::string describe(const ErrorRecord& record, int64_t rank) {
       return std::string("rank ") + std::to_string(record.peer) + "'s expert rows travel as " +
              scalar_type_name(RowTypeMismatch::peer(record.value)) + ", this rank's as " +
              scalar_type_name(RowTypeMismatch::own(record.value)) +
-             " (every rank must pass expert_y, and with a float32 expert_y out_tokens, of the same types); no "
-             "output written" + where;
+             " (a rank's rows travel as its expert_y's type, or as its out_tokens' with a float32 expert_y, and "
+             "must travel alike on every rank); no output written" + where;
     default:
       return "no error";
   }

@@ -3,6 +3,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/error.h"
@@ -57,24 +58,35 @@ void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_alltoallmem_on_stream failed with status ", status);
 }
 
-bool nvshmem_on_any_rank(bool local) {
+std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<uint64_t>& local) {
   require_nvshmem_initialized();
-  struct Scratch {  // one int of symmetric memory: this rank's flag
-    int* flag = static_cast<int*>(nvshmem_malloc(sizeof(int)));
+  const size_t bytes = std::max<size_t>(local.size(), 1) * sizeof(uint64_t);
+  struct Scratch {  // this rank's words, in symmetric memory
+    uint64_t* words;
+    explicit Scratch(size_t bytes) : words(static_cast<uint64_t*>(nvshmem_malloc(bytes))) {}
     ~Scratch() {
-      if (flag != nullptr) nvshmem_free(flag);
+      if (words != nullptr) nvshmem_free(words);
     }
-  } scratch;
-  if (scratch.flag == nullptr) EW_THROW(RuntimeError, "nvshmem_malloc of ", sizeof(int), " bytes failed");
-  const int own = local ? 1 : 0;
-  EW_CUDA_CHECK(cudaMemcpy(scratch.flag, &own, sizeof(own), cudaMemcpyHostToDevice));
-  // Every rank reads every flag with a get, not a reduction: NVSHMEM refuses its reductions when ranks share a GPU
-  // without MPS ("limited MPG"), where barriers and point-to-point operations still work.
-  nvshmem_barrier_all();  // every flag written before any is read
-  bool any = false;
-  for (int pe = 0; pe < nvshmem_n_pes(); ++pe) any |= nvshmem_int_g(scratch.flag, pe) != 0;
-  nvshmem_barrier_all();  // every flag read before any is freed
-  return any;
+  } scratch(bytes);
+  if (scratch.words == nullptr) EW_THROW(RuntimeError, "nvshmem_malloc of ", bytes, " bytes failed");
+  EW_CUDA_CHECK(cudaMemcpy(scratch.words, local.data(), local.size() * sizeof(uint64_t), cudaMemcpyHostToDevice));
+  // A copy from pageable memory may return before it lands, and NVSHMEM's barrier runs on a stream of its own:
+  // wait for it, or a peer could read the last scratch's words at this address.
+  EW_CUDA_CHECK(cudaDeviceSynchronize());
+  nvshmem_barrier_all();  // every rank's words written before any is read
+  std::vector<std::vector<uint64_t>> by_rank(size_t(nvshmem_n_pes()), std::vector<uint64_t>(local.size()));
+  for (int pe = 0; pe < nvshmem_n_pes(); ++pe) {
+    for (size_t i = 0; i < local.size(); ++i) by_rank[pe][i] = nvshmem_uint64_g(scratch.words + i, pe);
+  }
+  nvshmem_barrier_all();  // every rank's words read before any is freed
+  return by_rank;
+}
+
+bool nvshmem_on_any_rank(bool local) {
+  for (const std::vector<uint64_t>& flag : nvshmem_all_gather_words({local ? 1u : 0u})) {
+    if (flag[0] != 0) return true;
+  }
+  return false;
 }
 
 NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {

@@ -29,8 +29,11 @@ void nvshmem_barrier_on_stream(cudaStream_t stream);
 // bytes) lands in block `my rank` of rank r's `dest`. Both must be symmetric (NvshmemSymmetricBuffer) and hold
 // world_size blocks. Collective.
 void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per_rank, cudaStream_t stream);
-// Whether `local` is true on some rank: every rank reads every rank's flag from symmetric scratch of its own.
-// Collective.
+// Every rank's `local` words, in rank order (each rank passes as many): each rank reads every rank's from
+// symmetric scratch of its own, with gets between two barriers, not a collective (NVSHMEM refuses its collectives
+// when ranks share a GPU without MPS). Collective.
+std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<uint64_t>& local);
+// Whether `local` is true on some rank. Collective.
 bool nvshmem_on_any_rank(bool local);
 
 // One nvshmem_malloc'd buffer, zeroed, plus a device table of the address at which this process can load

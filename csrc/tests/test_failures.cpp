@@ -18,6 +18,7 @@
 //            naming the phase and that rank within the timeout + 2 s, no rank hangs, and a fresh object works.
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -400,7 +401,30 @@ void config_cases(const Context& ctx) {
     });
   }
 
+  // Ranks whose layouts differ at the same buffer size: 12 bytes of scales pad to the 16 of the others.
+  ctx.run("config: hidden_dim_scale_bytes on rank 0 unlike the others'", [&] {
+    AllToAllConfig mine = good;
+    if (ctx.rank == 0) mine.hidden_dim_scale_bytes = 12;
+    return expect_error<ConfigError>(
+        [&] { harness::make_all_to_all(ctx.kind, mine); },
+        {detail::concat("ranks disagree on hidden_dim_scale_bytes: rank 0 has 12, rank 1 has ",
+                        good.hidden_dim_scale_bytes, "; every rank must construct its all-to-all alike")});
+  });
+
   if (ctx.kind != TransportKind::kIntranode) {
+    // A check that fails on one rank only stops every rank: the others must not wait in NVSHMEM's next collective.
+    ctx.run("config: symmetric heap too small on rank 0 only", [&] {
+      const char* heap = std::getenv("NVSHMEM_SYMMETRIC_SIZE");
+      const std::string saved = heap != nullptr ? heap : "";
+      if (ctx.rank == 0) setenv("NVSHMEM_SYMMETRIC_SIZE", "1M", 1);
+      const Verdict verdict = expect_error<ConfigError>(
+          [&] { harness::make_all_to_all(ctx.kind, good); },
+          {ctx.rank == 0 ? "symmetric heap too small"
+                         : "internode: rank 0 could not construct its all-to-all (its own error says why)"});
+      if (heap != nullptr) setenv("NVSHMEM_SYMMETRIC_SIZE", saved.c_str(), 1);
+      else unsetenv("NVSHMEM_SYMMETRIC_SIZE");
+      return verdict;
+    });
     ctx.run("config: world_size unlike NVSHMEM's", [&] {
       AllToAllConfig bad = good;
       bad.world_size = 2 * world;

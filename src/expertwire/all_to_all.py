@@ -247,11 +247,12 @@ class AllToAll:
 
     def dispatch_input_buffer(self, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
         """dp_x's home in this rank's communication buffer: a [max_num_tokens, hidden_dim_bytes / itemsize]
-        tensor of `dtype` whose rows lie dispatch_input_row_stride bytes apart, where the dispatch stages its
-        tokens for peers to read. Tokens written here (their scales into dispatch_input_scale_buffer()) and
-        passed to dispatch, the whole tensor or its first m rows, spare dispatch a copy of each. Peers read them
-        until the combine after that dispatch: write them after the previous combine, on the same stream.
-        Valid until destroy(); not zeroed."""
+        tensor of `dtype` with rows further apart than their bytes (its stride(0)), where the pull dispatch (every peer
+        load/store reachable) stages its tokens for peers to read. Tokens written here (their scales into
+        dispatch_input_scale_buffer()) and passed to dispatch, the whole tensor or its first m rows, spare dispatch
+        a copy of each; the put path reads them as any dp_x. Peers read them until the combine after that
+        dispatch: write them after the previous combine's receive half, on the same stream. Valid until destroy();
+        not zeroed."""
         native = ops.native(self._live_handle("dispatch_input_buffer"))
         row_bytes = self._shape.hidden_dim_bytes
         itemsize = torch.empty((), dtype=dtype).element_size()

@@ -257,7 +257,7 @@ CombineArguments RoundTrip::combine_arguments(const CallShape& shape) const {
                           shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr};
 }
 
-void RoundTrip::move_inputs_into_buffer(AllToAll& a2a, const CallShape& shape, DispatchArguments& args) const {
+void RoundTrip::copy_inputs_into_buffers(AllToAll& a2a, const CallShape& shape, DispatchArguments& args) const {
   const uint64_t row_stride = a2a.dispatch_input_row_stride(), x_row = config_.hidden_dim_bytes;
   if (own_m_ == 0) return;
   EW_CUDA_CHECK(cudaMemcpy2DAsync(a2a.dispatch_input_buffer(), row_stride, dp_x_.get(), dp_x_row_stride_, x_row,
@@ -281,7 +281,7 @@ void RoundTrip::fill_dispatch_outputs() {
 void RoundTrip::dispatch(AllToAll& a2a, const CallShape& shape) {
   fill_dispatch_outputs();
   DispatchArguments args = dispatch_arguments(shape);
-  if (shape.dp_x_in_buffer_on(config_.rank)) move_inputs_into_buffer(a2a, shape, args);
+  if (shape.dp_x_in_buffer_on(config_.rank)) copy_inputs_into_buffers(a2a, shape, args);
   for (const SplitMode mode : modes_of(shape)) call_dispatch(a2a, args, mode, stream_);
   EW_CUDA_CHECK(cudaStreamSynchronize(stream_));
   a2a.check_errors();

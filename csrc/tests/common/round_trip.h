@@ -150,7 +150,7 @@ class RoundTrip {
   void fill_dispatch_outputs();
   // Copies the uploaded tokens (and their scales, unless column-major) into a2a's dispatch input buffers and
   // points `args` at them.
-  void move_inputs_into_buffer(AllToAll& a2a, const CallShape& shape, DispatchArguments& args) const;
+  void copy_inputs_into_buffers(AllToAll& a2a, const CallShape& shape, DispatchArguments& args) const;
 
   AllToAllConfig config_;
   cudaStream_t stream_ = nullptr;

@@ -42,8 +42,9 @@ TEST(DescribeErrorRecord, RowTypeMismatchNamesBothTypesAndThePeer) {
   EXPECT_EQ(RowTypeMismatch::peer(value), ScalarType::kFloat16);
   EXPECT_EQ(RowTypeMismatch::own(value), ScalarType::kBFloat16);
   EXPECT_EQ(describe(record(ErrorCode::kRowTypeMismatch, Phase::kCombineRecv, 3, value), 1),
-            "rank 3's expert rows travel as float16, this rank's as bfloat16 (every rank must pass expert_y, and with "
-            "a float32 expert_y out_tokens, of the same types); no output written in combine receive on rank 1");
+            "rank 3's expert rows travel as float16, this rank's as bfloat16 (a rank's rows travel as its expert_y's "
+            "type, or as its out_tokens' with a float32 expert_y, and must travel alike on every rank); no output "
+            "written in combine receive on rank 1");
 }
 
 TEST(DescribeErrorRecord, EveryPhaseHasAName) {

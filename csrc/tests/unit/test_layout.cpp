@@ -751,5 +751,32 @@ TEST(DispatchEpoch, AnnouncementCarriesEpochAndTokens) {
   EXPECT_NE(DispatchEpoch::announced_epoch(0), DispatchEpoch::of(0));  // a fresh announcement is no dispatch's
 }
 
+TEST(LayoutSignature, HoldsTheFieldsPeersDependOn) {
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
+  const LayoutSignature signature = layout_signature(l);
+  const uint64_t expected[LayoutSignature::kWords] = {8, 3, 4, 2, 4, 32, 32, 8, 5, 4352};
+  for (int w = 0; w < LayoutSignature::kWords; ++w) EXPECT_EQ(signature.words[w], expected[w]) << w;
+}
+
+TEST(LayoutSignature, AgreeingRanksPass) {
+  const LayoutSignature signature = layout_signature(make_buffer_layout(small_config(), 5));
+  require_same_layout({signature, signature, signature, signature});
+  require_same_layout({signature});
+}
+
+TEST(LayoutSignature, TheFirstDifferingFieldOfTheFirstDifferingRankIsNamed) {
+  AllToAllConfig padded_scales = small_config();
+  padded_scales.hidden_dim_scale_bytes = 4;  // pads to the same 16-byte token tail as 8
+  const LayoutSignature good = layout_signature(make_buffer_layout(small_config(), 5));
+  const LayoutSignature scales = layout_signature(make_buffer_layout(padded_scales, 5));
+  const LayoutSignature grid = layout_signature(make_buffer_layout(small_config(), 6));
+  EXPECT_EQ(scales.words[9], good.words[9]);  // the same buffer size: only the signature tells them apart
+  EXPECT_EQ(config_error_message([&] { require_same_layout({good, good, scales, grid}); }),
+            "ranks disagree on hidden_dim_scale_bytes: rank 0 has 8, rank 2 has 4; every rank must construct its "
+            "all-to-all alike");
+  EXPECT_THAT(config_error_message([&] { require_same_layout({good, grid}); }),
+              HasSubstr("ranks disagree on staging rows (one per warp of the launch"));
+}
+
 }  // namespace
 }  // namespace expertwire

@@ -24,14 +24,16 @@ void require_word_strides(const ScaleStrides& strides, const char* name) {
   }
 }
 
-// Whether a dispatch input, `extent` bytes from `input`, lies where the pull dispatch would stage it, in that
-// layout (`in_place`): then the dispatch stages nothing of it. Any other overlap with the staging rows
-// [rows, rows + rows_bytes) is refused: staging the input would overwrite bytes that it has yet to read.
-bool staged_in_place(const void* input, uint64_t extent, bool in_place, const uint8_t* rows, uint64_t rows_bytes,
-                     const char* name, const char* buffer_name, const void* buffer, uint64_t row_stride) {
+// Whether a dispatch input, `extent` bytes from `input`, is already staged: it lies in the staging rows
+// [rows, rows + rows_bytes) as the dispatch would stage it (`is_buffer_in_its_layout`: at `buffer`, rows
+// `row_stride` apart), so the dispatch copies nothing of it. Any other overlap with the staging rows is refused:
+// staging the input would overwrite bytes that it has yet to read.
+bool input_is_staged(const void* input, uint64_t extent, bool is_buffer_in_its_layout, const uint8_t* rows,
+                     uint64_t rows_bytes, const char* name, const char* buffer_name, const void* buffer,
+                     uint64_t row_stride) {
   const auto begin = reinterpret_cast<uintptr_t>(input), rows_begin = reinterpret_cast<uintptr_t>(rows);
   if (begin >= rows_begin + rows_bytes || rows_begin >= begin + extent) return false;
-  EW_REQUIRE(in_place, name, " overlaps the rows the dispatch stages tokens in without being ", buffer_name,
+  EW_REQUIRE(is_buffer_in_its_layout, name, " overlaps the rows the dispatch stages tokens in without being ", buffer_name,
              "() in its layout (that address, rows ", row_stride, " bytes apart): it starts ",
              int64_t(begin - reinterpret_cast<uintptr_t>(buffer)), " bytes from it, ", extent,
              " bytes long; pass the buffer itself, or a view of its first m rows");
@@ -94,10 +96,14 @@ void AllToAll::check_errors() const {
 void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale,
                         const void* dp_x, const void* dp_x_scale, const uint32_t* indices, uint32_t m,
                         const uint32_t* bound_m, SplitMode split_mode, cudaStream_t stream) {
-  const uint64_t scale_bytes = uint64_t(config_.hidden_dim_scale_bytes);
+  // Contiguous, but for the dispatch input buffers, which have their own row stride.
+  const uint64_t scale_bytes = uint64_t(config_.hidden_dim_scale_bytes), input_rows = dispatch_input_row_stride();
+  const bool x_in_buffer = dp_x == dispatch_input_buffer();
+  const bool scale_in_buffer = scale_bytes != 0 && dp_x_scale == dispatch_input_scale_buffer();
   dispatch(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices, m, bound_m, split_mode,
            stream, ScaleStrides::contiguous(scale_bytes, uint64_t(config_.max_recv_tokens())),
-           ScaleStrides::contiguous(scale_bytes, 0), uint64_t(config_.hidden_dim_bytes));
+           scale_in_buffer ? ScaleStrides{0, input_rows, 4} : ScaleStrides::contiguous(scale_bytes, 0),
+           x_in_buffer ? input_rows : uint64_t(config_.hidden_dim_bytes));
 }
 
 void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale,
@@ -125,7 +131,7 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
                  "dispatch: dp_x's rows must lie a multiple of 16 bytes apart, at least hidden_dim_bytes=",
                  config_.hidden_dim_bytes, ", got a row stride of ", dp_x_row_stride, " bytes");
     }
-    dp_x_in_send_rows = staged_in_place(
+    dp_x_in_send_rows = input_is_staged(
         dp_x, (m - 1) * dp_x_row_stride + uint64_t(config_.hidden_dim_bytes),
         dp_x == dispatch_input_buffer() && (m == 1 || dp_x_row_stride == token_bytes), rows, rows_bytes,
         "dispatch: dp_x", "dispatch_input_buffer", dispatch_input_buffer(), token_bytes);
@@ -133,11 +139,11 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
       require_pointer(dp_x_scale, "dispatch: dp_x_scale", 4);
       require_word_strides(dp_x_scale_strides, "dispatch: dp_x_scale");
       const uint64_t words = uint64_t(config_.hidden_dim_scale_bytes) / 4;
-      const bool in_place = dp_x_scale == dispatch_input_scale_buffer() &&
-                            (m == 1 || dp_x_scale_strides.row == token_bytes) &&
-                            (words == 1 || dp_x_scale_strides.word == 4);
-      dp_x_scale_in_send_rows = staged_in_place(dp_x_scale, dp_x_scale_strides.offset(0, m - 1, words - 1) + 4,
-                                                in_place, rows, rows_bytes, "dispatch: dp_x_scale",
+      const bool is_buffer_in_its_layout = dp_x_scale == dispatch_input_scale_buffer() &&
+                                           (m == 1 || dp_x_scale_strides.row == token_bytes) &&
+                                           (words == 1 || dp_x_scale_strides.word == 4);
+      dp_x_scale_in_send_rows = input_is_staged(dp_x_scale, dp_x_scale_strides.offset(0, m - 1, words - 1) + 4,
+                                                is_buffer_in_its_layout, rows, rows_bytes, "dispatch: dp_x_scale",
                                                 "dispatch_input_scale_buffer", dispatch_input_scale_buffer(),
                                                 token_bytes);
     }

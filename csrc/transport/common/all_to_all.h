@@ -23,7 +23,7 @@ class AllToAll {
   AllToAll& operator=(const AllToAll&) = delete;
 
   // Sends each of the first *bound_m (<= m <= max_num_tokens) tokens to the experts in its row of
-  // `indices`. Layouts (row-major, contiguous):
+  // `indices`. Layouts (row-major, contiguous; dp_x and dp_x_scale may also be the dispatch input buffers):
   //   out_expert_num_tokens [num_local_experts] int32
   //   out_expert_x          [num_local_experts][max_recv_tokens][hidden_dim_bytes]
   //   out_expert_x_scale    [num_local_experts][max_recv_tokens][hidden_dim_scale_bytes] (null if no scales)
@@ -68,8 +68,8 @@ class AllToAll {
   // with rows dispatch_input_row_stride() bytes apart. A caller that writes its tokens here and passes them (or
   // their first m rows, at that row stride) to dispatch saves the dispatch a copy of each when every peer is
   // load/store reachable; other transports read them as any dp_x. Peers read them until the combine that follows
-  // that dispatch: write them in stream order after the previous combine (or before the first dispatch). Valid
-  // until the object is destroyed.
+  // that dispatch: write them in stream order after the previous combine's receive half (or before the first
+  // dispatch). Valid until the object is destroyed.
   void* dispatch_input_buffer() const {
     return symmetric_ + layout_.send_row_offset(0) + layout_.payload_offset_in_token();
   }
