@@ -197,7 +197,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
     const uint64_t scale_bytes = uint64_t(c.hidden_dim_scale_bytes);
     a2a->dispatch(num_tokens.get<int32_t>(), out_x.get(), out_s.get(), a2a->dispatch_input_buffer(),
                   a2a->dispatch_input_scale_buffer(), indices.get<uint32_t>(), m, nullptr, SplitMode::kNone, stream,
-                  ScaleStrides::contiguous(scale_bytes, uint64_t(max_recv)), ScaleStrides{0, input_row_stride, 4},
+                  ScaleStrides::contiguous(scale_bytes, uint64_t(max_recv)), a2a->dispatch_input_scale_strides(),
                   input_row_stride);
   };
   auto combine_from = [&](const void* y, SplitMode mode) {

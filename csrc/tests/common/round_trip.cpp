@@ -269,7 +269,7 @@ void RoundTrip::copy_inputs_into_buffers(AllToAll& a2a, const CallShape& shape, 
   EW_CUDA_CHECK(cudaMemcpy2DAsync(a2a.dispatch_input_scale_buffer(), row_stride, dp_x_scale_.get(),
                                   dp_x_scale_strides_.row, s, own_m_, cudaMemcpyDeviceToDevice, stream_));
   args.dp_x_scale = a2a.dispatch_input_scale_buffer();
-  args.dp_x_scale_strides = ScaleStrides{0, row_stride, 4};
+  args.dp_x_scale_strides = a2a.dispatch_input_scale_strides();
 }
 
 void RoundTrip::fill_dispatch_outputs() {

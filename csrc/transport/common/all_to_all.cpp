@@ -97,13 +97,13 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
                         const void* dp_x, const void* dp_x_scale, const uint32_t* indices, uint32_t m,
                         const uint32_t* bound_m, SplitMode split_mode, cudaStream_t stream) {
   // Contiguous, but for the dispatch input buffers, which have their own row stride.
-  const uint64_t scale_bytes = uint64_t(config_.hidden_dim_scale_bytes), input_rows = dispatch_input_row_stride();
+  const uint64_t scale_bytes = uint64_t(config_.hidden_dim_scale_bytes);
   const bool x_in_buffer = dp_x == dispatch_input_buffer();
   const bool scale_in_buffer = scale_bytes != 0 && dp_x_scale == dispatch_input_scale_buffer();
   dispatch(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices, m, bound_m, split_mode,
            stream, ScaleStrides::contiguous(scale_bytes, uint64_t(config_.max_recv_tokens())),
-           scale_in_buffer ? ScaleStrides{0, input_rows, 4} : ScaleStrides::contiguous(scale_bytes, 0),
-           x_in_buffer ? input_rows : uint64_t(config_.hidden_dim_bytes));
+           scale_in_buffer ? dispatch_input_scale_strides() : ScaleStrides::contiguous(scale_bytes, 0),
+           x_in_buffer ? dispatch_input_row_stride() : uint64_t(config_.hidden_dim_bytes));
 }
 
 void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void* out_expert_x_scale,
@@ -139,9 +139,10 @@ void AllToAll::dispatch(int32_t* out_expert_num_tokens, void* out_expert_x, void
       require_pointer(dp_x_scale, "dispatch: dp_x_scale", 4);
       require_word_strides(dp_x_scale_strides, "dispatch: dp_x_scale");
       const uint64_t words = uint64_t(config_.hidden_dim_scale_bytes) / 4;
+      const ScaleStrides buffer = dispatch_input_scale_strides();
       const bool is_buffer_in_its_layout = dp_x_scale == dispatch_input_scale_buffer() &&
-                                           (m == 1 || dp_x_scale_strides.row == token_bytes) &&
-                                           (words == 1 || dp_x_scale_strides.word == 4);
+                                           (m == 1 || dp_x_scale_strides.row == buffer.row) &&
+                                           (words == 1 || dp_x_scale_strides.word == buffer.word);
       dp_x_scale_in_send_rows = input_is_staged(dp_x_scale, dp_x_scale_strides.offset(0, m - 1, words - 1) + 4,
                                                 is_buffer_in_its_layout, rows, rows_bytes, "dispatch: dp_x_scale",
                                                 "dispatch_input_scale_buffer", dispatch_input_scale_buffer(),

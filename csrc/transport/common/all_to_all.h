@@ -78,6 +78,8 @@ class AllToAll {
     return symmetric_ + layout_.send_row_offset(0) + layout_.scale_offset_in_token();
   }
   uint64_t dispatch_input_row_stride() const { return layout_.dispatch_token_bytes; }
+  // dispatch_input_scale_buffer()'s layout, as dispatch takes dp_x_scale's.
+  ScaleStrides dispatch_input_scale_strides() const { return ScaleStrides{0, dispatch_input_row_stride(), 4}; }
 
   const AllToAllConfig& config() const { return config_; }
   int device() const { return device_; }  // the CUDA device that owns its buffers (current at construction)
