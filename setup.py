@@ -90,7 +90,8 @@ setup(
     package_data={"expertwire": ["py.typed"]},
     ext_modules=[CMakeExtension("expertwire._expertwire")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["torch>=2.4", nvshmem_requirement()],
+    # numpy: torch warns on every import without it ("Failed to initialize NumPy").
+    install_requires=["torch>=2.4", nvshmem_requirement(), "numpy"],
     # Keep setuptools' folders apart from build/, where scripts/device/build.sh keeps the C++ build.
     options={"build": {"build_base": "build-python"}},
     zip_safe=False,

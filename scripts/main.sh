@@ -3,7 +3,8 @@
 # machine's GPU (or one rank per GPU). Without a GPU it builds and says why it cannot run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install_deps.sh
+bash scripts/install_deps.sh build
+. scripts/env.sh
 bash scripts/device/build.sh
 status=0
 scripts/device/run_ranks.sh "${NP:-8}" build/bench_all_to_all "$@" || status=$?

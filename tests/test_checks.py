@@ -1,5 +1,6 @@
-"""CPU-only: every tensor argument of dispatch and combine is checked from its metadata, and each failure is a
-ValueError naming the argument, what was expected and what was given."""
+"""CPU-only: every argument of dispatch and combine is checked from its metadata (torch's part in Python, the
+layout in the native checks), and each failure is a ValueError naming the argument, what was expected and what
+was given."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from expertwire._layout import row_strides, scale_strides
 from expertwire.checks import AllToAllShape, check_combine, check_dispatch
-from expertwire.ops import _scale_strides
 
 SHAPE = AllToAllShape(
     max_num_tokens=8,
@@ -150,14 +151,13 @@ def test_cpu_tensors_are_rejected_naming_device() -> None:
         (
             "dp_x",
             lambda: torch.empty(5, 512, dtype=torch.float8_e4m3fn, device="cuda")[:, ::2],
-            r"dp_x must have contiguous rows \(stride 1 in its last dimension\), got strides \[512, 2\] of 1-byte "
-            r"elements",
+            r"dp_x's bytes must be contiguous within a row \(element stride 1 byte\), got an element stride of 2 bytes",
         ),
         (  # rows 8 bytes further apart than their 256: not a whole 16-byte vector
             "dp_x",
             lambda: torch.empty(5, 264, dtype=torch.float8_e4m3fn, device="cuda")[:, :256],
-            r"dp_x must have rows a multiple of 16 bytes apart, at least 256, got strides \[264, 1\] of 1-byte "
-            r"elements",
+            r"dp_x's rows must lie a multiple of 16 bytes apart, at least hidden_dim_bytes=256, got a row stride of "
+            r"264 bytes",
         ),
         (
             "dp_x_scale",
@@ -172,17 +172,19 @@ def test_cpu_tensors_are_rejected_naming_device() -> None:
         (
             "dp_x_scale",
             lambda: torch.empty(5, 9, dtype=torch.uint8, device="cuda")[:, :8],
-            r"dp_x_scale must have strides of whole 4-byte words, got strides \[9, 1\] of 1-byte elements",
+            r"dp_x_scale: row stride must be a multiple of 4 bytes, got 9",
         ),
         (
             "out_expert_x_scale",
             lambda: torch.empty(1, 1, 2, device="cuda").expand(2, 32, 2),
-            r"out_expert_x_scale must not overlap itself \(two elements at one address\), got strides \[0, 0, 1\]",
+            r"out_expert_x_scale must not overlap itself \(two words at one address\), got byte strides \(0, 0, 4\) "
+            r"over shape \[2, 32, 2\]",
         ),
         (  # rows 1 word apart but 2 words wide: not only stride 0 overlaps
             "out_expert_x_scale",
             lambda: torch.empty(2 * 32 + 1, device="cuda").as_strided((2, 32, 2), (32, 1, 1)),
-            r"out_expert_x_scale must not overlap itself \(two elements at one address\), got strides \[32, 1, 1\]",
+            r"out_expert_x_scale must not overlap itself \(two words at one address\), got byte strides "
+            r"\(128, 4, 4\) over shape \[2, 32, 2\]",
         ),
         (
             "out_expert_x_scale",
@@ -308,10 +310,17 @@ def test_strides_of_dimensions_of_size_0_or_1_are_not_used(fake_cuda: None) -> N
 
 def test_scale_strides_are_passed_in_bytes_with_the_word_stride_last() -> None:
     column_major = torch.empty(2, 2, 32).transpose(1, 2)
-    assert _scale_strides(column_major) == (256, 4, 128)
-    assert _scale_strides(torch.empty(1, 2).expand(5, 2)) == (0, 4)
-    assert _scale_strides(torch.empty(5, 12, dtype=torch.uint8)[:, :8]) == (12, 4)
-    assert _scale_strides(torch.empty(9, 9, dtype=torch.uint8)[:1, :8]) == (0, 4)
+    assert scale_strides(column_major) == (256, 4, 128)
+    assert scale_strides(torch.empty(1, 2).expand(5, 2)) == (0, 4)
+    assert scale_strides(torch.empty(5, 12, dtype=torch.uint8)[:, :8]) == (12, 4)
+    assert scale_strides(torch.empty(9, 9, dtype=torch.uint8)[:1, :8]) == (0, 4)
+
+
+def test_payload_strides_are_bytes_with_packed_rows_as_element_stride_1() -> None:
+    """The native dispatch moves a row's bytes as they are: a row of packed elements of any size is packed bytes."""
+    assert row_strides(torch.empty(5, 256, dtype=torch.bfloat16)) == (512, 1)
+    assert row_strides(torch.empty(5, 304, dtype=torch.float8_e4m3fn)[:, :256]) == (304, 1)
+    assert row_strides(torch.empty(5, 512, dtype=torch.bfloat16)[:, ::2]) == (1024, 4)
 
 
 def test_tensors_must_be_on_the_all_to_alls_device(fake_cuda: None) -> None:
@@ -338,9 +347,15 @@ def test_devices_must_agree(fake_cuda: None) -> None:
     )
 
 
-def test_split_needs_a_half() -> None:
-    args = {**dispatch_args(SHAPE, device="cpu"), "do_send": False, "do_recv": False}
-    _raises(lambda **kw: check_dispatch(SHAPE, **kw), "do_send or do_recv must be True, got both False", **args)
+def test_split_needs_a_half(fake_cuda: None) -> None:
+    args = {**dispatch_args(SHAPE), "do_send": False, "do_recv": False}
+    _raises(
+        lambda **kw: check_dispatch(SHAPE, **kw), "^dispatch: do_send or do_recv must be True, got both False$", **args
+    )
+    args = {**combine_args(SHAPE), "do_send": False, "do_recv": False}
+    _raises(
+        lambda **kw: check_combine(SHAPE, **kw), "^combine: do_send or do_recv must be True, got both False$", **args
+    )
 
 
 @pytest.mark.parametrize(
@@ -399,8 +414,8 @@ def test_float32_expert_y_needs_16_bit_out_tokens(fake_cuda: None) -> None:
     _raises(
         lambda **kw: check_combine(SHAPE, **kw),
         re.escape(
-            "combine: out_tokens must have dtype torch.bfloat16 or torch.float16 with a float32 expert_y (its rows "
-            "travel as that type), got torch.float32"
+            "combine: a float32 expert_y needs bfloat16 or float16 out_tokens (its rows travel as that type), got "
+            "float32 out_tokens"
         ),
         **{**combine_args(SHAPE, out_dtype=torch.float32), "expert_y": y},
     )

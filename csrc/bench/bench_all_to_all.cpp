@@ -15,7 +15,8 @@
 #include <vector>
 
 #include "core/cuda_utils.h"
-#include "symmem/nvshmem_runtime.h"
+#include "expertwire/params.h"
+#include "expertwire/nvshmem.h"
 #include "tests/common/mpi_harness.h"
 #include "tests/common/transports.h"
 #include "tests/common/workload.h"
@@ -180,29 +181,45 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   cudaStream_t stream;
   EW_CUDA_CHECK(cudaStreamCreate(&stream));
   const uint32_t m = uint32_t(tokens);
+  DispatchParams dispatch_params;
+  dispatch_params.out_expert_num_tokens = num_tokens.get<int32_t>();
+  dispatch_params.out_expert_x = out_x.get<uint8_t>();
+  dispatch_params.out_expert_x_scale = contiguous_matrices(out_s.get<float>(), uint64_t(max_recv), c.hidden_dim_scale_bytes);
+  dispatch_params.dp_x = contiguous_rows(dp_x.get<const uint8_t>(), c.hidden_dim_bytes);
+  dispatch_params.dp_x_scale = contiguous_rows(dp_x_scale.get<const float>(), c.hidden_dim_scale_bytes);
+  dispatch_params.indices = indices.get<uint32_t>();
+  dispatch_params.m = m;
   auto dispatch = [&](SplitMode mode) {
-    a2a->dispatch(num_tokens.get<int32_t>(), out_x.get(), out_s.get(), dp_x.get(), dp_x_scale.get(),
-                  indices.get<uint32_t>(), m, nullptr, mode, stream);
+    dispatch_params.split = mode;
+    a2a->dispatch(dispatch_params, stream);
   };
   // The same tokens written into the object's dispatch input buffers, as a caller's quantization could. They stay
   // valid: the other dispatches of this case stage these very tokens at the same place.
-  const uint64_t input_row_stride = a2a->dispatch_input_row_stride();
-  EW_CUDA_CHECK(cudaMemcpy2D(a2a->dispatch_input_buffer(), input_row_stride, dp_x.get(), c.hidden_dim_bytes,
-                             c.hidden_dim_bytes, m, cudaMemcpyDeviceToDevice));
+  const Strided2D<uint8_t> input_rows = a2a->dispatch_input_buffer();
+  const Strided2D<float> input_scales = a2a->dispatch_input_scale_buffer();
+  EW_CUDA_CHECK(cudaMemcpy2D(input_rows.data, input_rows.row_stride, dp_x.get(), c.hidden_dim_bytes, c.hidden_dim_bytes,
+                             m, cudaMemcpyDeviceToDevice));
   if (c.hidden_dim_scale_bytes != 0) {
-    EW_CUDA_CHECK(cudaMemcpy2D(a2a->dispatch_input_scale_buffer(), input_row_stride, dp_x_scale.get(),
-                               c.hidden_dim_scale_bytes, c.hidden_dim_scale_bytes, m, cudaMemcpyDeviceToDevice));
+    EW_CUDA_CHECK(cudaMemcpy2D(input_scales.data, input_scales.row_stride, dp_x_scale.get(), c.hidden_dim_scale_bytes,
+                               c.hidden_dim_scale_bytes, m, cudaMemcpyDeviceToDevice));
   }
-  auto dispatch_in_buffer = [&] {
-    const uint64_t scale_bytes = uint64_t(c.hidden_dim_scale_bytes);
-    a2a->dispatch(num_tokens.get<int32_t>(), out_x.get(), out_s.get(), a2a->dispatch_input_buffer(),
-                  a2a->dispatch_input_scale_buffer(), indices.get<uint32_t>(), m, nullptr, SplitMode::kNone, stream,
-                  ScaleStrides::contiguous(scale_bytes, uint64_t(max_recv)), a2a->dispatch_input_scale_strides(),
-                  input_row_stride);
-  };
+  DispatchParams in_buffer_params = dispatch_params;
+  in_buffer_params.split = SplitMode::kNone;
+  in_buffer_params.dp_x = Strided2D<const uint8_t>{input_rows.data, input_rows.row_stride, input_rows.element_stride};
+  in_buffer_params.dp_x_scale =
+      Strided2D<const float>{input_scales.data, input_scales.row_stride, input_scales.element_stride};
+  auto dispatch_in_buffer = [&] { a2a->dispatch(in_buffer_params, stream); };
+  CombineParams combine_params;
+  combine_params.out_tokens = out.get();
+  combine_params.out_type = ScalarType::kBFloat16;
+  combine_params.indices = indices.get<uint32_t>();
+  combine_params.weights = weights.get<float>();
+  combine_params.expert_type = ScalarType::kBFloat16;
+  combine_params.m = m;
   auto combine_from = [&](const void* y, SplitMode mode) {
-    a2a->combine(out.get(), ScalarType::kBFloat16, indices.get<uint32_t>(), weights.get<float>(), y,
-                 ScalarType::kBFloat16, m, nullptr, mode, stream);
+    combine_params.expert_y = y;
+    combine_params.split = mode;
+    a2a->combine(combine_params, stream);
   };
   auto combine = [&](SplitMode mode) { combine_from(expert_y.get(), mode); };
   EW_CUDA_CHECK(cudaMemcpy(a2a->expert_output_buffer(), expert_y.get(), expert_y.bytes(), cudaMemcpyDeviceToDevice));
@@ -240,7 +257,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
     ev.record(11, stream);
     // Every timed operation is followed by a barrier, as the others are by the next one's: while the slowest
     // rank finishes, the others' barrier kernels already run on the GPU they share. Without it the in-buffer
-    // combine read 4-5 us faster at 1 token and 3-5 us at 128 than under the conditions of the other columns.
+    // combine read faster than under the conditions of the other columns (docs/performance.md).
     nvshmem_barrier_on_stream(stream);
     EW_CUDA_CHECK(cudaStreamSynchronize(stream));
     a2a->check_errors();
@@ -255,8 +272,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   }
 
   // The dispatch from the input buffers, in the dispatch column's place: an iteration's first operation after
-  // the host has synchronized. The place moves the time: the caller's 128-token dispatch timed seventh in the
-  // iteration read 5-6 us less than in the dispatch column (8 ranks on one H200), so both are timed first.
+  // the host has synchronized. The place moves the time (docs/performance.md), so both are timed first.
   std::vector<double> dz(n);
   for (int i = -o.warmup; i < n; ++i) {
     nvshmem_barrier_on_stream(stream);

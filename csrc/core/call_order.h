@@ -4,7 +4,7 @@
 // combine never sent) and return wrong tokens without any error, so the host refuses it first.
 #pragma once
 
-#include "core/dtype.h"
+#include "expertwire/dtype.h"
 
 namespace expertwire {
 

@@ -1,10 +1,11 @@
-#include "core/config.h"
+#include "expertwire/config.h"
 
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
 
+#include "core/env.h"
 #include "core/error.h"
 
 namespace expertwire {

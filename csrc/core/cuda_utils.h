@@ -1,20 +1,27 @@
-// RAII owners of CUDA resources and the check that turns a CUDA status into an exception.
+// RAII owners of CUDA resources, and the check that turns a CUDA status into an exception.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <memory>
+#include <string>
 #include <utility>
 
 #include "core/error.h"
 
-#define EW_CUDA_CHECK(expr)                                                                              \
-  do {                                                                                                   \
-    const cudaError_t ew_status_ = (expr);                                                               \
-    if (ew_status_ != cudaSuccess) {                                                                     \
-      EW_THROW(RuntimeError, #expr, " failed: ", cudaGetErrorName(ew_status_), " (",                     \
-               cudaGetErrorString(ew_status_), ") at ", __FILE__, ":", __LINE__);                        \
-    }                                                                                                    \
+namespace expertwire {
+
+// One sentence for a failed CUDA call: what failed and why, in words a user can act on (a missing driver
+// is named as such, not as CUDA's "insufficient driver").
+std::string cuda_error_message(const char* call, cudaError_t status);
+
+}  // namespace expertwire
+
+#define EW_CUDA_CHECK(expr)                                                                      \
+  do {                                                                                           \
+    const cudaError_t ew_status_ = (expr);                                                       \
+    if (ew_status_ != cudaSuccess) throw ::expertwire::RuntimeError(::expertwire::cuda_error_message(#expr, ew_status_)); \
   } while (0)
 
 namespace expertwire {
@@ -51,28 +58,42 @@ class ScopedDevice {
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+  explicit DeviceBuffer(size_t bytes) {
     if (bytes == 0) return;
-    EW_CUDA_CHECK(cudaMalloc(&data_, bytes));
+    void* data = nullptr;
+    EW_CUDA_CHECK(cudaMalloc(&data, bytes));
+    // Owned from here on: a failing memset frees it in the destructor.
+    data_ = data;
+    bytes_ = bytes;
     EW_CUDA_CHECK(cudaMemset(data_, 0, bytes));
   }
-  ~DeviceBuffer() {
-    if (data_) cudaFree(data_);
-  }
-  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
+  ~DeviceBuffer() { release(); }
+  DeviceBuffer(DeviceBuffer&& other) noexcept
+      : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
   DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
-    std::swap(data_, other.data_);
-    std::swap(bytes_, other.bytes_);
+    if (this != &other) {
+      release();
+      data_ = std::exchange(other.data_, nullptr);
+      bytes_ = std::exchange(other.bytes_, 0);
+    }
     return *this;
   }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 
   template <class T = void>
-  T* get() const { return static_cast<T*>(data_); }
+  T* get() const {
+    return static_cast<T*>(data_);
+  }
   size_t bytes() const { return bytes_; }
 
  private:
+  void release() {
+    if (data_) cudaFree(data_);
+    data_ = nullptr;
+    bytes_ = 0;
+  }
+
   void* data_ = nullptr;
   size_t bytes_ = 0;
 };
@@ -82,21 +103,21 @@ template <class T>
 class MappedHostObject {
  public:
   MappedHostObject() {
-    EW_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_), sizeof(T), cudaHostAllocMapped));
+    T* host = nullptr;
+    EW_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(T), cudaHostAllocMapped));
+    host_.reset(host);  // owned from here on, whatever throws next
     *host_ = T{};
-    EW_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_, 0));
+    EW_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_.get(), 0));
   }
-  ~MappedHostObject() {
-    if (host_) cudaFreeHost(host_);
-  }
-  MappedHostObject(const MappedHostObject&) = delete;
-  MappedHostObject& operator=(const MappedHostObject&) = delete;
 
-  T* host() const { return host_; }
+  T* host() const { return host_.get(); }
   T* device() const { return device_; }
 
  private:
-  T* host_ = nullptr;
+  struct FreeHost {
+    void operator()(T* host) const { cudaFreeHost(host); }
+  };
+  std::unique_ptr<T, FreeHost> host_;
   T* device_ = nullptr;
 };
 

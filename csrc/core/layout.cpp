@@ -90,7 +90,7 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.send_counts_offset = place(ws, uint64_t(l.world_size) * sizeof(uint32_t), kRegionAlign, "send_counts");
   l.recv_counts_offset = place(ws, uint64_t(l.num_local_experts) * sizeof(int32_t), kRegionAlign, "recv_counts");
   l.routes_offset = place(
-      ws, checked_mul(uint64_t(l.num_local_experts) * l.max_recv_tokens, sizeof(TokenRoute), "routes"),
+      ws, checked_mul(uint64_t(l.num_local_experts) * l.max_recv_tokens, kTokenRouteBytes, "routes"),
       kRegionAlign, "routes");
   l.phase_counters_offset = place(ws, kNumPhaseCounters * sizeof(uint32_t), kRegionAlign, "phase_counters");
   l.pull_state_offset = place(ws, checked_mul(l.pull_state_words(), sizeof(uint32_t), "pull_state"), kRegionAlign,

@@ -43,94 +43,32 @@
 //                   after each; the next dispatch's epoch follows from it (DispatchEpoch), never 0.
 //                   Every rank counts the same collective calls, and the count lives on the device so that
 //                   CUDA graph replays advance it too.
+//
+// The encodings of what ranks write into each other's regions: device/wire_protocol.h. Who writes, reads and
+// resets each region, and why no write overtakes a read: device/rank_state.h.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
-#include "core/config.h"
-
-#if defined(__CUDACC__)
-#define EW_HOST_DEVICE __host__ __device__
-#else
-#define EW_HOST_DEVICE
-#endif
+#include "expertwire/config.h"
+#include "expertwire/host_device.h"
 
 namespace expertwire {
-
-inline constexpr uint64_t kBufferAlign = 16;      // every row and region starts on a 16-byte vector boundary
-inline constexpr uint64_t kRegionAlign = 256;     // regions of the symmetric allocation start 256-aligned
-inline constexpr uint64_t kCombineElementBytes = 2;  // expert outputs are bf16 or fp16
-inline constexpr int kNumPhaseCounters = 2;
-
-enum PhaseCounter : int {
-  kDispatchSendDone = 0,
-  kDispatchRecvDone = 1,
-};
-
-// A u64 signal that every block of the sending rank adds its share to once, as soon as that block's part of
-// the phase is written: no block waits for the others before peers hear of its work. Bits 0..15 count the
-// blocks that arrived; block 0 also adds a 24-bit payload (bits 16..39) and the sender's block count (bits
-// 40..). Complete when the count reaches the block count; 0 until block 0 arrives.
-struct ArrivalSignal {
-  static constexpr uint32_t kMaxBlocks = 0xffff;
-  static constexpr uint32_t kMaxPayload = 0xffffff;
-  EW_HOST_DEVICE static constexpr uint64_t share(uint32_t block, uint32_t blocks, uint32_t payload) {
-    return 1 + (block == 0 ? (uint64_t(payload) << 16) | (uint64_t(blocks) << 40) : 0);
-  }
-  EW_HOST_DEVICE static constexpr bool complete(uint64_t value) {
-    return (value >> 40) != 0 && (value & kMaxBlocks) == (value >> 40);
-  }
-  EW_HOST_DEVICE static constexpr uint32_t payload(uint64_t value) { return uint32_t(value >> 16) & kMaxPayload; }
-};
-
-// The pull dispatch's epoch and announcement (send_announce, send_stamps, dispatch_epoch above). The epoch
-// follows from the workspace counter of finished dispatches, which counts modulo kPeriod: epochs run 1..kPeriod
-// and again, never 0 (what a fresh buffer's stamps hold), and two dispatches in a row never share one. The
-// announcement packs the epoch with the sender's token count.
-struct DispatchEpoch {
-  static constexpr uint32_t kPeriod = 0xffffffffu;
-  EW_HOST_DEVICE static constexpr uint32_t of(uint32_t finished) { return finished % kPeriod + 1; }
-  // The counter once one more dispatch has finished.
-  EW_HOST_DEVICE static constexpr uint32_t advance(uint32_t finished) {
-    return of(finished) == kPeriod ? 0u : of(finished);
-  }
-  EW_HOST_DEVICE static constexpr uint64_t announcement(uint32_t epoch, uint32_t m) {
-    return (uint64_t(epoch) << 32) | m;
-  }
-  EW_HOST_DEVICE static constexpr uint32_t announced_epoch(uint64_t value) { return uint32_t(value >> 32); }
-  EW_HOST_DEVICE static constexpr uint32_t announced_tokens(uint64_t value) { return uint32_t(value); }
-};
 
 EW_HOST_DEVICE constexpr uint64_t align_up(uint64_t value, uint64_t alignment) {
   return (value + alignment - 1) / alignment * alignment;
 }
 
-// Where a received token came from; packed so that the route table costs 8 bytes per row.
-struct TokenRoute {
-  uint32_t token;
-  uint16_t source_group;
-  uint16_t k;
-};
-static_assert(sizeof(TokenRoute) == 8, "route table rows are 8 bytes");
+inline constexpr uint64_t kBufferAlign = 16;      // every row and region starts on a 16-byte vector boundary
+inline constexpr uint64_t kRegionAlign = 256;     // regions of the symmetric allocation start 256-aligned
+inline constexpr uint64_t kCombineElementBytes = 2;  // expert outputs are bf16 or fp16
+inline constexpr int kNumPhaseCounters = 2;
+inline constexpr uint64_t kTokenRouteBytes = 8;  // a TokenRoute (device/wire_protocol.h)
 
-// Byte strides of a caller's scale tensor, whose elements are 4-byte words (fp32 scales): word w of row r of
-// local expert e lies at e * expert + r * row + w * word from its start (dp_x_scale has no expert dimension).
-// pplx_kernels follows any strides here, and callers use them: vLLM pads out_expert_x_scale's rows (per-token
-// fp8 allocates round_up(hidden_dim, 4) words a row and fills four), DeepGEMM reads scales column-major, and a per-tensor
-// scale broadcast to every token has row stride 0.
-struct ScaleStrides {
-  uint64_t expert = 0;
-  uint64_t row = 0;
-  uint64_t word = 4;
-
-  EW_HOST_DEVICE uint64_t offset(uint64_t expert_index, uint64_t row_index, uint64_t word_index) const {
-    return expert_index * expert + row_index * row + word_index * word;
-  }
-  // Row-major [experts][rows_per_expert][scale_bytes / 4], the layout when a tensor is contiguous.
-  EW_HOST_DEVICE static constexpr ScaleStrides contiguous(uint64_t scale_bytes, uint64_t rows_per_expert) {
-    return ScaleStrides{rows_per_expert * scale_bytes, scale_bytes, 4};
-  }
+enum PhaseCounter : int {
+  kDispatchSendDone = 0,
+  kDispatchRecvDone = 1,
 };
 
 // Plain offsets and strides, copied by value into kernels.
@@ -212,7 +150,7 @@ struct BufferLayout {
   // u32 words of pull_state (see PullReceiveState).
   EW_HOST_DEVICE uint64_t pull_state_words() const { return uint64_t(num_local_experts) + num_dp_groups + 1; }
   EW_HOST_DEVICE uint64_t route_offset(uint32_t local_expert, uint32_t row) const {
-    return routes_offset + (uint64_t(local_expert) * max_recv_tokens + row) * sizeof(TokenRoute);
+    return routes_offset + (uint64_t(local_expert) * max_recv_tokens + row) * kTokenRouteBytes;
   }
 };
 

@@ -5,7 +5,8 @@
 #include <cstdint>
 #include <string>
 
-#include "core/dtype.h"
+#include "device/wire_protocol.h"
+#include "expertwire/dtype.h"
 
 namespace expertwire {
 
@@ -18,13 +19,6 @@ enum class ErrorCode : int32_t {
   kRepeatedExpert = 5,  // an expert appears twice in one token's row; value = the expert, sent once
   kRowTypeMismatch = 6,  // peer's combine rows travel as another type than ours; value = RowTypeMismatch, no
                          // output written
-};
-
-// kRowTypeMismatch's value: the peer's row type and this rank's (ScalarType codes).
-struct RowTypeMismatch {
-  static constexpr int64_t value(ScalarType peer, ScalarType own) { return int64_t(peer) << 8 | int64_t(own); }
-  static constexpr ScalarType peer(int64_t value) { return ScalarType(value >> 8); }
-  static constexpr ScalarType own(int64_t value) { return ScalarType(value & 0xff); }
 };
 
 enum class Phase : int32_t {

@@ -1,5 +1,5 @@
-// Small device primitives shared by every transport and every phase: vector copies, bounded waits,
-// system-scope signalling, the error record, warp scans and the "last block out" phase counter.
+// The primitives every phase is written over: warp geometry, the one warp copy loop, the error record, the one
+// bounded wait, warp scans and the "last block out" phase counter.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,6 +8,7 @@
 
 #include "core/layout.h"
 #include "device/error_record.h"
+#include "device/ptx.cuh"
 
 namespace expertwire::device {
 
@@ -20,40 +21,11 @@ __device__ __forceinline__ int warps_per_block() { return blockDim.x / kWarpSize
 __device__ __forceinline__ int global_warp() { return blockIdx.x * warps_per_block() + warp_id(); }
 __device__ __forceinline__ int total_warps() { return gridDim.x * warps_per_block(); }
 
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t now;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-  return now;
-}
+// ---------------------------------------------------------------------------------------------------------
+// Copies.
 
-// Signals written by peers (loads/stores over NVLink, or a NIC) are read with acquire at system scope,
-// so the data they guard is visible once the signal is.
-__device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* address) {
-  uint64_t value;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
-  return value;
-}
-
-__device__ __forceinline__ void store_release_sys(uint64_t* address, uint64_t value) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
-}
-
-// Adds to a signal at system scope, after this thread's earlier writes (and those they are ordered after).
-__device__ __forceinline__ void red_add_release_sys(uint64_t* address, uint64_t value) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(address), "l"(value) : "memory");
-}
-
-// Streaming read of data that this kernel reads once: skip L1.
-__device__ __forceinline__ int4 load_stream(const int4* address) {
-  int4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(address));
-  return v;
-}
-
-// Where a copy reads from. Inputs of the call are read-only while the kernel runs and may use the
-// non-coherent path; buffers that peers write during the kernel must be read coherently.
+// Where a copy reads from. Inputs of the call are read-only while the kernel runs and may use the non-coherent
+// path; buffers that peers write during the kernel must be read coherently.
 enum class SourceKind { kInput, kPeerWritten };
 
 template <SourceKind kSource>
@@ -65,43 +37,44 @@ __device__ __forceinline__ int4 load_vector(const int4* address) {
   }
 }
 
-// Vectors in flight per lane in a warp copy of 16-byte vectors (4 KiB a warp per pass): 32 of a thread's 64
-// registers (kernel_args.h).
-inline constexpr int kCopyUnroll = 8;
-
-// Warp-wide copy of `bytes` (a multiple of sizeof(Word)) from `src` to the destination of every lane set in
-// `lanes`, `dst_of(lane)` (called by the whole warp, which may shuffle in it; dst may be a peer's memory). Each
-// pass loads up to kUnroll words per lane with `load`, a partial last pass included, before storing any: a pass
-// costs one round trip of latency, and a source read once serves every destination. The pass loop is
-// warp-uniform, for dst_of's shuffles.
-template <class Word, int kUnroll, class LoadWord, class DstOf>
-__device__ __forceinline__ void warp_copy_words_to_lanes(const void* src, uint64_t bytes, unsigned lanes,
-                                                         LoadWord load, DstOf dst_of) {
-  const auto* s = static_cast<const Word*>(src);
-  const uint64_t n = bytes / sizeof(Word);
+// The one warp copy loop. Word i < n (of any type) is read by load(i) and written by store(dst, i, word) to
+// dst = dst_of(lane) for every lane set in `lanes` (dst_of is called by the whole warp, which may shuffle in
+// it; dst may be a peer's memory). Each pass loads up to kUnroll words per lane, a partial last pass included,
+// before storing any: a pass costs one round trip of latency, and a word read once serves every destination.
+// The pass loop is warp-uniform, for dst_of's shuffles.
+template <int kUnroll, class Load, class DstOf, class Store>
+__device__ __forceinline__ void warp_copy_passes(uint64_t n, unsigned lanes, Load load, DstOf dst_of, Store store) {
+  using Word = decltype(load(uint64_t{0}));
   for (uint64_t pass = 0; pass < n; pass += kUnroll * kWarpSize) {
     const uint64_t base = pass + lane_id();
-    Word v[kUnroll];
+    Word words[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      if (base + u * kWarpSize < n) v[u] = load(s + base + u * kWarpSize);
+      if (base + u * kWarpSize < n) words[u] = load(base + u * kWarpSize);
     }
     for (unsigned left = lanes; left != 0; left &= left - 1) {
-      Word* d = reinterpret_cast<Word*>(dst_of(__ffs(left) - 1));
+      const auto dst = dst_of(__ffs(left) - 1);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        if (base + u * kWarpSize < n) d[base + u * kWarpSize] = v[u];
+        if (base + u * kWarpSize < n) store(dst, base + u * kWarpSize, words[u]);
       }
     }
   }
 }
 
-// 16-byte vectors, 16-byte aligned rows.
+// 16-byte vectors in flight per lane in a row copy (4 KiB a warp per pass): 32 of a thread's 64 registers
+// (kernel_args.h).
+inline constexpr int kCopyUnroll = 8;
+
+// `bytes` (a multiple of 16) of 16-byte aligned rows from `src` to dst_of(lane) for every lane set in `lanes`.
 template <SourceKind kSource, class DstOf>
 __device__ __forceinline__ void warp_copy_16_to_lanes(const void* src, uint64_t bytes, unsigned lanes,
                                                       DstOf dst_of) {
-  warp_copy_words_to_lanes<int4, kCopyUnroll>(
-      src, bytes, lanes, [](const int4* word) { return load_vector<kSource>(word); }, dst_of);
+  const auto* s = static_cast<const int4*>(src);
+  warp_copy_passes<kCopyUnroll>(
+      bytes / sizeof(int4), lanes, [s](uint64_t i) { return load_vector<kSource>(s + i); },
+      [&](int lane) { return reinterpret_cast<int4*>(dst_of(lane)); },
+      [](int4* d, uint64_t i, const int4& word) { d[i] = word; });
 }
 
 template <SourceKind kSource>
@@ -111,29 +84,17 @@ __device__ __forceinline__ void warp_copy_16(void* dst, const void* src, uint64_
 
 // 4-byte words (fp32 scales) at any byte stride, as a caller's scale tensors may be laid out (padded rows,
 // column-major): word i of `words` is read at src + i * src_stride and written at dst_of(lane) + i * dst_stride
-// for every lane set in `lanes` (dst_of as in warp_copy_words_to_lanes). 4 words in flight a lane.
+// for every lane set in `lanes`. 4 words in flight a lane.
 template <class DstOf>
 __device__ __forceinline__ void warp_copy_4_strided_to_lanes(const uint8_t* src, uint64_t src_stride, uint64_t words,
                                                              unsigned lanes, uint64_t dst_stride, DstOf dst_of) {
-  constexpr int kUnroll = 4;
-  for (uint64_t pass = 0; pass < words; pass += kUnroll * kWarpSize) {
-    const uint64_t base = pass + lane_id();
-    uint32_t v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const uint64_t i = base + u * kWarpSize;
-      if (i < words) v[u] = *reinterpret_cast<const uint32_t*>(src + i * src_stride);
-    }
-    for (unsigned left = lanes; left != 0; left &= left - 1) {
-      uint8_t* d = dst_of(__ffs(left) - 1);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const uint64_t i = base + u * kWarpSize;
-        if (i < words) *reinterpret_cast<uint32_t*>(d + i * dst_stride) = v[u];
-      }
-    }
-  }
+  warp_copy_passes<4>(
+      words, lanes, [=](uint64_t i) { return *reinterpret_cast<const uint32_t*>(src + i * src_stride); }, dst_of,
+      [dst_stride](uint8_t* d, uint64_t i, uint32_t word) { *reinterpret_cast<uint32_t*>(d + i * dst_stride) = word; });
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The error record and the bounded wait.
 
 // Records the first error of a call; later ones are dropped so the host sees the root cause. The code is
 // published after the fields (ErrorRecord): the host, which reads the record while kernels run, never pairs a
@@ -157,24 +118,73 @@ __device__ __forceinline__ bool wait_failed(const ErrorRecord* record) {
   return *reinterpret_cast<const volatile int32_t*>(&record->code) == int32_t(ErrorCode::kTimeout);
 }
 
-// Waits until `arrived(*signal)` holds for a value peers write, and returns that value. Never spins forever:
-// after `timeout_ns`, or as soon as another wait of this rank has timed out, it records the error and returns 0.
-template <class Arrived>
-__device__ __forceinline__ uint64_t wait_signal_until(const uint64_t* signal, Arrived arrived, uint64_t timeout_ns,
-                                                      ErrorRecord* record, Phase phase, int32_t peer) {
-  uint64_t value = load_acquire_sys(signal);
-  if (arrived(value)) return value;
-  const uint64_t start = global_timer_ns();
-  for (uint32_t spin = 1;; ++spin) {
-    value = load_acquire_sys(signal);
-    if (arrived(value)) return value;
-    // The error record lives in host memory: look at it rarely, the clock often.
-    if ((spin & 1023) == 0 && wait_failed(record)) return 0;
-    if (global_timer_ns() - start > timeout_ns) {
-      record_error(record, ErrorCode::kTimeout, phase, peer, int64_t(timeout_ns / 1000000));
-      return 0;
-    }
+// A wait for `peer` that gave up (a no-op when this rank already recorded an error, a timeout included).
+__device__ __forceinline__ void record_timeout(ErrorRecord* record, uint64_t timeout_ns, Phase phase, int32_t peer) {
+  record_error(record, ErrorCode::kTimeout, phase, peer, int64_t(timeout_ns / 1000000));
+}
+
+// The bound of a wait for peers: it runs out `timeout_ns` after the first poll that found nothing, or as soon
+// as another wait of this rank has timed out. The error record lives in host memory: it is looked at every
+// 1024 polls, the clock at every one. One bound may span several waits (the pull receive's stalls): it then
+// counts from the first.
+class WaitBound {
+ public:
+  __device__ WaitBound(uint64_t timeout_ns, const ErrorRecord* record) : timeout_ns_(timeout_ns), record_(record) {}
+  // After a poll that found nothing: whether to give up.
+  __device__ __forceinline__ bool ran_out() {
+    if ((++polls_ & 1023) == 0 && wait_failed(record_)) return true;
+    const uint64_t now = global_timer_ns();
+    if (start_ == 0) start_ = now;
+    return now - start_ > timeout_ns_;
   }
+
+ private:
+  uint64_t timeout_ns_;
+  const ErrorRecord* record_;
+  uint64_t start_ = 0;
+  uint32_t polls_ = 0;
+};
+
+// Who polls: one thread, or a whole warp whose poll returns the same for every lane (the wait then gives up on
+// every lane at once).
+enum class WaitScope { kThread, kWarp };
+
+// What one poll of a bounded wait found.
+enum class WaitStep { kArrived, kWaiting, kGaveUp };
+
+// One poll of a bounded wait, for a loop that has other work between polls (the pull receive's): arrived, or
+// still waiting (after `sleep_ns`, 0: none, which leaves the SM to other warps where waits are long), or given
+// up because `bound` ran out (the caller records the timeout, naming the peer it waited for).
+template <WaitScope kScope = WaitScope::kThread, class Arrived>
+__device__ __forceinline__ WaitStep wait_step(const Arrived& arrived, WaitBound& bound, uint32_t sleep_ns = 0) {
+  if (arrived()) return WaitStep::kArrived;
+  bool give_up = bound.ran_out();
+  if constexpr (kScope == WaitScope::kWarp) give_up = __any_sync(kFullMask, give_up);
+  if (give_up) return WaitStep::kGaveUp;
+  if (sleep_ns != 0) __nanosleep(sleep_ns);
+  return WaitStep::kWaiting;
+}
+
+// The one bounded-wait loop: polls `arrived()` until it returns true (then true), or until `bound` runs out
+// (then false; the caller records the timeout).
+template <WaitScope kScope = WaitScope::kThread, class Arrived>
+__device__ __forceinline__ bool wait_until(const Arrived& arrived, WaitBound& bound, uint32_t sleep_ns = 0) {
+  for (;;) {
+    const WaitStep step = wait_step<kScope>(arrived, bound, sleep_ns);
+    if (step != WaitStep::kWaiting) return step == WaitStep::kArrived;
+  }
+}
+
+// Waits until `done(*signal)` holds for a value peers write, and returns that value; 0 when the wait gives up
+// (recorded as a timeout waiting for `peer` in `phase`).
+template <class Done>
+__device__ __forceinline__ uint64_t wait_signal_until(const uint64_t* signal, Done done, uint64_t timeout_ns,
+                                                      ErrorRecord* record, Phase phase, int32_t peer) {
+  uint64_t value = 0;
+  WaitBound bound(timeout_ns, record);
+  if (wait_until([&] { return done(value = load_acquire_sys(signal)); }, bound)) return value;
+  record_timeout(record, timeout_ns, phase, peer);
+  return 0;
 }
 
 // Waits until a peer sets `*signal` to a non-zero value and returns it (0 on timeout, see above).
@@ -189,6 +199,9 @@ __device__ __forceinline__ uint64_t wait_arrivals(const uint64_t* signal, uint64
   return wait_signal_until(signal, [](uint64_t value) { return ArrivalSignal::complete(value); }, timeout_ns, record,
                            phase, peer);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Scans and phases.
 
 // Exclusive prefix sum of `values[0..n)` into `out[0..n]` (out[n] = total), computed by one warp.
 __device__ __forceinline__ void warp_exclusive_scan(const uint32_t* values, uint32_t* out, uint32_t n) {
@@ -213,23 +226,19 @@ __device__ __forceinline__ uint32_t find_segment(const uint32_t* prefix, uint32_
   uint32_t lo = 0, hi = n;
   while (hi - lo > 1) {
     const uint32_t mid = (lo + hi) / 2;
-    if (prefix[mid] <= value) lo = mid; else hi = mid;
+    if (prefix[mid] <= value) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
   }
   return lo;
-}
-
-// Adds 1 to a counter of this GPU with acquire-release ordering and returns the value before: the link that
-// chains every block counted out of a phase to the last one.
-__device__ __forceinline__ uint32_t count_out_acq_rel(uint32_t* counter) {
-  uint32_t before;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
-  return before;
 }
 
 // Counts blocks out of a phase. Returns true in exactly one block, the last to finish; everything any block
 // wrote before its call happens before what that block does next, so it may signal peers or reset shared
 // state (and must reset the counter itself). Call with the whole block.
-// Ordering without a system fence (fence.sc.sys costs several µs per call on H100): each block's barrier
+// Ordering without a system fence (fence.sc.sys costs microseconds a call): each block's barrier
 // puts its threads' writes before thread 0's acq_rel add, the adds chain every block to the last one, and a
 // later st.release.sys of that block carries all of it to peers (release is cumulative).
 __device__ __forceinline__ bool last_block_out(uint32_t* counter) {

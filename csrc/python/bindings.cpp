@@ -21,13 +21,15 @@
 #include <utility>
 #include <vector>
 
-#include "core/config.h"
-#include "core/dtype.h"
+#include "core/arguments.h"
 #include "core/error.h"
+#include "expertwire/config.h"
+#include "expertwire/dtype.h"
+#include "expertwire/internode.h"
+#include "expertwire/intranode.h"
+#include "expertwire/params.h"
 #include "reference/reference.h"
 #include "symmem/nvshmem_runtime.h"
-#include "transport/internode/all_to_all_internode.h"
-#include "transport/intranode/all_to_all_intranode.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -42,10 +44,51 @@ T* device_pointer(uintptr_t address) {
 
 cudaStream_t stream_from(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
-SplitMode split_mode(bool do_send, bool do_recv) {
-  EW_REQUIRE(do_send || do_recv, "do_send and do_recv are both False: there is nothing to do");
+SplitMode split_mode(const char* op, bool do_send, bool do_recv) {
+  EW_REQUIRE(do_send || do_recv, op, ": do_send or do_recv must be True, got both False");
   if (do_send && do_recv) return SplitMode::kNone;
   return do_send ? SplitMode::kSend : SplitMode::kRecv;
+}
+
+// Byte strides from Python: (expert, row, word) of out_expert_x_scale, (row, word) of dp_x_scale, (row, element)
+// of dp_x.
+using Strides3 = std::tuple<uint64_t, uint64_t, uint64_t>;
+using Strides2 = std::tuple<uint64_t, uint64_t>;
+
+DispatchParams dispatch_params(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale,
+                               uintptr_t dp_x, uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m,
+                               bool do_send, bool do_recv, const Strides3& out_expert_x_scale_strides,
+                               const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides) {
+  const auto [out_expert, out_row, out_word] = out_expert_x_scale_strides;
+  const auto [scale_row, scale_word] = dp_x_scale_strides;
+  const auto [x_row, x_element] = dp_x_strides;
+  DispatchParams p;
+  p.out_expert_num_tokens = device_pointer<int32_t>(out_expert_num_tokens);
+  p.out_expert_x = device_pointer<uint8_t>(out_expert_x);
+  p.out_expert_x_scale = Strided3D<float>{device_pointer<float>(out_expert_x_scale), out_expert, out_row, out_word};
+  p.dp_x = Strided2D<const uint8_t>{device_pointer<const uint8_t>(dp_x), x_row, x_element};
+  p.dp_x_scale = Strided2D<const float>{device_pointer<const float>(dp_x_scale), scale_row, scale_word};
+  p.indices = device_pointer<const uint32_t>(indices);
+  p.m = m;
+  p.bound_m = device_pointer<const uint32_t>(bound_m);
+  p.split = split_mode("dispatch", do_send, do_recv);
+  return p;
+}
+
+CombineParams combine_params(uintptr_t out_tokens, ScalarType out_type, uintptr_t indices, uintptr_t weights,
+                             uintptr_t expert_y, ScalarType expert_type, uint32_t m, uintptr_t bound_m, bool do_send,
+                             bool do_recv) {
+  CombineParams p;
+  p.out_tokens = device_pointer<void>(out_tokens);
+  p.out_type = out_type;
+  p.indices = device_pointer<const uint32_t>(indices);
+  p.weights = device_pointer<const float>(weights);
+  p.expert_y = device_pointer<const void>(expert_y);
+  p.expert_type = expert_type;
+  p.m = m;
+  p.bound_m = device_pointer<const uint32_t>(bound_m);
+  p.split = split_mode("combine", do_send, do_recv);
+  return p;
 }
 
 // Owns one all-to-all object until destroy(), which Python calls collectively on every rank; the object is
@@ -54,36 +97,31 @@ class AllToAllHandle {
  public:
   explicit AllToAllHandle(std::unique_ptr<AllToAll> impl) : impl_(std::move(impl)) {}
 
-  // Strides in bytes: (expert, row, word) of out_expert_x_scale, (row, word) of dp_x_scale, dp_x's rows.
   void dispatch(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale,
                 uintptr_t dp_x, uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m,
-                bool do_send, bool do_recv, uintptr_t stream,
-                const std::tuple<uint64_t, uint64_t, uint64_t>& out_expert_x_scale_strides,
-                const std::tuple<uint64_t, uint64_t>& dp_x_scale_strides, uint64_t dp_x_row_stride) {
-    const auto [out_expert, out_row, out_word] = out_expert_x_scale_strides;
-    const auto [dp_row, dp_word] = dp_x_scale_strides;
-    live().dispatch(device_pointer<int32_t>(out_expert_num_tokens), device_pointer<void>(out_expert_x),
-                    device_pointer<void>(out_expert_x_scale), device_pointer<const void>(dp_x),
-                    device_pointer<const void>(dp_x_scale), device_pointer<const uint32_t>(indices), m,
-                    device_pointer<const uint32_t>(bound_m), split_mode(do_send, do_recv), stream_from(stream),
-                    ScaleStrides{out_expert, out_row, out_word}, ScaleStrides{0, dp_row, dp_word}, dp_x_row_stride);
+                bool do_send, bool do_recv, uintptr_t stream, const Strides3& out_expert_x_scale_strides,
+                const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides) {
+    live().dispatch(dispatch_params(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices,
+                                    m, bound_m, do_send, do_recv, out_expert_x_scale_strides, dp_x_scale_strides,
+                                    dp_x_strides),
+                    stream_from(stream));
   }
 
   void combine(uintptr_t out_tokens, ScalarType out_type, uintptr_t indices, uintptr_t weights, uintptr_t expert_y,
                ScalarType expert_type, uint32_t m, uintptr_t bound_m, bool do_send, bool do_recv,
                uintptr_t stream) {
-    live().combine(device_pointer<void>(out_tokens), out_type, device_pointer<const uint32_t>(indices),
-                   device_pointer<const float>(weights), device_pointer<const void>(expert_y), expert_type, m,
-                   device_pointer<const uint32_t>(bound_m), split_mode(do_send, do_recv), stream_from(stream));
+    live().combine(
+        combine_params(out_tokens, out_type, indices, weights, expert_y, expert_type, m, bound_m, do_send, do_recv),
+        stream_from(stream));
   }
 
   void check_errors() const { live().check_errors(); }
   uintptr_t expert_output_buffer() const { return reinterpret_cast<uintptr_t>(live().expert_output_buffer()); }
-  uintptr_t dispatch_input_buffer() const { return reinterpret_cast<uintptr_t>(live().dispatch_input_buffer()); }
+  uintptr_t dispatch_input_buffer() const { return reinterpret_cast<uintptr_t>(live().dispatch_input_buffer().data); }
   uintptr_t dispatch_input_scale_buffer() const {
-    return reinterpret_cast<uintptr_t>(live().dispatch_input_scale_buffer());
+    return reinterpret_cast<uintptr_t>(live().dispatch_input_scale_buffer().data);
   }
-  uint64_t dispatch_input_row_stride() const { return live().dispatch_input_row_stride(); }
+  uint64_t dispatch_input_row_stride() const { return live().dispatch_input_buffer().row_stride; }
   uint32_t num_blocks() const { return live().launch_shape().blocks; }
   int device() const { return live().device(); }
   bool alive() const { return impl_ != nullptr; }
@@ -210,6 +248,9 @@ AllToAllConfig make_validated_config(int64_t max_num_tokens, int64_t num_experts
 NB_MODULE(_expertwire, m) {
   using namespace expertwire;
   m.doc() = "expertwire: MoE all-to-all dispatch/combine kernels (C++ core; use the expertwire package)";
+  // A script that still holds an AllToAllConfig (or any other object of this module) when the interpreter exits
+  // is not leaking: Python frees module objects in no particular order at shutdown, after nanobind's check.
+  nb::set_leak_warnings(false);
 
   static nb::exception<DeviceError> device_error(m, "DeviceError", PyExc_RuntimeError);
   nb::register_exception_translator([](const std::exception_ptr& error, void*) {
@@ -251,7 +292,7 @@ NB_MODULE(_expertwire, m) {
       .def_static(
           "internode",
           [](const AllToAllConfig& config, uint32_t max_sm_count, bool force_puts) {
-            InternodeOptions options;
+            AllToAllOptions options;
             options.max_sm_count = max_sm_count;
             options.force_puts = force_puts;
             return std::make_unique<AllToAllHandle>(std::make_unique<AllToAllInternode>(config, options));
@@ -261,7 +302,7 @@ NB_MODULE(_expertwire, m) {
       .def_static(
           "intranode",
           [](const AllToAllConfig& config, nb::callable all_gather, uint32_t max_sm_count) {
-            IntranodeOptions options;
+            AllToAllOptions options;
             options.max_sm_count = max_sm_count;
             return std::make_unique<AllToAllHandle>(
                 std::make_unique<AllToAllIntranode>(config, all_gather_from_python(all_gather), options));
@@ -270,7 +311,7 @@ NB_MODULE(_expertwire, m) {
           "Collective: `all_gather(bytes) -> list[bytes]` returns every rank's bytes in rank order.")
       .def("dispatch", &AllToAllHandle::dispatch, "out_expert_num_tokens"_a, "out_expert_x"_a,
            "out_expert_x_scale"_a, "dp_x"_a, "dp_x_scale"_a, "indices"_a, "m"_a, "bound_m"_a, "do_send"_a,
-           "do_recv"_a, "stream"_a, "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a, "dp_x_row_stride"_a)
+           "do_recv"_a, "stream"_a, "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a, "dp_x_strides"_a)
       .def("combine", &AllToAllHandle::combine, "out_tokens"_a, "out_type"_a, "indices"_a, "weights"_a,
            "expert_y"_a, "expert_type"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a)
       .def("check_errors", &AllToAllHandle::check_errors)
@@ -322,6 +363,26 @@ NB_MODULE(_expertwire, m) {
                                    stream_from(stream));
       },
       "dest"_a, "source"_a, "bytes_per_rank"_a, "stream"_a);
+
+  // The configuration-only argument checks (core/arguments.h) on strides and counts, for tensors without storage.
+  m.def(
+      "check_dispatch_layout",
+      [](const AllToAllConfig& config, uint32_t m, bool do_send, bool do_recv, bool has_scales,
+         const Strides3& out_expert_x_scale_strides, const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides) {
+        // Stand-in addresses: the layout checks look only at what is present.
+        const uintptr_t present = has_scales ? 16 : 0;
+        check_dispatch_layout(config, dispatch_params(16, 16, present, 16, present, 16, m, 0, do_send, do_recv,
+                                                      out_expert_x_scale_strides, dp_x_scale_strides, dp_x_strides));
+      },
+      "config"_a, "m"_a, "do_send"_a, "do_recv"_a, "has_scales"_a, "out_expert_x_scale_strides"_a,
+      "dp_x_scale_strides"_a, "dp_x_strides"_a);
+  m.def(
+      "check_combine_layout",
+      [](const AllToAllConfig& config, uint32_t m, ScalarType out_type, ScalarType expert_type, bool do_send,
+         bool do_recv) {
+        check_combine_layout(config, combine_params(16, out_type, 16, 16, 16, expert_type, m, 0, do_send, do_recv));
+      },
+      "config"_a, "m"_a, "out_type"_a, "expert_type"_a, "do_send"_a, "do_recv"_a);
 
   m.def("reference_dispatch", &reference_dispatch, "config"_a, "groups"_a,
         "Per local expert of config.rank, the (source group, token) pairs it receives, sorted. `groups` holds one "

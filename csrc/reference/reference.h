@@ -15,7 +15,7 @@
 #include <functional>
 #include <vector>
 
-#include "core/config.h"
+#include "expertwire/config.h"
 
 namespace expertwire::reference {
 

@@ -87,7 +87,8 @@ class AllocationHandle {
   CUmemGenericAllocationHandle handle_;
 };
 
-// The virtual memory API and POSIX file descriptor export, which the intranode buffer needs of the device.
+}  // namespace
+
 void require_exportable_memory(int device) {
   const DriverApi& d = driver();
   CUdevice handle = 0;
@@ -101,6 +102,8 @@ void require_exportable_memory(int device) {
              ", which the intranode buffer needs; use the internode transport");
   }
 }
+
+namespace {
 
 CUmemAllocationProp exportable_device_memory(int device) {
   CUmemAllocationProp prop{};

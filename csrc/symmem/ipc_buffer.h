@@ -8,21 +8,17 @@
 #pragma once
 
 #include <cstdint>
-#include <functional>
 #include <memory>
-#include <string>
 #include <vector>
 
 #include "core/cuda_utils.h"
+#include "expertwire/intranode.h"
 
 namespace expertwire {
 
-// All-gather of one byte string per rank: called once on every rank with this rank's bytes, returns every
-// rank's bytes in rank order. MPI_Allgather, torch.distributed.all_gather_object, ... provide it.
-using AllGatherBytes = std::function<std::vector<std::string>(const std::string& local)>;
-
-// At most this many ranks share peer memory: one node's GPUs (or ranks sharing one GPU under MPS).
-inline constexpr int kMaxIntranodeRanks = 8;
+// Throws RuntimeError naming what is missing when `device` cannot export memory as file descriptors through the
+// CUDA virtual memory API, which the intranode buffer needs.
+void require_exportable_memory(int device);
 
 // A range of this process's virtual addresses mapped onto one physical allocation (ours or a peer's), readable
 // and writable from `device`. Unmapped and released on destruction; the physical memory lives until every

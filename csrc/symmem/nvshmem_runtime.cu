@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iterator>
+#include <string>
 
 #include "core/error.h"
 
@@ -24,9 +26,18 @@ size_t nvshmem_unique_id_bytes() { return sizeof(nvshmemx_uniqueid_t); }
 void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank, int world_size) {
   EW_REQUIRE(unique_id.size() == sizeof(nvshmemx_uniqueid_t), "NVSHMEM unique id must be ",
              sizeof(nvshmemx_uniqueid_t), " bytes, got ", unique_id.size());
+  EW_REQUIRE(world_size > 0, "NVSHMEM init: world_size must be > 0, got ", world_size);
   EW_REQUIRE(rank >= 0 && rank < world_size, "NVSHMEM init: rank must be in [0, ", world_size, "), got ", rank);
   nvshmemx_uniqueid_t id;
   std::memcpy(&id, unique_id.data(), sizeof(id));
+  const nvshmemx_uniqueid_t fresh = NVSHMEMX_UNIQUEID_INITIALIZER;
+  EW_REQUIRE(id.version == fresh.version, "NVSHMEM init: the unique id is not an NVSHMEM unique id of this version "
+             "(its version field is ", id.version, ", expected ", fresh.version, ")");
+  // NVSHMEM aborts the process on an id that no rank created; one whose bytes are all zero (an empty id the
+  // broadcast never filled) is refused here.
+  EW_REQUIRE(std::any_of(std::begin(id.internal), std::end(id.internal), [](char byte) { return byte != 0; }),
+             "NVSHMEM init: the unique id is empty (its bytes are all zero): create it on one rank with "
+             "nvshmem_unique_id() (Python: nvshmem_get_unique_id()) and broadcast it to every rank before init");
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
   int status = nvshmemx_set_attr_uniqueid_args(rank, world_size, &id, &attr);
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_set_attr_uniqueid_args failed with status ", status);
@@ -39,7 +50,7 @@ bool nvshmem_initialized() { return nvshmemx_init_status() >= NVSHMEM_STATUS_IS_
 void require_nvshmem_initialized() {
   if (!nvshmem_initialized()) {
     EW_THROW(RuntimeError, "NVSHMEM is not initialized: call nvshmem_init_with_unique_id (Python: nvshmem_init) on "
-                           "every rank before creating an internode all-to-all");
+                           "every rank first");
   }
 }
 
@@ -47,10 +58,22 @@ void nvshmem_finalize_runtime() {
   if (nvshmem_initialized()) nvshmem_finalize();
 }
 
-int nvshmem_rank() { return nvshmem_my_pe(); }
-int nvshmem_world_size() { return nvshmem_n_pes(); }
-void nvshmem_barrier_all_ranks() { nvshmem_barrier_all(); }
-void nvshmem_barrier_on_stream(cudaStream_t stream) { nvshmemx_barrier_all_on_stream(stream); }
+int nvshmem_rank() {
+  require_nvshmem_initialized();
+  return nvshmem_my_pe();
+}
+int nvshmem_world_size() {
+  require_nvshmem_initialized();
+  return nvshmem_n_pes();
+}
+void nvshmem_barrier_all_ranks() {
+  require_nvshmem_initialized();
+  nvshmem_barrier_all();
+}
+void nvshmem_barrier_on_stream(cudaStream_t stream) {
+  require_nvshmem_initialized();
+  nvshmemx_barrier_all_on_stream(stream);
+}
 
 void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per_rank, cudaStream_t stream) {
   require_nvshmem_initialized();
@@ -82,6 +105,22 @@ std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<ui
   return by_rank;
 }
 
+std::vector<std::string> nvshmem_all_gather_bytes(const std::string& local) {
+  // Sizes first, then the bytes of every rank packed into as many words as the longest needs.
+  size_t longest = 0;
+  for (const std::vector<uint64_t>& size : nvshmem_all_gather_words({uint64_t(local.size())})) {
+    longest = std::max<size_t>(longest, size[0]);
+  }
+  std::vector<uint64_t> words((longest + sizeof(uint64_t) - 1) / sizeof(uint64_t) + 1, 0);
+  words[0] = local.size();
+  std::memcpy(words.data() + 1, local.data(), local.size());
+  std::vector<std::string> by_rank;
+  for (const std::vector<uint64_t>& gathered : nvshmem_all_gather_words(words)) {
+    by_rank.emplace_back(reinterpret_cast<const char*>(gathered.data() + 1), size_t(gathered[0]));
+  }
+  return by_rank;
+}
+
 bool nvshmem_on_any_rank(bool local) {
   for (const std::vector<uint64_t>& flag : nvshmem_all_gather_words({local ? 1u : 0u})) {
     if (flag[0] != 0) return true;
@@ -89,32 +128,30 @@ bool nvshmem_on_any_rank(bool local) {
   return false;
 }
 
+void NvshmemSymmetricBuffer::Free::operator()(uint8_t* base) const {
+  cudaDeviceSynchronize();
+  nvshmem_free(base);
+}
+
 NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {
   require_nvshmem_initialized();
-  base_ = static_cast<uint8_t*>(nvshmem_malloc(bytes));
+  base_.reset(static_cast<uint8_t*>(nvshmem_malloc(bytes)));
   if (base_ == nullptr) {
     EW_THROW(RuntimeError, "nvshmem_malloc of ", bytes, " bytes failed; raise NVSHMEM_SYMMETRIC_SIZE");
   }
-  EW_CUDA_CHECK(cudaMemset(base_, 0, bytes));
+  EW_CUDA_CHECK(cudaMemset(base_.get(), 0, bytes));
   EW_CUDA_CHECK(cudaDeviceSynchronize());
 
   const int ranks = nvshmem_n_pes();
   std::vector<uint8_t*> peers(ranks, nullptr);
   for (int pe = 0; pe < ranks; ++pe) {
-    peers[pe] = force_puts ? nullptr : static_cast<uint8_t*>(nvshmem_ptr(base_, pe));
+    peers[pe] = force_puts ? nullptr : static_cast<uint8_t*>(nvshmem_ptr(base_.get(), pe));
     uses_puts_ |= peers[pe] == nullptr;
   }
   peer_table_ = DeviceBuffer(ranks * sizeof(uint8_t*));
   EW_CUDA_CHECK(cudaMemcpy(peer_table_.get(), peers.data(), ranks * sizeof(uint8_t*), cudaMemcpyHostToDevice));
   // Every peer's buffer must be zeroed before anyone signals into it.
   nvshmem_barrier_all();
-}
-
-NvshmemSymmetricBuffer::~NvshmemSymmetricBuffer() {
-  if (base_ != nullptr) {
-    cudaDeviceSynchronize();
-    nvshmem_free(base_);
-  }
 }
 
 }  // namespace expertwire

@@ -1,38 +1,23 @@
-// NVSHMEM bootstrap by unique id and the RAII owner of one symmetric allocation.
+// What the internode transport needs of NVSHMEM beyond its bootstrap (expertwire/nvshmem.h): all-gathers over
+// the host API, and the RAII owner of one symmetric allocation.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
-#include <cuda_runtime.h>
-
 #include "core/cuda_utils.h"
+#include "expertwire/nvshmem.h"
 
 namespace expertwire {
 
-// The bytes of a fresh NVSHMEM unique id: created on one rank, broadcast by any means (MPI,
-// torch.distributed), then passed to nvshmem_init_with_unique_id on every rank.
-std::vector<uint8_t> nvshmem_unique_id();
-size_t nvshmem_unique_id_bytes();
-void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank, int world_size);
-bool nvshmem_initialized();
-// Throws RuntimeError, saying what to call, when NVSHMEM is not initialized.
-void require_nvshmem_initialized();
-void nvshmem_finalize_runtime();
-int nvshmem_rank();
-int nvshmem_world_size();
-void nvshmem_barrier_all_ranks();
-// Device-side barrier of all ranks, ordered on `stream` (benchmarks start every rank together with it).
-void nvshmem_barrier_on_stream(cudaStream_t stream);
-// NVSHMEM's own all-to-all on `stream`, the baseline benchmarks compare against: block r of `source` (bytes_per_rank
-// bytes) lands in block `my rank` of rank r's `dest`. Both must be symmetric (NvshmemSymmetricBuffer) and hold
-// world_size blocks. Collective.
-void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per_rank, cudaStream_t stream);
 // Every rank's `local` words, in rank order (each rank passes as many): each rank reads every rank's from
 // symmetric scratch of its own, with gets between two barriers, not a collective (NVSHMEM refuses its collectives
 // when ranks share a GPU without MPS). Collective.
 std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<uint64_t>& local);
+// Every rank's bytes in rank order, over nvshmem_all_gather_words (an AllGatherBytes). Collective.
+std::vector<std::string> nvshmem_all_gather_bytes(const std::string& local);
 // Whether `local` is true on some rank. Collective.
 bool nvshmem_on_any_rank(bool local);
 
@@ -44,16 +29,18 @@ class NvshmemSymmetricBuffer {
   // Throws RuntimeError when NVSHMEM is not initialized. `force_puts` leaves the peer table empty so every
   // byte travels through NVSHMEM puts, as it does between nodes.
   NvshmemSymmetricBuffer(size_t bytes, bool force_puts);
-  ~NvshmemSymmetricBuffer();
   NvshmemSymmetricBuffer(const NvshmemSymmetricBuffer&) = delete;
   NvshmemSymmetricBuffer& operator=(const NvshmemSymmetricBuffer&) = delete;
 
-  uint8_t* local() const { return base_; }
+  uint8_t* local() const { return base_.get(); }
   uint8_t* const* device_peer_table() const { return peer_table_.get<uint8_t*>(); }
   bool uses_puts() const { return uses_puts_; }  // some peer of this rank is reached only through puts
 
  private:
-  uint8_t* base_ = nullptr;
+  struct Free {
+    void operator()(uint8_t* base) const;
+  };
+  std::unique_ptr<uint8_t, Free> base_;  // freed (after the device is idle) whatever throws after the allocation
   DeviceBuffer peer_table_;
   bool uses_puts_ = false;
 };

@@ -23,22 +23,22 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <string>
 #include <vector>
 
+#include "core/env.h"
 #include "core/layout.h"
 #include "tests/common/mpi_harness.h"
 #include "tests/common/round_trip.h"
 #include "tests/common/transports.h"
-#include "transport/internode/all_to_all_internode.h"
-#include "transport/intranode/all_to_all_intranode.h"
+#include "expertwire/internode.h"
+#include "expertwire/intranode.h"
 
 namespace expertwire {
 namespace {
 
 using harness::CallShape;
-using harness::CombineArguments;
-using harness::DispatchArguments;
 using harness::Failures;
 using harness::GroupData;
 using harness::RoundTrip;
@@ -222,7 +222,7 @@ void fresh_object_case(const Context& ctx, const std::string& name, uint64_t sal
 // Ranks that would choose different protocols (rank 0 puts, its peers could pull) agree on one at construction:
 // a rank pulling while another pushed would wait out its timeout.
 void protocol_agreement_case(const Context& ctx) {
-  InternodeOptions options;
+  AllToAllOptions options;
   options.timeout_ns = ctx.timeout_ns;
   options.force_puts = ctx.rank == 0;
   checked_call_case(ctx, "only rank 0 forces puts: every rank runs the puts protocol", 3,
@@ -239,64 +239,67 @@ void host_argument_cases(const Context& ctx) {
 
   const uint32_t too_many = uint32_t(config.max_num_tokens + 1);
   const std::string too_many_tail = detail::concat(" must be <= max_num_tokens=", config.max_num_tokens, ", got ", too_many);
-  auto misaligned_by = [](const void* pointer, int bytes) {
-    return static_cast<uint8_t*>(const_cast<void*>(pointer)) + bytes;
+  // The address `bytes` past `pointer`, as a pointer of the same type.
+  auto misaligned_by = [](auto* pointer, int bytes) {
+    using Pointer = decltype(pointer);
+    using Byte = std::conditional_t<std::is_const_v<std::remove_pointer_t<Pointer>>, const uint8_t, uint8_t>;
+    return reinterpret_cast<Pointer>(reinterpret_cast<Byte*>(pointer) + bytes);
   };
-  auto misaligned = [&](const void* pointer) { return misaligned_by(pointer, 8); };
+  auto misaligned = [&](auto* pointer) { return misaligned_by(pointer, 8); };
 
   struct DispatchCase {
     const char* name;
-    std::function<void(DispatchArguments&)> spoil;
+    std::function<void(DispatchParams&)> spoil;
     std::string message;
   };
   const DispatchCase dispatch_cases[] = {
-      {"dispatch with m > max_num_tokens", [&](DispatchArguments& a) { a.m = too_many; }, "dispatch: m" + too_many_tail},
-      {"dispatch with null dp_x", [](DispatchArguments& a) { a.dp_x = nullptr; }, "dispatch: dp_x must not be null"},
-      {"dispatch with null dp_x_scale (scales configured)", [](DispatchArguments& a) { a.dp_x_scale = nullptr; },
+      {"dispatch with m > max_num_tokens", [&](DispatchParams& a) { a.m = too_many; }, "dispatch: m" + too_many_tail},
+      {"dispatch with null dp_x", [](DispatchParams& a) { a.dp_x.data = nullptr; }, "dispatch: dp_x must not be null"},
+      {"dispatch with null dp_x_scale (scales configured)", [](DispatchParams& a) { a.dp_x_scale.data = nullptr; },
        "dispatch: dp_x_scale must not be null"},
-      {"dispatch with null indices", [](DispatchArguments& a) { a.indices = nullptr; },
+      {"dispatch with null indices", [](DispatchParams& a) { a.indices = nullptr; },
        "dispatch: indices must not be null"},
-      {"dispatch with null out_expert_num_tokens", [](DispatchArguments& a) { a.out_expert_num_tokens = nullptr; },
+      {"dispatch with null out_expert_num_tokens", [](DispatchParams& a) { a.out_expert_num_tokens = nullptr; },
        "dispatch: out_expert_num_tokens must not be null"},
-      {"dispatch with null out_expert_x", [](DispatchArguments& a) { a.out_expert_x = nullptr; },
+      {"dispatch with null out_expert_x", [](DispatchParams& a) { a.out_expert_x = nullptr; },
        "dispatch: out_expert_x must not be null"},
-      {"dispatch with misaligned dp_x", [&](DispatchArguments& a) { a.dp_x = misaligned(a.dp_x); },
+      {"dispatch with misaligned dp_x", [&](DispatchParams& a) { a.dp_x.data = misaligned(a.dp_x.data); },
        "dispatch: dp_x must be 16-byte aligned"},
-      {"dispatch with misaligned out_expert_x", [&](DispatchArguments& a) { a.out_expert_x = misaligned(a.out_expert_x); },
+      {"dispatch with misaligned out_expert_x", [&](DispatchParams& a) { a.out_expert_x = misaligned(a.out_expert_x); },
        "dispatch: out_expert_x must be 16-byte aligned"},
       {"dispatch with misaligned dp_x_scale",
-       [&](DispatchArguments& a) { a.dp_x_scale = misaligned_by(a.dp_x_scale, 2); },
+       [&](DispatchParams& a) { a.dp_x_scale.data = misaligned_by(a.dp_x_scale.data, 2); },
        "dispatch: dp_x_scale must be 4-byte aligned"},
       {"dispatch with misaligned out_expert_x_scale",
-       [&](DispatchArguments& a) { a.out_expert_x_scale = misaligned_by(a.out_expert_x_scale, 2); },
+       [&](DispatchParams& a) { a.out_expert_x_scale.data = misaligned_by(a.out_expert_x_scale.data, 2); },
        "dispatch: out_expert_x_scale must be 4-byte aligned"},
-      {"dispatch with a dp_x_scale word stride of 2 bytes", [](DispatchArguments& a) { a.dp_x_scale_strides.word = 2; },
+      {"dispatch with a dp_x_scale word stride of 2 bytes", [](DispatchParams& a) { a.dp_x_scale.element_stride = 2; },
        "dispatch: dp_x_scale: word stride must be a multiple of 4 bytes, got 2"},
       {"dispatch with an out_expert_x_scale row stride of 6 bytes",
-       [](DispatchArguments& a) { a.out_expert_x_scale_strides.row = 6; },
+       [](DispatchParams& a) { a.out_expert_x_scale.row_stride = 6; },
        "dispatch: out_expert_x_scale: row stride must be a multiple of 4 bytes, got 6"},
-      {"dispatch with dp_x rows 8 bytes apart", [](DispatchArguments& a) { a.dp_x_row_stride = 8; },
+      {"dispatch with dp_x rows 8 bytes apart", [](DispatchParams& a) { a.dp_x.row_stride = 8; },
        detail::concat("dispatch: dp_x's rows must lie a multiple of 16 bytes apart, at least hidden_dim_bytes=",
                       config.hidden_dim_bytes, ", got a row stride of 8 bytes")},
       // Staging such an input would overwrite rows it has yet to read.
       {"dispatch with dp_x one row into dispatch_input_buffer()",
-       [&](DispatchArguments& a) {
-         a.dp_x_row_stride = a2a->dispatch_input_row_stride();
-         a.dp_x = static_cast<uint8_t*>(a2a->dispatch_input_buffer()) + a.dp_x_row_stride;
+       [&](DispatchParams& a) {
+         const Strided2D<uint8_t> rows = a2a->dispatch_input_buffer();
+         a.dp_x = Strided2D<const uint8_t>{rows.data + rows.row_stride, rows.row_stride, 1};
        },
        "dispatch: dp_x overlaps the rows the dispatch stages tokens in without being dispatch_input_buffer() in its "
        "layout"},
       {"dispatch with dp_x_scale column-major in dispatch_input_scale_buffer()",
-       [&](DispatchArguments& a) {
-         a.dp_x_scale = a2a->dispatch_input_scale_buffer();
-         a.dp_x_scale_strides = ScaleStrides{0, 4, a2a->dispatch_input_row_stride()};
+       [&](DispatchParams& a) {
+         const Strided2D<float> scales = a2a->dispatch_input_scale_buffer();
+         a.dp_x_scale = Strided2D<const float>{scales.data, 4, scales.row_stride};
        },
        "dispatch: dp_x_scale overlaps the rows the dispatch stages tokens in without being "
        "dispatch_input_scale_buffer() in its layout"},
   };
   for (const DispatchCase& c : dispatch_cases) {
     ctx.run(detail::concat("host: ", c.name), [&] {
-      DispatchArguments args = trip.dispatch_arguments(shape);
+      DispatchParams args = trip.dispatch_arguments(shape);
       c.spoil(args);
       return expect_error<ConfigError>([&] { harness::call_dispatch(*a2a, args, SplitMode::kNone, trip.stream()); },
                                        {c.message});
@@ -305,41 +308,41 @@ void host_argument_cases(const Context& ctx) {
 
   struct CombineCase {
     const char* name;
-    std::function<void(CombineArguments&)> spoil;
+    std::function<void(CombineParams&)> spoil;
     std::string message;
   };
   const CombineCase combine_cases[] = {
-      {"combine with m > max_num_tokens", [&](CombineArguments& a) { a.m = too_many; }, "combine: m" + too_many_tail},
+      {"combine with m > max_num_tokens", [&](CombineParams& a) { a.m = too_many; }, "combine: m" + too_many_tail},
       {"combine with float32 expert_y and float32 out_tokens",
-       [](CombineArguments& a) {
+       [](CombineParams& a) {
          a.expert_type = ScalarType::kFloat32;
          a.out_type = ScalarType::kFloat32;
        },
        "combine: a float32 expert_y needs bfloat16 or float16 out_tokens (its rows travel as that type), got float32 "
        "out_tokens"},
       {"combine with float32 expert_y in expert_output_buffer()",
-       [&](CombineArguments& a) {
+       [&](CombineParams& a) {
          a.expert_type = ScalarType::kFloat32;
          a.expert_y = a2a->expert_output_buffer();
        },
        "combine: expert_output_buffer() holds 16-bit rows; a float32 expert_y must be the caller's own"},
-      {"combine with null expert_y", [](CombineArguments& a) { a.expert_y = nullptr; },
+      {"combine with null expert_y", [](CombineParams& a) { a.expert_y = nullptr; },
        "combine: expert_y must not be null"},
-      {"combine with null out_tokens", [](CombineArguments& a) { a.out_tokens = nullptr; },
+      {"combine with null out_tokens", [](CombineParams& a) { a.out_tokens = nullptr; },
        "combine: out_tokens must not be null"},
-      {"combine with misaligned out_tokens", [&](CombineArguments& a) { a.out_tokens = misaligned(a.out_tokens); },
+      {"combine with misaligned out_tokens", [&](CombineParams& a) { a.out_tokens = misaligned(a.out_tokens); },
        "combine: out_tokens must be 16-byte aligned"},
-      {"combine with null indices", [](CombineArguments& a) { a.indices = nullptr; },
+      {"combine with null indices", [](CombineParams& a) { a.indices = nullptr; },
        "combine: indices must not be null"},
-      {"combine with null weights", [](CombineArguments& a) { a.weights = nullptr; },
+      {"combine with null weights", [](CombineParams& a) { a.weights = nullptr; },
        "combine: weights must not be null"},
       {"combine with misaligned weights",
-       [&](CombineArguments& a) { a.weights = reinterpret_cast<const float*>(misaligned_by(a.weights, 2)); },
+       [&](CombineParams& a) { a.weights = reinterpret_cast<const float*>(misaligned_by(a.weights, 2)); },
        "combine: weights must be 4-byte aligned"},
   };
   for (const CombineCase& c : combine_cases) {
     ctx.run(detail::concat("host: ", c.name), [&] {
-      CombineArguments args = trip.combine_arguments(shape);
+      CombineParams args = trip.combine_arguments(shape);
       c.spoil(args);
       return expect_error<ConfigError>([&] { harness::call_combine(*a2a, args, SplitMode::kNone, trip.stream()); },
                                        {c.message});
@@ -473,7 +476,7 @@ void config_cases(const Context& ctx) {
        detail::concat("intranode: all_gather returned 1 entries, expected world_size=", world)},
       {"all_gather returns bytes that are no buffer description",
        [&](const std::string&) { return std::vector<std::string>(world, "not a buffer description"); },
-       "bytes of buffer description, expected"},
+       "bytes of agreement record, expected"},
       {"all_gather out of rank order",
        [&](const std::string& local) { return std::vector<std::string>(world, local); },
        "of all_gather is not rank"},

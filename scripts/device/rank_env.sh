@@ -6,6 +6,8 @@
 #   start_fresh_mps            a new CUDA MPS daemon, quit when the calling script exits. One job per daemon:
 #                              a daemon left by an earlier job (or its clients) makes the next start fail.
 
+. "$(dirname "${BASH_SOURCE[0]}")/../env.sh"
+
 count_gpus() {
   GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU ' || true)
   GPUS=${GPUS:-0}

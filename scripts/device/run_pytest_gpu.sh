@@ -4,4 +4,5 @@
 # Needs the package installed (bash scripts/install_python.sh). Ranks: EXPERTWIRE_TEST_RANKS (default 2,4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/env.sh
 exec scripts/device/with_mps.sh python3 -m pytest tests -m gpu -rs "$@"

@@ -14,6 +14,7 @@
 # "--configs 2 --iterations 2"), SANITIZE_TIMEOUT_S (per run, default 1200). Logs: build/sanitize/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/env.sh
 
 if ! (nvidia-smi -L 2>/dev/null | grep -q '^GPU '); then
   echo "SKIPPED: no GPU visible (nvidia-smi lists none); compute-sanitizer needs a CUDA device"

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from . import ops
 from ._device_memory import rows_over, tensor_over
 from ._native import ext
-from .checks import EXPERT_ROW_DTYPES, AllToAllShape, check_combine, check_dispatch, dtype_names
+from .checks import EXPERT_ROW_DTYPES, AllToAllShape, check_combine_tensors, check_dispatch_tensors, dtype_names
 
 
 def _resolve_group(group_name: str) -> dist.ProcessGroup:
@@ -185,7 +185,8 @@ class AllToAll:
         itemsize]; dp_x_scale [m, ...]; indices [m, experts_per_token] uint32; bound_m [1] uint32 on the GPU or
         None."""
         handle = self._live_handle("dispatch")
-        check_dispatch(
+        # The torch checks here; the rest in the native call, before it launches anything.
+        check_dispatch_tensors(
             self._shape,
             out_expert_num_tokens,
             out_expert_x,
@@ -194,8 +195,6 @@ class AllToAll:
             dp_x_scale,
             indices,
             bound_m,
-            do_send,
-            do_recv,
             device=self._device,
         )
         dispatch_op = ops.dispatch if _traced(out_expert_x) else ops.launch_dispatch
@@ -228,9 +227,7 @@ class AllToAll:
         max_recv_tokens, hidden_dim] bfloat16 or float16, or float32 with 16-bit out_tokens (its rows are rounded
         to out_tokens' type before they travel)."""
         handle = self._live_handle("combine")
-        check_combine(
-            self._shape, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv, device=self._device
-        )
+        check_combine_tensors(self._shape, out_tokens, indices, weights, expert_y, bound_m, device=self._device)
         combine_op = ops.combine if _traced(out_tokens) else ops.launch_combine
         combine_op(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
 

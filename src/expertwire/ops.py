@@ -15,17 +15,13 @@ from typing import Optional
 
 import torch
 
+from ._layout import row_strides, scale_strides
 from ._native import ext
+from .checks import SCALAR_TYPES
 
 _live: dict[int, "ext.AllToAllHandle"] = {}
 _uses_nvshmem: set[int] = set()
 _next_handle = itertools.count(1)
-
-_SCALAR_TYPES = {
-    torch.float32: ext.ScalarType.float32,
-    torch.bfloat16: ext.ScalarType.bfloat16,
-    torch.float16: ext.ScalarType.float16,
-}
 
 
 def register(native: "ext.AllToAllHandle", uses_nvshmem: bool) -> int:
@@ -64,15 +60,6 @@ def _stream(tensor: torch.Tensor) -> int:
     return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
-def _scale_strides(tensor: torch.Tensor) -> tuple[int, ...]:
-    """Byte strides of a scale tensor's dimensions, its 4-byte words' last: a float32 tensor's own strides, and
-    a uint8 tensor (whose last dimension is contiguous, checks.py) reads 4 bytes as a word. A dimension of size
-    0 or 1 is never stepped along: 0."""
-    itemsize = tensor.element_size()
-    *outer, last = (stride * itemsize if size > 1 else 0 for stride, size in zip(tensor.stride(), tensor.shape))
-    return (*outer, 4 if itemsize == 1 else last)
-
-
 def launch_dispatch(
     handle: int,
     out_expert_num_tokens: torch.Tensor,
@@ -97,9 +84,9 @@ def launch_dispatch(
         do_send,
         do_recv,
         _stream(out_expert_x),
-        _scale_strides(out_expert_x_scale) if out_expert_x_scale is not None else (0, 0, 4),
-        _scale_strides(dp_x_scale) if dp_x_scale is not None else (0, 4),
-        dp_x.stride(0) * dp_x.element_size(),
+        scale_strides(out_expert_x_scale) if out_expert_x_scale is not None else (0, 0, 4),
+        scale_strides(dp_x_scale) if dp_x_scale is not None else (0, 4),
+        row_strides(dp_x),
     )
 
 
@@ -123,11 +110,11 @@ def launch_combine(
 ) -> None:
     native(handle).combine(
         _address(out_tokens),
-        _SCALAR_TYPES[out_tokens.dtype],
+        SCALAR_TYPES[out_tokens.dtype],
         _address(indices),
         _address(weights),
         _address(expert_y),
-        _SCALAR_TYPES[expert_y.dtype],
+        SCALAR_TYPES[expert_y.dtype],
         indices.shape[0],
         _address(bound_m),
         do_send,

@@ -47,14 +47,14 @@ size_t first_non_sentinel(const uint8_t* data, size_t bytes) {
   return bytes;
 }
 
-// Strides of a scale tensor of `rows` rows per expert, `scale_bytes` of scales a row, laid out as `layout` says.
-ScaleStrides scale_strides(CallShape::ScaleLayout layout, uint64_t scale_bytes, uint64_t rows) {
+// A scale tensor of `rows` rows per expert, `scale_bytes` of scales a row, laid out as `layout` says (data null).
+Strided3D<float> scale_view(CallShape::ScaleLayout layout, uint64_t scale_bytes, uint64_t rows) {
   switch (layout) {
-    case CallShape::ScaleLayout::kPaddedRows: return ScaleStrides::contiguous(scale_bytes + kScaleRowPadBytes, rows);
-    case CallShape::ScaleLayout::kColumnMajor: return ScaleStrides{rows * scale_bytes, 4, rows * 4};
+    case CallShape::ScaleLayout::kPaddedRows: return contiguous_matrices<float>(nullptr, rows, scale_bytes + kScaleRowPadBytes);
+    case CallShape::ScaleLayout::kColumnMajor: return Strided3D<float>{nullptr, rows * scale_bytes, 4, rows * 4};
     case CallShape::ScaleLayout::kContiguous: break;
   }
-  return ScaleStrides::contiguous(scale_bytes, rows);
+  return contiguous_matrices<float>(nullptr, rows, scale_bytes);
 }
 
 const char* in_buffer_name(CallShape::InBuffer which) {
@@ -152,14 +152,14 @@ std::vector<reference::ExpertInbox> reference_inboxes(const AllToAllConfig& conf
   return reference::dispatch(config, inputs);
 }
 
-void call_dispatch(AllToAll& a2a, const DispatchArguments& a, SplitMode mode, cudaStream_t stream) {
-  a2a.dispatch(a.out_expert_num_tokens, a.out_expert_x, a.out_expert_x_scale, a.dp_x, a.dp_x_scale, a.indices, a.m,
-               a.bound_m, mode, stream, a.out_expert_x_scale_strides, a.dp_x_scale_strides, a.dp_x_row_stride);
+void call_dispatch(AllToAll& a2a, DispatchParams params, SplitMode mode, cudaStream_t stream) {
+  params.split = mode;
+  a2a.dispatch(params, stream);
 }
 
-void call_combine(AllToAll& a2a, const CombineArguments& a, SplitMode mode, cudaStream_t stream) {
-  a2a.combine(a.out_tokens, a.out_type, a.indices, a.weights, a.expert_y, a.expert_type, a.m, a.bound_m, mode,
-              stream);
+void call_combine(AllToAll& a2a, CombineParams params, SplitMode mode, cudaStream_t stream) {
+  params.split = mode;
+  a2a.combine(params, stream);
 }
 
 RoundTrip::RoundTrip(const AllToAllConfig& config)
@@ -189,9 +189,11 @@ size_t RoundTrip::expert_scale_bytes() const {
   return config_.num_local_experts() * config_.max_recv_tokens() * row_bytes;
 }
 
-ScaleStrides RoundTrip::out_expert_x_scale_strides(const CallShape& shape) const {
-  return scale_strides(shape.scale_layout, uint64_t(config_.hidden_dim_scale_bytes),
-                       uint64_t(config_.max_recv_tokens()));
+Strided3D<float> RoundTrip::out_expert_x_scale(const CallShape& shape) const {
+  Strided3D<float> view = scale_view(shape.scale_layout, uint64_t(config_.hidden_dim_scale_bytes),
+                                     uint64_t(config_.max_recv_tokens()));
+  view.data = config_.hidden_dim_scale_bytes != 0 ? expert_x_scale_.get<float>() : nullptr;
+  return view;
 }
 
 // Room for max_num_tokens rows of the widest output type.
@@ -199,17 +201,18 @@ size_t RoundTrip::out_tokens_bytes() const { return config_.max_num_tokens * con
 
 void RoundTrip::upload(const GroupData& own, const CallShape& shape) {
   const size_t x_row = config_.hidden_dim_bytes, s = config_.hidden_dim_scale_bytes;
-  dp_x_row_stride_ = x_row + (shape.dp_x_padded_rows ? kDpXRowPadBytes : 0);
+  dp_x_view_ = Strided2D<const uint8_t>{dp_x_.get<uint8_t>(), x_row + (shape.dp_x_padded_rows ? kDpXRowPadBytes : 0), 1};
   if (own.m > 0) {
-    EW_CUDA_CHECK(cudaMemcpy2D(dp_x_.get(), dp_x_row_stride_, own.x.data(), x_row, x_row, size_t(own.m),
+    EW_CUDA_CHECK(cudaMemcpy2D(dp_x_.get(), dp_x_view_.row_stride, own.x.data(), x_row, x_row, size_t(own.m),
                                cudaMemcpyHostToDevice));
   }
-  dp_x_scale_strides_ = scale_strides(shape.scale_layout, s, uint64_t(config_.max_num_tokens));
-  dp_x_scale_strides_.expert = 0;  // dp_x_scale has no expert dimension
+  // dp_x_scale has no expert dimension: the view's rows and words.
+  const Strided3D<float> scale_layout = scale_view(shape.scale_layout, s, uint64_t(config_.max_num_tokens));
+  dp_x_scale_view_ = Strided2D<const float>{dp_x_scale_.get<float>(), scale_layout.row_stride, scale_layout.element_stride};
   std::vector<uint8_t> scales(dp_x_scale_.bytes(), kSentinel);
   for (size_t t = 0; s != 0 && t < size_t(own.m); ++t) {
     for (size_t w = 0; w < s / 4; ++w) {
-      std::memcpy(&scales[dp_x_scale_strides_.offset(0, t, w)], &own.x_scale[t * s + w * 4], 4);
+      std::memcpy(&scales[dp_x_scale_view_.offset(t, w)], &own.x_scale[t * s + w * 4], 4);
     }
   }
   EW_CUDA_CHECK(cudaMemcpy(dp_x_scale_.get(), scales.data(), scales.size(), cudaMemcpyHostToDevice));
@@ -229,47 +232,50 @@ uint32_t RoundTrip::call_m(const CallShape& shape) const {
   return shape.use_bound_m ? uint32_t(config_.max_num_tokens) : own_m_;
 }
 
-DispatchArguments RoundTrip::dispatch_arguments(const CallShape& shape) const {
+DispatchParams RoundTrip::dispatch_arguments(const CallShape& shape) const {
   const bool scales = config_.hidden_dim_scale_bytes != 0;
   const uint32_t m = call_m(shape);
-  return DispatchArguments{num_tokens_.get<int32_t>(),
-                           expert_x_.get(),
-                           scales ? expert_x_scale_.get() : nullptr,
-                           per_token<void>(dp_x_, m),
-                           scales ? per_token<void>(dp_x_scale_, m) : nullptr,
-                           per_token<uint32_t>(indices_, m),
-                           m,
-                           shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr,
-                           out_expert_x_scale_strides(shape),
-                           dp_x_scale_strides_,
-                           dp_x_row_stride_};
+  DispatchParams p;
+  p.out_expert_num_tokens = num_tokens_.get<int32_t>();
+  p.out_expert_x = expert_x_.get<uint8_t>();
+  p.out_expert_x_scale = out_expert_x_scale(shape);
+  p.dp_x = dp_x_view_;
+  p.dp_x.data = per_token<const uint8_t>(dp_x_, m);
+  p.dp_x_scale = dp_x_scale_view_;
+  p.dp_x_scale.data = scales ? per_token<const float>(dp_x_scale_, m) : nullptr;
+  p.indices = per_token<const uint32_t>(indices_, m);
+  p.m = m;
+  p.bound_m = shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr;
+  return p;
 }
 
-CombineArguments RoundTrip::combine_arguments(const CallShape& shape) const {
+CombineParams RoundTrip::combine_arguments(const CallShape& shape) const {
   const uint32_t m = call_m(shape);
-  return CombineArguments{per_token<void>(out_tokens_, m),
-                          shape.out_type,
-                          per_token<uint32_t>(indices_, m),
-                          per_token<float>(weights_, m),
-                          expert_y_.get(),
-                          shape.expert_type,
-                          m,
-                          shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr};
+  CombineParams p;
+  p.out_tokens = per_token<void>(out_tokens_, m);
+  p.out_type = shape.out_type;
+  p.indices = per_token<const uint32_t>(indices_, m);
+  p.weights = per_token<const float>(weights_, m);
+  p.expert_y = expert_y_.get();
+  p.expert_type = shape.expert_type;
+  p.m = m;
+  p.bound_m = shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr;
+  return p;
 }
 
-void RoundTrip::copy_inputs_into_buffers(AllToAll& a2a, const CallShape& shape, DispatchArguments& args) const {
-  const uint64_t row_stride = a2a.dispatch_input_row_stride(), x_row = config_.hidden_dim_bytes;
+void RoundTrip::copy_inputs_into_buffers(AllToAll& a2a, const CallShape& shape, DispatchParams& params) const {
+  const uint64_t x_row = config_.hidden_dim_bytes;
   if (own_m_ == 0) return;
-  EW_CUDA_CHECK(cudaMemcpy2DAsync(a2a.dispatch_input_buffer(), row_stride, dp_x_.get(), dp_x_row_stride_, x_row,
-                                  own_m_, cudaMemcpyDeviceToDevice, stream_));
-  args.dp_x = a2a.dispatch_input_buffer();
-  args.dp_x_row_stride = row_stride;
+  const Strided2D<uint8_t> rows = a2a.dispatch_input_buffer();
+  EW_CUDA_CHECK(cudaMemcpy2DAsync(rows.data, rows.row_stride, dp_x_.get(), dp_x_view_.row_stride, x_row, own_m_,
+                                  cudaMemcpyDeviceToDevice, stream_));
+  params.dp_x = Strided2D<const uint8_t>{rows.data, rows.row_stride, rows.element_stride};
   const uint64_t s = config_.hidden_dim_scale_bytes;
   if (s == 0 || shape.scale_layout == CallShape::ScaleLayout::kColumnMajor) return;
-  EW_CUDA_CHECK(cudaMemcpy2DAsync(a2a.dispatch_input_scale_buffer(), row_stride, dp_x_scale_.get(),
-                                  dp_x_scale_strides_.row, s, own_m_, cudaMemcpyDeviceToDevice, stream_));
-  args.dp_x_scale = a2a.dispatch_input_scale_buffer();
-  args.dp_x_scale_strides = a2a.dispatch_input_scale_strides();
+  const Strided2D<float> scales = a2a.dispatch_input_scale_buffer();
+  EW_CUDA_CHECK(cudaMemcpy2DAsync(scales.data, scales.row_stride, dp_x_scale_.get(), dp_x_scale_view_.row_stride, s,
+                                  own_m_, cudaMemcpyDeviceToDevice, stream_));
+  params.dp_x_scale = Strided2D<const float>{scales.data, scales.row_stride, scales.element_stride};
 }
 
 void RoundTrip::fill_dispatch_outputs() {
@@ -280,7 +286,7 @@ void RoundTrip::fill_dispatch_outputs() {
 
 void RoundTrip::dispatch(AllToAll& a2a, const CallShape& shape) {
   fill_dispatch_outputs();
-  DispatchArguments args = dispatch_arguments(shape);
+  DispatchParams args = dispatch_arguments(shape);
   if (shape.dp_x_in_buffer_on(config_.rank)) copy_inputs_into_buffers(a2a, shape, args);
   for (const SplitMode mode : modes_of(shape)) call_dispatch(a2a, args, mode, stream_);
   EW_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -295,7 +301,7 @@ void RoundTrip::check_dispatch(const CallShape& shape, const std::vector<referen
   // Scales are compared word by word where the layout puts them, then overwritten with the sentinel: what is
   // left must be sentinel everywhere (unused rows, padding, the guard).
   std::vector<uint8_t> got_s = download(expert_x_scale_);
-  const ScaleStrides scale_strides = out_expert_x_scale_strides(shape);
+  const Strided3D<float> scale_layout = out_expert_x_scale(shape);
   std::vector<uint8_t> row_scales(s_row);
 
   for (int64_t le = 0; le < num_local; ++le) {
@@ -317,7 +323,7 @@ void RoundTrip::check_dispatch(const CallShape& shape, const std::vector<referen
       read_marker(row, &g, &t);
       rows_of_[le].push_back({g, t});
       for (size_t w = 0; w < s_row / 4; ++w) {
-        uint8_t* word = &got_s[scale_strides.offset(le, i, w)];
+        uint8_t* word = &got_s[scale_layout.offset(le, i, w)];
         std::memcpy(&row_scales[w * 4], word, 4);
         std::memset(word, kSentinel, 4);
       }
@@ -392,7 +398,7 @@ void RoundTrip::combine(AllToAll& a2a, const CallShape& shape) {
                              cudaMemcpyHostToDevice));
   }
   EW_CUDA_CHECK(cudaMemsetAsync(out_tokens_.get(), kSentinel, out_tokens_.bytes(), stream_));
-  CombineArguments args = combine_arguments(shape);
+  CombineParams args = combine_arguments(shape);
   args.expert_y = expert_y;
   for (const SplitMode mode : modes_of(shape)) call_combine(a2a, args, mode, stream_);
   EW_CUDA_CHECK(cudaStreamSynchronize(stream_));

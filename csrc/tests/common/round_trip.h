@@ -10,13 +10,14 @@
 #include <utility>
 #include <vector>
 
-#include "core/config.h"
+#include "expertwire/config.h"
 #include "core/cuda_utils.h"
-#include "core/dtype.h"
+#include "expertwire/dtype.h"
 #include "core/error.h"
 #include "reference/reference.h"
 #include "tests/common/workload.h"
-#include "transport/common/all_to_all.h"
+#include "expertwire/all_to_all.h"
+#include "expertwire/params.h"
 
 namespace expertwire::harness {
 
@@ -47,7 +48,7 @@ struct CallShape {
   // Which ranks' experts write into AllToAll::expert_output_buffer(), passed as expert_y; the others pass their
   // own expert_y. Mixed, readers find some owners' rows in place and others pushed to them.
   enum class InBuffer { kNone, kAll, kOddRanks } expert_y_in_buffer = InBuffer::kNone;
-  // How the scale tensors are laid out (ScaleStrides): contiguous; rows padded with unused words (vLLM's
+  // How the scale tensors are laid out: contiguous; rows padded with unused words (vLLM's
   // per-token fp8 allocates wider rows than it fills); column-major, each expert's words [word][row] (DeepGEMM's
   // layout; dp_x_scale [word][token]).
   enum class ScaleLayout { kContiguous, kPaddedRows, kColumnMajor } scale_layout = ScaleLayout::kContiguous;
@@ -76,32 +77,9 @@ std::vector<GroupData> make_all_groups(const AllToAllConfig& config, const CallS
 // What each local expert of this rank should receive from `groups`, by the reference model.
 std::vector<reference::ExpertInbox> reference_inboxes(const AllToAllConfig& config, const std::vector<GroupData>& groups);
 
-// The arguments of AllToAll::dispatch and ::combine, so a test can spoil one and make the call.
-struct DispatchArguments {
-  int32_t* out_expert_num_tokens;
-  void* out_expert_x;
-  void* out_expert_x_scale;
-  const void* dp_x;
-  const void* dp_x_scale;
-  const uint32_t* indices;
-  uint32_t m;
-  const uint32_t* bound_m;
-  ScaleStrides out_expert_x_scale_strides;
-  ScaleStrides dp_x_scale_strides;
-  uint64_t dp_x_row_stride;
-};
-struct CombineArguments {
-  void* out_tokens;
-  ScalarType out_type;
-  const uint32_t* indices;
-  const float* weights;
-  const void* expert_y;
-  ScalarType expert_type;
-  uint32_t m;
-  const uint32_t* bound_m;
-};
-void call_dispatch(AllToAll& a2a, const DispatchArguments& args, SplitMode mode, cudaStream_t stream);
-void call_combine(AllToAll& a2a, const CombineArguments& args, SplitMode mode, cudaStream_t stream);
+// One call of AllToAll::dispatch / ::combine in `mode` (SplitMode), with the rest of `params` as they are.
+void call_dispatch(AllToAll& a2a, DispatchParams params, SplitMode mode, cudaStream_t stream);
+void call_combine(AllToAll& a2a, CombineParams params, SplitMode mode, cudaStream_t stream);
 
 // This rank's device buffers for the calls of one configuration, allocated once and reused by every call.
 // Each output is followed by a guard region, and outputs and guards are filled with a sentinel before every
@@ -119,8 +97,9 @@ class RoundTrip {
   // Replaces the device value behind bound_m (tests of a bad bound_m).
   void set_device_bound_m(uint32_t value);
 
-  DispatchArguments dispatch_arguments(const CallShape& shape) const;
-  CombineArguments combine_arguments(const CallShape& shape) const;
+  // The arguments of this rank's calls of `shape`, so a test can spoil one and make the call.
+  DispatchParams dispatch_arguments(const CallShape& shape) const;
+  CombineParams combine_arguments(const CallShape& shape) const;
 
   // Calls dispatch (in two halves when shape.split), waits for it and raises its device error, if any. When the
   // shape says so, the tokens move into a2a's dispatch input buffers first, in stream order.
@@ -143,21 +122,21 @@ class RoundTrip {
  private:
   size_t expert_x_bytes() const;
   size_t expert_scale_bytes() const;  // room for the widest scale layout
-  ScaleStrides out_expert_x_scale_strides(const CallShape& shape) const;
+  Strided3D<float> out_expert_x_scale(const CallShape& shape) const;
   size_t out_tokens_bytes() const;
   // The m a call passes: max_num_tokens when the device bound_m carries the count, else this rank's own m.
   uint32_t call_m(const CallShape& shape) const;
   void fill_dispatch_outputs();
   // Copies the uploaded tokens (and their scales, unless column-major) into a2a's dispatch input buffers and
-  // points `args` at them.
-  void copy_inputs_into_buffers(AllToAll& a2a, const CallShape& shape, DispatchArguments& args) const;
+  // points `params` at them.
+  void copy_inputs_into_buffers(AllToAll& a2a, const CallShape& shape, DispatchParams& params) const;
 
   AllToAllConfig config_;
   cudaStream_t stream_ = nullptr;
   DeviceBuffer dp_x_, dp_x_scale_, indices_, weights_, bound_m_;
-  // The layout of the last upload's dp_x_ and dp_x_scale_.
-  uint64_t dp_x_row_stride_ = 0;
-  ScaleStrides dp_x_scale_strides_;
+  // The last upload's dp_x_ and dp_x_scale_, as laid out.
+  Strided2D<const uint8_t> dp_x_view_;
+  Strided2D<const float> dp_x_scale_view_;
   DeviceBuffer num_tokens_, expert_x_, expert_x_scale_, expert_y_, out_tokens_;  // each ends in a guard
   uint32_t own_m_ = 0;
   std::vector<std::vector<std::pair<uint32_t, uint32_t>>> rows_of_;  // (group, token) of each row, per expert

@@ -5,8 +5,8 @@
 
 #include "core/error.h"
 #include "tests/common/mpi_harness.h"
-#include "transport/internode/all_to_all_internode.h"
-#include "transport/intranode/all_to_all_intranode.h"
+#include "expertwire/internode.h"
+#include "expertwire/intranode.h"
 
 namespace expertwire::harness {
 
@@ -47,13 +47,9 @@ const char* transport_flag_name(TransportKind kind) {
 }
 
 std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config, uint64_t timeout_ns) {
-  if (kind == TransportKind::kIntranode) {
-    IntranodeOptions options;
-    options.timeout_ns = timeout_ns;
-    return std::make_unique<AllToAllIntranode>(config, all_gather_bytes, options);
-  }
-  InternodeOptions options;
+  AllToAllOptions options;
   options.timeout_ns = timeout_ns;
+  if (kind == TransportKind::kIntranode) return std::make_unique<AllToAllIntranode>(config, all_gather_bytes, options);
   options.force_puts = kind == TransportKind::kInternodePuts;
   return std::make_unique<AllToAllInternode>(config, options);
 }

@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "core/config.h"
-#include "transport/common/all_to_all.h"
+#include "expertwire/config.h"
+#include "expertwire/all_to_all.h"
 
 namespace expertwire::harness {
 

@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "core/config.h"
-#include "core/dtype.h"
+#include "expertwire/config.h"
+#include "expertwire/dtype.h"
 #include "reference/reference.h"
 
 namespace expertwire::harness {

@@ -9,7 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "core/config.h"
+#include "core/env.h"
+#include "expertwire/config.h"
 #include "core/error.h"
 
 namespace expertwire {

@@ -12,10 +12,11 @@
 #include <utility>
 #include <vector>
 
-#include "core/config.h"
+#include "expertwire/config.h"
 #include "core/error.h"
 #include "core/layout.h"
-#include "device/kernel_args.h"
+#include "device/wire_protocol.h"
+#include "expertwire/strided.h"
 
 namespace expertwire {
 namespace {
@@ -685,38 +686,82 @@ TEST(ArrivalSignal, CompleteOnlyWhenEveryBlockArrived) {
 // (num_local + 1) words), then a bit per rank (which ranks pushed their rows), rounded up to whole words.
 TEST(KernelSharedMemory, CombineHoldsExpertStartsThenARankBitmap) {
   const BufferLayout small = make_buffer_layout(small_config(), 5);  // 2 local experts, 4 ranks
-  EXPECT_EQ(device::combine_shared_expert_start_word(small), 3u);   // after 2 counts and a spare word
-  EXPECT_EQ(device::combine_shared_rank_bits_word(small), 6u);      // 2 * (2 + 1)
-  EXPECT_EQ(device::rank_bit_words(small), 1u);
-  EXPECT_EQ(device::combine_shared_bytes(small), 28u);  // (6 + 1) * 4
+  EXPECT_EQ(CombineShared::expert_start_word(small), 3u);   // after 2 counts and a spare word
+  EXPECT_EQ(CombineShared::rank_bits_word(small), 6u);      // 2 * (2 + 1)
+  EXPECT_EQ(CombineShared::rank_bit_words(small), 1u);
+  EXPECT_EQ(CombineShared::bytes(small), 28u);  // (6 + 1) * 4
   for (const auto& [world, words] : {std::pair{32, 1u}, std::pair{33, 2u}, std::pair{64, 2u}, std::pair{65, 3u}}) {
     AllToAllConfig config = small_config();
     config.world_size = world;
     config.dp_size = 1;
     config.num_experts = 2 * world;  // still 2 local experts
     const BufferLayout l = make_buffer_layout(config, 5);
-    EXPECT_EQ(device::rank_bit_words(l), words) << world << " ranks";
-    EXPECT_EQ(device::combine_shared_bytes(l), (6u + words) * 4u) << world << " ranks";
+    EXPECT_EQ(CombineShared::rank_bit_words(l), words) << world << " ranks";
+    EXPECT_EQ(CombineShared::bytes(l), (6u + words) * 4u) << world << " ranks";
   }
 }
 
 // Scale tensors of DeepSeek-V3's shape (56 fp32 words a token), 2 local experts of 32 rows each.
-TEST(ScaleStrides, ContiguousIsRowMajor) {
-  const ScaleStrides s = ScaleStrides::contiguous(224, 32);
-  EXPECT_EQ(s.expert, 7168u);  // 32 * 224
-  EXPECT_EQ(s.row, 224u);
-  EXPECT_EQ(s.word, 4u);
+TEST(Strided3D, ContiguousIsRowMajor) {
+  const Strided3D<float> s = contiguous_matrices<float>(nullptr, 32, 224);
+  EXPECT_EQ(s.matrix_stride, 7168u);  // 32 * 224
+  EXPECT_EQ(s.row_stride, 224u);
+  EXPECT_EQ(s.element_stride, 4u);
   EXPECT_EQ(s.offset(1, 2, 3), 7168u + 448u + 12u);
 }
 
-TEST(ScaleStrides, ColumnMajorAndPaddedRows) {
-  const ScaleStrides column_major{32 * 224, 4, 32 * 4};  // each expert [56 words][32 rows]
+TEST(Strided3D, ColumnMajorAndPaddedRows) {
+  const Strided3D<float> column_major{nullptr, 32 * 224, 4, 32 * 4};  // each expert [56 words][32 rows]
   EXPECT_EQ(column_major.offset(0, 5, 0), 20u);
   EXPECT_EQ(column_major.offset(0, 5, 1), 128u + 20u);
   EXPECT_EQ(column_major.offset(1, 0, 55), 7168u + 55u * 128u);
-  const ScaleStrides padded = ScaleStrides::contiguous(7168 * 4, 32);  // vLLM per-token: a row of hidden_dim words
+  const Strided3D<float> padded = contiguous_matrices<float>(nullptr, 32, 7168 * 4);  // vLLM per-token: hidden_dim words
   EXPECT_EQ(padded.offset(0, 1, 0), 28672u);
   EXPECT_EQ(padded.offset(1, 0, 3), 32u * 28672u + 12u);
+}
+
+TEST(Strided2D, AtStepsInBytes) {
+  alignas(16) uint8_t bytes[64] = {};
+  const Strided2D<const uint8_t> rows{bytes, 24, 1};  // rows further apart than their bytes
+  EXPECT_EQ(rows.at(2, 5), bytes + 53);
+  const Strided2D<float> words{reinterpret_cast<float*>(bytes), 4, 16};  // column-major words
+  EXPECT_EQ(reinterpret_cast<uint8_t*>(words.at(1, 2)), bytes + 36);
+  EXPECT_EQ(contiguous_rows<const uint8_t>(bytes, 16).row_stride, 16u);
+}
+
+// The push dispatch's counts: count + 1, so that 0 reads as "not arrived".
+TEST(DispatchCount, ZeroTokensStillArrive) {
+  EXPECT_FALSE(DispatchCount::arrived(0));
+  for (const uint32_t tokens : {0u, 1u, 4096u}) {
+    EXPECT_TRUE(DispatchCount::arrived(DispatchCount::encode(tokens)));
+    EXPECT_EQ(DispatchCount::tokens(DispatchCount::encode(tokens)), tokens);
+  }
+}
+
+// What a combine arrival says: where the rank's rows are, and the 16-bit type they travel as.
+TEST(CombineArrival, CarriesWhereAndTheRowType) {
+  for (const CombineRowsAt at : {kRowsInOwnerBuffer, kRowsPushed}) {
+    for (const ScalarType type : {ScalarType::kBFloat16, ScalarType::kFloat16}) {
+      const uint32_t payload = CombineArrival::payload(at, type);
+      EXPECT_LE(payload, ArrivalSignal::kMaxPayload);
+      EXPECT_EQ(CombineArrival::rows_at(payload), at);
+      EXPECT_EQ(CombineArrival::row_type(payload), type);
+      EXPECT_EQ(ArrivalSignal::payload(ArrivalSignal::share(0, 3, payload)), payload);
+    }
+  }
+}
+
+// A pull-receive warp's view of a sender: unheard (0), heard with its count, then all taken.
+TEST(SenderView, HeardCountsAndAllTaken) {
+  EXPECT_FALSE(SenderView::is_heard(0));
+  for (const uint32_t tokens : {0u, 7u, 0xfffffeu}) {
+    const uint32_t heard = SenderView::heard(tokens);
+    EXPECT_TRUE(SenderView::is_heard(heard));
+    EXPECT_FALSE(SenderView::all_taken(heard));
+    EXPECT_EQ(SenderView::tokens(heard), tokens);
+    EXPECT_TRUE(SenderView::all_taken(heard | SenderView::kAllTaken));
+    EXPECT_EQ(SenderView::tokens(heard | SenderView::kAllTaken), tokens);
+  }
 }
 
 // Epochs run 1, 2, ..., 2^32 - 1, then 1 again: never 0, which is what fresh stamps and announcements hold, and

@@ -14,7 +14,7 @@
 #include <utility>
 #include <vector>
 
-#include "core/config.h"
+#include "expertwire/config.h"
 #include "core/error.h"
 #include "reference/reference.h"
 

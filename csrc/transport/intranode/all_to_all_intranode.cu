@@ -1,34 +1,31 @@
-#include "transport/intranode/all_to_all_intranode.h"
+#include "expertwire/intranode.h"
 
-#include <cstring>
-#include <string>
-#include <vector>
-
-#include "device/all_to_all_kernels.cuh"
+#include "core/error.h"
+#include "device/launch.cuh"
+#include "symmem/ipc_buffer.h"
+#include "transport/common/agreement.h"
 #include "transport/intranode/peer_transport.cuh"
 
 namespace expertwire {
 
 AllToAllIntranode::AllToAllIntranode(const AllToAllConfig& config, const AllGatherBytes& all_gather,
-                                     const IntranodeOptions& options)
-    : AllToAll(config, /*staging_rows_per_warp=*/0, options.timeout_ns, options.max_sm_count) {
+                                     const AllToAllOptions& options)
+    : AllToAll(config, options, device::PeerTransport::kMayPut) {
+  EW_REQUIRE(!options.force_puts,
+             "intranode: AllToAllOptions.force_puts must be false (peer memory has no puts; the internode transport "
+             "sends every byte through puts with it)");
+  EW_REQUIRE(bool(all_gather), "intranode: an all_gather function is required to exchange buffer handles");
+  agree_before_allocating("intranode", layout(), int(config.rank), int(config.world_size), all_gather, [&] {
+    EW_REQUIRE(config.world_size <= kMaxIntranodeRanks, "intranode: world_size must be 1..", kMaxIntranodeRanks,
+               " (one node), got ", config.world_size, "; use the internode transport across nodes");
+    require_exportable_memory(device());
+  });
   buffer_ = std::make_unique<IpcSymmetricBuffer>(layout().symmetric_bytes, int(config.rank), int(config.world_size),
                                                  all_gather);
-  // The buffer exchange compares sizes only: layouts can differ at one size (scale bytes padded alike). Every
-  // rank sees every signature, so all throw or none does; no peer has written into a buffer yet.
-  const LayoutSignature own = layout_signature(layout());
-  const std::vector<std::string> gathered = all_gather(std::string(reinterpret_cast<const char*>(&own), sizeof(own)));
-  EW_REQUIRE(int64_t(gathered.size()) == config.world_size, "intranode: all_gather returned ", gathered.size(),
-             " entries, expected world_size=", config.world_size);
-  std::vector<LayoutSignature> by_rank(gathered.size());
-  for (size_t rank = 0; rank < gathered.size(); ++rank) {
-    EW_REQUIRE(gathered[rank].size() == sizeof(LayoutSignature), "intranode: entry ", rank, " of all_gather holds ",
-               gathered[rank].size(), " bytes of layout signature, expected ", sizeof(LayoutSignature));
-    std::memcpy(&by_rank[rank], gathered[rank].data(), sizeof(LayoutSignature));
-  }
-  require_same_layout(by_rank);
   set_symmetric_buffer(buffer_->local());
 }
+
+AllToAllIntranode::~AllToAllIntranode() = default;
 
 void AllToAllIntranode::launch_dispatch(const device::DispatchArgs& args, cudaStream_t stream) {
   device::launch_dispatch(args, device::PeerTransport{buffer_->device_peer_table()}, launch_shape(), stream);

@@ -1,4 +1,4 @@
-// Element types of combine's output and expert tensors.
+// Element types of combine's tensors, and pplx_kernels' split of an operation into halves.
 #pragma once
 
 #include <cstdint>
@@ -16,8 +16,7 @@ inline const char* scalar_type_name(ScalarType type) {
   return "unknown";
 }
 
-// pplx_kernels' split of one operation into a send half and a receive half, launched separately so that
-// other work can run in between.
+// A send half and a receive half, launched separately so that other work can run in between; kNone runs both.
 enum class SplitMode : int32_t { kNone = 0, kSend = 1, kRecv = 2 };
 
 }  // namespace expertwire

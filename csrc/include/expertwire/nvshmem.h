@@ -1,0 +1,34 @@
+// NVSHMEM's bootstrap by unique id, and the few collectives programs around the all-to-all need.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace expertwire {
+
+// The bytes of a fresh NVSHMEM unique id: created on one rank, broadcast by any means (MPI,
+// torch.distributed), then passed to nvshmem_init_with_unique_id on every rank.
+std::vector<uint8_t> nvshmem_unique_id();
+size_t nvshmem_unique_id_bytes();
+// Joins the job `unique_id` names as `rank` of `world_size`; blocks until every rank has joined. Throws
+// ConfigError for a unique id of the wrong size or all zeros (one that was never filled by the broadcast).
+void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank, int world_size);
+bool nvshmem_initialized();
+// Throws RuntimeError, saying what to call, when NVSHMEM is not initialized.
+void require_nvshmem_initialized();
+void nvshmem_finalize_runtime();
+// These throw RuntimeError when NVSHMEM is not initialized.
+int nvshmem_rank();
+int nvshmem_world_size();
+void nvshmem_barrier_all_ranks();
+// Device-side barrier of all ranks, ordered on `stream` (benchmarks start every rank together with it).
+void nvshmem_barrier_on_stream(cudaStream_t stream);
+// NVSHMEM's own all-to-all on `stream`, the baseline benchmarks compare against: block r of `source`
+// (bytes_per_rank bytes) lands in block `my rank` of rank r's `dest`. Both must be symmetric (nvshmem_malloc)
+// and hold world_size blocks. Collective.
+void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per_rank, cudaStream_t stream);
+
+}  // namespace expertwire

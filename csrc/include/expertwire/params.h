@@ -1,0 +1,48 @@
+// The arguments of AllToAll::dispatch and AllToAll::combine, by name. Shapes use the configuration's sizes:
+// recv = max_recv_tokens() = max_num_tokens * world_size / dp_size, k = experts_per_token, s =
+// hidden_dim_scale_bytes / 4 scale words. Pointers are device addresses on the all-to-all's GPU. With m = 0 the
+// per-token arrays (dp_x, dp_x_scale, indices, weights, out_tokens) may be null, as empty torch tensors are.
+#pragma once
+
+#include <cstdint>
+
+#include "expertwire/dtype.h"
+#include "expertwire/strided.h"
+
+namespace expertwire {
+
+struct DispatchParams {
+  // Outputs, written on the rank that owns the experts.
+  int32_t* out_expert_num_tokens = nullptr;  // [num_local_experts]: rows received per local expert
+  uint8_t* out_expert_x = nullptr;           // [num_local_experts][recv][hidden_dim_bytes], packed
+  Strided3D<float> out_expert_x_scale;       // [num_local_experts][recv][s] words at any strides (multiples of
+                                             // 4 bytes, no two words at one address); data null without scales
+  // Inputs: this rank's tokens. dp_x's bytes are contiguous in a row (element_stride 1), its rows any multiple
+  // of 16 bytes apart; the dispatch input buffers (AllToAll::dispatch_input_buffer) are valid inputs too.
+  Strided2D<const uint8_t> dp_x;      // [m][hidden_dim_bytes]
+  Strided2D<const float> dp_x_scale;  // [m][s] words at any strides (multiples of 4 bytes); null without scales
+  const uint32_t* indices = nullptr;  // [m][k] packed: the experts of each token
+  uint32_t m = 0;                     // tokens, <= max_num_tokens
+  // Optional device address of the real token count (<= m), read by the kernels: a CUDA graph can replay the
+  // call with another count.
+  const uint32_t* bound_m = nullptr;
+  SplitMode split = SplitMode::kNone;
+};
+
+struct CombineParams {
+  // Output: out_tokens[t] = sum_k weights[t][k] * expert_y(expert indices[t][k], t) for t < m, summed in fp32.
+  void* out_tokens = nullptr;  // [m][hidden_dim] of out_type, packed
+  ScalarType out_type = ScalarType::kBFloat16;
+  const uint32_t* indices = nullptr;  // [m][k] packed, as dispatch took them
+  const float* weights = nullptr;     // [m][k] packed
+  // [num_local_experts][recv][hidden_dim] of expert_type (bfloat16 or float16; float32 with 16-bit out_tokens,
+  // whose type its rows are rounded to before they travel), packed: row i of local expert e is the output for
+  // the token dispatch delivered to out_expert_x[e][i]. May be AllToAll::expert_output_buffer().
+  const void* expert_y = nullptr;
+  ScalarType expert_type = ScalarType::kBFloat16;
+  uint32_t m = 0;
+  const uint32_t* bound_m = nullptr;
+  SplitMode split = SplitMode::kNone;
+};
+
+}  // namespace expertwire

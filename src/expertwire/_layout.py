@@ -1,0 +1,24 @@
+"""Byte strides of tensors, as the native library takes them (expertwire/strided.h): a tensor's element strides
+times its element size. Metadata only, so they are computed for fake tensors too."""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_strides(tensor: torch.Tensor) -> tuple[int, int]:
+    """(row, element) byte strides of a [rows, columns] payload tensor, whose bytes the kernels move as they are:
+    the element stride is 1 (bytes packed in a row) when the row's elements are packed, else the bytes between
+    two elements (which the native checks refuse)."""
+    itemsize = tensor.element_size()
+    packed = tensor.shape[1] <= 1 or tensor.stride(1) == 1
+    return tensor.stride(0) * itemsize, 1 if packed else tensor.stride(1) * itemsize
+
+
+def scale_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Byte strides of a scale tensor's dimensions, its 4-byte words' last: a float32 tensor's own strides, and
+    a uint8 tensor (whose last dimension is contiguous, checks.py) reads 4 bytes as a word. A dimension of size
+    0 or 1 is never stepped along: 0."""
+    itemsize = tensor.element_size()
+    *outer, last = (stride * itemsize if size > 1 else 0 for stride, size in zip(tensor.stride(), tensor.shape))
+    return (*outer, 4 if itemsize == 1 else last)
