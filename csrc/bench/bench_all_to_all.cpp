@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "core/cuda_utils.h"
-#include "expertwire/params.h"
 #include "expertwire/nvshmem.h"
+#include "expertwire/params.h"
 #include "tests/common/mpi_harness.h"
 #include "tests/common/transports.h"
 #include "tests/common/workload.h"
@@ -60,10 +60,11 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--iters") o.iterations = std::stoi(value());
     else if (arg == "--transport") o.transport = value();
     else if (arg == "--json") o.json = value();
-    else EW_THROW(ConfigError, "bench_all_to_all: unknown argument '", arg,
-                  "' (known: --tokens 1,32,128 --experts 64,256 --top-k 8 --hidden 7168 --dp-size 1 --warmup 10 "
-                  "--iters 50 --transport T --json FILE; T: ", harness::kTransportFlagHelp, ", default ",
-                  harness::kDefaultTransports, ")");
+    else
+      EW_THROW(ConfigError, "bench_all_to_all: unknown argument '", arg,
+               "' (known: --tokens 1,32,128 --experts 64,256 --top-k 8 --hidden 7168 --dp-size 1 --warmup 10 "
+               "--iters 50 --transport T --json FILE; T: ",
+               harness::kTransportFlagHelp, ", default ", harness::kDefaultTransports, ")");
   }
   return o;
 }
@@ -147,7 +148,8 @@ std::pair<double, double> floor_bytes(const AllToAllConfig& c, const harness::Gr
   return {dispatch, combine};
 }
 
-CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t tokens, int64_t experts, int rank, int world) {
+CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t tokens, int64_t experts, int rank,
+                    int world) {
   AllToAllConfig c;
   c.max_num_tokens = tokens;
   c.num_experts = experts;
@@ -156,12 +158,12 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   c.world_size = world;
   c.dp_size = o.dp_size;
   c.hidden_dim = o.hidden;
-  c.hidden_dim_bytes = o.hidden;                       // fp8 e4m3
+  c.hidden_dim_bytes = o.hidden;                          // fp8 e4m3
   c.hidden_dim_scale_bytes = (o.hidden + 127) / 128 * 4;  // one fp32 scale per 128-wide block
   std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, c);
   if (rank == 0 && tokens == o.tokens.front() && experts == o.experts.front()) {
-    std::printf("%s: launch %u blocks x %u threads per rank\n", harness::transport_title(kind), a2a->launch_shape().blocks,
-                a2a->launch_shape().threads);
+    std::printf("%s: launch %u blocks x %u threads per rank\n", harness::transport_title(kind),
+                a2a->launch_shape().blocks, a2a->launch_shape().threads);
   }
 
   // The ranks of a DP group hold the same tokens.
@@ -184,7 +186,8 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   DispatchParams dispatch_params;
   dispatch_params.out_expert_num_tokens = num_tokens.get<int32_t>();
   dispatch_params.out_expert_x = out_x.get<uint8_t>();
-  dispatch_params.out_expert_x_scale = contiguous_matrices(out_s.get<float>(), uint64_t(max_recv), c.hidden_dim_scale_bytes);
+  dispatch_params.out_expert_x_scale =
+      contiguous_matrices(out_s.get<float>(), uint64_t(max_recv), c.hidden_dim_scale_bytes);
   dispatch_params.dp_x = contiguous_rows(dp_x.get<const uint8_t>(), c.hidden_dim_bytes);
   dispatch_params.dp_x_scale = contiguous_rows(dp_x_scale.get<const float>(), c.hidden_dim_scale_bytes);
   dispatch_params.indices = indices.get<uint32_t>();
@@ -372,8 +375,9 @@ void print_tables(const char* title, int world, const std::vector<CaseResult>& r
               title, world, (long long)o.dp_size, (long long)o.hidden, (long long)o.top_k,
               (long long)((o.hidden + 127) / 128 * 4));
   std::printf("Barrier before each operation; slowest rank; µs mean ± std (median):\n");
-  std::printf("| tokens | experts | dispatch | send half | recv half | GB/s | combine | send half | recv half | GB/s "
-              "| combine, expert_y in buffer | dispatch, dp_x in buffer |\n");
+  std::printf(
+      "| tokens | experts | dispatch | send half | recv half | GB/s | combine | send half | recv half | GB/s "
+      "| combine, expert_y in buffer | dispatch, dp_x in buffer |\n");
   std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : results) {
     std::printf("| %lld | %lld | %s | %s | %s | %.1f | %s | %s | %s | %.1f | %s | %s |\n", (long long)r.tokens,
@@ -385,13 +389,15 @@ void print_tables(const char* title, int world, const std::vector<CaseResult>& r
   std::printf("Back-to-back loop, no barriers; slowest rank; µs mean ± std (median):\n");
   std::printf("| tokens | experts | dispatch | combine |\n|---:|---:|---:|---:|\n");
   for (const auto& r : results) {
-    std::printf("| %lld | %lld | %s | %s |\n", (long long)r.tokens, (long long)r.experts,
-                cell(r.loop_dispatch).c_str(), cell(r.loop_combine).c_str());
+    std::printf("| %lld | %lld | %s | %s |\n", (long long)r.tokens, (long long)r.experts, cell(r.loop_dispatch).c_str(),
+                cell(r.loop_combine).c_str());
   }
-  std::printf("Bandwidth floor: this rank's bytes that must move, copied device-to-device by all ranks at once "
-              "(slowest rank, mean µs); time / floor; latency floor: one cross-rank barrier, timed the same way:\n");
-  std::printf("| tokens | experts | dispatch MB | floor | dispatch / floor | combine MB | floor | combine / floor "
-              "| barrier |\n");
+  std::printf(
+      "Bandwidth floor: this rank's bytes that must move, copied device-to-device by all ranks at once "
+      "(slowest rank, mean µs); time / floor; latency floor: one cross-rank barrier, timed the same way:\n");
+  std::printf(
+      "| tokens | experts | dispatch MB | floor | dispatch / floor | combine MB | floor | combine / floor "
+      "| barrier |\n");
   std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const auto& r : results) {
     std::printf("| %lld | %lld | %.2f | %.1f | %.2fx | %.2f | %.1f | %.2fx | %.1f |\n", (long long)r.tokens,
@@ -415,21 +421,17 @@ void write_json(const std::string& path, int world, int64_t dp_size,
   for (size_t i = 0; i < all.size(); ++i) {
     const auto& [transport, r] = all[i];
     out << "  {\"transport\": \"" << transport << "\", \"ranks\": " << world << ", \"dp_size\": " << dp_size
-        << ", \"tokens\": " << r.tokens
-        << ", \"experts\": " << r.experts << ", \"dispatch\": " << stats(r.dispatch)
+        << ", \"tokens\": " << r.tokens << ", \"experts\": " << r.experts << ", \"dispatch\": " << stats(r.dispatch)
         << ", \"dispatch_send\": " << stats(r.dispatch_send) << ", \"dispatch_recv\": " << stats(r.dispatch_recv)
         << ", \"combine\": " << stats(r.combine) << ", \"combine_send\": " << stats(r.combine_send)
-        << ", \"combine_recv\": " << stats(r.combine_recv)
-        << ", \"combine_in_buffer\": " << stats(r.combine_in_buffer)
+        << ", \"combine_recv\": " << stats(r.combine_recv) << ", \"combine_in_buffer\": " << stats(r.combine_in_buffer)
         << ", \"dispatch_in_buffer\": " << stats(r.dispatch_in_buffer)
         << ", \"loop_dispatch\": " << stats(r.loop_dispatch) << ", \"loop_combine\": " << stats(r.loop_combine)
-        << ", \"dispatch_bytes_per_rank\": " << r.dispatch_bytes
-        << ", \"combine_bytes_per_rank\": " << r.combine_bytes
+        << ", \"dispatch_bytes_per_rank\": " << r.dispatch_bytes << ", \"combine_bytes_per_rank\": " << r.combine_bytes
         << ", \"dispatch_floor_bytes_per_rank\": " << r.dispatch_floor_bytes
         << ", \"combine_floor_bytes_per_rank\": " << r.combine_floor_bytes
         << ", \"dispatch_floor\": " << stats(r.dispatch_floor) << ", \"combine_floor\": " << stats(r.combine_floor)
-        << ", \"barrier\": " << stats(r.barrier)
-        << "}" << (i + 1 < all.size() ? "," : "") << "\n";
+        << ", \"barrier\": " << stats(r.barrier) << "}" << (i + 1 < all.size() ? "," : "") << "\n";
   }
   out << "]\n";
 }

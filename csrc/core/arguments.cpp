@@ -55,7 +55,8 @@ void check_dispatch_layout(const AllToAllConfig& config, const DispatchParams& p
   if (sends(p.split) && p.m > 0) {
     EW_REQUIRE(p.dp_x.element_stride == 1,
                "dispatch: dp_x's bytes must be contiguous within a row (element stride 1 byte), got an element "
-               "stride of ", p.dp_x.element_stride, " bytes");
+               "stride of ",
+               p.dp_x.element_stride, " bytes");
     if (p.m > 1) {
       EW_REQUIRE(p.dp_x.row_stride >= uint64_t(config.hidden_dim_bytes) && p.dp_x.row_stride % 16 == 0,
                  "dispatch: dp_x's rows must lie a multiple of 16 bytes apart, at least hidden_dim_bytes=",
@@ -70,9 +71,8 @@ void check_dispatch_layout(const AllToAllConfig& config, const DispatchParams& p
     const Strided3D<float>& s = p.out_expert_x_scale;
     require_word_strides("dispatch: out_expert_x_scale",
                          {{"expert", s.matrix_stride}, {"row", s.row_stride}, {"word", s.element_stride}});
-    require_no_self_overlap(
-        "dispatch: out_expert_x_scale", s,
-        {uint64_t(config.num_local_experts()), uint64_t(config.max_recv_tokens()), words});
+    require_no_self_overlap("dispatch: out_expert_x_scale", s,
+                            {uint64_t(config.num_local_experts()), uint64_t(config.max_recv_tokens()), words});
   }
 }
 

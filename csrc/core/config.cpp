@@ -33,32 +33,35 @@ void AllToAllConfig::validate() const {
   require_positive("hidden_dim_bytes", hidden_dim_bytes);
   EW_REQUIRE(hidden_dim_scale_bytes >= 0, "AllToAllConfig.hidden_dim_scale_bytes must be >= 0, got ",
              hidden_dim_scale_bytes);
-  for (auto [field, value] : {std::pair{"max_num_tokens", max_num_tokens}, {"num_experts", num_experts},
-                              {"world_size", world_size}, {"hidden_dim", hidden_dim},
+  for (auto [field, value] : {std::pair{"max_num_tokens", max_num_tokens},
+                              {"num_experts", num_experts},
+                              {"world_size", world_size},
+                              {"hidden_dim", hidden_dim},
                               {"hidden_dim_bytes", hidden_dim_bytes},
                               {"hidden_dim_scale_bytes", hidden_dim_scale_bytes}}) {
     require_fits_u32(field, value);
   }
-  EW_REQUIRE(rank >= 0 && rank < world_size, "AllToAllConfig.rank must be in [0, world_size=", world_size,
-             "), got ", rank);
-  EW_REQUIRE(num_experts % world_size == 0, "AllToAllConfig.num_experts must be divisible by world_size=",
-             world_size, ", got ", num_experts);
-  EW_REQUIRE(world_size % dp_size == 0, "AllToAllConfig.world_size must be divisible by dp_size=", dp_size,
-             ", got ", world_size);
-  EW_REQUIRE(experts_per_token <= num_experts, "AllToAllConfig.experts_per_token must be <= num_experts=",
-             num_experts, ", got ", experts_per_token);
+  EW_REQUIRE(rank >= 0 && rank < world_size, "AllToAllConfig.rank must be in [0, world_size=", world_size, "), got ",
+             rank);
+  EW_REQUIRE(num_experts % world_size == 0, "AllToAllConfig.num_experts must be divisible by world_size=", world_size,
+             ", got ", num_experts);
+  EW_REQUIRE(world_size % dp_size == 0, "AllToAllConfig.world_size must be divisible by dp_size=", dp_size, ", got ",
+             world_size);
+  EW_REQUIRE(experts_per_token <= num_experts, "AllToAllConfig.experts_per_token must be <= num_experts=", num_experts,
+             ", got ", experts_per_token);
   EW_REQUIRE(max_num_tokens * (world_size / dp_size) <= int64_t(std::numeric_limits<uint32_t>::max() / 2),
              "AllToAllConfig: max_num_tokens * world_size / dp_size (rows per local expert) is too large for 32-bit "
-             "device indexing, got ", max_num_tokens * (world_size / dp_size));
+             "device indexing, got ",
+             max_num_tokens * (world_size / dp_size));
   // The combine counts its work items (runs of a token's 256-element chunks) in 32 bits on the device.
   const int64_t combine_chunks = max_num_tokens * ((hidden_dim + 255) / 256);
   EW_REQUIRE(combine_chunks <= int64_t(std::numeric_limits<uint32_t>::max() / 2),
              "AllToAllConfig: max_num_tokens * ceil(hidden_dim / 256) (combine work items) is too large for 32-bit "
-             "device indexing, got ", combine_chunks);
+             "device indexing, got ",
+             combine_chunks);
   // The pull dispatch announces m + 1 in a 24-bit field of its arrival signal (core/layout.h).
   EW_REQUIRE(max_num_tokens < 0xffffff, "AllToAllConfig.max_num_tokens must be < 16777215, got ", max_num_tokens);
-  EW_REQUIRE(experts_per_token <= 0xffff, "AllToAllConfig.experts_per_token must be <= 65535, got ",
-             experts_per_token);
+  EW_REQUIRE(experts_per_token <= 0xffff, "AllToAllConfig.experts_per_token must be <= 65535, got ", experts_per_token);
   EW_REQUIRE(world_size / dp_size <= 0xffff, "AllToAllConfig: world_size / dp_size must be <= 65535, got ",
              world_size / dp_size);
   EW_REQUIRE(hidden_dim_bytes % 16 == 0,
@@ -127,8 +130,7 @@ uint64_t parse_size_bytes(const std::string& text) {
       case 'M': shift = 20; break;
       case 'G': shift = 30; break;
       case 'T': shift = 40; break;
-      default:
-        EW_THROW(ConfigError, "malformed size '", text, "': unknown suffix '", text[pos], "'");
+      default: EW_THROW(ConfigError, "malformed size '", text, "': unknown suffix '", text[pos], "'");
     }
   }
   if (!fractional) {

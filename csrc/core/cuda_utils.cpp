@@ -20,8 +20,9 @@ std::string cuda_error_message(const char* call, cudaError_t status) {
   std::string cause = std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
   if (status == cudaErrorInsufficientDriver || status == cudaErrorNoDevice) {
     if (!driver_library_present()) {
-      cause = "no NVIDIA driver is installed on this machine (libcuda.so.1 cannot be loaded); expertwire needs an "
-              "NVIDIA GPU with its driver";
+      cause =
+          "no NVIDIA driver is installed on this machine (libcuda.so.1 cannot be loaded); expertwire needs an "
+          "NVIDIA GPU with its driver";
     } else if (status == cudaErrorInsufficientDriver) {
       cause = "the NVIDIA driver is older than this CUDA 13 runtime needs (CUDA reports " + cause +
               "); install driver 580 or newer";

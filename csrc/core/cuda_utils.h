@@ -18,10 +18,11 @@ std::string cuda_error_message(const char* call, cudaError_t status);
 
 }  // namespace expertwire
 
-#define EW_CUDA_CHECK(expr)                                                                      \
-  do {                                                                                           \
-    const cudaError_t ew_status_ = (expr);                                                       \
-    if (ew_status_ != cudaSuccess) throw ::expertwire::RuntimeError(::expertwire::cuda_error_message(#expr, ew_status_)); \
+#define EW_CUDA_CHECK(expr)                                                                  \
+  do {                                                                                       \
+    const cudaError_t ew_status_ = (expr);                                                   \
+    if (ew_status_ != cudaSuccess)                                                           \
+      throw ::expertwire::RuntimeError(::expertwire::cuda_error_message(#expr, ew_status_)); \
   } while (0)
 
 namespace expertwire {

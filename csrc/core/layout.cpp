@@ -48,53 +48,46 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.max_recv_tokens = uint32_t(checked_mul(l.max_num_tokens, l.num_dp_groups, "max_recv_tokens"));
 
   l.token_header_bytes = align_up(sizeof(uint32_t) * (1 + uint64_t(l.experts_per_token)), kBufferAlign);
-  l.dispatch_token_bytes =
-      l.token_header_bytes + l.hidden_dim_bytes + align_up(l.hidden_dim_scale_bytes, kBufferAlign);
+  l.dispatch_token_bytes = l.token_header_bytes + l.hidden_dim_bytes + align_up(l.hidden_dim_scale_bytes, kBufferAlign);
   l.combine_row_bytes = checked_mul(l.hidden_dim, kCombineElementBytes, "combine row");
   l.staging_row_bytes = std::max(l.dispatch_token_bytes, l.combine_row_bytes);
 
   const uint64_t dispatch_slots = checked_mul(l.num_dp_groups, l.max_num_tokens, "dispatch_recv");
   uint64_t cursor = 0;
-  l.dispatch_recv_offset =
-      place(cursor, checked_mul(dispatch_slots, l.dispatch_token_bytes, "dispatch_recv"), kRegionAlign,
-            "dispatch_recv");
-  l.combine_recv_offset = place(
-      cursor,
-      checked_mul(checked_mul(l.max_num_tokens, l.experts_per_token, "combine_recv"), l.combine_row_bytes,
-                  "combine_recv"),
-      kRegionAlign, "combine_recv");
-  l.dispatch_counts_offset =
-      place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "dispatch_counts");
+  l.dispatch_recv_offset = place(cursor, checked_mul(dispatch_slots, l.dispatch_token_bytes, "dispatch_recv"),
+                                 kRegionAlign, "dispatch_recv");
+  l.combine_recv_offset = place(cursor,
+                                checked_mul(checked_mul(l.max_num_tokens, l.experts_per_token, "combine_recv"),
+                                            l.combine_row_bytes, "combine_recv"),
+                                kRegionAlign, "combine_recv");
+  l.dispatch_counts_offset = place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "dispatch_counts");
   l.combine_done_offset = place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "combine_done");
   l.staging_slots = staging_slots;
-  l.staging_offset =
-      place(cursor, checked_mul(staging_slots, l.staging_row_bytes, "staging"), kRegionAlign, "staging");
+  l.staging_offset = place(cursor, checked_mul(staging_slots, l.staging_row_bytes, "staging"), kRegionAlign, "staging");
   l.send_rows_offset =
       place(cursor, checked_mul(l.max_num_tokens, l.dispatch_token_bytes, "send_rows"), kRegionAlign, "send_rows");
   l.send_announce_offset = place(cursor, sizeof(uint64_t), kRegionAlign, "send_announce");
-  l.send_stamps_offset =
-      place(cursor, uint64_t(l.max_num_tokens) * sizeof(uint64_t), kRegionAlign, "send_stamps");
-  l.combine_slots_offset = place(
-      cursor,
-      checked_mul(checked_mul(uint64_t(l.num_dp_groups) * l.max_num_tokens, l.experts_per_token, "combine_slots"),
-                  sizeof(uint32_t), "combine_slots"),
-      kRegionAlign, "combine_slots");
-  l.expert_outputs_offset = place(
-      cursor,
-      checked_mul(checked_mul(l.num_local_experts, l.max_recv_tokens, "expert_outputs"), l.combine_row_bytes,
-                  "expert_outputs"),
-      kRegionAlign, "expert_outputs");
+  l.send_stamps_offset = place(cursor, uint64_t(l.max_num_tokens) * sizeof(uint64_t), kRegionAlign, "send_stamps");
+  l.combine_slots_offset =
+      place(cursor,
+            checked_mul(checked_mul(uint64_t(l.num_dp_groups) * l.max_num_tokens, l.experts_per_token, "combine_slots"),
+                        sizeof(uint32_t), "combine_slots"),
+            kRegionAlign, "combine_slots");
+  l.expert_outputs_offset = place(cursor,
+                                  checked_mul(checked_mul(l.num_local_experts, l.max_recv_tokens, "expert_outputs"),
+                                              l.combine_row_bytes, "expert_outputs"),
+                                  kRegionAlign, "expert_outputs");
   l.symmetric_bytes = place(cursor, 0, kRegionAlign, "symmetric buffer");
 
   uint64_t ws = 0;
   l.send_counts_offset = place(ws, uint64_t(l.world_size) * sizeof(uint32_t), kRegionAlign, "send_counts");
   l.recv_counts_offset = place(ws, uint64_t(l.num_local_experts) * sizeof(int32_t), kRegionAlign, "recv_counts");
-  l.routes_offset = place(
-      ws, checked_mul(uint64_t(l.num_local_experts) * l.max_recv_tokens, kTokenRouteBytes, "routes"),
-      kRegionAlign, "routes");
+  l.routes_offset =
+      place(ws, checked_mul(uint64_t(l.num_local_experts) * l.max_recv_tokens, kTokenRouteBytes, "routes"),
+            kRegionAlign, "routes");
   l.phase_counters_offset = place(ws, kNumPhaseCounters * sizeof(uint32_t), kRegionAlign, "phase_counters");
-  l.pull_state_offset = place(ws, checked_mul(l.pull_state_words(), sizeof(uint32_t), "pull_state"), kRegionAlign,
-                              "pull_state");
+  l.pull_state_offset =
+      place(ws, checked_mul(l.pull_state_words(), sizeof(uint32_t), "pull_state"), kRegionAlign, "pull_state");
   l.dispatch_epoch_offset = place(ws, sizeof(uint32_t), kRegionAlign, "dispatch_epoch");
   l.workspace_bytes = place(ws, 0, kRegionAlign, "workspace");
   return l;
@@ -107,8 +100,8 @@ void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes
   if (needed > heap_bytes) {
     EW_THROW(ConfigError, "symmetric heap too small: expertwire needs ", layout.symmetric_bytes,
              " bytes of symmetric memory per rank (+", kHeapReserve, " reserve = ", needed,
-             " bytes) but NVSHMEM_SYMMETRIC_SIZE gives ", heap_bytes, " bytes; set NVSHMEM_SYMMETRIC_SIZE>=",
-             (needed >> 20) + ((needed & ((1ull << 20) - 1)) != 0), "M");
+             " bytes) but NVSHMEM_SYMMETRIC_SIZE gives ", heap_bytes,
+             " bytes; set NVSHMEM_SYMMETRIC_SIZE>=", (needed >> 20) + ((needed & ((1ull << 20) - 1)) != 0), "M");
   }
 }
 

@@ -60,8 +60,8 @@ EW_HOST_DEVICE constexpr uint64_t align_up(uint64_t value, uint64_t alignment) {
   return (value + alignment - 1) / alignment * alignment;
 }
 
-inline constexpr uint64_t kBufferAlign = 16;      // every row and region starts on a 16-byte vector boundary
-inline constexpr uint64_t kRegionAlign = 256;     // regions of the symmetric allocation start 256-aligned
+inline constexpr uint64_t kBufferAlign = 16;         // every row and region starts on a 16-byte vector boundary
+inline constexpr uint64_t kRegionAlign = 256;        // regions of the symmetric allocation start 256-aligned
 inline constexpr uint64_t kCombineElementBytes = 2;  // expert outputs are bf16 or fp16
 inline constexpr int kNumPhaseCounters = 2;
 inline constexpr uint64_t kTokenRouteBytes = 8;  // a TokenRoute (device/wire_protocol.h)
@@ -131,9 +131,7 @@ struct BufferLayout {
   EW_HOST_DEVICE uint64_t combine_done_offset_of(uint32_t source_rank) const {
     return combine_done_offset + uint64_t(source_rank) * sizeof(uint64_t);
   }
-  EW_HOST_DEVICE uint64_t staging_row_offset(uint64_t slot) const {
-    return staging_offset + slot * staging_row_bytes;
-  }
+  EW_HOST_DEVICE uint64_t staging_row_offset(uint64_t slot) const { return staging_offset + slot * staging_row_bytes; }
   EW_HOST_DEVICE uint64_t send_row_offset(uint32_t token) const {
     return send_rows_offset + uint64_t(token) * dispatch_token_bytes;
   }
@@ -166,8 +164,14 @@ void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes
 struct LayoutSignature {
   static constexpr int kWords = 10;
   static constexpr const char* kNames[kWords] = {
-      "num_experts", "experts_per_token", "world_size", "dp_size", "max_num_tokens", "hidden_dim",
-      "hidden_dim_bytes", "hidden_dim_scale_bytes",
+      "num_experts",
+      "experts_per_token",
+      "world_size",
+      "dp_size",
+      "max_num_tokens",
+      "hidden_dim",
+      "hidden_dim_bytes",
+      "hidden_dim_scale_bytes",
       "staging rows (one per warp of the launch: max_sm_count, EXPERTWIRE_NUM_BLOCKS, EXPERTWIRE_BLOCK_THREADS)",
       "symmetric buffer bytes"};
   uint64_t words[kWords];

@@ -52,7 +52,8 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
     const uint32_t slot = *transport.peer(int(owner), c.combine_slot(c.dp_group, t, k));
     // A slot the owner never wrote (a repeated expert, which dispatch reported) still reads inside the buffer.
     const uint32_t row = min(slot, l.max_recv_tokens - 1);
-    return reinterpret_cast<const int4*>(transport.peer(int(owner), c.expert_output(expert % l.num_local_experts, row)));
+    return reinterpret_cast<const int4*>(
+        transport.peer(int(owner), c.expert_output(expert % l.num_local_experts, row)));
   });
 }
 

@@ -20,9 +20,8 @@ template <class OutT, class ExpertT>
 __device__ void combine_push_recv(const CombineArgs& a) {
   const RankContext& c = a.ctx;
   if (!wait_combine_done(c, row_type_of<ExpertT>())) return;
-  weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t) {
-    return reinterpret_cast<const int4*>(c.local(c.combine_row(t, k)));
-  });
+  weighted_sum_rows<OutT, ExpertT>(
+      a, [&](uint32_t t, uint32_t k, uint32_t) { return reinterpret_cast<const int4*>(c.local(c.combine_row(t, k))); });
 }
 
 template <class Transport, class OutT, class ExpertT, class SourceT>

@@ -130,11 +130,11 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     held_group = int(g);
     uint64_t stamp = 0;
     if (lane == 0) {
-      stamp = wait_signal_until(transport.peer(sender(g), c.send_stamp(t)),
-                                [&](uint64_t value) { return value == epoch; }, c.timeout_ns, c.error,
-                                Phase::kDispatchRecv, sender(g));
+      stamp = wait_signal_until(
+          transport.peer(sender(g), c.send_stamp(t)), [&](uint64_t value) { return value == epoch; }, c.timeout_ns,
+          c.error, Phase::kDispatchRecv, sender(g));
     }
-    __syncwarp();  // lane 0's acquire of the stamp before any lane reads the row
+    __syncwarp();                                      // lane 0's acquire of the stamp before any lane reads the row
     if (__shfl_sync(kFullMask, stamp, 0) == 0) break;  // timed out (recorded)
     copy_token_to_local_experts(a, transport.peer(sender(g), c.send_row(t)), g, t, sender(g),
                                 [&](uint32_t le) { return atomicAdd(&state.expert_rows[le], 1u); });
@@ -147,9 +147,10 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   if (last_block_out(state.blocks_done)) {
     for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
       if (source % l.dp_size == c.dp_rank) continue;
-      wait_signal_until(transport.peer(int(source), c.send_announce()),
-                        [&](uint64_t value) { return DispatchEpoch::announced_epoch(value) == epoch; }, c.timeout_ns,
-                        c.error, Phase::kDispatchRecv, int32_t(source));
+      wait_signal_until(
+          transport.peer(int(source), c.send_announce()),
+          [&](uint64_t value) { return DispatchEpoch::announced_epoch(value) == epoch; }, c.timeout_ns, c.error,
+          Phase::kDispatchRecv, int32_t(source));
     }
     hand_over_expert_rows(c, a.out_expert_num_tokens);
   }

@@ -35,18 +35,17 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
       check_row_expert(c, experts, k0, expert, k < top_k);
       // The token goes to a rank once, from the first k that names one of its experts.
       const uint32_t owner = owner_of(l, expert);
-      const bool send = first_in_row(experts, k0, owner, [&](uint32_t e) { return owner_of(l, e); }) &&
-                        owner != ~0u && owner % l.dp_size == c.dp_rank;
+      const bool send = first_in_row(experts, k0, owner, [&](uint32_t e) { return owner_of(l, e); }) && owner != ~0u &&
+                        owner % l.dp_size == c.dp_rank;
       // A rank gets each token at most once, so its slots stay below m <= max_num_tokens.
       const uint32_t slot = send ? atomicAdd(&send_counts[owner], 1u) : 0u;
       for (unsigned pending = __ballot_sync(kFullMask, send); pending != 0; pending &= pending - 1) {
         const int from = __ffs(pending) - 1;
         const int rank = int(__shfl_sync(kFullMask, owner, from));
         const uint32_t s = __shfl_sync(kFullMask, slot, from);
-        deliver_row(transport, rank, c.dispatch_token(c.dp_group, s), l.dispatch_token_bytes, staging, staged,
-                    [&](uint8_t* dst) {
-                      write_dispatch_token(dst, l, t, experts, x, x_scale, a.dp_x_scale.element_stride);
-                    });
+        deliver_row(
+            transport, rank, c.dispatch_token(c.dp_group, s), l.dispatch_token_bytes, staging, staged,
+            [&](uint8_t* dst) { write_dispatch_token(dst, l, t, experts, x, x_scale, a.dp_x_scale.element_stride); });
       }
     }
   }
@@ -70,7 +69,7 @@ __device__ inline void dispatch_push_recv(const DispatchArgs& a) {
   const uint32_t groups = l.num_dp_groups;
 
   extern __shared__ uint32_t shared[];
-  uint32_t* group_count = shared + PushDispatchShared::group_count_word();  // [group]: tokens its sender put here
+  uint32_t* group_count = shared + PushDispatchShared::group_count_word();   // [group]: tokens its sender put here
   uint32_t* group_start = shared + PushDispatchShared::group_start_word(l);  // exclusive scan, [groups + 1]
 
   // Every sender reports to every rank; only the sender of our dp_rank in each group can have sent tokens.

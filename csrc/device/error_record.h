@@ -12,11 +12,11 @@ namespace expertwire {
 
 enum class ErrorCode : int32_t {
   kNone = 0,
-  kTimeout = 1,         // a wait for a peer's signal ran out of time; peer = the rank waited for
-  kBadExpertIndex = 2,  // indices[t][k] >= num_experts; value = the index, nothing was sent for it
-  kBadBoundM = 3,       // *bound_m > m; value = *bound_m, the call moved no tokens
-  kSlotOverflow = 4,    // more than max_num_tokens tokens for one expert (a repeated expert in a row)
-  kRepeatedExpert = 5,  // an expert appears twice in one token's row; value = the expert, sent once
+  kTimeout = 1,          // a wait for a peer's signal ran out of time; peer = the rank waited for
+  kBadExpertIndex = 2,   // indices[t][k] >= num_experts; value = the index, nothing was sent for it
+  kBadBoundM = 3,        // *bound_m > m; value = *bound_m, the call moved no tokens
+  kSlotOverflow = 4,     // more than max_num_tokens tokens for one expert (a repeated expert in a row)
+  kRepeatedExpert = 5,   // an expert appears twice in one token's row; value = the expert, sent once
   kRowTypeMismatch = 6,  // peer's combine rows travel as another type than ours; value = RowTypeMismatch, no
                          // output written
 };
@@ -54,12 +54,10 @@ inline std::string describe(const ErrorRecord& record, int64_t rank) {
   const std::string where = std::string(" in ") + phase_name(record.phase) + " on rank " + std::to_string(rank);
   switch (record.code) {
     case ErrorCode::kTimeout:
-      return "timed out after " + std::to_string(record.value) + " ms waiting for rank " +
-             std::to_string(record.peer) + where;
-    case ErrorCode::kBadExpertIndex:
-      return "expert index " + std::to_string(record.value) + " out of range" + where;
-    case ErrorCode::kBadBoundM:
-      return "bound_m = " + std::to_string(record.value) + " exceeds m" + where;
+      return "timed out after " + std::to_string(record.value) + " ms waiting for rank " + std::to_string(record.peer) +
+             where;
+    case ErrorCode::kBadExpertIndex: return "expert index " + std::to_string(record.value) + " out of range" + where;
+    case ErrorCode::kBadBoundM: return "bound_m = " + std::to_string(record.value) + " exceeds m" + where;
     case ErrorCode::kSlotOverflow:
       return "more than max_num_tokens tokens for expert " + std::to_string(record.value) +
              " (repeated expert in a token's row?)" + where;
@@ -70,9 +68,9 @@ inline std::string describe(const ErrorRecord& record, int64_t rank) {
              scalar_type_name(RowTypeMismatch::peer(record.value)) + ", this rank's as " +
              scalar_type_name(RowTypeMismatch::own(record.value)) +
              " (a rank's rows travel as its expert_y's type, or as its out_tokens' with a float32 expert_y, and "
-             "must travel alike on every rank); no output written" + where;
-    default:
-      return "no error";
+             "must travel alike on every rank); no output written" +
+             where;
+    default: return "no error";
   }
 }
 

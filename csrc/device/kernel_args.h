@@ -10,12 +10,12 @@ namespace expertwire::device {
 
 struct DispatchArgs {
   RankContext ctx;
-  int32_t* out_expert_num_tokens;          // [num_local_experts]
-  uint8_t* out_expert_x;                   // [num_local_experts][max_recv_tokens][hidden_dim_bytes]
-  Strided3D<float> out_expert_x_scale;     // [num_local_experts][max_recv_tokens][hidden_dim_scale_bytes / 4]
-  Strided2D<const uint8_t> dp_x;           // [m][hidden_dim_bytes], bytes contiguous
-  Strided2D<const float> dp_x_scale;       // [m][hidden_dim_scale_bytes / 4]
-  const uint32_t* indices;                 // [m][experts_per_token]
+  int32_t* out_expert_num_tokens;       // [num_local_experts]
+  uint8_t* out_expert_x;                // [num_local_experts][max_recv_tokens][hidden_dim_bytes]
+  Strided3D<float> out_expert_x_scale;  // [num_local_experts][max_recv_tokens][hidden_dim_scale_bytes / 4]
+  Strided2D<const uint8_t> dp_x;        // [m][hidden_dim_bytes], bytes contiguous
+  Strided2D<const float> dp_x_scale;    // [m][hidden_dim_scale_bytes / 4]
+  const uint32_t* indices;              // [m][experts_per_token]
   uint32_t m;
   const uint32_t* bound_m;  // device; may be null (then m)
   bool do_send;

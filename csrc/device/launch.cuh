@@ -26,8 +26,8 @@ template <class Transport>
 void launch_dispatch(const DispatchArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
   if (transport.load_store_only()) {
     const uint64_t shared_bytes = PullDispatchShared::bytes(args.ctx.layout, shape.threads);
-    EW_REQUIRE(shared_bytes <= kMaxDefaultSharedBytes, "dispatch: ", args.ctx.layout.num_dp_groups,
-               " DP groups need ", shared_bytes, " bytes of shared memory per block (at most ", kMaxDefaultSharedBytes,
+    EW_REQUIRE(shared_bytes <= kMaxDefaultSharedBytes, "dispatch: ", args.ctx.layout.num_dp_groups, " DP groups need ",
+               shared_bytes, " bytes of shared memory per block (at most ", kMaxDefaultSharedBytes,
                "); use fewer threads per block (EXPERTWIRE_BLOCK_THREADS)");
     dispatch_pull_kernel<Transport><<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
   } else if constexpr (Transport::kMayPut) {
@@ -40,8 +40,7 @@ void launch_dispatch(const DispatchArgs& args, const Transport& transport, Launc
 // The pull combine when every peer's buffer is load/store reachable, else the push combine. Rows travel and are
 // summed as ExpertT; expert_y holds SourceT (ExpertT, or float32).
 template <class Transport, class OutT, class ExpertT, class SourceT = ExpertT>
-void launch_combine_typed(const CombineArgs& args, const Transport& transport, LaunchShape shape,
-                          cudaStream_t stream) {
+void launch_combine_typed(const CombineArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
   const uint64_t shared_bytes = CombineShared::bytes(args.ctx.layout);
   if (transport.load_store_only()) {
     combine_pull_kernel<Transport, OutT, ExpertT, SourceT>
@@ -66,8 +65,8 @@ void launch_combine_for_expert(const CombineArgs& args, const Transport& transpo
 }
 
 template <class Transport>
-void launch_combine(const CombineArgs& args, const Transport& transport, ScalarType out_type,
-                    ScalarType expert_type, LaunchShape shape, cudaStream_t stream) {
+void launch_combine(const CombineArgs& args, const Transport& transport, ScalarType out_type, ScalarType expert_type,
+                    LaunchShape shape, cudaStream_t stream) {
   switch (expert_type) {
     case ScalarType::kBFloat16:
       return launch_combine_for_expert<Transport, __nv_bfloat16>(args, transport, out_type, shape, stream);

@@ -68,8 +68,7 @@ inline constexpr int kCopyUnroll = 8;
 
 // `bytes` (a multiple of 16) of 16-byte aligned rows from `src` to dst_of(lane) for every lane set in `lanes`.
 template <SourceKind kSource, class DstOf>
-__device__ __forceinline__ void warp_copy_16_to_lanes(const void* src, uint64_t bytes, unsigned lanes,
-                                                      DstOf dst_of) {
+__device__ __forceinline__ void warp_copy_16_to_lanes(const void* src, uint64_t bytes, unsigned lanes, DstOf dst_of) {
   const auto* s = static_cast<const int4*>(src);
   warp_copy_passes<kCopyUnroll>(
       bytes / sizeof(int4), lanes, [s](uint64_t i) { return load_vector<kSource>(s + i); },
@@ -190,14 +189,15 @@ __device__ __forceinline__ uint64_t wait_signal_until(const uint64_t* signal, Do
 // Waits until a peer sets `*signal` to a non-zero value and returns it (0 on timeout, see above).
 __device__ __forceinline__ uint64_t wait_signal(const uint64_t* signal, uint64_t timeout_ns, ErrorRecord* record,
                                                 Phase phase, int32_t peer) {
-  return wait_signal_until(signal, [](uint64_t value) { return value != 0; }, timeout_ns, record, phase, peer);
+  return wait_signal_until(
+      signal, [](uint64_t value) { return value != 0; }, timeout_ns, record, phase, peer);
 }
 
 // Waits until every block of a peer has added its share to an ArrivalSignal; returns it (0 on timeout).
 __device__ __forceinline__ uint64_t wait_arrivals(const uint64_t* signal, uint64_t timeout_ns, ErrorRecord* record,
                                                   Phase phase, int32_t peer) {
-  return wait_signal_until(signal, [](uint64_t value) { return ArrivalSignal::complete(value); }, timeout_ns, record,
-                           phase, peer);
+  return wait_signal_until(
+      signal, [](uint64_t value) { return ArrivalSignal::complete(value); }, timeout_ns, record, phase, peer);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -98,7 +98,9 @@ struct RankContext {
     return PullReceiveState{words, words + layout.num_local_experts,
                             words + layout.num_local_experts + layout.num_dp_groups};
   }
-  EW_HOST_DEVICE uint32_t* dispatch_epoch_counter() const { return in_workspace<uint32_t>(layout.dispatch_epoch_offset); }
+  EW_HOST_DEVICE uint32_t* dispatch_epoch_counter() const {
+    return in_workspace<uint32_t>(layout.dispatch_epoch_offset);
+  }
 
  private:
   template <class T>

@@ -15,9 +15,9 @@ namespace expertwire::device {
 // and `copy_scales` (false: the caller wrote them at dst itself). `x_scale`: the token's row of dp_x_scale, whose
 // words lie `scale_word_stride` bytes apart.
 __device__ __forceinline__ void write_dispatch_token(uint8_t* dst, const BufferLayout& l, uint32_t token,
-                                                     const uint32_t* experts, const uint8_t* x,
-                                                     const uint8_t* x_scale, uint64_t scale_word_stride,
-                                                     bool copy_payload = true, bool copy_scales = true) {
+                                                     const uint32_t* experts, const uint8_t* x, const uint8_t* x_scale,
+                                                     uint64_t scale_word_stride, bool copy_payload = true,
+                                                     bool copy_scales = true) {
   auto* header = reinterpret_cast<uint32_t*>(dst);
   for (uint32_t w = lane_id(); w <= l.experts_per_token; w += kWarpSize) {
     header[w] = w == 0 ? token : experts[w - 1];

@@ -83,7 +83,10 @@ __device__ __forceinline__ void warp_copy_floats_as(uint8_t* dst, const float* s
   };
   const auto* s = reinterpret_cast<const int4*>(src);
   warp_copy_passes<2>(
-      elements / 8, 1u, [s](uint64_t v) { return EightFloats{load_stream(s + 2 * v), load_stream(s + 2 * v + 1)}; },
+      elements / 8, 1u,
+      [s](uint64_t v) {
+        return EightFloats{load_stream(s + 2 * v), load_stream(s + 2 * v + 1)};
+      },
       [dst](int) { return reinterpret_cast<int4*>(dst); },
       [](int4* d, uint64_t v, const EightFloats& raw) {
         d[v] = Vec8<RowT>::pack(reinterpret_cast<const float*>(&raw));

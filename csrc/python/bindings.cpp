@@ -97,19 +97,18 @@ class AllToAllHandle {
  public:
   explicit AllToAllHandle(std::unique_ptr<AllToAll> impl) : impl_(std::move(impl)) {}
 
-  void dispatch(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale,
-                uintptr_t dp_x, uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m,
-                bool do_send, bool do_recv, uintptr_t stream, const Strides3& out_expert_x_scale_strides,
-                const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides) {
-    live().dispatch(dispatch_params(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices,
-                                    m, bound_m, do_send, do_recv, out_expert_x_scale_strides, dp_x_scale_strides,
-                                    dp_x_strides),
-                    stream_from(stream));
+  void dispatch(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale, uintptr_t dp_x,
+                uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m, bool do_send, bool do_recv,
+                uintptr_t stream, const Strides3& out_expert_x_scale_strides, const Strides2& dp_x_scale_strides,
+                const Strides2& dp_x_strides) {
+    live().dispatch(
+        dispatch_params(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices, m, bound_m,
+                        do_send, do_recv, out_expert_x_scale_strides, dp_x_scale_strides, dp_x_strides),
+        stream_from(stream));
   }
 
   void combine(uintptr_t out_tokens, ScalarType out_type, uintptr_t indices, uintptr_t weights, uintptr_t expert_y,
-               ScalarType expert_type, uint32_t m, uintptr_t bound_m, bool do_send, bool do_recv,
-               uintptr_t stream) {
+               ScalarType expert_type, uint32_t m, uintptr_t bound_m, bool do_send, bool do_recv, uintptr_t stream) {
     live().combine(
         combine_params(out_tokens, out_type, indices, weights, expert_y, expert_type, m, bound_m, do_send, do_recv),
         stream_from(stream));
@@ -309,11 +308,11 @@ NB_MODULE(_expertwire, m) {
           },
           "config"_a, "all_gather"_a, "max_sm_count"_a = 0,
           "Collective: `all_gather(bytes) -> list[bytes]` returns every rank's bytes in rank order.")
-      .def("dispatch", &AllToAllHandle::dispatch, "out_expert_num_tokens"_a, "out_expert_x"_a,
-           "out_expert_x_scale"_a, "dp_x"_a, "dp_x_scale"_a, "indices"_a, "m"_a, "bound_m"_a, "do_send"_a,
-           "do_recv"_a, "stream"_a, "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a, "dp_x_strides"_a)
-      .def("combine", &AllToAllHandle::combine, "out_tokens"_a, "out_type"_a, "indices"_a, "weights"_a,
-           "expert_y"_a, "expert_type"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a)
+      .def("dispatch", &AllToAllHandle::dispatch, "out_expert_num_tokens"_a, "out_expert_x"_a, "out_expert_x_scale"_a,
+           "dp_x"_a, "dp_x_scale"_a, "indices"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a,
+           "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a, "dp_x_strides"_a)
+      .def("combine", &AllToAllHandle::combine, "out_tokens"_a, "out_type"_a, "indices"_a, "weights"_a, "expert_y"_a,
+           "expert_type"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a)
       .def("check_errors", &AllToAllHandle::check_errors)
       .def_prop_ro("expert_output_buffer", &AllToAllHandle::expert_output_buffer,
                    "Device address of this rank's expert_outputs region (see AllToAll::expert_output_buffer).")

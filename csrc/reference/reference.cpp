@@ -16,20 +16,17 @@ void validate_group(const AllToAllConfig& config, const char* caller, int64_t gr
   EW_REQUIRE(input.m >= 0 && input.m <= config.max_num_tokens, "reference::", caller, ": group ", group,
              ": m=", input.m, " is outside [0, max_num_tokens=", config.max_num_tokens, "]");
   if (input.m == 0) return;
-  EW_REQUIRE(input.indices != nullptr, "reference::", caller, ": group ", group, ": indices is null with m=",
-             input.m);
+  EW_REQUIRE(input.indices != nullptr, "reference::", caller, ": group ", group, ": indices is null with m=", input.m);
 
   const int64_t top_k = config.experts_per_token;
   for (int64_t token = 0; token < input.m; ++token) {
     const uint64_t row_tag = ++row_serial;
     for (int64_t k = 0; k < top_k; ++k) {
       const uint32_t expert = input.indices[token * top_k + k];
-      EW_REQUIRE(int64_t(expert) < config.num_experts, "reference::", caller, ": group ", group, ", token ",
-                 token, ", k ", k, ": expert index ", expert, " is out of range [0, num_experts=",
-                 config.num_experts, ")");
-      EW_REQUIRE(seen_row[expert] != row_tag, "reference::", caller, ": group ", group, ", token ", token,
-                 ", k ", k, ": expert index ", expert, " repeats the expert at k ", seen_k[expert],
-                 " of the same row");
+      EW_REQUIRE(int64_t(expert) < config.num_experts, "reference::", caller, ": group ", group, ", token ", token,
+                 ", k ", k, ": expert index ", expert, " is out of range [0, num_experts=", config.num_experts, ")");
+      EW_REQUIRE(seen_row[expert] != row_tag, "reference::", caller, ": group ", group, ", token ", token, ", k ", k,
+                 ": expert index ", expert, " repeats the expert at k ", seen_k[expert], " of the same row");
       seen_row[expert] = row_tag;
       seen_k[expert] = k;
     }
@@ -85,8 +82,8 @@ std::vector<ExpertInbox> dispatch(const AllToAllConfig& config, const std::vecto
     validate_group(config, "dispatch", int64_t(group), input, seen_row, seen_k, row_serial);
     if (input.m == 0) continue;
     EW_REQUIRE(input.x != nullptr, "reference::dispatch: group ", group, ": x is null with m=", input.m);
-    EW_REQUIRE(config.hidden_dim_scale_bytes == 0 || input.x_scale != nullptr, "reference::dispatch: group ",
-               group, ": x_scale is null with hidden_dim_scale_bytes=", config.hidden_dim_scale_bytes);
+    EW_REQUIRE(config.hidden_dim_scale_bytes == 0 || input.x_scale != nullptr, "reference::dispatch: group ", group,
+               ": x_scale is null with hidden_dim_scale_bytes=", config.hidden_dim_scale_bytes);
   }
 
   const int64_t num_local_experts = config.num_local_experts();
@@ -115,8 +112,8 @@ std::vector<ExpertInbox> dispatch(const AllToAllConfig& config, const std::vecto
   return inboxes;
 }
 
-void combine(const AllToAllConfig& config, uint32_t group, const GroupInput& input,
-             const ExpertOutputFn& expert_output, float* out) {
+void combine(const AllToAllConfig& config, uint32_t group, const GroupInput& input, const ExpertOutputFn& expert_output,
+             float* out) {
   config.validate();
   EW_REQUIRE(int64_t(group) < config.num_dp_groups(), "reference::combine: group ", group,
              " is out of range [0, num_dp_groups=", config.num_dp_groups(), ")");
@@ -126,8 +123,7 @@ void combine(const AllToAllConfig& config, uint32_t group, const GroupInput& inp
   uint64_t row_serial = 0;
   validate_group(config, "combine", group, input, seen_row, seen_k, row_serial);
   if (input.m == 0) return;
-  EW_REQUIRE(input.weights != nullptr, "reference::combine: group ", group, ": weights is null with m=",
-             input.m);
+  EW_REQUIRE(input.weights != nullptr, "reference::combine: group ", group, ": weights is null with m=", input.m);
   EW_REQUIRE(out != nullptr, "reference::combine: group ", group, ": out is null with m=", input.m);
 
   const int64_t top_k = config.experts_per_token;

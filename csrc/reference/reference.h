@@ -50,8 +50,8 @@ std::vector<ExpertInbox> dispatch(const AllToAllConfig& config, const std::vecto
 using ExpertOutputFn = std::function<const float*(uint32_t expert, uint32_t group, uint32_t token)>;
 
 // Combine for DP group `group`: writes out[t][0..hidden_dim) for t < input.m, in fp32.
-void combine(const AllToAllConfig& config, uint32_t group, const GroupInput& input,
-             const ExpertOutputFn& expert_output, float* out);
+void combine(const AllToAllConfig& config, uint32_t group, const GroupInput& input, const ExpertOutputFn& expert_output,
+             float* out);
 
 // Host conversions that match the GPU's (round to nearest even).
 uint16_t float_to_bf16(float value);

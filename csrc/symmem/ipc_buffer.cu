@@ -36,7 +36,8 @@ void find_entry_point(Fn& fn, const char* symbol) {
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
   EW_CUDA_CHECK(cudaGetDriverEntryPointByVersion(symbol, &address, 12000, cudaEnableDefault, &found));
   if (found != cudaDriverEntryPointSuccess || address == nullptr) {
-    EW_THROW(RuntimeError, "intranode: the CUDA driver has no ", symbol, " (the virtual memory API needs a 12.x driver)");
+    EW_THROW(RuntimeError, "intranode: the CUDA driver has no ", symbol,
+             " (the virtual memory API needs a 12.x driver)");
   }
   fn = reinterpret_cast<Fn>(address);
 }
@@ -62,15 +63,15 @@ const DriverApi& driver() {
   return api;
 }
 
-#define EW_CU_CHECK(expr)                                                                         \
-  do {                                                                                            \
-    const CUresult ew_result_ = (expr);                                                           \
-    if (ew_result_ != CUDA_SUCCESS) {                                                             \
-      const char* ew_name_ = nullptr;                                                             \
-      driver().error_name(ew_result_, &ew_name_);                                                 \
-      EW_THROW(RuntimeError, #expr, " failed: ", ew_name_ ? ew_name_ : "unknown CUresult ", int(ew_result_), \
-               " at ", __FILE__, ":", __LINE__);                                                  \
-    }                                                                                             \
+#define EW_CU_CHECK(expr)                                                                                            \
+  do {                                                                                                               \
+    const CUresult ew_result_ = (expr);                                                                              \
+    if (ew_result_ != CUDA_SUCCESS) {                                                                                \
+      const char* ew_name_ = nullptr;                                                                                \
+      driver().error_name(ew_result_, &ew_name_);                                                                    \
+      EW_THROW(RuntimeError, #expr, " failed: ", ew_name_ ? ew_name_ : "unknown CUresult ", int(ew_result_), " at ", \
+               __FILE__, ":", __LINE__);                                                                             \
+    }                                                                                                                \
   } while (0)
 
 // A physical allocation handle until it is mapped (MappedAllocation takes it over).
@@ -130,7 +131,8 @@ constexpr int kExchangeTimeoutMs = 60000;
 
 PeerRecord parse_record(const std::string& bytes, int expected_rank) {
   EW_REQUIRE(bytes.size() == sizeof(PeerRecord), "intranode: rank ", expected_rank, " sent ", bytes.size(),
-             " bytes of buffer description, expected ", sizeof(PeerRecord), " (all_gather must return each rank's "
+             " bytes of buffer description, expected ", sizeof(PeerRecord),
+             " (all_gather must return each rank's "
              "bytes unchanged, in rank order)");
   PeerRecord r;
   std::memcpy(&r, bytes.data(), sizeof(r));
@@ -205,8 +207,7 @@ IpcSymmetricBuffer::IpcSymmetricBuffer(size_t bytes, int rank, int world_size, c
   const FdMailbox mailbox;
   EW_REQUIRE(mailbox.name().size() < sizeof(own.mailbox), "intranode: socket name too long");
   std::memcpy(own.mailbox, mailbox.name().c_str(), mailbox.name().size() + 1);
-  const std::vector<std::string> gathered =
-      all_gather(std::string(reinterpret_cast<const char*>(&own), sizeof(own)));
+  const std::vector<std::string> gathered = all_gather(std::string(reinterpret_cast<const char*>(&own), sizeof(own)));
   EW_REQUIRE(int(gathered.size()) == world_size, "intranode: all_gather returned ", gathered.size(),
              " entries, expected world_size=", world_size);
 
@@ -214,18 +215,18 @@ IpcSymmetricBuffer::IpcSymmetricBuffer(size_t bytes, int rank, int world_size, c
   std::vector<PeerRecord> records;
   for (int peer = 0; peer < world_size; ++peer) {
     const PeerRecord r = parse_record(gathered[peer], peer);
-    EW_REQUIRE(std::strncmp(r.host, own.host, sizeof(r.host)) == 0, "intranode: rank ", peer, " runs on host '",
-               r.host, "', rank ", rank, " on '", own.host,
+    EW_REQUIRE(std::strncmp(r.host, own.host, sizeof(r.host)) == 0, "intranode: rank ", peer, " runs on host '", r.host,
+               "', rank ", rank, " on '", own.host,
                "'; every rank must share one node (use the internode transport across nodes)");
-    EW_REQUIRE(r.bytes == bytes && r.mapped_bytes == own.mapped_bytes, "intranode: rank ", peer, " allocated ",
-               r.bytes, " bytes (", r.mapped_bytes, " mapped), rank ", rank, " allocated ", bytes, " (",
-               own.mapped_bytes, " mapped); every rank must use the same configuration and GPU model");
+    EW_REQUIRE(r.bytes == bytes && r.mapped_bytes == own.mapped_bytes, "intranode: rank ", peer, " allocated ", r.bytes,
+               " bytes (", r.mapped_bytes, " mapped), rank ", rank, " allocated ", bytes, " (", own.mapped_bytes,
+               " mapped); every rank must use the same configuration and GPU model");
     if (peer != rank && std::strncmp(r.pci_bus_id, own.pci_bus_id, sizeof(r.pci_bus_id)) != 0) {
       int peer_device = -1, can_access = 0;
       EW_CUDA_CHECK(cudaDeviceGetByPCIBusId(&peer_device, r.pci_bus_id));
       EW_CUDA_CHECK(cudaDeviceCanAccessPeer(&can_access, own.device, peer_device));
-      EW_REQUIRE(can_access, "intranode: GPU ", own.pci_bus_id, " of rank ", rank, " cannot access GPU ",
-                 r.pci_bus_id, " of rank ", peer, " (no NVLink/PCIe peer path)");
+      EW_REQUIRE(can_access, "intranode: GPU ", own.pci_bus_id, " of rank ", rank, " cannot access GPU ", r.pci_bus_id,
+                 " of rank ", peer, " (no NVLink/PCIe peer path)");
     }
     records.push_back(r);
   }

@@ -24,15 +24,17 @@ std::vector<uint8_t> nvshmem_unique_id() {
 size_t nvshmem_unique_id_bytes() { return sizeof(nvshmemx_uniqueid_t); }
 
 void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank, int world_size) {
-  EW_REQUIRE(unique_id.size() == sizeof(nvshmemx_uniqueid_t), "NVSHMEM unique id must be ",
-             sizeof(nvshmemx_uniqueid_t), " bytes, got ", unique_id.size());
+  EW_REQUIRE(unique_id.size() == sizeof(nvshmemx_uniqueid_t), "NVSHMEM unique id must be ", sizeof(nvshmemx_uniqueid_t),
+             " bytes, got ", unique_id.size());
   EW_REQUIRE(world_size > 0, "NVSHMEM init: world_size must be > 0, got ", world_size);
   EW_REQUIRE(rank >= 0 && rank < world_size, "NVSHMEM init: rank must be in [0, ", world_size, "), got ", rank);
   nvshmemx_uniqueid_t id;
   std::memcpy(&id, unique_id.data(), sizeof(id));
   const nvshmemx_uniqueid_t fresh = NVSHMEMX_UNIQUEID_INITIALIZER;
-  EW_REQUIRE(id.version == fresh.version, "NVSHMEM init: the unique id is not an NVSHMEM unique id of this version "
-             "(its version field is ", id.version, ", expected ", fresh.version, ")");
+  EW_REQUIRE(id.version == fresh.version,
+             "NVSHMEM init: the unique id is not an NVSHMEM unique id of this version "
+             "(its version field is ",
+             id.version, ", expected ", fresh.version, ")");
   // NVSHMEM aborts the process on an id that no rank created; one whose bytes are all zero (an empty id the
   // broadcast never filled) is refused here.
   EW_REQUIRE(std::any_of(std::begin(id.internal), std::end(id.internal), [](char byte) { return byte != 0; }),
@@ -49,8 +51,9 @@ bool nvshmem_initialized() { return nvshmemx_init_status() >= NVSHMEM_STATUS_IS_
 
 void require_nvshmem_initialized() {
   if (!nvshmem_initialized()) {
-    EW_THROW(RuntimeError, "NVSHMEM is not initialized: call nvshmem_init_with_unique_id (Python: nvshmem_init) on "
-                           "every rank first");
+    EW_THROW(RuntimeError,
+             "NVSHMEM is not initialized: call nvshmem_init_with_unique_id (Python: nvshmem_init) on "
+             "every rank first");
   }
 }
 

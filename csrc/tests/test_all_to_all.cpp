@@ -47,9 +47,11 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--configs") o.configs = std::stoi(value());
     else if (arg == "--iterations") o.iterations = std::stoi(value());
     else if (arg == "--soak") o.soak = std::stol(value());
-    else EW_THROW(ConfigError, "test_all_to_all: unknown argument '", arg,
-                  "' (known: --transport T (", harness::kTransportFlagHelp, "; default all), --seed S, --configs C, "
-                  "--iterations I, --soak N)");
+    else
+      EW_THROW(ConfigError, "test_all_to_all: unknown argument '", arg, "' (known: --transport T (",
+               harness::kTransportFlagHelp,
+               "; default all), --seed S, --configs C, "
+               "--iterations I, --soak N)");
   }
   EW_REQUIRE(o.soak >= 0, "test_all_to_all: --soak must be >= 0, got ", o.soak);
   return o;
@@ -106,7 +108,8 @@ AllToAllConfig soak_config(int rank, int world) {
 std::string describe_config(const AllToAllConfig& c) {
   std::ostringstream s;
   s << "E=" << c.num_experts << " k=" << c.experts_per_token << " dp=" << c.dp_size << " T=" << c.max_num_tokens
-    << " hidden=" << c.hidden_dim << "x" << c.hidden_dim_bytes / c.hidden_dim << "B scales=" << c.hidden_dim_scale_bytes;
+    << " hidden=" << c.hidden_dim << "x" << c.hidden_dim_bytes / c.hidden_dim
+    << "B scales=" << c.hidden_dim_scale_bytes;
   return s.str();
 }
 

@@ -18,22 +18,22 @@
 //            naming the phase and that rank within the timeout + 2 s, no rank hangs, and a fresh object works.
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <optional>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/env.h"
 #include "core/layout.h"
+#include "expertwire/internode.h"
+#include "expertwire/intranode.h"
 #include "tests/common/mpi_harness.h"
 #include "tests/common/round_trip.h"
 #include "tests/common/transports.h"
-#include "expertwire/internode.h"
-#include "expertwire/intranode.h"
 
 namespace expertwire {
 namespace {
@@ -61,8 +61,9 @@ Options parse_options(int argc, char** argv) {
     if (arg == "--transport") o.transport = value();
     else if (arg == "--timeout-ms") o.timeout_ms = std::stoull(value());
     else if (arg == "--seed") o.seed = std::stoull(value());
-    else EW_THROW(ConfigError, "test_failures: unknown argument '", arg, "' (known: --transport T (",
-                  harness::kTransportFlagHelp, "; default ", harness::kDefaultTransports, "), --timeout-ms MS, --seed S)");
+    else
+      EW_THROW(ConfigError, "test_failures: unknown argument '", arg, "' (known: --transport T (",
+               harness::kTransportFlagHelp, "; default ", harness::kDefaultTransports, "), --timeout-ms MS, --seed S)");
   }
   EW_REQUIRE(o.timeout_ms > 0, "test_failures: --timeout-ms must be > 0");
   return o;
@@ -85,11 +86,17 @@ const char* error_type_name(const std::exception& e) {
 template <class T>
 struct ErrorName;
 template <>
-struct ErrorName<ConfigError> { static constexpr const char* kValue = "ConfigError"; };
+struct ErrorName<ConfigError> {
+  static constexpr const char* kValue = "ConfigError";
+};
 template <>
-struct ErrorName<RuntimeError> { static constexpr const char* kValue = "RuntimeError"; };
+struct ErrorName<RuntimeError> {
+  static constexpr const char* kValue = "RuntimeError";
+};
 template <>
-struct ErrorName<DeviceError> { static constexpr const char* kValue = "DeviceError"; };
+struct ErrorName<DeviceError> {
+  static constexpr const char* kValue = "DeviceError";
+};
 
 // Runs `action`, which must throw exactly `Expected` (the error types are siblings, so no other one passes)
 // with every one of `fragments` in its message; the message goes to *message when given.
@@ -238,7 +245,8 @@ void host_argument_cases(const Context& ctx) {
   trip.upload(groups[config.dp_group()], shape);
 
   const uint32_t too_many = uint32_t(config.max_num_tokens + 1);
-  const std::string too_many_tail = detail::concat(" must be <= max_num_tokens=", config.max_num_tokens, ", got ", too_many);
+  const std::string too_many_tail =
+      detail::concat(" must be <= max_num_tokens=", config.max_num_tokens, ", got ", too_many);
   // The address `bytes` past `pointer`, as a pointer of the same type.
   auto misaligned_by = [](auto* pointer, int bytes) {
     using Pointer = decltype(pointer);
@@ -332,10 +340,8 @@ void host_argument_cases(const Context& ctx) {
        "combine: out_tokens must not be null"},
       {"combine with misaligned out_tokens", [&](CombineParams& a) { a.out_tokens = misaligned(a.out_tokens); },
        "combine: out_tokens must be 16-byte aligned"},
-      {"combine with null indices", [](CombineParams& a) { a.indices = nullptr; },
-       "combine: indices must not be null"},
-      {"combine with null weights", [](CombineParams& a) { a.weights = nullptr; },
-       "combine: weights must not be null"},
+      {"combine with null indices", [](CombineParams& a) { a.indices = nullptr; }, "combine: indices must not be null"},
+      {"combine with null weights", [](CombineParams& a) { a.weights = nullptr; }, "combine: weights must not be null"},
       {"combine with misaligned weights",
        [&](CombineParams& a) { a.weights = reinterpret_cast<const float*>(misaligned_by(a.weights, 2)); },
        "combine: weights must be 4-byte aligned"},
@@ -432,8 +438,9 @@ void config_cases(const Context& ctx) {
       AllToAllConfig bad = good;
       bad.world_size = 2 * world;
       bad.num_experts = 2 * bad.world_size;
-      return expect_error<ConfigError>([&] { harness::make_all_to_all(ctx.kind, bad); },
-                                       {detail::concat("world_size must equal NVSHMEM's ", world, " ranks, got ", 2 * world)});
+      return expect_error<ConfigError>(
+          [&] { harness::make_all_to_all(ctx.kind, bad); },
+          {detail::concat("world_size must equal NVSHMEM's ", world, " ranks, got ", 2 * world)});
     });
     ctx.run("config: rank unlike NVSHMEM's", [&] {
       AllToAllConfig bad = good;
@@ -477,14 +484,12 @@ void config_cases(const Context& ctx) {
       {"all_gather returns bytes that are no buffer description",
        [&](const std::string&) { return std::vector<std::string>(world, "not a buffer description"); },
        "bytes of agreement record, expected"},
-      {"all_gather out of rank order",
-       [&](const std::string& local) { return std::vector<std::string>(world, local); },
+      {"all_gather out of rank order", [&](const std::string& local) { return std::vector<std::string>(world, local); },
        "of all_gather is not rank"},
   };
   for (const GatherCase& c : gather_cases) {
-    ctx.run(detail::concat("config: ", c.name), [&] {
-      return expect_error<ConfigError>([&] { AllToAllIntranode a2a(good, c.all_gather); }, {c.message});
-    });
+    ctx.run(detail::concat("config: ", c.name),
+            [&] { return expect_error<ConfigError>([&] { AllToAllIntranode a2a(good, c.all_gather); }, {c.message}); });
   }
 }
 
@@ -502,9 +507,10 @@ std::vector<reference::ExpertInbox> inboxes_without_entry(const AllToAllConfig& 
   std::vector<reference::ExpertInbox> inboxes = harness::reference_inboxes(config, stand_in);
   if (int64_t(expert) / config.num_local_experts() == config.rank) {
     auto& tokens = inboxes[expert % config.num_local_experts()].tokens;
-    tokens.erase(std::remove_if(tokens.begin(), tokens.end(),
-                                [&](const reference::ReceivedToken& t) { return t.source_group == group && t.token == token; }),
-                 tokens.end());
+    tokens.erase(
+        std::remove_if(tokens.begin(), tokens.end(),
+                       [&](const reference::ReceivedToken& t) { return t.source_group == group && t.token == token; }),
+        tokens.end());
   }
   return inboxes;
 }
@@ -541,7 +547,8 @@ void device_input_cases(const Context& ctx) {
     const CallShape shape = plain_shape(config, config.max_num_tokens / 2, false);
     std::vector<GroupData> sent = harness::make_all_groups(config, shape, ctx.seed + 1);
     std::vector<GroupData> stand_in = sent;
-    const std::vector<reference::ExpertInbox> expected = inboxes_without_entry(config, stand_in, bad_rank, 0, top_k - 1);
+    const std::vector<reference::ExpertInbox> expected =
+        inboxes_without_entry(config, stand_in, bad_rank, 0, top_k - 1);
     const uint32_t bad_expert = uint32_t(config.num_experts + 3);
     sent[bad_rank].indices[top_k - 1] = bad_expert;
     trip.upload(sent[config.dp_group()], shape);
@@ -583,8 +590,9 @@ void device_input_cases(const Context& ctx) {
     ctx.run("device: bound_m > m in dispatch", [&] {
       Verdict verdict;
       if (ctx.rank == bad_rank) {
-        verdict = expect_error<DeviceError>([&] { trip.dispatch(*a2a, shape); },
-                                            {detail::concat("bound_m = ", bad_bound_m, " exceeds m"), "in dispatch send"});
+        verdict =
+            expect_error<DeviceError>([&] { trip.dispatch(*a2a, shape); },
+                                      {detail::concat("bound_m = ", bad_bound_m, " exceeds m"), "in dispatch send"});
       } else {
         trip.dispatch(*a2a, shape);
       }
@@ -596,21 +604,21 @@ void device_input_cases(const Context& ctx) {
   }
 
   // *bound_m > m in combine: the bad rank writes no output row, the others combine as usual.
-  combine_case(ctx, trip, plain_shape(config, config.max_num_tokens, true), ctx.seed + 3,
-               "device: bound_m > m in combine",
-               [&](AllToAll& a2a, const CallShape& shape, const GroupData& own, Failures& failures) {
-                 if (ctx.rank != bad_rank) {
-                   trip.combine(a2a, shape);
-                   trip.check_combine(own, shape, failures);
-                   return Verdict{};
-                 }
-                 trip.set_device_bound_m(bad_bound_m);
-                 const Verdict verdict = expect_error<DeviceError>(
-                     [&] { trip.combine(a2a, shape); },
-                     {detail::concat("bound_m = ", bad_bound_m, " exceeds m"), "in combine receive"});
-                 trip.check_combine_wrote_nothing(failures);
-                 return verdict;
-               });
+  combine_case(
+      ctx, trip, plain_shape(config, config.max_num_tokens, true), ctx.seed + 3, "device: bound_m > m in combine",
+      [&](AllToAll& a2a, const CallShape& shape, const GroupData& own, Failures& failures) {
+        if (ctx.rank != bad_rank) {
+          trip.combine(a2a, shape);
+          trip.check_combine(own, shape, failures);
+          return Verdict{};
+        }
+        trip.set_device_bound_m(bad_bound_m);
+        const Verdict verdict =
+            expect_error<DeviceError>([&] { trip.combine(a2a, shape); },
+                                      {detail::concat("bound_m = ", bad_bound_m, " exceeds m"), "in combine receive"});
+        trip.check_combine_wrote_nothing(failures);
+        return verdict;
+      });
 
   // A float16 expert_y on the bad rank, bfloat16 on the others: no rank sums rows of a type it does not sum,
   // every rank raises, and none writes an output row.
@@ -649,8 +657,8 @@ void timeout_cases(const Context& ctx) {
     Verdict verdict = expect_error<DeviceError>(call, {"timed out", waiting, phase}, message);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (seconds > limit_s) {
-      verdict = joined(verdict, detail::concat("the error came after ", seconds, " s, more than the timeout + 2 s = ",
-                                               limit_s, " s"));
+      verdict = joined(verdict, detail::concat("the error came after ", seconds,
+                                               " s, more than the timeout + 2 s = ", limit_s, " s"));
     }
     return verdict;
   };

@@ -44,7 +44,7 @@ class NvshmemSession {
   NvshmemSession& operator=(const NvshmemSession&) = delete;
 };
 
-void barrier();                       // every rank reaches this point before any leaves it
+void barrier();  // every rank reaches this point before any leaves it
 // main() of every multi-rank program: run(argc, argv), or "<program>: <what>" on stderr and exit code 2 when
 // it throws.
 int run_reporting_errors(const char* program, int (*run)(int, char**), int argc, char** argv);

@@ -50,7 +50,8 @@ size_t first_non_sentinel(const uint8_t* data, size_t bytes) {
 // A scale tensor of `rows` rows per expert, `scale_bytes` of scales a row, laid out as `layout` says (data null).
 Strided3D<float> scale_view(CallShape::ScaleLayout layout, uint64_t scale_bytes, uint64_t rows) {
   switch (layout) {
-    case CallShape::ScaleLayout::kPaddedRows: return contiguous_matrices<float>(nullptr, rows, scale_bytes + kScaleRowPadBytes);
+    case CallShape::ScaleLayout::kPaddedRows:
+      return contiguous_matrices<float>(nullptr, rows, scale_bytes + kScaleRowPadBytes);
     case CallShape::ScaleLayout::kColumnMajor: return Strided3D<float>{nullptr, rows * scale_bytes, 4, rows * 4};
     case CallShape::ScaleLayout::kContiguous: break;
   }
@@ -102,9 +103,9 @@ CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index) {
   // (out_tokens, expert_y) types: every 16-bit expert_y with every output, and float32 expert_y with the 16-bit
   // outputs it allows.
   static constexpr std::pair<ScalarType, ScalarType> kTypes[] = {
-      {ScalarType::kFloat32, ScalarType::kBFloat16},  {ScalarType::kBFloat16, ScalarType::kBFloat16},
-      {ScalarType::kFloat16, ScalarType::kBFloat16},  {ScalarType::kFloat32, ScalarType::kFloat16},
-      {ScalarType::kBFloat16, ScalarType::kFloat16},  {ScalarType::kFloat16, ScalarType::kFloat16},
+      {ScalarType::kFloat32, ScalarType::kBFloat16}, {ScalarType::kBFloat16, ScalarType::kBFloat16},
+      {ScalarType::kFloat16, ScalarType::kBFloat16}, {ScalarType::kFloat32, ScalarType::kFloat16},
+      {ScalarType::kBFloat16, ScalarType::kFloat16}, {ScalarType::kFloat16, ScalarType::kFloat16},
       {ScalarType::kBFloat16, ScalarType::kFloat32}, {ScalarType::kFloat16, ScalarType::kFloat32}};
   std::tie(shape.out_type, shape.expert_type) = kTypes[rng.below(8)];
   shape.split = rng.below(2) == 1;
@@ -190,8 +191,8 @@ size_t RoundTrip::expert_scale_bytes() const {
 }
 
 Strided3D<float> RoundTrip::out_expert_x_scale(const CallShape& shape) const {
-  Strided3D<float> view = scale_view(shape.scale_layout, uint64_t(config_.hidden_dim_scale_bytes),
-                                     uint64_t(config_.max_recv_tokens()));
+  Strided3D<float> view =
+      scale_view(shape.scale_layout, uint64_t(config_.hidden_dim_scale_bytes), uint64_t(config_.max_recv_tokens()));
   view.data = config_.hidden_dim_scale_bytes != 0 ? expert_x_scale_.get<float>() : nullptr;
   return view;
 }
@@ -201,14 +202,16 @@ size_t RoundTrip::out_tokens_bytes() const { return config_.max_num_tokens * con
 
 void RoundTrip::upload(const GroupData& own, const CallShape& shape) {
   const size_t x_row = config_.hidden_dim_bytes, s = config_.hidden_dim_scale_bytes;
-  dp_x_view_ = Strided2D<const uint8_t>{dp_x_.get<uint8_t>(), x_row + (shape.dp_x_padded_rows ? kDpXRowPadBytes : 0), 1};
+  dp_x_view_ =
+      Strided2D<const uint8_t>{dp_x_.get<uint8_t>(), x_row + (shape.dp_x_padded_rows ? kDpXRowPadBytes : 0), 1};
   if (own.m > 0) {
     EW_CUDA_CHECK(cudaMemcpy2D(dp_x_.get(), dp_x_view_.row_stride, own.x.data(), x_row, x_row, size_t(own.m),
                                cudaMemcpyHostToDevice));
   }
   // dp_x_scale has no expert dimension: the view's rows and words.
   const Strided3D<float> scale_layout = scale_view(shape.scale_layout, s, uint64_t(config_.max_num_tokens));
-  dp_x_scale_view_ = Strided2D<const float>{dp_x_scale_.get<float>(), scale_layout.row_stride, scale_layout.element_stride};
+  dp_x_scale_view_ =
+      Strided2D<const float>{dp_x_scale_.get<float>(), scale_layout.row_stride, scale_layout.element_stride};
   std::vector<uint8_t> scales(dp_x_scale_.bytes(), kSentinel);
   for (size_t t = 0; s != 0 && t < size_t(own.m); ++t) {
     for (size_t w = 0; w < s / 4; ++w) {
@@ -216,10 +219,10 @@ void RoundTrip::upload(const GroupData& own, const CallShape& shape) {
     }
   }
   EW_CUDA_CHECK(cudaMemcpy(dp_x_scale_.get(), scales.data(), scales.size(), cudaMemcpyHostToDevice));
-  EW_CUDA_CHECK(cudaMemcpy(indices_.get(), own.indices.data(), own.indices.size() * sizeof(uint32_t),
-                           cudaMemcpyHostToDevice));
-  EW_CUDA_CHECK(cudaMemcpy(weights_.get(), own.weights.data(), own.weights.size() * sizeof(float),
-                           cudaMemcpyHostToDevice));
+  EW_CUDA_CHECK(
+      cudaMemcpy(indices_.get(), own.indices.data(), own.indices.size() * sizeof(uint32_t), cudaMemcpyHostToDevice));
+  EW_CUDA_CHECK(
+      cudaMemcpy(weights_.get(), own.weights.data(), own.weights.size() * sizeof(float), cudaMemcpyHostToDevice));
   own_m_ = uint32_t(own.m);
   set_device_bound_m(own_m_);
 }
@@ -327,14 +330,15 @@ void RoundTrip::check_dispatch(const CallShape& shape, const std::vector<referen
         std::memcpy(&row_scales[w * 4], word, 4);
         std::memset(word, kSentinel, 4);
       }
-      const auto it = std::lower_bound(inbox.begin(), inbox.end(), std::pair{g, t},
-                                       [](const reference::ReceivedToken& tok, const std::pair<uint32_t, uint32_t>& key) {
-                                         return std::pair{tok.source_group, tok.token} < key;
-                                       });
+      const auto it =
+          std::lower_bound(inbox.begin(), inbox.end(), std::pair{g, t},
+                           [](const reference::ReceivedToken& tok, const std::pair<uint32_t, uint32_t>& key) {
+                             return std::pair{tok.source_group, tok.token} < key;
+                           });
       const size_t index = size_t(it - inbox.begin());
       if (it == inbox.end() || it->source_group != g || it->token != t || seen[index]) {
-        fail.add("rank ", rank, " expert ", le, " row ", i, ": unexpected or repeated token (group ", g, ", token ",
-                 t, ")");
+        fail.add("rank ", rank, " expert ", le, " row ", i, ": unexpected or repeated token (group ", g, ", token ", t,
+                 ")");
         continue;
       }
       seen[index] = true;
@@ -373,8 +377,8 @@ void RoundTrip::check_dispatch(const CallShape& shape, const std::vector<referen
 
 void RoundTrip::combine(AllToAll& a2a, const CallShape& shape) {
   const int64_t hidden = config_.hidden_dim, max_recv = config_.max_recv_tokens();
-  auto* expert_y = static_cast<uint8_t*>(shape.expert_y_in_buffer_on(config_.rank) ? a2a.expert_output_buffer()
-                                                                                    : expert_y_.get());
+  auto* expert_y =
+      static_cast<uint8_t*>(shape.expert_y_in_buffer_on(config_.rank) ? a2a.expert_output_buffer() : expert_y_.get());
   const size_t element = element_bytes(shape.expert_type);
   std::vector<float> values(hidden);
   std::vector<uint8_t> block;
@@ -394,8 +398,8 @@ void RoundTrip::combine(AllToAll& a2a, const CallShape& shape) {
         }
       }
     }
-    EW_CUDA_CHECK(cudaMemcpy(expert_y + le * max_recv * hidden * element, block.data(), block.size(),
-                             cudaMemcpyHostToDevice));
+    EW_CUDA_CHECK(
+        cudaMemcpy(expert_y + le * max_recv * hidden * element, block.data(), block.size(), cudaMemcpyHostToDevice));
   }
   EW_CUDA_CHECK(cudaMemsetAsync(out_tokens_.get(), kSentinel, out_tokens_.bytes(), stream_));
   CombineParams args = combine_arguments(shape);

@@ -10,14 +10,14 @@
 #include <utility>
 #include <vector>
 
-#include "expertwire/config.h"
 #include "core/cuda_utils.h"
-#include "expertwire/dtype.h"
 #include "core/error.h"
+#include "expertwire/all_to_all.h"
+#include "expertwire/config.h"
+#include "expertwire/dtype.h"
+#include "expertwire/params.h"
 #include "reference/reference.h"
 #include "tests/common/workload.h"
-#include "expertwire/all_to_all.h"
-#include "expertwire/params.h"
 
 namespace expertwire::harness {
 
@@ -75,7 +75,8 @@ std::string describe(const CallShape& shape);
 std::vector<GroupData> make_all_groups(const AllToAllConfig& config, const CallShape& shape, uint64_t seed);
 
 // What each local expert of this rank should receive from `groups`, by the reference model.
-std::vector<reference::ExpertInbox> reference_inboxes(const AllToAllConfig& config, const std::vector<GroupData>& groups);
+std::vector<reference::ExpertInbox> reference_inboxes(const AllToAllConfig& config,
+                                                      const std::vector<GroupData>& groups);
 
 // One call of AllToAll::dispatch / ::combine in `mode` (SplitMode), with the rest of `params` as they are.
 void call_dispatch(AllToAll& a2a, DispatchParams params, SplitMode mode, cudaStream_t stream);

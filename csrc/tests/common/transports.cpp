@@ -4,9 +4,9 @@
 #include <sstream>
 
 #include "core/error.h"
-#include "tests/common/mpi_harness.h"
 #include "expertwire/internode.h"
 #include "expertwire/intranode.h"
+#include "tests/common/mpi_harness.h"
 
 namespace expertwire::harness {
 

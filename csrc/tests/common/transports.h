@@ -6,8 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "expertwire/config.h"
 #include "expertwire/all_to_all.h"
+#include "expertwire/config.h"
 
 namespace expertwire::harness {
 

@@ -27,10 +27,10 @@ uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b = 0);
 
 struct GroupData {
   int64_t m = 0;
-  std::vector<uint8_t> x;          // [max_num_tokens][hidden_dim_bytes]; rows >= m are never sent
-  std::vector<uint8_t> x_scale;    // [max_num_tokens][hidden_dim_scale_bytes]
-  std::vector<uint32_t> indices;   // [max_num_tokens][experts_per_token]
-  std::vector<float> weights;      // [max_num_tokens][experts_per_token]
+  std::vector<uint8_t> x;         // [max_num_tokens][hidden_dim_bytes]; rows >= m are never sent
+  std::vector<uint8_t> x_scale;   // [max_num_tokens][hidden_dim_scale_bytes]
+  std::vector<uint32_t> indices;  // [max_num_tokens][experts_per_token]
+  std::vector<float> weights;     // [max_num_tokens][experts_per_token]
 
   reference::GroupInput input() const;
 };

@@ -74,7 +74,9 @@ TEST(DispatchArguments, ValidOnesPass) {
   EXPECT_EQ(dispatch_error([](DispatchParams&) {}), "no ConfigError");
   // Padded rows, column-major scales, a broadcast scale row: every layout the kernels follow.
   EXPECT_EQ(dispatch_error([](DispatchParams& p) { p.dp_x.row_stride = 272; }), "no ConfigError");
-  EXPECT_EQ(dispatch_error([](DispatchParams& p) { p.out_expert_x_scale = {p.out_expert_x_scale.data, 256, 4, 128}; }),
+  EXPECT_EQ(dispatch_error([](DispatchParams& p) {
+              p.out_expert_x_scale = {p.out_expert_x_scale.data, 256, 4, 128};
+            }),
             "no ConfigError");
   EXPECT_EQ(dispatch_error([](DispatchParams& p) { p.dp_x_scale.row_stride = 0; }), "no ConfigError");
 }

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "core/env.h"
-#include "expertwire/config.h"
 #include "core/error.h"
+#include "expertwire/config.h"
 
 namespace expertwire {
 namespace {
@@ -67,10 +67,10 @@ TEST(ConfigValidate, DataParallelAccessors) {
   config.dp_size = 4;
   config.rank = 6;
   EXPECT_NO_THROW(config.validate());
-  EXPECT_EQ(config.num_dp_groups(), 2);       // 8 / 4
-  EXPECT_EQ(config.dp_group(), 1);            // 6 / 4
-  EXPECT_EQ(config.dp_rank(), 2);             // 6 % 4
-  EXPECT_EQ(config.max_recv_tokens(), 256);   // 128 * 2
+  EXPECT_EQ(config.num_dp_groups(), 2);      // 8 / 4
+  EXPECT_EQ(config.dp_group(), 1);           // 6 / 4
+  EXPECT_EQ(config.dp_rank(), 2);            // 6 % 4
+  EXPECT_EQ(config.max_recv_tokens(), 256);  // 128 * 2
 }
 
 struct BadConfigCase {
@@ -91,11 +91,9 @@ TEST_P(ConfigValidateRejects, ThrowsConfigErrorNamingFieldAndValue) {
 }
 
 // A field set to a bad value; the message must name the field and repeat the value after "got ".
-#define BAD_FIELD_CASE(test_name, field, value)                                       \
-  BadConfigCase {                                                                     \
-    test_name, [](AllToAllConfig& c) { c.field = value; }, {                          \
-      "AllToAllConfig." #field " must", "got " #value                                 \
-    }                                                                                 \
+#define BAD_FIELD_CASE(test_name, field, value)                                                                \
+  BadConfigCase {                                                                                              \
+    test_name, [](AllToAllConfig& c) { c.field = value; }, { "AllToAllConfig." #field " must", "got " #value } \
   }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -107,10 +105,8 @@ INSTANTIATE_TEST_SUITE_P(
                       BAD_FIELD_CASE("experts_per_token_zero", experts_per_token, 0),
                       BAD_FIELD_CASE("experts_per_token_negative", experts_per_token, -1),
                       BAD_FIELD_CASE("world_size_zero", world_size, 0),
-                      BAD_FIELD_CASE("world_size_negative", world_size, -8),
-                      BAD_FIELD_CASE("dp_size_zero", dp_size, 0),
-                      BAD_FIELD_CASE("dp_size_negative", dp_size, -2),
-                      BAD_FIELD_CASE("hidden_dim_zero", hidden_dim, 0),
+                      BAD_FIELD_CASE("world_size_negative", world_size, -8), BAD_FIELD_CASE("dp_size_zero", dp_size, 0),
+                      BAD_FIELD_CASE("dp_size_negative", dp_size, -2), BAD_FIELD_CASE("hidden_dim_zero", hidden_dim, 0),
                       BAD_FIELD_CASE("hidden_dim_negative", hidden_dim, -7168),
                       BAD_FIELD_CASE("hidden_dim_bytes_zero", hidden_dim_bytes, 0),
                       BAD_FIELD_CASE("hidden_dim_bytes_negative", hidden_dim_bytes, -16),
@@ -120,20 +116,24 @@ INSTANTIATE_TEST_SUITE_P(
 INSTANTIATE_TEST_SUITE_P(
     Relations, ConfigValidateRejects,
     ::testing::Values(
-        BadConfigCase{"rank_negative", [](AllToAllConfig& c) { c.rank = -1; },
-                      {"AllToAllConfig.rank", "world_size=8", "got -1"}},
-        BadConfigCase{"rank_equals_world_size", [](AllToAllConfig& c) { c.rank = 8; },
+        BadConfigCase{
+            "rank_negative", [](AllToAllConfig& c) { c.rank = -1; }, {"AllToAllConfig.rank", "world_size=8", "got -1"}},
+        BadConfigCase{"rank_equals_world_size",
+                      [](AllToAllConfig& c) { c.rank = 8; },
                       {"AllToAllConfig.rank", "world_size=8", "got 8"}},
-        BadConfigCase{"rank_above_world_size", [](AllToAllConfig& c) { c.rank = 100; },
-                      {"AllToAllConfig.rank", "got 100"}},
+        BadConfigCase{
+            "rank_above_world_size", [](AllToAllConfig& c) { c.rank = 100; }, {"AllToAllConfig.rank", "got 100"}},
         // 250 / 8 = 31.25
-        BadConfigCase{"num_experts_not_divisible_by_world_size", [](AllToAllConfig& c) { c.num_experts = 250; },
+        BadConfigCase{"num_experts_not_divisible_by_world_size",
+                      [](AllToAllConfig& c) { c.num_experts = 250; },
                       {"AllToAllConfig.num_experts", "divisible by world_size=8", "got 250"}},
         // 8 / 3 = 2.67
-        BadConfigCase{"world_size_not_divisible_by_dp_size", [](AllToAllConfig& c) { c.dp_size = 3; },
+        BadConfigCase{"world_size_not_divisible_by_dp_size",
+                      [](AllToAllConfig& c) { c.dp_size = 3; },
                       {"AllToAllConfig.world_size", "dp_size=3", "got 8"}},
         // dp_size larger than world_size: 8 % 16 = 8 != 0
-        BadConfigCase{"dp_size_above_world_size", [](AllToAllConfig& c) { c.dp_size = 16; },
+        BadConfigCase{"dp_size_above_world_size",
+                      [](AllToAllConfig& c) { c.dp_size = 16; },
                       {"AllToAllConfig.world_size", "dp_size=16", "got 8"}},
         BadConfigCase{"experts_per_token_above_num_experts",
                       [](AllToAllConfig& c) {
@@ -142,25 +142,31 @@ INSTANTIATE_TEST_SUITE_P(
                       },
                       {"AllToAllConfig.experts_per_token", "num_experts=8", "got 9"}},
         // 7160 = 447 * 16 + 8
-        BadConfigCase{"hidden_dim_bytes_not_multiple_of_16", [](AllToAllConfig& c) { c.hidden_dim_bytes = 7160; },
+        BadConfigCase{"hidden_dim_bytes_not_multiple_of_16",
+                      [](AllToAllConfig& c) { c.hidden_dim_bytes = 7160; },
                       {"AllToAllConfig.hidden_dim_bytes must", "multiple of 16", "got 7160"}},
         // 8 is a multiple of 8 but not of 16
-        BadConfigCase{"hidden_dim_bytes_8", [](AllToAllConfig& c) { c.hidden_dim_bytes = 8; },
+        BadConfigCase{"hidden_dim_bytes_8",
+                      [](AllToAllConfig& c) { c.hidden_dim_bytes = 8; },
                       {"AllToAllConfig.hidden_dim_bytes must", "multiple of 16", "got 8"}},
         // 222 = 55 * 4 + 2
-        BadConfigCase{"scale_bytes_not_multiple_of_4", [](AllToAllConfig& c) { c.hidden_dim_scale_bytes = 222; },
+        BadConfigCase{"scale_bytes_not_multiple_of_4",
+                      [](AllToAllConfig& c) { c.hidden_dim_scale_bytes = 222; },
                       {"AllToAllConfig.hidden_dim_scale_bytes", "multiple of 4", "got 222"}},
         // 7164 = 895 * 8 + 4
-        BadConfigCase{"hidden_dim_not_multiple_of_8", [](AllToAllConfig& c) { c.hidden_dim = 7164; },
+        BadConfigCase{"hidden_dim_not_multiple_of_8",
+                      [](AllToAllConfig& c) { c.hidden_dim = 7164; },
                       {"AllToAllConfig.hidden_dim must", "multiple of 8", "got 7164"}},
         // 2^31 exceeds UINT32_MAX / 2 = 2147483647
-        BadConfigCase{"hidden_dim_too_large_for_u32", [](AllToAllConfig& c) { c.hidden_dim = 2147483648; },
+        BadConfigCase{"hidden_dim_too_large_for_u32",
+                      [](AllToAllConfig& c) { c.hidden_dim = 2147483648; },
                       {"AllToAllConfig.hidden_dim is too large", "32-bit", "got 2147483648"}},
         BadConfigCase{"max_num_tokens_too_large_for_u32",
                       [](AllToAllConfig& c) { c.max_num_tokens = 4294967296; },
                       {"AllToAllConfig.max_num_tokens is too large", "32-bit", "got 4294967296"}},
         // m + 1 travels in a 24-bit field of the pull dispatch's arrival signal.
-        BadConfigCase{"max_num_tokens_past_arrival_payload", [](AllToAllConfig& c) { c.max_num_tokens = 16777215; },
+        BadConfigCase{"max_num_tokens_past_arrival_payload",
+                      [](AllToAllConfig& c) { c.max_num_tokens = 16777215; },
                       {"AllToAllConfig.max_num_tokens must be < 16777215", "got 16777215"}},
         // Each field fits on its own, but the rows per local expert do not: (2^31 - 1) * (8 / 1) = 17,179,869,176
         BadConfigCase{"max_recv_tokens_too_large_for_u32",
@@ -177,7 +183,8 @@ INSTANTIATE_TEST_SUITE_P(
                       },
                       {"max_num_tokens * ceil(hidden_dim / 256)", "32-bit", "got 4294966784"}},
         // Just past the limit: 2^28 * 8 = 2^31 > UINT32_MAX / 2 = 2147483647
-        BadConfigCase{"max_recv_tokens_one_past_limit", [](AllToAllConfig& c) { c.max_num_tokens = 268435456; },
+        BadConfigCase{"max_recv_tokens_one_past_limit",
+                      [](AllToAllConfig& c) { c.max_num_tokens = 268435456; },
                       {"max_num_tokens * world_size / dp_size", "got 2147483648"}},
         // With data parallelism only the DP groups count: 2^30 * (8 / 4) = 2^31
         BadConfigCase{"max_recv_tokens_with_dp_groups",
@@ -395,10 +402,8 @@ TEST_P(DefaultTimeoutRejects, ThrowsConfigErrorNamingVariableAndValue) {
 INSTANTIATE_TEST_SUITE_P(
     SignsSpacesAndOverflow, DefaultTimeoutRejects,
     ::testing::Values(BadTimeoutCase{"minus_five", "-5"},  // strtoull wraps it to 2^64 - 5
-                      BadTimeoutCase{"plus_five", "+5"},
-                      BadTimeoutCase{"leading_space", " 5"},
-                      BadTimeoutCase{"trailing_space", "5 "},
-                      BadTimeoutCase{"minus_zero", "-0"},
+                      BadTimeoutCase{"plus_five", "+5"}, BadTimeoutCase{"leading_space", " 5"},
+                      BadTimeoutCase{"trailing_space", "5 "}, BadTimeoutCase{"minus_zero", "-0"},
                       // 2 * 10^13 ms * 10^6 = 2 * 10^19 ns > UINT64_MAX (~1.8447 * 10^19)
                       BadTimeoutCase{"ns_overflow", "20000000000000"},
                       // 18,446,744,073,710 ms * 10^6 = 18,446,744,073,710,000,000 > 18,446,744,073,709,551,615

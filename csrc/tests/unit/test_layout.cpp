@@ -12,10 +12,10 @@
 #include <utility>
 #include <vector>
 
-#include "expertwire/config.h"
 #include "core/error.h"
 #include "core/layout.h"
 #include "device/wire_protocol.h"
+#include "expertwire/config.h"
 #include "expertwire/strided.h"
 
 namespace expertwire {
@@ -149,10 +149,10 @@ TEST(Layout, SmallConfigShape) {
 
 TEST(Layout, SmallConfigStrides) {
   const BufferLayout l = make_buffer_layout(small_config(), 5);
-  EXPECT_EQ(l.token_header_bytes, 16u);    // align16(4 + 4 * 3 = 16) = 16
-  EXPECT_EQ(l.dispatch_token_bytes, 64u);  // 16 header + 32 payload + align16(8) = 16
-  EXPECT_EQ(l.combine_row_bytes, 64u);     // 32 * 2
-  EXPECT_EQ(l.staging_row_bytes, 64u);     // max(64, 64)
+  EXPECT_EQ(l.token_header_bytes, 16u);         // align16(4 + 4 * 3 = 16) = 16
+  EXPECT_EQ(l.dispatch_token_bytes, 64u);       // 16 header + 32 payload + align16(8) = 16
+  EXPECT_EQ(l.combine_row_bytes, 64u);          // 32 * 2
+  EXPECT_EQ(l.staging_row_bytes, 64u);          // max(64, 64)
   EXPECT_EQ(l.payload_offset_in_token(), 16u);  // right after the header
   EXPECT_EQ(l.scale_offset_in_token(), 48u);    // 16 + 32
 }
@@ -213,8 +213,8 @@ TEST(Layout, SmallConfigAccessors) {
 
   // Row (token, k) is token * 3 + k; stride 64 B, base 512.
   EXPECT_EQ(l.combine_row_offset(0, 0), 512u);
-  EXPECT_EQ(l.combine_row_offset(1, 0), 704u);   // 512 + 3 * 64
-  EXPECT_EQ(l.combine_row_offset(3, 2), 1216u);  // last row: 512 + (3 * 3 + 2 = 11) * 64 = 512 + 704
+  EXPECT_EQ(l.combine_row_offset(1, 0), 704u);       // 512 + 3 * 64
+  EXPECT_EQ(l.combine_row_offset(3, 2), 1216u);      // last row: 512 + (3 * 3 + 2 = 11) * 64 = 512 + 704
   EXPECT_EQ(1216u + 64u, l.dispatch_counts_offset);  // the last row ends where the counts start
 
   // Count per source rank, 8 B each, base 1280.
@@ -232,7 +232,7 @@ TEST(Layout, SmallConfigAccessors) {
 
   // Send row per token, 64 B each, base 2304.
   EXPECT_EQ(l.send_row_offset(0), 2304u);
-  EXPECT_EQ(l.send_row_offset(3), 2496u);  // last: 2304 + 3 * 64
+  EXPECT_EQ(l.send_row_offset(3), 2496u);          // last: 2304 + 3 * 64
   EXPECT_EQ(2496u + 64u, l.send_announce_offset);  // the last row ends where the announcement starts
 
   // Stamp per token, 8 B each, base 2816.
@@ -259,13 +259,13 @@ TEST(Layout, SmallConfigRegionsDisjoint) { expect_layout_regions_disjoint(make_b
 
 TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   const BufferLayout l = make_buffer_layout(bf16_config(), 3);
-  EXPECT_EQ(l.num_local_experts, 2u);  // 6 / 3
-  EXPECT_EQ(l.num_dp_groups, 3u);      // 3 / 1
-  EXPECT_EQ(l.max_recv_tokens, 6u);    // 2 * 3
-  EXPECT_EQ(l.token_header_bytes, 32u);    // align16(4 + 4 * 5 = 24) = 32
-  EXPECT_EQ(l.dispatch_token_bytes, 80u);  // 32 + 32 + align16(4) = 16
-  EXPECT_EQ(l.combine_row_bytes, 32u);     // 16 * 2
-  EXPECT_EQ(l.staging_row_bytes, 80u);     // max(80, 32)
+  EXPECT_EQ(l.num_local_experts, 2u);         // 6 / 3
+  EXPECT_EQ(l.num_dp_groups, 3u);             // 3 / 1
+  EXPECT_EQ(l.max_recv_tokens, 6u);           // 2 * 3
+  EXPECT_EQ(l.token_header_bytes, 32u);       // align16(4 + 4 * 5 = 24) = 32
+  EXPECT_EQ(l.dispatch_token_bytes, 80u);     // 32 + 32 + align16(4) = 16
+  EXPECT_EQ(l.combine_row_bytes, 32u);        // 16 * 2
+  EXPECT_EQ(l.staging_row_bytes, 80u);        // max(80, 32)
   EXPECT_EQ(l.scale_offset_in_token(), 64u);  // 32 + 32
 
   // dispatch_recv: 3 groups * 2 tokens = 6 slots * 80 B = 480 B -> cursor 480
@@ -302,18 +302,18 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.dispatch_epoch_offset, 1280u);
   EXPECT_EQ(l.workspace_bytes, 1536u);
 
-  EXPECT_EQ(l.dispatch_token_offset(2, 1), 400u);     // last slot: (2 * 2 + 1 = 5) * 80; ends at 480
-  EXPECT_EQ(l.combine_row_offset(1, 4), 800u);        // last row: 512 + (1 * 5 + 4 = 9) * 32; ends at 832
-  EXPECT_EQ(l.dispatch_count_offset(2), 1040u);       // last: 1024 + 2 * 8
-  EXPECT_EQ(l.combine_done_offset_of(2), 1296u);      // last: 1280 + 2 * 8
-  EXPECT_EQ(l.staging_row_offset(2), 1696u);          // last: 1536 + 2 * 80; ends at 1776
-  EXPECT_EQ(l.send_row_offset(0), 1792u);             // first: the region base
-  EXPECT_EQ(l.send_row_offset(1), 1872u);             // last: 1792 + 1 * 80; ends at 1952
-  EXPECT_EQ(l.send_stamp_offset(0), 2304u);           // first: the region base
-  EXPECT_EQ(l.send_stamp_offset(1), 2312u);           // last: 2304 + 1 * 8; ends at 2320 <= 2560
-  EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 2676u);   // last: 2560 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 2680
-  EXPECT_EQ(l.expert_output_offset(1, 5), 3168u);     // last: 2816 + (1 * 6 + 5 = 11) * 32; ends at 3200
-  EXPECT_EQ(l.route_offset(1, 5), 600u);              // last: 512 + (1 * 6 + 5 = 11) * 8
+  EXPECT_EQ(l.dispatch_token_offset(2, 1), 400u);    // last slot: (2 * 2 + 1 = 5) * 80; ends at 480
+  EXPECT_EQ(l.combine_row_offset(1, 4), 800u);       // last row: 512 + (1 * 5 + 4 = 9) * 32; ends at 832
+  EXPECT_EQ(l.dispatch_count_offset(2), 1040u);      // last: 1024 + 2 * 8
+  EXPECT_EQ(l.combine_done_offset_of(2), 1296u);     // last: 1280 + 2 * 8
+  EXPECT_EQ(l.staging_row_offset(2), 1696u);         // last: 1536 + 2 * 80; ends at 1776
+  EXPECT_EQ(l.send_row_offset(0), 1792u);            // first: the region base
+  EXPECT_EQ(l.send_row_offset(1), 1872u);            // last: 1792 + 1 * 80; ends at 1952
+  EXPECT_EQ(l.send_stamp_offset(0), 2304u);          // first: the region base
+  EXPECT_EQ(l.send_stamp_offset(1), 2312u);          // last: 2304 + 1 * 8; ends at 2320 <= 2560
+  EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 2676u);  // last: 2560 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 2680
+  EXPECT_EQ(l.expert_output_offset(1, 5), 3168u);    // last: 2816 + (1 * 6 + 5 = 11) * 32; ends at 3200
+  EXPECT_EQ(l.route_offset(1, 5), 600u);             // last: 512 + (1 * 6 + 5 = 11) * 8
 
   expect_layout_regions_disjoint(l);
 }
@@ -324,10 +324,10 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.num_dp_groups, 8u);       // 8 / 1
   EXPECT_EQ(l.max_recv_tokens, 1024u);  // 128 * 8
 
-  EXPECT_EQ(l.token_header_bytes, 48u);      // align16(4 + 4 * 8 = 36) = 48
-  EXPECT_EQ(l.dispatch_token_bytes, 7440u);  // 48 + 7168 + align16(224) = 224 (14 * 16)
-  EXPECT_EQ(l.combine_row_bytes, 14336u);    // 7168 * 2
-  EXPECT_EQ(l.staging_row_bytes, 14336u);    // max(7440, 14336)
+  EXPECT_EQ(l.token_header_bytes, 48u);         // align16(4 + 4 * 8 = 36) = 48
+  EXPECT_EQ(l.dispatch_token_bytes, 7440u);     // 48 + 7168 + align16(224) = 224 (14 * 16)
+  EXPECT_EQ(l.combine_row_bytes, 14336u);       // 7168 * 2
+  EXPECT_EQ(l.staging_row_bytes, 14336u);       // max(7440, 14336)
   EXPECT_EQ(l.scale_offset_in_token(), 7216u);  // 48 + 7168
 
   // dispatch_recv: 8 groups * 128 tokens = 1024 slots * 7440 B = 7,618,560 B (= 4 * 7440 * 256)
@@ -423,8 +423,8 @@ TEST(LayoutOverflow, StagingEndPastAddressSpace) {
 }
 
 // small_config() puts staging at 1792 with 64-byte rows, and five fixed-size regions follow it: send_rows
-// (4 tokens * 64 B = 256 B), send_announce (8 B), send_stamps (4 tokens * 8 B = 32 B), combine_slots (2 groups * 4 tokens * 3 k * 4 B = 96 B) and expert_outputs (2 experts * 8 rows * 64 B
-// = 1024 B). With slots = 2^58 - n:
+// (4 tokens * 64 B = 256 B), send_announce (8 B), send_stamps (4 tokens * 8 B = 32 B), combine_slots (2 groups * 4
+// tokens * 3 k * 4 B = 96 B) and expert_outputs (2 experts * 8 rows * 64 B = 1024 B). With slots = 2^58 - n:
 //   staging ends at          E = 1792 + 64 * (2^58 - n) = 2^64 - (64 * n - 1792) = 2^64 - 64 * (n - 28)
 //   send_rows                [S, S + 256) with S = align256(E)        (computing E + 255 must not pass 2^64)
 //   send_announce            [S + 256, S + 264)                       (S + 256 is already aligned)
@@ -495,13 +495,13 @@ TEST(LayoutOverflow, LargestAlignedEndStillFits) {
   const uint64_t slots = (uint64_t(1) << 58) - 64;
   const BufferLayout l = make_buffer_layout(small_config(), slots);
   EXPECT_EQ(l.staging_offset, 1792u);
-  EXPECT_EQ(l.send_rows_offset, 18446744073709549312ull);             // 2^64 - 2304
-  EXPECT_EQ(l.send_announce_offset, 18446744073709549568ull);  // 2^64 - 2048
-  EXPECT_EQ(l.send_stamps_offset, 18446744073709549824ull);    // 2^64 - 1792
-  EXPECT_EQ(l.send_stamp_offset(3), 18446744073709549848ull);  // 2^64 - 1792 + 24
-  EXPECT_EQ(l.combine_slots_offset, 18446744073709550080ull);         // 2^64 - 1536
-  EXPECT_EQ(l.expert_outputs_offset, 18446744073709550336ull);        // 2^64 - 1280
-  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);              // 2^64 - 256
+  EXPECT_EQ(l.send_rows_offset, 18446744073709549312ull);       // 2^64 - 2304
+  EXPECT_EQ(l.send_announce_offset, 18446744073709549568ull);   // 2^64 - 2048
+  EXPECT_EQ(l.send_stamps_offset, 18446744073709549824ull);     // 2^64 - 1792
+  EXPECT_EQ(l.send_stamp_offset(3), 18446744073709549848ull);   // 2^64 - 1792 + 24
+  EXPECT_EQ(l.combine_slots_offset, 18446744073709550080ull);   // 2^64 - 1536
+  EXPECT_EQ(l.expert_outputs_offset, 18446744073709550336ull);  // 2^64 - 1280
+  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);        // 2^64 - 256
 }
 
 // small_config() with 64 experts (16 local experts): expert_outputs is 16 * 8 * 64 = 8192 bytes, a multiple of
@@ -539,9 +539,9 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   EXPECT_EQ(l.combine_slots_offset, 3072u);
   EXPECT_EQ(l.expert_outputs_offset, 3328u);
   EXPECT_EQ(l.symmetric_bytes, 11520u);
-  EXPECT_EQ(l.send_row_offset(3), 2496u);             // last: 2304 + 3 * 64; ends at 2560
-  EXPECT_EQ(l.send_stamp_offset(3), 2840u);           // last: 2816 + 3 * 8; ends at 2848
-  EXPECT_EQ(l.expert_output_offset(15, 7), 11456u);   // last: 3328 + 127 * 64; ends at 11520 = symmetric_bytes
+  EXPECT_EQ(l.send_row_offset(3), 2496u);            // last: 2304 + 3 * 64; ends at 2560
+  EXPECT_EQ(l.send_stamp_offset(3), 2840u);          // last: 2816 + 3 * 8; ends at 2848
+  EXPECT_EQ(l.expert_output_offset(15, 7), 11456u);  // last: 3328 + 127 * 64; ends at 11520 = symmetric_bytes
   // Workspace: send 4 * 4 = 16 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
   // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+8 = 1544); pull_state at align256(1544) = 1792
   // ((16 + 2 + 1) * 4 = 76 -> 1868); dispatch_epoch at align256(1868) = 2048 (+4 = 2052); total
@@ -573,12 +573,12 @@ TEST(LayoutOverflow, ManyExpertsLargestEndStillFits) {
   // expert_outputs at 2^64 - 8448 ending at 2^64 - 256: already aligned, the largest valid size.
   const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 176);
   EXPECT_EQ(l.staging_offset, 1792u);
-  EXPECT_EQ(l.send_rows_offset, 18446744073709542144ull);           // 2^64 - 9472
-  EXPECT_EQ(l.send_announce_offset, 18446744073709542400ull);  // 2^64 - 9216
-  EXPECT_EQ(l.send_stamps_offset, 18446744073709542656ull);    // 2^64 - 8960
-  EXPECT_EQ(l.combine_slots_offset, 18446744073709542912ull);       // 2^64 - 8704
-  EXPECT_EQ(l.expert_outputs_offset, 18446744073709543168ull);      // 2^64 - 8448
-  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);            // 2^64 - 256
+  EXPECT_EQ(l.send_rows_offset, 18446744073709542144ull);       // 2^64 - 9472
+  EXPECT_EQ(l.send_announce_offset, 18446744073709542400ull);   // 2^64 - 9216
+  EXPECT_EQ(l.send_stamps_offset, 18446744073709542656ull);     // 2^64 - 8960
+  EXPECT_EQ(l.combine_slots_offset, 18446744073709542912ull);   // 2^64 - 8704
+  EXPECT_EQ(l.expert_outputs_offset, 18446744073709543168ull);  // 2^64 - 8448
+  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);        // 2^64 - 256
 }
 
 TEST(LayoutOverflow, RowsPerLocalExpertFromConfig) {
@@ -686,8 +686,8 @@ TEST(ArrivalSignal, CompleteOnlyWhenEveryBlockArrived) {
 // (num_local + 1) words), then a bit per rank (which ranks pushed their rows), rounded up to whole words.
 TEST(KernelSharedMemory, CombineHoldsExpertStartsThenARankBitmap) {
   const BufferLayout small = make_buffer_layout(small_config(), 5);  // 2 local experts, 4 ranks
-  EXPECT_EQ(CombineShared::expert_start_word(small), 3u);   // after 2 counts and a spare word
-  EXPECT_EQ(CombineShared::rank_bits_word(small), 6u);      // 2 * (2 + 1)
+  EXPECT_EQ(CombineShared::expert_start_word(small), 3u);            // after 2 counts and a spare word
+  EXPECT_EQ(CombineShared::rank_bits_word(small), 6u);               // 2 * (2 + 1)
   EXPECT_EQ(CombineShared::rank_bit_words(small), 1u);
   EXPECT_EQ(CombineShared::bytes(small), 28u);  // (6 + 1) * 4
   for (const auto& [world, words] : {std::pair{32, 1u}, std::pair{33, 2u}, std::pair{64, 2u}, std::pair{65, 3u}}) {
@@ -715,7 +715,8 @@ TEST(Strided3D, ColumnMajorAndPaddedRows) {
   EXPECT_EQ(column_major.offset(0, 5, 0), 20u);
   EXPECT_EQ(column_major.offset(0, 5, 1), 128u + 20u);
   EXPECT_EQ(column_major.offset(1, 0, 55), 7168u + 55u * 128u);
-  const Strided3D<float> padded = contiguous_matrices<float>(nullptr, 32, 7168 * 4);  // vLLM per-token: hidden_dim words
+  const Strided3D<float> padded =
+      contiguous_matrices<float>(nullptr, 32, 7168 * 4);  // vLLM per-token: hidden_dim words
   EXPECT_EQ(padded.offset(0, 1, 0), 28672u);
   EXPECT_EQ(padded.offset(1, 0, 3), 32u * 28672u + 12u);
 }
@@ -816,10 +817,14 @@ TEST(LayoutSignature, TheFirstDifferingFieldOfTheFirstDifferingRankIsNamed) {
   const LayoutSignature scales = layout_signature(make_buffer_layout(padded_scales, 5));
   const LayoutSignature grid = layout_signature(make_buffer_layout(small_config(), 6));
   EXPECT_EQ(scales.words[9], good.words[9]);  // the same buffer size: only the signature tells them apart
-  EXPECT_EQ(config_error_message([&] { require_same_layout({good, good, scales, grid}); }),
+  EXPECT_EQ(config_error_message([&] {
+              require_same_layout({good, good, scales, grid});
+            }),
             "ranks disagree on hidden_dim_scale_bytes: rank 0 has 8, rank 2 has 4; every rank must construct its "
             "all-to-all alike");
-  EXPECT_THAT(config_error_message([&] { require_same_layout({good, grid}); }),
+  EXPECT_THAT(config_error_message([&] {
+                require_same_layout({good, grid});
+              }),
               HasSubstr("ranks disagree on staging rows (one per warp of the launch"));
 }
 

@@ -14,8 +14,8 @@
 #include <utility>
 #include <vector>
 
-#include "expertwire/config.h"
 #include "core/error.h"
+#include "expertwire/config.h"
 #include "reference/reference.h"
 
 namespace expertwire::reference {
@@ -329,8 +329,7 @@ TEST(ReferenceDispatchErrors, SameExpertInDifferentRowsIsFine) {
 
 TEST(ReferenceDispatchErrors, TooManyTokens) {
   const AllToAllConfig config = make_config(3, 6, 1, 0, 3, 1, 8, 16, 0);
-  const std::vector<OwnedGroup> groups = {make_group(config, 0, {}),
-                                          make_group(config, 1, {{0}, {1}, {2}, {3}, {4}}),
+  const std::vector<OwnedGroup> groups = {make_group(config, 0, {}), make_group(config, 1, {{0}, {1}, {2}, {3}, {4}}),
                                           make_group(config, 2, {})};
   const std::string message = config_error_message([&] { dispatch(config, views(groups)); });
   EXPECT_THAT(message, HasSubstr("group 1"));
@@ -460,8 +459,7 @@ TEST(ReferenceCombineErrors, ExpertIndexOutOfRange) {
   const OwnedGroup group = make_group(config, 0, {{0, 1}, {4, 2}}, {{1, 1}, {1, 1}});
   std::vector<float> out(2 * 8, kPoison);
   const ExpertOutputs outputs;
-  const std::string message =
-      config_error_message([&] { combine(config, 0, group.view(), outputs.fn(), out.data()); });
+  const std::string message = config_error_message([&] { combine(config, 0, group.view(), outputs.fn(), out.data()); });
   EXPECT_THAT(message, HasSubstr("group 0, token 1, k 0"));
   EXPECT_THAT(message, HasSubstr("expert index 4"));
   EXPECT_THAT(message, HasSubstr("num_experts=4"));
@@ -473,8 +471,7 @@ TEST(ReferenceCombineErrors, RepeatedExpertInRow) {
   const OwnedGroup group = make_group(config, 0, {{3, 3}}, {{1, 1}});
   std::vector<float> out(2 * 8, kPoison);
   const ExpertOutputs outputs;
-  const std::string message =
-      config_error_message([&] { combine(config, 0, group.view(), outputs.fn(), out.data()); });
+  const std::string message = config_error_message([&] { combine(config, 0, group.view(), outputs.fn(), out.data()); });
   EXPECT_THAT(message, HasSubstr("group 0, token 0, k 1"));
   EXPECT_THAT(message, HasSubstr("expert index 3 repeats the expert at k 0"));
 }
@@ -484,8 +481,7 @@ TEST(ReferenceCombineErrors, TooManyTokens) {
   const OwnedGroup group = make_group(config, 0, {{0}, {1}, {2}}, {{1}, {1}, {1}});
   std::vector<float> out(3 * 8, kPoison);
   const ExpertOutputs outputs;
-  const std::string message =
-      config_error_message([&] { combine(config, 0, group.view(), outputs.fn(), out.data()); });
+  const std::string message = config_error_message([&] { combine(config, 0, group.view(), outputs.fn(), out.data()); });
   EXPECT_THAT(message, HasSubstr("m=3"));
   EXPECT_THAT(message, HasSubstr("max_num_tokens=2"));
 }
@@ -587,7 +583,7 @@ TEST(Half, KnownValues) {
   EXPECT_EQ(float_to_half(-0.0f), 0x8000);
   EXPECT_EQ(float_to_half(65504.0f), 0x7BFF);  // largest finite half
   EXPECT_EQ(float_to_half(-65504.0f), 0xFBFF);
-  EXPECT_EQ(float_to_half(0.1f), 0x2E66);  // 1.6 * 2^-4: exponent 11, mantissa 0.6 * 1024 = 614.4 -> 614 = 0x266
+  EXPECT_EQ(float_to_half(0.1f), 0x2E66);      // 1.6 * 2^-4: exponent 11, mantissa 0.6 * 1024 = 614.4 -> 614 = 0x266
   EXPECT_EQ(float_to_half(0x1p-14f), 0x0400);  // smallest normal
   EXPECT_EQ(half_to_float(0x3C00), 1.0f);
   EXPECT_EQ(half_to_float(0xC000), -2.0f);
@@ -598,12 +594,12 @@ TEST(Half, KnownValues) {
 }
 
 TEST(Half, RoundToNearestEven) {
-  EXPECT_EQ(float_to_half(0x1.002p0f), 0x3C00);    // 1 + 2^-11: tie, 0x3C00 even -> down
-  EXPECT_EQ(float_to_half(0x1.006p0f), 0x3C02);    // 1 + 3 * 2^-11: tie, 0x3C01 odd -> up
-  EXPECT_EQ(float_to_half(0x1.00201p0f), 0x3C01);  // 1 + 2^-11 + 2^-20: above the tie -> up
+  EXPECT_EQ(float_to_half(0x1.002p0f), 0x3C00);     // 1 + 2^-11: tie, 0x3C00 even -> down
+  EXPECT_EQ(float_to_half(0x1.006p0f), 0x3C02);     // 1 + 3 * 2^-11: tie, 0x3C01 odd -> up
+  EXPECT_EQ(float_to_half(0x1.00201p0f), 0x3C01);   // 1 + 2^-11 + 2^-20: above the tie -> up
   EXPECT_EQ(float_to_half(0x1.001ffep0f), 0x3C00);  // 1 + 2^-11 - 2^-23: below the tie -> down
-  EXPECT_EQ(float_to_half(2049.0f), 0x6800);  // spacing 2 at 2048: tie between 2048 (0x6800) and 2050
-  EXPECT_EQ(float_to_half(2051.0f), 0x6802);  // tie between 2050 (0x6801, odd) and 2052 (0x6802)
+  EXPECT_EQ(float_to_half(2049.0f), 0x6800);        // spacing 2 at 2048: tie between 2048 (0x6800) and 2050
+  EXPECT_EQ(float_to_half(2051.0f), 0x6802);        // tie between 2050 (0x6801, odd) and 2052 (0x6802)
   EXPECT_EQ(float_to_half(-2051.0f), 0xE802);
   EXPECT_EQ(float_to_half(0x1.ffep0f), 0x4000);  // 2 - 2^-11: tie with odd 0x3BFF -> carries to 2.0
 }
@@ -622,8 +618,8 @@ TEST(Half, Subnormals) {
   EXPECT_EQ(float_to_half(1e-7f), 0x0002);
   EXPECT_EQ(float_to_half(-1e-7f), 0x8002);
   EXPECT_EQ(half_to_float(0x0002), 0x1p-23f);
-  EXPECT_EQ(half_to_float(0x0001), 0x1p-24f);  // smallest subnormal
-  EXPECT_EQ(half_to_float(0x03FF), 0x1.ff8p-15f);  // largest subnormal: 1023 * 2^-24
+  EXPECT_EQ(half_to_float(0x0001), 0x1p-24f);       // smallest subnormal
+  EXPECT_EQ(half_to_float(0x03FF), 0x1.ff8p-15f);   // largest subnormal: 1023 * 2^-24
   EXPECT_EQ(half_to_float(0x8201), -0x1.008p-15f);  // -(513 * 2^-24); 513 / 512 = 0x1.008
   EXPECT_EQ(float_to_half(0x1p-24f), 0x0001);
   EXPECT_EQ(float_to_half(0x1.4p-24f), 0x0001);  // 1.25 ulps -> 1
@@ -633,7 +629,7 @@ TEST(Half, Subnormals) {
   EXPECT_EQ(float_to_half(-0x1p-25f), 0x8000);
   EXPECT_EQ(float_to_half(0x1.000002p-25f), 0x0001);  // just above half an ulp -> 1
   EXPECT_EQ(float_to_half(0x1p-26f), 0x0000);
-  EXPECT_EQ(float_to_half(0x1p-149f), 0x0000);  // float subnormal
+  EXPECT_EQ(float_to_half(0x1p-149f), 0x0000);     // float subnormal
   EXPECT_EQ(float_to_half(0x1.ff4p-15f), 0x03FE);  // 1022.5 ulps: tie, 1022 even
   EXPECT_EQ(float_to_half(0x1.ffcp-15f), 0x0400);  // 1023.5 ulps: tie, 1023 odd -> smallest normal
 }

@@ -142,20 +142,19 @@ void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
     const uint8_t* rows = state_->symmetric + l.send_rows_offset;
     const uint64_t rows_bytes = uint64_t(config.max_num_tokens) * l.dispatch_token_bytes;
     const Strided2D<uint8_t> x_buffer = dispatch_input_buffer();
-    dp_x_in_send_rows = input_is_staged(
-        p.dp_x.data, (p.m - 1) * p.dp_x.row_stride + uint64_t(config.hidden_dim_bytes),
-        p.dp_x.data == x_buffer.data && (p.m == 1 || p.dp_x.row_stride == x_buffer.row_stride), rows, rows_bytes,
-        "dispatch: dp_x", "dispatch_input_buffer", x_buffer.data, x_buffer.row_stride);
+    dp_x_in_send_rows =
+        input_is_staged(p.dp_x.data, (p.m - 1) * p.dp_x.row_stride + uint64_t(config.hidden_dim_bytes),
+                        p.dp_x.data == x_buffer.data && (p.m == 1 || p.dp_x.row_stride == x_buffer.row_stride), rows,
+                        rows_bytes, "dispatch: dp_x", "dispatch_input_buffer", x_buffer.data, x_buffer.row_stride);
     const uint64_t words = uint64_t(config.hidden_dim_scale_bytes) / 4;
     if (words != 0) {
       const Strided2D<float> scale_buffer = dispatch_input_scale_buffer();
       const bool is_buffer_in_its_layout = p.dp_x_scale.data == scale_buffer.data &&
                                            (p.m == 1 || p.dp_x_scale.row_stride == scale_buffer.row_stride) &&
                                            (words == 1 || p.dp_x_scale.element_stride == scale_buffer.element_stride);
-      dp_x_scale_in_send_rows =
-          input_is_staged(p.dp_x_scale.data, p.dp_x_scale.offset(p.m - 1, words - 1) + 4, is_buffer_in_its_layout,
-                          rows, rows_bytes, "dispatch: dp_x_scale", "dispatch_input_scale_buffer", scale_buffer.data,
-                          scale_buffer.row_stride);
+      dp_x_scale_in_send_rows = input_is_staged(
+          p.dp_x_scale.data, p.dp_x_scale.offset(p.m - 1, words - 1) + 4, is_buffer_in_its_layout, rows, rows_bytes,
+          "dispatch: dp_x_scale", "dispatch_input_scale_buffer", scale_buffer.data, scale_buffer.row_stride);
     }
   }
   state_->order.check(Operation::kDispatch, p.split);
