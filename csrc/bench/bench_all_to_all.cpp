@@ -439,7 +439,7 @@ void write_json(const std::string& path, int world, int64_t dp_size,
 int run(int argc, char** argv) {
   harness::MpiSession mpi(&argc, &argv);
   const Options o = parse_options(argc, argv);
-  if (!harness::select_gpu_or_skip(mpi, "bench_all_to_all")) return 0;
+  if (!harness::select_gpu_or_skip(mpi, "bench_all_to_all")) return harness::kSkippedExitCode;
   harness::NvshmemSession nvshmem(mpi);
   std::vector<std::pair<std::string, CaseResult>> all;
   for (const harness::TransportKind kind : harness::transports_from_flag(o.transport)) {

@@ -16,7 +16,7 @@ bool driver_library_present() {
 
 }  // namespace
 
-std::string cuda_error_message(const char* call, cudaError_t status) {
+std::string cuda_error_cause(cudaError_t status) {
   std::string cause = std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
   if (status == cudaErrorInsufficientDriver || status == cudaErrorNoDevice) {
     if (!driver_library_present()) {
@@ -30,7 +30,11 @@ std::string cuda_error_message(const char* call, cudaError_t status) {
       cause = "no CUDA device is visible (CUDA reports " + cause + "; check CUDA_VISIBLE_DEVICES)";
     }
   }
-  return std::string("expertwire: ") + call + " failed: " + cause;
+  return cause;
+}
+
+std::string cuda_error_message(const char* call, cudaError_t status) {
+  return std::string("expertwire: ") + call + " failed: " + cuda_error_cause(status);
 }
 
 }  // namespace expertwire

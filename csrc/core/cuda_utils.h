@@ -12,8 +12,10 @@
 
 namespace expertwire {
 
-// One sentence for a failed CUDA call: what failed and why, in words a user can act on (a missing driver
-// is named as such, not as CUDA's "insufficient driver").
+// Why a CUDA call failed, in words a user can act on: a missing driver is named as such, not as CUDA's
+// "insufficient driver".
+std::string cuda_error_cause(cudaError_t status);
+// One sentence for a failed CUDA call: what failed and why.
 std::string cuda_error_message(const char* call, cudaError_t status);
 
 }  // namespace expertwire

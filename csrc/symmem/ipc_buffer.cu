@@ -63,15 +63,15 @@ const DriverApi& driver() {
   return api;
 }
 
-#define EW_CU_CHECK(expr)                                                                                            \
-  do {                                                                                                               \
-    const CUresult ew_result_ = (expr);                                                                              \
-    if (ew_result_ != CUDA_SUCCESS) {                                                                                \
-      const char* ew_name_ = nullptr;                                                                                \
-      driver().error_name(ew_result_, &ew_name_);                                                                    \
-      EW_THROW(RuntimeError, #expr, " failed: ", ew_name_ ? ew_name_ : "unknown CUresult ", int(ew_result_), " at ", \
-               __FILE__, ":", __LINE__);                                                                             \
-    }                                                                                                                \
+#define EW_CU_CHECK(expr)                                                                                      \
+  do {                                                                                                         \
+    const CUresult ew_result_ = (expr);                                                                        \
+    if (ew_result_ != CUDA_SUCCESS) {                                                                          \
+      const char* ew_name_ = nullptr;                                                                          \
+      driver().error_name(ew_result_, &ew_name_);                                                              \
+      EW_THROW(RuntimeError, "expertwire: intranode: ", #expr,                                                 \
+               " failed: ", ew_name_ ? std::string(ew_name_) : "CUresult " + std::to_string(int(ew_result_))); \
+    }                                                                                                          \
   } while (0)
 
 // A physical allocation handle until it is mapped (MappedAllocation takes it over).

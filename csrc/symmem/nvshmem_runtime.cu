@@ -30,16 +30,16 @@ void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank
   EW_REQUIRE(rank >= 0 && rank < world_size, "NVSHMEM init: rank must be in [0, ", world_size, "), got ", rank);
   nvshmemx_uniqueid_t id;
   std::memcpy(&id, unique_id.data(), sizeof(id));
+  // NVSHMEM aborts the process on an id that no rank created. One whose bytes are all zero (an empty id the
+  // broadcast never filled) or of another version is refused here.
+  EW_REQUIRE(std::any_of(std::begin(id.internal), std::end(id.internal), [](char byte) { return byte != 0; }),
+             "NVSHMEM init: the unique id is empty (all zero but for its version): create it on one rank with "
+             "nvshmem_unique_id() (Python: nvshmem_get_unique_id()) and broadcast it to every rank before init");
   const nvshmemx_uniqueid_t fresh = NVSHMEMX_UNIQUEID_INITIALIZER;
   EW_REQUIRE(id.version == fresh.version,
-             "NVSHMEM init: the unique id is not an NVSHMEM unique id of this version "
-             "(its version field is ",
+             "NVSHMEM init: the unique id is not one of this NVSHMEM version (its "
+             "version field is ",
              id.version, ", expected ", fresh.version, ")");
-  // NVSHMEM aborts the process on an id that no rank created; one whose bytes are all zero (an empty id the
-  // broadcast never filled) is refused here.
-  EW_REQUIRE(std::any_of(std::begin(id.internal), std::end(id.internal), [](char byte) { return byte != 0; }),
-             "NVSHMEM init: the unique id is empty (its bytes are all zero): create it on one rank with "
-             "nvshmem_unique_id() (Python: nvshmem_get_unique_id()) and broadcast it to every rank before init");
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
   int status = nvshmemx_set_attr_uniqueid_args(rank, world_size, &id, &attr);
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_set_attr_uniqueid_args failed with status ", status);

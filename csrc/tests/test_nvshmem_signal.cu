@@ -39,7 +39,7 @@ __global__ void exchange(uint64_t* slots, uint64_t* signals, uint64_t* outgoing,
 
 int run(int argc, char** argv) {
   harness::MpiSession mpi(&argc, &argv);
-  if (!harness::select_gpu_or_skip(mpi, "test_nvshmem_signal")) return 0;
+  if (!harness::select_gpu_or_skip(mpi, "test_nvshmem_signal")) return harness::kSkippedExitCode;
   harness::NvshmemSession nvshmem(mpi);
   const int ranks = nvshmem_n_pes(), me = nvshmem_my_pe();
   auto* slots = static_cast<uint64_t*>(nvshmem_calloc(ranks, sizeof(uint64_t)));

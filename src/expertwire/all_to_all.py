@@ -11,7 +11,14 @@ import torch.distributed as dist
 from . import ops
 from ._device_memory import rows_over, tensor_over
 from ._native import ext
-from .checks import EXPERT_ROW_DTYPES, AllToAllShape, check_combine_tensors, check_dispatch_tensors, dtype_names
+from .checks import (
+    EXPERT_ROW_DTYPES,
+    AllToAllShape,
+    check_combine_tensors,
+    check_dispatch_tensors,
+    dtype_names,
+    integer,
+)
 
 
 def _resolve_group(group_name: str) -> dist.ProcessGroup:
@@ -66,6 +73,7 @@ class AllToAll:
 
     @staticmethod
     def _config(
+        op: str,
         max_num_tokens: int,
         num_experts: int,
         experts_per_token: int,
@@ -76,6 +84,11 @@ class AllToAll:
         hidden_dim_bytes: int,
         hidden_dim_scale_bytes: int,
     ) -> tuple["ext.AllToAllConfig", AllToAllShape]:
+        fields = dict(locals())
+        for name in ("max_num_tokens", "num_experts", "experts_per_token", "rank", "world_size", "dp_size"):
+            integer(op, name, fields[name])
+        for name in ("hidden_dim", "hidden_dim_bytes", "hidden_dim_scale_bytes"):
+            integer(op, name, fields[name])
         shape = AllToAllShape(
             max_num_tokens=max_num_tokens,
             num_experts=num_experts,
@@ -105,7 +118,9 @@ class AllToAll:
         max_sm_count: int = 0,
     ) -> "AllToAll":
         """Through NVSHMEM (nvshmem_init first): loads/stores to peers on this node, puts to the others."""
+        integer("AllToAll.internode", "max_sm_count", max_sm_count, minimum=0)
         config, shape = cls._config(
+            "AllToAll.internode",
             max_num_tokens,
             num_experts,
             experts_per_token,
@@ -136,7 +151,9 @@ class AllToAll:
         """Through peer memory among the ranks of one node; the buffer descriptions are exchanged over the
         torch.distributed group registered as `group_name`, whose ranks must be 0..world_size-1 in order (the
         memory itself travels as file descriptors over a Unix socket, so the ranks must share a host)."""
+        integer("AllToAll.intranode", "max_sm_count", max_sm_count, minimum=0)
         config, shape = cls._config(
+            "AllToAll.intranode",
             max_num_tokens,
             num_experts,
             experts_per_token,

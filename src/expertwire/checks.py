@@ -62,6 +62,16 @@ class AllToAllShape:
         return self.hidden_dim_scale_bytes > 0
 
 
+def integer(op: str, name: str, value: object, minimum: Optional[int] = None) -> int:
+    """A Python int argument (not a bool), at least `minimum`: what the native signature would otherwise refuse
+    with a TypeError listing itself. Ranges beyond that are the native checks'."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
 def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return " or ".join(str(d) for d in dtypes)
 
@@ -215,32 +225,22 @@ def check_dispatch_tensors(
 
 
 def check_dispatch(
-    shape: AllToAllShape,
-    out_expert_num_tokens: object,
-    out_expert_x: object,
-    out_expert_x_scale: object,
-    dp_x: object,
-    dp_x_scale: object,
-    indices: object,
-    bound_m: object,
-    do_send: bool,
-    do_recv: bool,
-    device: Optional[torch.device] = None,
+    shape: AllToAllShape, *, do_send: bool, do_recv: bool, device: Optional[torch.device] = None, **tensors: object
 ) -> int:
-    """Every check of dispatch's arguments that needs no live all-to-all (the torch checks, then the native
-    layout checks); returns m. AllToAll.dispatch makes the same checks, the native ones in the call itself."""
-    m = check_dispatch_tensors(
-        shape, out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices, bound_m, device
-    )
+    """Every check of dispatch's arguments that needs no live all-to-all: the torch checks of `tensors` (dispatch's
+    tensor arguments by name, as check_dispatch_tensors takes them), then the native layout checks; returns m.
+    AllToAll.dispatch makes the same checks, the native ones in the call itself."""
+    m = check_dispatch_tensors(shape, **tensors, device=device)  # type: ignore[arg-type]
+    out_scale, dp_scale = tensors["out_expert_x_scale"], tensors["dp_x_scale"]
     ext.check_dispatch_layout(
         _native_config(shape),
         m,
         do_send,
         do_recv,
         shape.has_scales,
-        scale_strides(out_expert_x_scale) if out_expert_x_scale is not None else (0, 0, 4),
-        scale_strides(dp_x_scale) if dp_x_scale is not None else (0, 4),
-        row_strides(dp_x),
+        scale_strides(out_scale) if out_scale is not None else (0, 0, 4),  # type: ignore[arg-type]
+        scale_strides(dp_scale) if dp_scale is not None else (0, 4),  # type: ignore[arg-type]
+        row_strides(tensors["dp_x"]),  # type: ignore[arg-type]
     )
     return m
 
@@ -273,23 +273,15 @@ def check_combine_tensors(
 
 
 def check_combine(
-    shape: AllToAllShape,
-    out_tokens: object,
-    indices: object,
-    weights: object,
-    expert_y: object,
-    bound_m: object,
-    do_send: bool,
-    do_recv: bool,
-    device: Optional[torch.device] = None,
+    shape: AllToAllShape, *, do_send: bool, do_recv: bool, device: Optional[torch.device] = None, **tensors: object
 ) -> int:
     """Every check of combine's arguments that needs no live all-to-all (as check_dispatch); returns m."""
-    m = check_combine_tensors(shape, out_tokens, indices, weights, expert_y, bound_m, device)
+    m = check_combine_tensors(shape, **tensors, device=device)  # type: ignore[arg-type]
     ext.check_combine_layout(
         _native_config(shape),
         m,
-        SCALAR_TYPES[out_tokens.dtype],  # type: ignore[union-attr]
-        SCALAR_TYPES[expert_y.dtype],  # type: ignore[union-attr]
+        SCALAR_TYPES[tensors["out_tokens"].dtype],  # type: ignore[union-attr]
+        SCALAR_TYPES[tensors["expert_y"].dtype],  # type: ignore[union-attr]
         do_send,
         do_recv,
     )

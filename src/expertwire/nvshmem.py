@@ -11,6 +11,7 @@ import torch
 from . import ops
 from ._device_memory import tensor_bytes, tensor_over
 from ._native import ext
+from .checks import integer
 
 _symmetric: "weakref.WeakSet[ext.SymmetricMemory]" = weakref.WeakSet()
 
@@ -31,7 +32,10 @@ def nvshmem_alloc_empty_unique_id() -> torch.Tensor:
 
 def nvshmem_init(uid: torch.Tensor, rank: int, world_size: int) -> int:
     """Joins the NVSHMEM job named by `uid` as `rank` of `world_size`; blocks until every rank has joined.
-    Returns 0 (failures raise RuntimeError)."""
+    Returns 0. A uid that is not one nvshmem_get_unique_id() made (an empty one the broadcast never filled, say)
+    and a rank outside [0, world_size) raise ValueError; failures of NVSHMEM itself, RuntimeError."""
+    integer("nvshmem_init", "rank", rank)
+    integer("nvshmem_init", "world_size", world_size)
     size = nvshmem_unique_id_size()
     if not isinstance(uid, torch.Tensor):
         raise ValueError(f"nvshmem_init: uid must be a torch.Tensor, got {type(uid).__name__}")
@@ -58,14 +62,17 @@ def nvshmem_finalize() -> None:
 
 
 def nvshmem_my_pe() -> int:
+    """This process's NVSHMEM rank; RuntimeError before nvshmem_init."""
     return ext.nvshmem_my_pe()
 
 
 def nvshmem_n_pes() -> int:
+    """The NVSHMEM job's rank count; RuntimeError before nvshmem_init."""
     return ext.nvshmem_n_pes()
 
 
 def nvshmem_barrier_all() -> None:
+    """Every rank reaches this point before any leaves it; RuntimeError before nvshmem_init."""
     ext.nvshmem_barrier_all()
 
 

@@ -31,8 +31,8 @@ bool select_gpu_or_skip(const MpiSession& mpi, const char* program) {
   const bool ok = status == cudaSuccess && devices > 0;
   if (!all_ranks(ok)) {
     if (mpi.rank() == 0) {
-      std::printf("%s: SKIPPED: no CUDA device visible%s%s%s\n", program, status != cudaSuccess ? " (" : "",
-                  status != cudaSuccess ? cudaGetErrorString(status) : "", status != cudaSuccess ? ")" : "");
+      const std::string why = status != cudaSuccess ? " (" + cuda_error_cause(status) + ")" : "";
+      std::printf("%s: SKIPPED: no CUDA device visible%s\n", program, why.c_str());
     }
     return false;
   }
