@@ -2,7 +2,7 @@
 #   Python: $EXPERTWIRE_PYTHON if set; else the active virtual environment (VIRTUAL_ENV, CONDA_PREFIX, or a
 #   python3 on PATH that runs inside one); else the project's own .venv (scripts/install_deps.sh creates it).
 #   Its folder goes first on PATH, so `python3` and CMake's Python search find that interpreter.
-#   CUDA: nvcc from PATH, else /usr/local/cuda/bin (added to PATH).
+#   CUDA: nvcc from PATH, else from $CUDA_HOME/bin (default /usr/local/cuda/bin), which is then added to PATH.
 EW_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 ew_pick_python() {
@@ -26,7 +26,8 @@ ew_pick_python() {
 }
 
 ew_find_cuda() {
-  if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
+  local home=${CUDA_HOME:-/usr/local/cuda}
+  if ! command -v nvcc >/dev/null && [ -x "$home/bin/nvcc" ]; then export PATH="$home/bin:$PATH"; fi
 }
 
 ew_pick_python

@@ -22,7 +22,7 @@ fail() {
 
 # --- CUDA toolkit -------------------------------------------------------------------------------------
 command -v nvcc >/dev/null ||
-  fail "no CUDA compiler: nvcc is neither on PATH nor in /usr/local/cuda/bin. expertwire needs the CUDA 13 toolkit" \
+  fail "no CUDA compiler: nvcc is neither on PATH nor in ${CUDA_HOME:-/usr/local/cuda}/bin. expertwire needs the CUDA 13 toolkit" \
        "(13.0 or newer): install it from https://developer.nvidia.com/cuda-downloads (Debian/Ubuntu: the" \
        "cuda-toolkit-13-0 package of NVIDIA's apt repository), or put its bin/ on PATH"
 cuda_version=$(nvcc --version | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p')

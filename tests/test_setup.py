@@ -1,0 +1,149 @@
+"""CPU-only: what a new user meets before any GPU work. The set-up scripts stop with a message naming what is
+missing; the package imports and exits without warnings; NVSHMEM's helpers and the constructors raise an
+exception naming the mistake instead of aborting the process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import expertwire
+from expertwire import AllToAll
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def bare_env(path: str) -> dict[str, str]:
+    """An environment with only `path` to find commands on, no active virtual environment and no CUDA_HOME."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "CONDA_PREFIX", "CUDA_HOME", "CUDACXX")}
+    env["PATH"] = path
+    env["EXPERTWIRE_PYTHON"] = sys.executable
+    return env
+
+
+def test_install_deps_names_a_missing_cuda_toolkit(tmp_path: Path) -> None:
+    env = {**bare_env("/usr/bin:/bin"), "CUDA_HOME": str(tmp_path / "no-cuda")}
+    result = run(["bash", "scripts/install_deps.sh"], env)
+    assert result.returncode != 0
+    assert "install_deps: no CUDA compiler" in result.stderr
+    assert "expertwire needs the CUDA 13 toolkit" in result.stderr
+
+
+def test_install_deps_refuses_a_cuda_12_compiler(tmp_path: Path) -> None:
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    fake.chmod(0o755)
+    result = run(["bash", "scripts/install_deps.sh"], bare_env(f"{tmp_path}:/usr/bin:/bin"))
+    assert result.returncode != 0
+    assert f"nvcc at {fake} is CUDA 12.4; expertwire needs the CUDA 13 toolkit" in result.stderr
+
+
+def test_cmake_names_a_missing_cuda_compiler(tmp_path: Path) -> None:
+    result = run(["cmake", "-S", str(ROOT / "csrc"), "-B", str(tmp_path)], bare_env("/usr/bin:/bin"))
+    assert result.returncode != 0
+    assert "expertwire: no CUDA compiler found" in " ".join(result.stderr.split())
+
+
+def test_env_uses_the_active_virtual_environment_else_the_projects() -> None:
+    script = ". scripts/env.sh; echo $EW_PYTHON"
+    env = {**bare_env("/usr/bin:/bin")}
+    del env["EXPERTWIRE_PYTHON"]
+    active = run(["bash", "-c", script], {**env, "VIRTUAL_ENV": sys.prefix})
+    assert active.stdout.strip() == f"{sys.prefix}/bin/python3"
+    none = run(["bash", "-c", script], env)
+    if run(["bash", "-c", "command -v python3"], env).returncode == 0:
+        system_is_venv = run(["python3", "-c", "import sys; sys.exit(sys.prefix == sys.base_prefix)"], env)
+        if system_is_venv.returncode == 0:
+            pytest.skip("the system's python3 runs inside a virtual environment (it is used as the active one)")
+    assert none.stdout.strip() == f"{ROOT}/.venv/bin/python3"
+
+
+def test_python_deps_pin_what_they_install() -> None:
+    """Every package the set-up installs has a version pin; the check reports installed versions it accepts."""
+    check = run([sys.executable, "scripts/check_python_deps.py", "build", "test"], dict(os.environ))
+    assert check.returncode == 0
+    for line in (ROOT / "scripts/python-deps.txt").read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields:
+            name, pinned, _, _ = fields
+            assert pinned[0].isdigit(), f"{name} has no pinned version"
+    assert "install_deps: torch" in check.stderr
+
+
+def test_import_and_exit_print_no_warnings() -> None:
+    """No 'Failed to initialize NumPy' on import, no nanobind leak report for an object alive at exit."""
+    code = "import expertwire; config = expertwire.reference.AllToAllConfig(8, 8, 2, 0, 4, 1, 256, 256, 8)"
+    result = run([sys.executable, "-W", "error", "-c", code], dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_nvshmem_init_refuses_an_empty_unique_id() -> None:
+    """Forgetting the broadcast used to abort the process inside NVSHMEM."""
+    with pytest.raises(ValueError, match=r"the unique id is empty .* broadcast it to every rank before init"):
+        expertwire.nvshmem_init(expertwire.nvshmem_alloc_empty_unique_id(), 0, 1)
+
+
+@pytest.mark.parametrize(
+    "rank, world_size, message",
+    [
+        (0, 0, "NVSHMEM init: world_size must be > 0, got 0"),
+        (1, 1, r"NVSHMEM init: rank must be in \[0, 1\), got 1"),
+        ("0", 1, "nvshmem_init: rank must be an int, got str '0'"),
+    ],
+)
+def test_nvshmem_init_names_a_bad_rank_or_world_size(rank: object, world_size: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        expertwire.nvshmem_init(expertwire.nvshmem_get_unique_id(), rank, world_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "call", [expertwire.nvshmem_barrier_all, expertwire.nvshmem_my_pe, expertwire.nvshmem_n_pes], ids=lambda f: f.__name__
+)
+def test_nvshmem_helpers_before_init_raise(call: object) -> None:
+    """nvshmem_barrier_all() used to abort; nvshmem_my_pe() and nvshmem_n_pes() returned 0."""
+    with pytest.raises(RuntimeError, match="NVSHMEM is not initialized: call nvshmem_init_with_unique_id"):
+        call()  # type: ignore[operator]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU driver")
+def test_no_driver_is_named_as_such_without_build_paths() -> None:
+    with pytest.raises(RuntimeError) as raised:
+        AllToAll.internode(8, 8, 2, 0, 1, 1, 128, 128, 0)
+    message = str(raised.value)
+    assert "no NVIDIA driver is installed on this machine" in message
+    assert "insufficient" not in message and ".h:" not in message and ".cpp:" not in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_sm_count": -1}, "AllToAll.internode: max_sm_count must be >= 0, got -1"),
+        ({"max_sm_count": 1.5}, "AllToAll.internode: max_sm_count must be an int, got float 1.5"),
+        ({"max_num_tokens": "8"}, "AllToAll.internode: max_num_tokens must be an int, got str '8'"),
+        ({"hidden_dim": None}, "AllToAll.internode: hidden_dim must be an int, got NoneType None"),
+    ],
+)
+def test_bad_scalar_arguments_are_value_errors_naming_them(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = dict(
+        max_num_tokens=8,
+        num_experts=8,
+        experts_per_token=2,
+        rank=0,
+        world_size=1,
+        dp_size=1,
+        hidden_dim=128,
+        hidden_dim_bytes=128,
+        hidden_dim_scale_bytes=0,
+    )
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        AllToAll.internode(**{**args, **kwargs})  # type: ignore[arg-type]
