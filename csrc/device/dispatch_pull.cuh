@@ -38,10 +38,10 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
   }
 }
 
-// The pull receive. Ranks enter a kernel several µs apart on one GPU under MPS, and a sender stages its rows
-// over several µs more, so warps copy each row as soon as its sender has stamped it: a warp takes the next token
-// of a sender it has heard from (a ticket), waits for that row's stamp, and copies it to each local expert it
-// names, at the next free row of that expert's block of out_expert_x. Rows thus land in arrival order;
+// The pull receive. Ranks enter a kernel microseconds apart (ranks sharing a GPU under MPS most of all), and a
+// sender stages its rows over microseconds more, so warps copy each row as soon as its sender has stamped it: a warp
+// takes the next token of a sender it has heard from (a ticket), waits for that row's stamp, and copies it to each
+// local expert it names, at the next free row of that expert's block of out_expert_x. Rows thus land in arrival order;
 // combine_slots remembers where each went.
 template <class Transport>
 __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& transport) {

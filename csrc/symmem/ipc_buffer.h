@@ -2,9 +2,9 @@
 // virtual memory API, exported as a file descriptor, passed to every other rank of the node over a Unix
 // socket (symmem/fd_passing.h) and mapped there; plus a device table of each peer's base address.
 //
-// Why not cudaIpcGetMemHandle on a cudaMalloc: measured (8 ranks on one H100 under MPS, 128 tokens), the pull
-// combine read rows that the dispatch had placed in arrival order 12-15 µs slower through such mappings than
-// through NVSHMEM's, which come from this same API; through these it runs as fast as through NVSHMEM's.
+// Why not cudaIpcGetMemHandle on a cudaMalloc: the pull combine, which reads rows the dispatch placed in arrival
+// order, measured slower through such mappings than through NVSHMEM's, which come from this same API; through
+// these it runs as fast as through NVSHMEM's (docs/performance.md).
 #pragma once
 
 #include <cstdint>

@@ -89,8 +89,8 @@ AllToAllConfig random_config(Rng& rng, int index, int rank, int world) {
 }
 
 // The soak's configuration: big enough to spread tokens over every rank and expert, small enough that the
-// host side of a call (data, reference, downloads, comparison) stays short: with hidden 2048 and 64 tokens,
-// 8 ranks on one H100 machine took 48 ms a call, mostly host work. 64 experts when the world divides 64, else
+// host side of a call (data, reference, downloads, comparison) stays short: it dominates a call's time, and grows
+// with hidden and tokens. 64 experts when the world divides 64, else
 // the next multiple of the world; top-8; hidden 1024 in fp8 with block scales; 32 tokens.
 AllToAllConfig soak_config(int rank, int world) {
   AllToAllConfig c;
