@@ -107,7 +107,9 @@ def test_nvshmem_init_names_a_bad_rank_or_world_size(rank: object, world_size: i
 
 
 @pytest.mark.parametrize(
-    "call", [expertwire.nvshmem_barrier_all, expertwire.nvshmem_my_pe, expertwire.nvshmem_n_pes], ids=lambda f: f.__name__
+    "call",
+    [expertwire.nvshmem_barrier_all, expertwire.nvshmem_my_pe, expertwire.nvshmem_n_pes],
+    ids=lambda f: f.__name__,
 )
 def test_nvshmem_helpers_before_init_raise(call: object) -> None:
     """nvshmem_barrier_all() used to abort; nvshmem_my_pe() and nvshmem_n_pes() returned 0."""
@@ -147,3 +149,19 @@ def test_bad_scalar_arguments_are_value_errors_naming_them(kwargs: dict[str, obj
     )
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
         AllToAll.internode(**{**args, **kwargs})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "cuda, message",
+    [
+        (None, r"this torch 2\.11\.0 is a CPU-only build"),
+        ("12.8", r"this torch 2\.11\.0 is built for CUDA 12\.8"),
+    ],
+)
+def test_import_names_a_torch_without_cuda_13(cuda: "str | None", message: str) -> None:
+    """A CUDA 12 or CPU-only torch satisfies torch>=2.4 but cannot load the extension's CUDA 13 runtime."""
+    from expertwire._native import require_cuda_torch
+
+    require_cuda_torch("2.11.0+cu130", "13.0")
+    with pytest.raises(ImportError, match=r"expertwire needs a CUDA 13 build of torch .*" + message):
+        require_cuda_torch("2.11.0", cuda)

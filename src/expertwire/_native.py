@@ -10,9 +10,23 @@ import os
 from pathlib import Path
 
 # torch first: its import loads the CUDA runtime (libcudart.so.13) that libexpertwire links.
-import torch  # noqa: F401
+import torch
 
 NVSHMEM_HOST_LIBRARY = "libnvshmem_host.so.3"
+CUDA_MAJOR = 13
+
+
+def require_cuda_torch(torch_version: str, torch_cuda: "str | None") -> None:
+    """Raises ImportError, saying what to install, unless torch is a CUDA 13 build: the extension links the
+    CUDA 13 runtime that such a torch loads, and a CPU-only or CUDA 12 torch would fail to load it."""
+    if torch_cuda is not None and torch_cuda.split(".")[0] == str(CUDA_MAJOR):
+        return
+    built = "a CPU-only build" if torch_cuda is None else f"built for CUDA {torch_cuda}"
+    raise ImportError(
+        f"expertwire needs a CUDA {CUDA_MAJOR} build of torch (torch.version.cuda {CUDA_MAJOR}.x); this torch "
+        f"{torch_version} is {built}: install one, e.g. pip install torch==2.11.0 (its PyPI wheels are CUDA "
+        f"{CUDA_MAJOR} builds)"
+    )
 
 
 def _nvshmem_library_dirs() -> list[Path]:
@@ -40,6 +54,7 @@ def _preload_nvshmem() -> Path:
     )
 
 
+require_cuda_torch(torch.__version__, torch.version.cuda)
 NVSHMEM_LIBRARY_DIR = _preload_nvshmem()
 
 from . import _expertwire as ext  # noqa: E402
