@@ -8,9 +8,9 @@
 //   host     arguments dispatch/combine refuse before launching anything (m > max_num_tokens, null and
 //            misaligned pointers, an expert type that is not 16-bit, a call out of order); the same object
 //            then completes a call.
-//   config   configurations the constructors refuse; internode: world size or rank unlike NVSHMEM's, symmetric
-//            heap too small; intranode: more than 8 ranks, all_gather results that are not one buffer
-//            description per rank in rank order.
+//   config   configurations the constructors refuse, on every rank alike; internode: world size or rank unlike
+//            NVSHMEM's, symmetric heap too small (on every rank, and on rank 0 only); intranode: force_puts, more
+//            than 8 ranks, all_gather results that are not one record per rank in rank order.
 //   device   input only the kernels see: an expert index >= num_experts, *bound_m > m in dispatch and in
 //            combine. The rank that passed it gets DeviceError naming the value, no rank's outputs are written
 //            outside their legal rows, the error is sticky, and a fresh object works.
@@ -463,6 +463,12 @@ void config_cases(const Context& ctx) {
     return;
   }
 
+  ctx.run("config: force_puts on an intranode all-to-all", [&] {
+    AllToAllOptions options;
+    options.force_puts = true;
+    return expect_error<ConfigError>([&] { AllToAllIntranode a2a(good, harness::all_gather_bytes, options); },
+                                     {"intranode: AllToAllOptions.force_puts must be false"});
+  });
   ctx.run("config: more than 8 intranode ranks", [&] {
     AllToAllConfig bad = good;
     bad.world_size = 16;
