@@ -165,3 +165,15 @@ def test_import_names_a_torch_without_cuda_13(cuda: "str | None", message: str) 
     require_cuda_torch("2.11.0+cu130", "13.0")
     with pytest.raises(ImportError, match=r"expertwire needs a CUDA 13 build of torch .*" + message):
         require_cuda_torch("2.11.0", cuda)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
+@pytest.mark.parametrize("program", ["test_all_to_all", "test_failures", "test_nvshmem_signal", "bench_all_to_all"])
+def test_every_test_binary_exits_77_when_it_skips(program: str) -> None:
+    """Run directly (no mpirun, no run_ranks.sh), as README's building by hand allows; ctest's SKIP_RETURN_CODE."""
+    binary = ROOT / "build" / program
+    if not binary.is_file():
+        pytest.skip(f"{binary} is not built (bash scripts/device/build.sh)")
+    result = run([str(binary)], dict(os.environ))
+    assert result.returncode == 77, result.stdout + result.stderr
+    assert f"{program}: SKIPPED: no CUDA device visible" in result.stdout
