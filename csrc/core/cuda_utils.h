@@ -65,39 +65,30 @@ class DeviceBuffer {
     if (bytes == 0) return;
     void* data = nullptr;
     EW_CUDA_CHECK(cudaMalloc(&data, bytes));
-    // Owned from here on: a failing memset frees it in the destructor.
-    data_ = data;
+    // Owned by a local until the memset succeeds: a constructor that throws runs no destructor.
+    std::unique_ptr<void, FreeDevice> owned(data);
+    EW_CUDA_CHECK(cudaMemset(data, 0, bytes));
+    data_ = std::move(owned);
     bytes_ = bytes;
-    EW_CUDA_CHECK(cudaMemset(data_, 0, bytes));
   }
-  ~DeviceBuffer() { release(); }
-  DeviceBuffer(DeviceBuffer&& other) noexcept
-      : data_(std::exchange(other.data_, nullptr)), bytes_(std::exchange(other.bytes_, 0)) {}
+  DeviceBuffer(DeviceBuffer&& other) noexcept : data_(std::move(other.data_)), bytes_(std::exchange(other.bytes_, 0)) {}
   DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
-    if (this != &other) {
-      release();
-      data_ = std::exchange(other.data_, nullptr);
-      bytes_ = std::exchange(other.bytes_, 0);
-    }
+    data_ = std::move(other.data_);
+    bytes_ = std::exchange(other.bytes_, 0);
     return *this;
   }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 
   template <class T = void>
   T* get() const {
-    return static_cast<T*>(data_);
+    return static_cast<T*>(data_.get());
   }
   size_t bytes() const { return bytes_; }
 
  private:
-  void release() {
-    if (data_) cudaFree(data_);
-    data_ = nullptr;
-    bytes_ = 0;
-  }
-
-  void* data_ = nullptr;
+  struct FreeDevice {
+    void operator()(void* data) const { cudaFree(data); }
+  };
+  std::unique_ptr<void, FreeDevice> data_;
   size_t bytes_ = 0;
 };
 

@@ -378,8 +378,8 @@ void host_argument_cases(const Context& ctx) {
   discard_together(a2a);
 }
 
-// Each configuration below is refused while it is validated, before any collective step, so the ranks
-// throw independently and nothing is left half-built.
+// Each configuration below is refused in the constructors' rank agreement, before anything peers share is
+// allocated: every rank throws, its own error where its own check failed, and nothing is left half-built.
 void config_cases(const Context& ctx) {
   const AllToAllConfig& good = ctx.config;
   const int64_t world = good.world_size;
@@ -409,6 +409,16 @@ void config_cases(const Context& ctx) {
       return expect_error<ConfigError>([&] { harness::make_all_to_all(ctx.kind, bad); }, {c.message});
     });
   }
+
+  // An invalid configuration on one rank only stops every rank: the others must not wait in the next collective.
+  ctx.run("config: max_num_tokens = 0 on rank 0 only", [&] {
+    AllToAllConfig mine = good;
+    if (ctx.rank == 0) mine.max_num_tokens = 0;
+    return expect_error<ConfigError>(
+        [&] { harness::make_all_to_all(ctx.kind, mine); },
+        {ctx.rank == 0 ? "AllToAllConfig.max_num_tokens must be > 0, got 0"
+                       : "rank 0 could not construct its all-to-all (its own error says why)"});
+  });
 
   // Ranks whose layouts differ at the same buffer size: 12 bytes of scales pad to the 16 of the others.
   ctx.run("config: hidden_dim_scale_bytes on rank 0 unlike the others'", [&] {

@@ -8,9 +8,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <string>
-#include <vector>
 
+#include "expertwire/all_gather.h"
 #include "expertwire/config.h"
 #include "expertwire/dtype.h"
 #include "expertwire/params.h"
@@ -23,10 +22,6 @@ namespace device {
 struct DispatchArgs;
 struct CombineArgs;
 }  // namespace device
-
-// All-gather of one byte string per rank: called once on every rank with this rank's bytes, returns every
-// rank's bytes in rank order. MPI_Allgatherv, torch.distributed.all_gather_object, ... provide it.
-using AllGatherBytes = std::function<std::vector<std::string>(const std::string& local)>;
 
 struct AllToAllOptions {
   uint64_t timeout_ns = 0;    // bound on every device-side wait; 0: EXPERTWIRE_TIMEOUT_MS, default 10 s
@@ -83,10 +78,17 @@ class AllToAll {
   LaunchShape launch_shape() const;
 
  protected:
-  // Validates the configuration and allocates the local workspace and error record. `transport_may_put`: the
-  // transport may reach a peer only through puts, which need a registered staging row per warp.
+  // Stores the configuration and takes the current CUDA device as the object's; nothing is checked or allocated
+  // until agree_and_prepare. `transport_may_put`: the transport may reach a peer only through puts, which need a
+  // registered staging row per warp.
   AllToAll(const AllToAllConfig& config, const AllToAllOptions& options, bool transport_may_put);
 
+  // The derived constructor's first step, collective over the ranks `all_gather` reaches: validates the
+  // configuration and the launch shape, allocates the local workspace and error record, and runs
+  // `transport_checks` (which may use layout()), all as this rank's own checks of the rank agreement
+  // (transport/common/agreement.h), so that every rank throws or none does.
+  void agree_and_prepare(const char* transport, int rank, int world_size, const AllGatherBytes& all_gather,
+                         const std::function<void()>& transport_checks);
   const BufferLayout& layout() const;
   // Derived classes call this once their symmetric buffer exists.
   void set_symmetric_buffer(uint8_t* local_base);
@@ -97,6 +99,10 @@ class AllToAll {
 
  private:
   struct State;
+  AllToAllConfig config_;
+  AllToAllOptions options_;
+  bool transport_may_put_;
+  int device_;  // the GPU current at construction, which owns every buffer; each call launches there
   std::unique_ptr<State> state_;
 };
 

@@ -1,6 +1,7 @@
 // Everything a C++ program needs: the all-to-all over either transport and NVSHMEM's bootstrap.
 #pragma once
 
+#include "expertwire/all_gather.h"
 #include "expertwire/all_to_all.h"
 #include "expertwire/config.h"
 #include "expertwire/dtype.h"

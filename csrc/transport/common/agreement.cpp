@@ -33,19 +33,18 @@ AgreementRecord parse_record(const char* transport, const std::string& bytes, in
 
 }  // namespace
 
-void agree_before_allocating(const char* transport, const BufferLayout& layout, int rank, int world_size,
-                             const AllGatherBytes& all_gather, const std::function<void()>& own_checks) {
+void agree_before_allocating(const char* transport, int rank, int world_size, const AllGatherBytes& all_gather,
+                             const std::function<LayoutSignature()>& own_checks) {
+  AgreementRecord own{};
   std::exception_ptr own_error;
   try {
-    own_checks();
+    own.signature = own_checks();
   } catch (const Error&) {
     own_error = std::current_exception();
   }
-  AgreementRecord own{};
   own.magic = kAgreementMagic;
   own.rank = rank;
   own.own_checks_failed = own_error ? 1 : 0;
-  own.signature = layout_signature(layout);
   const std::vector<std::string> gathered = all_gather(std::string(reinterpret_cast<const char*>(&own), sizeof(own)));
   if (own_error) std::rethrow_exception(own_error);
   EW_REQUIRE(int64_t(gathered.size()) == world_size, transport, ": all_gather returned ", gathered.size(),

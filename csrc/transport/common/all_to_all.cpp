@@ -14,6 +14,7 @@
 #include "device/error_record.h"
 #include "device/kernel_args.h"
 #include "device/wire_protocol.h"
+#include "transport/common/agreement.h"
 
 namespace expertwire {
 namespace {
@@ -58,8 +59,7 @@ bool input_is_staged(const void* input, uint64_t extent, bool is_buffer_in_its_l
 
 struct AllToAll::State {
   State(const AllToAllConfig& config, const AllToAllOptions& options, bool transport_may_put)
-      : device(current_device()),
-        config(config),
+      : config(config),
         shape(default_launch_shape(options.max_sm_count)),
         // A put needs a registered source: one staging row per warp where the transport may put.
         layout(make_buffer_layout(config, transport_may_put ? shape.warps() : 0)),
@@ -77,7 +77,6 @@ struct AllToAll::State {
                                timeout_ns};
   }
 
-  int device;  // the GPU current at construction, which owns every buffer; each call launches there
   AllToAllConfig config;
   LaunchShape shape;
   BufferLayout layout;
@@ -89,12 +88,21 @@ struct AllToAll::State {
 };
 
 AllToAll::AllToAll(const AllToAllConfig& config, const AllToAllOptions& options, bool transport_may_put)
-    : state_(std::make_unique<State>(config, options, transport_may_put)) {}
+    : config_(config), options_(options), transport_may_put_(transport_may_put), device_(current_device()) {}
 
 AllToAll::~AllToAll() = default;
 
-const AllToAllConfig& AllToAll::config() const { return state_->config; }
-int AllToAll::device() const { return state_->device; }
+void AllToAll::agree_and_prepare(const char* transport, int rank, int world_size, const AllGatherBytes& all_gather,
+                                 const std::function<void()>& transport_checks) {
+  agree_before_allocating(transport, rank, world_size, all_gather, [&] {
+    state_ = std::make_unique<State>(config_, options_, transport_may_put_);
+    transport_checks();
+    return layout_signature(state_->layout);
+  });
+}
+
+const AllToAllConfig& AllToAll::config() const { return config_; }
+int AllToAll::device() const { return device_; }
 LaunchShape AllToAll::launch_shape() const { return state_->shape; }
 const BufferLayout& AllToAll::layout() const { return state_->layout; }
 void AllToAll::set_symmetric_buffer(uint8_t* local_base) { state_->symmetric = local_base; }
@@ -130,7 +138,7 @@ void AllToAll::check_errors() const {
 
 void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
   check_errors();
-  const ScopedDevice on_own_device(state_->device);
+  const ScopedDevice on_own_device(device_);
   const AllToAllConfig& config = state_->config;
   const BufferLayout& l = state_->layout;
   check_dispatch_layout(config, p);
@@ -177,7 +185,7 @@ void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
 
 void AllToAll::combine(const CombineParams& p, cudaStream_t stream) {
   check_errors();
-  const ScopedDevice on_own_device(state_->device);
+  const ScopedDevice on_own_device(device_);
   check_combine_layout(state_->config, p);
   check_combine_pointers(state_->config, p);
   EW_REQUIRE(p.expert_type != ScalarType::kFloat32 || p.expert_y != expert_output_buffer(),

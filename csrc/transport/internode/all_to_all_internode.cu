@@ -13,7 +13,7 @@ AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const AllToAl
     : AllToAll(config, options, device::NvshmemTransport::kMayPut) {
   require_nvshmem_initialized();
   // NVSHMEM's all-gather returns the ranks in its own order, whatever a rank's configuration says.
-  agree_before_allocating("internode", layout(), nvshmem_rank(), nvshmem_world_size(), nvshmem_all_gather_bytes, [&] {
+  agree_and_prepare("internode", nvshmem_rank(), nvshmem_world_size(), nvshmem_all_gather_bytes, [&] {
     EW_REQUIRE(nvshmem_world_size() == config.world_size, "AllToAllConfig.world_size must equal NVSHMEM's ",
                nvshmem_world_size(), " ranks, got ", config.world_size);
     EW_REQUIRE(nvshmem_rank() == config.rank, "AllToAllConfig.rank must equal this process's NVSHMEM rank ",

@@ -12,7 +12,7 @@ AllToAllIntranode::AllToAllIntranode(const AllToAllConfig& config, const AllGath
                                      const AllToAllOptions& options)
     : AllToAll(config, options, device::PeerTransport::kMayPut) {
   EW_REQUIRE(bool(all_gather), "intranode: an all_gather function is required to exchange buffer handles");
-  agree_before_allocating("intranode", layout(), int(config.rank), int(config.world_size), all_gather, [&] {
+  agree_and_prepare("intranode", int(config.rank), int(config.world_size), all_gather, [&] {
     EW_REQUIRE(!options.force_puts,
                "intranode: AllToAllOptions.force_puts must be false (peer memory has no puts; the internode transport "
                "sends every byte through puts with it)");
