@@ -51,22 +51,31 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
   command -v apt-get >/dev/null ||
     fail "missing system packages: ${need_apt[*]} (Debian names); this machine has no apt-get: install the same with its package manager"
-  echo "install_deps: apt-get install ${need_apt[*]}"
-  "${as_root[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  echo "install_deps: apt-get update, then apt-get install ${need_apt[*]}"
+  "${as_root[@]}" apt-get update
+  DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y "${need_apt[@]}"
 fi
 
 # --- Python ---------------------------------------------------------------------------------------------
 if [ ! -x "$EW_PYTHON" ]; then
   [ "$EW_PYTHON" = "$EW_ROOT/.venv/bin/python3" ] || fail "EXPERTWIRE_PYTHON=$EW_PYTHON is not an executable"
-  python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' || fail "python3 is $(python3 --version 2>&1); expertwire needs Python 3.9 or newer"
+  python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+    fail "python3 is $(python3 --version 2>&1); expertwire needs Python 3.10 or newer (the pinned torch, numpy and matplotlib do)"
   echo "install_deps: creating the virtual environment .venv ($(python3 --version))"
   python3 -m venv "$EW_ROOT/.venv"
 fi
 echo "install_deps: Python packages go to $("$EW_PYTHON" -c 'import sys; print(sys.prefix)') ($("$EW_PYTHON" --version))"
 mapfile -t wanted < <("$EW_PYTHON" scripts/check_python_deps.py "${groups[@]}")
 if [ ${#wanted[@]} -gt 0 ] && [ -n "${wanted[0]}" ]; then
-  echo "install_deps: pip install ${wanted[*]} (torch is about 3 GB with its CUDA libraries)"
+  # pip refuses to install into a Python the system manages (PEP 668) outside a virtual environment.
+  if "$EW_PYTHON" -c 'import os, sys, sysconfig
+sys.exit(not (sys.prefix == sys.base_prefix and os.path.isfile(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))'; then
+    fail "$EW_PYTHON is a Python the system manages (EXTERNALLY-MANAGED): pip may not install ${wanted[*]} into it;" \
+         "unset EXPERTWIRE_PYTHON to use the project's .venv, or activate a virtual environment first"
+  fi
+  note=""
+  case " ${wanted[*]}" in *" torch=="*) note=" (torch is about 3 GB with its CUDA libraries)" ;; esac
+  echo "install_deps: pip install ${wanted[*]}$note"
   "$EW_PYTHON" -m pip install --disable-pip-version-check --root-user-action=ignore --progress-bar on "${wanted[@]}" ||
     fail "pip could not install ${wanted[*]} into $("$EW_PYTHON" -c 'import sys; print(sys.prefix)') (no network," \
          "or no wheel for this Python?); install those versions (or versions scripts/python-deps.txt accepts) and run again"

@@ -35,7 +35,7 @@ def main() -> None:
     ranks = cases[0]["ranks"]
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axis, op in zip(axes, ("dispatch", "combine")):
+    for axis, op in zip(axes, ("dispatch", "combine"), strict=False):
         for (transport, experts), runs in sorted(series.items()):
             runs.sort(key=lambda c: c["tokens"])
             tokens = [c["tokens"] for c in runs]

@@ -158,8 +158,8 @@ def check_dispatch(
         got = _row_bytes(expert_x[local, : len(inbox)])
         want = [_row_bytes(groups[g].x[t : t + 1])[0] for g, t in inbox]
         if expert_x_scale is not None:
-            got = [a + b for a, b in zip(got, _row_bytes(expert_x_scale[local, : len(inbox)]))]
-            want = [a + _row_bytes(groups[g].x_scale[t : t + 1])[0] for a, (g, t) in zip(want, inbox)]  # type: ignore[index]
+            got = [a + b for a, b in zip(got, _row_bytes(expert_x_scale[local, : len(inbox)]), strict=False)]
+            want = [a + _row_bytes(groups[g].x_scale[t : t + 1])[0] for a, (g, t) in zip(want, inbox, strict=False)]  # type: ignore[index]
         assert sorted(got) == sorted(want), f"rank {rank} [{case}]: local expert {local} received other rows"
 
 

@@ -24,7 +24,8 @@ import dataclasses
 import os
 import statistics
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -260,7 +261,7 @@ def plot(opts: Options, info: RankInfo, timings: list[Timing]) -> None:
         print("plot skipped: matplotlib is not installed (pip install 'expertwire[bench]')")
         return
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, op in zip(axes, ("dispatch", "combine")):
+    for ax, op in zip(axes, ("dispatch", "combine"), strict=False):
         for method in dict.fromkeys(t.method for t in timings):
             points = sorted((t.tokens, t.mean_us) for t in timings if t.method == method and t.op == op)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)

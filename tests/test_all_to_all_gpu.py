@@ -9,7 +9,7 @@ tests under a fresh MPS daemon.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

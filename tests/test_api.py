@@ -161,7 +161,7 @@ def test_dispatch_and_combine_trace_as_single_ops() -> None:
     names = ["out_expert_num_tokens", "out_expert_x", "out_expert_x_scale", "dp_x", "dp_x_scale", "indices", "bound_m"]
 
     def step(*tensors: torch.Tensor) -> torch.Tensor:
-        args = dict(zip(names, tensors))
+        args = dict(zip(names, tensors, strict=False))
         a2a.dispatch(**args)
         out_tokens, weights, expert_y = tensors[len(names) :]
         a2a.combine(out_tokens, args["indices"], weights, expert_y, args["bound_m"])

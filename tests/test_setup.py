@@ -5,6 +5,7 @@ exception naming the mistake instead of aborting the process."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,7 +130,13 @@ def test_no_driver_is_named_as_such_without_build_paths() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"max_sm_count": -1}, "AllToAll.internode: max_sm_count must be >= 0, got -1"),
+        ({"max_sm_count": -1}, "AllToAll.internode: max_sm_count must be in [0, 4294967295], got -1"),
+        ({"max_sm_count": 2**33}, "AllToAll.internode: max_sm_count must be in [0, 4294967295], got 8589934592"),
+        (
+            {"max_num_tokens": 2**70},
+            "AllToAll.internode: max_num_tokens must be in [-9223372036854775808, 9223372036854775807], got "
+            + str(2**70),
+        ),
         ({"max_sm_count": 1.5}, "AllToAll.internode: max_sm_count must be an int, got float 1.5"),
         ({"max_num_tokens": "8"}, "AllToAll.internode: max_num_tokens must be an int, got str '8'"),
         ({"hidden_dim": None}, "AllToAll.internode: hidden_dim must be an int, got NoneType None"),
@@ -147,7 +154,7 @@ def test_bad_scalar_arguments_are_value_errors_naming_them(kwargs: dict[str, obj
         hidden_dim_bytes=128,
         hidden_dim_scale_bytes=0,
     )
-    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         AllToAll.internode(**{**args, **kwargs})  # type: ignore[arg-type]
 
 
@@ -177,3 +184,44 @@ def test_every_test_binary_exits_77_when_it_skips(program: str) -> None:
     result = run([str(binary)], dict(os.environ))
     assert result.returncode == 77, result.stdout + result.stderr
     assert f"{program}: SKIPPED: no CUDA device visible" in result.stdout
+
+
+def test_install_deps_refuses_a_system_managed_python() -> None:
+    """pip refuses such a Python (externally-managed-environment); the set-up says so and what to do instead."""
+    system = Path("/usr/bin/python3")
+    managed = (
+        system.is_file()
+        and run(
+            [
+                str(system),
+                "-c",
+                "import os, sys, sysconfig; sys.exit(not (sys.prefix == sys.base_prefix and os.path.isfile("
+                "os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'))))",
+            ],
+            dict(os.environ),
+        ).returncode
+        == 0
+    )
+    if not managed:
+        pytest.skip("this machine has no system-managed /usr/bin/python3")
+    env = {**dict(os.environ), "EXPERTWIRE_PYTHON": str(system)}
+    env.pop("VIRTUAL_ENV", None)
+    result = run(["bash", "scripts/install_deps.sh", "build"], env)
+    assert result.returncode != 0
+    assert "is a Python the system manages (EXTERNALLY-MANAGED): pip may not install" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
+def test_nvshmem_init_without_a_gpu_says_why() -> None:
+    """NVSHMEM returns success without initializing there; every later helper would then say "not initialized"."""
+    code = (
+        "import expertwire\n"
+        "try:\n"
+        "    expertwire.nvshmem_init(expertwire.nvshmem_get_unique_id(), 0, 1)\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    result = run([sys.executable, "-c", code], dict(os.environ))
+    assert "NVSHMEM init: NVSHMEM did not initialize on rank 0 (no NVIDIA driver is installed" in result.stdout, (
+        result.stdout + result.stderr
+    )

@@ -36,10 +36,25 @@ struct Options {
   std::string json;
 };
 
-std::vector<int64_t> parse_list(const std::string& text) {
+// A flag's integer of at least `minimum`, or ConfigError naming the flag and the text.
+int64_t parse_count(const std::string& flag, const std::string& text, int64_t minimum = 1) {
+  size_t used = 0;
+  int64_t value = 0;
+  try {
+    value = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  EW_REQUIRE(used == text.size() && used > 0 && value >= minimum, flag, " takes integers >= ", minimum, ", got '", text,
+             "'");
+  return value;
+}
+
+std::vector<int64_t> parse_list(const std::string& flag, const std::string& text) {
   std::vector<int64_t> out;
   std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) out.push_back(std::stoll(item));
+  for (std::string item; std::getline(in, item, ',');) out.push_back(parse_count(flag, item));
+  EW_REQUIRE(!out.empty(), flag, " takes a comma-separated list, got '", text, "'");
   return out;
 }
 
@@ -48,20 +63,20 @@ Options parse_options(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto value = [&]() -> std::string {
-      EW_REQUIRE(i + 1 < argc, "bench_all_to_all: ", arg, " needs a value");
+      EW_REQUIRE(i + 1 < argc, arg, " needs a value");
       return argv[++i];
     };
-    if (arg == "--tokens") o.tokens = parse_list(value());
-    else if (arg == "--experts") o.experts = parse_list(value());
-    else if (arg == "--top-k") o.top_k = std::stoll(value());
-    else if (arg == "--hidden") o.hidden = std::stoll(value());
-    else if (arg == "--dp-size") o.dp_size = std::stoll(value());
-    else if (arg == "--warmup") o.warmup = std::stoi(value());
-    else if (arg == "--iters") o.iterations = std::stoi(value());
+    if (arg == "--tokens") o.tokens = parse_list(arg, value());
+    else if (arg == "--experts") o.experts = parse_list(arg, value());
+    else if (arg == "--top-k") o.top_k = parse_count(arg, value());
+    else if (arg == "--hidden") o.hidden = parse_count(arg, value());
+    else if (arg == "--dp-size") o.dp_size = parse_count(arg, value());
+    else if (arg == "--warmup") o.warmup = int(parse_count(arg, value(), 0));
+    else if (arg == "--iters") o.iterations = int(parse_count(arg, value()));
     else if (arg == "--transport") o.transport = value();
     else if (arg == "--json") o.json = value();
     else
-      EW_THROW(ConfigError, "bench_all_to_all: unknown argument '", arg,
+      EW_THROW(ConfigError, "unknown argument '", arg,
                "' (known: --tokens 1,32,128 --experts 64,256 --top-k 8 --hidden 7168 --dp-size 1 --warmup 10 "
                "--iters 50 --transport T --json FILE; T: ",
                harness::kTransportFlagHelp, ", default ", harness::kDefaultTransports, ")");
@@ -411,7 +426,7 @@ void print_tables(const char* title, int world, const std::vector<CaseResult>& r
 void write_json(const std::string& path, int world, int64_t dp_size,
                 const std::vector<std::pair<std::string, CaseResult>>& all) {
   std::ofstream out(path);
-  EW_REQUIRE(out.good(), "bench_all_to_all: cannot write --json file '", path, "'");
+  EW_REQUIRE(out.good(), "cannot write --json file '", path, "'");
   auto stats = [](const Stats& s) {
     std::ostringstream o;
     o << "{\"mean_us\": " << s.mean << ", \"std_us\": " << s.std << ", \"median_us\": " << s.median << "}";

@@ -45,6 +45,15 @@ void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_set_attr_uniqueid_args failed with status ", status);
   status = nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_init_attr failed with status ", status, " on rank ", rank);
+  if (!nvshmem_initialized()) {
+    // NVSHMEM returns success without initializing where it finds no usable GPU: say why, not "call init" later.
+    int devices = 0;
+    const cudaError_t cuda = cudaGetDeviceCount(&devices);
+    EW_THROW(RuntimeError, "NVSHMEM init: NVSHMEM did not initialize on rank ", rank, " (",
+             cuda != cudaSuccess ? cuda_error_cause(cuda)
+                                 : std::to_string(devices) + " CUDA devices visible; set NVSHMEM_DEBUG=INFO to see why",
+             ")");
+  }
 }
 
 bool nvshmem_initialized() { return nvshmemx_init_status() >= NVSHMEM_STATUS_IS_INITIALIZED; }

@@ -20,5 +20,7 @@ def scale_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     a uint8 tensor (whose last dimension is contiguous, checks.py) reads 4 bytes as a word. A dimension of size
     0 or 1 is never stepped along: 0."""
     itemsize = tensor.element_size()
-    *outer, last = (stride * itemsize if size > 1 else 0 for stride, size in zip(tensor.stride(), tensor.shape))
+    *outer, last = (
+        stride * itemsize if size > 1 else 0 for stride, size in zip(tensor.stride(), tensor.shape, strict=False)
+    )
     return (*outer, 4 if itemsize == 1 else last)

@@ -118,7 +118,7 @@ class AllToAll:
         max_sm_count: int = 0,
     ) -> "AllToAll":
         """Through NVSHMEM (nvshmem_init first): loads/stores to peers on this node, puts to the others."""
-        integer("AllToAll.internode", "max_sm_count", max_sm_count, minimum=0)
+        integer("AllToAll.internode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
         config, shape = cls._config(
             "AllToAll.internode",
             max_num_tokens,
@@ -151,7 +151,7 @@ class AllToAll:
         """Through peer memory among the ranks of one node; the buffer descriptions are exchanged over the
         torch.distributed group registered as `group_name`, whose ranks must be 0..world_size-1 in order (the
         memory itself travels as file descriptors over a Unix socket, so the ranks must share a host)."""
-        integer("AllToAll.intranode", "max_sm_count", max_sm_count, minimum=0)
+        integer("AllToAll.intranode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
         config, shape = cls._config(
             "AllToAll.intranode",
             max_num_tokens,

@@ -62,13 +62,17 @@ class AllToAllShape:
         return self.hidden_dim_scale_bytes > 0
 
 
-def integer(op: str, name: str, value: object, minimum: Optional[int] = None) -> int:
-    """A Python int argument (not a bool), at least `minimum`: what the native signature would otherwise refuse
-    with a TypeError listing itself. Ranges beyond that are the native checks'."""
+INT64_MAX = 2**63 - 1
+
+
+def integer(op: str, name: str, value: object, minimum: int = -INT64_MAX - 1, maximum: int = INT64_MAX) -> int:
+    """A Python int argument (not a bool) in [minimum, maximum], the range of the native parameter it goes to: what
+    the native signature would otherwise refuse with a TypeError listing itself. Ranges the configuration sets are
+    the native checks'."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{op}: {name} must be in [{minimum}, {maximum}], got {value}")
     return value
 
 

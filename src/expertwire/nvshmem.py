@@ -34,8 +34,8 @@ def nvshmem_init(uid: torch.Tensor, rank: int, world_size: int) -> int:
     """Joins the NVSHMEM job named by `uid` as `rank` of `world_size`; blocks until every rank has joined.
     Returns 0. A uid that is not one nvshmem_get_unique_id() made (an empty one the broadcast never filled, say)
     and a rank outside [0, world_size) raise ValueError; failures of NVSHMEM itself, RuntimeError."""
-    integer("nvshmem_init", "rank", rank)
-    integer("nvshmem_init", "world_size", world_size)
+    integer("nvshmem_init", "rank", rank, minimum=-(2**31), maximum=2**31 - 1)
+    integer("nvshmem_init", "world_size", world_size, minimum=-(2**31), maximum=2**31 - 1)
     size = nvshmem_unique_id_size()
     if not isinstance(uid, torch.Tensor):
         raise ValueError(f"nvshmem_init: uid must be a torch.Tensor, got {type(uid).__name__}")
