@@ -9,6 +9,7 @@
 
 #include "core/arguments.h"
 #include "core/error.h"
+#include "tests/unit/config_error.h"
 
 namespace expertwire {
 namespace {
@@ -43,42 +44,48 @@ CombineParams valid_combine() {
   return p;
 }
 
-std::string message_of(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const ConfigError& error) {
-    return error.what();
-  }
-  return "no ConfigError";
+void check_dispatch(const DispatchParams& p) {
+  check_dispatch_layout(config(), p);
+  check_dispatch_pointers(config(), p);
 }
 
+void check_combine(const CombineParams& p) {
+  check_combine_layout(config(), p);
+  check_combine_pointers(config(), p);
+}
+
+// The message the checks throw for valid arguments spoiled by `spoil`.
 std::string dispatch_error(const std::function<void(DispatchParams&)>& spoil) {
   DispatchParams p = valid_dispatch();
   spoil(p);
-  return message_of([&] {
-    check_dispatch_layout(config(), p);
-    check_dispatch_pointers(config(), p);
-  });
+  return config_error_message([&] { check_dispatch(p); });
 }
 
 std::string combine_error(const std::function<void(CombineParams&)>& spoil) {
   CombineParams p = valid_combine();
   spoil(p);
-  return message_of([&] {
-    check_combine_layout(config(), p);
-    check_combine_pointers(config(), p);
-  });
+  return config_error_message([&] { check_combine(p); });
+}
+
+// Valid arguments changed by `change` still pass.
+void expect_dispatch_passes(const std::function<void(DispatchParams&)>& change) {
+  DispatchParams p = valid_dispatch();
+  change(p);
+  EXPECT_NO_THROW(check_dispatch(p));
+}
+
+void expect_combine_passes(const std::function<void(CombineParams&)>& change) {
+  CombineParams p = valid_combine();
+  change(p);
+  EXPECT_NO_THROW(check_combine(p));
 }
 
 TEST(DispatchArguments, ValidOnesPass) {
-  EXPECT_EQ(dispatch_error([](DispatchParams&) {}), "no ConfigError");
+  expect_dispatch_passes([](DispatchParams&) {});
   // Padded rows, column-major scales, a broadcast scale row: every layout the kernels follow.
-  EXPECT_EQ(dispatch_error([](DispatchParams& p) { p.dp_x.row_stride = 272; }), "no ConfigError");
-  EXPECT_EQ(dispatch_error([](DispatchParams& p) {
-              p.out_expert_x_scale = {p.out_expert_x_scale.data, 256, 4, 128};
-            }),
-            "no ConfigError");
-  EXPECT_EQ(dispatch_error([](DispatchParams& p) { p.dp_x_scale.row_stride = 0; }), "no ConfigError");
+  expect_dispatch_passes([](DispatchParams& p) { p.dp_x.row_stride = 272; });
+  expect_dispatch_passes([](DispatchParams& p) { p.out_expert_x_scale = {p.out_expert_x_scale.data, 256, 4, 128}; });
+  expect_dispatch_passes([](DispatchParams& p) { p.dp_x_scale.row_stride = 0; });
 }
 
 TEST(DispatchArguments, CountsAndStrides) {
@@ -99,12 +106,11 @@ TEST(DispatchArguments, CountsAndStrides) {
 
 TEST(DispatchArguments, StridesOfDimensionsNotSteppedAreFree) {
   // One token: dp_x's and dp_x_scale's row strides are never used.
-  EXPECT_EQ(dispatch_error([](DispatchParams& p) {
-              p.m = 1;
-              p.dp_x.row_stride = 3;
-              p.dp_x_scale.row_stride = 2;
-            }),
-            "no ConfigError");
+  expect_dispatch_passes([](DispatchParams& p) {
+    p.m = 1;
+    p.dp_x.row_stride = 3;
+    p.dp_x_scale.row_stride = 2;
+  });
 }
 
 TEST(DispatchArguments, OutputScalesMayNotOverlapThemselves) {
@@ -132,27 +138,24 @@ TEST(DispatchArguments, PointersOfTheHalvesThatUseThem) {
   EXPECT_THAT(dispatch_error([](DispatchParams& p) { p.bound_m = reinterpret_cast<const uint32_t*>(memory + 2); }),
               HasSubstr("dispatch: bound_m must be 4-byte aligned"));
   // The receive half reads no input, the send half writes no output; without tokens the inputs may be null.
-  EXPECT_EQ(dispatch_error([](DispatchParams& p) {
-              p.split = SplitMode::kRecv;
-              p.dp_x.data = nullptr;
-              p.indices = nullptr;
-            }),
-            "no ConfigError");
-  EXPECT_EQ(dispatch_error([](DispatchParams& p) {
-              p.split = SplitMode::kSend;
-              p.out_expert_x = nullptr;
-            }),
-            "no ConfigError");
-  EXPECT_EQ(dispatch_error([](DispatchParams& p) {
-              p.m = 0;
-              p.dp_x.data = nullptr;
-              p.dp_x_scale.data = nullptr;
-            }),
-            "no ConfigError");
+  expect_dispatch_passes([](DispatchParams& p) {
+    p.split = SplitMode::kRecv;
+    p.dp_x.data = nullptr;
+    p.indices = nullptr;
+  });
+  expect_dispatch_passes([](DispatchParams& p) {
+    p.split = SplitMode::kSend;
+    p.out_expert_x = nullptr;
+  });
+  expect_dispatch_passes([](DispatchParams& p) {
+    p.m = 0;
+    p.dp_x.data = nullptr;
+    p.dp_x_scale.data = nullptr;
+  });
 }
 
 TEST(CombineArguments, TypesCountsAndPointers) {
-  EXPECT_EQ(combine_error([](CombineParams&) {}), "no ConfigError");
+  expect_combine_passes([](CombineParams&) {});
   EXPECT_EQ(combine_error([](CombineParams& p) { p.m = 9; }), "combine: m must be <= max_num_tokens=8, got 9");
   EXPECT_EQ(combine_error([](CombineParams& p) {
               p.expert_type = ScalarType::kFloat32;
@@ -160,16 +163,15 @@ TEST(CombineArguments, TypesCountsAndPointers) {
             }),
             "combine: a float32 expert_y needs bfloat16 or float16 out_tokens (its rows travel as that type), got "
             "float32 out_tokens");
-  EXPECT_EQ(combine_error([](CombineParams& p) { p.expert_type = ScalarType::kFloat32; }), "no ConfigError");
+  expect_combine_passes([](CombineParams& p) { p.expert_type = ScalarType::kFloat32; });
   EXPECT_EQ(combine_error([](CombineParams& p) { p.expert_y = nullptr; }), "combine: expert_y must not be null");
   EXPECT_THAT(combine_error([](CombineParams& p) { p.out_tokens = memory + 8; }),
               HasSubstr("combine: out_tokens must be 16-byte aligned"));
   EXPECT_EQ(combine_error([](CombineParams& p) { p.weights = nullptr; }), "combine: weights must not be null");
-  EXPECT_EQ(combine_error([](CombineParams& p) {
-              p.split = SplitMode::kRecv;
-              p.expert_y = nullptr;
-            }),
-            "no ConfigError");
+  expect_combine_passes([](CombineParams& p) {
+    p.split = SplitMode::kRecv;
+    p.expert_y = nullptr;
+  });
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include "core/env.h"
 #include "core/error.h"
 #include "expertwire/config.h"
+#include "tests/unit/config_error.h"
 
 namespace expertwire {
 namespace {
@@ -31,20 +32,6 @@ AllToAllConfig deepseek_v3_config() {
   config.hidden_dim_bytes = 7168;
   config.hidden_dim_scale_bytes = 224;
   return config;
-}
-
-// Runs `action`, requires it to throw exactly ConfigError, and returns the message.
-std::string config_error_message(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const ConfigError& error) {
-    return error.what();
-  } catch (const std::exception& error) {
-    ADD_FAILURE() << "expected expertwire::ConfigError, got another exception: " << error.what();
-    return {};
-  }
-  ADD_FAILURE() << "expected expertwire::ConfigError, nothing was thrown";
-  return {};
 }
 
 TEST(ConfigValidate, DeepSeekV3ConfigPasses) {

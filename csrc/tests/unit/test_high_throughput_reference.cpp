@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "reference/high_throughput.h"
 #include "reference/reference.h"
+#include "tests/unit/config_error.h"
 
 namespace expertwire::reference {
 namespace {
@@ -42,15 +43,6 @@ struct Tokens {
     return RankTokens{m, x.data(), scales.data(), idx.data(), weights.data()};
   }
 };
-
-std::string message_of(const std::function<void()>& call) {
-  try {
-    call();
-  } catch (const ConfigError& error) {
-    return error.what();
-  }
-  return "no ConfigError";
-}
 
 // Rank 0: token 0 -> experts 1, 5, -1; token 1 -> 6, 7, 2. Rank 1: token 0 -> 0, 1, 3; token 1 -> -1, -1, -1.
 struct TwoRanks {
@@ -148,27 +140,27 @@ TEST(HighThroughputReference, ExpertContiguousCombineWeightsPartialSumsAndRounds
 TEST(HighThroughputReference, BadRoutingIsRefusedNamingTheSlot) {
   TwoRanks w;
   w.t0.idx[4] = 8;
-  EXPECT_THAT(message_of([&] { dispatch_rank_packed(shape(), 0, w.sources); }),
+  EXPECT_THAT(config_error_message([&] { dispatch_rank_packed(shape(), 0, w.sources); }),
               HasSubstr("rank 0, token 1, slot 1: expert index 8 is outside [-1, num_experts=8)"));
   w.t0.idx[4] = -2;
-  EXPECT_THAT(message_of([&] { dispatch_expert_contiguous(shape(), 0, w.sources); }),
+  EXPECT_THAT(config_error_message([&] { dispatch_expert_contiguous(shape(), 0, w.sources); }),
               HasSubstr("expert index -2 is outside [-1, num_experts=8)"));
   w.t0.idx[4] = 6;
-  EXPECT_THAT(message_of([&] { dispatch_rank_packed(shape(), 0, w.sources); }),
+  EXPECT_THAT(config_error_message([&] { dispatch_rank_packed(shape(), 0, w.sources); }),
               HasSubstr("rank 0, token 1, slot 1: expert index 6 repeats the expert of slot 0"));
   w.t0.idx[4] = 7;
   w.sources[1].m = 5;
-  EXPECT_THAT(message_of([&] { dispatch_rank_packed(shape(), 0, w.sources); }),
+  EXPECT_THAT(config_error_message([&] { dispatch_rank_packed(shape(), 0, w.sources); }),
               HasSubstr("rank 1: m=5 is outside [0, max_tokens_per_rank=4]"));
 }
 
 TEST(HighThroughputReference, ShapeIsValidated) {
   HighThroughputShape bad = shape();
   bad.num_experts = 7;
-  EXPECT_EQ(message_of([&] { bad.validate(); }),
+  EXPECT_EQ(config_error_message([&] { bad.validate(); }),
             "HighThroughputShape.num_experts must be divisible by world_size=2, got 7");
   bad = shape(0);
-  EXPECT_EQ(message_of([&] { bad.validate(); }), "HighThroughputShape.expert_alignment must be > 0, got 0");
+  EXPECT_EQ(config_error_message([&] { bad.validate(); }), "HighThroughputShape.expert_alignment must be > 0, got 0");
 }
 
 }  // namespace

@@ -17,24 +17,12 @@
 #include "device/wire_protocol.h"
 #include "expertwire/config.h"
 #include "expertwire/strided.h"
+#include "tests/unit/config_error.h"
 
 namespace expertwire {
 namespace {
 
 using ::testing::HasSubstr;
-
-std::string config_error_message(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const ConfigError& error) {
-    return error.what();
-  } catch (const std::exception& error) {
-    ADD_FAILURE() << "expected expertwire::ConfigError, got another exception: " << error.what();
-    return {};
-  }
-  ADD_FAILURE() << "expected expertwire::ConfigError, nothing was thrown";
-  return {};
-}
 
 // 8 experts over 4 ranks in 2 DP groups of 2: 2 local experts, 2 groups, fp8 payload of 32 bytes plus 8 bytes
 // of scales.

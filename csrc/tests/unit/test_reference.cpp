@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "expertwire/config.h"
 #include "reference/reference.h"
+#include "tests/unit/config_error.h"
 
 namespace expertwire::reference {
 namespace {
@@ -26,19 +27,6 @@ using Key = std::pair<uint32_t, uint32_t>;  // (source group, token)
 using Keys = std::vector<Key>;
 
 constexpr float kPoison = -777.25f;  // exactly representable, and no test output produces it
-
-std::string config_error_message(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const ConfigError& error) {
-    return error.what();
-  } catch (const std::exception& error) {
-    ADD_FAILURE() << "expected expertwire::ConfigError, got another exception: " << error.what();
-    return {};
-  }
-  ADD_FAILURE() << "expected expertwire::ConfigError, nothing was thrown";
-  return {};
-}
 
 // One DP group's inputs, owning its storage. Payload and scale bytes are distinct per (group, token) so a
 // pointer at the wrong row would also read wrong bytes.
