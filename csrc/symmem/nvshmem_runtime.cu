@@ -37,9 +37,8 @@ void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank
              "nvshmem_unique_id() (Python: nvshmem_get_unique_id()) and broadcast it to every rank before init");
   const nvshmemx_uniqueid_t fresh = NVSHMEMX_UNIQUEID_INITIALIZER;
   EW_REQUIRE(id.version == fresh.version,
-             "NVSHMEM init: the unique id is not one of this NVSHMEM version (its "
-             "version field is ",
-             id.version, ", expected ", fresh.version, ")");
+             "NVSHMEM init: the unique id is not one of this NVSHMEM version (its version field is ", id.version,
+             ", expected ", fresh.version, ")");
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
   int status = nvshmemx_set_attr_uniqueid_args(rank, world_size, &id, &attr);
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_set_attr_uniqueid_args failed with status ", status);

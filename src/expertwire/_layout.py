@@ -3,6 +3,8 @@ times its element size. Metadata only, so they are computed for fake tensors too
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -24,3 +26,15 @@ def scale_strides(tensor: torch.Tensor) -> tuple[int, ...]:
         stride * itemsize if size > 1 else 0 for stride, size in zip(tensor.stride(), tensor.shape, strict=False)
     )
     return (*outer, 4 if itemsize == 1 else last)
+
+
+def dispatch_strides(
+    out_expert_x_scale: Optional[torch.Tensor], dp_x_scale: Optional[torch.Tensor], dp_x: torch.Tensor
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int]]:
+    """The byte strides the native dispatch takes, in its order: out_expert_x_scale's, dp_x_scale's (any words 4
+    bytes apart where there are no scales) and dp_x's rows."""
+    return (
+        scale_strides(out_expert_x_scale) if out_expert_x_scale is not None else (0, 0, 4),
+        scale_strides(dp_x_scale) if dp_x_scale is not None else (0, 4),
+        row_strides(dp_x),
+    )

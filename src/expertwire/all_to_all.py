@@ -85,9 +85,17 @@ class AllToAll:
         hidden_dim_scale_bytes: int,
     ) -> tuple["ext.AllToAllConfig", AllToAllShape]:
         fields = dict(locals())
-        for name in ("max_num_tokens", "num_experts", "experts_per_token", "rank", "world_size", "dp_size"):
-            integer(op, name, fields[name])
-        for name in ("hidden_dim", "hidden_dim_bytes", "hidden_dim_scale_bytes"):
+        for name in (
+            "max_num_tokens",
+            "num_experts",
+            "experts_per_token",
+            "rank",
+            "world_size",
+            "dp_size",
+            "hidden_dim",
+            "hidden_dim_bytes",
+            "hidden_dim_scale_bytes",
+        ):
             integer(op, name, fields[name])
         shape = AllToAllShape(
             max_num_tokens=max_num_tokens,

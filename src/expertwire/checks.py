@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._layout import row_strides, scale_strides
+from ._layout import dispatch_strides
 from ._native import ext
 
 # Element types of combine's output and of the expert outputs it reads, as the kernels instantiate them. Rows
@@ -235,16 +235,13 @@ def check_dispatch(
     tensor arguments by name, as check_dispatch_tensors takes them), then the native layout checks; returns m.
     AllToAll.dispatch makes the same checks, the native ones in the call itself."""
     m = check_dispatch_tensors(shape, **tensors, device=device)  # type: ignore[arg-type]
-    out_scale, dp_scale = tensors["out_expert_x_scale"], tensors["dp_x_scale"]
     ext.check_dispatch_layout(
         _native_config(shape),
         m,
         do_send,
         do_recv,
         shape.has_scales,
-        scale_strides(out_scale) if out_scale is not None else (0, 0, 4),  # type: ignore[arg-type]
-        scale_strides(dp_scale) if dp_scale is not None else (0, 4),  # type: ignore[arg-type]
-        row_strides(tensors["dp_x"]),  # type: ignore[arg-type]
+        *dispatch_strides(tensors["out_expert_x_scale"], tensors["dp_x_scale"], tensors["dp_x"]),  # type: ignore[arg-type]
     )
     return m
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ._layout import row_strides, scale_strides
+from ._layout import dispatch_strides
 from ._native import ext
 from .checks import SCALAR_TYPES
 
@@ -84,9 +84,7 @@ def launch_dispatch(
         do_send,
         do_recv,
         _stream(out_expert_x),
-        scale_strides(out_expert_x_scale) if out_expert_x_scale is not None else (0, 0, 4),
-        scale_strides(dp_x_scale) if dp_x_scale is not None else (0, 4),
-        row_strides(dp_x),
+        *dispatch_strides(out_expert_x_scale, dp_x_scale, dp_x),
     )
 
 

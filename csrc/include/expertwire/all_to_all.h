@@ -79,15 +79,16 @@ class AllToAll {
 
  protected:
   // Stores the configuration and takes the current CUDA device as the object's; nothing is checked or allocated
-  // until agree_and_prepare. `transport_may_put`: the transport may reach a peer only through puts, which need a
-  // registered staging row per warp.
-  AllToAll(const AllToAllConfig& config, const AllToAllOptions& options, bool transport_may_put);
+  // until agree_and_prepare.
+  explicit AllToAll(const AllToAllConfig& config);
 
   // The derived constructor's first step, collective over the ranks `all_gather` reaches: validates the
-  // configuration and the launch shape, allocates the local workspace and error record, and runs
-  // `transport_checks` (which may use layout()), all as this rank's own checks of the rank agreement
-  // (transport/common/agreement.h), so that every rank throws or none does.
-  void agree_and_prepare(const char* transport, int rank, int world_size, const AllGatherBytes& all_gather,
+  // configuration and the launch shape, allocates the local workspace and error record (and a staging row per
+  // warp where `transport_may_put`: a put needs a registered source), and runs `transport_checks` (which may use
+  // layout()), all as this rank's own checks of the rank agreement (transport/common/agreement.h), so that every
+  // rank throws or none does.
+  void agree_and_prepare(const AllToAllOptions& options, bool transport_may_put, const char* transport, int rank,
+                         int world_size, const AllGatherBytes& all_gather,
                          const std::function<void()>& transport_checks);
   const BufferLayout& layout() const;
   // Derived classes call this once their symmetric buffer exists.
@@ -100,8 +101,6 @@ class AllToAll {
  private:
   struct State;
   AllToAllConfig config_;
-  AllToAllOptions options_;
-  bool transport_may_put_;
   int device_;  // the GPU current at construction, which owns every buffer; each call launches there
   std::unique_ptr<State> state_;
 };

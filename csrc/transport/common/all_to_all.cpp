@@ -59,14 +59,13 @@ bool input_is_staged(const void* input, uint64_t extent, bool is_buffer_in_its_l
 
 struct AllToAll::State {
   State(const AllToAllConfig& config, const AllToAllOptions& options, bool transport_may_put)
-      : config(config),
-        shape(default_launch_shape(options.max_sm_count)),
+      : shape(default_launch_shape(options.max_sm_count)),
         // A put needs a registered source: one staging row per warp where the transport may put.
         layout(make_buffer_layout(config, transport_may_put ? shape.warps() : 0)),
         timeout_ns(options.timeout_ns != 0 ? options.timeout_ns : default_timeout_ns()),
         workspace(layout.workspace_bytes) {}
 
-  device::RankContext context() const {
+  device::RankContext context(const AllToAllConfig& config) const {
     return device::RankContext{layout,
                                uint32_t(config.rank),
                                uint32_t(config.dp_rank()),
@@ -77,7 +76,6 @@ struct AllToAll::State {
                                timeout_ns};
   }
 
-  AllToAllConfig config;
   LaunchShape shape;
   BufferLayout layout;
   uint64_t timeout_ns;
@@ -87,15 +85,15 @@ struct AllToAll::State {
   CallOrder order;
 };
 
-AllToAll::AllToAll(const AllToAllConfig& config, const AllToAllOptions& options, bool transport_may_put)
-    : config_(config), options_(options), transport_may_put_(transport_may_put), device_(current_device()) {}
+AllToAll::AllToAll(const AllToAllConfig& config) : config_(config), device_(current_device()) {}
 
 AllToAll::~AllToAll() = default;
 
-void AllToAll::agree_and_prepare(const char* transport, int rank, int world_size, const AllGatherBytes& all_gather,
+void AllToAll::agree_and_prepare(const AllToAllOptions& options, bool transport_may_put, const char* transport,
+                                 int rank, int world_size, const AllGatherBytes& all_gather,
                                  const std::function<void()>& transport_checks) {
   agree_before_allocating(transport, rank, world_size, all_gather, [&] {
-    state_ = std::make_unique<State>(config_, options_, transport_may_put_);
+    state_ = std::make_unique<State>(config_, options, transport_may_put);
     transport_checks();
     return layout_signature(state_->layout);
   });
@@ -133,13 +131,13 @@ void AllToAll::check_errors() const {
   record.phase = mapped->phase;
   record.peer = mapped->peer;
   record.value = mapped->value;
-  if (record.code != ErrorCode::kNone) EW_THROW(DeviceError, "expertwire: ", describe(record, state_->config.rank));
+  if (record.code != ErrorCode::kNone) EW_THROW(DeviceError, "expertwire: ", describe(record, config_.rank));
 }
 
 void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
   check_errors();
   const ScopedDevice on_own_device(device_);
-  const AllToAllConfig& config = state_->config;
+  const AllToAllConfig& config = config_;
   const BufferLayout& l = state_->layout;
   check_dispatch_layout(config, p);
   check_dispatch_pointers(config, p);
@@ -166,7 +164,7 @@ void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
     }
   }
   state_->order.check(Operation::kDispatch, p.split);
-  const device::DispatchArgs args{state_->context(),
+  const device::DispatchArgs args{state_->context(config_),
                                   p.out_expert_num_tokens,
                                   p.out_expert_x,
                                   p.out_expert_x_scale,
@@ -186,12 +184,12 @@ void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
 void AllToAll::combine(const CombineParams& p, cudaStream_t stream) {
   check_errors();
   const ScopedDevice on_own_device(device_);
-  check_combine_layout(state_->config, p);
-  check_combine_pointers(state_->config, p);
+  check_combine_layout(config_, p);
+  check_combine_pointers(config_, p);
   EW_REQUIRE(p.expert_type != ScalarType::kFloat32 || p.expert_y != expert_output_buffer(),
              "combine: expert_output_buffer() holds 16-bit rows; a float32 expert_y must be the caller's own");
   state_->order.check(Operation::kCombine, p.split);
-  const device::CombineArgs args{state_->context(),
+  const device::CombineArgs args{state_->context(config_),
                                  p.out_tokens,
                                  p.indices,
                                  p.weights,
