@@ -223,9 +223,8 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   }
   DispatchParams in_buffer_params = dispatch_params;
   in_buffer_params.split = SplitMode::kNone;
-  in_buffer_params.dp_x = Strided2D<const uint8_t>{input_rows.data, input_rows.row_stride, input_rows.element_stride};
-  in_buffer_params.dp_x_scale =
-      Strided2D<const float>{input_scales.data, input_scales.row_stride, input_scales.element_stride};
+  in_buffer_params.dp_x = read_only(input_rows);
+  in_buffer_params.dp_x_scale = read_only(input_scales);
   auto dispatch_in_buffer = [&] { a2a->dispatch(in_buffer_params, stream); };
   CombineParams combine_params;
   combine_params.out_tokens = out.get();

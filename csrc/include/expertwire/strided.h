@@ -48,6 +48,12 @@ struct Strided3D {
   using Bytes = std::conditional_t<std::is_const_v<T>, const uint8_t*, uint8_t*>;
 };
 
+// The same view, read-only: AllToAll::dispatch_input_buffer() passed where DispatchParams takes an input.
+template <class T>
+Strided2D<const T> read_only(const Strided2D<T>& view) {
+  return Strided2D<const T>{view.data, view.row_stride, view.element_stride};
+}
+
 // Row-major [rows][row_bytes / sizeof(T)], rows packed.
 template <class T>
 Strided2D<T> contiguous_rows(T* data, uint64_t row_bytes) {

@@ -272,13 +272,13 @@ void RoundTrip::copy_inputs_into_buffers(AllToAll& a2a, const CallShape& shape, 
   const Strided2D<uint8_t> rows = a2a.dispatch_input_buffer();
   EW_CUDA_CHECK(cudaMemcpy2DAsync(rows.data, rows.row_stride, dp_x_.get(), dp_x_view_.row_stride, x_row, own_m_,
                                   cudaMemcpyDeviceToDevice, stream_));
-  params.dp_x = Strided2D<const uint8_t>{rows.data, rows.row_stride, rows.element_stride};
+  params.dp_x = read_only(rows);
   const uint64_t s = config_.hidden_dim_scale_bytes;
   if (s == 0 || shape.scale_layout == CallShape::ScaleLayout::kColumnMajor) return;
   const Strided2D<float> scales = a2a.dispatch_input_scale_buffer();
   EW_CUDA_CHECK(cudaMemcpy2DAsync(scales.data, scales.row_stride, dp_x_scale_.get(), dp_x_scale_view_.row_stride, s,
                                   own_m_, cudaMemcpyDeviceToDevice, stream_));
-  params.dp_x_scale = Strided2D<const float>{scales.data, scales.row_stride, scales.element_stride};
+  params.dp_x_scale = read_only(scales);
 }
 
 void RoundTrip::fill_dispatch_outputs() {
