@@ -94,11 +94,15 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
 }
 
 void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes) {
+  require_fits_symmetric_heap(layout.symmetric_bytes, heap_bytes);
+}
+
+void require_fits_symmetric_heap(uint64_t symmetric_bytes, uint64_t heap_bytes) {
   // NVSHMEM keeps part of the heap for itself; ask for a little headroom so the error comes from us.
   constexpr uint64_t kHeapReserve = 64ull << 20;
-  const uint64_t needed = checked_add(layout.symmetric_bytes, kHeapReserve, "symmetric heap");
+  const uint64_t needed = checked_add(symmetric_bytes, kHeapReserve, "symmetric heap");
   if (needed > heap_bytes) {
-    EW_THROW(ConfigError, "symmetric heap too small: expertwire needs ", layout.symmetric_bytes,
+    EW_THROW(ConfigError, "symmetric heap too small: expertwire needs ", symmetric_bytes,
              " bytes of symmetric memory per rank (+", kHeapReserve, " reserve = ", needed,
              " bytes) but NVSHMEM_SYMMETRIC_SIZE gives ", heap_bytes,
              " bytes; set NVSHMEM_SYMMETRIC_SIZE>=", (needed >> 20) + ((needed & ((1ull << 20) - 1)) != 0), "M");

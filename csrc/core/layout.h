@@ -158,6 +158,8 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
 
 // Throws ConfigError when the symmetric allocation does not fit in `heap_bytes`, saying how much is needed.
 void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes);
+// The same for `symmetric_bytes` of any all-to-all kind.
+void require_fits_symmetric_heap(uint64_t symmetric_bytes, uint64_t heap_bytes);
 
 // What every rank's layout must agree on: a rank whose offsets differ would read and write the wrong bytes of its
 // peers' buffers. Plain words, exchanged between the ranks at construction; kNames says what each one is.

@@ -3,7 +3,7 @@
 //
 // A Transport (transport/*/..._transport.cuh) says how bytes reach a peer's symmetric buffer:
 //   static constexpr bool kMayPut                    false: peer() never returns nullptr
-//   bool load_store_only()                           (host) every peer has a load/store address
+//   bool load_store_only()                           every peer has a load/store address
 //   T* peer(int pe, SymmetricRef<T>)                 load/store address of the peer's copy, or nullptr
 //   void put_warp(int pe, SymmetricRef<uint8_t>, const uint8_t* staged, uint64_t bytes)   for nullptr peers
 //   void flush_warp()                                this warp's writes complete before a later signal

@@ -19,6 +19,8 @@ enum class ErrorCode : int32_t {
   kRepeatedExpert = 5,   // an expert appears twice in one token's row; value = the expert, sent once
   kRowTypeMismatch = 6,  // peer's combine rows travel as another type than ours; value = RowTypeMismatch, no
                          // output written
+  kCapacityExceeded = 7,  // a high-throughput dispatch needs more rows than its capacity; value = the rows
+                          // needed, none written
 };
 
 enum class Phase : int32_t {
@@ -69,6 +71,11 @@ inline std::string describe(const ErrorRecord& record, int64_t rank) {
              scalar_type_name(RowTypeMismatch::own(record.value)) +
              " (a rank's rows travel as its expert_y's type, or as its out_tokens' with a float32 expert_y, and "
              "must travel alike on every rank); no output written" +
+             where;
+    case ErrorCode::kCapacityExceeded:
+      return "the dispatch needs " + std::to_string(record.value) +
+             " rows, more than the receive capacity (HighThroughputConfig.recv_capacity, or the outputs' "
+             "capacity_rows); no row written" +
              where;
     default: return "no error";
   }

@@ -16,6 +16,8 @@ inline const char* scalar_type_name(ScalarType type) {
   return "unknown";
 }
 
+inline uint32_t scalar_type_size(ScalarType type) { return type == ScalarType::kFloat32 ? 4 : 2; }
+
 // A send half and a receive half, launched separately so that other work can run in between; kNone runs both.
 enum class SplitMode : int32_t { kNone = 0, kSend = 1, kRecv = 2 };
 

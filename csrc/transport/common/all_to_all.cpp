@@ -15,9 +15,9 @@
 #include "device/kernel_args.h"
 #include "device/wire_protocol.h"
 #include "transport/common/agreement.h"
+#include "transport/common/launch_shape.h"
 
 namespace expertwire {
-namespace {
 
 // One block per SM the process may use (EXPERTWIRE_NUM_BLOCKS overrides), at most `max_sm_count` blocks when it
 // is non-zero, EXPERTWIRE_BLOCK_THREADS threads (default 512).
@@ -38,6 +38,8 @@ LaunchShape default_launch_shape(uint32_t max_sm_count) {
              blocks);
   return LaunchShape{blocks, threads};
 }
+
+namespace {
 
 // Whether a dispatch input, `extent` bytes from `input`, is already staged: it lies in the staging rows
 // [rows, rows + rows_bytes) as the dispatch would stage it (`is_buffer_in_its_layout`), so the dispatch copies

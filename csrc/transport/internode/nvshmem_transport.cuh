@@ -20,7 +20,7 @@ struct NvshmemTransport {
   uint8_t* const* peer_bases;  // [world_size] load/store address of each peer's buffer, or null
   bool uses_puts;              // some peer is reached only through puts
 
-  bool load_store_only() const { return !uses_puts; }
+  __host__ __device__ bool load_store_only() const { return !uses_puts; }
 
   template <class T>
   __device__ T* peer(int pe, SymmetricRef<T> ref) const {

@@ -16,7 +16,7 @@ struct PeerTransport {
 
   uint8_t* const* peer_bases;  // [world_size] base of each rank's buffer in this process, ours included
 
-  bool load_store_only() const { return true; }
+  __host__ __device__ bool load_store_only() const { return true; }
 
   template <class T>
   __device__ T* peer(int pe, SymmetricRef<T> ref) const {

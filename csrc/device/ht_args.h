@@ -1,0 +1,76 @@
+// Arguments of the high-throughput kernels: one plain struct, filled by the host and passed by value, and the
+// typed view of the handle's arrays.
+#pragma once
+
+#include <cstdint>
+
+#include "core/ht_layout.h"
+#include "device/error_record.h"
+#include "device/kernel_args.h"
+#include "device/rank_state.h"
+#include "expertwire/high_throughput.h"
+#include "expertwire/strided.h"
+
+namespace expertwire::device {
+
+// The arrays of one handle (core/ht_layout.h, HtHandleLayout, says what each holds).
+struct HtHandleView {
+  uint32_t* block_counts;
+  int32_t* slot_rank_row;
+  int32_t* slot_expert_row;
+  int32_t* slot_dest;
+  uint32_t* recv_base;
+  uint32_t* base_at;
+  uint32_t* send_base;
+  uint32_t* home_base;
+  uint32_t* segment_start;
+  uint32_t* tokens_per_expert;
+  uint32_t* expert_prefix;
+  uint32_t* source_m;
+  int32_t* recv_slot_row;
+  float* recv_slot_weight;
+  uint32_t* host_counts;  // host-mapped: num_recv_tokens, num_expert_rows, tokens_per_expert[num_local_experts]
+};
+
+// The local workspace: monotonic call counters (the targets of the monotonic signals) and phase counters.
+struct HtWorkspace {
+  uint64_t dispatch_calls;
+  uint64_t combine_calls;
+  uint32_t phase[4];
+};
+enum HtPhaseCounter : int { kHtPublished = 0, kHtPushed = 1, kHtCombineSent = 2, kHtCombineDone = 3 };
+
+struct HtArgs {
+  HtLayout l;
+  uint8_t* symmetric;
+  HtWorkspace* workspace;
+  ErrorRecord* error;
+  uint64_t timeout_ns;
+  HtHandleView h;
+
+  // Dispatch inputs.
+  uint32_t m;
+  Strided2D<const uint8_t> x;
+  uint32_t x_bytes;
+  Strided2D<const float> x_scale;
+  const void* topk_idx;
+  bool topk_idx_int64;
+  const float* topk_weights;
+  bool x_staged;      // x is dispatch_input_buffer(): not copied
+  bool scale_staged;  // x_scale is dispatch_input_scale_buffer()
+  // Dispatch outputs.
+  HighThroughputDispatchOutputs out;
+
+  // Combine.
+  HighThroughputLayout layout;
+  const uint8_t* expert_out;
+  uint8_t* combine_out;
+  bool expert_out_staged;  // expert_out is combine_input_buffer()
+
+  template <class T>
+  EW_HOST_DEVICE T* local(uint64_t offset) const {
+    return reinterpret_cast<T*>(symmetric + offset);
+  }
+};
+
+}  // namespace expertwire::device

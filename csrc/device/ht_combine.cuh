@@ -1,0 +1,166 @@
+// The high-throughput combine, one kernel in two halves.
+//   send     (expert side) one rank-packed row per received token into combine_rows: the caller's row as it is
+//            (rank-packed), or the sum of the token's expert-contiguous rows times their weights (fp32, k order,
+//            rounded to the row type); push: put straight on to the token's rank, at its combine_recv row; then +1
+//            on every rank's combine_ready.
+//   receive  (token side) out[t] = the sum, in rank order and fp32, of token t's rows from every rank it went to:
+//            read from the expert rank's combine_rows (pull) or from our combine_recv (push).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "device/ht_args.h"
+#include "device/primitives.cuh"
+#include "device/vec8.cuh"
+
+namespace expertwire::device {
+
+// Eight elements of a row of T as floats: vector v of the row. kCoherent: rows peers write (bypass L1).
+template <class T, bool kCoherent>
+__device__ __forceinline__ void load_eight(const T* row, uint32_t v, float* out) {
+  auto load = [](const int4* p) { return kCoherent ? __ldcg(p) : load_stream(p); };
+  if constexpr (std::is_same_v<T, float>) {
+    const auto* p = reinterpret_cast<const int4*>(row) + 2 * uint64_t(v);
+    const int4 low = load(p), high = load(p + 1);
+    out[0] = __int_as_float(low.x), out[1] = __int_as_float(low.y), out[2] = __int_as_float(low.z);
+    out[3] = __int_as_float(low.w), out[4] = __int_as_float(high.x), out[5] = __int_as_float(high.y);
+    out[6] = __int_as_float(high.z), out[7] = __int_as_float(high.w);
+  } else {
+    Vec8<T>::to_float(load(reinterpret_cast<const int4*>(row) + v), out);
+  }
+}
+
+template <class Transport, class T>
+__device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport& transport) {
+  const HtLayout& l = a.l;
+  const uint32_t W = l.world_size, k = l.experts_per_token;
+  const uint32_t num_recv = min(a.h.recv_base[W], l.recv_rows);
+  const uint32_t vectors = l.hidden_dim / 8;
+  const uint64_t row_bytes = uint64_t(l.hidden_dim) * sizeof(T);
+  const int lane = lane_id();
+  const bool expert_layout = a.layout == HighThroughputLayout::kExpertContiguous;
+  for (uint32_t i = global_warp(); i < num_recv; i += total_warps()) {
+    uint8_t* mine = a.local<uint8_t>(l.combine_row_offset(i));
+    if (expert_layout) {
+      int32_t slot_row = -1;
+      float slot_weight = 0.0f;
+      if (uint32_t(lane) < k) {
+        slot_row = a.h.recv_slot_row[uint64_t(i) * k + lane];
+        slot_weight = a.h.recv_slot_weight[uint64_t(i) * k + lane];
+      }
+      const unsigned slots = __ballot_sync(kFullMask, slot_row >= 0);
+      const auto* rows = reinterpret_cast<const T*>(a.expert_out);
+      for (uint32_t v0 = 0; v0 < vectors; v0 += kWarpSize) {
+        const uint32_t v = v0 + uint32_t(lane);
+        float acc[8] = {};
+        for (unsigned left = slots; left != 0; left &= left - 1) {  // k order
+          const int from = __ffs(left) - 1;
+          const int32_t r = __shfl_sync(kFullMask, slot_row, from);
+          const float w = __shfl_sync(kFullMask, slot_weight, from);
+          if (v < vectors) {
+            float y[8];
+            load_eight<T, false>(rows + uint64_t(r) * l.hidden_dim, v, y);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += w * y[e];
+          }
+        }
+        if (v < vectors) Vec8<T>::store(reinterpret_cast<T*>(mine) + uint64_t(v) * 8, acc);
+      }
+    } else if (!a.expert_out_staged) {
+      warp_copy_16<SourceKind::kInput>(mine, a.expert_out + i * row_bytes, row_bytes);
+    }
+    if constexpr (Transport::kMayPut) {
+      if (!transport.load_store_only()) {
+        __syncwarp();
+        const uint32_t s = find_segment(a.h.recv_base, W, i);
+        const SymmetricRef<uint8_t> there{l.combine_recv_row_offset(a.h.home_base[s] + (i - a.h.recv_base[s]))};
+        if (uint8_t* direct = transport.peer(int(s), there)) {
+          warp_copy_16<SourceKind::kPeerWritten>(direct, mine, row_bytes);
+        } else {
+          transport.put_warp(int(s), there, mine, row_bytes);
+        }
+      }
+    }
+  }
+  transport.flush_warp();
+  if (!last_block_out(&a.workspace->phase[kHtCombineSent])) return;
+  if (threadIdx.x == 0) a.workspace->phase[kHtCombineSent] = 0;
+  for (uint32_t r = threadIdx.x; r < W; r += blockDim.x) {
+    transport.signal_add(int(r), SymmetricRef<uint64_t>{l.combine_ready_offset + uint64_t(l.rank) * 8}, 1);
+  }
+}
+
+template <class Transport, class T>
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_combine_kernel(HtArgs a, Transport transport) {
+  const HtLayout& l = a.l;
+  const uint32_t W = l.world_size, k = l.experts_per_token;
+  const uint64_t target = a.workspace->combine_calls + 1;
+  ht_combine_send<Transport, T>(a, transport);
+
+  for (uint32_t r = threadIdx.x; r < W; r += blockDim.x) {
+    wait_signal_until(
+        a.local<uint64_t>(l.combine_ready_offset + uint64_t(r) * 8), [&](uint64_t v) { return v >= target; },
+        a.timeout_ns, a.error, Phase::kCombineRecv, int32_t(r));
+  }
+  __syncthreads();
+  const bool pull = transport.load_store_only();
+  if (!wait_failed(a.error)) {
+    const uint32_t vectors = l.hidden_dim / 8;
+    const int lane = lane_id();
+    auto* out = reinterpret_cast<T*>(a.combine_out);
+    for (uint32_t t = global_warp(); t < a.m; t += total_warps()) {
+      int32_t rank_row = -1, dest = -1;
+      if (uint32_t(lane) < k) {
+        rank_row = a.h.slot_rank_row[uint64_t(t) * k + lane];
+        dest = a.h.slot_dest[uint64_t(t) * k + lane];
+      }
+      // This lane's row, if it has one, and the rows in rank order: lane i of `order` holds the i-th lowest rank.
+      const T* row = nullptr;
+      if (rank_row >= 0) {
+        const SymmetricRef<uint8_t> ref{pull ? l.combine_row_offset(a.h.base_at[dest] + uint32_t(rank_row))
+                                             : l.combine_recv_row_offset(a.h.send_base[dest] + uint32_t(rank_row))};
+        row = reinterpret_cast<const T*>(pull ? transport.peer(dest, ref) : a.local<uint8_t>(ref.offset));
+      }
+      const unsigned has = __ballot_sync(kFullMask, row != nullptr);
+      int order_key = row != nullptr ? dest : 0x7fffffff;
+      uint32_t before = 0;  // lanes with a lower rank: this lane's place in rank order
+      for (unsigned left = has; left != 0; left &= left - 1) {
+        before += __shfl_sync(kFullMask, order_key, __ffs(left) - 1) < order_key;
+      }
+      const int rows = __popc(has);
+      const T* sorted_row = nullptr;  // lane p: the row of the p-th lowest rank
+      for (int place = 0; place < rows; ++place) {
+        const unsigned at_place = __ballot_sync(kFullMask, row != nullptr && before == uint32_t(place));
+        const auto address = __shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(row), __ffs(at_place) - 1);
+        if (lane == place) sorted_row = reinterpret_cast<const T*>(address);
+      }
+      for (uint32_t v0 = 0; v0 < vectors; v0 += kWarpSize) {
+        const uint32_t v = v0 + uint32_t(lane);
+        float acc[8] = {};
+        for (int place = 0; place < rows; ++place) {
+          const T* source =
+              reinterpret_cast<const T*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(sorted_row), place));
+          if (v < vectors) {
+            float y[8];
+            load_eight<T, true>(source, v, y);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] += y[e];
+          }
+        }
+        if (v < vectors) Vec8<T>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
+      }
+    }
+  }
+  if (!last_block_out(&a.workspace->phase[kHtCombineDone])) return;
+  if (threadIdx.x == 0) {
+    a.workspace->phase[kHtCombineDone] = 0;
+    a.workspace->combine_calls = target;
+  }
+}
+
+}  // namespace expertwire::device

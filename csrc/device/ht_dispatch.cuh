@@ -1,0 +1,192 @@
+// The high-throughput dispatch's second half: the rows move. Pull (every peer load/store reachable): each
+// receiver reads every sender's token records and copies the tokens that name its experts straight from the
+// sender's input rows into its outputs. Push: each sender puts each token once into the staging rows of every rank
+// it names, then +1 on data_arrived; receivers copy from their staging rows. Either way a token crosses to a rank
+// once; the expert-contiguous layout's copies for several local experts are written by the receiver.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "device/ht_args.h"
+#include "device/ht_route.cuh"
+#include "device/primitives.cuh"
+
+namespace expertwire::device {
+
+// Rows the outputs need in the chosen layout.
+__device__ __forceinline__ uint32_t ht_rows_needed(const HtArgs& a) {
+  return a.out.layout == HighThroughputLayout::kRankPacked ? a.h.recv_base[a.l.world_size]
+                                                           : a.h.segment_start[a.l.num_local_experts];
+}
+
+// Writes received token `record` / `row` (a sender's, or our staging copy) into the outputs; `packed_row` is its
+// rank-packed row, or ~0u to read it from the record. Whole warp.
+__device__ __forceinline__ void ht_receive_token(const HtArgs& a, uint32_t source, const uint8_t* record,
+                                                 const uint8_t* row, uint32_t packed_row) {
+  const HtLayout& l = a.l;
+  const uint32_t k = l.experts_per_token, L = l.num_local_experts;
+  const int lane = lane_id();
+  const auto* words = reinterpret_cast<const int32_t*>(record);
+  int32_t e = -1, rank_row = -1, expert_row = -1;
+  float w = 0.0f;
+  if (uint32_t(lane) < k) {
+    e = __ldcg(words + kRecordExpert * k + lane);
+    rank_row = __ldcg(words + kRecordRankRow * k + lane);
+    expert_row = __ldcg(words + kRecordExpertRow * k + lane);
+    w = __int_as_float(__ldcg(words + kRecordWeight * k + lane));
+  }
+  const bool on_me = e >= 0 && uint32_t(e) / L == l.rank;
+  const unsigned local = __ballot_sync(kFullMask, on_me);
+  if (local == 0) return;
+  if (packed_row == ~0u) {
+    const unsigned first = __ballot_sync(kFullMask, on_me && rank_row >= 0);
+    packed_row = a.h.recv_base[source] + uint32_t(__shfl_sync(kFullMask, rank_row, __ffs(first) - 1));
+  }
+  const uint32_t le = on_me ? uint32_t(e) - l.rank * L : 0;
+  const uint64_t x_bytes = a.x_bytes, scale_words = l.hidden_dim_scale_bytes / 4;
+  const uint8_t* scales = row + l.scale_offset;
+  if (a.out.layout == HighThroughputLayout::kRankPacked) {
+    warp_copy_16<SourceKind::kPeerWritten>(a.out.recv_x + packed_row * x_bytes, row, x_bytes);
+    if (scale_words != 0) {
+      warp_copy_4_strided_to_lanes(scales, 4, scale_words, 1u, a.out.recv_x_scale.element_stride,
+                                   [&](int) { return reinterpret_cast<uint8_t*>(a.out.recv_x_scale.at(packed_row, 0)); });
+    }
+    if (uint32_t(lane) < k) {
+      a.out.recv_topk_idx[uint64_t(packed_row) * k + lane] = on_me ? int64_t(le) : -1;
+      a.out.recv_topk_weights[uint64_t(packed_row) * k + lane] = on_me ? w : 0.0f;
+    }
+    return;
+  }
+  const uint32_t out_row =
+      on_me ? a.h.segment_start[le] + a.h.expert_prefix[source * L + le] + uint32_t(expert_row) : 0;
+  auto row_of = [&](int from) { return __shfl_sync(kFullMask, out_row, from); };
+  warp_copy_16_to_lanes<SourceKind::kPeerWritten>(row, x_bytes, local,
+                                                  [&](int from) { return a.out.recv_x + row_of(from) * x_bytes; });
+  if (scale_words != 0) {
+    warp_copy_4_strided_to_lanes(scales, 4, scale_words, local, a.out.recv_x_scale.element_stride, [&](int from) {
+      return reinterpret_cast<uint8_t*>(a.out.recv_x_scale.at(row_of(from), 0));
+    });
+  }
+  if (on_me) {
+    a.out.row_expert[out_row] = int32_t(le);
+    a.out.row_weight[out_row] = w;
+  }
+  if (uint32_t(lane) < k) {
+    a.h.recv_slot_row[uint64_t(packed_row) * k + lane] = on_me ? int32_t(out_row) : -1;
+    a.h.recv_slot_weight[uint64_t(packed_row) * k + lane] = on_me ? w : 0.0f;
+  }
+}
+
+// Push: every token of this rank to the staging rows of every rank it names, once each; then data_arrived.
+template <class Transport>
+__device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport& transport) {
+  const HtLayout& l = a.l;
+  const uint32_t k = l.experts_per_token;
+  const int lane = lane_id();
+  for (uint32_t t = global_warp(); t < a.m; t += total_warps()) {
+    int32_t rank_row = -1, dest = -1;
+    if (uint32_t(lane) < k) {
+      rank_row = a.h.slot_rank_row[uint64_t(t) * k + lane];
+      dest = a.h.slot_dest[uint64_t(t) * k + lane];
+    }
+    const uint8_t* record = a.local<uint8_t>(l.token_record_offset(t));
+    const uint8_t* row = a.local<uint8_t>(l.input_row_offset(t));
+    for (unsigned sends = __ballot_sync(kFullMask, rank_row >= 0); sends != 0; sends &= sends - 1) {
+      const int from = __ffs(sends) - 1;
+      const int r = __shfl_sync(kFullMask, dest, from);
+      const uint32_t at = a.h.base_at[r] + uint32_t(__shfl_sync(kFullMask, rank_row, from));
+      if (at >= l.recv_rows) continue;  // the receiver reports its overflow
+      auto send = [&](uint64_t offset, const uint8_t* src, uint64_t bytes) {
+        const SymmetricRef<uint8_t> there{offset};
+        if (uint8_t* direct = transport.peer(r, there)) {
+          warp_copy_16<SourceKind::kInput>(direct, src, bytes);
+        } else if constexpr (Transport::kMayPut) {
+          transport.put_warp(r, there, src, bytes);
+        }
+      };
+      send(l.staging_record_offset(at), record, l.record_bytes);
+      send(l.staging_row_offset(at), row, a.x_bytes);
+      if (l.hidden_dim_scale_bytes != 0) {
+        send(l.staging_row_offset(at) + l.scale_offset, row + l.scale_offset, align_up(l.hidden_dim_scale_bytes, 16));
+      }
+    }
+  }
+  transport.flush_warp();
+  if (!last_block_out(&a.workspace->phase[kHtPushed])) return;
+  if (threadIdx.x == 0) a.workspace->phase[kHtPushed] = 0;
+  for (uint32_t r = threadIdx.x; r < l.world_size; r += blockDim.x) {
+    transport.signal_add(int(r), SymmetricRef<uint64_t>{l.data_arrived_offset + uint64_t(l.rank) * 8}, 1);
+  }
+}
+
+template <class Transport>
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_kernel(HtArgs a, Transport transport) {
+  const HtLayout& l = a.l;
+  const uint32_t W = l.world_size, L = l.num_local_experts;
+  const bool pull = transport.load_store_only();
+  const uint32_t num_recv = a.h.recv_base[W];
+  const uint32_t rows_needed = ht_rows_needed(a);
+  // A rank whose count exchange gave up has no offsets to write by; one over capacity writes no row.
+  bool receive = !wait_failed(a.error) && num_recv <= l.recv_rows && rows_needed <= a.out.capacity_rows;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && rows_needed > a.out.capacity_rows) {
+    record_error(a.error, ErrorCode::kCapacityExceeded, Phase::kDispatchRecv, -1, rows_needed);
+  }
+  if (blockIdx.x == 0) {
+    for (uint32_t e = threadIdx.x; e <= L; e += blockDim.x) {
+      if (e < L && a.out.tokens_per_expert != nullptr) a.out.tokens_per_expert[e] = int32_t(a.h.tokens_per_expert[e]);
+      if (a.out.expert_offsets != nullptr) a.out.expert_offsets[e] = int32_t(a.h.segment_start[e]);
+    }
+    if (threadIdx.x == 0 && a.out.num_recv_rows != nullptr) *a.out.num_recv_rows = int32_t(rows_needed);
+  }
+
+  if constexpr (Transport::kMayPut) {
+    if (!pull) {
+      ht_push_tokens(a, transport);
+      const uint64_t target = a.workspace->dispatch_calls;  // advanced by this dispatch's offsets kernel
+      for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
+        wait_signal_until(
+            a.local<uint64_t>(l.data_arrived_offset + uint64_t(s) * 8), [&](uint64_t v) { return v >= target; },
+            a.timeout_ns, a.error, Phase::kDispatchRecv, int32_t(s));
+      }
+      __syncthreads();
+      receive = receive && !wait_failed(a.error);
+      if (receive) {
+        for (uint32_t i = global_warp(); i < num_recv; i += total_warps()) {
+          ht_receive_token(a, find_segment(a.h.recv_base, W, i), a.local<uint8_t>(l.staging_record_offset(i)),
+                           a.local<uint8_t>(l.staging_row_offset(i)), i);
+        }
+      }
+    }
+  }
+  if (pull && receive) {
+    __shared__ uint32_t source_first[kMaxHighThroughputRanks + 1];
+    if (threadIdx.x == 0) {
+      uint32_t running = 0;
+      for (uint32_t s = 0; s < W; ++s) {
+        source_first[s] = running;
+        running += a.h.source_m[s];
+      }
+      source_first[W] = running;
+    }
+    __syncthreads();
+    for (uint32_t item = global_warp(); item < source_first[W]; item += total_warps()) {
+      const uint32_t s = find_segment(source_first, W, item), t = item - source_first[s];
+      ht_receive_token(a, s, transport.peer(int(s), SymmetricRef<uint8_t>{l.token_record_offset(t)}),
+                       transport.peer(int(s), SymmetricRef<uint8_t>{l.input_row_offset(t)}), ~0u);
+    }
+  }
+  // Padding rows between expert-contiguous segments.
+  if (receive && a.out.layout == HighThroughputLayout::kExpertContiguous) {
+    for (uint32_t r = blockIdx.x * blockDim.x + threadIdx.x; r < rows_needed; r += gridDim.x * blockDim.x) {
+      const uint32_t e = find_segment(a.h.segment_start, L, r);
+      if (r >= a.h.segment_start[e] + a.h.tokens_per_expert[e]) {
+        a.out.row_expert[r] = -1;
+        a.out.row_weight[r] = 0.0f;
+      }
+    }
+  }
+}
+
+}  // namespace expertwire::device

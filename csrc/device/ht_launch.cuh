@@ -1,0 +1,63 @@
+// Host launchers of the high-throughput kernels. Each transport's translation unit includes this with its own
+// Transport.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "core/cuda_utils.h"
+#include "core/error.h"
+#include "device/ht_args.h"
+#include "device/ht_combine.cuh"
+#include "device/ht_dispatch.cuh"
+#include "device/ht_route.cuh"
+#include "expertwire/all_to_all.h"
+
+namespace expertwire::device {
+
+// The count exchange: route (when there are tokens), publish, offsets.
+template <class Transport>
+void launch_ht_route(const HtArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
+  const uint32_t route_blocks = (args.m + kRouteBlockTokens - 1) / kRouteBlockTokens;
+  if (route_blocks != 0) {
+    const uint64_t shared = route_shared_bytes(args.l);
+    EW_REQUIRE(shared <= 227 * 1024, "high-throughput dispatch: ", args.l.num_experts, " experts and top-",
+               args.l.experts_per_token, " need ", shared, " bytes of shared memory per route block (at most 232448)");
+    EW_CUDA_CHECK(cudaFuncSetAttribute(ht_route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
+    ht_route_kernel<<<route_blocks, kRouteBlockTokens, shared, stream>>>(args);
+    EW_CUDA_CHECK(cudaGetLastError());
+  }
+  const uint64_t counters_bytes = uint64_t(args.l.world_size + args.l.num_experts) * sizeof(uint32_t);
+  EW_CUDA_CHECK(cudaFuncSetAttribute(ht_publish_kernel<Transport>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     int(counters_bytes)));
+  ht_publish_kernel<Transport><<<shape.blocks, shape.threads, counters_bytes, stream>>>(args, transport);
+  EW_CUDA_CHECK(cudaGetLastError());
+  ht_offsets_kernel<<<1, kMaxBlockThreads, 0, stream>>>(args);
+  EW_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class Transport>
+void launch_ht_data(const HtArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
+  ht_data_kernel<Transport><<<shape.blocks, shape.threads, 0, stream>>>(args, transport);
+  EW_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class Transport>
+void launch_ht_combine(const HtArgs& args, const Transport& transport, ScalarType type, LaunchShape shape,
+                       cudaStream_t stream) {
+  switch (type) {
+    case ScalarType::kBFloat16:
+      ht_combine_kernel<Transport, __nv_bfloat16><<<shape.blocks, shape.threads, 0, stream>>>(args, transport);
+      break;
+    case ScalarType::kFloat16:
+      ht_combine_kernel<Transport, __half><<<shape.blocks, shape.threads, 0, stream>>>(args, transport);
+      break;
+    case ScalarType::kFloat32:
+      ht_combine_kernel<Transport, float><<<shape.blocks, shape.threads, 0, stream>>>(args, transport);
+      break;
+  }
+  EW_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace expertwire::device

@@ -1,0 +1,161 @@
+// The route and offsets kernels of the count exchange (device/ht_route.cuh says what each does), compiled once
+// for both transports: neither touches a peer.
+#include "device/ht_route.cuh"
+
+namespace expertwire::device {
+
+__global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
+  const HtLayout& l = a.l;
+  const uint32_t k = l.experts_per_token, counters = l.world_size + l.num_experts;
+  extern __shared__ uint32_t route_shared[];
+  uint32_t* warp_counts = route_shared;                                          // [warps][counters]
+  int32_t* experts = reinterpret_cast<int32_t*>(warp_counts + kRouteWarps * counters);  // [tokens][k]
+  int32_t* rank_place = experts + kRouteBlockTokens * k;                         // [tokens][k]
+  int32_t* expert_place = rank_place + kRouteBlockTokens * k;                    // [tokens][k]
+  for (uint32_t i = threadIdx.x; i < kRouteWarps * counters; i += blockDim.x) warp_counts[i] = 0;
+
+  const uint32_t t = blockIdx.x * kRouteBlockTokens + threadIdx.x;
+  const bool valid = t < a.m;
+  int32_t* own = experts + threadIdx.x * k;
+  uint64_t ranks = 0;
+  for (uint32_t j = 0; j < k; ++j) {
+    int64_t e = -1;
+    if (valid) {
+      e = a.topk_idx_int64 ? static_cast<const int64_t*>(a.topk_idx)[uint64_t(t) * k + j]
+                           : static_cast<const int32_t*>(a.topk_idx)[uint64_t(t) * k + j];
+    }
+    if (e < -1 || e >= int64_t(l.num_experts)) {
+      record_error(a.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, e);
+      e = -1;
+    }
+    for (uint32_t j2 = 0; j2 < j && e >= 0; ++j2) {
+      if (own[j2] == e) {
+        record_error(a.error, ErrorCode::kRepeatedExpert, Phase::kDispatchSend, -1, e);
+        e = -1;
+      }
+    }
+    own[j] = int32_t(e);
+    if (e >= 0) ranks |= 1ull << (uint32_t(e) / l.num_local_experts);
+  }
+  __syncthreads();
+
+  // In-warp places: ballots for ranks, a look at the earlier lanes' experts for experts.
+  const int lane = lane_id(), warp = warp_id();
+  const unsigned earlier = (1u << lane) - 1;
+  uint32_t* counts = warp_counts + warp * counters;
+  for (uint32_t j = 0; j < k; ++j) rank_place[threadIdx.x * k + j] = -1;
+  for (uint32_t r = 0; r < l.world_size; ++r) {
+    const unsigned has = __ballot_sync(kFullMask, (ranks >> r) & 1);
+    if (lane == 0) counts[r] = __popc(has);
+    if (((ranks >> r) & 1) == 0) continue;
+    for (uint32_t j = 0; j < k; ++j) {  // the first slot naming r
+      if (own[j] >= 0 && uint32_t(own[j]) / l.num_local_experts == r) {
+        rank_place[threadIdx.x * k + j] = __popc(has & earlier);
+        break;
+      }
+    }
+  }
+  const int32_t* warp_experts = experts + uint32_t(warp) * kWarpSize * k;
+  for (uint32_t j = 0; j < k; ++j) {
+    const int32_t e = own[j];
+    if (e < 0) {
+      expert_place[threadIdx.x * k + j] = -1;
+      continue;
+    }
+    int32_t place = 0;
+    for (int other = 0; other < lane; ++other) {
+      for (uint32_t j2 = 0; j2 < k; ++j2) place += warp_experts[other * k + j2] == e;
+    }
+    expert_place[threadIdx.x * k + j] = place;
+    atomicAdd(&counts[l.world_size + uint32_t(e)], 1u);
+  }
+  __syncthreads();
+
+  // Warps' counts become their first places in the block; the block's totals go to the handle.
+  for (uint32_t c = threadIdx.x; c < counters; c += blockDim.x) {
+    uint32_t running = 0;
+    for (uint32_t w = 0; w < kRouteWarps; ++w) {
+      const uint32_t v = warp_counts[w * counters + c];
+      warp_counts[w * counters + c] = running;
+      running += v;
+    }
+    a.h.block_counts[uint64_t(blockIdx.x) * counters + c] = running;
+  }
+  __syncthreads();
+  if (!valid) return;
+  uint8_t* record = a.local<uint8_t>(l.token_record_offset(t));
+  for (uint32_t j = 0; j < k; ++j) {
+    const int32_t e = own[j];
+    int32_t rank_row = rank_place[threadIdx.x * k + j], expert_row = -1;
+    if (rank_row >= 0) rank_row += int32_t(counts[uint32_t(e) / l.num_local_experts]);
+    if (e >= 0) expert_row = expert_place[threadIdx.x * k + j] + int32_t(counts[l.world_size + uint32_t(e)]);
+    a.h.slot_rank_row[uint64_t(t) * k + j] = rank_row;  // places in the block; publish adds the earlier blocks
+    a.h.slot_expert_row[uint64_t(t) * k + j] = expert_row;
+    a.h.slot_dest[uint64_t(t) * k + j] = rank_row >= 0 ? int32_t(uint32_t(e) / l.num_local_experts) : -1;
+    record_words(record, k, kRecordExpert)[j] = e;
+    reinterpret_cast<float*>(record_words(record, k, kRecordWeight))[j] = e >= 0 ? a.topk_weights[uint64_t(t) * k + j] : 0.0f;
+  }
+}
+
+__global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) {
+  const HtLayout& l = a.l;
+  const uint32_t W = l.world_size, L = l.num_local_experts;
+  const uint64_t target = a.workspace->dispatch_calls + 1;
+  for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
+    wait_signal_until(
+        a.local<uint64_t>(l.count_arrived_offset + uint64_t(s) * 8), [&](uint64_t v) { return v >= target; },
+        a.timeout_ns, a.error, Phase::kDispatchRecv, int32_t(s));
+  }
+  __syncthreads();
+  const bool gave_up = wait_failed(a.error);
+  auto count = [&](uint32_t source, uint32_t word) -> uint32_t {
+    return gave_up ? 0u : __ldcg(a.local<uint32_t>(l.count_row_offset(source)) + word);
+  };
+  // Per source s: its rows here start at recv_base[s]; where our rows for s land in its combine_recv.
+  for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
+    uint32_t home = 0, at = 0;
+    for (uint32_t r = 0; r < l.rank; ++r) home += count(s, r);
+    for (uint32_t earlier = 0; earlier < l.rank; ++earlier) at += count(earlier, s);
+    a.h.home_base[s] = home;
+    a.h.base_at[s] = at;
+    a.h.source_m[s] = count(s, W + L);
+  }
+  for (uint32_t e = threadIdx.x; e < L; e += blockDim.x) {
+    uint32_t running = 0;
+    for (uint32_t s = 0; s < W; ++s) {
+      a.h.expert_prefix[s * L + e] = running;
+      running += count(s, W + e);
+    }
+    a.h.tokens_per_expert[e] = running;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t running = 0;
+    for (uint32_t s = 0; s < W; ++s) {
+      a.h.recv_base[s] = running;
+      running += count(s, l.rank);
+    }
+    a.h.recv_base[W] = running;
+    uint32_t sent = 0;
+    for (uint32_t r = 0; r < W; ++r) {
+      a.h.send_base[r] = sent;
+      sent += count(l.rank, r);
+    }
+    a.h.send_base[W] = sent;
+    uint64_t rows = 0;
+    for (uint32_t e = 0; e < L; ++e) {
+      a.h.segment_start[e] = uint32_t(rows);
+      rows += align_up(a.h.tokens_per_expert[e], l.expert_alignment);
+    }
+    a.h.segment_start[L] = uint32_t(rows);
+    if (running > l.recv_rows) {
+      record_error(a.error, ErrorCode::kCapacityExceeded, Phase::kDispatchRecv, -1, running);
+    }
+    a.h.host_counts[0] = running;
+    a.h.host_counts[1] = uint32_t(rows);
+    a.workspace->dispatch_calls = target;
+  }
+  for (uint32_t e = threadIdx.x; e < L; e += blockDim.x) a.h.host_counts[2 + e] = a.h.tokens_per_expert[e];
+}
+
+}  // namespace expertwire::device

@@ -1,0 +1,116 @@
+// The high-throughput dispatch's first half, the count exchange, in three kernels:
+//   route    one thread per token: validates its experts, and numbers its slots within its route block: for the
+//            first slot naming each destination rank, the token's place among the block's tokens for that rank;
+//            for every slot, its place among the block's tokens of that expert. Per-block counts to the handle.
+//   publish  adds the earlier blocks' counts (the places become rows among all of this rank's tokens), writes the
+//            token records, stages the rows for peers that pull them, and has its last block out send every rank
+//            its count row and +1 on count_arrived.
+//   offsets  one block: waits for every rank's count row and derives where every row goes (the handle's
+//            recv_base, base_at, send_base, home_base, segments, expert_prefix), and the host's counts.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "device/ht_args.h"
+#include "device/primitives.cuh"
+
+namespace expertwire::device {
+
+inline constexpr uint32_t kRouteWarps = kRouteBlockTokens / kWarpSize;
+
+// Shared memory of the route kernel: per-warp counters of every rank and expert, and every token's experts and
+// in-warp places.
+__host__ __device__ inline uint64_t route_shared_bytes(const HtLayout& l) {
+  return (uint64_t(kRouteWarps) * (l.world_size + l.num_experts) + 3ull * kRouteBlockTokens * l.experts_per_token) *
+         sizeof(uint32_t);
+}
+
+// The three 32-bit arrays after the rank rows in a token record: expert rows, experts, weights.
+__device__ __forceinline__ int32_t* record_words(uint8_t* record, uint32_t k, uint32_t field) {
+  return reinterpret_cast<int32_t*>(record) + field * k;
+}
+enum RecordField : uint32_t { kRecordRankRow = 0, kRecordExpertRow = 1, kRecordExpert = 2, kRecordWeight = 3 };
+
+// One thread per token (kRouteBlockTokens a block, route_shared_bytes of dynamic shared memory); ht_route.cu.
+__global__ void ht_route_kernel(HtArgs a);
+
+template <class Transport>
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_kernel(HtArgs a, Transport transport) {
+  const HtLayout& l = a.l;
+  const uint32_t k = l.experts_per_token, counters = l.world_size + l.num_experts;
+  const uint32_t route_blocks = (a.m + kRouteBlockTokens - 1) / kRouteBlockTokens;
+  extern __shared__ uint32_t block_base[];  // [counters]
+
+  for (uint32_t b = blockIdx.x; b < route_blocks; b += gridDim.x) {
+    __syncthreads();
+    for (uint32_t c = threadIdx.x; c < counters; c += blockDim.x) {
+      uint32_t sum = 0;
+      for (uint32_t earlier = 0; earlier < b; ++earlier) sum += a.h.block_counts[uint64_t(earlier) * counters + c];
+      block_base[c] = sum;
+    }
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < kRouteBlockTokens * k; i += blockDim.x) {
+      const uint32_t t = b * kRouteBlockTokens + i / k, j = i % k;
+      if (t >= a.m) break;
+      uint8_t* record = a.local<uint8_t>(l.token_record_offset(t));
+      const int32_t e = record_words(record, k, kRecordExpert)[j];
+      int32_t& rank_row = a.h.slot_rank_row[uint64_t(t) * k + j];
+      int32_t& expert_row = a.h.slot_expert_row[uint64_t(t) * k + j];
+      if (rank_row >= 0) rank_row += int32_t(block_base[uint32_t(e) / l.num_local_experts]);
+      if (expert_row >= 0) expert_row += int32_t(block_base[l.world_size + uint32_t(e)]);
+      record_words(record, k, kRecordRankRow)[j] = rank_row;
+      record_words(record, k, kRecordExpertRow)[j] = expert_row;
+    }
+  }
+
+  // Stage the rows that peers read (and that puts send from: a put needs a registered source).
+  for (uint32_t t = global_warp(); t < a.m; t += total_warps()) {
+    uint8_t* row = a.local<uint8_t>(l.input_row_offset(t));
+    if (!a.x_staged) warp_copy_16<SourceKind::kInput>(row, a.x.at(t, 0), a.x_bytes);
+    if (l.hidden_dim_scale_bytes != 0 && !a.scale_staged) {
+      warp_copy_4_strided_to_lanes(reinterpret_cast<const uint8_t*>(a.x_scale.at(t, 0)), a.x_scale.element_stride,
+                                   l.hidden_dim_scale_bytes / 4, 1u, 4, [&](int) { return row + l.scale_offset; });
+    }
+  }
+
+  if (!last_block_out(&a.workspace->phase[kHtPublished])) return;
+  if (threadIdx.x == 0) a.workspace->phase[kHtPublished] = 0;
+  // This rank's totals: tokens to each rank, tokens of each expert, and m; one row per destination.
+  for (uint32_t i = threadIdx.x; i < l.world_size * l.count_row_words; i += blockDim.x) {
+    const uint32_t dest = i / l.count_row_words, word = i % l.count_row_words;
+    uint32_t column = ~0u, value = 0;
+    if (word < l.world_size) column = word;
+    else if (word < l.world_size + l.num_local_experts) column = l.world_size + dest * l.num_local_experts + (word - l.world_size);
+    else if (word == l.world_size + l.num_local_experts) value = a.m;
+    if (column != ~0u) {
+      for (uint32_t b = 0; b < route_blocks; ++b) value += __ldcg(&a.h.block_counts[uint64_t(b) * counters + column]);
+    }
+    a.local<uint32_t>(l.count_out_row_offset(dest))[word] = value;
+  }
+  __syncthreads();
+  const uint64_t row_bytes = uint64_t(l.count_row_words) * 4;
+  for (uint32_t dest = warp_id(); dest < l.world_size; dest += warps_per_block()) {
+    const uint8_t* row = a.local<uint8_t>(l.count_out_row_offset(dest));
+    const SymmetricRef<uint8_t> there{l.count_row_offset(l.rank)};
+    if (uint8_t* direct = transport.peer(int(dest), there)) {
+      for (uint32_t w = lane_id(); w < l.count_row_words; w += kWarpSize) {
+        reinterpret_cast<uint32_t*>(direct)[w] = reinterpret_cast<const uint32_t*>(row)[w];
+      }
+    } else if constexpr (Transport::kMayPut) {
+      transport.put_warp(int(dest), there, row, row_bytes);
+    }
+  }
+  transport.flush_warp();
+  __syncthreads();
+  for (uint32_t dest = threadIdx.x; dest < l.world_size; dest += blockDim.x) {
+    transport.signal_add(int(dest), SymmetricRef<uint64_t>{l.count_arrived_offset + uint64_t(l.rank) * 8}, 1);
+  }
+}
+
+// One block of kMaxBlockThreads. Waits for every rank's count row of this dispatch, then fills the handle's
+// offsets; ht_route.cu.
+__global__ void ht_offsets_kernel(HtArgs a);
+
+}  // namespace expertwire::device
