@@ -2,7 +2,9 @@
 #   count_gpus                 GPUS = the GPUs nvidia-smi lists (0 without a driver), at most as many as
 #                              CUDA_VISIBLE_DEVICES names when it is set
 #   export_nvshmem_env         NVSHMEM from the pip wheel on the loader path; no NVLink multicast (it can take a
-#                              shared host's GPUs out of service); no remote transport; a 2G symmetric heap
+#                              shared host's GPUs out of service); no remote transport; a 2G symmetric heap.
+#                              EXPERTWIRE_REMOTE_TRANSPORT=ucx|libfabric: P2P off and that remote transport instead,
+#                              from the libraries in .remote/ (remote_transport.sh; it sets REMOTE_TRANSPORT_EXPORTS)
 #   start_fresh_mps            a new CUDA MPS daemon, quit when the calling script exits. One job per daemon:
 #                              a daemon left by an earlier job (or its clients) makes the next start fail.
 
@@ -27,6 +29,11 @@ export_nvshmem_env() {
   export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
   export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-2G}
   export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}
+  REMOTE_TRANSPORT_EXPORTS=""
+  if [ -n "${EXPERTWIRE_REMOTE_TRANSPORT:-}" ]; then
+    . "$(dirname "${BASH_SOURCE[0]}")/remote_transport.sh"
+    export_remote_transport_env || return 1
+  fi
 }
 
 start_fresh_mps() {

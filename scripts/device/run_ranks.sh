@@ -7,7 +7,8 @@
 # Several GPUs: one rank per GPU, no MPS (NP must not exceed the GPU count).
 # No GPU: prints why and exits 77, which ctest reports as skipped.
 # Env: RANKS_TIMEOUT_S (default 300) bounds the whole job; RANKS_EXPORT="A=1 B=2" adds -x variables;
-# RANKS_MPS=0 shares one GPU without MPS.
+# RANKS_MPS=0 shares one GPU without MPS; EXPERTWIRE_REMOTE_TRANSPORT=ucx|libfabric runs the ranks through that
+# NVSHMEM remote transport with P2P off (rank_env.sh, remote_transport.sh).
 set -euo pipefail
 NP=${1:?usage: run_ranks.sh NP COMMAND [ARGS...]}; shift
 [ $# -ge 1 ] || { echo "usage: run_ranks.sh NP COMMAND [ARGS...]" >&2; exit 2; }
@@ -23,6 +24,10 @@ export_nvshmem_env
 EXPORTS=(-x NVSHMEM_DISABLE_NVLS -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST -x NVSHMEM_SYMMETRIC_SIZE
          -x NVSHMEM_REMOTE_TRANSPORT -x LD_LIBRARY_PATH)
 for kv in ${RANKS_EXPORT:-}; do EXPORTS+=(-x "$kv"); done
+# EXPERTWIRE_REMOTE_TRANSPORT=ucx|libfabric: the remote transport's settings (remote_transport.sh), each once.
+for v in $REMOTE_TRANSPORT_EXPORTS; do
+  case " ${EXPORTS[*]} " in *" $v "*) ;; *) EXPORTS+=(-x "$v") ;; esac
+done
 
 if [ "$GPUS" -eq 1 ] && [ "$NP" -gt 1 ] && [ "${RANKS_MPS:-1}" = 0 ]; then
   echo "run_ranks.sh: RANKS_MPS=0: $NP ranks time-slice one GPU as separate CUDA contexts (no MPS daemon)" >&2
