@@ -25,6 +25,7 @@
 #include "core/error.h"
 #include "expertwire/config.h"
 #include "expertwire/dtype.h"
+#include "expertwire/high_throughput.h"
 #include "expertwire/internode.h"
 #include "expertwire/intranode.h"
 #include "expertwire/params.h"
@@ -241,6 +242,135 @@ AllToAllConfig make_validated_config(int64_t max_num_tokens, int64_t num_experts
   return config;
 }
 
+
+// ---- high-throughput all-to-all ---------------------------------------------------------------------------
+
+// One dispatch's handle (HighThroughputHandle), owned by Python; valid while its object lives.
+class HtHandle {
+ public:
+  explicit HtHandle(std::unique_ptr<HighThroughputHandle> handle) : handle_(std::move(handle)) {}
+  HighThroughputHandle& get() const { return *handle_; }
+  uint32_t m() const { return handle_->m(); }
+  bool expert_contiguous() const { return handle_->layout() == HighThroughputLayout::kExpertContiguous; }
+  uint64_t dispatch_index() const { return handle_->dispatch_index(); }
+
+ private:
+  std::unique_ptr<HighThroughputHandle> handle_;
+};
+
+HighThroughputDispatchInputs ht_inputs(uintptr_t x, uint64_t x_bytes, uint64_t x_row_stride, uintptr_t x_scale,
+                                       const Strides2& x_scale_strides, uintptr_t topk_idx, bool topk_idx_int64,
+                                       uintptr_t topk_weights, uint32_t m) {
+  const auto [scale_row, scale_word] = x_scale_strides;
+  HighThroughputDispatchInputs in;
+  in.x = Strided2D<const uint8_t>{device_pointer<const uint8_t>(x), x_row_stride, 1};
+  in.x_bytes = x_bytes;
+  in.x_scale = Strided2D<const float>{device_pointer<const float>(x_scale), scale_row, scale_word};
+  in.topk_idx = device_pointer<const void>(topk_idx);
+  in.topk_idx_int64 = topk_idx_int64;
+  in.topk_weights = device_pointer<const float>(topk_weights);
+  in.m = m;
+  return in;
+}
+
+// Owns one high-throughput object until destroy() (collective, as AllToAllHandle).
+class HtObject {
+ public:
+  explicit HtObject(std::unique_ptr<HighThroughputAllToAll> impl) : impl_(std::move(impl)) {}
+
+  std::unique_ptr<HtHandle> make_handle() const { return std::make_unique<HtHandle>(live().make_handle()); }
+
+  void dispatch_layout(HtHandle& handle, bool expert_contiguous, uintptr_t x, uint64_t x_bytes, uint64_t x_row_stride,
+                       uintptr_t x_scale, const Strides2& x_scale_strides, uintptr_t topk_idx, bool topk_idx_int64,
+                       uintptr_t topk_weights, uint32_t m, uintptr_t stream) {
+    live().dispatch_layout(
+        ht_inputs(x, x_bytes, x_row_stride, x_scale, x_scale_strides, topk_idx, topk_idx_int64, topk_weights, m),
+        layout_of(expert_contiguous), handle.get(), stream_from(stream));
+  }
+
+  std::tuple<int64_t, int64_t, std::vector<int64_t>> counts(const HtHandle& handle, uintptr_t stream) const {
+    nb::gil_scoped_release released;
+    const HighThroughputCounts c = live().counts(handle.get(), stream_from(stream));
+    return {c.num_recv_tokens, c.num_expert_rows, c.tokens_per_expert};
+  }
+
+  void dispatch_data(HtHandle& handle, uintptr_t x, uint64_t x_bytes, uint64_t x_row_stride, uintptr_t x_scale,
+                     const Strides2& x_scale_strides, uintptr_t topk_idx, bool topk_idx_int64, uintptr_t topk_weights,
+                     uint32_t m, uint64_t capacity_rows, uintptr_t recv_x, uintptr_t recv_x_scale,
+                     const Strides2& recv_x_scale_strides, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights,
+                     uintptr_t row_expert, uintptr_t row_weight, uintptr_t tokens_per_expert,
+                     uintptr_t expert_offsets, uintptr_t num_recv_rows, uintptr_t stream) {
+    const auto [scale_row, scale_word] = recv_x_scale_strides;
+    HighThroughputDispatchOutputs out;
+    out.layout = handle.get().layout();
+    out.capacity_rows = capacity_rows;
+    out.recv_x = device_pointer<uint8_t>(recv_x);
+    out.recv_x_scale = Strided2D<float>{device_pointer<float>(recv_x_scale), scale_row, scale_word};
+    out.recv_topk_idx = device_pointer<int64_t>(recv_topk_idx);
+    out.recv_topk_weights = device_pointer<float>(recv_topk_weights);
+    out.row_expert = device_pointer<int32_t>(row_expert);
+    out.row_weight = device_pointer<float>(row_weight);
+    out.tokens_per_expert = device_pointer<int32_t>(tokens_per_expert);
+    out.expert_offsets = device_pointer<int32_t>(expert_offsets);
+    out.num_recv_rows = device_pointer<int32_t>(num_recv_rows);
+    live().dispatch_data(
+        ht_inputs(x, x_bytes, x_row_stride, x_scale, x_scale_strides, topk_idx, topk_idx_int64, topk_weights, m),
+        handle.get(), out, stream_from(stream));
+  }
+
+  void combine(const HtHandle& handle, uintptr_t expert_out, ScalarType type, uintptr_t out, uintptr_t stream) {
+    HighThroughputCombineParams p;
+    p.expert_out = device_pointer<const void>(expert_out);
+    p.type = type;
+    p.out = device_pointer<void>(out);
+    live().combine(p, handle.get(), stream_from(stream));
+  }
+
+  void check_errors() const { live().check_errors(); }
+  uintptr_t combine_input_buffer() const { return reinterpret_cast<uintptr_t>(live().combine_input_buffer()); }
+  uintptr_t dispatch_input_buffer() const { return reinterpret_cast<uintptr_t>(live().dispatch_input_buffer().data); }
+  uintptr_t dispatch_input_scale_buffer() const {
+    return reinterpret_cast<uintptr_t>(live().dispatch_input_scale_buffer().data);
+  }
+  uint64_t dispatch_input_row_stride() const { return live().dispatch_input_buffer().row_stride; }
+  int64_t recv_rows() const { return live().config().recv_rows(); }
+  int64_t max_expert_rows() const { return live().config().max_expert_rows(); }
+  uint64_t symmetric_bytes() const { return live().symmetric_bytes(); }
+  int device() const { return live().device(); }
+  bool alive() const { return impl_ != nullptr; }
+  void destroy() { impl_.reset(); }
+
+ private:
+  static HighThroughputLayout layout_of(bool expert_contiguous) {
+    return expert_contiguous ? HighThroughputLayout::kExpertContiguous : HighThroughputLayout::kRankPacked;
+  }
+  HighThroughputAllToAll& live() const {
+    if (!impl_) EW_THROW(RuntimeError, "this HighThroughputAllToAll was destroyed; create a new one");
+    return *impl_;
+  }
+  std::unique_ptr<HighThroughputAllToAll> impl_;
+};
+
+HighThroughputConfig ht_config(int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank,
+                               int64_t world_size, int64_t hidden_dim, int64_t hidden_dim_bytes,
+                               int64_t hidden_dim_scale_bytes, int64_t combine_element_bytes, int64_t expert_alignment,
+                               int64_t recv_capacity) {
+  HighThroughputConfig c;
+  c.max_num_tokens = max_num_tokens;
+  c.num_experts = num_experts;
+  c.experts_per_token = experts_per_token;
+  c.rank = rank;
+  c.world_size = world_size;
+  c.hidden_dim = hidden_dim;
+  c.hidden_dim_bytes = hidden_dim_bytes;
+  c.hidden_dim_scale_bytes = hidden_dim_scale_bytes;
+  c.combine_element_bytes = combine_element_bytes;
+  c.expert_alignment = expert_alignment;
+  c.recv_capacity = recv_capacity;
+  c.validate();
+  return c;
+}
+
 }  // namespace
 }  // namespace expertwire
 
@@ -326,6 +456,68 @@ NB_MODULE(_expertwire, m) {
       .def_prop_ro("device", &AllToAllHandle::device, "The CUDA device that owns its buffers.")
       .def_prop_ro("alive", &AllToAllHandle::alive)
       .def("destroy", &AllToAllHandle::destroy);
+
+  nb::class_<HtHandle>(m, "HighThroughputHandle")
+      .def_prop_ro("m", &HtHandle::m)
+      .def_prop_ro("expert_contiguous", &HtHandle::expert_contiguous)
+      .def_prop_ro("dispatch_index", &HtHandle::dispatch_index);
+
+  nb::class_<HtObject>(m, "HighThroughputObject")
+      .def_static(
+          "internode",
+          [](int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank, int64_t world_size,
+             int64_t hidden_dim, int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes, int64_t combine_element_bytes,
+             int64_t expert_alignment, int64_t recv_capacity, uint32_t max_sm_count, bool force_puts) {
+            AllToAllOptions options;
+            options.max_sm_count = max_sm_count;
+            options.force_puts = force_puts;
+            const HighThroughputConfig config =
+                ht_config(max_num_tokens, num_experts, experts_per_token, rank, world_size, hidden_dim,
+                          hidden_dim_bytes, hidden_dim_scale_bytes, combine_element_bytes, expert_alignment,
+                          recv_capacity);
+            return std::make_unique<HtObject>(std::make_unique<HighThroughputInternode>(config, options));
+          },
+          "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "rank"_a, "world_size"_a, "hidden_dim"_a,
+          "hidden_dim_bytes"_a, "hidden_dim_scale_bytes"_a, "combine_element_bytes"_a, "expert_alignment"_a,
+          "recv_capacity"_a, "max_sm_count"_a, "force_puts"_a)
+      .def_static(
+          "intranode",
+          [](int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank, int64_t world_size,
+             int64_t hidden_dim, int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes, int64_t combine_element_bytes,
+             int64_t expert_alignment, int64_t recv_capacity, nb::callable all_gather, uint32_t max_sm_count) {
+            AllToAllOptions options;
+            options.max_sm_count = max_sm_count;
+            const HighThroughputConfig config =
+                ht_config(max_num_tokens, num_experts, experts_per_token, rank, world_size, hidden_dim,
+                          hidden_dim_bytes, hidden_dim_scale_bytes, combine_element_bytes, expert_alignment,
+                          recv_capacity);
+            return std::make_unique<HtObject>(
+                std::make_unique<HighThroughputIntranode>(config, all_gather_from_python(all_gather), options));
+          },
+          "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "rank"_a, "world_size"_a, "hidden_dim"_a,
+          "hidden_dim_bytes"_a, "hidden_dim_scale_bytes"_a, "combine_element_bytes"_a, "expert_alignment"_a,
+          "recv_capacity"_a, "all_gather"_a, "max_sm_count"_a)
+      .def("make_handle", &HtObject::make_handle)
+      .def("dispatch_layout", &HtObject::dispatch_layout, "handle"_a, "expert_contiguous"_a, "x"_a, "x_bytes"_a,
+           "x_row_stride"_a, "x_scale"_a, "x_scale_strides"_a, "topk_idx"_a, "topk_idx_int64"_a, "topk_weights"_a,
+           "m"_a, "stream"_a)
+      .def("counts", &HtObject::counts, "handle"_a, "stream"_a)
+      .def("dispatch_data", &HtObject::dispatch_data, "handle"_a, "x"_a, "x_bytes"_a, "x_row_stride"_a, "x_scale"_a,
+           "x_scale_strides"_a, "topk_idx"_a, "topk_idx_int64"_a, "topk_weights"_a, "m"_a, "capacity_rows"_a,
+           "recv_x"_a, "recv_x_scale"_a, "recv_x_scale_strides"_a, "recv_topk_idx"_a, "recv_topk_weights"_a,
+           "row_expert"_a, "row_weight"_a, "tokens_per_expert"_a, "expert_offsets"_a, "num_recv_rows"_a, "stream"_a)
+      .def("combine", &HtObject::combine, "handle"_a, "expert_out"_a, "type"_a, "out"_a, "stream"_a)
+      .def("check_errors", &HtObject::check_errors)
+      .def_prop_ro("combine_input_buffer", &HtObject::combine_input_buffer)
+      .def_prop_ro("dispatch_input_buffer", &HtObject::dispatch_input_buffer)
+      .def_prop_ro("dispatch_input_scale_buffer", &HtObject::dispatch_input_scale_buffer)
+      .def_prop_ro("dispatch_input_row_stride", &HtObject::dispatch_input_row_stride)
+      .def_prop_ro("recv_rows", &HtObject::recv_rows)
+      .def_prop_ro("max_expert_rows", &HtObject::max_expert_rows)
+      .def_prop_ro("symmetric_bytes", &HtObject::symmetric_bytes)
+      .def_prop_ro("device", &HtObject::device)
+      .def_prop_ro("alive", &HtObject::alive)
+      .def("destroy", &HtObject::destroy);
 
   nb::class_<SymmetricMemory>(m, "SymmetricMemory", nb::is_weak_referenceable())
       .def(nb::init<size_t>(), "nbytes"_a, "Collective nvshmem_malloc of `nbytes`, zeroed.")

@@ -11,6 +11,7 @@ from . import reference
 from ._native import ext as _ext
 from .all_to_all import AllToAll
 from .checks import AllToAllShape
+from .high_throughput import HighThroughputAllToAll, HighThroughputDispatch
 from .nvshmem import (
     nvshmem_alloc_empty_unique_id,
     nvshmem_alltoall,
@@ -32,6 +33,8 @@ __all__ = [
     "AllToAll",
     "AllToAllShape",
     "DeviceError",
+    "HighThroughputAllToAll",
+    "HighThroughputDispatch",
     "nvshmem_alloc_empty_unique_id",
     "nvshmem_alltoall",
     "nvshmem_barrier_all",

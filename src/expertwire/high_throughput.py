@@ -1,0 +1,312 @@
+"""HighThroughputAllToAll: the prefill and training all-to-all, whose layouts are sized by the real token counts.
+
+    a2a = HighThroughputAllToAll.intranode(max_num_tokens=4096, num_experts=256, experts_per_token=8, rank=r,
+                                           world_size=8, hidden_dim=7168, hidden_dim_bytes=7168,
+                                           hidden_dim_scale_bytes=224)
+    out = a2a.dispatch(x, topk_idx, topk_weights, x_scale=scales)          # rank-packed, counts on the host
+    y = experts(out.recv_x, out.recv_topk_idx, out.recv_topk_weights)     # one row per received token
+    combined = a2a.combine(y, out.handle)                                   # [m, hidden_dim]
+
+`layout="expert-contiguous"` groups the received rows by local expert instead (segments aligned to
+expert_alignment rows, padding rows with expert -1), ready for a grouped GEMM; combine then takes one output row
+per expert row and sums each token's rows with their weights on the expert's rank. `num_worst_tokens` sizes the
+outputs for that many rows without a host synchronization (the form a CUDA graph can capture); without it the
+outputs have the exact size, read after one synchronization.
+
+Calls alternate on every rank in the same order: dispatch, combine, dispatch, ... A handle stays usable for a
+combine after later dispatches (a backward pass combines with the forward's handle) while calls keep alternating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ._native import ext
+from .all_to_all import _all_gather_over, _resolve_group
+from .checks import SCALAR_TYPES, integer
+
+LAYOUTS = ("rank-packed", "expert-contiguous")
+
+
+@dataclass
+class HighThroughputDispatch:
+    """What a dispatch returns on this rank. Rank-packed: recv_x [rows, ...] one row per received token with
+    recv_topk_idx [rows, k] int64 (local expert index, -1 where the slot's expert is not on this rank) and
+    recv_topk_weights [rows, k] float32. Expert-contiguous: recv_x [rows, ...] grouped by local expert with
+    row_expert [rows] int32 (-1 on padding rows) and row_weight [rows] float32. Both: tokens_per_expert
+    [num_local_experts] and expert_offsets [num_local_experts + 1] int32 on the device, num_recv_rows [1] int32 on
+    the device (rows of recv_x that hold data, padding included), and num_recv_tokens_per_expert_list (host ints)
+    unless num_worst_tokens sized the outputs. Rows past num_recv_rows are untouched."""
+
+    recv_x: torch.Tensor
+    recv_x_scale: Optional[torch.Tensor]
+    recv_topk_idx: Optional[torch.Tensor]
+    recv_topk_weights: Optional[torch.Tensor]
+    row_expert: Optional[torch.Tensor]
+    row_weight: Optional[torch.Tensor]
+    tokens_per_expert: torch.Tensor
+    expert_offsets: torch.Tensor
+    num_recv_rows: torch.Tensor
+    num_recv_tokens_per_expert_list: Optional[list[int]]
+    handle: "ext.HighThroughputHandle"
+
+
+def _check_tensor(op: str, name: str, tensor, dtypes, ndim: int, device: torch.device) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise ValueError(f"{op}: {name} must have dtype {names}, got {tensor.dtype}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{op}: {name} must be on {device}, got {tensor.device}")
+
+
+class HighThroughputAllToAll:
+    """One high-throughput all-to-all. Create it with HighThroughputAllToAll.intranode (peer memory, one node) or
+    .internode (NVSHMEM, nvshmem_init first) on every rank together; destroy() it on every rank together."""
+
+    def __init__(self, native: "ext.HighThroughputObject", fields: dict) -> None:
+        self._native: Optional[ext.HighThroughputObject] = native
+        self._device = torch.device("cuda", native.device)
+        self._fields = fields
+
+    @staticmethod
+    def _fields(op: str, **fields) -> dict:
+        for name, value in fields.items():
+            integer(op, name, value, minimum=0)
+        return fields
+
+    @classmethod
+    def intranode(
+        cls,
+        max_num_tokens: int,
+        num_experts: int,
+        experts_per_token: int,
+        rank: int,
+        world_size: int,
+        hidden_dim: int,
+        hidden_dim_bytes: int,
+        hidden_dim_scale_bytes: int = 0,
+        expert_alignment: int = 1,
+        recv_capacity: int = 0,
+        combine_element_bytes: int = 2,
+        group_name: str = "default",
+        max_sm_count: int = 0,
+    ) -> "HighThroughputAllToAll":
+        """Through peer memory among the ranks of one node (the torch.distributed group `group_name` exchanges the
+        buffer descriptions). combine_element_bytes 4 allows float32 combines (training in float32)."""
+        fields = cls._fields(
+            "HighThroughputAllToAll.intranode",
+            max_num_tokens=max_num_tokens,
+            num_experts=num_experts,
+            experts_per_token=experts_per_token,
+            rank=rank,
+            world_size=world_size,
+            hidden_dim=hidden_dim,
+            hidden_dim_bytes=hidden_dim_bytes,
+            hidden_dim_scale_bytes=hidden_dim_scale_bytes,
+            combine_element_bytes=combine_element_bytes,
+            expert_alignment=expert_alignment,
+            recv_capacity=recv_capacity,
+        )
+        integer("HighThroughputAllToAll.intranode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
+        group = _resolve_group(group_name)
+        if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
+            raise ValueError(
+                f"intranode: process group {group_name!r} has {dist.get_world_size(group)} ranks and this process is "
+                f"its rank {dist.get_rank(group)}, but world_size={world_size}, rank={rank} were given"
+            )
+        native = ext.HighThroughputObject.intranode(
+            **fields, all_gather=_all_gather_over(group), max_sm_count=max_sm_count
+        )
+        return cls(native, fields)
+
+    @classmethod
+    def internode(
+        cls,
+        max_num_tokens: int,
+        num_experts: int,
+        experts_per_token: int,
+        rank: int,
+        world_size: int,
+        hidden_dim: int,
+        hidden_dim_bytes: int,
+        hidden_dim_scale_bytes: int = 0,
+        expert_alignment: int = 1,
+        recv_capacity: int = 0,
+        combine_element_bytes: int = 2,
+        max_sm_count: int = 0,
+        force_puts: bool = False,
+    ) -> "HighThroughputAllToAll":
+        """Through NVSHMEM: loads and stores to peers it can map, puts to the others (every peer with
+        force_puts)."""
+        fields = cls._fields(
+            "HighThroughputAllToAll.internode",
+            max_num_tokens=max_num_tokens,
+            num_experts=num_experts,
+            experts_per_token=experts_per_token,
+            rank=rank,
+            world_size=world_size,
+            hidden_dim=hidden_dim,
+            hidden_dim_bytes=hidden_dim_bytes,
+            hidden_dim_scale_bytes=hidden_dim_scale_bytes,
+            combine_element_bytes=combine_element_bytes,
+            expert_alignment=expert_alignment,
+            recv_capacity=recv_capacity,
+        )
+        integer("HighThroughputAllToAll.internode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
+        native = ext.HighThroughputObject.internode(**fields, max_sm_count=max_sm_count, force_puts=bool(force_puts))
+        return cls(native, fields)
+
+    def _live(self, op: str) -> "ext.HighThroughputObject":
+        if self._native is None:
+            raise RuntimeError(f"HighThroughputAllToAll.{op}: this object was destroyed; create a new one")
+        return self._native
+
+    @property
+    def num_local_experts(self) -> int:
+        return self._fields["num_experts"] // self._fields["world_size"]
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        x_scale: Optional[torch.Tensor] = None,
+        layout: str = "rank-packed",
+        num_worst_tokens: int = 0,
+    ) -> HighThroughputDispatch:
+        """Sends each token of x [m, ...] (any dtype; rows move as bytes, at most hidden_dim_bytes, a multiple of
+        16) once to every rank that holds one of its experts. topk_idx [m, k] int32 or int64 (-1: no expert),
+        topk_weights [m, k] float32, x_scale [m, hidden_dim_scale_bytes / 4] float32 at any strides (with scales).
+        num_worst_tokens > 0: outputs of that many rows, no host synchronization."""
+        op = "HighThroughputAllToAll.dispatch"
+        native = self._live("dispatch")
+        if layout not in LAYOUTS:
+            raise ValueError(f"{op}: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        integer(op, "num_worst_tokens", num_worst_tokens, minimum=0)
+        _check_tensor(op, "x", x, None, 2, self._device)
+        _check_tensor(op, "topk_idx", topk_idx, (torch.int32, torch.int64), 2, self._device)
+        _check_tensor(op, "topk_weights", topk_weights, (torch.float32,), 2, self._device)
+        m, k = x.shape[0], self._fields["experts_per_token"]
+        if x.stride(1) != 1:
+            raise ValueError(f"{op}: x's rows must be contiguous (stride(1) == 1), got strides {x.stride()}")
+        for name, tensor in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+            if tuple(tensor.shape) != (m, k) or not tensor.is_contiguous():
+                raise ValueError(f"{op}: {name} must be a contiguous [{m}, {k}] tensor, got {tuple(tensor.shape)}")
+        row_bytes = x.shape[1] * x.element_size()
+        has_scales = self._fields["hidden_dim_scale_bytes"] > 0
+        if has_scales != (x_scale is not None):
+            raise ValueError(
+                f"{op}: x_scale must be given exactly when hidden_dim_scale_bytes > 0 "
+                f"(it is {self._fields['hidden_dim_scale_bytes']})"
+            )
+        scale_ptr, scale_strides = 0, (0, 4)
+        if x_scale is not None:
+            _check_tensor(op, "x_scale", x_scale, (torch.float32,), 2, self._device)
+            words = self._fields["hidden_dim_scale_bytes"] // 4
+            if tuple(x_scale.shape) != (m, words):
+                raise ValueError(f"{op}: x_scale must have shape [{m}, {words}], got {tuple(x_scale.shape)}")
+            scale_ptr, scale_strides = x_scale.data_ptr(), (x_scale.stride(0) * 4, x_scale.stride(1) * 4)
+        stream = torch.cuda.current_stream(self._device).cuda_stream
+        expert_layout = layout == "expert-contiguous"
+        inputs = dict(
+            x=x.data_ptr(),
+            x_bytes=row_bytes,
+            x_row_stride=x.stride(0) * x.element_size(),
+            x_scale=scale_ptr,
+            x_scale_strides=scale_strides,
+            topk_idx=topk_idx.data_ptr(),
+            topk_idx_int64=topk_idx.dtype == torch.int64,
+            topk_weights=topk_weights.data_ptr(),
+            m=m,
+        )
+        handle = native.make_handle()
+        native.dispatch_layout(handle=handle, expert_contiguous=expert_layout, stream=stream, **inputs)
+        per_expert: Optional[list[int]] = None
+        if num_worst_tokens > 0:
+            rows = num_worst_tokens
+        else:
+            num_recv, num_expert_rows, per_expert = native.counts(handle, stream)
+            rows = num_expert_rows if expert_layout else num_recv
+        device, words = self._device, self._fields["hidden_dim_scale_bytes"] // 4
+        recv_x = torch.empty((rows, x.shape[1]), dtype=x.dtype, device=device)
+        recv_x_scale = torch.empty((rows, words), dtype=torch.float32, device=device) if has_scales else None
+        recv_idx = recv_w = row_expert = row_weight = None
+        if expert_layout:
+            row_expert = torch.empty((rows,), dtype=torch.int32, device=device)
+            row_weight = torch.empty((rows,), dtype=torch.float32, device=device)
+        else:
+            recv_idx = torch.empty((rows, k), dtype=torch.int64, device=device)
+            recv_w = torch.empty((rows, k), dtype=torch.float32, device=device)
+        tokens_per_expert = torch.empty((self.num_local_experts,), dtype=torch.int32, device=device)
+        expert_offsets = torch.empty((self.num_local_experts + 1,), dtype=torch.int32, device=device)
+        num_recv_rows = torch.empty((1,), dtype=torch.int32, device=device)
+
+        def address(tensor: Optional[torch.Tensor]) -> int:
+            return 0 if tensor is None else tensor.data_ptr()
+
+        native.dispatch_data(
+            handle=handle,
+            capacity_rows=rows,
+            recv_x=address(recv_x),
+            recv_x_scale=address(recv_x_scale),
+            recv_x_scale_strides=(words * 4, 4),
+            recv_topk_idx=address(recv_idx),
+            recv_topk_weights=address(recv_w),
+            row_expert=address(row_expert),
+            row_weight=address(row_weight),
+            tokens_per_expert=address(tokens_per_expert),
+            expert_offsets=address(expert_offsets),
+            num_recv_rows=address(num_recv_rows),
+            stream=stream,
+            **inputs,
+        )
+        return HighThroughputDispatch(
+            recv_x,
+            recv_x_scale,
+            recv_idx,
+            recv_w,
+            row_expert,
+            row_weight,
+            tokens_per_expert,
+            expert_offsets,
+            num_recv_rows,
+            per_expert,
+            handle,
+        )
+
+    def combine(self, expert_out: torch.Tensor, handle: "ext.HighThroughputHandle") -> torch.Tensor:
+        """[m, hidden_dim] of expert_out's dtype (bfloat16, float16, or float32 with combine_element_bytes 4): each
+        token's rows from every rank it went to, summed in fp32 (expert-contiguous rows first weighted and summed on
+        their expert's rank). expert_out holds one row per row of the handle's dispatch, in its layout."""
+        op = "HighThroughputAllToAll.combine"
+        native = self._live("combine")
+        if not isinstance(handle, ext.HighThroughputHandle):
+            raise ValueError(f"{op}: handle must be the handle of a dispatch of this object")
+        _check_tensor(op, "expert_out", expert_out, tuple(SCALAR_TYPES), 2, self._device)
+        hidden = self._fields["hidden_dim"]
+        if expert_out.shape[1] != hidden or not expert_out.is_contiguous():
+            raise ValueError(
+                f"{op}: expert_out must be a contiguous [rows, {hidden}] tensor, got {tuple(expert_out.shape)}"
+            )
+        out = torch.empty((handle.m, hidden), dtype=expert_out.dtype, device=self._device)
+        stream = torch.cuda.current_stream(self._device).cuda_stream
+        native.combine(handle, expert_out.data_ptr(), SCALAR_TYPES[expert_out.dtype], out.data_ptr(), stream)
+        return out
+
+    def check_errors(self) -> None:
+        """Raises expertwire.DeviceError if a kernel of this object recorded an error (sticky)."""
+        self._live("check_errors").check_errors()
+
+    def destroy(self) -> None:
+        """Frees the buffers. Collective: every rank destroys its object together. Idempotent."""
+        if self._native is not None:
+            self._native.destroy()
+            self._native = None

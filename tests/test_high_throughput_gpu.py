@@ -1,0 +1,154 @@
+"""Multi-rank GPU tests of HighThroughputAllToAll through the Python API: every rank rebuilds every rank's tokens
+from the seed and checks its received rows and its combined tokens against a model of the semantics
+(csrc/reference/high_throughput.h states them), both layouts, both transports. Skipped, with the reason, where no
+GPU is visible or ranks would share a GPU without MPS (scripts/device/run_pytest_gpu.sh starts one).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import expertwire
+
+from .distributed import RankInfo, launch, nvshmem_join, why_ranks_cannot_run
+
+RANK_COUNTS = [int(n) for n in os.environ.get("EXPERTWIRE_TEST_RANKS", "2,4").split(",") if n.strip()]
+TRANSPORTS = ["internode", "intranode"]
+MAX_TOKENS, EXPERTS_PER_RANK, TOP_K, HIDDEN = 96, 4, 4, 256
+
+
+def _tokens(rank: int, m: int, world: int, seed: int, index_dtype: torch.dtype):
+    """Rank `rank`'s tokens: bf16 x, top-k distinct experts with some -1 slots, float32 weights."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    experts = EXPERTS_PER_RANK * world
+    x = torch.randn((m, HIDDEN), generator=g).to(torch.bfloat16)
+    idx = (
+        torch.stack([torch.randperm(experts, generator=g)[:TOP_K] for _ in range(m)]) if m else torch.empty((0, TOP_K))
+    )
+    idx = idx.to(torch.int64)
+    holes = torch.rand((m, TOP_K), generator=g) < 0.2
+    idx[holes] = -1
+    w = torch.rand((m, TOP_K), generator=g)
+    return x, idx.to(index_dtype), w
+
+
+def _received(rank: int, world: int, sources):
+    """Rank-packed model: [(source, token)] in (source, token) order, with local indices and weights."""
+    rows, local_idx, local_w = [], [], []
+    for s, (_, idx, w) in enumerate(sources):
+        for t in range(idx.shape[0]):
+            owner = torch.where(idx[t] >= 0, idx[t].to(torch.int64) // EXPERTS_PER_RANK, -1)
+            if not (owner == rank).any():
+                continue
+            rows.append((s, t))
+            mine = owner == rank
+            local_idx.append(torch.where(mine, idx[t].to(torch.int64) - rank * EXPERTS_PER_RANK, -1))
+            local_w.append(torch.where(mine, w[t], 0.0))
+    return rows, local_idx, local_w
+
+
+def _worker(info: RankInfo, transport: str) -> None:
+    if transport == "internode":
+        nvshmem_join(info)
+    world, rank, device = info.world_size, info.rank, info.device
+    factory = (
+        expertwire.HighThroughputAllToAll.internode
+        if transport == "internode"
+        else expertwire.HighThroughputAllToAll.intranode
+    )
+    for layout in ("rank-packed", "expert-contiguous"):
+        alignment = 16 if layout == "expert-contiguous" else 1
+        a2a = factory(
+            max_num_tokens=MAX_TOKENS,
+            num_experts=EXPERTS_PER_RANK * world,
+            experts_per_token=TOP_K,
+            rank=rank,
+            world_size=world,
+            hidden_dim=HIDDEN,
+            hidden_dim_bytes=HIDDEN * 2,
+            expert_alignment=alignment,
+        )
+        for seed, (m0, worst) in enumerate([(40, False), (0, False), (MAX_TOKENS, True), (17, True)]):
+            index_dtype = torch.int32 if seed % 2 else torch.int64
+            ms = [min(MAX_TOKENS, m0 + 5 * s) if m0 not in (0, MAX_TOKENS) else m0 for s in range(world)]
+            sources = [_tokens(s, ms[s], world, seed, index_dtype) for s in range(world)]
+            x, idx, w = (t.to(device) for t in sources[rank])
+            worst_rows = MAX_TOKENS * world * TOP_K + EXPERTS_PER_RANK * alignment if worst else 0
+            out = a2a.dispatch(x, idx, w, layout=layout, num_worst_tokens=worst_rows)
+            torch.cuda.synchronize()
+            a2a.check_errors()
+            rows, local_idx, local_w = _received(rank, world, sources)
+            counts = [sum(int((li == e).sum()) for li in local_idx) for e in range(EXPERTS_PER_RANK)]
+            assert out.tokens_per_expert.tolist() == counts
+            if not worst:
+                assert out.num_recv_tokens_per_expert_list == counts
+            if layout == "rank-packed":
+                assert int(out.num_recv_rows) == len(rows)
+                for i, (s, t) in enumerate(rows):
+                    assert torch.equal(out.recv_x[i].cpu(), sources[s][0][t]), f"row {i} is not token {t} of rank {s}"
+                    assert torch.equal(out.recv_topk_idx[i].cpu(), local_idx[i])
+                    assert torch.equal(out.recv_topk_weights[i].cpu(), local_w[i])
+                # Experts: each received row scaled by (1 + its rank), so the combine sums distinguishable rows.
+                y = out.recv_x[: len(rows)].float() * (1 + rank)
+                expected_parts = None
+            else:
+                starts = [0]
+                for c in counts:
+                    starts.append(starts[-1] + (c + alignment - 1) // alignment * alignment)
+                assert out.expert_offsets.tolist() == starts
+                assert int(out.num_recv_rows) == starts[-1]
+                filled = [0] * EXPERTS_PER_RANK
+                for (s, t), li, lw in zip(rows, local_idx, local_w):
+                    for j in range(TOP_K):
+                        if li[j] < 0:
+                            continue
+                        e = int(li[j])
+                        r = starts[e] + filled[e]
+                        filled[e] += 1
+                        assert torch.equal(out.recv_x[r].cpu(), sources[s][0][t]), f"row {r}: not token {t} of {s}"
+                        assert int(out.row_expert[r]) == e and float(out.row_weight[r]) == float(lw[j])
+                for e in range(EXPERTS_PER_RANK):
+                    pad = out.row_expert[starts[e] + counts[e] : starts[e + 1]]
+                    assert (pad == -1).all(), "padding rows must carry expert -1"
+                y = out.recv_x[: starts[-1]].float() * (1 + rank)
+            combined = a2a.combine(y.to(torch.bfloat16).contiguous(), out.handle)
+            torch.cuda.synchronize()
+            a2a.check_errors()
+            # Model: every rank r that holds one of token t's experts contributes (1 + r) * x (rank-packed), or the
+            # weighted sum of its experts' rows, (1 + r) * x * sum of weights, rounded to bf16 (expert-contiguous).
+            xs, ids, ws = sources[rank]
+            expected = torch.zeros((ms[rank], HIDDEN))
+            for t in range(ms[rank]):
+                for r in range(world):
+                    owner = torch.where(ids[t] >= 0, ids[t].to(torch.int64) // EXPERTS_PER_RANK, -1)
+                    mine = owner == r
+                    if not mine.any():
+                        continue
+                    row = (xs[t].float() * (1 + r)).to(torch.bfloat16).float()
+                    if layout == "expert-contiguous":
+                        part = torch.zeros(HIDDEN)
+                        for j in range(TOP_K):
+                            if mine[j]:
+                                part += ws[t][j] * row
+                        row = part.to(torch.bfloat16).float()
+                    expected[t] += row
+            tol = 0.0 if layout == "rank-packed" else 3e-2
+            torch.testing.assert_close(combined.float().cpu(), expected.to(torch.bfloat16).float(), atol=tol, rtol=tol)
+        dist.barrier()
+        a2a.destroy()
+    if transport == "internode":
+        expertwire.nvshmem_finalize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", RANK_COUNTS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_high_throughput_matches_model(transport: str, world_size: int) -> None:
+    reason = why_ranks_cannot_run(world_size)
+    if reason is not None:
+        pytest.skip(reason)
+    launch(world_size, _worker, transport)
