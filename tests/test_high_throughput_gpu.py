@@ -94,7 +94,6 @@ def _worker(info: RankInfo, transport: str) -> None:
                     assert torch.equal(out.recv_topk_weights[i].cpu(), local_w[i])
                 # Experts: each received row scaled by (1 + its rank), so the combine sums distinguishable rows.
                 y = out.recv_x[: len(rows)].float() * (1 + rank)
-                expected_parts = None
             else:
                 starts = [0]
                 for c in counts:
@@ -102,7 +101,7 @@ def _worker(info: RankInfo, transport: str) -> None:
                 assert out.expert_offsets.tolist() == starts
                 assert int(out.num_recv_rows) == starts[-1]
                 filled = [0] * EXPERTS_PER_RANK
-                for (s, t), li, lw in zip(rows, local_idx, local_w):
+                for (s, t), li, lw in zip(rows, local_idx, local_w, strict=True):
                     for j in range(TOP_K):
                         if li[j] < 0:
                             continue

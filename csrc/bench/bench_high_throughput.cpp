@@ -191,8 +191,8 @@ Result run_case(const harness::MpiSession& mpi, harness::TransportKind kind, con
   HighThroughputDispatchInputs staged = in;
   const Strided2D<uint8_t> x_buffer = object->dispatch_input_buffer();
   const Strided2D<float> scale_buffer = object->dispatch_input_scale_buffer();
-  EW_CUDA_CHECK(cudaMemcpy2D(x_buffer.data, x_buffer.row_stride, x_dev.get(), bytes, bytes, tokens,
-                             cudaMemcpyDeviceToDevice));
+  EW_CUDA_CHECK(
+      cudaMemcpy2D(x_buffer.data, x_buffer.row_stride, x_dev.get(), bytes, bytes, tokens, cudaMemcpyDeviceToDevice));
   EW_CUDA_CHECK(cudaMemcpy2D(scale_buffer.data, scale_buffer.row_stride, scale_dev.get(), sbytes, sbytes, tokens,
                              cudaMemcpyDeviceToDevice));
   staged.x = read_only(x_buffer);
@@ -210,7 +210,8 @@ Result run_case(const harness::MpiSession& mpi, harness::TransportKind kind, con
   DeviceBuffer recv_x(std::max<uint64_t>(rows, 1) * bytes), recv_scale(std::max<uint64_t>(rows, 1) * sbytes),
       recv_idx(std::max<uint64_t>(rows, 1) * k * 8), recv_w(std::max<uint64_t>(rows, 1) * k * 4),
       row_expert(std::max<uint64_t>(rows, 1) * 4), row_weight(std::max<uint64_t>(rows, 1) * 4),
-      expert_out(std::max<uint64_t>(rows, 1) * combine_row_bytes), out(std::max<int64_t>(tokens, 1) * combine_row_bytes);
+      expert_out(std::max<uint64_t>(rows, 1) * combine_row_bytes),
+      out(std::max<int64_t>(tokens, 1) * combine_row_bytes);
   HighThroughputDispatchOutputs outputs;
   outputs.layout = layout;
   outputs.capacity_rows = rows;
@@ -361,16 +362,16 @@ int run(int argc, char** argv) {
             r.loop_dispatch.mean, r.loop_combine.mean, r.memory_mb, r.padded_mb);
         std::fflush(stdout);
         json << (first ? "" : ",") << "\n  {\"transport\": \"" << harness::transport_flag_name(kind)
-             << "\", \"ranks\": " << mpi.world_size() << ", \"tokens\": " << r.tokens << ", \"layout\": \""
-             << r.layout << "\", \"rows\": " << r.recv_rows << ", \"dispatch_us\": " << r.dispatch.mean
-             << ", \"dispatch_median_us\": " << r.dispatch.median << ", \"dispatch_staged_us\": "
-             << r.dispatch_staged.mean << ", \"dispatch_floor_us\": " << r.dispatch_floor.mean
-             << ", \"dispatch_bytes\": " << r.recv_bytes << ", \"combine_us\": " << r.combine.mean
-             << ", \"combine_median_us\": " << r.combine.median << ", \"combine_in_buffer_us\": "
-             << r.combine_in_buffer.mean << ", \"combine_floor_us\": " << r.combine_floor.mean
-             << ", \"combine_bytes\": " << r.combine_bytes << ", \"loop_dispatch_us\": " << r.loop_dispatch.mean
-             << ", \"loop_combine_us\": " << r.loop_combine.mean << ", \"memory_mb\": " << r.memory_mb
-             << ", \"padded_mb\": " << r.padded_mb << "}";
+             << "\", \"ranks\": " << mpi.world_size() << ", \"tokens\": " << r.tokens << ", \"layout\": \"" << r.layout
+             << "\", \"rows\": " << r.recv_rows << ", \"dispatch_us\": " << r.dispatch.mean
+             << ", \"dispatch_median_us\": " << r.dispatch.median
+             << ", \"dispatch_staged_us\": " << r.dispatch_staged.mean
+             << ", \"dispatch_floor_us\": " << r.dispatch_floor.mean << ", \"dispatch_bytes\": " << r.recv_bytes
+             << ", \"combine_us\": " << r.combine.mean << ", \"combine_median_us\": " << r.combine.median
+             << ", \"combine_in_buffer_us\": " << r.combine_in_buffer.mean
+             << ", \"combine_floor_us\": " << r.combine_floor.mean << ", \"combine_bytes\": " << r.combine_bytes
+             << ", \"loop_dispatch_us\": " << r.loop_dispatch.mean << ", \"loop_combine_us\": " << r.loop_combine.mean
+             << ", \"memory_mb\": " << r.memory_mb << ", \"padded_mb\": " << r.padded_mb << "}";
         first = false;
       }
     }

@@ -41,18 +41,21 @@ void HighThroughputConfig::validate() const {
   require_positive("hidden_dim", hidden_dim);
   require_positive("hidden_dim_bytes", hidden_dim_bytes);
   require_positive("expert_alignment", expert_alignment);
-  EW_REQUIRE(world_size <= kMaxHighThroughputRanks, "HighThroughputConfig.world_size must be <= ",
-             kMaxHighThroughputRanks, " (a token's destination ranks are a 64-bit mask), got ", world_size);
+  EW_REQUIRE(world_size <= kMaxHighThroughputRanks,
+             "HighThroughputConfig.world_size must be <= ", kMaxHighThroughputRanks,
+             " (a token's destination ranks are a 64-bit mask), got ", world_size);
   EW_REQUIRE(rank >= 0 && rank < world_size, "HighThroughputConfig.rank must be in [0, world_size=", world_size,
              "), got ", rank);
-  EW_REQUIRE(num_experts % world_size == 0, "HighThroughputConfig.num_experts must be divisible by world_size=",
-             world_size, ", got ", num_experts);
+  EW_REQUIRE(num_experts % world_size == 0,
+             "HighThroughputConfig.num_experts must be divisible by world_size=", world_size, ", got ", num_experts);
   EW_REQUIRE(experts_per_token <= num_experts && experts_per_token <= 32,
              "HighThroughputConfig.experts_per_token must be <= min(num_experts, 32) (a warp's lanes hold a token's "
              "slots), got ",
              experts_per_token);
-  EW_REQUIRE(hidden_dim % 8 == 0, "HighThroughputConfig.hidden_dim must be a multiple of 8 (rows move as 16-byte "
-             "vectors), got ", hidden_dim);
+  EW_REQUIRE(hidden_dim % 8 == 0,
+             "HighThroughputConfig.hidden_dim must be a multiple of 8 (rows move as 16-byte "
+             "vectors), got ",
+             hidden_dim);
   EW_REQUIRE(hidden_dim_bytes % 16 == 0,
              "HighThroughputConfig.hidden_dim_bytes must be a multiple of 16 (rows move as 16-byte vectors), got ",
              hidden_dim_bytes);
@@ -62,8 +65,8 @@ void HighThroughputConfig::validate() const {
   EW_REQUIRE(combine_element_bytes == 2 || combine_element_bytes == 4,
              "HighThroughputConfig.combine_element_bytes must be 2 (bf16, fp16) or 4 (float32), got ",
              combine_element_bytes);
-  EW_REQUIRE(recv_capacity >= 0, "HighThroughputConfig.recv_capacity must be >= 0 (0: max_num_tokens * world_size), got ",
-             recv_capacity);
+  EW_REQUIRE(recv_capacity >= 0,
+             "HighThroughputConfig.recv_capacity must be >= 0 (0: max_num_tokens * world_size), got ", recv_capacity);
   for (auto [field, value] : {std::pair{"max_num_tokens", max_num_tokens},
                               {"hidden_dim", hidden_dim},
                               {"hidden_dim_bytes", hidden_dim_bytes},

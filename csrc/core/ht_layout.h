@@ -105,20 +105,20 @@ LayoutSignature ht_layout_signature(const HtLayout& layout);
 
 // The handle's device memory, in 32-bit words, and where each array starts (word offsets).
 struct HtHandleLayout {
-  uint64_t block_counts;     // [max_route_blocks][world + num_experts] u32
-  uint64_t slot_rank_row;    // [max_num_tokens][k] i32
-  uint64_t slot_expert_row;  // [max_num_tokens][k] i32
-  uint64_t slot_dest;        // [max_num_tokens][k] i32: the rank of a slot that has a rank row, else -1
-  uint64_t recv_base;        // [world + 1] u32: first rank-packed row from each source
-  uint64_t base_at;          // [world] u32: our first row at each rank (its recv_base[rank])
-  uint64_t send_base;        // [world + 1] u32: prefix of the tokens we send to each rank (combine_recv rows)
-  uint64_t home_base;        // [world] u32: where our rows for source s land in its combine_recv
-  uint64_t segment_start;    // [num_local_experts + 1] u32
+  uint64_t block_counts;       // [max_route_blocks][world + num_experts] u32
+  uint64_t slot_rank_row;      // [max_num_tokens][k] i32
+  uint64_t slot_expert_row;    // [max_num_tokens][k] i32
+  uint64_t slot_dest;          // [max_num_tokens][k] i32: the rank of a slot that has a rank row, else -1
+  uint64_t recv_base;          // [world + 1] u32: first rank-packed row from each source
+  uint64_t base_at;            // [world] u32: our first row at each rank (its recv_base[rank])
+  uint64_t send_base;          // [world + 1] u32: prefix of the tokens we send to each rank (combine_recv rows)
+  uint64_t home_base;          // [world] u32: where our rows for source s land in its combine_recv
+  uint64_t segment_start;      // [num_local_experts + 1] u32
   uint64_t tokens_per_expert;  // [num_local_experts] u32
-  uint64_t expert_prefix;    // [world][num_local_experts] u32: rows of each expert from lower sources
-  uint64_t source_m;         // [world] u32
-  uint64_t recv_slot_row;    // [recv_rows][k] i32: expert-contiguous row of each slot of a received token, or -1
-  uint64_t recv_slot_weight;  // [recv_rows][k] f32
+  uint64_t expert_prefix;      // [world][num_local_experts] u32: rows of each expert from lower sources
+  uint64_t source_m;           // [world] u32
+  uint64_t recv_slot_row;      // [recv_rows][k] i32: expert-contiguous row of each slot of a received token, or -1
+  uint64_t recv_slot_weight;   // [recv_rows][k] f32
   uint64_t words;
 };
 HtHandleLayout make_ht_handle_layout(const HtLayout& layout);

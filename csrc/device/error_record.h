@@ -12,13 +12,13 @@ namespace expertwire {
 
 enum class ErrorCode : int32_t {
   kNone = 0,
-  kTimeout = 1,          // a wait for a peer's signal ran out of time; peer = the rank waited for
-  kBadExpertIndex = 2,   // indices[t][k] >= num_experts; value = the index, nothing was sent for it
-  kBadBoundM = 3,        // *bound_m > m; value = *bound_m, the call moved no tokens
-  kSlotOverflow = 4,     // more than max_num_tokens tokens for one expert (a repeated expert in a row)
-  kRepeatedExpert = 5,   // an expert appears twice in one token's row; value = the expert, sent once
-  kRowTypeMismatch = 6,  // peer's combine rows travel as another type than ours; value = RowTypeMismatch, no
-                         // output written
+  kTimeout = 1,           // a wait for a peer's signal ran out of time; peer = the rank waited for
+  kBadExpertIndex = 2,    // indices[t][k] >= num_experts; value = the index, nothing was sent for it
+  kBadBoundM = 3,         // *bound_m > m; value = *bound_m, the call moved no tokens
+  kSlotOverflow = 4,      // more than max_num_tokens tokens for one expert (a repeated expert in a row)
+  kRepeatedExpert = 5,    // an expert appears twice in one token's row; value = the expert, sent once
+  kRowTypeMismatch = 6,   // peer's combine rows travel as another type than ours; value = RowTypeMismatch, no
+                          // output written
   kCapacityExceeded = 7,  // a high-throughput dispatch needs more rows than its capacity; value = the rows
                           // needed, none written
 };

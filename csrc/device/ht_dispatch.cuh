@@ -50,8 +50,9 @@ __device__ __forceinline__ void ht_receive_token(const HtArgs& a, uint32_t sourc
   if (a.out.layout == HighThroughputLayout::kRankPacked) {
     warp_copy_16<SourceKind::kPeerWritten>(a.out.recv_x + packed_row * x_bytes, row, x_bytes);
     if (scale_words != 0) {
-      warp_copy_4_strided_to_lanes(scales, 4, scale_words, 1u, a.out.recv_x_scale.element_stride,
-                                   [&](int) { return reinterpret_cast<uint8_t*>(a.out.recv_x_scale.at(packed_row, 0)); });
+      warp_copy_4_strided_to_lanes(scales, 4, scale_words, 1u, a.out.recv_x_scale.element_stride, [&](int) {
+        return reinterpret_cast<uint8_t*>(a.out.recv_x_scale.at(packed_row, 0));
+      });
     }
     if (uint32_t(lane) < k) {
       a.out.recv_topk_idx[uint64_t(packed_row) * k + lane] = on_me ? int64_t(le) : -1;

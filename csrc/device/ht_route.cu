@@ -8,10 +8,10 @@ __global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
   const HtLayout& l = a.l;
   const uint32_t k = l.experts_per_token, counters = l.world_size + l.num_experts;
   extern __shared__ uint32_t route_shared[];
-  uint32_t* warp_counts = route_shared;                                          // [warps][counters]
+  uint32_t* warp_counts = route_shared;                                                 // [warps][counters]
   int32_t* experts = reinterpret_cast<int32_t*>(warp_counts + kRouteWarps * counters);  // [tokens][k]
-  int32_t* rank_place = experts + kRouteBlockTokens * k;                         // [tokens][k]
-  int32_t* expert_place = rank_place + kRouteBlockTokens * k;                    // [tokens][k]
+  int32_t* rank_place = experts + kRouteBlockTokens * k;                                // [tokens][k]
+  int32_t* expert_place = rank_place + kRouteBlockTokens * k;                           // [tokens][k]
   for (uint32_t i = threadIdx.x; i < kRouteWarps * counters; i += blockDim.x) warp_counts[i] = 0;
 
   const uint32_t t = blockIdx.x * kRouteBlockTokens + threadIdx.x;
@@ -93,7 +93,8 @@ __global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
     a.h.slot_expert_row[uint64_t(t) * k + j] = expert_row;
     a.h.slot_dest[uint64_t(t) * k + j] = rank_row >= 0 ? int32_t(uint32_t(e) / l.num_local_experts) : -1;
     record_words(record, k, kRecordExpert)[j] = e;
-    reinterpret_cast<float*>(record_words(record, k, kRecordWeight))[j] = e >= 0 ? a.topk_weights[uint64_t(t) * k + j] : 0.0f;
+    reinterpret_cast<float*>(record_words(record, k, kRecordWeight))[j] =
+        e >= 0 ? a.topk_weights[uint64_t(t) * k + j] : 0.0f;
   }
 }
 

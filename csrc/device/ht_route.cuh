@@ -82,7 +82,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_
     const uint32_t dest = i / l.count_row_words, word = i % l.count_row_words;
     uint32_t column = ~0u, value = 0;
     if (word < l.world_size) column = word;
-    else if (word < l.world_size + l.num_local_experts) column = l.world_size + dest * l.num_local_experts + (word - l.world_size);
+    else if (word < l.world_size + l.num_local_experts)
+      column = l.world_size + dest * l.num_local_experts + (word - l.world_size);
     else if (word == l.world_size + l.num_local_experts) value = a.m;
     if (column != ~0u) {
       for (uint32_t b = 0; b < route_blocks; ++b) value += __ldcg(&a.h.block_counts[uint64_t(b) * counters + column]);

@@ -242,7 +242,6 @@ AllToAllConfig make_validated_config(int64_t max_num_tokens, int64_t num_experts
   return config;
 }
 
-
 // ---- high-throughput all-to-all ---------------------------------------------------------------------------
 
 // One dispatch's handle (HighThroughputHandle), owned by Python; valid while its object lives.
@@ -298,8 +297,8 @@ class HtObject {
                      const Strides2& x_scale_strides, uintptr_t topk_idx, bool topk_idx_int64, uintptr_t topk_weights,
                      uint32_t m, uint64_t capacity_rows, uintptr_t recv_x, uintptr_t recv_x_scale,
                      const Strides2& recv_x_scale_strides, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights,
-                     uintptr_t row_expert, uintptr_t row_weight, uintptr_t tokens_per_expert,
-                     uintptr_t expert_offsets, uintptr_t num_recv_rows, uintptr_t stream) {
+                     uintptr_t row_expert, uintptr_t row_weight, uintptr_t tokens_per_expert, uintptr_t expert_offsets,
+                     uintptr_t num_recv_rows, uintptr_t stream) {
     const auto [scale_row, scale_word] = recv_x_scale_strides;
     HighThroughputDispatchOutputs out;
     out.layout = handle.get().layout();
@@ -466,15 +465,15 @@ NB_MODULE(_expertwire, m) {
       .def_static(
           "internode",
           [](int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank, int64_t world_size,
-             int64_t hidden_dim, int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes, int64_t combine_element_bytes,
-             int64_t expert_alignment, int64_t recv_capacity, uint32_t max_sm_count, bool force_puts) {
+             int64_t hidden_dim, int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes,
+             int64_t combine_element_bytes, int64_t expert_alignment, int64_t recv_capacity, uint32_t max_sm_count,
+             bool force_puts) {
             AllToAllOptions options;
             options.max_sm_count = max_sm_count;
             options.force_puts = force_puts;
-            const HighThroughputConfig config =
-                ht_config(max_num_tokens, num_experts, experts_per_token, rank, world_size, hidden_dim,
-                          hidden_dim_bytes, hidden_dim_scale_bytes, combine_element_bytes, expert_alignment,
-                          recv_capacity);
+            const HighThroughputConfig config = ht_config(
+                max_num_tokens, num_experts, experts_per_token, rank, world_size, hidden_dim, hidden_dim_bytes,
+                hidden_dim_scale_bytes, combine_element_bytes, expert_alignment, recv_capacity);
             return std::make_unique<HtObject>(std::make_unique<HighThroughputInternode>(config, options));
           },
           "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "rank"_a, "world_size"_a, "hidden_dim"_a,
@@ -483,14 +482,14 @@ NB_MODULE(_expertwire, m) {
       .def_static(
           "intranode",
           [](int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank, int64_t world_size,
-             int64_t hidden_dim, int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes, int64_t combine_element_bytes,
-             int64_t expert_alignment, int64_t recv_capacity, nb::callable all_gather, uint32_t max_sm_count) {
+             int64_t hidden_dim, int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes,
+             int64_t combine_element_bytes, int64_t expert_alignment, int64_t recv_capacity, nb::callable all_gather,
+             uint32_t max_sm_count) {
             AllToAllOptions options;
             options.max_sm_count = max_sm_count;
-            const HighThroughputConfig config =
-                ht_config(max_num_tokens, num_experts, experts_per_token, rank, world_size, hidden_dim,
-                          hidden_dim_bytes, hidden_dim_scale_bytes, combine_element_bytes, expert_alignment,
-                          recv_capacity);
+            const HighThroughputConfig config = ht_config(
+                max_num_tokens, num_experts, experts_per_token, rank, world_size, hidden_dim, hidden_dim_bytes,
+                hidden_dim_scale_bytes, combine_element_bytes, expert_alignment, recv_capacity);
             return std::make_unique<HtObject>(
                 std::make_unique<HighThroughputIntranode>(config, all_gather_from_python(all_gather), options));
           },

@@ -70,7 +70,7 @@ struct Case {
   bool exact = false;  // outputs sized by counts() (a host synchronization), else the worst case
   ScalarType type = ScalarType::kBFloat16;
   Routing routing = Routing::kRandom;
-  bool staged = false;  // x written into dispatch_input_buffer()
+  bool staged = false;            // x written into dispatch_input_buffer()
   std::vector<int64_t> m_rounds;  // m of rank 0 per round; other ranks vary around it
 };
 
@@ -302,8 +302,8 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
       return row;
     };
     auto check_row = [&](int64_t row, const reference::ReceivedRow& expected) {
-      if (!check.expect(std::memcmp(&got_x[row * bytes], expected.x, bytes) == 0, "recv_x row ", row,
-                        " is not token ", expected.token, " of rank ", expected.source_rank)) {
+      if (!check.expect(std::memcmp(&got_x[row * bytes], expected.x, bytes) == 0, "recv_x row ", row, " is not token ",
+                        expected.token, " of rank ", expected.source_rank)) {
         return;
       }
       if (swords) {
@@ -330,7 +330,8 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
           check.expect(got_idx[row * k + j] == expected.recv_topk_idx[row * k + j] &&
                            got_w[row * k + j] == expected.recv_topk_weights[row * k + j],
                        "recv_topk of row ", row, " slot ", j, ": ", got_idx[row * k + j], "/", got_w[row * k + j],
-                       ", expected ", expected.recv_topk_idx[row * k + j], "/", expected.recv_topk_weights[row * k + j]);
+                       ", expected ", expected.recv_topk_idx[row * k + j], "/",
+                       expected.recv_topk_weights[row * k + j]);
         }
         const auto& r = expected.rows[row];
         const auto values = expert_value_row(rank, 0, r.source_rank, r.token);
@@ -351,8 +352,8 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
         }
       }
       for (size_t row = 0; row < expected.rows.size() && why.empty(); ++row) {
-        check.expect(got_expert[row] == expected.row_expert[row] && got_weight[row] == expected.row_weight[row],
-                     "row ", row, ": expert/weight ", got_expert[row], "/", got_weight[row], ", expected ",
+        check.expect(got_expert[row] == expected.row_expert[row] && got_weight[row] == expected.row_weight[row], "row ",
+                     row, ": expert/weight ", got_expert[row], "/", got_weight[row], ", expected ",
                      expected.row_expert[row], "/", expected.row_weight[row]);
         if (expected.row_expert[row] < 0) continue;
         check_row(row, expected.rows[row]);
@@ -540,24 +541,114 @@ void run_failures(const harness::MpiSession& mpi, TransportKind kind, const Opti
 std::vector<Case> cases(int64_t max_tokens) {
   std::vector<Case> all;
   using L = HighThroughputLayout;
-  all.push_back({"rank-packed, random, changing m", 4, 4, 256, true, 1, L::kRankPacked, false, ScalarType::kBFloat16,
-                 Routing::kRandom, false, {37, 0, 1, max_tokens, 200}});
-  all.push_back({"rank-packed, exact capacity, -1 slots", 4, 4, 256, true, 1, L::kRankPacked, true,
-                 ScalarType::kBFloat16, Routing::kHoles, false, {100, 3}});
-  all.push_back({"rank-packed, no scales, float32 rows, top-8", 8, 8, 128, false, 1, L::kRankPacked, false,
-                 ScalarType::kFloat32, Routing::kRandom, false, {64}});
-  all.push_back({"rank-packed, last rank receives nothing", 4, 4, 256, true, 1, L::kRankPacked, false,
-                 ScalarType::kBFloat16, Routing::kLastRankEmpty, false, {50}});
-  all.push_back({"rank-packed, staged input", 4, 4, 256, true, 1, L::kRankPacked, false, ScalarType::kBFloat16,
-                 Routing::kRandom, true, {90, 20}});
-  all.push_back({"expert-contiguous, alignment 1", 4, 4, 256, true, 1, L::kExpertContiguous, false,
-                 ScalarType::kBFloat16, Routing::kRandom, false, {37, max_tokens, 0}});
-  all.push_back({"expert-contiguous, alignment 128, exact", 4, 4, 256, true, 128, L::kExpertContiguous, true,
-                 ScalarType::kBFloat16, Routing::kHoles, false, {120, 5}});
-  all.push_back({"expert-contiguous, all tokens on one expert", 4, 4, 256, true, 128, L::kExpertContiguous, false,
-                 ScalarType::kBFloat16, Routing::kOneExpert, false, {max_tokens}});
-  all.push_back({"expert-contiguous, float32 rows, no scales", 2, 2, 128, false, 1, L::kExpertContiguous, false,
-                 ScalarType::kFloat32, Routing::kRandom, false, {33}});
+  all.push_back({"rank-packed, random, changing m",
+                 4,
+                 4,
+                 256,
+                 true,
+                 1,
+                 L::kRankPacked,
+                 false,
+                 ScalarType::kBFloat16,
+                 Routing::kRandom,
+                 false,
+                 {37, 0, 1, max_tokens, 200}});
+  all.push_back({"rank-packed, exact capacity, -1 slots",
+                 4,
+                 4,
+                 256,
+                 true,
+                 1,
+                 L::kRankPacked,
+                 true,
+                 ScalarType::kBFloat16,
+                 Routing::kHoles,
+                 false,
+                 {100, 3}});
+  all.push_back({"rank-packed, no scales, float32 rows, top-8",
+                 8,
+                 8,
+                 128,
+                 false,
+                 1,
+                 L::kRankPacked,
+                 false,
+                 ScalarType::kFloat32,
+                 Routing::kRandom,
+                 false,
+                 {64}});
+  all.push_back({"rank-packed, last rank receives nothing",
+                 4,
+                 4,
+                 256,
+                 true,
+                 1,
+                 L::kRankPacked,
+                 false,
+                 ScalarType::kBFloat16,
+                 Routing::kLastRankEmpty,
+                 false,
+                 {50}});
+  all.push_back({"rank-packed, staged input",
+                 4,
+                 4,
+                 256,
+                 true,
+                 1,
+                 L::kRankPacked,
+                 false,
+                 ScalarType::kBFloat16,
+                 Routing::kRandom,
+                 true,
+                 {90, 20}});
+  all.push_back({"expert-contiguous, alignment 1",
+                 4,
+                 4,
+                 256,
+                 true,
+                 1,
+                 L::kExpertContiguous,
+                 false,
+                 ScalarType::kBFloat16,
+                 Routing::kRandom,
+                 false,
+                 {37, max_tokens, 0}});
+  all.push_back({"expert-contiguous, alignment 128, exact",
+                 4,
+                 4,
+                 256,
+                 true,
+                 128,
+                 L::kExpertContiguous,
+                 true,
+                 ScalarType::kBFloat16,
+                 Routing::kHoles,
+                 false,
+                 {120, 5}});
+  all.push_back({"expert-contiguous, all tokens on one expert",
+                 4,
+                 4,
+                 256,
+                 true,
+                 128,
+                 L::kExpertContiguous,
+                 false,
+                 ScalarType::kBFloat16,
+                 Routing::kOneExpert,
+                 false,
+                 {max_tokens}});
+  all.push_back({"expert-contiguous, float32 rows, no scales",
+                 2,
+                 2,
+                 128,
+                 false,
+                 1,
+                 L::kExpertContiguous,
+                 false,
+                 ScalarType::kFloat32,
+                 Routing::kRandom,
+                 false,
+                 {33}});
   return all;
 }
 

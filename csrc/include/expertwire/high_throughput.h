@@ -88,16 +88,16 @@ class HighThroughputHandle {
 
 // What a dispatch delivers to this rank, read on the host after dispatch_layout (one stream synchronization).
 struct HighThroughputCounts {
-  int64_t num_recv_tokens = 0;              // rank-packed rows
-  int64_t num_expert_rows = 0;              // expert-contiguous rows, padding included
-  std::vector<int64_t> tokens_per_expert;   // [num_local_experts]
+  int64_t num_recv_tokens = 0;             // rank-packed rows
+  int64_t num_expert_rows = 0;             // expert-contiguous rows, padding included
+  std::vector<int64_t> tokens_per_expert;  // [num_local_experts]
 };
 
 struct HighThroughputDispatchInputs {
-  Strided2D<const uint8_t> x;       // [m][x_bytes], bytes contiguous, rows a multiple of 16 bytes apart
-  uint64_t x_bytes = 0;             // payload bytes per token, a multiple of 16, <= hidden_dim_bytes; 0: that
-  Strided2D<const float> x_scale;   // [m][hidden_dim_scale_bytes / 4] at any strides; null without scales
-  const void* topk_idx = nullptr;   // [m][k] packed, int32 or int64; -1: no expert in that slot
+  Strided2D<const uint8_t> x;      // [m][x_bytes], bytes contiguous, rows a multiple of 16 bytes apart
+  uint64_t x_bytes = 0;            // payload bytes per token, a multiple of 16, <= hidden_dim_bytes; 0: that
+  Strided2D<const float> x_scale;  // [m][hidden_dim_scale_bytes / 4] at any strides; null without scales
+  const void* topk_idx = nullptr;  // [m][k] packed, int32 or int64; -1: no expert in that slot
   bool topk_idx_int64 = true;
   const float* topk_weights = nullptr;  // [m][k] packed
   uint32_t m = 0;                       // <= max_num_tokens
@@ -105,9 +105,9 @@ struct HighThroughputDispatchInputs {
 
 struct HighThroughputDispatchOutputs {
   HighThroughputLayout layout = HighThroughputLayout::kRankPacked;
-  uint64_t capacity_rows = 0;      // rows each per-row output holds; more rows is DeviceError, nothing written
-  uint8_t* recv_x = nullptr;       // [capacity_rows][x_bytes], packed
-  Strided2D<float> recv_x_scale;   // [capacity_rows][s] at any strides; null without scales
+  uint64_t capacity_rows = 0;     // rows each per-row output holds; more rows is DeviceError, nothing written
+  uint8_t* recv_x = nullptr;      // [capacity_rows][x_bytes], packed
+  Strided2D<float> recv_x_scale;  // [capacity_rows][s] at any strides; null without scales
   // Rank-packed layout:
   int64_t* recv_topk_idx = nullptr;    // [capacity_rows][k]: the local expert of each slot, or -1
   float* recv_topk_weights = nullptr;  // [capacity_rows][k]: its weight, or 0
@@ -173,8 +173,8 @@ class HighThroughputAllToAll {
   explicit HighThroughputAllToAll(const HighThroughputConfig& config);
   // As AllToAll::agree_and_prepare.
   void agree_and_prepare(const AllToAllOptions& options, bool transport_may_put, const char* transport, int rank,
-                         int world_size,
-                         const AllGatherBytes& all_gather, const std::function<void()>& transport_checks);
+                         int world_size, const AllGatherBytes& all_gather,
+                         const std::function<void()>& transport_checks);
   void set_symmetric_buffer(uint8_t* local_base, bool uses_puts);
 
   struct Launch;  // the kernels' arguments (internal)

@@ -88,7 +88,8 @@ HighThroughputAllToAll::HighThroughputAllToAll(const HighThroughputConfig& confi
 HighThroughputAllToAll::~HighThroughputAllToAll() = default;
 
 void HighThroughputAllToAll::agree_and_prepare(const AllToAllOptions& options, bool transport_may_put,
-                                               const char* transport, int rank, int world_size, const AllGatherBytes& all_gather,
+                                               const char* transport, int rank, int world_size,
+                                               const AllGatherBytes& all_gather,
                                                const std::function<void()>& transport_checks) {
   agree_before_allocating(transport, rank, world_size, all_gather, [&] {
     config_.validate();
@@ -127,8 +128,8 @@ Strided2D<float> HighThroughputAllToAll::dispatch_input_scale_buffer() const {
 std::unique_ptr<HighThroughputHandle> HighThroughputAllToAll::make_handle() const {
   const ScopedDevice on_own_device(device_);
   std::unique_ptr<HighThroughputHandle> handle(new HighThroughputHandle());
-  handle->memory_ = std::make_unique<HighThroughputHandle::Memory>(state_->handle_layout,
-                                                                   state_->layout.num_local_experts);
+  handle->memory_ =
+      std::make_unique<HighThroughputHandle::Memory>(state_->handle_layout, state_->layout.num_local_experts);
   return handle;
 }
 
@@ -195,8 +196,8 @@ HighThroughputDispatchInputs checked_inputs(const HighThroughputConfig& config, 
   EW_REQUIRE(in.m == 1 || in.x.row_stride >= in.x_bytes, "dispatch: x's rows overlap: row_stride ", in.x.row_stride,
              " < ", in.x_bytes, " bytes");
   if (config.hidden_dim_scale_bytes != 0) {
-    EW_REQUIRE(in.x_scale.data != nullptr, "dispatch: x_scale is null but hidden_dim_scale_bytes=",
-               config.hidden_dim_scale_bytes);
+    EW_REQUIRE(in.x_scale.data != nullptr,
+               "dispatch: x_scale is null but hidden_dim_scale_bytes=", config.hidden_dim_scale_bytes);
     EW_REQUIRE(in.x_scale.row_stride % 4 == 0 && in.x_scale.element_stride % 4 == 0 &&
                    reinterpret_cast<uintptr_t>(in.x_scale.data) % 4 == 0,
                "dispatch: x_scale's strides must be multiples of 4 bytes, got ", in.x_scale.row_stride, " and ",
@@ -260,10 +261,10 @@ void HighThroughputAllToAll::dispatch_data(const HighThroughputDispatchInputs& r
   check_errors();
   const ScopedDevice on_own_device(device_);
   EW_REQUIRE(state_->next == NextCall::kDispatchData && handle.dispatch_index_ == state_->dispatches,
-             "dispatch_data: must follow dispatch_layout with the same handle; expected ", next_call_name(state_->next));
+             "dispatch_data: must follow dispatch_layout with the same handle; expected ",
+             next_call_name(state_->next));
   const HighThroughputDispatchInputs in = checked_inputs(config_, raw);
-  EW_REQUIRE(in.m == handle.m_, "dispatch_data: m must be the dispatch_layout's ",
-             handle.m_, ", got ", in.m);
+  EW_REQUIRE(in.m == handle.m_, "dispatch_data: m must be the dispatch_layout's ", handle.m_, ", got ", in.m);
   EW_REQUIRE(out.layout == handle.layout_, "dispatch_data: outputs.layout must be the layout given to dispatch_layout");
   EW_REQUIRE(out.capacity_rows <= uint64_t(std::numeric_limits<int32_t>::max()),
              "dispatch_data: capacity_rows too large for 32-bit rows, got ", out.capacity_rows);

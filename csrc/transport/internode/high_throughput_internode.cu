@@ -11,13 +11,15 @@ namespace expertwire {
 HighThroughputInternode::HighThroughputInternode(const HighThroughputConfig& config, const AllToAllOptions& options)
     : HighThroughputAllToAll(config) {
   require_nvshmem_initialized();
-  agree_and_prepare(options, device::NvshmemTransport::kMayPut, "internode", nvshmem_rank(), nvshmem_world_size(), nvshmem_all_gather_bytes, [&] {
-    EW_REQUIRE(nvshmem_world_size() == config.world_size, "HighThroughputConfig.world_size must equal NVSHMEM's ",
-               nvshmem_world_size(), " ranks, got ", config.world_size);
-    EW_REQUIRE(nvshmem_rank() == config.rank, "HighThroughputConfig.rank must equal this process's NVSHMEM rank ",
-               nvshmem_rank(), ", got ", config.rank);
-    require_fits_symmetric_heap(symmetric_bytes(), symmetric_heap_bytes_from_env());
-  });
+  agree_and_prepare(
+      options, device::NvshmemTransport::kMayPut, "internode", nvshmem_rank(), nvshmem_world_size(),
+      nvshmem_all_gather_bytes, [&] {
+        EW_REQUIRE(nvshmem_world_size() == config.world_size, "HighThroughputConfig.world_size must equal NVSHMEM's ",
+                   nvshmem_world_size(), " ranks, got ", config.world_size);
+        EW_REQUIRE(nvshmem_rank() == config.rank, "HighThroughputConfig.rank must equal this process's NVSHMEM rank ",
+                   nvshmem_rank(), ", got ", config.rank);
+        require_fits_symmetric_heap(symmetric_bytes(), symmetric_heap_bytes_from_env());
+      });
   buffer_ = std::make_unique<NvshmemSymmetricBuffer>(symmetric_bytes(), options.force_puts);
   // Every rank must run the same protocol (pull or push): one rank that needs puts makes every rank push.
   uses_puts_ = nvshmem_on_any_rank(buffer_->uses_puts());
