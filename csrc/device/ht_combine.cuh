@@ -102,14 +102,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_combine_
   const uint64_t target = a.workspace->combine_calls + 1;
   ht_combine_send<Transport, T>(a, transport);
 
+  bool missing = false;
   for (uint32_t r = threadIdx.x; r < W; r += blockDim.x) {
-    wait_signal_until(
-        a.local<uint64_t>(l.combine_ready_offset + uint64_t(r) * 8), [&](uint64_t v) { return v >= target; },
-        a.timeout_ns, a.error, Phase::kCombineRecv, int32_t(r));
+    missing |= wait_signal_until(
+                   a.local<uint64_t>(l.combine_ready_offset + uint64_t(r) * 8), [&](uint64_t v) { return v >= target; },
+                   a.timeout_ns, a.error, Phase::kCombineRecv, int32_t(r)) < target;
   }
-  __syncthreads();
   const bool pull = transport.load_store_only();
-  if (!wait_failed(a.error)) {
+  if (!__syncthreads_or(missing)) {
     const uint32_t vectors = l.hidden_dim / 8;
     const int lane = lane_id();
     auto* out = reinterpret_cast<T*>(a.combine_out);

@@ -130,7 +130,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
   const uint32_t num_recv = a.h.recv_base[W];
   const uint32_t rows_needed = ht_rows_needed(a);
   // A rank whose count exchange gave up has no offsets to write by; one over capacity writes no row.
-  bool receive = !wait_failed(a.error) && num_recv <= l.recv_rows && rows_needed <= a.out.capacity_rows;
+  __shared__ bool exchange_failed;
+  if (threadIdx.x == 0) exchange_failed = wait_failed(a.error);
+  __syncthreads();
+  bool receive = !exchange_failed && num_recv <= l.recv_rows && rows_needed <= a.out.capacity_rows;
   if (blockIdx.x == 0 && threadIdx.x == 0 && rows_needed > a.out.capacity_rows) {
     record_error(a.error, ErrorCode::kCapacityExceeded, Phase::kDispatchRecv, -1, rows_needed);
   }
@@ -146,13 +149,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
     if (!pull) {
       ht_push_tokens(a, transport);
       const uint64_t target = a.workspace->dispatch_calls;  // advanced by this dispatch's offsets kernel
+      bool missing = false;
       for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
-        wait_signal_until(
-            a.local<uint64_t>(l.data_arrived_offset + uint64_t(s) * 8), [&](uint64_t v) { return v >= target; },
-            a.timeout_ns, a.error, Phase::kDispatchRecv, int32_t(s));
+        missing |=
+            wait_signal_until(
+                a.local<uint64_t>(l.data_arrived_offset + uint64_t(s) * 8), [&](uint64_t v) { return v >= target; },
+                a.timeout_ns, a.error, Phase::kDispatchRecv, int32_t(s)) < target;
       }
-      __syncthreads();
-      receive = receive && !wait_failed(a.error);
+      receive = !__syncthreads_or(missing) && receive;
       if (receive) {
         for (uint32_t i = global_warp(); i < num_recv; i += total_warps()) {
           ht_receive_token(a, find_segment(a.h.recv_base, W, i), a.local<uint8_t>(l.staging_record_offset(i)),

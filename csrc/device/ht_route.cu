@@ -102,13 +102,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
   const HtLayout& l = a.l;
   const uint32_t W = l.world_size, L = l.num_local_experts;
   const uint64_t target = a.workspace->dispatch_calls + 1;
+  bool missing = false;
   for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
-    wait_signal_until(
-        a.local<uint64_t>(l.count_arrived_offset + uint64_t(s) * 8), [&](uint64_t v) { return v >= target; },
-        a.timeout_ns, a.error, Phase::kDispatchRecv, int32_t(s));
+    missing |= wait_signal_until(
+                   a.local<uint64_t>(l.count_arrived_offset + uint64_t(s) * 8), [&](uint64_t v) { return v >= target; },
+                   a.timeout_ns, a.error, Phase::kDispatchRecv, int32_t(s)) < target;
   }
-  __syncthreads();
-  const bool gave_up = wait_failed(a.error);
+  // Each wait's own verdict: the error record keeps only the first error, which may be bad input.
+  const bool gave_up = __syncthreads_or(missing);
   auto count = [&](uint32_t source, uint32_t word) -> uint32_t {
     return gave_up ? 0u : __ldcg(a.local<uint32_t>(l.count_row_offset(source)) + word);
   };

@@ -450,8 +450,9 @@ void run_failures(const harness::MpiSession& mpi, TransportKind kind, const Opti
   auto inputs = [&](DeviceBytes& x, DeviceBytes& idx, DeviceBytes& w, int64_t m, int64_t bad_index) {
     std::vector<int64_t> topk(m * 2);
     for (int64_t t = 0; t < m; ++t) {
-      topk[2 * t] = (t + rank) % config.num_experts;
-      topk[2 * t + 1] = (t == 0 && bad_index >= 0) ? bad_index : (t + rank + 1) % config.num_experts;
+      // Token t to rank t % world's first two experts: every rank receives at least 16 / world tokens per source.
+      topk[2 * t] = (t % world) * config.num_local_experts();
+      topk[2 * t + 1] = (t == 0 && bad_index >= 0) ? bad_index : (t % world) * config.num_local_experts() + 1;
     }
     idx.write(topk.data(), topk.size() * 8);
     HighThroughputDispatchInputs in;

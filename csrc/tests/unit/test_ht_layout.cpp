@@ -79,7 +79,7 @@ TEST(HtLayout, RegionsByHand) {
   EXPECT_EQ(pull.data_arrived_offset, 768u);
   EXPECT_EQ(pull.combine_ready_offset, 1024u);
   EXPECT_EQ(pull.token_records_offset, 1280u);
-  EXPECT_EQ(pull.input_rows_offset, 1280u + 64u * 64u);                 // 64 records of 64 bytes
+  EXPECT_EQ(pull.input_rows_offset, 1280u + 64u * 64u);                      // 64 records of 64 bytes
   EXPECT_EQ(pull.combine_rows_offset, pull.input_rows_offset + 64u * 272u);  // no push regions
   EXPECT_EQ(pull.symmetric_bytes, pull.combine_rows_offset + 256u * 512u);
   EXPECT_EQ(pull.combine_recv_rows, 64u * 4u);  // tokens * min(k, world)

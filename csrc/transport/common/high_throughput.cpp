@@ -258,7 +258,8 @@ HighThroughputCounts HighThroughputAllToAll::counts(const HighThroughputHandle& 
 
 void HighThroughputAllToAll::dispatch_data(const HighThroughputDispatchInputs& raw, HighThroughputHandle& handle,
                                            const HighThroughputDispatchOutputs& out, cudaStream_t stream) {
-  check_errors();
+  // No check_errors() here: bad input that this rank's layout half recorded must not keep it from the data half,
+  // which its peers wait for; the next call (or counts()) reports it.
   const ScopedDevice on_own_device(device_);
   EW_REQUIRE(state_->next == NextCall::kDispatchData && handle.dispatch_index_ == state_->dispatches,
              "dispatch_data: must follow dispatch_layout with the same handle; expected ",
@@ -313,6 +314,9 @@ void HighThroughputAllToAll::combine(const HighThroughputCombineParams& p, const
     EW_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % 16 == 0, "combine: expert_out and out must be 16-byte aligned");
   }
   const bool staged = p.expert_out == combine_input_buffer();
+  EW_REQUIRE(!staged || element_bytes == uint64_t(config_.combine_element_bytes),
+             "combine: combine_input_buffer() rows are combine_element_bytes=", config_.combine_element_bytes,
+             " per element; ", scalar_type_name(p.type), " rows there would be read at the wrong stride");
   EW_REQUIRE(!staged || handle.layout_ == HighThroughputLayout::kRankPacked,
              "combine: combine_input_buffer() holds rank-packed rows; an expert-contiguous expert_out is the "
              "caller's own");
