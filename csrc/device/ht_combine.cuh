@@ -121,9 +121,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_combine_
       }
       // This lane's row, if it has one, and the rows in rank order: lane i of `order` holds the i-th lowest rank.
       const T* row = nullptr;
-      if (rank_row >= 0) {
-        const SymmetricRef<uint8_t> ref{pull ? l.combine_row_offset(a.h.base_at[dest] + uint32_t(rank_row))
-                                             : l.combine_recv_row_offset(a.h.send_base[dest] + uint32_t(rank_row))};
+      const uint32_t at = rank_row < 0 ? 0u : (pull ? a.h.base_at[dest] : a.h.send_base[dest]) + uint32_t(rank_row);
+      // A row past the expert rank's capacity was never received there (it reported the overflow).
+      if (rank_row >= 0 && at < (pull ? l.recv_rows : l.combine_recv_rows)) {
+        const SymmetricRef<uint8_t> ref{pull ? l.combine_row_offset(at) : l.combine_recv_row_offset(at)};
         row = reinterpret_cast<const T*>(pull ? transport.peer(dest, ref) : a.local<uint8_t>(ref.offset));
       }
       const unsigned has = __ballot_sync(kFullMask, row != nullptr);

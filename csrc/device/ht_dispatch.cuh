@@ -82,11 +82,12 @@ __device__ __forceinline__ void ht_receive_token(const HtArgs& a, uint32_t sourc
 
 // Push: every token of this rank to the staging rows of every rank it names, once each; then data_arrived.
 template <class Transport>
-__device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport& transport) {
+__device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport& transport, bool send_rows) {
   const HtLayout& l = a.l;
   const uint32_t k = l.experts_per_token;
   const int lane = lane_id();
-  for (uint32_t t = global_warp(); t < a.m; t += total_warps()) {
+  // Without the count exchange there are no offsets to put by; the signals still go out, peers wait for them.
+  for (uint32_t t = global_warp(); send_rows && t < a.m; t += total_warps()) {
     int32_t rank_row = -1, dest = -1;
     if (uint32_t(lane) < k) {
       rank_row = a.h.slot_rank_row[uint64_t(t) * k + lane];
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
 
   if constexpr (Transport::kMayPut) {
     if (!pull) {
-      ht_push_tokens(a, transport);
+      ht_push_tokens(a, transport, !exchange_failed);
       const uint64_t target = a.workspace->dispatch_calls;  // advanced by this dispatch's offsets kernel
       bool missing = false;
       for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
