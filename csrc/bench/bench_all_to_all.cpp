@@ -17,12 +17,15 @@
 #include "core/cuda_utils.h"
 #include "expertwire/nvshmem.h"
 #include "expertwire/params.h"
+#include "tests/common/cuda_events.h"
 #include "tests/common/mpi_harness.h"
 #include "tests/common/transports.h"
 #include "tests/common/workload.h"
 
 namespace expertwire {
 namespace {
+
+using harness::Events;
 
 struct Options {
   std::vector<int64_t> tokens = {1, 32, 128};
@@ -105,25 +108,6 @@ std::vector<double> slowest_rank(std::vector<double> values) {
   MPI_Allreduce(MPI_IN_PLACE, values.data(), int(values.size()), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   return values;
 }
-
-class Events {
- public:
-  explicit Events(size_t count) : events_(count) {
-    for (auto& e : events_) EW_CUDA_CHECK(cudaEventCreate(&e));
-  }
-  ~Events() {
-    for (auto& e : events_) cudaEventDestroy(e);
-  }
-  void record(size_t i, cudaStream_t stream) { EW_CUDA_CHECK(cudaEventRecord(events_[i], stream)); }
-  double micros(size_t from, size_t to) const {
-    float ms = 0;
-    EW_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[from], events_[to]));
-    return double(ms) * 1000.0;
-  }
-
- private:
-  std::vector<cudaEvent_t> events_;
-};
 
 struct CaseResult {
   int64_t tokens, experts;

@@ -22,12 +22,15 @@
 #include "core/error.h"
 #include "expertwire/high_throughput.h"
 #include "expertwire/nvshmem.h"
+#include "tests/common/cuda_events.h"
 #include "tests/common/mpi_harness.h"
 #include "tests/common/transports.h"
 #include "tests/common/workload.h"
 
 namespace expertwire {
 namespace {
+
+using harness::Events;
 
 struct Options {
   std::vector<int64_t> tokens = {512, 1024, 2048, 4096, 8192};
@@ -103,25 +106,6 @@ double mean_over_ranks(double value) {
   MPI_Comm_size(MPI_COMM_WORLD, &world);
   return value / world;
 }
-
-class Events {
- public:
-  explicit Events(size_t count) : events_(count) {
-    for (auto& e : events_) EW_CUDA_CHECK(cudaEventCreate(&e));
-  }
-  ~Events() {
-    for (auto& e : events_) cudaEventDestroy(e);
-  }
-  void record(size_t i, cudaStream_t stream) { EW_CUDA_CHECK(cudaEventRecord(events_[i], stream)); }
-  double micros(size_t from, size_t to) const {
-    float ms = 0;
-    EW_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[from], events_[to]));
-    return double(ms) * 1000.0;
-  }
-
- private:
-  std::vector<cudaEvent_t> events_;
-};
 
 struct Result {
   int64_t tokens = 0;

@@ -264,4 +264,13 @@ IpcSymmetricBuffer::IpcSymmetricBuffer(size_t bytes, int rank, int world_size, c
 
 IpcSymmetricBuffer::~IpcSymmetricBuffer() { cudaDeviceSynchronize(); }
 
+void require_intranode_supported(bool force_puts, int64_t world_size, int device) {
+  EW_REQUIRE(!force_puts,
+             "intranode: AllToAllOptions.force_puts must be false (peer memory has no puts; the internode transport "
+             "sends every byte through puts with it)");
+  EW_REQUIRE(world_size <= kMaxIntranodeRanks, "intranode: world_size must be 1..", kMaxIntranodeRanks,
+             " (one node), got ", world_size, "; use the internode transport across nodes");
+  require_exportable_memory(device);
+}
+
 }  // namespace expertwire

@@ -20,6 +20,10 @@ namespace expertwire {
 // CUDA virtual memory API, which the intranode buffer needs.
 void require_exportable_memory(int device);
 
+// The checks every intranode all-to-all makes before it allocates: no force_puts (peer memory has no puts),
+// at most kMaxIntranodeRanks ranks, and memory `device` can export. Throws ConfigError / RuntimeError naming them.
+void require_intranode_supported(bool force_puts, int64_t world_size, int device);
+
 // A range of this process's virtual addresses mapped onto one physical allocation (ours or a peer's), readable
 // and writable from `device`. Unmapped and released on destruction; the physical memory lives until every
 // process has unmapped it.

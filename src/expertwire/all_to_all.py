@@ -43,6 +43,18 @@ def _resolve_group(group_name: str) -> dist.ProcessGroup:
     raise ValueError(f"intranode: group_name {group_name!r} names no process group")
 
 
+def _intranode_group(group_name: str, world_size: int, rank: int) -> dist.ProcessGroup:
+    """The group of an intranode object, whose ranks must be 0..world_size-1 in order with this process as `rank`."""
+    group = _resolve_group(group_name)
+    group_size, group_rank = dist.get_world_size(group), dist.get_rank(group)
+    if group_size != world_size or group_rank != rank:
+        raise ValueError(
+            f"intranode: process group {group_name!r} has {group_size} ranks and this process is its rank "
+            f"{group_rank}, but world_size={world_size}, rank={rank} were given"
+        )
+    return group
+
+
 def _all_gather_over(group: dist.ProcessGroup):
     def all_gather(local: bytes) -> list[bytes]:
         gathered: list[Optional[bytes]] = [None] * dist.get_world_size(group)
@@ -172,13 +184,7 @@ class AllToAll:
             hidden_dim_bytes,
             hidden_dim_scale_bytes,
         )
-        group = _resolve_group(group_name)
-        group_size, group_rank = dist.get_world_size(group), dist.get_rank(group)
-        if group_size != world_size or group_rank != rank:
-            raise ValueError(
-                f"intranode: process group {group_name!r} has {group_size} ranks and this process is its rank "
-                f"{group_rank}, but world_size={world_size}, rank={rank} were given"
-            )
+        group = _intranode_group(group_name, world_size, rank)
         native = ext.AllToAllHandle.intranode(config, _all_gather_over(group), max_sm_count=max_sm_count)
         return cls(native, shape, uses_nvshmem=False)
 

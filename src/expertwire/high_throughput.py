@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ._native import ext
-from .all_to_all import _all_gather_over, _resolve_group
+from .all_to_all import _all_gather_over, _intranode_group
 from .checks import SCALAR_TYPES, integer
 
 LAYOUTS = ("rank-packed", "expert-contiguous")
@@ -116,12 +115,7 @@ class HighThroughputAllToAll:
             recv_capacity=recv_capacity,
         )
         integer("HighThroughputAllToAll.intranode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
-        group = _resolve_group(group_name)
-        if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
-            raise ValueError(
-                f"intranode: process group {group_name!r} has {dist.get_world_size(group)} ranks and this process is "
-                f"its rank {dist.get_rank(group)}, but world_size={world_size}, rank={rank} were given"
-            )
+        group = _intranode_group(group_name, world_size, rank)
         native = ext.HighThroughputObject.intranode(
             **fields, all_gather=_all_gather_over(group), max_sm_count=max_sm_count
         )
