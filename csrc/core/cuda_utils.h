@@ -92,15 +92,16 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
-// Pinned host memory mapped into the device: kernels write it, the host reads it without a copy.
+// Pinned host memory mapped into the device, `count` value-initialized Ts: kernels write it, the host reads it
+// without a copy.
 template <class T>
-class MappedHostObject {
+class MappedHostArray {
  public:
-  MappedHostObject() {
+  explicit MappedHostArray(size_t count) {
     T* host = nullptr;
-    EW_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(T), cudaHostAllocMapped));
+    EW_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host), count * sizeof(T), cudaHostAllocMapped));
     host_.reset(host);  // owned from here on, whatever throws next
-    *host_ = T{};
+    for (size_t i = 0; i < count; ++i) host_.get()[i] = T{};
     EW_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_.get(), 0));
   }
 
@@ -113,6 +114,13 @@ class MappedHostObject {
   };
   std::unique_ptr<T, FreeHost> host_;
   T* device_ = nullptr;
+};
+
+// One mapped T.
+template <class T>
+class MappedHostObject : public MappedHostArray<T> {
+ public:
+  MappedHostObject() : MappedHostArray<T>(1) {}
 };
 
 }  // namespace expertwire

@@ -18,27 +18,6 @@
 namespace expertwire {
 namespace {
 
-// Pinned host words mapped into the device.
-class MappedHostWords {
- public:
-  explicit MappedHostWords(size_t words) {
-    uint32_t* host = nullptr;
-    EW_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host), words * sizeof(uint32_t), cudaHostAllocMapped));
-    host_.reset(host);
-    for (size_t i = 0; i < words; ++i) host_.get()[i] = 0;
-    EW_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_.get(), 0));
-  }
-  const volatile uint32_t* host() const { return host_.get(); }
-  uint32_t* device() const { return device_; }
-
- private:
-  struct FreeHost {
-    void operator()(uint32_t* host) const { cudaFreeHost(host); }
-  };
-  std::unique_ptr<uint32_t, FreeHost> host_;
-  uint32_t* device_ = nullptr;
-};
-
 // The next call each call may be followed by: dispatch_layout, then dispatch_data, then combine.
 enum class NextCall { kDispatchLayout, kDispatchData, kCombine };
 
@@ -57,7 +36,7 @@ struct HighThroughputHandle::Memory {
   Memory(const HtHandleLayout& layout, uint32_t local_experts)
       : device(layout.words * sizeof(uint32_t)), host_counts(2 + local_experts) {}
   DeviceBuffer device;
-  MappedHostWords host_counts;
+  MappedHostArray<uint32_t> host_counts;
 };
 
 HighThroughputHandle::HighThroughputHandle() = default;
@@ -248,7 +227,7 @@ void HighThroughputAllToAll::dispatch_layout(const HighThroughputDispatchInputs&
 HighThroughputCounts HighThroughputAllToAll::counts(const HighThroughputHandle& handle, cudaStream_t stream) const {
   EW_CUDA_CHECK(cudaStreamSynchronize(stream));
   check_errors();
-  const volatile uint32_t* words = handle.memory_->host_counts.host();
+  const volatile uint32_t* words = handle.memory_->host_counts.host();  // written by the offsets kernel
   HighThroughputCounts counts;
   counts.num_recv_tokens = words[0];
   counts.num_expert_rows = words[1];
