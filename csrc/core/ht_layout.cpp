@@ -14,18 +14,6 @@ void require_positive(const char* field, int64_t value) {
 
 constexpr int64_t kMaxIndex = int64_t(std::numeric_limits<int32_t>::max());
 
-// Regions one after another, each kRegionAlign-aligned.
-struct Cursor {
-  uint64_t at = 0;
-  uint64_t take(uint64_t bytes) {
-    const uint64_t offset = align_up(at, kRegionAlign);
-    EW_REQUIRE(bytes <= std::numeric_limits<uint64_t>::max() / 2 - offset,
-               "HighThroughputConfig: buffers too large for 64-bit sizes");
-    at = offset + bytes;
-    return offset;
-  }
-};
-
 }  // namespace
 
 int64_t HighThroughputConfig::max_expert_rows() const {
@@ -102,20 +90,22 @@ HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put) {
 
   const uint64_t count_rows_bytes = uint64_t(l.world_size) * l.count_row_words * 4;
   const uint64_t signals_bytes = uint64_t(l.world_size) * 8;
-  Cursor c;
-  l.count_rows_offset = c.take(count_rows_bytes);
-  l.count_out_offset = c.take(count_rows_bytes);
-  l.count_arrived_offset = c.take(signals_bytes);
-  l.data_arrived_offset = c.take(signals_bytes);
-  l.combine_ready_offset = c.take(signals_bytes);
-  l.token_records_offset = c.take(uint64_t(l.max_num_tokens) * l.record_bytes);
-  l.input_rows_offset = c.take(uint64_t(l.max_num_tokens) * l.input_row_bytes);
+  uint64_t at = 0;
+  auto take = [&](uint64_t bytes, const char* what) { return place(at, bytes, kRegionAlign, what); };
   const uint64_t push_rows = may_put ? l.recv_rows : 0;
-  l.staging_records_offset = c.take(push_rows * l.record_bytes);
-  l.staging_rows_offset = c.take(push_rows * l.input_row_bytes);
-  l.combine_rows_offset = c.take(uint64_t(l.recv_rows) * l.combine_row_bytes);
-  l.combine_recv_offset = c.take((may_put ? uint64_t(l.combine_recv_rows) : 0) * l.combine_row_bytes);
-  l.symmetric_bytes = align_up(c.at, kRegionAlign);
+  l.count_rows_offset = take(count_rows_bytes, "count_rows");
+  l.count_out_offset = take(count_rows_bytes, "count_out");
+  l.count_arrived_offset = take(signals_bytes, "count_arrived");
+  l.data_arrived_offset = take(signals_bytes, "data_arrived");
+  l.combine_ready_offset = take(signals_bytes, "combine_ready");
+  l.token_records_offset = take(checked_mul(l.max_num_tokens, l.record_bytes, "token_records"), "token_records");
+  l.input_rows_offset = take(checked_mul(l.max_num_tokens, l.input_row_bytes, "input_rows"), "input_rows");
+  l.staging_records_offset = take(checked_mul(push_rows, l.record_bytes, "staging_records"), "staging_records");
+  l.staging_rows_offset = take(checked_mul(push_rows, l.input_row_bytes, "staging_rows"), "staging_rows");
+  l.combine_rows_offset = take(checked_mul(l.recv_rows, l.combine_row_bytes, "combine_rows"), "combine_rows");
+  l.combine_recv_offset =
+      take(checked_mul(may_put ? l.combine_recv_rows : 0, l.combine_row_bytes, "combine_recv"), "combine_recv");
+  l.symmetric_bytes = place(at, 0, kRegionAlign, "symmetric buffer");
   return l;
 }
 

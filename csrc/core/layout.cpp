@@ -5,7 +5,6 @@
 #include "core/error.h"
 
 namespace expertwire {
-namespace {
 
 uint64_t checked_mul(uint64_t a, uint64_t b, const char* what) {
   uint64_t out = 0;
@@ -23,14 +22,11 @@ uint64_t checked_add(uint64_t a, uint64_t b, const char* what) {
   return out;
 }
 
-// Appends a region of `bytes` at the next `alignment` boundary of `cursor`; returns its offset.
 uint64_t place(uint64_t& cursor, uint64_t bytes, uint64_t alignment, const char* what) {
   const uint64_t offset = checked_add(cursor, alignment - 1, what) / alignment * alignment;
   cursor = checked_add(offset, bytes, what);
   return offset;
 }
-
-}  // namespace
 
 BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_slots) {
   config.validate();
@@ -91,10 +87,6 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.dispatch_epoch_offset = place(ws, sizeof(uint32_t), kRegionAlign, "dispatch_epoch");
   l.workspace_bytes = place(ws, 0, kRegionAlign, "workspace");
   return l;
-}
-
-void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes) {
-  require_fits_symmetric_heap(layout.symmetric_bytes, heap_bytes);
 }
 
 void require_fits_symmetric_heap(uint64_t symmetric_bytes, uint64_t heap_bytes) {

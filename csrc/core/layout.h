@@ -152,13 +152,17 @@ struct BufferLayout {
   }
 };
 
+// Buffer-size arithmetic: 64-bit products and sums that throw ConfigError naming `what` when they overflow, and
+// place(), which appends a region of `bytes` at the next `alignment` boundary of `cursor` and returns its offset.
+uint64_t checked_mul(uint64_t a, uint64_t b, const char* what);
+uint64_t checked_add(uint64_t a, uint64_t b, const char* what);
+uint64_t place(uint64_t& cursor, uint64_t bytes, uint64_t alignment, const char* what);
+
 // Computes the layout of a validated configuration. Throws ConfigError when a size overflows 64 bits.
 // `staging_slots` is the number of warps that may stage a row at once (blocks * warps per block).
 BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_slots);
 
 // Throws ConfigError when the symmetric allocation does not fit in `heap_bytes`, saying how much is needed.
-void require_fits_symmetric_heap(const BufferLayout& layout, uint64_t heap_bytes);
-// The same for `symmetric_bytes` of any all-to-all kind.
 void require_fits_symmetric_heap(uint64_t symmetric_bytes, uint64_t heap_bytes);
 
 // What every rank's layout must agree on: a rank whose offsets differ would read and write the wrong bytes of its

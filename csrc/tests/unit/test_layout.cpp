@@ -600,20 +600,22 @@ TEST(LayoutOverflow, ExpertOutputsFromConfig) {
 
 TEST(SymmetricHeap, FitsInLargeHeap) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
-  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 1ull << 30));  // 1 GiB
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, 1ull << 30));  // 1 GiB
   // 493,965,056 + 64 MiB (67,108,864) reserve = 561,073,920: exactly enough.
-  EXPECT_NO_THROW(require_fits_symmetric_heap(l, 561073920ull));
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, 561073920ull));
 }
 
 TEST(SymmetricHeap, OneByteShort) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
-  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 561073919ull); });
+  const std::string message =
+      config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 561073919ull); });
   EXPECT_THAT(message, HasSubstr("561073920"));
 }
 
 TEST(SymmetricHeap, SmallHeapNamesNeededBytesAndVariable) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
-  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 256ull << 20); });
+  const std::string message =
+      config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 256ull << 20); });
   EXPECT_THAT(message, HasSubstr("493965056"));  // symmetric bytes
   EXPECT_THAT(message, HasSubstr("561073920"));  // + 64 MiB reserve
   EXPECT_THAT(message, HasSubstr("268435456"));  // the heap it was given: 256 * 2^20
@@ -628,7 +630,8 @@ TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
   const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 64);
   ASSERT_EQ(l.symmetric_bytes, 18446744073709551360ull);
   for (const uint64_t heap_bytes : {uint64_t(1) << 30, std::numeric_limits<uint64_t>::max()}) {
-    const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, heap_bytes); });
+    const std::string message =
+        config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, heap_bytes); });
     EXPECT_THAT(message, HasSubstr("symmetric heap"));
     EXPECT_THAT(message, HasSubstr("overflows"));
   }
@@ -640,8 +643,8 @@ TEST(SymmetricHeap, NeededJustBelow2To64) {
   // needed = + 64 MiB (2^26) = 2^64 - 256 fits.
   const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 64);
   ASSERT_EQ(l.symmetric_bytes, 18446744073642442496ull);  // 2^64 - 2^26 - 256
-  EXPECT_NO_THROW(require_fits_symmetric_heap(l, std::numeric_limits<uint64_t>::max()));
-  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l, 1ull << 30); });
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, std::numeric_limits<uint64_t>::max()));
+  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 1ull << 30); });
   EXPECT_THAT(message, HasSubstr("18446744073709551360"));  // needed = 2^64 - 256
   // ceil((2^64 - 256) / 2^20) = 2^44; rounding up by adding 2^20 - 1 first would wrap and print 0M.
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=17592186044416M"));
