@@ -8,7 +8,9 @@
 #include <iterator>
 #include <string>
 
+#include "core/env.h"
 #include "core/error.h"
+#include "core/layout.h"
 
 namespace expertwire {
 
@@ -163,6 +165,14 @@ NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {
   EW_CUDA_CHECK(cudaMemcpy(peer_table_.get(), peers.data(), ranks * sizeof(uint8_t*), cudaMemcpyHostToDevice));
   // Every peer's buffer must be zeroed before anyone signals into it.
   nvshmem_barrier_all();
+}
+
+void require_nvshmem_supports(const char* config_name, int64_t world_size, int64_t rank, uint64_t symmetric_bytes) {
+  EW_REQUIRE(nvshmem_world_size() == world_size, config_name, ".world_size must equal NVSHMEM's ", nvshmem_world_size(),
+             " ranks, got ", world_size);
+  EW_REQUIRE(nvshmem_rank() == rank, config_name, ".rank must equal this process's NVSHMEM rank ", nvshmem_rank(),
+             ", got ", rank);
+  require_fits_symmetric_heap(symmetric_bytes, symmetric_heap_bytes_from_env());
 }
 
 }  // namespace expertwire

@@ -21,6 +21,11 @@ std::vector<std::string> nvshmem_all_gather_bytes(const std::string& local);
 // Whether `local` is true on some rank. Collective.
 bool nvshmem_on_any_rank(bool local);
 
+// The checks every internode all-to-all makes before it allocates: its configuration's world_size and rank are
+// NVSHMEM's (`config_name` names the configuration type in the messages), and `symmetric_bytes` fit the heap that
+// NVSHMEM_SYMMETRIC_SIZE gives. Throws ConfigError.
+void require_nvshmem_supports(const char* config_name, int64_t world_size, int64_t rank, uint64_t symmetric_bytes);
+
 // One nvshmem_malloc'd buffer, zeroed, plus a device table of the address at which this process can load
 // and store each peer's copy (nvshmem_ptr; null where only puts reach the peer). Allocation and release
 // are collective: every rank constructs and destroys its buffer together.

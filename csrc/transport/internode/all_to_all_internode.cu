@@ -1,6 +1,5 @@
 #include "expertwire/internode.h"
 
-#include "core/env.h"
 #include "core/error.h"
 #include "device/launch.cuh"
 #include "symmem/nvshmem_runtime.h"
@@ -14,13 +13,8 @@ AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const AllToAl
   // NVSHMEM's all-gather returns the ranks in its own order, whatever a rank's configuration says.
   agree_and_prepare(
       options, device::NvshmemTransport::kMayPut, "internode", nvshmem_rank(), nvshmem_world_size(),
-      nvshmem_all_gather_bytes, [&] {
-        EW_REQUIRE(nvshmem_world_size() == config.world_size, "AllToAllConfig.world_size must equal NVSHMEM's ",
-                   nvshmem_world_size(), " ranks, got ", config.world_size);
-        EW_REQUIRE(nvshmem_rank() == config.rank, "AllToAllConfig.rank must equal this process's NVSHMEM rank ",
-                   nvshmem_rank(), ", got ", config.rank);
-        require_fits_symmetric_heap(layout(), symmetric_heap_bytes_from_env());
-      });
+      nvshmem_all_gather_bytes,
+      [&] { require_nvshmem_supports("AllToAllConfig", config.world_size, config.rank, layout().symmetric_bytes); });
   buffer_ = std::make_unique<NvshmemSymmetricBuffer>(layout().symmetric_bytes, options.force_puts);
   set_symmetric_buffer(buffer_->local());
   // The kernels pull where every peer is load/store reachable and push otherwise, and every rank must run the

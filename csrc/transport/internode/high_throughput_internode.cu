@@ -1,4 +1,3 @@
-#include "core/env.h"
 #include "core/ht_layout.h"
 #include "device/ht_launch.cuh"
 #include "expertwire/high_throughput.h"
@@ -13,13 +12,8 @@ HighThroughputInternode::HighThroughputInternode(const HighThroughputConfig& con
   require_nvshmem_initialized();
   agree_and_prepare(
       options, device::NvshmemTransport::kMayPut, "internode", nvshmem_rank(), nvshmem_world_size(),
-      nvshmem_all_gather_bytes, [&] {
-        EW_REQUIRE(nvshmem_world_size() == config.world_size, "HighThroughputConfig.world_size must equal NVSHMEM's ",
-                   nvshmem_world_size(), " ranks, got ", config.world_size);
-        EW_REQUIRE(nvshmem_rank() == config.rank, "HighThroughputConfig.rank must equal this process's NVSHMEM rank ",
-                   nvshmem_rank(), ", got ", config.rank);
-        require_fits_symmetric_heap(symmetric_bytes(), symmetric_heap_bytes_from_env());
-      });
+      nvshmem_all_gather_bytes,
+      [&] { require_nvshmem_supports("HighThroughputConfig", config.world_size, config.rank, symmetric_bytes()); });
   buffer_ = std::make_unique<NvshmemSymmetricBuffer>(symmetric_bytes(), options.force_puts);
   // Every rank must run the same protocol (pull or push): one rank that needs puts makes every rank push.
   uses_puts_ = nvshmem_on_any_rank(buffer_->uses_puts());
