@@ -18,6 +18,7 @@
 #include "expertwire/nvshmem.h"
 #include "expertwire/params.h"
 #include "tests/common/cuda_events.h"
+#include "tests/common/flags.h"
 #include "tests/common/mpi_harness.h"
 #include "tests/common/transports.h"
 #include "tests/common/workload.h"
@@ -26,6 +27,8 @@ namespace expertwire {
 namespace {
 
 using harness::Events;
+using harness::parse_count;
+using harness::parse_list;
 
 struct Options {
   std::vector<int64_t> tokens = {1, 32, 128};
@@ -38,28 +41,6 @@ struct Options {
   std::string transport = harness::kDefaultTransports;
   std::string json;
 };
-
-// A flag's integer of at least `minimum`, or ConfigError naming the flag and the text.
-int64_t parse_count(const std::string& flag, const std::string& text, int64_t minimum = 1) {
-  size_t used = 0;
-  int64_t value = 0;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  EW_REQUIRE(used == text.size() && used > 0 && value >= minimum, flag, " takes integers >= ", minimum, ", got '", text,
-             "'");
-  return value;
-}
-
-std::vector<int64_t> parse_list(const std::string& flag, const std::string& text) {
-  std::vector<int64_t> out;
-  std::stringstream in(text);
-  for (std::string item; std::getline(in, item, ',');) out.push_back(parse_count(flag, item));
-  EW_REQUIRE(!out.empty(), flag, " takes a comma-separated list, got '", text, "'");
-  return out;
-}
 
 Options parse_options(int argc, char** argv) {
   Options o;

@@ -23,6 +23,7 @@
 #include "expertwire/high_throughput.h"
 #include "expertwire/nvshmem.h"
 #include "tests/common/cuda_events.h"
+#include "tests/common/flags.h"
 #include "tests/common/mpi_harness.h"
 #include "tests/common/transports.h"
 #include "tests/common/workload.h"
@@ -31,6 +32,8 @@ namespace expertwire {
 namespace {
 
 using harness::Events;
+using harness::parse_count;
+using harness::parse_list;
 
 struct Options {
   std::vector<int64_t> tokens = {512, 1024, 2048, 4096, 8192};
@@ -45,29 +48,14 @@ struct Options {
   std::string json;
 };
 
-int64_t parse_count(const std::string& flag, const std::string& text) {
-  size_t used = 0;
-  int64_t value = 0;
-  try {
-    value = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  EW_REQUIRE(used == text.size() && used > 0 && value >= 1, flag, " takes integers >= 1, got '", text, "'");
-  return value;
-}
-
 Options parse_options(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     EW_REQUIRE(i + 1 < argc, "bench_high_throughput: ", arg, " needs a value");
     const std::string value = argv[++i];
-    if (arg == "--tokens") {
-      o.tokens.clear();
-      std::stringstream in(value);
-      for (std::string item; std::getline(in, item, ',');) o.tokens.push_back(parse_count(arg, item));
-    } else if (arg == "--experts") o.experts = parse_count(arg, value);
+    if (arg == "--tokens") o.tokens = parse_list(arg, value);
+    else if (arg == "--experts") o.experts = parse_count(arg, value);
     else if (arg == "--top-k") o.top_k = parse_count(arg, value);
     else if (arg == "--hidden") o.hidden = parse_count(arg, value);
     else if (arg == "--alignment") o.alignment = parse_count(arg, value);
