@@ -39,7 +39,6 @@ inline constexpr uint32_t kRouteBlockTokens = 256;
 struct TokenRecordLayout {
   uint32_t k;
   EW_HOST_DEVICE uint64_t bytes() const { return align_up(uint64_t(16) * k, kBufferAlign); }
-  EW_HOST_DEVICE static int32_t* rank_row(uint8_t* record) { return reinterpret_cast<int32_t*>(record); }
 };
 
 struct HtLayout {

@@ -158,8 +158,9 @@ class HighThroughputAllToAll {
   // expert outputs written here (in stream order after dispatch_data) are not copied by combine where every peer
   // is load/store reachable.
   void* combine_input_buffer() const;
-  // Where this rank's tokens are staged for peers, [max_num_tokens] rows hidden_dim_bytes apart... (row stride
-  // dispatch_input_row_bytes()): a caller that writes x here saves the dispatch a copy.
+  // Where this rank's tokens (and scales) are staged for peers: [max_num_tokens] rows, further apart than their
+  // bytes (the views' row_stride). A caller that writes x (x_scale) here and passes these views saves the dispatch
+  // a copy of each; write them in stream order after the previous combine.
   Strided2D<uint8_t> dispatch_input_buffer() const;
   Strided2D<float> dispatch_input_scale_buffer() const;
 
