@@ -29,6 +29,20 @@ from .all_to_all import _all_gather_over, _intranode_group
 from .checks import SCALAR_TYPES, integer
 
 LAYOUTS = ("rank-packed", "expert-contiguous")
+# The native configuration's fields, in the factories' argument names.
+CONFIG_FIELDS = (
+    "max_num_tokens",
+    "num_experts",
+    "experts_per_token",
+    "rank",
+    "world_size",
+    "hidden_dim",
+    "hidden_dim_bytes",
+    "hidden_dim_scale_bytes",
+    "combine_element_bytes",
+    "expert_alignment",
+    "recv_capacity",
+)
 
 
 @dataclass
@@ -76,9 +90,13 @@ class HighThroughputAllToAll:
         self._fields = fields
 
     @staticmethod
-    def _fields(op: str, **fields) -> dict:
+    def _fields(op: str, arguments: dict) -> dict:
+        """The configuration fields among a factory's arguments, each checked as a non-negative int (the native
+        configuration checks the rest and raises ValueError naming the first bad one)."""
+        fields = {name: arguments[name] for name in CONFIG_FIELDS}
         for name, value in fields.items():
             integer(op, name, value, minimum=0)
+        integer(op, "max_sm_count", arguments["max_sm_count"], minimum=0, maximum=2**32 - 1)
         return fields
 
     @classmethod
@@ -100,21 +118,7 @@ class HighThroughputAllToAll:
     ) -> "HighThroughputAllToAll":
         """Through peer memory among the ranks of one node (the torch.distributed group `group_name` exchanges the
         buffer descriptions). combine_element_bytes 4 allows float32 combines (training in float32)."""
-        fields = cls._fields(
-            "HighThroughputAllToAll.intranode",
-            max_num_tokens=max_num_tokens,
-            num_experts=num_experts,
-            experts_per_token=experts_per_token,
-            rank=rank,
-            world_size=world_size,
-            hidden_dim=hidden_dim,
-            hidden_dim_bytes=hidden_dim_bytes,
-            hidden_dim_scale_bytes=hidden_dim_scale_bytes,
-            combine_element_bytes=combine_element_bytes,
-            expert_alignment=expert_alignment,
-            recv_capacity=recv_capacity,
-        )
-        integer("HighThroughputAllToAll.intranode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
+        fields = cls._fields("HighThroughputAllToAll.intranode", locals())
         group = _intranode_group(group_name, world_size, rank)
         native = ext.HighThroughputObject.intranode(
             **fields, all_gather=_all_gather_over(group), max_sm_count=max_sm_count
@@ -140,21 +144,7 @@ class HighThroughputAllToAll:
     ) -> "HighThroughputAllToAll":
         """Through NVSHMEM: loads and stores to peers it can map, puts to the others (every peer with
         force_puts)."""
-        fields = cls._fields(
-            "HighThroughputAllToAll.internode",
-            max_num_tokens=max_num_tokens,
-            num_experts=num_experts,
-            experts_per_token=experts_per_token,
-            rank=rank,
-            world_size=world_size,
-            hidden_dim=hidden_dim,
-            hidden_dim_bytes=hidden_dim_bytes,
-            hidden_dim_scale_bytes=hidden_dim_scale_bytes,
-            combine_element_bytes=combine_element_bytes,
-            expert_alignment=expert_alignment,
-            recv_capacity=recv_capacity,
-        )
-        integer("HighThroughputAllToAll.internode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
+        fields = cls._fields("HighThroughputAllToAll.internode", locals())
         native = ext.HighThroughputObject.internode(**fields, max_sm_count=max_sm_count, force_puts=bool(force_puts))
         return cls(native, fields)
 
