@@ -87,6 +87,7 @@ HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put) {
   l.scale_offset = align_up(l.hidden_dim_bytes, kBufferAlign);
   l.input_row_bytes = l.scale_offset + align_up(l.hidden_dim_scale_bytes, kBufferAlign);
   l.combine_row_bytes = uint64_t(l.hidden_dim) * l.combine_element_bytes;
+  l.slot_row_bytes = align_up(uint64_t(l.experts_per_token) * 4, kBufferAlign);
 
   const uint64_t count_rows_bytes = uint64_t(l.world_size) * l.count_row_words * 4;
   const uint64_t signals_bytes = uint64_t(l.world_size) * 8;
@@ -105,6 +106,9 @@ HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put) {
   l.combine_rows_offset = take(checked_mul(l.recv_rows, l.combine_row_bytes, "combine_rows"), "combine_rows");
   l.combine_recv_offset =
       take(checked_mul(may_put ? l.combine_recv_rows : 0, l.combine_row_bytes, "combine_recv"), "combine_recv");
+  l.combine_weights_offset = take(checked_mul(l.recv_rows, l.slot_row_bytes, "combine_weights"), "combine_weights");
+  l.combine_recv_weights_offset = take(
+      checked_mul(may_put ? l.combine_recv_rows : 0, l.slot_row_bytes, "combine_recv_weights"), "combine_recv_weights");
   l.symmetric_bytes = place(at, 0, kRegionAlign, "symmetric buffer");
   return l;
 }

@@ -14,6 +14,8 @@
 //   staging_records [recv_rows] TokenRecord and staging_rows [recv_rows] input rows: what senders put (push).
 //   combine_rows    [recv_rows] rows of hidden_dim * combine_element_bytes: this rank's rank-packed combine input.
 //   combine_recv    [max_num_tokens * min(k, world)] combine rows: what expert ranks put back (push).
+//   combine_weights [recv_rows] rows of k f32, and combine_recv_weights [max_num_tokens * min(k, world)] (push):
+//                   the per-slot values a combine may carry back beside its rows (training's weight gradients).
 //
 // Local workspace: dispatch_calls and combine_calls (u64, the targets of the monotonic signals: every rank counts
 // the same collective calls, on the device so that graph replays count too) and phase counters.
@@ -62,6 +64,7 @@ struct HtLayout {
   uint64_t input_row_bytes;    // align16(hidden_dim_bytes) + align16(scales)
   uint64_t scale_offset;       // of the scales in an input row
   uint64_t combine_row_bytes;  // hidden_dim * combine_element_bytes
+  uint64_t slot_row_bytes;     // k f32, 16-byte aligned: a row of combine_weights
 
   uint64_t count_rows_offset;
   uint64_t count_out_offset;
@@ -74,6 +77,8 @@ struct HtLayout {
   uint64_t staging_rows_offset;
   uint64_t combine_rows_offset;
   uint64_t combine_recv_offset;
+  uint64_t combine_weights_offset;
+  uint64_t combine_recv_weights_offset;
   uint64_t symmetric_bytes;
 
   EW_HOST_DEVICE uint64_t count_row_offset(uint32_t source) const {
@@ -96,6 +101,12 @@ struct HtLayout {
   EW_HOST_DEVICE uint64_t combine_recv_row_offset(uint32_t row) const {
     return combine_recv_offset + uint64_t(row) * combine_row_bytes;
   }
+  EW_HOST_DEVICE uint64_t combine_weights_row_offset(uint32_t row) const {
+    return combine_weights_offset + uint64_t(row) * slot_row_bytes;
+  }
+  EW_HOST_DEVICE uint64_t combine_recv_weights_row_offset(uint32_t row) const {
+    return combine_recv_weights_offset + uint64_t(row) * slot_row_bytes;
+  }
 };
 
 // The layout of a validated configuration; `may_put`: the push regions (staging, combine_recv) are allocated.
@@ -107,7 +118,7 @@ struct HtHandleLayout {
   uint64_t block_counts;       // [max_route_blocks][world + num_experts] u32
   uint64_t slot_rank_row;      // [max_num_tokens][k] i32
   uint64_t slot_expert_row;    // [max_num_tokens][k] i32
-  uint64_t slot_dest;          // [max_num_tokens][k] i32: the rank of a slot that has a rank row, else -1
+  uint64_t slot_dest;          // [max_num_tokens][k] i32: the rank of each slot's expert, -1 for no expert
   uint64_t recv_base;          // [world + 1] u32: first rank-packed row from each source
   uint64_t base_at;            // [world] u32: our first row at each rank (its recv_base[rank])
   uint64_t send_base;          // [world + 1] u32: prefix of the tokens we send to each rank (combine_recv rows)

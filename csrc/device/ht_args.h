@@ -65,7 +65,10 @@ struct HtArgs {
   HighThroughputLayout layout;
   const uint8_t* expert_out;
   uint8_t* combine_out;
-  bool expert_out_staged;  // expert_out is combine_input_buffer()
+  bool expert_out_staged;             // expert_out is combine_input_buffer()
+  const float* combine_row_weight;    // expert-contiguous row weights; null: recv_slot_weight
+  const float* combine_topk_weights;  // per-slot values carried back; null: none
+  float* combine_out_topk_weights;    // [m][k]
 
   template <class T>
   EW_HOST_DEVICE T* local(uint64_t offset) const {

@@ -5,6 +5,8 @@
 //            on every rank's combine_ready.
 //   receive  (token side) out[t] = the sum, in rank order and fp32, of token t's rows from every rank it went to:
 //            read from the expert rank's combine_rows (pull) or from our combine_recv (push).
+// With per-slot values (topk_weights) each row has a slot row beside it, combine_weights / combine_recv_weights,
+// and the receiver takes slot j's value from the rank that holds slot j's expert.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -44,14 +46,19 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
   const uint64_t row_bytes = uint64_t(l.hidden_dim) * sizeof(T);
   const int lane = lane_id();
   const bool expert_layout = a.layout == HighThroughputLayout::kExpertContiguous;
+  const bool carry_slots = a.combine_topk_weights != nullptr;
   for (uint32_t i = global_warp(); i < num_recv; i += total_warps()) {
     uint8_t* mine = a.local<uint8_t>(l.combine_row_offset(i));
+    float* mine_slots = a.local<float>(l.combine_weights_row_offset(i));
     if (expert_layout) {
       int32_t slot_row = -1;
       float slot_weight = 0.0f;
       if (uint32_t(lane) < k) {
         slot_row = a.h.recv_slot_row[uint64_t(i) * k + lane];
-        slot_weight = a.h.recv_slot_weight[uint64_t(i) * k + lane];
+        slot_weight = a.combine_row_weight == nullptr ? a.h.recv_slot_weight[uint64_t(i) * k + lane]
+                      : slot_row >= 0                 ? a.combine_row_weight[slot_row]
+                                                      : 0.0f;
+        if (carry_slots) mine_slots[lane] = slot_row >= 0 ? a.combine_topk_weights[slot_row] : 0.0f;
       }
       const unsigned slots = __ballot_sync(kFullMask, slot_row >= 0);
       const auto* rows = reinterpret_cast<const T*>(a.expert_out);
@@ -71,18 +78,25 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
         }
         if (v < vectors) Vec8<T>::store(reinterpret_cast<T*>(mine) + uint64_t(v) * 8, acc);
       }
-    } else if (!a.expert_out_staged) {
-      warp_copy_16<SourceKind::kInput>(mine, a.expert_out + i * row_bytes, row_bytes);
+    } else {
+      if (!a.expert_out_staged) warp_copy_16<SourceKind::kInput>(mine, a.expert_out + i * row_bytes, row_bytes);
+      if (carry_slots && uint32_t(lane) < k) mine_slots[lane] = a.combine_topk_weights[uint64_t(i) * k + lane];
     }
     if constexpr (Transport::kMayPut) {
       if (!transport.load_store_only()) {
         __syncwarp();
         const uint32_t s = find_segment(a.h.recv_base, W, i);
-        const SymmetricRef<uint8_t> there{l.combine_recv_row_offset(a.h.home_base[s] + (i - a.h.recv_base[s]))};
+        const uint32_t home_row = a.h.home_base[s] + (i - a.h.recv_base[s]);
+        const SymmetricRef<uint8_t> there{l.combine_recv_row_offset(home_row)};
+        const SymmetricRef<uint8_t> slots_there{l.combine_recv_weights_row_offset(home_row)};
         if (uint8_t* direct = transport.peer(int(s), there)) {
           warp_copy_16<SourceKind::kPeerWritten>(direct, mine, row_bytes);
+          if (carry_slots && uint32_t(lane) < k) {
+            reinterpret_cast<float*>(transport.peer(int(s), slots_there))[lane] = mine_slots[lane];
+          }
         } else {
           transport.put_warp(int(s), there, mine, row_bytes);
+          if (carry_slots) transport.put_warp(int(s), slots_there, reinterpret_cast<uint8_t*>(mine_slots), k * 4);
         }
       }
     }
@@ -128,6 +142,23 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_combine_
         row = reinterpret_cast<const T*>(pull ? transport.peer(dest, ref) : a.local<uint8_t>(ref.offset));
       }
       const unsigned has = __ballot_sync(kFullMask, row != nullptr);
+      if (a.combine_topk_weights != nullptr) {
+        // Slot j's value is in the slot row of the rank of its expert, beside that rank's row for the token (held
+        // by the lane of the first slot naming that rank).
+        const unsigned with_row = __match_any_sync(kFullMask, dest) & has;
+        const uint32_t row_at = __shfl_sync(kFullMask, at, with_row != 0 ? __ffs(with_row) - 1 : lane);
+        if (uint32_t(lane) < k) {
+          float value = 0.0f;
+          if (dest >= 0 && with_row != 0) {
+            const SymmetricRef<uint8_t> ref{pull ? l.combine_weights_row_offset(row_at)
+                                                 : l.combine_recv_weights_row_offset(row_at)};
+            const auto* slots =
+                reinterpret_cast<const float*>(pull ? transport.peer(dest, ref) : a.local<uint8_t>(ref.offset));
+            value = __ldcg(slots + lane);
+          }
+          a.combine_out_topk_weights[uint64_t(t) * k + lane] = value;
+        }
+      }
       int order_key = row != nullptr ? dest : 0x7fffffff;
       uint32_t before = 0;  // lanes with a lower rank: this lane's place in rank order
       for (unsigned left = has; left != 0; left &= left - 1) {

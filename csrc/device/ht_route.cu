@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
     if (e >= 0) expert_row = expert_place[threadIdx.x * k + j] + int32_t(counts[l.world_size + uint32_t(e)]);
     a.h.slot_rank_row[uint64_t(t) * k + j] = rank_row;  // places in the block; publish adds the earlier blocks
     a.h.slot_expert_row[uint64_t(t) * k + j] = expert_row;
-    a.h.slot_dest[uint64_t(t) * k + j] = rank_row >= 0 ? int32_t(uint32_t(e) / l.num_local_experts) : -1;
+    a.h.slot_dest[uint64_t(t) * k + j] = e >= 0 ? int32_t(uint32_t(e) / l.num_local_experts) : -1;
     record_words(record, k, kRecordExpert)[j] = e;
     reinterpret_cast<float*>(record_words(record, k, kRecordWeight))[j] =
         e >= 0 ? a.topk_weights[uint64_t(t) * k + j] : 0.0f;

@@ -6,7 +6,9 @@
 // on every rank: every received row's payload and scales byte for byte, its expert indices and weights (rank-packed)
 // or its expert and weight, padding rows included (expert-contiguous), the per-expert counts and segment starts,
 // that rows past the count stay untouched, and the combined tokens (exact for rank-packed rows; within rounding
-// for the expert-contiguous sums, whose partial sums the GPU forms with fused multiply-adds). Cases: m from 0 to
+// for the expert-contiguous sums, whose partial sums the GPU forms with fused multiply-adds), with the per-slot
+// values every combine carries back (each slot's from the rank of its expert) and, in odd expert-contiguous
+// rounds, the caller's row weights instead of the delivered ones. Cases: m from 0 to
 // the maximum, -1 slots, every token on one expert, a rank that receives nothing, alignment 1 and 128, exact and
 // worst-case capacity, with and without scales, bf16 and float32 rows, inputs already in the dispatch input
 // buffer. Then bad input: an index >= num_experts, a receive capacity too small, outputs too small, m > the
@@ -294,6 +296,15 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
     check.expect(got_rows[0] == expected_rows, "num_recv_rows ", got_rows[0], ", expected ", expected_rows);
     std::vector<float> combine_expected(m * c.hidden);
     std::vector<uint8_t> expert_out(std::max<uint64_t>(capacity, 1) * row_bytes, 0);
+    // Per-slot values carried back beside the rows (rank-packed [rows][k], expert-contiguous [rows]): the value of
+    // slot j of token t of rank s is slot_value(s, t, j) where this rank holds that slot's expert, and a value naming
+    // this rank elsewhere, which the token's rank must never take.
+    std::vector<float> slot_values(std::max<uint64_t>(capacity, 1) * (packed ? k : 1), 0.0f);
+    auto slot_value = [](uint32_t s, uint32_t t, int64_t j) { return float(s * 100000u + t * 32u + uint32_t(j)); };
+    const float not_here = -1.0f - float(rank);
+    std::fill(slot_values.begin(), slot_values.end(), not_here);
+    // Odd rounds weight the expert-contiguous rows by row_weight = twice the delivered weights (exact in fp32).
+    const bool doubled_weights = !packed && round % 2 == 1;
     // The rows this rank's experts output for each received (source, token, local expert).
     std::vector<std::vector<float>> owned_rows;
     auto expert_value_row = [&](uint32_t owner, uint32_t le, uint32_t s, uint32_t t) {
@@ -336,12 +347,16 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
         const auto& r = expected.rows[row];
         const auto values = expert_value_row(rank, 0, r.source_rank, r.token);
         for (int64_t h = 0; h < c.hidden; ++h) put_element(&expert_out[row * row_bytes], h, c.type, values[h]);
+        for (int64_t j = 0; j < k; ++j) {
+          if (expected.recv_topk_idx[row * k + j] >= 0)
+            slot_values[row * k + j] = slot_value(r.source_rank, r.token, j);
+        }
       }
       untouched_after(int64_t(expected.rows.size()));
     } else {
       const auto expected = reference::dispatch_expert_contiguous(shape, rank, sources);
       const auto got_expert = row_expert.read<int32_t>(capacity);
-      const auto got_weight = row_weight.read<float>(capacity);
+      auto got_weight = row_weight.read<float>(capacity);
       const auto got_offsets = offsets.read<int32_t>(local_experts + 1);
       for (int64_t e = 0; e <= local_experts; ++e) {
         check.expect(got_offsets[e] == expected.segment_start[e], "expert_offsets[", e, "] ", got_offsets[e],
@@ -360,6 +375,15 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
         const auto& r = expected.rows[row];
         const auto values = expert_value_row(rank, uint32_t(expected.row_expert[row]), r.source_rank, r.token);
         for (int64_t h = 0; h < c.hidden; ++h) put_element(&expert_out[row * row_bytes], h, c.type, values[h]);
+        const int64_t expert = rank * local_experts + expected.row_expert[row];
+        for (int64_t j = 0; j < k; ++j) {
+          if (all[r.source_rank].topk_idx[r.token * k + j] == expert)
+            slot_values[row] = slot_value(r.source_rank, r.token, j);
+        }
+      }
+      if (doubled_weights) {
+        for (size_t row = 0; row < expected.rows.size(); ++row) got_weight[row] *= 2.0f;
+        row_weight.write(got_weight.data(), expected.rows.size() * 4);
       }
       untouched_after(int64_t(expected.rows.size()));
     }
@@ -375,10 +399,25 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
     cp.expert_out = expert_dev.get<void>();
     cp.type = c.type;
     cp.out = combined.get<void>();
+    DeviceBytes slots_dev(slot_values.size() * 4, 0), combined_slots(std::max<int64_t>(m, 1) * k * 4, 0xab);
+    slots_dev.write(slot_values.data(), slot_values.size() * 4);
+    cp.topk_weights = slots_dev.get<float>();
+    cp.out_topk_weights = combined_slots.get<float>();
+    if (doubled_weights) cp.row_weight = row_weight.get<float>();
     object->combine(cp, *handle, nullptr);
     EW_CUDA_CHECK(cudaDeviceSynchronize());
     object->check_errors();
     const auto got_out = combined.read<uint8_t>(m * row_bytes);
+    const auto got_slots = combined_slots.read<float>(m * k);
+    for (int64_t t = 0; t < m && why.empty(); ++t) {
+      for (int64_t j = 0; j < k; ++j) {
+        const float want = mine.topk_idx[t * k + j] >= 0 ? slot_value(uint32_t(rank), uint32_t(t), j) : 0.0f;
+        if (!check.expect(got_slots[t * k + j] == want, "out_topk_weights of token ", t, " slot ", j, ": ",
+                          got_slots[t * k + j], ", expected ", want)) {
+          break;
+        }
+      }
+    }
     if (packed) {
       reference::combine_rank_packed(
           shape, rank, sources, c.hidden,
@@ -399,7 +438,7 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
     for (int64_t t = 0; t < m && why.empty(); ++t) {
       for (int64_t h = 0; h < c.hidden; ++h) {
         const float got = element(&got_out[t * row_bytes], h, c.type);
-        float want = combine_expected[t * c.hidden + h];
+        float want = combine_expected[t * c.hidden + h] * (doubled_weights ? 2.0f : 1.0f);
         if (c.type != ScalarType::kFloat32) want = harness::from_bits16(harness::to_bits16(want, c.type), c.type);
         const float tolerance = packed ? 0.0f : 2e-2f * (1.0f + std::fabs(want));
         if (!check.expect(std::fabs(got - want) <= tolerance, "combined token ", t, " element ", h, ": ", got,

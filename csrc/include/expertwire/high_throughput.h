@@ -13,7 +13,8 @@
 //                      one row per (token, local expert) with that expert's weight; padding rows have expert -1.
 // combine() brings rows back in the layout dispatch returned: rank-packed rows are summed per token as they are
 // (the caller already weighted them); expert-contiguous rows are first summed per token on the expert's rank,
-// with their weights, so that one row per (token, rank) travels back. Sums are fp32.
+// with their weights, so that one row per (token, rank) travels back. Sums are fp32. A combine may carry one
+// float per slot back beside the rows (the weights' gradients of a training backward).
 //
 // Calls alternate, on every rank in the same order: dispatch (both halves), combine, dispatch, ... The handle of
 // a dispatch stays valid for combines after later dispatches (a training backward combines with the forward's
@@ -126,6 +127,15 @@ struct HighThroughputCombineParams {
   const void* expert_out = nullptr;
   ScalarType type = ScalarType::kBFloat16;  // bf16, fp16 or float32 (combine_element_bytes 4); also out's type
   void* out = nullptr;                      // [m][hidden_dim] of `type`, packed
+  // Expert-contiguous only: [rows] the weight of each expert_out row; null: the weights the dispatch delivered.
+  // (A training backward passes ones: the gradient of the rows is summed unweighted.)
+  const float* row_weight = nullptr;
+  // Optional, with out_topk_weights: one float per slot carried back beside the rows, in the layout of the
+  // handle's dispatch: [rows][k] as recv_topk_weights (rank-packed) or [rows], the value of the row's slot
+  // (expert-contiguous). out_topk_weights[t][j] ([m][k], packed) is the value the rank holding slot j's expert
+  // has for it (0 for a slot with no expert): what a training backward needs for the weights' gradients.
+  const float* topk_weights = nullptr;
+  float* out_topk_weights = nullptr;
 };
 
 class HighThroughputAllToAll {

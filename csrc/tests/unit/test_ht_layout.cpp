@@ -81,13 +81,17 @@ TEST(HtLayout, RegionsByHand) {
   EXPECT_EQ(pull.token_records_offset, 1280u);
   EXPECT_EQ(pull.input_rows_offset, 1280u + 64u * 64u);                      // 64 records of 64 bytes
   EXPECT_EQ(pull.combine_rows_offset, pull.input_rows_offset + 64u * 272u);  // no push regions
-  EXPECT_EQ(pull.symmetric_bytes, pull.combine_rows_offset + 256u * 512u);
+  EXPECT_EQ(pull.slot_row_bytes, 16u);                                       // k = 4 floats
+  EXPECT_EQ(pull.combine_weights_offset, pull.combine_rows_offset + 256u * 512u);
+  EXPECT_EQ(pull.symmetric_bytes, pull.combine_weights_offset + 256u * 16u);
   EXPECT_EQ(pull.combine_recv_rows, 64u * 4u);  // tokens * min(k, world)
 
   const HtLayout push = make_ht_layout(small_config(), /*may_put=*/true);
   EXPECT_EQ(push.staging_rows_offset, push.staging_records_offset + 256u * 64u);
   EXPECT_EQ(push.combine_rows_offset, push.staging_rows_offset + 256u * 272u);
-  EXPECT_EQ(push.symmetric_bytes, push.combine_recv_offset + 256u * 512u);
+  EXPECT_EQ(push.combine_weights_offset, push.combine_recv_offset + 256u * 512u);
+  EXPECT_EQ(push.combine_recv_weights_offset, push.combine_weights_offset + 256u * 16u);
+  EXPECT_EQ(push.symmetric_bytes, push.combine_recv_weights_offset + 256u * 16u);
   EXPECT_NE(ht_layout_signature(pull).words[9], ht_layout_signature(push).words[9]);
 }
 

@@ -299,11 +299,19 @@ void HighThroughputAllToAll::combine(const HighThroughputCombineParams& p, const
   EW_REQUIRE(!staged || handle.layout_ == HighThroughputLayout::kRankPacked,
              "combine: combine_input_buffer() holds rank-packed rows; an expert-contiguous expert_out is the "
              "caller's own");
+  EW_REQUIRE(p.row_weight == nullptr || handle.layout_ == HighThroughputLayout::kExpertContiguous,
+             "combine: row_weight is for an expert-contiguous dispatch; rank-packed rows are summed as they are");
+  EW_REQUIRE((p.topk_weights == nullptr) == (p.out_topk_weights == nullptr),
+             "combine: topk_weights and out_topk_weights go together (got ", p.topk_weights == nullptr ? "no " : "",
+             "topk_weights and ", p.out_topk_weights == nullptr ? "no " : "", "out_topk_weights)");
   Launch launch = make_launch(handle);
   device::HtArgs& a = launch.args;
   a.expert_out = static_cast<const uint8_t*>(p.expert_out);
   a.combine_out = static_cast<uint8_t*>(p.out);
   a.expert_out_staged = staged;
+  a.combine_row_weight = p.row_weight;
+  a.combine_topk_weights = p.topk_weights;
+  a.combine_out_topk_weights = p.out_topk_weights;
   launch_combine(launch, p.type, stream);
   state_->next = NextCall::kDispatchLayout;
 }
