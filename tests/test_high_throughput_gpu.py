@@ -151,3 +151,85 @@ def test_high_throughput_matches_model(transport: str, world_size: int) -> None:
     if reason is not None:
         pytest.skip(reason)
     launch(world_size, _worker, transport)
+
+
+TRAIN_HIDDEN = 64
+
+
+def _autograd_worker(info: RankInfo, transport: str) -> None:
+    """Forward and backward through expertwire.autograd, float32, against autograd over a dense model of the same
+    experts on this rank's own tokens: out[t] = sum_j w[t, j] * x[t] @ W[idx[t, j]]."""
+    if transport == "internode":
+        nvshmem_join(info)
+    world, rank, device = info.world_size, info.rank, info.device
+    factory = (
+        expertwire.HighThroughputAllToAll.internode
+        if transport == "internode"
+        else expertwire.HighThroughputAllToAll.intranode
+    )
+    experts = EXPERTS_PER_RANK * world
+    expert_w = torch.randn((experts, TRAIN_HIDDEN, TRAIN_HIDDEN), generator=torch.Generator().manual_seed(7))
+    expert_w /= TRAIN_HIDDEN**0.5
+    local_w = expert_w[rank * EXPERTS_PER_RANK : (rank + 1) * EXPERTS_PER_RANK].to(device)
+    for layout in ("rank-packed", "expert-contiguous"):
+        alignment = 8 if layout == "expert-contiguous" else 1
+        a2a = factory(
+            max_num_tokens=MAX_TOKENS,
+            num_experts=experts,
+            experts_per_token=TOP_K,
+            rank=rank,
+            world_size=world,
+            hidden_dim=TRAIN_HIDDEN,
+            hidden_dim_bytes=TRAIN_HIDDEN * 4,
+            combine_element_bytes=4,
+            expert_alignment=alignment,
+        )
+        for seed, (m0, worst) in enumerate([(30, False), (MAX_TOKENS, True), (0, False), (11, True)]):
+            m = m0 if m0 in (0, MAX_TOKENS) else min(MAX_TOKENS, m0 + 3 * rank)
+            _, idx, w = _tokens(rank, m, world, seed + 100, torch.int64)
+            g = torch.Generator().manual_seed(seed * 1000 + rank + 17)
+            x = torch.randn((m, TRAIN_HIDDEN), generator=g)
+            grad_out = torch.randn((m, TRAIN_HIDDEN), generator=g)
+            worst_rows = a2a.worst_case_rows(layout) if worst else 0
+            xd = x.to(device).requires_grad_()
+            wd = w.to(device).requires_grad_()
+            d = expertwire.autograd.dispatch(a2a, xd, idx.to(device), wd, layout=layout, num_worst_tokens=worst_rows)
+            if layout == "rank-packed":
+                y = torch.zeros_like(d.recv_x)
+                for le in range(EXPERTS_PER_RANK):
+                    weight = (d.recv_topk_weights * (d.recv_topk_idx == le)).sum(dim=1, keepdim=True)
+                    y = y + weight * (d.recv_x @ local_w[le])
+            else:
+                y = torch.zeros_like(d.recv_x)
+                for le in range(EXPERTS_PER_RANK):
+                    y = torch.where((d.row_expert == le)[:, None], d.recv_x @ local_w[le], y)
+            out = expertwire.autograd.combine(a2a, y, d)
+            (out * grad_out.to(device)).sum().backward()
+            torch.cuda.synchronize()
+            a2a.check_errors()
+
+            xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+            expected = torch.zeros((m, TRAIN_HIDDEN))
+            for j in range(TOP_K):
+                e = idx[:, j]
+                f = torch.einsum("th,thk->tk", xr, expert_w[e.clamp(min=0)])
+                expected = expected + torch.where((e >= 0)[:, None], wr[:, j : j + 1] * f, 0)
+            (expected * grad_out).sum().backward()
+            where = f"{layout}, round {seed}, rank {rank}"
+            torch.testing.assert_close(out.detach().cpu(), expected.detach(), atol=1e-4, rtol=1e-4, msg=where)
+            torch.testing.assert_close(xd.grad.cpu(), xr.grad, atol=1e-4, rtol=1e-4, msg=f"x.grad, {where}")
+            torch.testing.assert_close(wd.grad.cpu(), wr.grad, atol=1e-4, rtol=1e-4, msg=f"weights' grad, {where}")
+        dist.barrier()
+        a2a.destroy()
+    if transport == "internode":
+        expertwire.nvshmem_finalize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", RANK_COUNTS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_high_throughput_autograd_matches_dense_model(transport: str, world_size: int) -> None:
+    reason = why_ranks_cannot_run(world_size)
+    if reason is not None:
+        pytest.skip(reason)
+    launch(world_size, _autograd_worker, transport)

@@ -7,7 +7,7 @@ Device-side failures (a peer that never arrived, a bad expert index) raise exper
 AllToAll.check_errors() and from the next dispatch/combine; invalid arguments raise ValueError.
 """
 
-from . import reference
+from . import autograd, reference
 from ._native import ext as _ext
 from .all_to_all import AllToAll
 from .checks import AllToAllShape
@@ -32,6 +32,7 @@ DeviceError.__module__ = __name__
 __all__ = [
     "AllToAll",
     "AllToAllShape",
+    "autograd",
     "DeviceError",
     "HighThroughputAllToAll",
     "HighThroughputDispatch",

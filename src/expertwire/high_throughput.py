@@ -157,6 +157,14 @@ class HighThroughputAllToAll:
     def num_local_experts(self) -> int:
         return self._fields["num_experts"] // self._fields["world_size"]
 
+    def worst_case_rows(self, layout: str = "rank-packed") -> int:
+        """The num_worst_tokens that holds any routing in `layout`: recv_capacity (or max_num_tokens * world_size)
+        rank-packed rows, or as many tokens on min(k, local experts) experts each plus every segment's padding."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"worst_case_rows: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        native = self._live("worst_case_rows")
+        return native.max_expert_rows if layout == "expert-contiguous" else native.recv_rows
+
     def dispatch(
         self,
         x: torch.Tensor,
@@ -266,24 +274,67 @@ class HighThroughputAllToAll:
             handle,
         )
 
-    def combine(self, expert_out: torch.Tensor, handle: "ext.HighThroughputHandle") -> torch.Tensor:
+    def combine(
+        self,
+        expert_out: torch.Tensor,
+        handle: "ext.HighThroughputHandle",
+        row_weight: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+    ):
         """[m, hidden_dim] of expert_out's dtype (bfloat16, float16, or float32 with combine_element_bytes 4): each
         token's rows from every rank it went to, summed in fp32 (expert-contiguous rows first weighted and summed on
-        their expert's rank). expert_out holds one row per row of the handle's dispatch, in its layout."""
+        their expert's rank). expert_out holds one row per row of the handle's dispatch, in its layout.
+
+        row_weight [rows] float32 (expert-contiguous only): the rows' weights instead of the dispatch's row_weight.
+        topk_weights: one float32 per slot to carry back, [rows, k] as recv_topk_weights (rank-packed) or [rows] as
+        row_weight (expert-contiguous); then the call returns (out, combined_topk_weights [m, k]) where slot j's
+        value is the one the rank holding slot j's expert gave it (0 for -1 slots)."""
         op = "HighThroughputAllToAll.combine"
         native = self._live("combine")
         if not isinstance(handle, ext.HighThroughputHandle):
             raise ValueError(f"{op}: handle must be the handle of a dispatch of this object")
         _check_tensor(op, "expert_out", expert_out, tuple(SCALAR_TYPES), 2, self._device)
-        hidden = self._fields["hidden_dim"]
+        hidden, k = self._fields["hidden_dim"], self._fields["experts_per_token"]
         if expert_out.shape[1] != hidden or not expert_out.is_contiguous():
             raise ValueError(
                 f"{op}: expert_out must be a contiguous [rows, {hidden}] tensor, got {tuple(expert_out.shape)}"
             )
+        rows = expert_out.shape[0]
+        if row_weight is not None:
+            if not handle.expert_contiguous:
+                raise ValueError(f"{op}: row_weight is for an expert-contiguous dispatch; rank-packed rows are summed")
+            _check_tensor(op, "row_weight", row_weight, (torch.float32,), 1, self._device)
+            if row_weight.shape[0] != rows or not row_weight.is_contiguous():
+                raise ValueError(
+                    f"{op}: row_weight must be a contiguous [{rows}] tensor, got {tuple(row_weight.shape)}"
+                )
+        combined_w = None
+        if topk_weights is not None:
+            shape = (rows,) if handle.expert_contiguous else (rows, k)
+            _check_tensor(op, "topk_weights", topk_weights, (torch.float32,), len(shape), self._device)
+            if tuple(topk_weights.shape) != shape or not topk_weights.is_contiguous():
+                raise ValueError(
+                    f"{op}: topk_weights must be a contiguous {list(shape)} tensor for this handle's layout, "
+                    f"got {tuple(topk_weights.shape)}"
+                )
+            combined_w = torch.empty((handle.m, k), dtype=torch.float32, device=self._device)
         out = torch.empty((handle.m, hidden), dtype=expert_out.dtype, device=self._device)
         stream = torch.cuda.current_stream(self._device).cuda_stream
-        native.combine(handle, expert_out.data_ptr(), SCALAR_TYPES[expert_out.dtype], out.data_ptr(), stream)
-        return out
+
+        def address(tensor: Optional[torch.Tensor]) -> int:
+            return 0 if tensor is None else tensor.data_ptr()
+
+        native.combine(
+            handle,
+            expert_out.data_ptr(),
+            SCALAR_TYPES[expert_out.dtype],
+            out.data_ptr(),
+            stream,
+            row_weight=address(row_weight),
+            topk_weights=address(topk_weights),
+            out_topk_weights=address(combined_w),
+        )
+        return out if combined_w is None else (out, combined_w)
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (sticky)."""
