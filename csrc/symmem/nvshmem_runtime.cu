@@ -96,25 +96,44 @@ void nvshmem_alltoall_on_stream(void* dest, const void* source, size_t bytes_per
 
 std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<uint64_t>& local) {
   require_nvshmem_initialized();
-  const size_t bytes = std::max<size_t>(local.size(), 1) * sizeof(uint64_t);
-  struct Scratch {  // this rank's words, in symmetric memory
+  const size_t words = std::max<size_t>(local.size(), 1);
+  const int pes = nvshmem_n_pes();
+  struct Scratch {  // symmetric memory; nvshmem_malloc and nvshmem_free are collective
     uint64_t* words;
-    explicit Scratch(size_t bytes) : words(static_cast<uint64_t*>(nvshmem_malloc(bytes))) {}
-    ~Scratch() {
-      if (words != nullptr) nvshmem_free(words);
+    explicit Scratch(size_t bytes) : words(static_cast<uint64_t*>(nvshmem_malloc(bytes))) {
+      if (words == nullptr) EW_THROW(RuntimeError, "nvshmem_malloc of ", bytes, " bytes failed");
     }
-  } scratch(bytes);
-  if (scratch.words == nullptr) EW_THROW(RuntimeError, "nvshmem_malloc of ", bytes, " bytes failed");
-  EW_CUDA_CHECK(cudaMemcpy(scratch.words, local.data(), local.size() * sizeof(uint64_t), cudaMemcpyHostToDevice));
+    ~Scratch() { nvshmem_free(words); }
+  };
+  const Scratch source(words * sizeof(uint64_t));
+  std::vector<uint64_t> padded(local);
+  padded.resize(words, 0);
+  EW_CUDA_CHECK(cudaMemcpy(source.words, padded.data(), words * sizeof(uint64_t), cudaMemcpyHostToDevice));
   // A copy from pageable memory may return before it lands, and NVSHMEM's barrier runs on a stream of its own:
   // wait for it, or a peer could read the last scratch's words at this address.
   EW_CUDA_CHECK(cudaDeviceSynchronize());
-  nvshmem_barrier_all();  // every rank's words written before any is read
-  std::vector<std::vector<uint64_t>> by_rank(size_t(nvshmem_n_pes()), std::vector<uint64_t>(local.size()));
-  for (int pe = 0; pe < nvshmem_n_pes(); ++pe) {
-    for (size_t i = 0; i < local.size(); ++i) by_rank[pe][i] = nvshmem_uint64_g(scratch.words + i, pe);
+  std::vector<std::vector<uint64_t>> by_rank(static_cast<size_t>(pes), std::vector<uint64_t>(local.size()));
+  bool every_peer_mapped = true;
+  for (int pe = 0; pe < pes; ++pe) every_peer_mapped &= nvshmem_ptr(source.words, pe) != nullptr;
+  if (every_peer_mapped) {
+    nvshmem_barrier_all();  // every rank's words written before any is read
+    for (int pe = 0; pe < pes; ++pe) {
+      for (size_t i = 0; i < local.size(); ++i) by_rank[pe][i] = nvshmem_uint64_g(source.words + i, pe);
+    }
+    nvshmem_barrier_all();  // every rank's words read before any is freed
+    return by_rank;
   }
-  nvshmem_barrier_all();  // every rank's words read before any is freed
+  // Through a remote transport the host's gets need what its proxy may not offer (GDRCopy, host-mapped peer
+  // memory); a collective on the device moves the words by the device's puts, which every transport carries.
+  const Scratch gathered(words * sizeof(uint64_t) * size_t(pes));
+  const int status =
+      nvshmemx_uint64_fcollect_on_stream(NVSHMEM_TEAM_WORLD, gathered.words, source.words, words, cudaStreamLegacy);
+  if (status != 0) EW_THROW(RuntimeError, "nvshmemx_uint64_fcollect_on_stream failed with status ", status);
+  std::vector<uint64_t> all(words * size_t(pes));
+  EW_CUDA_CHECK(cudaMemcpy(all.data(), gathered.words, all.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+  for (int pe = 0; pe < pes; ++pe) {
+    std::copy_n(all.begin() + ptrdiff_t(pe * words), local.size(), by_rank[pe].begin());
+  }
   return by_rank;
 }
 
