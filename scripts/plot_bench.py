@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Plot bench_all_to_all --json results: latency against tokens per rank, one line per transport and expert
-count, with the bandwidth floor (dashed) that the benchmark measured beside each case, the latency floor (one
-cross-rank barrier, grey, when the file has it) and the dispatch and combine that read dp_x and expert_y from the
-all-to-all's own buffers (dotted, when the file has them). --median plots medians without error bars, for runs
-where a few stalled iterations (host or VM) make the standard deviation larger than the times.
+"""Plot bench_all_to_all --json or bench_high_throughput --json results: latency against tokens per rank, one line
+per transport and expert count (high-throughput: per transport and layout), with the bandwidth floor (dashed)
+that the benchmark measured beside each case, the latency floor (one cross-rank barrier, grey, when the file has
+it) and the dispatch and combine that read their inputs from the all-to-all's own buffers (dotted, when the file
+has them). --median plots medians without error bars, for runs where a few stalled iterations (host or VM) make
+the standard deviation larger than the times.
 
     python3 scripts/plot_bench.py docs/bench_h100_8ranks.json docs/bench_h100_8ranks.png
     python3 scripts/plot_bench.py --median docs/bench_h200_2gpu.json docs/bench_h200_2gpu.png
+    python3 scripts/plot_bench.py docs/bench_ht_h100_8ranks.json docs/bench_ht_h100_8ranks.png
 """
 
 import argparse
@@ -28,6 +30,9 @@ def main() -> None:
     stat = "median_us" if args.median else "mean_us"
     with open(args.results) as f:
         cases = json.load(f)
+    if cases and "layout" in cases[0]:
+        plot_high_throughput(cases, args.png, args.median)
+        return
 
     series = defaultdict(list)  # (transport, experts) -> cases in token order
     for case in cases:
@@ -87,6 +92,47 @@ def main() -> None:
     figure.tight_layout()
     figure.savefig(args.png, dpi=110)
     print(f"plot written to {args.png}")
+
+
+def plot_high_throughput(cases: list, png: str, median: bool) -> None:
+    """bench_high_throughput: µs of the slowest rank per (transport, layout), with the same-run copy floor
+    (dashed) and the staged / in-buffer variants (dotted) where the run measured them."""
+    series = defaultdict(list)
+    for case in cases:
+        series[(case["transport"], case["layout"])].append(case)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, op, variant in zip(axes, ("dispatch", "combine"), ("staged", "in_buffer"), strict=True):
+        for (transport, layout), runs in sorted(series.items()):
+            runs.sort(key=lambda c: c["tokens"])
+            tokens = [c["tokens"] for c in runs]
+            (line,) = axis.plot(
+                tokens,
+                [c[f"{op}_median_us" if median else f"{op}_us"] for c in runs],
+                marker="o",
+                label=f"{transport}, {layout}",
+            )
+            axis.plot(tokens, [c[f"{op}_floor_us"] for c in runs], linestyle="--", color=line.get_color(), alpha=0.6)
+            if all(c.get(f"{op}_{variant}_us", 0) > 0 for c in runs):
+                axis.plot(
+                    tokens,
+                    [c[f"{op}_{variant}_us"] for c in runs],
+                    linestyle=":",
+                    marker=".",
+                    color=line.get_color(),
+                )
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("tokens per rank")
+        axis.set_ylabel("µs, slowest rank (median)" if median else "µs, slowest rank (mean)")
+        inputs = "x staged" if op == "dispatch" else "expert rows in the buffer"
+        axis.set_title(
+            f"high-throughput {op}, {cases[0]['ranks']} ranks (dashed: floor; dotted: {inputs})", fontsize=10
+        )
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png, dpi=110)
+    print(f"plot written to {png}")
 
 
 if __name__ == "__main__":
