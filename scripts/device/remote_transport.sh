@@ -4,6 +4,10 @@
 # registry is reachable; carry it with the command on the device machine).
 #   EXPERTWIRE_REMOTE_TRANSPORT=ucx        UCX from .remote/ucx-*-cu13.tar.gz
 #   EXPERTWIRE_REMOTE_TRANSPORT=libfabric  libfabric from .remote/deb/*.deb
+#   EXPERTWIRE_REMOTE_TRANSPORT=ucx-sysmem UCX as above, with the symmetric heap in host memory
+#                                          (NVSHMEM_HEAP_KIND=SYSMEM) and remote/gdrapi_hostmem.c built as the
+#                                          libgdrapi.so.2 that NVSHMEM's UCX atomics need on a machine without
+#                                          gdrdrv: the configuration that runs (ab/remote_transport_notes.md)
 # What it sets (a variable already set keeps its value, except the two NVSHMEM_REMOTE_TRANSPORT and
 # LD_LIBRARY_PATH, which it must set):
 #   NVSHMEM_DISABLE_P2P=1, NVSHMEM_REMOTE_TRANSPORT=ucx|libfabric, LD_LIBRARY_PATH (the unpacked libraries first)
@@ -33,6 +37,20 @@ remote_transport_unpack_ucx() {
     rmdir "$tmp"
   fi
   EW_REMOTE_LIBS=$EW_REMOTE_PREFIX/ucx/lib
+}
+
+# The host-memory GDRCopy stand-in, compiled once into the unpack prefix.
+remote_transport_build_gdrapi_shim() {
+  local src out
+  src=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/remote/gdrapi_hostmem.c
+  out=$EW_REMOTE_PREFIX/gdrapi-hostmem
+  if [ ! -e "$out/libgdrapi.so.2" ] || [ "$src" -nt "$out/libgdrapi.so.2" ]; then
+    mkdir -p "$out" || return 1
+    local cuda_include=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}/include
+    gcc -O2 -shared -fPIC -I"$cuda_include" -o "$out/libgdrapi.so.2.tmp" "$src" -ldl || return 1
+    mv "$out/libgdrapi.so.2.tmp" "$out/libgdrapi.so.2"
+  fi
+  EW_REMOTE_LIBS=$out:$EW_REMOTE_LIBS
 }
 
 remote_transport_unpack_libfabric() {
@@ -66,8 +84,14 @@ export_remote_transport_env() {
   REMOTE_TRANSPORT_EXPORTS="NVSHMEM_DISABLE_P2P NVSHMEM_REMOTE_TRANSPORT"
   local v
   case "$EXPERTWIRE_REMOTE_TRANSPORT" in
-    ucx)
+    ucx | ucx-sysmem)
       remote_transport_unpack_ucx || return 1
+      if [ "$EXPERTWIRE_REMOTE_TRANSPORT" = ucx-sysmem ]; then
+        remote_transport_build_gdrapi_shim || return 1
+        export NVSHMEM_HEAP_KIND=${NVSHMEM_HEAP_KIND:-SYSMEM}
+        # A SYSMEM heap is a POSIX shared-memory file per rank; a killed job's would stay behind.
+        rm -f /dev/shm/sysmem_symm_heap* 2>/dev/null || true
+      fi
       export UCX_MODULE_DIR=${UCX_MODULE_DIR:-$EW_REMOTE_PREFIX/ucx/lib/ucx}
       export UCX_WARN_UNUSED_ENV_VARS=${UCX_WARN_UNUSED_ENV_VARS:-n}
       EW_REMOTE_BIN=$EW_REMOTE_PREFIX/ucx/bin
@@ -78,12 +102,12 @@ export_remote_transport_env() {
       export NVSHMEM_LIBFABRIC_PROVIDER=${NVSHMEM_LIBFABRIC_PROVIDER:-verbs}
       ;;
     *)
-      echo "remote_transport.sh: EXPERTWIRE_REMOTE_TRANSPORT=$EXPERTWIRE_REMOTE_TRANSPORT: expected ucx or libfabric" >&2
+      echo "remote_transport.sh: EXPERTWIRE_REMOTE_TRANSPORT=$EXPERTWIRE_REMOTE_TRANSPORT: expected ucx, ucx-sysmem or libfabric" >&2
       return 1
       ;;
   esac
   export NVSHMEM_DISABLE_P2P=${NVSHMEM_DISABLE_P2P:-1}
-  export NVSHMEM_REMOTE_TRANSPORT=$EXPERTWIRE_REMOTE_TRANSPORT
+  export NVSHMEM_REMOTE_TRANSPORT=${EXPERTWIRE_REMOTE_TRANSPORT%-sysmem}
   export LD_LIBRARY_PATH="$EW_REMOTE_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # Every UCX_, FI_ and NVSHMEM_ setting of this environment travels to the ranks, so a caller can tune the
   # transport (UCX_TLS, FI_LOG_LEVEL, NVSHMEM_DEBUG, NVSHMEM_DISABLE_GDRCOPY, ...) without naming it again.
