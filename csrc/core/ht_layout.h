@@ -2,7 +2,8 @@
 //
 // Symmetric memory (one allocation per rank, the same layout on every rank):
 //   count_rows      [world][count_row_words] u32: row s, written by rank s in each dispatch: the tokens s sends
-//                   to every rank [world], then to each of our local experts [num_local_experts], then s's m.
+//                   to every rank [world], then to each of our local experts [num_local_experts], then s's m and
+//                   s's payload bytes per token (which every rank must agree on).
 //   count_out       [world][count_row_words] u32: the rows this rank sends, staged as the source of puts.
 //   count_arrived   [world] u64: +1 from rank s when its count row of the running dispatch is written (and, with
 //                   loads and stores, its token records and input rows); monotonic, never reset.

@@ -21,6 +21,8 @@ enum class ErrorCode : int32_t {
                           // output written
   kCapacityExceeded = 7,  // a high-throughput dispatch needs more rows than its capacity; value = the rows
                           // needed, none written
+  kPayloadMismatch = 8,   // a peer's high-throughput dispatch sends another payload size per token than ours;
+                          // peer = that rank, value = its bytes, no row written
 };
 
 enum class Phase : int32_t {
@@ -77,6 +79,9 @@ inline std::string describe(const ErrorRecord& record, int64_t rank) {
              " rows, more than the receive capacity (HighThroughputConfig.recv_capacity, or the outputs' "
              "capacity_rows); no row written" +
              where;
+    case ErrorCode::kPayloadMismatch:
+      return "rank " + std::to_string(record.peer) + " dispatches " + std::to_string(record.value) +
+             " payload bytes per token, not this rank's (x_bytes must be equal on every rank); no row written" + where;
     default: return "no error";
   }
 }

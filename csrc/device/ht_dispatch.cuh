@@ -130,9 +130,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
   const bool pull = transport.load_store_only();
   const uint32_t num_recv = a.h.recv_base[W];
   const uint32_t rows_needed = ht_rows_needed(a);
-  // A rank whose count exchange gave up has no offsets to write by; one over capacity writes no row.
+  // A rank whose count exchange gave up has no offsets to write by, one whose sources disagree on the payload size
+  // no rows to copy at its own; one over capacity writes no row.
   __shared__ bool exchange_failed;
-  if (threadIdx.x == 0) exchange_failed = wait_failed(a.error);
+  if (threadIdx.x == 0) {
+    const int32_t code = *reinterpret_cast<const volatile int32_t*>(&a.error->code);
+    exchange_failed = code == int32_t(ErrorCode::kTimeout) || code == int32_t(ErrorCode::kPayloadMismatch);
+  }
   __syncthreads();
   bool receive = !exchange_failed && num_recv <= l.recv_rows && rows_needed <= a.out.capacity_rows;
   if (blockIdx.x == 0 && threadIdx.x == 0 && rows_needed > a.out.capacity_rows) {

@@ -121,6 +121,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
     a.h.home_base[s] = home;
     a.h.base_at[s] = at;
     a.h.source_m[s] = count(s, W + L);
+    // Rows are copied at our payload size: a source that sends another one is refused, and nothing is received.
+    const uint32_t source_bytes = count(s, W + L + 1);
+    if (!gave_up && source_bytes != a.x_bytes) {
+      record_error(a.error, ErrorCode::kPayloadMismatch, Phase::kDispatchRecv, int32_t(s), source_bytes);
+    }
   }
   for (uint32_t e = threadIdx.x; e < L; e += blockDim.x) {
     uint32_t running = 0;

@@ -11,8 +11,8 @@
 // rounds, the caller's row weights instead of the delivered ones. Cases: m from 0 to
 // the maximum, -1 slots, every token on one expert, a rank that receives nothing, alignment 1 and 128, exact and
 // worst-case capacity, with and without scales, bf16 and float32 rows, inputs already in the dispatch input
-// buffer. Then bad input: an index >= num_experts, a receive capacity too small, outputs too small, m > the
-// maximum, each a named error.
+// buffer. Then bad input: an index >= num_experts, a receive capacity too small, outputs too small, payload sizes
+// that differ between ranks, m > the maximum, each a named error.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -553,6 +553,23 @@ void run_failures(const harness::MpiSession& mpi, TransportKind kind, const Opti
       why = "rows written although the outputs are too small";
     }
     tally.report(mpi, prefix + "outputs smaller than the rows", why);
+  }
+  {  // Rank 0 sends 112 payload bytes a token, the others 128: every rank that receives from a rank of the other
+     // size raises, naming it, and writes no row (every rank receives from every rank here).
+    auto object = make_object(kind, config);
+    auto handle = object->make_handle();
+    auto in = inputs(x, idx, w, 16, -1);
+    in.x_bytes = rank == 0 ? 112 : 128;
+    EW_CUDA_CHECK(cudaMemset(rx.get<uint8_t>(), 0xab, cap * 128));
+    object->dispatch(in, *handle, outputs(rx, ri, rw, cap), nullptr);
+    EW_CUDA_CHECK(cudaDeviceSynchronize());
+    const std::string other = rank == 0 ? " dispatches 128 payload bytes" : "rank 0 dispatches 112 payload bytes";
+    std::string why = expect_error([&] { object->check_errors(); }, other.c_str());
+    const auto bytes = rx.read<uint8_t>(cap * 128);
+    if (why.empty() && std::any_of(bytes.begin(), bytes.end(), [](uint8_t b) { return b != 0xab; })) {
+      why = "rows written although the payload sizes disagree";
+    }
+    tally.report(mpi, prefix + "payload bytes that differ between ranks", why);
   }
   {  // m > max_num_tokens: ConfigError before anything is launched; the object then works.
     auto object = make_object(kind, config);
