@@ -509,8 +509,8 @@ NB_MODULE(_expertwire, m) {
            "x_scale_strides"_a, "topk_idx"_a, "topk_idx_int64"_a, "topk_weights"_a, "m"_a, "capacity_rows"_a,
            "recv_x"_a, "recv_x_scale"_a, "recv_x_scale_strides"_a, "recv_topk_idx"_a, "recv_topk_weights"_a,
            "row_expert"_a, "row_weight"_a, "tokens_per_expert"_a, "expert_offsets"_a, "num_recv_rows"_a, "stream"_a)
-      .def("combine", &HtObject::combine, "handle"_a, "expert_out"_a, "type"_a, "out"_a, "stream"_a,
-           "row_weight"_a = 0, "topk_weights"_a = 0, "out_topk_weights"_a = 0)
+      .def("combine", &HtObject::combine, "handle"_a, "expert_out"_a, "type"_a, "out"_a, "stream"_a, "row_weight"_a = 0,
+           "topk_weights"_a = 0, "out_topk_weights"_a = 0)
       .def("check_errors", &HtObject::check_errors)
       .def_prop_ro("combine_input_buffer", &HtObject::combine_input_buffer)
       .def_prop_ro("dispatch_input_buffer", &HtObject::dispatch_input_buffer)
