@@ -64,7 +64,7 @@ class OneRankModel:
                 continue
             t, j = slot
             recv_x[r], row_expert[r], row_weight[r] = x[t], int(topk_idx[t, j]), topk_weights[t, j]
-        handle = SimpleNamespace(m=m, expert_contiguous=True, slots=slots)
+        handle = SimpleNamespace(m=m, expert_contiguous=True, slots=slots, row_weight=row_weight.clone())
         return HighThroughputDispatch(
             recv_x, None, None, None, row_expert, row_weight, None, None, torch.tensor([len(slots)]), None, handle
         )
@@ -78,6 +78,7 @@ class OneRankModel:
             if topk_weights is not None:
                 combined_w = topk_weights[: handle.m].clone()
         else:
+            row_weight = handle.row_weight if row_weight is None else row_weight
             for r, slot in enumerate(handle.slots):
                 if slot is None:
                     continue
@@ -90,7 +91,8 @@ class OneRankModel:
 
 @pytest.mark.parametrize("layout", ["rank-packed", "expert-contiguous"])
 @pytest.mark.parametrize("worst", [False, True])
-def test_autograd_pair_matches_dense_model(layout: str, worst: bool) -> None:
+@pytest.mark.parametrize("inputs_need_grad", [True, False])
+def test_autograd_pair_matches_dense_model(layout: str, worst: bool, inputs_need_grad: bool) -> None:
     a2a = OneRankModel(alignment=4)
     g = torch.Generator().manual_seed(3)
     m = 13
@@ -101,29 +103,32 @@ def test_autograd_pair_matches_dense_model(layout: str, worst: bool) -> None:
     expert_w = torch.randn((EXPERTS, HIDDEN, HIDDEN), generator=g) / HIDDEN**0.5
     grad_out = torch.randn((m, HIDDEN), generator=g)
 
-    xd, wd = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xd, wd = x.clone().requires_grad_(inputs_need_grad), w.clone().requires_grad_(inputs_need_grad)
+    ew = expert_w.clone().requires_grad_()
     worst_rows = a2a.worst_case_rows(layout) if worst else 0
     d = expertwire.autograd.dispatch(a2a, xd, idx, wd, layout=layout, num_worst_tokens=worst_rows)
     y = torch.zeros_like(d.recv_x)
     for e in range(EXPERTS):
         if layout == "rank-packed":
             weight = (d.recv_topk_weights * (d.recv_topk_idx == e)).sum(dim=1, keepdim=True)
-            y = y + weight * (d.recv_x @ expert_w[e])
+            y = y + weight * (d.recv_x @ ew[e])
         else:
-            y = torch.where((d.row_expert == e)[:, None], d.recv_x @ expert_w[e], y)
+            y = torch.where((d.row_expert == e)[:, None], d.recv_x @ ew[e], y)
     out = expertwire.autograd.combine(a2a, y, d)
     (out * grad_out).sum().backward()
     assert a2a.calls == ["dispatch", "combine", "dispatch", "combine"]
 
-    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xr, wr, ewr = x.clone().requires_grad_(), w.clone().requires_grad_(), expert_w.clone().requires_grad_()
     expected = torch.zeros((m, HIDDEN))
     for j in range(TOP_K):
-        f = torch.einsum("th,thk->tk", xr, expert_w[idx[:, j].clamp(min=0)])
+        f = torch.einsum("th,thk->tk", xr, ewr[idx[:, j].clamp(min=0)])
         expected = expected + torch.where((idx[:, j] >= 0)[:, None], wr[:, j : j + 1] * f, 0)
     (expected * grad_out).sum().backward()
     torch.testing.assert_close(out.detach(), expected.detach())
-    torch.testing.assert_close(xd.grad, xr.grad)
-    torch.testing.assert_close(wd.grad, wr.grad)
+    torch.testing.assert_close(ew.grad, ewr.grad)  # rows past the count and padding rows must not poison it
+    if inputs_need_grad:
+        torch.testing.assert_close(xd.grad, xr.grad)
+        torch.testing.assert_close(wd.grad, wr.grad)
 
 
 def test_autograd_refuses_what_it_cannot_train() -> None:

@@ -183,4 +183,12 @@ uint32_t positive_uint32_from_env(const char* name, uint32_t fallback) {
   return uint32_t(value);
 }
 
+bool flag_from_env(const char* name) {
+  const char* text = std::getenv(name);
+  if (!text) return false;
+  std::string value(text);
+  for (char& c : value) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return value == "1" || value == "y" || value == "yes" || value == "t" || value == "true" || value == "on";
+}
+
 }  // namespace expertwire

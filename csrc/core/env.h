@@ -19,4 +19,7 @@ uint64_t default_timeout_ns();
 // empty; throws ConfigError naming the variable otherwise.
 uint32_t positive_uint32_from_env(const char* name, uint32_t fallback);
 
+// Whether a boolean environment variable is set true as NVSHMEM reads its own (1, y, yes, t, true, on; any case).
+bool flag_from_env(const char* name);
+
 }  // namespace expertwire

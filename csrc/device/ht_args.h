@@ -37,6 +37,7 @@ struct HtWorkspace {
   uint64_t dispatch_calls;
   uint64_t combine_calls;
   uint32_t phase[4];
+  uint32_t exchange_failed;  // the running dispatch's count exchange gave up or found another payload size
 };
 enum HtPhaseCounter : int { kHtPublished = 0, kHtPushed = 1, kHtCombineSent = 2, kHtCombineDone = 3 };
 
@@ -67,7 +68,8 @@ struct HtArgs {
   uint8_t* combine_out;
   bool expert_out_staged;             // expert_out is combine_input_buffer()
   const float* combine_row_weight;    // expert-contiguous row weights; null: recv_slot_weight
-  const float* combine_topk_weights;  // per-slot values carried back; null: none
+  bool combine_carry_slots;           // per-slot values travel back beside the rows
+  const float* combine_topk_weights;  // their source
   float* combine_out_topk_weights;    // [m][k]
 
   template <class T>

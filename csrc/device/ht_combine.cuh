@@ -46,7 +46,7 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
   const uint64_t row_bytes = uint64_t(l.hidden_dim) * sizeof(T);
   const int lane = lane_id();
   const bool expert_layout = a.layout == HighThroughputLayout::kExpertContiguous;
-  const bool carry_slots = a.combine_topk_weights != nullptr;
+  const bool carry_slots = a.combine_carry_slots;
   for (uint32_t i = global_warp(); i < num_recv; i += total_warps()) {
     uint8_t* mine = a.local<uint8_t>(l.combine_row_offset(i));
     float* mine_slots = a.local<float>(l.combine_weights_row_offset(i));
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_combine_
         row = reinterpret_cast<const T*>(pull ? transport.peer(dest, ref) : a.local<uint8_t>(ref.offset));
       }
       const unsigned has = __ballot_sync(kFullMask, row != nullptr);
-      if (a.combine_topk_weights != nullptr) {
+      if (a.combine_carry_slots) {
         // Slot j's value is in the slot row of the rank of its expert, beside that rank's row for the token (held
         // by the lane of the first slot naming that rank).
         const unsigned with_row = __match_any_sync(kFullMask, dest) & has;

@@ -133,10 +133,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
   // A rank whose count exchange gave up has no offsets to write by, one whose sources disagree on the payload size
   // no rows to copy at its own; one over capacity writes no row.
   __shared__ bool exchange_failed;
-  if (threadIdx.x == 0) {
-    const int32_t code = *reinterpret_cast<const volatile int32_t*>(&a.error->code);
-    exchange_failed = code == int32_t(ErrorCode::kTimeout) || code == int32_t(ErrorCode::kPayloadMismatch);
-  }
+  if (threadIdx.x == 0) exchange_failed = a.workspace->exchange_failed != 0;
   __syncthreads();
   bool receive = !exchange_failed && num_recv <= l.recv_rows && rows_needed <= a.out.capacity_rows;
   if (blockIdx.x == 0 && threadIdx.x == 0 && rows_needed > a.out.capacity_rows) {

@@ -110,6 +110,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
   }
   // Each wait's own verdict: the error record keeps only the first error, which may be bad input.
   const bool gave_up = __syncthreads_or(missing);
+  bool mismatch = false;
   auto count = [&](uint32_t source, uint32_t word) -> uint32_t {
     return gave_up ? 0u : __ldcg(a.local<uint32_t>(l.count_row_offset(source)) + word);
   };
@@ -125,6 +126,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
     const uint32_t source_bytes = count(s, W + L + 1);
     if (!gave_up && source_bytes != a.x_bytes) {
       record_error(a.error, ErrorCode::kPayloadMismatch, Phase::kDispatchRecv, int32_t(s), source_bytes);
+      mismatch = true;
     }
   }
   for (uint32_t e = threadIdx.x; e < L; e += blockDim.x) {
@@ -135,6 +137,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
     }
     a.h.tokens_per_expert[e] = running;
   }
+  // The data kernel's verdict, whatever error the record kept first.
+  const bool failed = __syncthreads_or(mismatch) || gave_up;
+  if (threadIdx.x == 0) a.workspace->exchange_failed = failed ? 1u : 0u;
   __syncthreads();
   if (threadIdx.x == 0) {
     uint32_t running = 0;

@@ -318,12 +318,13 @@ class HtObject {
   }
 
   void combine(const HtHandle& handle, uintptr_t expert_out, ScalarType type, uintptr_t out, uintptr_t stream,
-               uintptr_t row_weight, uintptr_t topk_weights, uintptr_t out_topk_weights) {
+               uintptr_t row_weight, bool with_topk_weights, uintptr_t topk_weights, uintptr_t out_topk_weights) {
     HighThroughputCombineParams p;
     p.expert_out = device_pointer<const void>(expert_out);
     p.type = type;
     p.out = device_pointer<void>(out);
     p.row_weight = device_pointer<const float>(row_weight);
+    p.with_topk_weights = with_topk_weights;
     p.topk_weights = device_pointer<const float>(topk_weights);
     p.out_topk_weights = device_pointer<float>(out_topk_weights);
     live().combine(p, handle.get(), stream_from(stream));
@@ -510,7 +511,7 @@ NB_MODULE(_expertwire, m) {
            "recv_x"_a, "recv_x_scale"_a, "recv_x_scale_strides"_a, "recv_topk_idx"_a, "recv_topk_weights"_a,
            "row_expert"_a, "row_weight"_a, "tokens_per_expert"_a, "expert_offsets"_a, "num_recv_rows"_a, "stream"_a)
       .def("combine", &HtObject::combine, "handle"_a, "expert_out"_a, "type"_a, "out"_a, "stream"_a, "row_weight"_a = 0,
-           "topk_weights"_a = 0, "out_topk_weights"_a = 0)
+           "with_topk_weights"_a = false, "topk_weights"_a = 0, "out_topk_weights"_a = 0)
       .def("check_errors", &HtObject::check_errors)
       .def_prop_ro("combine_input_buffer", &HtObject::combine_input_buffer)
       .def_prop_ro("dispatch_input_buffer", &HtObject::dispatch_input_buffer)

@@ -113,9 +113,10 @@ std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<ui
   // wait for it, or a peer could read the last scratch's words at this address.
   EW_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<std::vector<uint64_t>> by_rank(static_cast<size_t>(pes), std::vector<uint64_t>(local.size()));
-  bool every_peer_mapped = true;
-  for (int pe = 0; pe < pes; ++pe) every_peer_mapped &= nvshmem_ptr(source.words, pe) != nullptr;
-  if (every_peer_mapped) {
+  // The same choice on every rank: by the environment every rank shares and the node layout every rank sees.
+  const bool through_remote_transport =
+      flag_from_env("NVSHMEM_DISABLE_P2P") || nvshmem_team_n_pes(NVSHMEMX_TEAM_NODE) != pes;
+  if (!through_remote_transport) {
     nvshmem_barrier_all();  // every rank's words written before any is read
     for (int pe = 0; pe < pes; ++pe) {
       for (size_t i = 0; i < local.size(); ++i) by_rank[pe][i] = nvshmem_uint64_g(source.words + i, pe);
@@ -125,6 +126,7 @@ std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<ui
   }
   // Through a remote transport the host's gets need what its proxy may not offer (GDRCopy, host-mapped peer
   // memory); a collective on the device moves the words by the device's puts, which every transport carries.
+  // (Ranks of one node with P2P keep the gets: NVSHMEM refuses collectives there when ranks share a GPU.)
   const Scratch gathered(words * sizeof(uint64_t) * size_t(pes));
   const int status =
       nvshmemx_uint64_fcollect_on_stream(NVSHMEM_TEAM_WORLD, gathered.words, source.words, words, cudaStreamLegacy);

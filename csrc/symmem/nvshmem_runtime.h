@@ -12,9 +12,9 @@
 
 namespace expertwire {
 
-// Every rank's `local` words, in rank order (each rank passes as many). Where every peer's memory is mapped, each
-// rank reads every rank's from symmetric scratch with gets between two barriers, not an NVSHMEM collective (NVSHMEM
-// refuses those when ranks share a GPU without MPS); through a remote transport, by nvshmemx fcollect on the
+// Every rank's `local` words, in rank order (each rank passes as many). Ranks of one node with P2P read every
+// rank's from symmetric scratch with gets between two barriers, not an NVSHMEM collective (NVSHMEM refuses those
+// when ranks share a GPU without MPS); across nodes or with NVSHMEM_DISABLE_P2P, an nvshmemx fcollect on the
 // device. Collective.
 std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<uint64_t>& local);
 // Every rank's bytes in rank order, over nvshmem_all_gather_words (an AllGatherBytes). Collective.

@@ -401,6 +401,7 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
     cp.out = combined.get<void>();
     DeviceBytes slots_dev(slot_values.size() * 4, 0), combined_slots(std::max<int64_t>(m, 1) * k * 4, 0xab);
     slots_dev.write(slot_values.data(), slot_values.size() * 4);
+    cp.with_topk_weights = true;
     cp.topk_weights = slots_dev.get<float>();
     cp.out_topk_weights = combined_slots.get<float>();
     if (doubled_weights) cp.row_weight = row_weight.get<float>();

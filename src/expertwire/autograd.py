@@ -15,7 +15,9 @@ Rank-packed: d.recv_topk_weights is differentiable and combine sums the caller's
 the expert code). Expert-contiguous: d.row_weight is differentiable and combine weights the rows by it. The rows'
 payload is x's dtype (bfloat16, float16 or float32), so the object needs hidden_dim_bytes >= hidden_dim * x's
 element size, combine_element_bytes >= that size, and no scales. Rows past d.num_recv_rows (worst-case sizing) and
-padding rows get zero gradients.
+padding rows are zeros here (not left as they were) and get zero gradients. If neither x nor topk_weights needs a
+gradient, the combine's backward still dispatches (for the experts' gradients) and then combines zeros, so that
+the calls keep alternating.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class HighThroughputDispatchFunction(torch.autograd.Function):
         box.append(d)
         ctx.a2a, ctx.handle, ctx.x_dtype, ctx.rows = a2a, d.handle, x.dtype, d.recv_x.shape[0]
         weights = d.row_weight if layout == "expert-contiguous" else d.recv_topk_weights
+        # Rows past the count and padding rows hold anything: zeros instead, so that 0 * garbage cannot turn the
+        # experts' gradients into NaN.
+        if num_worst_tokens > 0 or layout == "expert-contiguous":
+            invalid = ~_valid_rows(d, ctx.rows)
+            d.recv_x.masked_fill_(invalid[:, None], 0)
+            weights.masked_fill_(invalid if weights.dim() == 1 else invalid[:, None], 0)
         return d.recv_x, weights
 
     @staticmethod
@@ -81,36 +89,41 @@ class HighThroughputDispatchFunction(torch.autograd.Function):
 
 
 class HighThroughputCombineFunction(torch.autograd.Function):
-    """forward(a2a, d, expert_out, row_weight) -> [m, hidden]. backward: a dispatch of the gradient along d's
-    routes."""
+    """forward(a2a, d, expert_out, row_weight, topk_idx) -> [m, hidden]. backward: a dispatch of the gradient along
+    d's routes."""
 
     @staticmethod
-    def forward(ctx, a2a, d, expert_out, row_weight):
+    def forward(ctx, a2a, d, expert_out, row_weight, topk_idx):
         expert_contiguous = d.handle.expert_contiguous
         out = a2a.combine(expert_out, d.handle, row_weight=row_weight if expert_contiguous else None)
         ctx.a2a, ctx.d = a2a, d
-        ctx.save_for_backward(expert_out, row_weight if expert_contiguous else None)
+        # The dispatch's backward (a combine) follows ours (a dispatch) only if gradients flow into the dispatch;
+        # if not, ours issues a combine of its own so that the object's calls keep alternating.
+        ctx.dispatch_backward_follows = d.recv_x.requires_grad
+        ctx.save_for_backward(expert_out, row_weight if expert_contiguous else None, topk_idx)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         a2a, d = ctx.a2a, ctx.d
-        expert_out, row_weight = ctx.saved_tensors
+        expert_out, row_weight, topk_idx = ctx.saved_tensors
         rows = expert_out.shape[0]
         back = a2a.dispatch(
             grad_out.to(expert_out.dtype).contiguous(),
-            d.topk_idx,
+            topk_idx,
             d.topk_weights.detach(),
             layout=d.layout,
             num_worst_tokens=rows,
         )
+        if not ctx.dispatch_backward_follows:
+            a2a.combine(torch.zeros_like(back.recv_x), back.handle)
         valid = _valid_rows(back, rows)[:, None]
         token_grad = back.recv_x[:rows]
         if row_weight is None:
-            return None, None, torch.where(valid, token_grad, 0), None
+            return None, None, torch.where(valid, token_grad, 0), None, None
         grad_expert_out = torch.where(valid, token_grad.float() * row_weight[:, None], 0).to(expert_out.dtype)
         grad_row_weight = torch.where(valid, expert_out.float() * token_grad.float(), 0).sum(dim=1)
-        return None, None, grad_expert_out, grad_row_weight
+        return None, None, grad_expert_out, grad_row_weight, None
 
 
 def _check_trainable(op: str, a2a: HighThroughputAllToAll, dtype: torch.dtype) -> None:
@@ -165,4 +178,4 @@ def combine(a2a: HighThroughputAllToAll, expert_out: torch.Tensor, d: Differenti
     if not isinstance(expert_out, torch.Tensor):
         raise ValueError(f"{op}: expert_out must be a torch.Tensor, got {type(expert_out).__name__}")
     _check_trainable(op, a2a, expert_out.dtype)
-    return HighThroughputCombineFunction.apply(a2a, d, expert_out.contiguous(), d.row_weight)
+    return HighThroughputCombineFunction.apply(a2a, d, expert_out.contiguous(), d.row_weight, d.topk_idx)

@@ -288,7 +288,8 @@ class HighThroughputAllToAll:
         row_weight [rows] float32 (expert-contiguous only): the rows' weights instead of the dispatch's row_weight.
         topk_weights: one float32 per slot to carry back, [rows, k] as recv_topk_weights (rank-packed) or [rows] as
         row_weight (expert-contiguous); then the call returns (out, combined_topk_weights [m, k]) where slot j's
-        value is the one the rank holding slot j's expert gave it (0 for -1 slots)."""
+        value is the one the rank holding slot j's expert gave it (0 for -1 slots). Collective: every rank passes
+        topk_weights, or none does."""
         op = "HighThroughputAllToAll.combine"
         native = self._live("combine")
         if not isinstance(handle, ext.HighThroughputHandle):
@@ -331,6 +332,7 @@ class HighThroughputAllToAll:
             out.data_ptr(),
             stream,
             row_weight=address(row_weight),
+            with_topk_weights=combined_w is not None,
             topk_weights=address(topk_weights),
             out_topk_weights=address(combined_w),
         )

@@ -85,6 +85,7 @@ class HighThroughputHandle {
   HighThroughputLayout layout_ = HighThroughputLayout::kRankPacked;
   bool has_data_ = false;
   uint64_t dispatch_index_ = 0;  // which dispatch of its object filled it (0: none)
+  uint64_t x_bytes_ = 0;         // the payload bytes per token its dispatch_layout announced
 };
 
 // What a dispatch delivers to this rank, read on the host after dispatch_layout (one stream synchronization).
@@ -123,17 +124,20 @@ struct HighThroughputDispatchOutputs {
 
 struct HighThroughputCombineParams {
   // [rows][hidden_dim] of `type`, packed, in the layout of the handle's dispatch: one row per received token
-  // (rank-packed) or per expert-contiguous row. May be combine_input_buffer() in the rank-packed layout.
+  // (rank-packed) or per expert-contiguous row (null where the rank received none). May be
+  // combine_input_buffer() in the rank-packed layout.
   const void* expert_out = nullptr;
   ScalarType type = ScalarType::kBFloat16;  // bf16, fp16 or float32 (combine_element_bytes 4); also out's type
   void* out = nullptr;                      // [m][hidden_dim] of `type`, packed
   // Expert-contiguous only: [rows] the weight of each expert_out row; null: the weights the dispatch delivered.
   // (A training backward passes ones: the gradient of the rows is summed unweighted.)
   const float* row_weight = nullptr;
-  // Optional, with out_topk_weights: one float per slot carried back beside the rows, in the layout of the
-  // handle's dispatch: [rows][k] as recv_topk_weights (rank-packed) or [rows], the value of the row's slot
-  // (expert-contiguous). out_topk_weights[t][j] ([m][k], packed) is the value the rank holding slot j's expert
-  // has for it (0 for a slot with no expert): what a training backward needs for the weights' gradients.
+  // with_topk_weights: one float per slot carried back beside the rows (every rank alike: it is part of the
+  // collective), from topk_weights in the layout of the handle's dispatch, [rows][k] as recv_topk_weights
+  // (rank-packed) or [rows], the value of the row's slot (expert-contiguous). out_topk_weights[t][j] ([m][k],
+  // packed) is the value the rank holding slot j's expert has for it (0 for a slot with no expert): what a
+  // training backward needs for the weights' gradients. Either pointer may be null where its extent is 0.
+  bool with_topk_weights = false;
   const float* topk_weights = nullptr;
   float* out_topk_weights = nullptr;
 };

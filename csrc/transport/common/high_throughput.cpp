@@ -203,6 +203,7 @@ void HighThroughputAllToAll::dispatch_layout(const HighThroughputDispatchInputs&
              "alternate on every rank); expected ",
              next_call_name(state_->next));
   handle.m_ = in.m;
+  handle.x_bytes_ = in.x_bytes;
   handle.layout_ = layout;
   handle.has_data_ = false;
   handle.dispatch_index_ = ++state_->dispatches;
@@ -245,6 +246,8 @@ void HighThroughputAllToAll::dispatch_data(const HighThroughputDispatchInputs& r
              next_call_name(state_->next));
   const HighThroughputDispatchInputs in = checked_inputs(config_, raw);
   EW_REQUIRE(in.m == handle.m_, "dispatch_data: m must be the dispatch_layout's ", handle.m_, ", got ", in.m);
+  EW_REQUIRE(in.x_bytes == handle.x_bytes_, "dispatch_data: x_bytes must be the dispatch_layout's ", handle.x_bytes_,
+             ", got ", in.x_bytes);
   EW_REQUIRE(out.layout == handle.layout_, "dispatch_data: outputs.layout must be the layout given to dispatch_layout");
   EW_REQUIRE(out.capacity_rows <= uint64_t(std::numeric_limits<int32_t>::max()),
              "dispatch_data: capacity_rows too large for 32-bit rows, got ", out.capacity_rows);
@@ -287,7 +290,6 @@ void HighThroughputAllToAll::combine(const HighThroughputCombineParams& p, const
   EW_REQUIRE(element_bytes <= uint64_t(config_.combine_element_bytes), "combine: ", scalar_type_name(p.type),
              " rows need combine_element_bytes >= ", element_bytes, ", the configuration has ",
              config_.combine_element_bytes);
-  EW_REQUIRE(p.expert_out != nullptr || handle.m_ == 0, "combine: expert_out is null");
   EW_REQUIRE(p.out != nullptr || handle.m_ == 0, "combine: out is null with m=", handle.m_);
   for (const void* pointer : {p.expert_out, static_cast<const void*>(p.out)}) {
     EW_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % 16 == 0, "combine: expert_out and out must be 16-byte aligned");
@@ -301,15 +303,17 @@ void HighThroughputAllToAll::combine(const HighThroughputCombineParams& p, const
              "caller's own");
   EW_REQUIRE(p.row_weight == nullptr || handle.layout_ == HighThroughputLayout::kExpertContiguous,
              "combine: row_weight is for an expert-contiguous dispatch; rank-packed rows are summed as they are");
-  EW_REQUIRE((p.topk_weights == nullptr) == (p.out_topk_weights == nullptr),
-             "combine: topk_weights and out_topk_weights go together (got ", p.topk_weights == nullptr ? "no " : "",
-             "topk_weights and ", p.out_topk_weights == nullptr ? "no " : "", "out_topk_weights)");
+  EW_REQUIRE(!p.with_topk_weights || p.out_topk_weights != nullptr || handle.m_ == 0,
+             "combine: with_topk_weights needs out_topk_weights for m=", handle.m_);
+  EW_REQUIRE(p.with_topk_weights || (p.topk_weights == nullptr && p.out_topk_weights == nullptr),
+             "combine: topk_weights / out_topk_weights given without with_topk_weights");
   Launch launch = make_launch(handle);
   device::HtArgs& a = launch.args;
   a.expert_out = static_cast<const uint8_t*>(p.expert_out);
   a.combine_out = static_cast<uint8_t*>(p.out);
   a.expert_out_staged = staged;
   a.combine_row_weight = p.row_weight;
+  a.combine_carry_slots = p.with_topk_weights;
   a.combine_topk_weights = p.topk_weights;
   a.combine_out_topk_weights = p.out_topk_weights;
   launch_combine(launch, p.type, stream);
