@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ._device_memory import rows_over
 from ._native import ext
 from .all_to_all import _all_gather_over, _intranode_group
 from .checks import SCALAR_TYPES, integer
@@ -156,6 +157,50 @@ class HighThroughputAllToAll:
     @property
     def num_local_experts(self) -> int:
         return self._fields["num_experts"] // self._fields["world_size"]
+
+    def combine_input_buffer(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """[worst_case_rows("rank-packed"), hidden_dim] of `dtype` (element size combine_element_bytes) in this
+        rank's communication buffer: rank-packed expert outputs written here (after the dispatch, on its stream)
+        and passed to combine, the whole tensor or its first rows, are not copied by combine where every peer is
+        load/store reachable. Valid until destroy()."""
+        native = self._live("combine_input_buffer")
+        size = self._fields["combine_element_bytes"]
+        if dtype not in SCALAR_TYPES or torch.empty((), dtype=dtype).element_size() != size:
+            raise ValueError(
+                f"combine_input_buffer: dtype must be a combine row type of {size} bytes (combine_element_bytes), "
+                f"got {dtype}"
+            )
+        row_bytes = self._fields["hidden_dim"] * size
+        return rows_over(
+            native.combine_input_buffer, native.recv_rows, row_bytes, row_bytes, dtype, self._device, native
+        )
+
+    def dispatch_input_buffer(self, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+        """[max_num_tokens, hidden_dim_bytes / itemsize] of `dtype`, rows further apart than their bytes, where the
+        dispatch stages this rank's tokens for peers: tokens written here (their scales into
+        dispatch_input_scale_buffer()) after the previous combine, on its stream, and passed to dispatch, the whole
+        tensor or its first m rows, spare the dispatch a copy of each. Valid until destroy()."""
+        native = self._live("dispatch_input_buffer")
+        row_bytes, itemsize = self._fields["hidden_dim_bytes"], torch.empty((), dtype=dtype).element_size()
+        if row_bytes % itemsize != 0:
+            raise ValueError(
+                f"dispatch_input_buffer: dtype must have an element size that divides hidden_dim_bytes={row_bytes}, "
+                f"got {dtype} ({itemsize} bytes)"
+            )
+        rows, stride = self._fields["max_num_tokens"], native.dispatch_input_row_stride
+        return rows_over(native.dispatch_input_buffer, rows, row_bytes, stride, dtype, self._device, native)
+
+    def dispatch_input_scale_buffer(self) -> Optional[torch.Tensor]:
+        """[max_num_tokens, hidden_dim_scale_bytes / 4] float32 beside dispatch_input_buffer()'s rows (None without
+        scales)."""
+        native = self._live("dispatch_input_scale_buffer")
+        scale_bytes = self._fields["hidden_dim_scale_bytes"]
+        if scale_bytes == 0:
+            return None
+        rows, stride = self._fields["max_num_tokens"], native.dispatch_input_row_stride
+        return rows_over(
+            native.dispatch_input_scale_buffer, rows, scale_bytes, stride, torch.float32, self._device, native
+        )
 
     def worst_case_rows(self, layout: str = "rank-packed") -> int:
         """The num_worst_tokens that holds any routing in `layout`: recv_capacity (or max_num_tokens * world_size)
