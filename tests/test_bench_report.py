@@ -51,14 +51,16 @@ def test_plot_writes_a_png_or_says_why_not(tmp_path: Path, capsys: pytest.Captur
 
 
 @pytest.mark.parametrize("median", [False, True], ids=["mean", "median"])
-def test_plot_bench_script_plots_a_saved_run(tmp_path: Path, median: bool) -> None:
-    """scripts/plot_bench.py on a run kept in docs/, with means and error bars or with medians."""
+@pytest.mark.parametrize("run", ["bench_h200_2gpu.json", "bench_ht_h100_8ranks.json"])
+def test_plot_bench_script_plots_a_saved_run(tmp_path: Path, median: bool, run: str) -> None:
+    """scripts/plot_bench.py on runs kept in docs/ (bench_all_to_all's and bench_high_throughput's), with means
+    and error bars or with medians."""
     # No skip: the test set-up installs matplotlib (scripts/python-deps.txt), so a missing one is a failure.
     import matplotlib  # noqa: F401
 
     root = Path(__file__).resolve().parent.parent
     png = tmp_path / "plot.png"
-    saved = root / "docs" / "bench_h200_2gpu.json"
+    saved = root / "docs" / run
     command = [sys.executable, str(root / "scripts" / "plot_bench.py"), str(saved), str(png)]
     subprocess.run(command + (["--median"] if median else []), check=True, capture_output=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,13 +7,13 @@
 #   EXPERTWIRE_REMOTE_TRANSPORT=ucx-sysmem UCX as above, with the symmetric heap in host memory
 #                                          (NVSHMEM_HEAP_KIND=SYSMEM) and remote/gdrapi_hostmem.c built as the
 #                                          libgdrapi.so.2 that NVSHMEM's UCX atomics need on a machine without
-#                                          gdrdrv: the configuration that runs (ab/remote_transport_notes.md)
+#                                          gdrdrv: the configuration that runs (docs/remote_transport.md)
 # What it sets (a variable already set keeps its value, except the two NVSHMEM_REMOTE_TRANSPORT and
 # LD_LIBRARY_PATH, which it must set):
 #   NVSHMEM_DISABLE_P2P=1, NVSHMEM_REMOTE_TRANSPORT=ucx|libfabric, LD_LIBRARY_PATH (the unpacked libraries first)
 #   ucx:        UCX_MODULE_DIR (the unpacked module folder), UCX_WARN_UNUSED_ENV_VARS=n. UCX_TLS is passed on when
 #               set, but NVSHMEM 3.4.5's UCX transport replaces it (with "posix,ib" when libibverbs reports no
-#               device, else "rc"): ab/remote_transport_notes.md
+#               device, else "rc"): docs/remote_transport.md
 #   libfabric:  FI_PROVIDER=tcp (libfabric's provider), NVSHMEM_LIBFABRIC_PROVIDER=verbs (NVSHMEM's "persona",
 #               which must be one of verbs, cxi, efa; it does not pick libfabric's provider)
 # REMOTE_TRANSPORT_EXPORTS lists the variables set here that ranks need; run_ranks.sh passes them with -x.
