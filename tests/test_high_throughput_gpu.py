@@ -51,15 +51,8 @@ def _received(rank: int, world: int, sources):
     return rows, local_idx, local_w
 
 
-def _worker(info: RankInfo, transport: str) -> None:
-    if transport == "internode":
-        nvshmem_join(info)
+def _model_check(info: RankInfo, factory) -> None:
     world, rank, device = info.world_size, info.rank, info.device
-    factory = (
-        expertwire.HighThroughputAllToAll.internode
-        if transport == "internode"
-        else expertwire.HighThroughputAllToAll.intranode
-    )
     for layout in ("rank-packed", "expert-contiguous"):
         alignment = 16 if layout == "expert-contiguous" else 1
         a2a = factory(
@@ -148,34 +141,15 @@ def _worker(info: RankInfo, transport: str) -> None:
             torch.testing.assert_close(combined.float().cpu(), expected.to(torch.bfloat16).float(), atol=tol, rtol=tol)
         dist.barrier()
         a2a.destroy()
-    if transport == "internode":
-        expertwire.nvshmem_finalize()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", RANK_COUNTS)
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_high_throughput_matches_model(transport: str, world_size: int) -> None:
-    reason = why_ranks_cannot_run(world_size)
-    if reason is not None:
-        pytest.skip(reason)
-    launch(world_size, _worker, transport)
 
 
 TRAIN_HIDDEN = 64
 
 
-def _autograd_worker(info: RankInfo, transport: str) -> None:
+def _autograd_check(info: RankInfo, factory) -> None:
     """Forward and backward through expertwire.autograd, float32, against autograd over a dense model of the same
     experts on this rank's own tokens: out[t] = sum_j w[t, j] * x[t] @ W[idx[t, j]]."""
-    if transport == "internode":
-        nvshmem_join(info)
     world, rank, device = info.world_size, info.rank, info.device
-    factory = (
-        expertwire.HighThroughputAllToAll.internode
-        if transport == "internode"
-        else expertwire.HighThroughputAllToAll.intranode
-    )
     experts = EXPERTS_PER_RANK * world
     expert_w = torch.randn((experts, TRAIN_HIDDEN, TRAIN_HIDDEN), generator=torch.Generator().manual_seed(7))
     expert_w /= TRAIN_HIDDEN**0.5
@@ -234,6 +208,20 @@ def _autograd_worker(info: RankInfo, transport: str) -> None:
             local_w.grad = None
         dist.barrier()
         a2a.destroy()
+
+
+CHECKS = {"model": _model_check, "autograd": _autograd_check}
+
+
+def _worker(info: RankInfo, transport: str, check: str) -> None:
+    if transport == "internode":
+        nvshmem_join(info)
+    factory = (
+        expertwire.HighThroughputAllToAll.internode
+        if transport == "internode"
+        else expertwire.HighThroughputAllToAll.intranode
+    )
+    CHECKS[check](info, factory)
     if transport == "internode":
         expertwire.nvshmem_finalize()
 
@@ -241,8 +229,11 @@ def _autograd_worker(info: RankInfo, transport: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_high_throughput_autograd_matches_dense_model(transport: str, world_size: int) -> None:
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_high_throughput(check: str, transport: str, world_size: int) -> None:
+    """model: received rows and combined tokens against the model; autograd: forward and backward through
+    expertwire.autograd against the dense model."""
     reason = why_ranks_cannot_run(world_size)
     if reason is not None:
         pytest.skip(reason)
-    launch(world_size, _autograd_worker, transport)
+    launch(world_size, _worker, transport, check)
