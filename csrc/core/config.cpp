@@ -191,4 +191,10 @@ bool flag_from_env(const char* name) {
   return value == "1" || value == "y" || value == "yes" || value == "t" || value == "true" || value == "on";
 }
 
+void require_peer_memory_allowed(const char* transport) {
+  EW_REQUIRE(!flag_from_env("NVSHMEM_DISABLE_P2P"), transport,
+             ": NVSHMEM_DISABLE_P2P is set, so the ranks are taken not to reach each other's memory (as between "
+             "nodes); the intranode transport needs peer memory: use the internode transport");
+}
+
 }  // namespace expertwire

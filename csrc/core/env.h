@@ -22,4 +22,8 @@ uint32_t positive_uint32_from_env(const char* name, uint32_t fallback);
 // Whether a boolean environment variable is set true as NVSHMEM reads its own (1, y, yes, t, true, on; any case).
 bool flag_from_env(const char* name);
 
+// Throws ConfigError for `transport` (a peer-memory transport) when NVSHMEM_DISABLE_P2P is set: the job declares
+// that its ranks do not reach each other's memory, as between nodes.
+void require_peer_memory_allowed(const char* transport);
+
 }  // namespace expertwire

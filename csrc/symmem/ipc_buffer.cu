@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "core/env.h"
 #include "core/error.h"
 #include "symmem/fd_passing.h"
 
@@ -265,6 +266,7 @@ IpcSymmetricBuffer::IpcSymmetricBuffer(size_t bytes, int rank, int world_size, c
 IpcSymmetricBuffer::~IpcSymmetricBuffer() { cudaDeviceSynchronize(); }
 
 void require_intranode_supported(bool force_puts, int64_t world_size, int device) {
+  require_peer_memory_allowed("intranode");
   EW_REQUIRE(!force_puts,
              "intranode: AllToAllOptions.force_puts must be false (peer memory has no puts; the internode transport "
              "sends every byte through puts with it)");

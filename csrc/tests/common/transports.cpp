@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "core/env.h"
 #include "core/error.h"
 #include "expertwire/internode.h"
 #include "expertwire/intranode.h"
@@ -11,7 +12,11 @@
 namespace expertwire::harness {
 
 std::vector<TransportKind> transports_from_flag(const std::string& flag) {
-  if (flag == "all") return {TransportKind::kIntranode, TransportKind::kInternode, TransportKind::kInternodePuts};
+  if (flag == "all") {
+    // With NVSHMEM_DISABLE_P2P (ranks as if on different nodes) the intranode transport refuses to start.
+    if (flag_from_env("NVSHMEM_DISABLE_P2P")) return {TransportKind::kInternode, TransportKind::kInternodePuts};
+    return {TransportKind::kIntranode, TransportKind::kInternode, TransportKind::kInternodePuts};
+  }
   std::vector<TransportKind> kinds;
   std::stringstream in(flag);
   for (std::string name; std::getline(in, name, ',');) {

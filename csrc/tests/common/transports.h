@@ -18,7 +18,8 @@ enum class TransportKind : int {
 };
 
 inline constexpr const char* kTransportFlagHelp =
-    "intranode, internode, internode-puts, a comma-separated list of them, or all";
+    "intranode, internode, internode-puts, a comma-separated list of them, or all (the internode ones where "
+    "NVSHMEM_DISABLE_P2P is set)";
 inline constexpr const char* kDefaultTransports = "intranode,internode";
 
 // A comma-separated list of "intranode", "internode", "internode-puts"; "all" names all three.

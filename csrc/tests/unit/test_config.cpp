@@ -317,6 +317,26 @@ class ScopedEnv {
   std::optional<std::string> old_;
 };
 
+TEST(PeerMemory, AllowedUnlessNvshmemP2pIsDisabled) {
+  {
+    ScopedEnv env("NVSHMEM_DISABLE_P2P", std::nullopt);
+    EXPECT_NO_THROW(require_peer_memory_allowed("intranode"));
+  }
+  {
+    ScopedEnv env("NVSHMEM_DISABLE_P2P", std::string("0"));
+    EXPECT_NO_THROW(require_peer_memory_allowed("intranode"));
+  }
+  for (const char* set : {"1", "true", "Y"}) {
+    ScopedEnv env("NVSHMEM_DISABLE_P2P", std::string(set));
+    try {
+      require_peer_memory_allowed("intranode");
+      ADD_FAILURE() << "NVSHMEM_DISABLE_P2P=" << set << " did not refuse the intranode transport";
+    } catch (const ConfigError& e) {
+      EXPECT_THAT(e.what(), testing::HasSubstr("intranode: NVSHMEM_DISABLE_P2P is set"));
+    }
+  }
+}
+
 TEST(DefaultTimeout, UnsetIsTenSeconds) {
   ScopedEnv env("EXPERTWIRE_TIMEOUT_MS", std::nullopt);
   EXPECT_EQ(default_timeout_ns(), 10000000000ull);  // 10 s = 10^10 ns
