@@ -183,8 +183,8 @@ uint32_t positive_uint32_from_env(const char* name, uint32_t fallback) {
   return uint32_t(value);
 }
 
-bool flag_from_env(const char* name) {
-  const char* text = std::getenv(name);
+bool nvshmem_p2p_disabled() {
+  const char* text = std::getenv("NVSHMEM_DISABLE_P2P");
   if (!text) return false;
   std::string value(text);
   for (char& c : value) c = char(std::tolower(static_cast<unsigned char>(c)));
@@ -192,7 +192,7 @@ bool flag_from_env(const char* name) {
 }
 
 void require_peer_memory_allowed(const char* transport) {
-  EW_REQUIRE(!flag_from_env("NVSHMEM_DISABLE_P2P"), transport,
+  EW_REQUIRE(!nvshmem_p2p_disabled(), transport,
              ": NVSHMEM_DISABLE_P2P is set, so the ranks are taken not to reach each other's memory (as between "
              "nodes); the intranode transport needs peer memory: use the internode transport");
 }

@@ -19,11 +19,11 @@ uint64_t default_timeout_ns();
 // empty; throws ConfigError naming the variable otherwise.
 uint32_t positive_uint32_from_env(const char* name, uint32_t fallback);
 
-// Whether a boolean environment variable is set true as NVSHMEM reads its own (1, y, yes, t, true, on; any case).
-bool flag_from_env(const char* name);
+// Whether NVSHMEM_DISABLE_P2P is set true, read as NVSHMEM reads its booleans (1, y, yes, t, true, on; any case):
+// the job declares that its ranks do not reach each other's memory, as between nodes.
+bool nvshmem_p2p_disabled();
 
-// Throws ConfigError for `transport` (a peer-memory transport) when NVSHMEM_DISABLE_P2P is set: the job declares
-// that its ranks do not reach each other's memory, as between nodes.
+// Throws ConfigError for `transport` (a peer-memory transport) when nvshmem_p2p_disabled().
 void require_peer_memory_allowed(const char* transport);
 
 }  // namespace expertwire

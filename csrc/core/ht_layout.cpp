@@ -81,7 +81,7 @@ HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put) {
   l.hidden_dim_scale_bytes = uint32_t(config.hidden_dim_scale_bytes);
   l.combine_element_bytes = uint32_t(config.combine_element_bytes);
   l.expert_alignment = uint32_t(config.expert_alignment);
-  l.count_row_words = uint32_t(align_up(l.world_size + l.num_local_experts + 2, 4));
+  l.count_row_words = uint32_t(align_up(l.count_word_x_bytes() + 1, 4));
   l.max_route_blocks = uint32_t((l.max_num_tokens + kRouteBlockTokens - 1) / kRouteBlockTokens);
   l.record_bytes = TokenRecordLayout{l.experts_per_token}.bytes();
   l.scale_offset = align_up(l.hidden_dim_bytes, kBufferAlign);

@@ -82,6 +82,9 @@ struct HtLayout {
   uint64_t combine_recv_weights_offset;
   uint64_t symmetric_bytes;
 
+  // Words of a count row after the per-rank and per-expert counts: the sender's m and its payload bytes per token.
+  EW_HOST_DEVICE uint32_t count_word_m() const { return world_size + num_local_experts; }
+  EW_HOST_DEVICE uint32_t count_word_x_bytes() const { return world_size + num_local_experts + 1; }
   EW_HOST_DEVICE uint64_t count_row_offset(uint32_t source) const {
     return count_rows_offset + uint64_t(source) * count_row_words * 4;
   }

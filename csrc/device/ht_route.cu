@@ -121,9 +121,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
     for (uint32_t earlier = 0; earlier < l.rank; ++earlier) at += count(earlier, s);
     a.h.home_base[s] = home;
     a.h.base_at[s] = at;
-    a.h.source_m[s] = count(s, W + L);
+    a.h.source_m[s] = count(s, l.count_word_m());
     // Rows are copied at our payload size: a source that sends another one is refused, and nothing is received.
-    const uint32_t source_bytes = count(s, W + L + 1);
+    const uint32_t source_bytes = count(s, l.count_word_x_bytes());
     if (!gave_up && source_bytes != a.x_bytes) {
       record_error(a.error, ErrorCode::kPayloadMismatch, Phase::kDispatchRecv, int32_t(s), source_bytes);
       mismatch = true;

@@ -84,8 +84,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_
     if (word < l.world_size) column = word;
     else if (word < l.world_size + l.num_local_experts)
       column = l.world_size + dest * l.num_local_experts + (word - l.world_size);
-    else if (word == l.world_size + l.num_local_experts) value = a.m;
-    else if (word == l.world_size + l.num_local_experts + 1) value = a.x_bytes;
+    else if (word == l.count_word_m()) value = a.m;
+    else if (word == l.count_word_x_bytes()) value = a.x_bytes;
     if (column != ~0u) {
       for (uint32_t b = 0; b < route_blocks; ++b) value += __ldcg(&a.h.block_counts[uint64_t(b) * counters + column]);
     }

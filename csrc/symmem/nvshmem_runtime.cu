@@ -114,8 +114,7 @@ std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<ui
   EW_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<std::vector<uint64_t>> by_rank(static_cast<size_t>(pes), std::vector<uint64_t>(local.size()));
   // The same choice on every rank: by the environment every rank shares and the node layout every rank sees.
-  const bool through_remote_transport =
-      flag_from_env("NVSHMEM_DISABLE_P2P") || nvshmem_team_n_pes(NVSHMEMX_TEAM_NODE) != pes;
+  const bool through_remote_transport = nvshmem_p2p_disabled() || nvshmem_team_n_pes(NVSHMEMX_TEAM_NODE) != pes;
   if (!through_remote_transport) {
     nvshmem_barrier_all();  // every rank's words written before any is read
     for (int pe = 0; pe < pes; ++pe) {

@@ -94,13 +94,12 @@ class HighThroughputCombineFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a2a, d, expert_out, row_weight, topk_idx):
-        expert_contiguous = d.handle.expert_contiguous
-        out = a2a.combine(expert_out, d.handle, row_weight=row_weight if expert_contiguous else None)
+        out = a2a.combine(expert_out, d.handle, row_weight=row_weight)  # None for a rank-packed dispatch
         ctx.a2a, ctx.d = a2a, d
         # The dispatch's backward (a combine) follows ours (a dispatch) only if gradients flow into the dispatch;
         # if not, ours issues a combine of its own so that the object's calls keep alternating.
         ctx.dispatch_backward_follows = d.recv_x.requires_grad
-        ctx.save_for_backward(expert_out, row_weight if expert_contiguous else None, topk_idx)
+        ctx.save_for_backward(expert_out, row_weight, topk_idx)
         return out
 
     @staticmethod
@@ -132,7 +131,7 @@ def _check_trainable(op: str, a2a: HighThroughputAllToAll, dtype: torch.dtype) -
         raise ValueError(f"{op}: training needs an object without scales (hidden_dim_scale_bytes=0)")
     if dtype not in _FLOAT_TYPES:
         raise ValueError(f"{op}: x must be bfloat16, float16 or float32 to be differentiable, got {dtype}")
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     if fields["hidden_dim_bytes"] < fields["hidden_dim"] * size or fields["combine_element_bytes"] < size:
         raise ValueError(
             f"{op}: {dtype} rows of hidden_dim={fields['hidden_dim']} need hidden_dim_bytes >= "

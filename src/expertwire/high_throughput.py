@@ -81,6 +81,11 @@ def _check_tensor(op: str, name: str, tensor, dtypes, ndim: int, device: torch.d
         raise ValueError(f"{op}: {name} must be on {device}, got {tensor.device}")
 
 
+def _address(tensor: Optional[torch.Tensor]) -> int:
+    """A tensor's device address for the native calls; 0 for none."""
+    return 0 if tensor is None else tensor.data_ptr()
+
+
 class HighThroughputAllToAll:
     """One high-throughput all-to-all. Create it with HighThroughputAllToAll.intranode (peer memory, one node) or
     .internode (NVSHMEM, nvshmem_init first) on every rank together; destroy() it on every rank together."""
@@ -165,7 +170,7 @@ class HighThroughputAllToAll:
         load/store reachable. Valid until destroy()."""
         native = self._live("combine_input_buffer")
         size = self._fields["combine_element_bytes"]
-        if dtype not in SCALAR_TYPES or torch.empty((), dtype=dtype).element_size() != size:
+        if dtype not in SCALAR_TYPES or dtype.itemsize != size:
             raise ValueError(
                 f"combine_input_buffer: dtype must be a combine row type of {size} bytes (combine_element_bytes), "
                 f"got {dtype}"
@@ -181,7 +186,7 @@ class HighThroughputAllToAll:
         dispatch_input_scale_buffer()) after the previous combine, on its stream, and passed to dispatch, the whole
         tensor or its first m rows, spare the dispatch a copy of each. Valid until destroy()."""
         native = self._live("dispatch_input_buffer")
-        row_bytes, itemsize = self._fields["hidden_dim_bytes"], torch.empty((), dtype=dtype).element_size()
+        row_bytes, itemsize = self._fields["hidden_dim_bytes"], dtype.itemsize
         if row_bytes % itemsize != 0:
             raise ValueError(
                 f"dispatch_input_buffer: dtype must have an element size that divides hidden_dim_bytes={row_bytes}, "
@@ -286,22 +291,19 @@ class HighThroughputAllToAll:
         expert_offsets = torch.empty((self.num_local_experts + 1,), dtype=torch.int32, device=device)
         num_recv_rows = torch.empty((1,), dtype=torch.int32, device=device)
 
-        def address(tensor: Optional[torch.Tensor]) -> int:
-            return 0 if tensor is None else tensor.data_ptr()
-
         native.dispatch_data(
             handle=handle,
             capacity_rows=rows,
-            recv_x=address(recv_x),
-            recv_x_scale=address(recv_x_scale),
+            recv_x=_address(recv_x),
+            recv_x_scale=_address(recv_x_scale),
             recv_x_scale_strides=(words * 4, 4),
-            recv_topk_idx=address(recv_idx),
-            recv_topk_weights=address(recv_w),
-            row_expert=address(row_expert),
-            row_weight=address(row_weight),
-            tokens_per_expert=address(tokens_per_expert),
-            expert_offsets=address(expert_offsets),
-            num_recv_rows=address(num_recv_rows),
+            recv_topk_idx=_address(recv_idx),
+            recv_topk_weights=_address(recv_w),
+            row_expert=_address(row_expert),
+            row_weight=_address(row_weight),
+            tokens_per_expert=_address(tokens_per_expert),
+            expert_offsets=_address(expert_offsets),
+            num_recv_rows=_address(num_recv_rows),
             stream=stream,
             **inputs,
         )
@@ -367,19 +369,16 @@ class HighThroughputAllToAll:
         out = torch.empty((handle.m, hidden), dtype=expert_out.dtype, device=self._device)
         stream = torch.cuda.current_stream(self._device).cuda_stream
 
-        def address(tensor: Optional[torch.Tensor]) -> int:
-            return 0 if tensor is None else tensor.data_ptr()
-
         native.combine(
             handle,
             expert_out.data_ptr(),
             SCALAR_TYPES[expert_out.dtype],
             out.data_ptr(),
             stream,
-            row_weight=address(row_weight),
+            row_weight=_address(row_weight),
             with_topk_weights=combined_w is not None,
-            topk_weights=address(topk_weights),
-            out_topk_weights=address(combined_w),
+            topk_weights=_address(topk_weights),
+            out_topk_weights=_address(combined_w),
         )
         return out if combined_w is None else (out, combined_w)
 

@@ -14,7 +14,7 @@ namespace expertwire::harness {
 std::vector<TransportKind> transports_from_flag(const std::string& flag) {
   if (flag == "all") {
     // With NVSHMEM_DISABLE_P2P (ranks as if on different nodes) the intranode transport refuses to start.
-    if (flag_from_env("NVSHMEM_DISABLE_P2P")) return {TransportKind::kInternode, TransportKind::kInternodePuts};
+    if (nvshmem_p2p_disabled()) return {TransportKind::kInternode, TransportKind::kInternodePuts};
     return {TransportKind::kIntranode, TransportKind::kInternode, TransportKind::kInternodePuts};
   }
   std::vector<TransportKind> kinds;
