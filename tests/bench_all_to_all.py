@@ -290,10 +290,16 @@ def _worker(info: RankInfo, opts: Options) -> None:
             )
     else:
         nccl_group = dist.new_group(backend="nccl")
+    transports = ["internode", "intranode"]
+    no_peer_memory = expertwire.peer_memory_unavailable_reason()
+    if no_peer_memory is not None:
+        transports.remove("intranode")
+        if info.rank == 0:
+            print(f"intranode skipped: {no_peer_memory}")
     timings: list[Timing] = []
     for tokens in opts.tokens:
         work = RankWorkload(opts, tokens, info)
-        for transport in ("internode", "intranode"):
+        for transport in transports:
             timings += bench_expertwire(opts, info, tokens, transport, work)
         timings += bench_baselines(opts, info, tokens, work, nccl_group)
         if info.rank == 0:

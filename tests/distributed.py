@@ -64,6 +64,17 @@ def why_ranks_cannot_run(world_local_size: int) -> Optional[str]:
     return None
 
 
+def why_transport_cannot_run(transport: str, world_local_size: int) -> Optional[str]:
+    """why_ranks_cannot_run, and for the intranode transport why this job's ranks may not use peer memory (they
+    run as on different nodes)."""
+    reason = why_ranks_cannot_run(world_local_size)
+    if reason is None and transport == "intranode":
+        import expertwire
+
+        reason = expertwire.peer_memory_unavailable_reason()
+    return reason
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -26,14 +26,14 @@ from .all_to_all_data import (
     make_groups,
     run_experts,
 )
-from .distributed import RankInfo, launch, nvshmem_join, why_ranks_cannot_run
+from .distributed import RankInfo, launch, nvshmem_join, why_transport_cannot_run
 
 RANK_COUNTS = [int(n) for n in os.environ.get("EXPERTWIRE_TEST_RANKS", "2,4").split(",") if n.strip()]
 TRANSPORTS = ["internode", "intranode"]
 
 
-def _require_ranks(world_size: int) -> None:
-    reason = why_ranks_cannot_run(world_size)
+def _require_ranks(world_size: int, transport: str = "internode") -> None:
+    reason = why_transport_cannot_run(transport, world_size)
     if reason is not None:
         pytest.skip(reason)
 
@@ -239,7 +239,7 @@ def _worker_compile(info: RankInfo, transport: str) -> None:
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_dispatch_combine_matches_reference(transport: str, world_size: int) -> None:
-    _require_ranks(world_size)
+    _require_ranks(world_size, transport)
     launch(world_size, _worker_eager, transport)
 
 
@@ -247,7 +247,7 @@ def test_dispatch_combine_matches_reference(transport: str, world_size: int) -> 
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_cuda_graph_capture_and_replay(transport: str, world_size: int) -> None:
-    _require_ranks(world_size)
+    _require_ranks(world_size, transport)
     launch(world_size, _worker_cuda_graph, transport)
 
 
@@ -255,7 +255,7 @@ def test_cuda_graph_capture_and_replay(transport: str, world_size: int) -> None:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_torch_compile(transport: str) -> None:
     world_size = RANK_COUNTS[0]
-    _require_ranks(world_size)
+    _require_ranks(world_size, transport)
     launch(world_size, _worker_compile, transport)
 
 

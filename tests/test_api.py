@@ -193,3 +193,14 @@ def test_intranode_finds_its_process_group_by_name(single_rank_group: None) -> N
 def test_intranode_rank_and_world_must_match_the_group(single_rank_group: None) -> None:
     with pytest.raises(ValueError, match=r"has 1 ranks and this process is its rank 0, but world_size=2, rank=1"):
         AllToAll.intranode(8, 8, 2, 1, 2, 1, 128, 256, 0)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "Yes", "ON"])
+def test_peer_memory_unavailable_reason_names_nvshmem_disable_p2p(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.delenv("NVSHMEM_DISABLE_P2P", raising=False)
+    assert expertwire.peer_memory_unavailable_reason() is None
+    monkeypatch.setenv("NVSHMEM_DISABLE_P2P", value)
+    reason = expertwire.peer_memory_unavailable_reason()
+    assert reason is not None and "NVSHMEM_DISABLE_P2P" in reason and "internode" in reason
+    monkeypatch.setenv("NVSHMEM_DISABLE_P2P", "0")
+    assert expertwire.peer_memory_unavailable_reason() is None

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import expertwire
 
-from .distributed import RankInfo, launch, nvshmem_join, why_ranks_cannot_run
+from .distributed import RankInfo, launch, nvshmem_join, why_transport_cannot_run
 
 RANK_COUNTS = [int(n) for n in os.environ.get("EXPERTWIRE_TEST_RANKS", "2,4").split(",") if n.strip()]
 TRANSPORTS = ["internode", "intranode"]
@@ -233,7 +233,7 @@ def _worker(info: RankInfo, transport: str, check: str) -> None:
 def test_high_throughput(check: str, transport: str, world_size: int) -> None:
     """model: received rows and combined tokens against the model; autograd: forward and backward through
     expertwire.autograd against the dense model."""
-    reason = why_ranks_cannot_run(world_size)
+    reason = why_transport_cannot_run(transport, world_size)
     if reason is not None:
         pytest.skip(reason)
     launch(world_size, _worker, transport, check)

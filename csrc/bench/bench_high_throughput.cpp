@@ -99,8 +99,8 @@ struct Result {
   int64_t tokens = 0;
   std::string layout;
   double recv_rows = 0, recv_bytes = 0, combine_bytes = 0;  // mean over ranks
-  Stats dispatch, dispatch_staged, combine, combine_in_buffer, dispatch_floor, combine_floor, loop_dispatch,
-      loop_combine;
+  Stats dispatch, dispatch_staged, exchange, data, combine, combine_in_buffer, dispatch_floor, combine_floor,
+      loop_dispatch, loop_combine;
   double memory_mb = 0, padded_mb = 0;
 };
 
@@ -202,8 +202,8 @@ Result run_case(const harness::MpiSession& mpi, harness::TransportKind kind, con
   object->combine(combine, *handle, stream);
 
   const int n = o.iterations;
-  std::vector<double> d(n), ds(n), c(n), cz(n);
-  Events ev(8);
+  std::vector<double> d(n), ds(n), c(n), cz(n), dx(n), dd(n);
+  Events ev(12);
   for (int i = -o.warmup; i < n; ++i) {
     nvshmem_barrier_on_stream(stream);
     ev.record(0, stream);
@@ -221,6 +221,17 @@ Result run_case(const harness::MpiSession& mpi, harness::TransportKind kind, con
     ev.record(6, stream);
     object->combine(packed ? combine_in_buffer : combine, *handle, stream);
     ev.record(7, stream);
+    // The dispatch's halves apart: the count exchange, then the rows.
+    nvshmem_barrier_on_stream(stream);
+    ev.record(8, stream);
+    object->dispatch_layout(in, layout, *handle, stream);
+    ev.record(9, stream);
+    nvshmem_barrier_on_stream(stream);
+    ev.record(10, stream);
+    object->dispatch_data(in, *handle, outputs, stream);
+    ev.record(11, stream);
+    nvshmem_barrier_on_stream(stream);
+    object->combine(combine, *handle, stream);  // calls alternate
     nvshmem_barrier_on_stream(stream);
     EW_CUDA_CHECK(cudaStreamSynchronize(stream));
     object->check_errors();
@@ -229,6 +240,8 @@ Result run_case(const harness::MpiSession& mpi, harness::TransportKind kind, con
     c[i] = ev.micros(2, 3);
     ds[i] = ev.micros(4, 5);
     cz[i] = ev.micros(6, 7);
+    dx[i] = ev.micros(8, 9);
+    dd[i] = ev.micros(10, 11);
   }
   std::vector<double> ld(n), lc(n);
   {
@@ -281,6 +294,8 @@ Result run_case(const harness::MpiSession& mpi, harness::TransportKind kind, con
   r.combine_bytes = mean_over_ranks(combine_bytes);
   r.dispatch = slowest(d);
   r.dispatch_staged = slowest(ds);
+  r.exchange = slowest(dx);
+  r.data = slowest(dd);
   r.combine = slowest(c);
   // Expert-contiguous rows are the caller's own (the combine input buffer holds rank-packed rows): no such case.
   if (packed) r.combine_in_buffer = slowest(cz);
@@ -317,9 +332,11 @@ int run(int argc, char** argv) {
                   harness::transport_title(kind), mpi.world_size(), (long long)o.hidden, (long long)o.top_k,
                   (long long)o.experts);
       std::printf(
-          "| tokens | layout | rows | dispatch µs mean / median | staged x | GB/s | floor µs | / floor | combine µs "
-          "mean / median | in buffer | GB/s | floor µs | / floor | loop d / c µs | MB per rank | padded MB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+          "| tokens | layout | rows | dispatch µs mean / median | staged x | exchange / rows | GB/s | floor µs | / "
+          "floor "
+          "| combine µs mean / median | in buffer | GB/s | floor µs | / floor | loop d / c µs | MB per rank | padded "
+          "MB "
+          "|\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     }
     for (const int64_t tokens : o.tokens) {
       for (const auto layout : layouts) {
@@ -328,11 +345,11 @@ int run(int argc, char** argv) {
         char in_buffer[32] = "—";
         if (r.combine_in_buffer.mean > 0) std::snprintf(in_buffer, sizeof(in_buffer), "%.1f", r.combine_in_buffer.mean);
         std::printf(
-            "| %lld | %s | %.0f | %.1f / %.1f | %.1f | %.0f | %.1f | %.2f | %.1f / %.1f | %s | %.0f | %.1f | %.2f | "
-            "%.1f / %.1f | %.0f | %.0f |\n",
+            "| %lld | %s | %.0f | %.1f / %.1f | %.1f | %.1f / %.1f | %.0f | %.1f | %.2f | %.1f / %.1f | %s | %.0f | "
+            "%.1f | %.2f | %.1f / %.1f | %.0f | %.0f |\n",
             (long long)r.tokens, r.layout.c_str(), r.recv_rows, r.dispatch.mean, r.dispatch.median,
-            r.dispatch_staged.mean, r.recv_bytes / r.dispatch.mean / 1e3, r.dispatch_floor.mean,
-            r.dispatch.mean / r.dispatch_floor.mean, r.combine.mean, r.combine.median, in_buffer,
+            r.dispatch_staged.mean, r.exchange.mean, r.data.mean, r.recv_bytes / r.dispatch.mean / 1e3,
+            r.dispatch_floor.mean, r.dispatch.mean / r.dispatch_floor.mean, r.combine.mean, r.combine.median, in_buffer,
             r.combine_bytes / r.combine.mean / 1e3, r.combine_floor.mean, r.combine.mean / r.combine_floor.mean,
             r.loop_dispatch.mean, r.loop_combine.mean, r.memory_mb, r.padded_mb);
         std::fflush(stdout);
@@ -340,9 +357,10 @@ int run(int argc, char** argv) {
              << "\", \"ranks\": " << mpi.world_size() << ", \"tokens\": " << r.tokens << ", \"layout\": \"" << r.layout
              << "\", \"rows\": " << r.recv_rows << ", \"dispatch_us\": " << r.dispatch.mean
              << ", \"dispatch_median_us\": " << r.dispatch.median
-             << ", \"dispatch_staged_us\": " << r.dispatch_staged.mean
-             << ", \"dispatch_floor_us\": " << r.dispatch_floor.mean << ", \"dispatch_bytes\": " << r.recv_bytes
-             << ", \"combine_us\": " << r.combine.mean << ", \"combine_median_us\": " << r.combine.median
+             << ", \"dispatch_staged_us\": " << r.dispatch_staged.mean << ", \"exchange_us\": " << r.exchange.mean
+             << ", \"data_us\": " << r.data.mean << ", \"dispatch_floor_us\": " << r.dispatch_floor.mean
+             << ", \"dispatch_bytes\": " << r.recv_bytes << ", \"combine_us\": " << r.combine.mean
+             << ", \"combine_median_us\": " << r.combine.median
              << ", \"combine_in_buffer_us\": " << r.combine_in_buffer.mean
              << ", \"combine_floor_us\": " << r.combine_floor.mean << ", \"combine_bytes\": " << r.combine_bytes
              << ", \"loop_dispatch_us\": " << r.loop_dispatch.mean << ", \"loop_combine_us\": " << r.loop_combine.mean

@@ -191,10 +191,15 @@ bool nvshmem_p2p_disabled() {
   return value == "1" || value == "y" || value == "yes" || value == "t" || value == "true" || value == "on";
 }
 
+std::string peer_memory_unavailable_reason() {
+  if (!nvshmem_p2p_disabled()) return {};
+  return "NVSHMEM_DISABLE_P2P is set, so the ranks are taken not to reach each other's memory (as between nodes); "
+         "the intranode transport needs peer memory: use the internode transport";
+}
+
 void require_peer_memory_allowed(const char* transport) {
-  EW_REQUIRE(!nvshmem_p2p_disabled(), transport,
-             ": NVSHMEM_DISABLE_P2P is set, so the ranks are taken not to reach each other's memory (as between "
-             "nodes); the intranode transport needs peer memory: use the internode transport");
+  const std::string reason = peer_memory_unavailable_reason();
+  EW_REQUIRE(reason.empty(), transport, ": ", reason);
 }
 
 }  // namespace expertwire

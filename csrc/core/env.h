@@ -23,7 +23,10 @@ uint32_t positive_uint32_from_env(const char* name, uint32_t fallback);
 // the job declares that its ranks do not reach each other's memory, as between nodes.
 bool nvshmem_p2p_disabled();
 
-// Throws ConfigError for `transport` (a peer-memory transport) when nvshmem_p2p_disabled().
+// Why this process's ranks may not use peer memory (the intranode transport), or empty when they may.
+std::string peer_memory_unavailable_reason();
+
+// Throws ConfigError for `transport` (a peer-memory transport) when peer_memory_unavailable_reason() is not empty.
 void require_peer_memory_allowed(const char* transport);
 
 }  // namespace expertwire

@@ -22,18 +22,60 @@
 
 namespace expertwire::device {
 
-// Eight elements of a row of T as floats: vector v of the row. kCoherent: rows peers write (bypass L1).
+// Eight elements of a row of T as they are stored: one 16-byte vector of a 16-bit type, two of float.
+template <class T>
+struct EightOf {
+  int4 words[sizeof(T) / 2];
+};
+
+// Vector v (elements 8v..8v+7) of a row of T. kCoherent: rows peers write (bypass L1).
 template <class T, bool kCoherent>
-__device__ __forceinline__ void load_eight(const T* row, uint32_t v, float* out) {
-  auto load = [](const int4* p) { return kCoherent ? __ldcg(p) : load_stream(p); };
+__device__ __forceinline__ EightOf<T> load_eight(const T* row, uint32_t v) {
+  EightOf<T> eight;
+  const auto* p = reinterpret_cast<const int4*>(row) + uint64_t(v) * (sizeof(T) / 2);
+#pragma unroll
+  for (uint32_t i = 0; i < sizeof(T) / 2; ++i) eight.words[i] = kCoherent ? __ldcg(p + i) : load_stream(p + i);
+  return eight;
+}
+
+// acc += weight * eight, element by element, in fp32.
+template <class T>
+__device__ __forceinline__ void accumulate_eight(const EightOf<T>& eight, float weight, float* acc) {
+  float y[8];
   if constexpr (std::is_same_v<T, float>) {
-    const auto* p = reinterpret_cast<const int4*>(row) + 2 * uint64_t(v);
-    const int4 low = load(p), high = load(p + 1);
-    out[0] = __int_as_float(low.x), out[1] = __int_as_float(low.y), out[2] = __int_as_float(low.z);
-    out[3] = __int_as_float(low.w), out[4] = __int_as_float(high.x), out[5] = __int_as_float(high.y);
-    out[6] = __int_as_float(high.z), out[7] = __int_as_float(high.w);
+    const auto* f = reinterpret_cast<const float*>(eight.words);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) y[e] = f[e];
   } else {
-    Vec8<T>::to_float(load(reinterpret_cast<const int4*>(row) + v), out);
+    Vec8<T>::to_float(eight.words[0], y);
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] += weight * y[e];
+}
+
+// Rows whose loads are issued together before any is summed: enough bytes in flight per warp to keep HBM busy.
+inline constexpr int kRowsInFlight = 4;
+
+// acc = the sum over p < count (warp-uniform), in order of p, of weight_of(p) * vector v of row_of(p). row_of and
+// weight_of may shuffle: the whole warp calls them; lanes with !active load nothing.
+template <class T, bool kCoherent, class RowOf, class WeightOf>
+__device__ __forceinline__ void sum_rows_in_order(int count, uint32_t v, bool active, RowOf row_of, WeightOf weight_of,
+                                                  float* acc) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+  for (int p0 = 0; p0 < count; p0 += kRowsInFlight) {
+    EightOf<T> eight[kRowsInFlight];
+    float weight[kRowsInFlight];
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      const T* row = row_of(p0 + u);
+      weight[u] = weight_of(p0 + u);
+      if (active && p0 + u < count) eight[u] = load_eight<T, kCoherent>(row, v);
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      if (active && p0 + u < count) accumulate_eight(eight[u], weight[u], acc);
+    }
   }
 }
 
@@ -60,22 +102,25 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
                                                       : 0.0f;
         if (carry_slots) mine_slots[lane] = slot_row >= 0 ? a.combine_topk_weights[slot_row] : 0.0f;
       }
+      // Lane p: the row and weight of the p-th valid slot, in k order.
       const unsigned slots = __ballot_sync(kFullMask, slot_row >= 0);
+      int32_t placed_row = 0;
+      float placed_weight = 0.0f;
+      int place = 0;
+      for (unsigned left = slots; left != 0; left &= left - 1, ++place) {
+        const int from = __ffs(left) - 1;
+        const int32_t r = __shfl_sync(kFullMask, slot_row, from);
+        const float w = __shfl_sync(kFullMask, slot_weight, from);
+        if (lane == place) placed_row = r, placed_weight = w;
+      }
       const auto* rows = reinterpret_cast<const T*>(a.expert_out);
       for (uint32_t v0 = 0; v0 < vectors; v0 += kWarpSize) {
         const uint32_t v = v0 + uint32_t(lane);
-        float acc[8] = {};
-        for (unsigned left = slots; left != 0; left &= left - 1) {  // k order
-          const int from = __ffs(left) - 1;
-          const int32_t r = __shfl_sync(kFullMask, slot_row, from);
-          const float w = __shfl_sync(kFullMask, slot_weight, from);
-          if (v < vectors) {
-            float y[8];
-            load_eight<T, false>(rows + uint64_t(r) * l.hidden_dim, v, y);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] += w * y[e];
-          }
-        }
+        float acc[8];
+        sum_rows_in_order<T, false>(
+            __popc(slots), v, v < vectors,
+            [&](int p) { return rows + uint64_t(__shfl_sync(kFullMask, placed_row, p & 31)) * l.hidden_dim; },
+            [&](int p) { return __shfl_sync(kFullMask, placed_weight, p & 31); }, acc);
         if (v < vectors) Vec8<T>::store(reinterpret_cast<T*>(mine) + uint64_t(v) * 8, acc);
       }
     } else {
@@ -173,17 +218,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_combine_
       }
       for (uint32_t v0 = 0; v0 < vectors; v0 += kWarpSize) {
         const uint32_t v = v0 + uint32_t(lane);
-        float acc[8] = {};
-        for (int place = 0; place < rows; ++place) {
-          const T* source =
-              reinterpret_cast<const T*>(__shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(sorted_row), place));
-          if (v < vectors) {
-            float y[8];
-            load_eight<T, true>(source, v, y);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] += y[e];
-          }
-        }
+        float acc[8];
+        sum_rows_in_order<T, true>(
+            rows, v, v < vectors,
+            [&](int p) {
+              return reinterpret_cast<const T*>(
+                  __shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(sorted_row), p & 31));
+            },
+            [](int) { return 1.0f; }, acc);
         if (v < vectors) Vec8<T>::store(out + uint64_t(t) * l.hidden_dim + uint64_t(v) * 8, acc);
       }
     }

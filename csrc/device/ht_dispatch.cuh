@@ -21,22 +21,35 @@ __device__ __forceinline__ uint32_t ht_rows_needed(const HtArgs& a) {
                                                            : a.h.segment_start[a.l.num_local_experts];
 }
 
-// Writes received token `record` / `row` (a sender's, or our staging copy) into the outputs; `packed_row` is its
-// rank-packed row, or ~0u to read it from the record. Whole warp.
-__device__ __forceinline__ void ht_receive_token(const HtArgs& a, uint32_t source, const uint8_t* record,
+// Lane j's slot (j < k) of a token record: its expert, the token's row at that expert's rank (first slot of each
+// rank), its row among the expert's tokens, its weight; -1 and 0 on other lanes.
+struct SlotRoute {
+  int32_t e = -1, rank_row = -1, expert_row = -1;
+  float w = 0.0f;
+};
+
+__device__ __forceinline__ SlotRoute load_slot_route(const uint8_t* record, uint32_t k) {
+  const auto* words = reinterpret_cast<const int32_t*>(record);
+  SlotRoute route;
+  const uint32_t lane = uint32_t(lane_id());
+  if (lane < k) {
+    route.e = __ldcg(words + kRecordExpert * k + lane);
+    route.rank_row = __ldcg(words + kRecordRankRow * k + lane);
+    route.expert_row = __ldcg(words + kRecordExpertRow * k + lane);
+    route.w = __int_as_float(__ldcg(words + kRecordWeight * k + lane));
+  }
+  return route;
+}
+
+// Writes a received token (its `route` and `row`: a sender's, or our staging copy) into the outputs; `packed_row`
+// is its rank-packed row, or ~0u to read it from the route. Whole warp.
+__device__ __forceinline__ void ht_receive_token(const HtArgs& a, uint32_t source, const SlotRoute& route,
                                                  const uint8_t* row, uint32_t packed_row) {
   const HtLayout& l = a.l;
   const uint32_t k = l.experts_per_token, L = l.num_local_experts;
   const int lane = lane_id();
-  const auto* words = reinterpret_cast<const int32_t*>(record);
-  int32_t e = -1, rank_row = -1, expert_row = -1;
-  float w = 0.0f;
-  if (uint32_t(lane) < k) {
-    e = __ldcg(words + kRecordExpert * k + lane);
-    rank_row = __ldcg(words + kRecordRankRow * k + lane);
-    expert_row = __ldcg(words + kRecordExpertRow * k + lane);
-    w = __int_as_float(__ldcg(words + kRecordWeight * k + lane));
-  }
+  const int32_t e = route.e, rank_row = route.rank_row, expert_row = route.expert_row;
+  const float w = route.w;
   const bool on_me = e >= 0 && uint32_t(e) / L == l.rank;
   const unsigned local = __ballot_sync(kFullMask, on_me);
   if (local == 0) return;
@@ -161,7 +174,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
       receive = !__syncthreads_or(missing) && receive;
       if (receive) {
         for (uint32_t i = global_warp(); i < num_recv; i += total_warps()) {
-          ht_receive_token(a, find_segment(a.h.recv_base, W, i), a.local<uint8_t>(l.staging_record_offset(i)),
+          ht_receive_token(a, find_segment(a.h.recv_base, W, i),
+                           load_slot_route(a.local<uint8_t>(l.staging_record_offset(i)), l.experts_per_token),
                            a.local<uint8_t>(l.staging_row_offset(i)), i);
         }
       }
@@ -178,10 +192,21 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
       source_first[W] = running;
     }
     __syncthreads();
-    for (uint32_t item = global_warp(); item < source_first[W]; item += total_warps()) {
+    // Item = (source, token). The next item's record loads while this one's row is copied.
+    const uint32_t items = source_first[W];
+    auto route_of = [&](uint32_t item) {
+      const uint32_t s = find_segment(source_first, W, item);
+      return load_slot_route(
+          transport.peer(int(s), SymmetricRef<uint8_t>{l.token_record_offset(item - source_first[s])}),
+          l.experts_per_token);
+    };
+    SlotRoute next;
+    if (global_warp() < items) next = route_of(global_warp());
+    for (uint32_t item = global_warp(); item < items; item += total_warps()) {
+      const SlotRoute route = next;
+      if (item + total_warps() < items) next = route_of(item + total_warps());
       const uint32_t s = find_segment(source_first, W, item), t = item - source_first[s];
-      ht_receive_token(a, s, transport.peer(int(s), SymmetricRef<uint8_t>{l.token_record_offset(t)}),
-                       transport.peer(int(s), SymmetricRef<uint8_t>{l.input_row_offset(t)}), ~0u);
+      ht_receive_token(a, s, route, transport.peer(int(s), SymmetricRef<uint8_t>{l.input_row_offset(t)}), ~0u);
     }
   }
   // Padding rows between expert-contiguous segments.

@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
   }
   __syncthreads();
 
-  // In-warp places: ballots for ranks, a look at the earlier lanes' experts for experts.
+  // In-warp places: ballots for ranks, masks of lanes for experts.
   const int lane = lane_id(), warp = warp_id();
   const unsigned earlier = (1u << lane) - 1;
   uint32_t* counts = warp_counts + warp * counters;
@@ -55,20 +55,18 @@ __global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
       }
     }
   }
-  const int32_t* warp_experts = experts + uint32_t(warp) * kWarpSize * k;
+  // An expert's counter holds the mask of the warp's lanes that name it (a token names an expert once) until its
+  // places are read, then its count.
+  uint32_t* expert_lanes = counts + l.world_size;
   for (uint32_t j = 0; j < k; ++j) {
-    const int32_t e = own[j];
-    if (e < 0) {
-      expert_place[threadIdx.x * k + j] = -1;
-      continue;
-    }
-    int32_t place = 0;
-    for (int other = 0; other < lane; ++other) {
-      for (uint32_t j2 = 0; j2 < k; ++j2) place += warp_experts[other * k + j2] == e;
-    }
-    expert_place[threadIdx.x * k + j] = place;
-    atomicAdd(&counts[l.world_size + uint32_t(e)], 1u);
+    if (own[j] >= 0) atomicOr(&expert_lanes[own[j]], 1u << lane);
   }
+  __syncwarp();
+  for (uint32_t j = 0; j < k; ++j) {
+    expert_place[threadIdx.x * k + j] = own[j] < 0 ? -1 : __popc(expert_lanes[own[j]] & earlier);
+  }
+  __syncwarp();
+  for (uint32_t e = lane; e < l.num_experts; e += kWarpSize) expert_lanes[e] = __popc(expert_lanes[e]);
   __syncthreads();
 
   // Warps' counts become their first places in the block; the block's totals go to the handle.

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "core/arguments.h"
+#include "core/env.h"
 #include "core/error.h"
 #include "expertwire/config.h"
 #include "expertwire/dtype.h"
@@ -535,6 +536,11 @@ NB_MODULE(_expertwire, m) {
     return nb::bytes(id.data(), id.size());
   });
   m.def("nvshmem_unique_id_bytes", &nvshmem_unique_id_bytes);
+  m.def("peer_memory_unavailable_reason", []() -> std::optional<std::string> {
+    std::string reason = peer_memory_unavailable_reason();
+    if (reason.empty()) return std::nullopt;
+    return reason;
+  });
   m.def(
       "nvshmem_init",
       [](nb::bytes unique_id, int rank, int world_size) {

@@ -29,6 +29,14 @@ from .nvshmem import (
 DeviceError = _ext.DeviceError
 DeviceError.__module__ = __name__
 
+
+def peer_memory_unavailable_reason() -> "str | None":
+    """Why this process's ranks may not use the intranode transports (``AllToAll.intranode``,
+    ``HighThroughputAllToAll.intranode``), which need each other's memory, or None when they may. Today the one
+    reason is ``NVSHMEM_DISABLE_P2P`` set true: the job declares its ranks apart, as on different nodes."""
+    return _ext.peer_memory_unavailable_reason()
+
+
 __all__ = [
     "AllToAll",
     "AllToAllShape",
@@ -47,5 +55,6 @@ __all__ = [
     "nvshmem_my_pe",
     "nvshmem_n_pes",
     "nvshmem_unique_id_size",
+    "peer_memory_unavailable_reason",
     "reference",
 ]
