@@ -34,7 +34,7 @@
 namespace expertwire {
 
 // Tokens a route block handles (one thread each).
-inline constexpr uint32_t kRouteBlockTokens = 256;
+inline constexpr uint32_t kRouteBlockTokens = 64;
 
 // What a sender publishes about token t, for k slots: per slot the row among the tokens it sends to that slot's
 // rank (-1 unless the slot is the first to name that rank), the row among its tokens of that slot's expert, the

@@ -33,7 +33,13 @@ void launch_ht_route(const HtArgs& args, const Transport& transport, LaunchShape
                                      int(counters_bytes)));
   ht_publish_kernel<Transport><<<shape.blocks, shape.threads, counters_bytes, stream>>>(args, transport);
   EW_CUDA_CHECK(cudaGetLastError());
-  ht_offsets_kernel<<<1, kMaxBlockThreads, 0, stream>>>(args);
+  const uint64_t offsets_shared = offsets_shared_bytes(args.l);
+  EW_REQUIRE(offsets_shared <= 227 * 1024, "high-throughput dispatch: ", args.l.world_size, " ranks and ",
+             args.l.num_experts, " experts need ", offsets_shared,
+             " bytes of shared memory for the count rows (at most 232448)");
+  EW_CUDA_CHECK(
+      cudaFuncSetAttribute(ht_offsets_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(offsets_shared)));
+  ht_offsets_kernel<<<1, kMaxBlockThreads, offsets_shared, stream>>>(args);
   EW_CUDA_CHECK(cudaGetLastError());
 }
 

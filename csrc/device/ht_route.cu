@@ -12,29 +12,38 @@ __global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
   int32_t* experts = reinterpret_cast<int32_t*>(warp_counts + kRouteWarps * counters);  // [tokens][k]
   int32_t* rank_place = experts + kRouteBlockTokens * k;                                // [tokens][k]
   int32_t* expert_place = rank_place + kRouteBlockTokens * k;                           // [tokens][k]
+  float* weights = reinterpret_cast<float*>(expert_place + kRouteBlockTokens * k);      // [tokens][k]
   for (uint32_t i = threadIdx.x; i < kRouteWarps * counters; i += blockDim.x) warp_counts[i] = 0;
 
-  const uint32_t t = blockIdx.x * kRouteBlockTokens + threadIdx.x;
-  const bool valid = t < a.m;
-  int32_t* own = experts + threadIdx.x * k;
-  uint64_t ranks = 0;
-  for (uint32_t j = 0; j < k; ++j) {
-    int64_t e = -1;
-    if (valid) {
-      e = a.topk_idx_int64 ? static_cast<const int64_t*>(a.topk_idx)[uint64_t(t) * k + j]
-                           : static_cast<const int32_t*>(a.topk_idx)[uint64_t(t) * k + j];
-    }
+  // The block's experts and weights, read by all its threads together: coalesced, and no store between the loads.
+  const uint32_t first = blockIdx.x * kRouteBlockTokens;
+  const uint32_t block_slots = min(kRouteBlockTokens, a.m - first) * k;
+  for (uint32_t i = threadIdx.x; i < block_slots; i += blockDim.x) {
+    const uint64_t at = uint64_t(first) * k + i;
+    int64_t e =
+        a.topk_idx_int64 ? static_cast<const int64_t*>(a.topk_idx)[at] : static_cast<const int32_t*>(a.topk_idx)[at];
     if (e < -1 || e >= int64_t(l.num_experts)) {
       record_error(a.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, e);
       e = -1;
     }
+    experts[i] = int32_t(e);
+    weights[i] = a.topk_weights[at];
+  }
+  __syncthreads();
+
+  const uint32_t t = first + threadIdx.x;
+  const bool valid = t < a.m;
+  int32_t* own = experts + threadIdx.x * k;
+  uint64_t ranks = 0;
+  for (uint32_t j = 0; j < k; ++j) {
+    int32_t e = valid ? own[j] : -1;
     for (uint32_t j2 = 0; j2 < j && e >= 0; ++j2) {
       if (own[j2] == e) {
         record_error(a.error, ErrorCode::kRepeatedExpert, Phase::kDispatchSend, -1, e);
         e = -1;
       }
     }
-    own[j] = int32_t(e);
+    own[j] = e;
     if (e >= 0) ranks |= 1ull << (uint32_t(e) / l.num_local_experts);
   }
   __syncthreads();
@@ -91,14 +100,18 @@ __global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
     a.h.slot_expert_row[uint64_t(t) * k + j] = expert_row;
     a.h.slot_dest[uint64_t(t) * k + j] = e >= 0 ? int32_t(uint32_t(e) / l.num_local_experts) : -1;
     record_words(record, k, kRecordExpert)[j] = e;
-    reinterpret_cast<float*>(record_words(record, k, kRecordWeight))[j] =
-        e >= 0 ? a.topk_weights[uint64_t(t) * k + j] : 0.0f;
+    reinterpret_cast<float*>(record_words(record, k, kRecordWeight))[j] = e >= 0 ? weights[threadIdx.x * k + j] : 0.0f;
   }
 }
 
 __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) {
   const HtLayout& l = a.l;
-  const uint32_t W = l.world_size, L = l.num_local_experts;
+  const uint32_t W = l.world_size, L = l.num_local_experts, words = l.count_row_words;
+  // Every rank's count row (zero when the wait gave up), then the tokens of each local expert: read once from
+  // global memory, all at once, so the loops below run on shared memory.
+  extern __shared__ uint32_t offsets_shared[];
+  uint32_t* count_rows = offsets_shared;                     // [W][words]
+  uint32_t* tokens_per_expert = offsets_shared + W * words;  // [L]
   const uint64_t target = a.workspace->dispatch_calls + 1;
   bool missing = false;
   for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
@@ -108,10 +121,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
   }
   // Each wait's own verdict: the error record keeps only the first error, which may be bad input.
   const bool gave_up = __syncthreads_or(missing);
+  const uint32_t* arrived = a.local<uint32_t>(l.count_row_offset(0));
+  for (uint32_t i = threadIdx.x; i < W * words; i += blockDim.x) count_rows[i] = gave_up ? 0u : __ldcg(arrived + i);
+  __syncthreads();
+  auto count = [&](uint32_t source, uint32_t word) { return count_rows[source * words + word]; };
   bool mismatch = false;
-  auto count = [&](uint32_t source, uint32_t word) -> uint32_t {
-    return gave_up ? 0u : __ldcg(a.local<uint32_t>(l.count_row_offset(source)) + word);
-  };
   // Per source s: its rows here start at recv_base[s]; where our rows for s land in its combine_recv.
   for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
     uint32_t home = 0, at = 0;
@@ -133,13 +147,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
       a.h.expert_prefix[s * L + e] = running;
       running += count(s, W + e);
     }
+    tokens_per_expert[e] = running;
     a.h.tokens_per_expert[e] = running;
+    a.h.host_counts[2 + e] = running;
   }
   // The data kernel's verdict, whatever error the record kept first.
   const bool failed = __syncthreads_or(mismatch) || gave_up;
-  if (threadIdx.x == 0) a.workspace->exchange_failed = failed ? 1u : 0u;
-  __syncthreads();
   if (threadIdx.x == 0) {
+    a.workspace->exchange_failed = failed ? 1u : 0u;
     uint32_t running = 0;
     for (uint32_t s = 0; s < W; ++s) {
       a.h.recv_base[s] = running;
@@ -155,7 +170,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
     uint64_t rows = 0;
     for (uint32_t e = 0; e < L; ++e) {
       a.h.segment_start[e] = uint32_t(rows);
-      rows += align_up(a.h.tokens_per_expert[e], l.expert_alignment);
+      rows += align_up(tokens_per_expert[e], l.expert_alignment);
     }
     a.h.segment_start[L] = uint32_t(rows);
     if (running > l.recv_rows) {
@@ -165,7 +180,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) 
     a.h.host_counts[1] = uint32_t(rows);
     a.workspace->dispatch_calls = target;
   }
-  for (uint32_t e = threadIdx.x; e < L; e += blockDim.x) a.h.host_counts[2 + e] = a.h.tokens_per_expert[e];
 }
 
 }  // namespace expertwire::device

@@ -20,10 +20,10 @@ namespace expertwire::device {
 
 inline constexpr uint32_t kRouteWarps = kRouteBlockTokens / kWarpSize;
 
-// Shared memory of the route kernel: per-warp counters of every rank and expert, and every token's experts and
-// in-warp places.
+// Shared memory of the route kernel: per-warp counters of every rank and expert, and every token's experts,
+// in-warp places and weights.
 __host__ __device__ inline uint64_t route_shared_bytes(const HtLayout& l) {
-  return (uint64_t(kRouteWarps) * (l.world_size + l.num_experts) + 3ull * kRouteBlockTokens * l.experts_per_token) *
+  return (uint64_t(kRouteWarps) * (l.world_size + l.num_experts) + 4ull * kRouteBlockTokens * l.experts_per_token) *
          sizeof(uint32_t);
 }
 
@@ -51,17 +51,31 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_
       block_base[c] = sum;
     }
     __syncthreads();
-    for (uint32_t i = threadIdx.x; i < kRouteBlockTokens * k; i += blockDim.x) {
-      const uint32_t t = b * kRouteBlockTokens + i / k, j = i % k;
-      if (t >= a.m) break;
-      uint8_t* record = a.local<uint8_t>(l.token_record_offset(t));
-      const int32_t e = record_words(record, k, kRecordExpert)[j];
-      int32_t& rank_row = a.h.slot_rank_row[uint64_t(t) * k + j];
-      int32_t& expert_row = a.h.slot_expert_row[uint64_t(t) * k + j];
-      if (rank_row >= 0) rank_row += int32_t(block_base[uint32_t(e) / l.num_local_experts]);
-      if (expert_row >= 0) expert_row += int32_t(block_base[l.world_size + uint32_t(e)]);
-      record_words(record, k, kRecordRankRow)[j] = rank_row;
-      record_words(record, k, kRecordExpertRow)[j] = expert_row;
+    // Slots in batches whose loads all issue before any store (the compiler may not move a load past a store to
+    // memory it cannot tell apart).
+    constexpr uint32_t kBatch = 4;
+    for (uint32_t i0 = threadIdx.x; i0 < kRouteBlockTokens * k; i0 += kBatch * blockDim.x) {
+      int32_t e[kBatch], rank_row[kBatch], expert_row[kBatch];
+#pragma unroll
+      for (uint32_t u = 0; u < kBatch; ++u) {
+        const uint32_t i = i0 + u * blockDim.x, t = b * kRouteBlockTokens + i / k;
+        if (i >= kRouteBlockTokens * k || t >= a.m) continue;
+        e[u] = record_words(a.local<uint8_t>(l.token_record_offset(t)), k, kRecordExpert)[i % k];
+        rank_row[u] = a.h.slot_rank_row[uint64_t(t) * k + i % k];
+        expert_row[u] = a.h.slot_expert_row[uint64_t(t) * k + i % k];
+      }
+#pragma unroll
+      for (uint32_t u = 0; u < kBatch; ++u) {
+        const uint32_t i = i0 + u * blockDim.x, t = b * kRouteBlockTokens + i / k, j = i % k;
+        if (i >= kRouteBlockTokens * k || t >= a.m) continue;
+        if (rank_row[u] >= 0) rank_row[u] += int32_t(block_base[uint32_t(e[u]) / l.num_local_experts]);
+        if (expert_row[u] >= 0) expert_row[u] += int32_t(block_base[l.world_size + uint32_t(e[u])]);
+        a.h.slot_rank_row[uint64_t(t) * k + j] = rank_row[u];
+        a.h.slot_expert_row[uint64_t(t) * k + j] = expert_row[u];
+        uint8_t* record = a.local<uint8_t>(l.token_record_offset(t));
+        record_words(record, k, kRecordRankRow)[j] = rank_row[u];
+        record_words(record, k, kRecordExpertRow)[j] = expert_row[u];
+      }
     }
   }
 
@@ -111,8 +125,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_
   }
 }
 
-// One block of kMaxBlockThreads. Waits for every rank's count row of this dispatch, then fills the handle's
-// offsets; ht_route.cu.
+// Shared memory of the offsets kernel: every rank's count row and the tokens of each local expert.
+__host__ __device__ inline uint64_t offsets_shared_bytes(const HtLayout& l) {
+  return (uint64_t(l.world_size) * l.count_row_words + l.num_local_experts) * sizeof(uint32_t);
+}
+
+// One block of kMaxBlockThreads (offsets_shared_bytes of dynamic shared memory). Waits for every rank's count row
+// of this dispatch, then fills the handle's offsets; ht_route.cu.
 __global__ void ht_offsets_kernel(HtArgs a);
 
 }  // namespace expertwire::device
