@@ -202,46 +202,31 @@ Result run_case(const harness::MpiSession& mpi, harness::TransportKind kind, con
   object->combine(combine, *handle, stream);
 
   const int n = o.iterations;
-  std::vector<double> d(n), ds(n), c(n), cz(n), dx(n), dd(n);
-  Events ev(12);
+  // Timed operations in one iteration, each after a barrier on the stream: its sample is times[op][iteration].
+  enum TimedOp { kDispatch, kCombine, kDispatchStaged, kCombineInBuffer, kExchange, kRows, kTimedOps };
+  std::vector<std::vector<double>> times(kTimedOps, std::vector<double>(n));
+  Events ev(2 * kTimedOps);
+  auto timed = [&](TimedOp op, auto&& call) {
+    nvshmem_barrier_on_stream(stream);
+    ev.record(2 * op, stream);
+    call();
+    ev.record(2 * op + 1, stream);
+  };
   for (int i = -o.warmup; i < n; ++i) {
-    nvshmem_barrier_on_stream(stream);
-    ev.record(0, stream);
-    object->dispatch(in, *handle, outputs, stream);
-    ev.record(1, stream);
-    nvshmem_barrier_on_stream(stream);
-    ev.record(2, stream);
-    object->combine(combine, *handle, stream);
-    ev.record(3, stream);
-    nvshmem_barrier_on_stream(stream);
-    ev.record(4, stream);
-    object->dispatch(staged, *handle, outputs, stream);
-    ev.record(5, stream);
-    nvshmem_barrier_on_stream(stream);
-    ev.record(6, stream);
-    object->combine(packed ? combine_in_buffer : combine, *handle, stream);
-    ev.record(7, stream);
+    timed(kDispatch, [&] { object->dispatch(in, *handle, outputs, stream); });
+    timed(kCombine, [&] { object->combine(combine, *handle, stream); });
+    timed(kDispatchStaged, [&] { object->dispatch(staged, *handle, outputs, stream); });
+    timed(kCombineInBuffer, [&] { object->combine(packed ? combine_in_buffer : combine, *handle, stream); });
     // The dispatch's halves apart: the count exchange, then the rows.
-    nvshmem_barrier_on_stream(stream);
-    ev.record(8, stream);
-    object->dispatch_layout(in, layout, *handle, stream);
-    ev.record(9, stream);
-    nvshmem_barrier_on_stream(stream);
-    ev.record(10, stream);
-    object->dispatch_data(in, *handle, outputs, stream);
-    ev.record(11, stream);
+    timed(kExchange, [&] { object->dispatch_layout(in, layout, *handle, stream); });
+    timed(kRows, [&] { object->dispatch_data(in, *handle, outputs, stream); });
     nvshmem_barrier_on_stream(stream);
     object->combine(combine, *handle, stream);  // calls alternate
     nvshmem_barrier_on_stream(stream);
     EW_CUDA_CHECK(cudaStreamSynchronize(stream));
     object->check_errors();
     if (i < 0) continue;
-    d[i] = ev.micros(0, 1);
-    c[i] = ev.micros(2, 3);
-    ds[i] = ev.micros(4, 5);
-    cz[i] = ev.micros(6, 7);
-    dx[i] = ev.micros(8, 9);
-    dd[i] = ev.micros(10, 11);
+    for (int op = 0; op < kTimedOps; ++op) times[op][i] = ev.micros(2 * op, 2 * op + 1);
   }
   std::vector<double> ld(n), lc(n);
   {
@@ -292,13 +277,13 @@ Result run_case(const harness::MpiSession& mpi, harness::TransportKind kind, con
   r.recv_rows = mean_over_ranks(double(rows));
   r.recv_bytes = mean_over_ranks(recv_bytes);
   r.combine_bytes = mean_over_ranks(combine_bytes);
-  r.dispatch = slowest(d);
-  r.dispatch_staged = slowest(ds);
-  r.exchange = slowest(dx);
-  r.data = slowest(dd);
-  r.combine = slowest(c);
+  r.dispatch = slowest(times[kDispatch]);
+  r.dispatch_staged = slowest(times[kDispatchStaged]);
+  r.exchange = slowest(times[kExchange]);
+  r.data = slowest(times[kRows]);
+  r.combine = slowest(times[kCombine]);
   // Expert-contiguous rows are the caller's own (the combine input buffer holds rank-packed rows): no such case.
-  if (packed) r.combine_in_buffer = slowest(cz);
+  if (packed) r.combine_in_buffer = slowest(times[kCombineInBuffer]);
   r.loop_dispatch = slowest(ld);
   r.loop_combine = slowest(lc);
   r.dispatch_floor = slowest(fd);
