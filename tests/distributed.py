@@ -96,10 +96,15 @@ def _rank_entry(
         # Before anything touches CUDA, torch.cuda.device_count() included: the MPS client takes its SM limit
         # when CUDA starts. Without it every rank sizes its launch for the whole GPU, the ranks' blocks cannot
         # all be resident at once, and kernels that wait on each other time out. (MPS is only started for
-        # ranks that share one GPU: scripts/device/with_mps.sh.) A value already set wins: launches that share the
-        # GPU with other launches (two groups of ranks as two nodes) set 100 / all its ranks, since NVSHMEM
-        # refuses its on-stream collectives when the ranks' shares add up to more than the GPU ("limited MPG").
-        os.environ.setdefault("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(max(1, 100 // world_local_size)))
+        # ranks that share one GPU: scripts/device/with_mps.sh.) A smaller value already set wins: launches that
+        # share the GPU with other launches (two groups of ranks as two nodes) set 100 / all its ranks, since
+        # NVSHMEM refuses its on-stream collectives when the ranks' shares add up to more than the GPU ("limited
+        # MPG").
+        share = max(1, 100 // world_local_size)
+        preset = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "")
+        if preset.isdigit() and 0 < int(preset) < share:
+            share = int(preset)
+        os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(share)
     shares_gpu = visible_gpus() < world_local_size
     device_index = 0 if shares_gpu else local_rank
     torch.cuda.set_device(device_index)

@@ -15,7 +15,8 @@ __global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
   float* weights = reinterpret_cast<float*>(expert_place + kRouteBlockTokens * k);      // [tokens][k]
   for (uint32_t i = threadIdx.x; i < kRouteWarps * counters; i += blockDim.x) warp_counts[i] = 0;
 
-  // The block's experts and weights, read by all its threads together: coalesced, and no store between the loads.
+  // The block's experts and weights, read by all its threads together: coalesced, and no global store between the
+  // loads.
   const uint32_t first = blockIdx.x * kRouteBlockTokens;
   const uint32_t block_slots = min(kRouteBlockTokens, a.m - first) * k;
   for (uint32_t i = threadIdx.x; i < block_slots; i += blockDim.x) {

@@ -11,6 +11,7 @@ set -euo pipefail
 . "$(dirname "$0")/rank_env.sh"
 export_nvshmem_env
 count_gpus
-# Each rank sets its own CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (100/ranks) before it touches CUDA.
+# Each rank sets its own CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (100/ranks, or a smaller value already set: launches
+# that share the GPU with others) before it touches CUDA.
 if [ "$GPUS" -eq 1 ]; then start_fresh_mps; fi
 "$@"
