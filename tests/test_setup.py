@@ -225,3 +225,44 @@ def test_nvshmem_init_without_a_gpu_says_why() -> None:
     assert "NVSHMEM init: NVSHMEM did not initialize on rank 0 (no NVIDIA driver is installed" in result.stdout, (
         result.stdout + result.stderr
     )
+
+
+def _two_groups(world: str, command: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", MASTER_PORT="29611", **extra)  # no GPU: no MPS daemon
+    return run(["bash", "scripts/device/two_groups.sh", world, *command], env)
+
+
+PRINT_NODE = [
+    sys.executable,
+    "-c",
+    "import os, socket; e = os.environ; "
+    "print('node', e['NODE_RANK'], e['WORLD_SIZE'], e['WORLD_LOCAL_SIZE'], e['MASTER_ADDR'], e['MASTER_PORT'], "
+    "socket.gethostname())",
+]
+
+
+def test_two_groups_starts_nodes_0_and_1_of_one_job() -> None:
+    result = _two_groups("4", PRINT_NODE)
+    assert result.returncode == 0, result.stderr + result.stdout
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("[node"))
+    assert [line.split()[:8] for line in lines] == [
+        ["[node", "0]", "node", "0", "4", "2", "127.0.0.1", "29611"],
+        ["[node", "1]", "node", "1", "4", "2", "127.0.0.1", "29611"],
+    ], result.stdout
+
+
+def test_two_groups_fails_when_a_group_fails_and_refuses_an_odd_world() -> None:
+    failing = _two_groups("2", ["bash", "-c", '[ "$NODE_RANK" = 0 ]'])
+    assert failing.returncode != 0 and "node 1 exit 1" in failing.stdout, failing.stdout
+    odd = _two_groups("3", ["true"])
+    assert odd.returncode == 2 and "even number" in odd.stderr
+
+
+def test_two_groups_gives_each_group_a_host_name_of_its_own() -> None:
+    probe = subprocess.run(["unshare", "--uts", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --uts is not allowed here: {probe.stderr.decode().strip()}")
+    result = _two_groups("2", PRINT_NODE, TWO_GROUPS_UTS="1")
+    assert result.returncode == 0, result.stderr + result.stdout
+    names = sorted(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("[node"))
+    assert names == ["expertwire-node0", "expertwire-node1"], result.stdout
