@@ -163,6 +163,61 @@ def _with_transport(info: RankInfo, transport: str, body: Callable[[], None]) ->
         expertwire.nvshmem_finalize()
 
 
+def _join_by_current_form(info: RankInfo) -> None:
+    """pplx_kernels' current nvshmem_init: the unique id travels over torch.distributed inside the call."""
+    assert expertwire.nvshmem_init(info.rank, info.local_rank, info.world_size, info.device) == 0
+    assert torch.cuda.current_device() == info.device.index
+    assert (expertwire.nvshmem_my_pe(), expertwire.nvshmem_n_pes()) == (info.rank, info.world_size)
+    # Again, by keyword: NVSHMEM runs as this rank already, so nothing joins twice.
+    again = dict(global_rank=info.rank, local_rank=info.local_rank, world_size=info.world_size, device=info.device)
+    assert expertwire.nvshmem_init(**again) == 0
+    with pytest.raises(ValueError, match=f"already runs in this process as rank {info.rank} of {info.world_size}"):
+        empty = expertwire.nvshmem_alloc_empty_unique_id()
+        expertwire.nvshmem_init(info.rank, info.local_rank, info.world_size + 1, info.device, uid=empty)
+
+
+def _join_through_nvshmem4py(info: RankInfo) -> None:
+    """NVIDIA's nvshmem4py starts NVSHMEM; expertwire.nvshmem_init then joins nothing and attaches its kernels."""
+    import numpy as np
+    import nvshmem.core as nvshmem4py
+    from cuda.core import Device
+
+    device = Device(info.device.index)
+    device.set_current()
+    uid = nvshmem4py.get_unique_id(empty=info.rank != 0)
+    carried = torch.from_numpy(uid._data.view(np.int8))
+    dist.broadcast(carried, src=0)  # gloo: in place on the CPU array nvshmem4py reads
+    nvshmem4py.init(device=device, uid=uid, rank=info.rank, nranks=info.world_size, initializer_method="uid")
+    assert expertwire.nvshmem.ext.nvshmem_initialized()
+    assert expertwire.nvshmem_init(info.rank, info.local_rank, info.world_size, info.device) == 0
+    assert (expertwire.nvshmem_my_pe(), expertwire.nvshmem_n_pes()) == (info.rank, info.world_size)
+
+
+def _worker_joined_by(info: RankInfo, join: str) -> None:
+    """One internode case through every path after joining NVSHMEM by `join`; then expertwire's finalize, which
+    leaves an NVSHMEM that nvshmem4py started running for nvshmem4py to finalize."""
+    _join_by_current_form(info) if join == "current-form" else _join_through_nvshmem4py(info)
+    case = Case("fp8", torch.bfloat16, torch.bfloat16)
+    groups = make_groups(case, info.world_size, seed=300)
+    a2a = make_all_to_all("internode", case, info)
+    buffers = RankBuffers(case, info, groups[info.rank // case.dp_size])
+    for in_buffer in (False, True):
+        buffers.out_tokens.fill_(float("nan"))
+        dispatch_and_combine(a2a, case, buffers, in_buffer)
+        torch.cuda.synchronize()
+        a2a.check_errors()
+        _check(case, info, groups, buffers)
+    dist.barrier()
+    a2a.destroy()
+    expertwire.nvshmem_finalize()
+    if join == "nvshmem4py":
+        import nvshmem.core as nvshmem4py
+
+        assert expertwire.nvshmem.ext.nvshmem_initialized(), "expertwire finalized nvshmem4py's NVSHMEM"
+        nvshmem4py.finalize()
+    assert not expertwire.nvshmem.ext.nvshmem_initialized()
+
+
 def _worker_eager(info: RankInfo, transport: str) -> None:
     def body() -> None:
         for seed, case in enumerate(_cases(info.world_size)):
@@ -257,6 +312,16 @@ def test_torch_compile(transport: str) -> None:
     world_size = RANK_COUNTS[0]
     _require_ranks(world_size, transport)
     launch(world_size, _worker_compile, transport)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", RANK_COUNTS)
+@pytest.mark.parametrize("join", ["current-form", "nvshmem4py"])
+def test_nvshmem_init_current_form_and_nvshmem4py(join: str, world_size: int) -> None:
+    _require_ranks(world_size)
+    if join == "nvshmem4py":
+        pytest.importorskip("nvshmem.core", reason="nvshmem4py (nvshmem4py-cu13) is not installed")
+    launch(world_size, _worker_joined_by, join)
 
 
 def _worker_nvshmem_alltoall(info: RankInfo) -> None:

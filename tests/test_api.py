@@ -77,7 +77,17 @@ def test_api_is_argument_for_argument_pplx_kernels() -> None:
         "do_send",
         "do_recv",
     ]
-    assert parameters(expertwire.nvshmem_init) == ["uid", "rank", "world_size"]
+    # nvshmem_init takes both of pplx_kernels' forms: August 2025's and the current one.
+    assert parameters(expertwire.nvshmem._join_with_uid) == ["uid", "rank", "world_size"]
+    assert parameters(expertwire.nvshmem._join_over_torch_distributed) == [
+        "global_rank",
+        "local_rank",
+        "world_size",
+        "device",
+        "uid",
+    ]
+    assert inspect.signature(expertwire.nvshmem._join_over_torch_distributed).parameters["uid"].default is None
+    assert expertwire.PyTorchStreamWrapper is expertwire.nvshmem.PyTorchStreamWrapper
     for name in (
         "nvshmem_get_unique_id",
         "nvshmem_alloc_empty_unique_id",
@@ -204,3 +214,42 @@ def test_peer_memory_unavailable_reason_names_nvshmem_disable_p2p(monkeypatch: p
     assert reason is not None and "NVSHMEM_DISABLE_P2P" in reason and "internode" in reason
     monkeypatch.setenv("NVSHMEM_DISABLE_P2P", "0")
     assert expertwire.peer_memory_unavailable_reason() is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((0, 0, 1, 0), "torch.distributed's default group, which is not initialized"),
+        ((0, 0, 1, "cpu"), "device must be a CUDA device, got cpu"),
+        ((1, 0, 1, 0), "global_rank must be < world_size=1, got 1"),
+        ((0, 0, 1, 1.5), "device must be a CUDA device index, a torch.device or an object with device_id"),
+        ((0, "0", 1, 0), "local_rank must be an int, got str '0'"),
+    ],
+)
+def test_nvshmem_init_current_form_checks_its_arguments(args: tuple, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        expertwire.nvshmem_init(*args)
+
+
+def test_nvshmem_init_current_form_by_keyword_and_a_wrong_call() -> None:
+    with pytest.raises(ValueError, match="not initialized"):
+        expertwire.nvshmem_init(global_rank=0, local_rank=0, world_size=1, device=0)
+    with pytest.raises(TypeError, match=r"the forms are nvshmem_init\(uid, rank, world_size\) and"):
+        expertwire.nvshmem_init(0, 0)
+    with pytest.raises(ValueError, match=r"uid must be a torch.Tensor, got int \(the current form is"):
+        expertwire.nvshmem_init(0, 0, 1)
+
+
+def test_nvshmem_init_current_form_must_match_the_default_group(single_rank_group: None) -> None:
+    with pytest.raises(
+        ValueError, match="must be this process's rank in torch.distributed's default group, which is rank 0 of 1"
+    ):
+        expertwire.nvshmem_init(0, 0, 2, 0)
+
+
+def test_pytorch_stream_wrapper_speaks_the_cuda_stream_protocol() -> None:
+    class Stream:
+        cuda_stream = 0x1234
+
+    wrapped = expertwire.PyTorchStreamWrapper(Stream())  # type: ignore[arg-type]
+    assert wrapped.handle == 0x1234 and wrapped.__cuda_stream__() == (0, 0x1234)

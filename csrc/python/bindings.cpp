@@ -551,6 +551,7 @@ NB_MODULE(_expertwire, m) {
       },
       "unique_id"_a, "rank"_a, "world_size"_a);
   m.def("nvshmem_initialized", &nvshmem_initialized);
+  m.def("nvshmem_attach_to_running", &nvshmem_attach_to_running, nb::call_guard<nb::gil_scoped_release>());
   m.def("nvshmem_finalize", &nvshmem_finalize_runtime, nb::call_guard<nb::gil_scoped_release>());
   m.def("nvshmem_my_pe", &nvshmem_rank);
   m.def("nvshmem_n_pes", &nvshmem_world_size);

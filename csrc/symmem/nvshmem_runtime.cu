@@ -14,6 +14,11 @@
 
 namespace expertwire {
 
+namespace {
+bool g_initialized_here = false;     // by nvshmem_init_with_unique_id
+bool g_attached_to_running = false;  // NVSHMEM belongs to another library of this process
+}  // namespace
+
 std::vector<uint8_t> nvshmem_unique_id() {
   nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
   const int status = nvshmemx_get_uniqueid(&id);
@@ -46,6 +51,7 @@ void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_set_attr_uniqueid_args failed with status ", status);
   status = nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr);
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_init_attr failed with status ", status, " on rank ", rank);
+  g_initialized_here = true;
   if (!nvshmem_initialized()) {
     // NVSHMEM returns success without initializing where it finds no usable GPU: say why, not "call init" later.
     int devices = 0;
@@ -59,6 +65,17 @@ void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank
 
 bool nvshmem_initialized() { return nvshmemx_init_status() >= NVSHMEM_STATUS_IS_INITIALIZED; }
 
+void nvshmem_attach_to_running() {
+  require_nvshmem_initialized();
+  if (g_initialized_here || g_attached_to_running) return;
+  // An init while NVSHMEM runs bootstraps nothing: it registers the calling device library's state (ours, linked
+  // statically) and writes the running job's into it.
+  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+  const int status = nvshmemx_init_attr(0, &attr);
+  if (status != 0) EW_THROW(RuntimeError, "NVSHMEM attach: nvshmemx_init_attr failed with status ", status);
+  g_attached_to_running = true;
+}
+
 void require_nvshmem_initialized() {
   if (!nvshmem_initialized()) {
     EW_THROW(RuntimeError,
@@ -68,7 +85,9 @@ void require_nvshmem_initialized() {
 }
 
 void nvshmem_finalize_runtime() {
+  if (g_attached_to_running) return;  // its owner finalizes it
   if (nvshmem_initialized()) nvshmem_finalize();
+  g_initialized_here = false;
 }
 
 int nvshmem_rank() {

@@ -13,6 +13,7 @@ from .all_to_all import AllToAll
 from .checks import AllToAllShape
 from .high_throughput import HighThroughputAllToAll, HighThroughputDispatch
 from .nvshmem import (
+    PyTorchStreamWrapper,
     nvshmem_alloc_empty_unique_id,
     nvshmem_alltoall,
     nvshmem_barrier_all,
@@ -56,5 +57,6 @@ __all__ = [
     "nvshmem_n_pes",
     "nvshmem_unique_id_size",
     "peer_memory_unavailable_reason",
+    "PyTorchStreamWrapper",
     "reference",
 ]

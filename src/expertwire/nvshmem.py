@@ -3,10 +3,12 @@ torch.distributed broadcast can carry it from rank 0 to the others."""
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from . import ops
 from ._device_memory import tensor_bytes, tensor_over
@@ -30,15 +32,13 @@ def nvshmem_alloc_empty_unique_id() -> torch.Tensor:
     return torch.zeros(nvshmem_unique_id_size(), dtype=torch.uint8, device="cpu")
 
 
-def nvshmem_init(uid: torch.Tensor, rank: int, world_size: int) -> int:
-    """Joins the NVSHMEM job named by `uid` as `rank` of `world_size`; blocks until every rank has joined.
-    Returns 0. A uid that is not one nvshmem_get_unique_id() made (an empty one the broadcast never filled, say)
-    and a rank outside [0, world_size) raise ValueError; failures of NVSHMEM itself, RuntimeError."""
-    integer("nvshmem_init", "rank", rank, minimum=-(2**31), maximum=2**31 - 1)
-    integer("nvshmem_init", "world_size", world_size, minimum=-(2**31), maximum=2**31 - 1)
+def _join_with_uid(uid: torch.Tensor, rank: int, world_size: int) -> int:
     size = nvshmem_unique_id_size()
     if not isinstance(uid, torch.Tensor):
-        raise ValueError(f"nvshmem_init: uid must be a torch.Tensor, got {type(uid).__name__}")
+        raise ValueError(
+            f"nvshmem_init: uid must be a torch.Tensor, got {type(uid).__name__} (the current form is "
+            "nvshmem_init(global_rank, local_rank, world_size, device, uid=None))"
+        )
     # Any shape of `size` bytes, as pplx_kernels takes it (a [1, size] row of a gathered batch, say).
     if uid.dtype != torch.uint8 or uid.numel() != size:
         raise ValueError(
@@ -46,14 +46,119 @@ def nvshmem_init(uid: torch.Tensor, rank: int, world_size: int) -> int:
         )
     if uid.device.type != "cpu":
         raise ValueError(f"nvshmem_init: uid must be on the CPU, got device {uid.device}")
+    if _joined_already(rank, world_size):
+        return 0
     ext.nvshmem_init(bytes(uid.reshape(-1).tolist()), rank, world_size)
     torch.cuda.synchronize()
     return 0
 
 
+def _joined_already(rank: int, world_size: int) -> bool:
+    """Whether NVSHMEM is already running in this process as this rank of this many (initialized by nvshmem4py's
+    nvshmem.core.init, say): then nothing joins twice, and expertwire's kernels are attached to the running job."""
+    if not ext.nvshmem_initialized():
+        return False
+    joined = (ext.nvshmem_my_pe(), ext.nvshmem_n_pes())
+    if joined != (rank, world_size):
+        raise ValueError(
+            f"nvshmem_init: NVSHMEM already runs in this process as rank {joined[0]} of {joined[1]}, "
+            f"not rank {rank} of {world_size}"
+        )
+    ext.nvshmem_attach_to_running()
+    return True
+
+
+def _device_index(device: object) -> int:
+    """The CUDA device index of `device`: an int, a CUDA torch.device (or its string), or an object with a
+    device_id (cuda.core's Device)."""
+    if isinstance(device, (str, torch.device)):
+        as_torch = torch.device(device)
+        if as_torch.type != "cuda":
+            raise ValueError(f"nvshmem_init: device must be a CUDA device, got {as_torch}")
+        return as_torch.index if as_torch.index is not None else torch.cuda.current_device()
+    index = getattr(device, "device_id", device)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(
+            "nvshmem_init: device must be a CUDA device index, a torch.device or an object with device_id, "
+            f"got {type(device).__name__} {device!r}"
+        )
+    return index
+
+
+def _join_over_torch_distributed(
+    global_rank: int, local_rank: int, world_size: int, device: object, uid: "torch.Tensor | None" = None
+) -> int:
+    integer("nvshmem_init", "global_rank", global_rank, minimum=0, maximum=2**31 - 1)
+    integer("nvshmem_init", "local_rank", local_rank, minimum=0, maximum=2**31 - 1)
+    integer("nvshmem_init", "world_size", world_size, minimum=1, maximum=2**31 - 1)
+    if global_rank >= world_size:
+        raise ValueError(f"nvshmem_init: global_rank must be < world_size={world_size}, got {global_rank}")
+    index = _device_index(device)
+    if uid is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "nvshmem_init: without uid the unique id is broadcast over torch.distributed's default group, "
+                "which is not initialized: call torch.distributed.init_process_group first, or pass uid="
+            )
+        group = (dist.get_rank(), dist.get_world_size())
+        if group != (global_rank, world_size):
+            raise ValueError(
+                f"nvshmem_init: global_rank {global_rank} of world_size {world_size} must be this process's rank "
+                f"in torch.distributed's default group, which is rank {group[0]} of {group[1]}"
+            )
+    torch.cuda.set_device(index)
+    if _joined_already(global_rank, world_size):
+        return 0
+    if uid is None:
+        carried = [nvshmem_get_unique_id() if global_rank == 0 else None]
+        dist.broadcast_object_list(carried, src=0)
+        uid = carried[0]
+    return _join_with_uid(uid, global_rank, world_size)
+
+
+def nvshmem_init(*args: object, **kwargs: object) -> int:
+    """Joins an NVSHMEM job; blocks until every rank has joined; returns 0. Both of pplx_kernels' forms:
+
+    nvshmem_init(uid, rank, world_size)
+        `uid` is a unique id that nvshmem_get_unique_id() made on one rank and the caller broadcast.
+    nvshmem_init(global_rank, local_rank, world_size, device, uid=None)
+        Rank 0 makes the unique id and torch.distributed's default group broadcasts it (or `uid`, given, is used
+        as it is); `device` (an index, a torch.device, or cuda.core's Device) becomes the current CUDA device.
+
+    In a process where NVSHMEM already runs as this rank (nvshmem4py's nvshmem.core.init, say), either form joins
+    nothing twice. A uid that is not one nvshmem_get_unique_id() made (an empty one the broadcast never filled, say)
+    and ranks outside [0, world_size) raise ValueError; failures of NVSHMEM itself, RuntimeError."""
+    current = len(args) >= 4 or any(name in kwargs for name in ("global_rank", "local_rank", "device"))
+    form = _join_over_torch_distributed if current else _join_with_uid
+    try:
+        bound = inspect.signature(form).bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"nvshmem_init: {error}; the forms are nvshmem_init(uid, rank, world_size) and "
+            "nvshmem_init(global_rank, local_rank, world_size, device, uid=None)"
+        ) from None
+    if form is _join_with_uid:
+        integer("nvshmem_init", "rank", bound.arguments.get("rank"), minimum=-(2**31), maximum=2**31 - 1)
+        integer("nvshmem_init", "world_size", bound.arguments.get("world_size"), minimum=-(2**31), maximum=2**31 - 1)
+    return form(*bound.args, **bound.kwargs)
+
+
+class PyTorchStreamWrapper:
+    """A torch.cuda.Stream seen through the CUDA stream protocol (`__cuda_stream__`), as cuda.core and nvshmem4py
+    take streams; pplx_kernels' name."""
+
+    def __init__(self, pt_stream: torch.cuda.Stream) -> None:
+        self.pt_stream = pt_stream
+        self.handle = pt_stream.cuda_stream
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.pt_stream.cuda_stream)
+
+
 def nvshmem_finalize() -> None:
     """Leaves NVSHMEM. Collective. Internode AllToAll objects and nvshmem_malloc tensors still alive are
-    released first; neither may be used afterwards."""
+    released first; neither may be used afterwards. Where NVSHMEM was running before nvshmem_init (nvshmem4py's),
+    it keeps running: its owner finalizes it."""
     torch.cuda.synchronize()
     ops.destroy_nvshmem_users()
     for memory in list(_symmetric):
