@@ -292,6 +292,11 @@ def _worker(info: RankInfo, opts: Options) -> None:
         nccl_group = dist.new_group(backend="nccl")
     transports = ["internode", "intranode"]
     no_peer_memory = expertwire.peer_memory_unavailable_reason()
+    if no_peer_memory is None and info.world_local_size < info.world_size:
+        no_peer_memory = (
+            f"the ranks span {info.world_size // info.world_local_size} nodes, and the intranode transport needs "
+            "every rank's memory"
+        )
     if no_peer_memory is not None:
         transports.remove("intranode")
         if info.rank == 0:

@@ -33,8 +33,7 @@
 //   recv_counts     [num_local_experts] i32: tokens received per local expert by the last dispatch.
 //   routes          [num_local_experts][max_recv_tokens] u64: where row i of out_expert_x came from
 //                   (source DP group, token, k), read by combine to send each result back.
-//   phase_counters  [kNumPhaseCounters] u32: blocks that finished a push dispatch phase (the last one signals /
-//                   resets).
+//   phase_counters  [kNumPhaseCounters] u32: blocks that finished a push phase (the last one signals / resets).
 //   pull_state      u32 state of the pull dispatch's receive (PullReceiveState): [num_local_experts] rows of
 //                   out_expert_x taken, [num_dp_groups] next token of each sender, and the blocks that have
 //                   finished. The push dispatch's receive takes rows with the first part too; both receives zero
@@ -63,12 +62,13 @@ EW_HOST_DEVICE constexpr uint64_t align_up(uint64_t value, uint64_t alignment) {
 inline constexpr uint64_t kBufferAlign = 16;         // every row and region starts on a 16-byte vector boundary
 inline constexpr uint64_t kRegionAlign = 256;        // regions of the symmetric allocation start 256-aligned
 inline constexpr uint64_t kCombineElementBytes = 2;  // expert outputs are bf16 or fp16
-inline constexpr int kNumPhaseCounters = 2;
+inline constexpr int kNumPhaseCounters = 3;
 inline constexpr uint64_t kTokenRouteBytes = 8;  // a TokenRoute (device/wire_protocol.h)
 
 enum PhaseCounter : int {
   kDispatchSendDone = 0,
   kDispatchRecvDone = 1,
+  kCombineSendDone = 2,  // the combine's send where some peer takes puts
 };
 
 // Plain offsets and strides, copied by value into kernels.

@@ -24,7 +24,7 @@ struct MappedPeers {
   __device__ T* peer(int pe, SymmetricRef<T> ref) const {
     return transport.peer(pe, ref);
   }
-  __device__ void flush_warp() const { __syncwarp(); }
+  __device__ void flush_warp(bool) const { __syncwarp(); }
 };
 
 template <class ExpertT, class SourceT, class Transport>

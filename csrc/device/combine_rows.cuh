@@ -52,6 +52,7 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
   constexpr bool kConverts = !std::is_same_v<SourceT, ExpertT>;  // float32 rows (never in expert_outputs)
   const bool y_is_symmetric = !kConverts && expert_y_in_buffer(a);
   const uint32_t total = expert_start[num_local];
+  bool issued_puts = false;
   for (uint32_t j = global_warp(); j < total; j += total_warps()) {
     const uint32_t le = find_segment(expert_start, num_local, j);
     const uint64_t row = uint64_t(le) * l.max_recv_tokens + (j - expert_start[le]);
@@ -62,7 +63,7 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
     uint8_t* put_source = y_is_symmetric ? const_cast<uint8_t*>(y) : staging;  // written only when !staged
     for (uint32_t d = 0; d < l.dp_size; ++d) {
       const int peer = int(route.source_group * l.dp_size + d);
-      deliver_row(transport, peer, dst, l.combine_row_bytes, put_source, staged, [&](uint8_t* address) {
+      issued_puts |= deliver_row(transport, peer, dst, l.combine_row_bytes, put_source, staged, [&](uint8_t* address) {
         if constexpr (kConverts) {
           warp_copy_floats_as<ExpertT>(address, reinterpret_cast<const float*>(y), l.hidden_dim);
         } else {
@@ -71,7 +72,7 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
       });
     }
   }
-  transport.flush_warp();
+  transport.flush_warp(issued_puts);
 }
 
 // Adds this block's arrival to every rank's combine_done: its rows are `at` (block 0 says so), as RowT.
@@ -79,7 +80,7 @@ template <class RowT, class Transport>
 __device__ __forceinline__ void announce_combine_rows(const CombineArgs& a, const Transport& transport,
                                                       CombineRowsAt at) {
   announce_block_arrival(a.ctx, transport, a.ctx.combine_done(a.ctx.rank),
-                         CombineArrival::payload(at, row_type_of<RowT>()));
+                         CombineArrival::payload(at, row_type_of<RowT>()), kCombineSendDone);
 }
 
 // Waits until every rank has announced its combine rows (they are where this rank's reduction reads them).

@@ -23,6 +23,7 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
   uint8_t* staging = c.local(c.staging_row(global_warp()));
   const uint32_t top_k = l.experts_per_token;
   clear_combine_done(c);
+  bool issued_puts = false;
 
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
@@ -43,13 +44,13 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
         const int from = __ffs(pending) - 1;
         const int rank = int(__shfl_sync(kFullMask, owner, from));
         const uint32_t s = __shfl_sync(kFullMask, slot, from);
-        deliver_row(
+        issued_puts |= deliver_row(
             transport, rank, c.dispatch_token(c.dp_group, s), l.dispatch_token_bytes, staging, staged,
             [&](uint8_t* dst) { write_dispatch_token(dst, l, t, experts, x, x_scale, a.dp_x_scale.element_stride); });
       }
     }
   }
-  transport.flush_warp();
+  transport.flush_warp(issued_puts);
 
   if (last_block_out(c.phase_counter(kDispatchSendDone))) {
     for (uint32_t rank = threadIdx.x; rank < l.world_size; rank += blockDim.x) {

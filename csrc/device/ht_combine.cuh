@@ -89,6 +89,7 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
   const int lane = lane_id();
   const bool expert_layout = a.layout == HighThroughputLayout::kExpertContiguous;
   const bool carry_slots = a.combine_carry_slots;
+  bool issued_puts = false;
   for (uint32_t i = global_warp(); i < num_recv; i += total_warps()) {
     uint8_t* mine = a.local<uint8_t>(l.combine_row_offset(i));
     float* mine_slots = a.local<float>(l.combine_weights_row_offset(i));
@@ -142,11 +143,12 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
         } else {
           transport.put_warp(int(s), there, mine, row_bytes);
           if (carry_slots) transport.put_warp(int(s), slots_there, reinterpret_cast<uint8_t*>(mine_slots), k * 4);
+          issued_puts = true;
         }
       }
     }
   }
-  transport.flush_warp();
+  transport.flush_warp(issued_puts);
   if (!last_block_out(&a.workspace->phase[kHtCombineSent])) return;
   if (threadIdx.x == 0) a.workspace->phase[kHtCombineSent] = 0;
   for (uint32_t r = threadIdx.x; r < W; r += blockDim.x) {

@@ -100,6 +100,7 @@ __device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport&
   const uint32_t k = l.experts_per_token;
   const int lane = lane_id();
   // Without the count exchange there are no offsets to put by; the signals still go out, peers wait for them.
+  bool issued_puts = false;
   for (uint32_t t = global_warp(); send_rows && t < a.m; t += total_warps()) {
     int32_t rank_row = -1, dest = -1;
     if (uint32_t(lane) < k) {
@@ -119,6 +120,7 @@ __device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport&
           warp_copy_16<SourceKind::kInput>(direct, src, bytes);
         } else if constexpr (Transport::kMayPut) {
           transport.put_warp(r, there, src, bytes);
+          issued_puts = true;
         }
       };
       send(l.staging_record_offset(at), record, l.record_bytes);
@@ -128,7 +130,7 @@ __device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport&
       }
     }
   }
-  transport.flush_warp();
+  transport.flush_warp(issued_puts);
   if (!last_block_out(&a.workspace->phase[kHtPushed])) return;
   if (threadIdx.x == 0) a.workspace->phase[kHtPushed] = 0;
   for (uint32_t r = threadIdx.x; r < l.world_size; r += blockDim.x) {

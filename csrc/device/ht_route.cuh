@@ -107,6 +107,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_
   }
   __syncthreads();
   const uint64_t row_bytes = uint64_t(l.count_row_words) * 4;
+  bool issued_puts = false;
   for (uint32_t dest = warp_id(); dest < l.world_size; dest += warps_per_block()) {
     const uint8_t* row = a.local<uint8_t>(l.count_out_row_offset(dest));
     const SymmetricRef<uint8_t> there{l.count_row_offset(l.rank)};
@@ -116,9 +117,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_
       }
     } else if constexpr (Transport::kMayPut) {
       transport.put_warp(int(dest), there, row, row_bytes);
+      issued_puts = true;
     }
   }
-  transport.flush_warp();
+  transport.flush_warp(issued_puts);
   __syncthreads();
   for (uint32_t dest = threadIdx.x; dest < l.world_size; dest += blockDim.x) {
     transport.signal_add(int(dest), SymmetricRef<uint64_t>{l.count_arrived_offset + uint64_t(l.rank) * 8}, 1);

@@ -180,9 +180,9 @@ TEST(Layout, SmallConfigWorkspace) {
   EXPECT_EQ(l.recv_counts_offset, 256u);
   // routes: align256(264) = 512; 2 local experts * 8 rows * 8 B = 128 B -> 640
   EXPECT_EQ(l.routes_offset, 512u);
-  // phase_counters: align256(640) = 768; 2 * 4 B = 8 B -> 776
+  // phase_counters: align256(640) = 768; 3 * 4 B = 12 B -> 780
   EXPECT_EQ(l.phase_counters_offset, 768u);
-  // pull_state: align256(776) = 1024; (2 local experts + 2 groups + 1) * 4 B = 20 B -> 1044
+  // pull_state: align256(780) = 1024; (2 local experts + 2 groups + 1) * 4 B = 20 B -> 1044
   EXPECT_EQ(l.pull_state_offset, 1024u);
   // dispatch_epoch: align256(1044) = 1280; 4 B -> 1284
   EXPECT_EQ(l.dispatch_epoch_offset, 1280u);
@@ -346,8 +346,8 @@ TEST(Layout, DeepSeekV3Config) {
 
   // send_counts: 8 ranks * 4 = 32 at 0; recv_counts: align256(32) = 256, 32 * 4 = 128 -> 384;
   // routes: align256(384) = 512, 32 * 1024 * 8 = 262,144 -> 262,656 (= 1026 * 256);
-  // phase_counters: at 262,656, +8 -> 262,664;
-  // pull_state: align256(262,664) = 262,912 (1027 * 256), (32 + 8 + 1) * 4 = 164 -> 263,076;
+  // phase_counters: at 262,656, +12 -> 262,668;
+  // pull_state: align256(262,668) = 262,912 (1027 * 256), (32 + 8 + 1) * 4 = 164 -> 263,076;
   // dispatch_epoch: align256(263,076) = 263,168 (1028 * 256), 4 -> 263,172;
   // total: align256(263,172) = 263,424 (1029 * 256)
   EXPECT_EQ(l.send_counts_offset, 0u);

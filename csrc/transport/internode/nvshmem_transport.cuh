@@ -33,10 +33,11 @@ struct NvshmemTransport {
     nvshmemx_putmem_warp(symmetric + dst.offset, staged, bytes, pe);
   }
 
-  // Puts must complete at the peer before the signal that publishes them. Stores need nothing here: the
-  // release chain of last_block_out orders them before that signal.
-  __device__ void flush_warp() const {
-    if (uses_puts) nvshmem_quiet();
+  // Puts must complete at the peer before the signal that publishes them. A warp that put nothing skips the
+  // quiet: through a proxy transport each one is a round trip to the proxy thread. Stores need nothing here: the
+  // release chain of last_block_out orders them before that signal. `issued_puts` is the same in every lane.
+  __device__ void flush_warp(bool issued_puts) const {
+    if (uses_puts && issued_puts) nvshmem_quiet();
     __syncwarp();
   }
 

@@ -24,7 +24,7 @@ struct PeerTransport {
   }
 
   // Stores need no flush: the release chain of last_block_out orders them before signals.
-  __device__ void flush_warp() const { __syncwarp(); }
+  __device__ void flush_warp(bool) const { __syncwarp(); }
 
   __device__ void signal(int pe, SymmetricRef<uint64_t> ref, uint64_t value) const {
     store_release_sys(peer(pe, ref), value);
