@@ -266,3 +266,11 @@ def test_two_groups_gives_each_group_a_host_name_of_its_own() -> None:
     assert result.returncode == 0, result.stderr + result.stdout
     names = sorted(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("[node"))
     assert names == ["expertwire-node0", "expertwire-node1"], result.stdout
+    # The name resolves (bootstraps look their host up), and the bootstraps are pointed at the loopback interface.
+    resolve = "import os, socket; print(socket.gethostbyname(socket.gethostname()), os.environ['GLOO_SOCKET_IFNAME'])"
+    resolved = _two_groups("2", [sys.executable, "-c", resolve], TWO_GROUPS_UTS="1")
+    assert resolved.returncode == 0, resolved.stderr + resolved.stdout
+    assert sorted(line.split()[2:] for line in resolved.stdout.splitlines() if line.startswith("[node")) == [
+        ["127.0.0.1", "lo"],
+        ["127.0.0.1", "lo"],
+    ], resolved.stdout

@@ -6,8 +6,8 @@
 #   e.g. EXPERTWIRE_REMOTE_TRANSPORT=ucx-sysmem two_groups.sh 4 python3 -m tests.bench_all_to_all --tokens 1,8
 # Each rank's MPS share is 100 / WORLD_SIZE: shares that add up to more than the GPU put NVSHMEM in its "limited
 # MPG" mode, which refuses its on-stream collectives. Output lines are prefixed "[node N]".
-# Env: TWO_GROUPS_UTS=1 starts each group in a UTS namespace of its own (needs root or CAP_SYS_ADMIN) with the host
-# name expertwire-node<N>, so that the groups are two hosts to NVSHMEM; GROUPS_TIMEOUT_S (default 600) bounds each
+# Env: TWO_GROUPS_UTS=1 starts each group in UTS and mount namespaces of its own (needs root or CAP_SYS_ADMIN) with
+# the host name expertwire-node<N> (in its /etc/hosts), so that the groups are two hosts to NVSHMEM; GROUPS_TIMEOUT_S (default 600) bounds each
 # group; MASTER_PORT (default 29533); the NVSHMEM environment as run_ranks.sh (EXPERTWIRE_REMOTE_TRANSPORT included).
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: two_groups.sh WORLD_SIZE COMMAND [ARGS...]" >&2; exit 2; }
@@ -27,12 +27,22 @@ if [ "$GPUS" -eq 1 ]; then
 fi
 export WORLD_SIZE=$WORLD WORLD_LOCAL_SIZE=$((WORLD / 2)) MASTER_ADDR=127.0.0.1 MASTER_PORT=${MASTER_PORT:-29533}
 
+if [ "${TWO_GROUPS_UTS:-0}" = 1 ]; then
+  # A host name of its own resolves nowhere: the bootstraps (gloo's, NVSHMEM's unique-id sockets) then take the
+  # loopback interface, and each group's /etc/hosts (bind-mounted in a mount namespace of its own) names it.
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
+  export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}
+fi
+
 run_group() {
   local node=$1
   shift
   if [ "${TWO_GROUPS_UTS:-0}" = 1 ]; then
-    NODE_RANK=$node timeout "${GROUPS_TIMEOUT_S:-600}" unshare --uts \
-      bash -c 'hostname "expertwire-node$NODE_RANK" && exec "$@"' group "$@" 2>&1 | sed -u "s/^/[node $node] /"
+    NODE_RANK=$node timeout "${GROUPS_TIMEOUT_S:-600}" unshare --uts --mount bash -c '
+      name=expertwire-node$NODE_RANK
+      hostname "$name" || exit
+      hosts=$(mktemp) && { cat /etc/hosts; echo "127.0.0.1 $name"; } > "$hosts" && mount --bind "$hosts" /etc/hosts || exit
+      exec "$@"' group "$@" 2>&1 | sed -u "s/^/[node $node] /"
   else
     NODE_RANK=$node timeout "${GROUPS_TIMEOUT_S:-600}" "$@" 2>&1 | sed -u "s/^/[node $node] /"
   fi
