@@ -1,5 +1,7 @@
 #include "core/layout.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace expertwire {
@@ -26,7 +28,7 @@ uint64_t place(uint64_t& cursor, uint64_t bytes, uint64_t alignment, const char*
   return offset;
 }
 
-BufferLayout make_buffer_layout(const AllToAllConfig& config) {
+BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_slots) {
   config.validate();
   BufferLayout l{};
   l.num_experts = uint32_t(config.num_experts);
@@ -44,6 +46,7 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config) {
   l.token_header_bytes = align_up(sizeof(uint32_t) * (1 + uint64_t(l.experts_per_token)), kBufferAlign);
   l.dispatch_token_bytes = l.token_header_bytes + l.hidden_dim_bytes + align_up(l.hidden_dim_scale_bytes, kBufferAlign);
   l.combine_row_bytes = checked_mul(l.hidden_dim, kCombineElementBytes, "combine row");
+  l.staging_row_bytes = std::max(l.dispatch_token_bytes, l.combine_row_bytes);
 
   const uint64_t dispatch_slots = checked_mul(l.num_dp_groups, l.max_num_tokens, "dispatch_recv");
   uint64_t cursor = 0;
@@ -55,6 +58,8 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config) {
                                 kRegionAlign, "combine_recv");
   l.dispatch_counts_offset = place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "dispatch_counts");
   l.combine_done_offset = place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "combine_done");
+  l.staging_slots = staging_slots;
+  l.staging_offset = place(cursor, checked_mul(staging_slots, l.staging_row_bytes, "staging"), kRegionAlign, "staging");
   l.send_rows_offset =
       place(cursor, checked_mul(l.max_num_tokens, l.dispatch_token_bytes, "send_rows"), kRegionAlign, "send_rows");
   l.send_announce_offset = place(cursor, sizeof(uint64_t), kRegionAlign, "send_announce");
@@ -98,7 +103,7 @@ void require_fits_symmetric_heap(uint64_t symmetric_bytes, uint64_t heap_bytes) 
 
 LayoutSignature layout_signature(const BufferLayout& l) {
   return LayoutSignature{{l.num_experts, l.experts_per_token, l.world_size, l.dp_size, l.max_num_tokens, l.hidden_dim,
-                          l.hidden_dim_bytes, l.hidden_dim_scale_bytes, l.symmetric_bytes}};
+                          l.hidden_dim_bytes, l.hidden_dim_scale_bytes, l.staging_slots, l.symmetric_bytes}};
 }
 
 void require_same_layout(const std::vector<LayoutSignature>& by_rank) {

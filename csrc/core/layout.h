@@ -13,6 +13,8 @@
 //   dispatch_counts [world_size] u64: count + 1 from each source rank (0 = not arrived).
 //   combine_done    [world_size] ArrivalSignal: complete once every block of that rank has put its combine rows
 //                   where we read them; its payload says where (CombineRowsAt in the kernels).
+//   staging         [staging_slots] rows of max(DispatchToken, combine row): the source of NVSHMEM puts to
+//                   peers that are not load/store reachable (RDMA needs a registered source).
 //   send_rows       [max_num_tokens] DispatchToken: this rank's tokens, staged once for peers that pull them
 //                   with loads (the pull dispatch, used when every peer is load/store reachable).
 //   send_announce   u64 (epoch << 32) | m: set when this rank's pull dispatch `epoch` starts, m its token count.
@@ -88,12 +90,15 @@ struct BufferLayout {
   uint64_t token_header_bytes;    // align16(4 + 4 * top-k)
   uint64_t dispatch_token_bytes;  // header + payload + align16(scales)
   uint64_t combine_row_bytes;     // hidden_dim * 2
+  uint64_t staging_row_bytes;     // max(dispatch_token_bytes, combine_row_bytes)
 
   // Symmetric allocation: offsets from its base, and its size.
   uint64_t dispatch_recv_offset;
   uint64_t combine_recv_offset;
   uint64_t dispatch_counts_offset;
   uint64_t combine_done_offset;
+  uint64_t staging_offset;
+  uint64_t staging_slots;
   uint64_t send_rows_offset;
   uint64_t send_announce_offset;
   uint64_t send_stamps_offset;
@@ -126,6 +131,7 @@ struct BufferLayout {
   EW_HOST_DEVICE uint64_t combine_done_offset_of(uint32_t source_rank) const {
     return combine_done_offset + uint64_t(source_rank) * sizeof(uint64_t);
   }
+  EW_HOST_DEVICE uint64_t staging_row_offset(uint64_t slot) const { return staging_offset + slot * staging_row_bytes; }
   EW_HOST_DEVICE uint64_t send_row_offset(uint32_t token) const {
     return send_rows_offset + uint64_t(token) * dispatch_token_bytes;
   }
@@ -153,7 +159,8 @@ uint64_t checked_add(uint64_t a, uint64_t b, const char* what);
 uint64_t place(uint64_t& cursor, uint64_t bytes, uint64_t alignment, const char* what);
 
 // Computes the layout of a validated configuration. Throws ConfigError when a size overflows 64 bits.
-BufferLayout make_buffer_layout(const AllToAllConfig& config);
+// `staging_slots` is the number of warps that may stage a row at once (blocks * warps per block).
+BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_slots);
 
 // Throws ConfigError when the symmetric allocation does not fit in `heap_bytes`, saying how much is needed.
 void require_fits_symmetric_heap(uint64_t symmetric_bytes, uint64_t heap_bytes);
@@ -161,11 +168,18 @@ void require_fits_symmetric_heap(uint64_t symmetric_bytes, uint64_t heap_bytes);
 // What every rank's layout must agree on: a rank whose offsets differ would read and write the wrong bytes of its
 // peers' buffers. Plain words, exchanged between the ranks at construction; kNames says what each one is.
 struct LayoutSignature {
-  static constexpr int kWords = 9;
+  static constexpr int kWords = 10;
   static constexpr const char* kNames[kWords] = {
-      "num_experts",      "experts_per_token",      "world_size",
-      "dp_size",          "max_num_tokens",         "hidden_dim",
-      "hidden_dim_bytes", "hidden_dim_scale_bytes", "symmetric buffer bytes"};
+      "num_experts",
+      "experts_per_token",
+      "world_size",
+      "dp_size",
+      "max_num_tokens",
+      "hidden_dim",
+      "hidden_dim_bytes",
+      "hidden_dim_scale_bytes",
+      "staging rows (one per warp of the launch: max_sm_count, EXPERTWIRE_NUM_BLOCKS, EXPERTWIRE_BLOCK_THREADS)",
+      "symmetric buffer bytes"};
   uint64_t words[kWords];
 };
 LayoutSignature layout_signature(const BufferLayout& layout);

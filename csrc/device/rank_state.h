@@ -70,6 +70,7 @@ struct RankContext {
   EW_HOST_DEVICE SymmetricRef<uint64_t> combine_done(uint32_t source_rank) const {  // ArrivalSignal
     return {layout.combine_done_offset_of(source_rank)};
   }
+  EW_HOST_DEVICE SymmetricRef<uint8_t> staging_row(uint64_t slot) const { return {layout.staging_row_offset(slot)}; }
   EW_HOST_DEVICE SymmetricRef<uint8_t> send_row(uint32_t token) const { return {layout.send_row_offset(token)}; }
   EW_HOST_DEVICE SymmetricRef<uint64_t> send_announce() const {  // DispatchEpoch::announcement
     return {layout.send_announce_offset};

@@ -471,7 +471,7 @@ void config_cases(const Context& ctx) {
       big.hidden_dim_bytes = 2 * 8192;
       big.hidden_dim_scale_bytes = 0;
       const uint64_t heap = symmetric_heap_bytes_from_env();
-      while (make_buffer_layout(big).symmetric_bytes <= heap) big.max_num_tokens *= 2;
+      while (make_buffer_layout(big, 0).symmetric_bytes <= heap) big.max_num_tokens *= 2;
       return expect_error<ConfigError>([&] { harness::make_all_to_all(ctx.kind, big); },
                                        {"symmetric heap too small", "set NVSHMEM_SYMMETRIC_SIZE>="});
     });

@@ -36,6 +36,7 @@ struct AllToAllOptions {
 struct LaunchShape {
   uint32_t blocks = 0;
   uint32_t threads = 0;
+  uint64_t warps() const { return uint64_t(blocks) * (threads / 32); }
 };
 
 class AllToAll {
@@ -84,11 +85,13 @@ class AllToAll {
   explicit AllToAll(const AllToAllConfig& config);
 
   // The derived constructor's first step, collective over the ranks `all_gather` reaches: validates the
-  // configuration and the launch shape, allocates the local workspace and error record, and runs
-  // `transport_checks` (which may use layout()), all as this rank's own checks of the rank agreement
-  // (transport/common/agreement.h), so that every rank throws or none does.
-  void agree_and_prepare(const AllToAllOptions& options, const char* transport, int rank, int world_size,
-                         const AllGatherBytes& all_gather, const std::function<void()>& transport_checks);
+  // configuration and the launch shape, allocates the local workspace and error record (and a staging row per
+  // warp where `transport_may_put`: a put needs a registered source), and runs `transport_checks` (which may use
+  // layout()), all as this rank's own checks of the rank agreement (transport/common/agreement.h), so that every
+  // rank throws or none does.
+  void agree_and_prepare(const AllToAllOptions& options, bool transport_may_put, const char* transport, int rank,
+                         int world_size, const AllGatherBytes& all_gather,
+                         const std::function<void()>& transport_checks);
   const BufferLayout& layout() const;
   // Derived classes call this once their symmetric buffer exists.
   void set_symmetric_buffer(uint8_t* local_base);

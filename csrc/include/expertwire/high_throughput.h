@@ -186,7 +186,7 @@ class HighThroughputAllToAll {
 
  protected:
   explicit HighThroughputAllToAll(const HighThroughputConfig& config);
-  // As AllToAll::agree_and_prepare; `transport_may_put`: the push regions are allocated (make_ht_layout).
+  // As AllToAll::agree_and_prepare.
   void agree_and_prepare(const AllToAllOptions& options, bool transport_may_put, const char* transport, int rank,
                          int world_size, const AllGatherBytes& all_gather,
                          const std::function<void()>& transport_checks);

@@ -45,7 +45,7 @@ class ThreadAllGather {
 };
 
 LayoutSignature signature_of(int64_t scale_bytes) {
-  return layout_signature(make_buffer_layout(make_config(8, 8, 2, 0, 4, 1, 256, 256, scale_bytes)));
+  return layout_signature(make_buffer_layout(make_config(8, 8, 2, 0, 4, 1, 256, 256, scale_bytes), 4));
 }
 
 // Runs the agreement on `ranks` threads, rank r's own checks being own_checks(r); returns each rank's outcome:

@@ -40,8 +40,8 @@ AllToAllConfig small_config() {
   return config;
 }
 
-// A bf16 payload (2 bytes per element) with a wide header: the dispatch token (80 B) is larger than a combine
-// row (32 B), so a stride mixed up between the two shows.
+// A bf16 payload (2 bytes per element) with a wide header: the dispatch token is larger than a combine row,
+// so staging rows take the dispatch size.
 AllToAllConfig bf16_config() {
   AllToAllConfig config;
   config.max_num_tokens = 2;
@@ -98,6 +98,7 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
            uint64_t(l.max_num_tokens) * l.experts_per_token * l.combine_row_bytes},
           {"dispatch_counts", l.dispatch_counts_offset, uint64_t(l.world_size) * 8},
           {"combine_done", l.combine_done_offset, uint64_t(l.world_size) * 8},
+          {"staging", l.staging_offset, l.staging_slots * l.staging_row_bytes},
           {"send_rows", l.send_rows_offset, uint64_t(l.max_num_tokens) * l.dispatch_token_bytes},
           {"send_announce", l.send_announce_offset, 8},
           {"send_stamps", l.send_stamps_offset, uint64_t(l.max_num_tokens) * 8},
@@ -120,7 +121,7 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
 }
 
 TEST(Layout, SmallConfigShape) {
-  const BufferLayout l = make_buffer_layout(small_config());
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
   EXPECT_EQ(l.num_experts, 8u);
   EXPECT_EQ(l.num_local_experts, 2u);  // 8 / 4
   EXPECT_EQ(l.experts_per_token, 3u);
@@ -135,16 +136,17 @@ TEST(Layout, SmallConfigShape) {
 }
 
 TEST(Layout, SmallConfigStrides) {
-  const BufferLayout l = make_buffer_layout(small_config());
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
   EXPECT_EQ(l.token_header_bytes, 16u);         // align16(4 + 4 * 3 = 16) = 16
   EXPECT_EQ(l.dispatch_token_bytes, 64u);       // 16 header + 32 payload + align16(8) = 16
   EXPECT_EQ(l.combine_row_bytes, 64u);          // 32 * 2
+  EXPECT_EQ(l.staging_row_bytes, 64u);          // max(64, 64)
   EXPECT_EQ(l.payload_offset_in_token(), 16u);  // right after the header
   EXPECT_EQ(l.scale_offset_in_token(), 48u);    // 16 + 32
 }
 
 TEST(Layout, SmallConfigSymmetricRegions) {
-  const BufferLayout l = make_buffer_layout(small_config());
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
   // dispatch_recv: 2 groups * 4 tokens = 8 slots * 64 B = 512 B, at 0 -> cursor 512
   EXPECT_EQ(l.dispatch_recv_offset, 0u);
   // combine_recv: align256(512) = 512; 4 tokens * 3 k * 64 B = 768 B -> cursor 1280
@@ -153,22 +155,25 @@ TEST(Layout, SmallConfigSymmetricRegions) {
   EXPECT_EQ(l.dispatch_counts_offset, 1280u);
   // combine_done: align256(1312) = 1536 (6 * 256); 4 * 8 B = 32 B -> cursor 1568
   EXPECT_EQ(l.combine_done_offset, 1536u);
-  // send_rows: align256(1568) = 1792 (7 * 256); 4 tokens * 64 B = 256 B -> cursor 2048
-  EXPECT_EQ(l.send_rows_offset, 1792u);
-  // send_announce: align256(2048) = 2048 (8 * 256); 8 B -> cursor 2056
-  EXPECT_EQ(l.send_announce_offset, 2048u);
-  // send_stamps: align256(2056) = 2304 (9 * 256); 4 tokens * 8 B = 32 B -> cursor 2336
-  EXPECT_EQ(l.send_stamps_offset, 2304u);
-  // combine_slots: align256(2336) = 2560 (10 * 256); 2 groups * 4 tokens * 3 k * 4 B = 96 B -> cursor 2656
-  EXPECT_EQ(l.combine_slots_offset, 2560u);
-  // expert_outputs: align256(2656) = 2816 (11 * 256); 2 local experts * 8 rows * 64 B = 1024 B -> cursor 3840
-  EXPECT_EQ(l.expert_outputs_offset, 2816u);
-  // 3840 = 15 * 256 is already aligned
-  EXPECT_EQ(l.symmetric_bytes, 3840u);
+  // staging: align256(1568) = 1792 (7 * 256); 5 slots * 64 B = 320 B -> cursor 2112
+  EXPECT_EQ(l.staging_offset, 1792u);
+  EXPECT_EQ(l.staging_slots, 5u);
+  // send_rows: align256(2112) = 2304 (9 * 256); 4 tokens * 64 B = 256 B -> cursor 2560
+  EXPECT_EQ(l.send_rows_offset, 2304u);
+  // send_announce: align256(2560) = 2560 (10 * 256); 8 B -> cursor 2568
+  EXPECT_EQ(l.send_announce_offset, 2560u);
+  // send_stamps: align256(2568) = 2816 (11 * 256); 4 tokens * 8 B = 32 B -> cursor 2848
+  EXPECT_EQ(l.send_stamps_offset, 2816u);
+  // combine_slots: align256(2848) = 3072 (12 * 256); 2 groups * 4 tokens * 3 k * 4 B = 96 B -> cursor 3168
+  EXPECT_EQ(l.combine_slots_offset, 3072u);
+  // expert_outputs: align256(3168) = 3328 (13 * 256); 2 local experts * 8 rows * 64 B = 1024 B -> cursor 4352
+  EXPECT_EQ(l.expert_outputs_offset, 3328u);
+  // 4352 = 17 * 256 is already aligned
+  EXPECT_EQ(l.symmetric_bytes, 4352u);
 }
 
 TEST(Layout, SmallConfigWorkspace) {
-  const BufferLayout l = make_buffer_layout(small_config());
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
   // send_counts: 4 ranks * 4 B = 16 B at 0 -> 16
   EXPECT_EQ(l.send_counts_offset, 0u);
   // recv_counts: align256(16) = 256; 2 * 4 B = 8 B -> 264
@@ -186,7 +191,7 @@ TEST(Layout, SmallConfigWorkspace) {
 }
 
 TEST(Layout, SmallConfigAccessors) {
-  const BufferLayout l = make_buffer_layout(small_config());
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
   // Slot index of (group, slot) is group * 4 + slot; stride 64 B, base 0.
   EXPECT_EQ(l.dispatch_token_offset(0, 0), 0u);
   EXPECT_EQ(l.dispatch_token_offset(0, 1), 64u);   // 1 * 64
@@ -209,24 +214,28 @@ TEST(Layout, SmallConfigAccessors) {
   EXPECT_EQ(l.combine_done_offset_of(0), 1536u);
   EXPECT_EQ(l.combine_done_offset_of(3), 1560u);  // last: 1536 + 3 * 8
 
-  // Send row per token, 64 B each, base 1792, right after combine_done (1536 + 32 = 1568, aligned up).
-  EXPECT_EQ(l.send_row_offset(0), 1792u);
-  EXPECT_EQ(l.send_row_offset(3), 1984u);          // last: 1792 + 3 * 64
-  EXPECT_EQ(1984u + 64u, l.send_announce_offset);  // the last row ends where the announcement starts
+  // Staging row per slot, 64 B each, base 1792.
+  EXPECT_EQ(l.staging_row_offset(0), 1792u);
+  EXPECT_EQ(l.staging_row_offset(4), 2048u);  // last: 1792 + 4 * 64; ends at 2112 <= 2304 (send_rows)
 
-  // Stamp per token, 8 B each, base 2304.
-  EXPECT_EQ(l.send_stamp_offset(0), 2304u);
-  EXPECT_EQ(l.send_stamp_offset(3), 2328u);  // last: 2304 + 3 * 8; ends at 2336 <= 2560
+  // Send row per token, 64 B each, base 2304.
+  EXPECT_EQ(l.send_row_offset(0), 2304u);
+  EXPECT_EQ(l.send_row_offset(3), 2496u);          // last: 2304 + 3 * 64
+  EXPECT_EQ(2496u + 64u, l.send_announce_offset);  // the last row ends where the announcement starts
 
-  // Slot (group, token, k) is (group * 4 + token) * 3 + k; 4 B each, base 2560.
-  EXPECT_EQ(l.combine_slot_offset(0, 0, 0), 2560u);
-  EXPECT_EQ(l.combine_slot_offset(0, 1, 2), 2580u);  // 2560 + (1 * 3 + 2 = 5) * 4
-  EXPECT_EQ(l.combine_slot_offset(1, 3, 2), 2652u);  // last: 2560 + ((1 * 4 + 3) * 3 + 2 = 23) * 4; ends at 2656
+  // Stamp per token, 8 B each, base 2816.
+  EXPECT_EQ(l.send_stamp_offset(0), 2816u);
+  EXPECT_EQ(l.send_stamp_offset(3), 2840u);  // last: 2816 + 3 * 8; ends at 2848 <= 3072
 
-  // Expert output (local expert, row) is expert * 8 + row; 64 B each, base 2816.
-  EXPECT_EQ(l.expert_output_offset(0, 0), 2816u);
-  EXPECT_EQ(l.expert_output_offset(1, 0), 3328u);  // 2816 + 8 * 64
-  EXPECT_EQ(l.expert_output_offset(1, 7), 3776u);  // last: 2816 + 15 * 64; ends at 3840 = symmetric_bytes
+  // Slot (group, token, k) is (group * 4 + token) * 3 + k; 4 B each, base 3072.
+  EXPECT_EQ(l.combine_slot_offset(0, 0, 0), 3072u);
+  EXPECT_EQ(l.combine_slot_offset(0, 1, 2), 3092u);  // 3072 + (1 * 3 + 2 = 5) * 4
+  EXPECT_EQ(l.combine_slot_offset(1, 3, 2), 3164u);  // last: 3072 + ((1 * 4 + 3) * 3 + 2 = 23) * 4; ends at 3168
+
+  // Expert output (local expert, row) is expert * 8 + row; 64 B each, base 3328.
+  EXPECT_EQ(l.expert_output_offset(0, 0), 3328u);
+  EXPECT_EQ(l.expert_output_offset(1, 0), 3840u);  // 3328 + 8 * 64
+  EXPECT_EQ(l.expert_output_offset(1, 7), 4288u);  // last: 3328 + 15 * 64; ends at 4352 = symmetric_bytes
 
   // Route (expert, row) is expert * 8 + row; 8 B each, base 512.
   EXPECT_EQ(l.route_offset(0, 0), 512u);
@@ -234,16 +243,17 @@ TEST(Layout, SmallConfigAccessors) {
   EXPECT_EQ(l.route_offset(1, 7), 632u);  // last: 512 + (1 * 8 + 7 = 15) * 8 = 512 + 120; ends at 640
 }
 
-TEST(Layout, SmallConfigRegionsDisjoint) { expect_layout_regions_disjoint(make_buffer_layout(small_config())); }
+TEST(Layout, SmallConfigRegionsDisjoint) { expect_layout_regions_disjoint(make_buffer_layout(small_config(), 5)); }
 
 TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
-  const BufferLayout l = make_buffer_layout(bf16_config());
+  const BufferLayout l = make_buffer_layout(bf16_config(), 3);
   EXPECT_EQ(l.num_local_experts, 2u);         // 6 / 3
   EXPECT_EQ(l.num_dp_groups, 3u);             // 3 / 1
   EXPECT_EQ(l.max_recv_tokens, 6u);           // 2 * 3
   EXPECT_EQ(l.token_header_bytes, 32u);       // align16(4 + 4 * 5 = 24) = 32
   EXPECT_EQ(l.dispatch_token_bytes, 80u);     // 32 + 32 + align16(4) = 16
   EXPECT_EQ(l.combine_row_bytes, 32u);        // 16 * 2
+  EXPECT_EQ(l.staging_row_bytes, 80u);        // max(80, 32)
   EXPECT_EQ(l.scale_offset_in_token(), 64u);  // 32 + 32
 
   // dispatch_recv: 3 groups * 2 tokens = 6 slots * 80 B = 480 B -> cursor 480
@@ -254,18 +264,20 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.dispatch_counts_offset, 1024u);
   // combine_done: align256(1048) = 1280; 3 * 8 B = 24 B -> 1304
   EXPECT_EQ(l.combine_done_offset, 1280u);
-  // send_rows: align256(1304) = 1536; 2 tokens * 80 B = 160 B -> 1696
-  EXPECT_EQ(l.send_rows_offset, 1536u);
-  // send_announce: align256(1696) = 1792; 8 B -> 1800
-  EXPECT_EQ(l.send_announce_offset, 1792u);
-  // send_stamps: align256(1800) = 2048; 2 tokens * 8 B = 16 B -> 2064
-  EXPECT_EQ(l.send_stamps_offset, 2048u);
-  // combine_slots: align256(2064) = 2304; 3 groups * 2 tokens * 5 k * 4 B = 120 B -> 2424
-  EXPECT_EQ(l.combine_slots_offset, 2304u);
-  // expert_outputs: align256(2424) = 2560; 2 local experts * 6 rows * 32 B = 384 B -> 2944
-  EXPECT_EQ(l.expert_outputs_offset, 2560u);
-  // align256(2944) = 3072
-  EXPECT_EQ(l.symmetric_bytes, 3072u);
+  // staging: align256(1304) = 1536; 3 * 80 B = 240 B -> 1776
+  EXPECT_EQ(l.staging_offset, 1536u);
+  // send_rows: align256(1776) = 1792; 2 tokens * 80 B = 160 B -> 1952
+  EXPECT_EQ(l.send_rows_offset, 1792u);
+  // send_announce: align256(1952) = 2048; 8 B -> 2056
+  EXPECT_EQ(l.send_announce_offset, 2048u);
+  // send_stamps: align256(2056) = 2304; 2 tokens * 8 B = 16 B -> 2320
+  EXPECT_EQ(l.send_stamps_offset, 2304u);
+  // combine_slots: align256(2320) = 2560; 3 groups * 2 tokens * 5 k * 4 B = 120 B -> 2680
+  EXPECT_EQ(l.combine_slots_offset, 2560u);
+  // expert_outputs: align256(2680) = 2816; 2 local experts * 6 rows * 32 B = 384 B -> 3200
+  EXPECT_EQ(l.expert_outputs_offset, 2816u);
+  // align256(3200) = 3328
+  EXPECT_EQ(l.symmetric_bytes, 3328u);
 
   // send 3 * 4 = 12 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
   // phase at 768 (+8 = 776); pull_state at align256(776) = 1024 ((2 + 3 + 1) * 4 = 24 -> 1048);
@@ -282,19 +294,20 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.combine_row_offset(1, 4), 800u);       // last row: 512 + (1 * 5 + 4 = 9) * 32; ends at 832
   EXPECT_EQ(l.dispatch_count_offset(2), 1040u);      // last: 1024 + 2 * 8
   EXPECT_EQ(l.combine_done_offset_of(2), 1296u);     // last: 1280 + 2 * 8
-  EXPECT_EQ(l.send_row_offset(0), 1536u);            // first: the region base
-  EXPECT_EQ(l.send_row_offset(1), 1616u);            // last: 1536 + 1 * 80; ends at 1696
-  EXPECT_EQ(l.send_stamp_offset(0), 2048u);          // first: the region base
-  EXPECT_EQ(l.send_stamp_offset(1), 2056u);          // last: 2048 + 1 * 8; ends at 2064 <= 2304
-  EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 2420u);  // last: 2304 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 2424
-  EXPECT_EQ(l.expert_output_offset(1, 5), 2912u);    // last: 2560 + (1 * 6 + 5 = 11) * 32; ends at 2944
+  EXPECT_EQ(l.staging_row_offset(2), 1696u);         // last: 1536 + 2 * 80; ends at 1776
+  EXPECT_EQ(l.send_row_offset(0), 1792u);            // first: the region base
+  EXPECT_EQ(l.send_row_offset(1), 1872u);            // last: 1792 + 1 * 80; ends at 1952
+  EXPECT_EQ(l.send_stamp_offset(0), 2304u);          // first: the region base
+  EXPECT_EQ(l.send_stamp_offset(1), 2312u);          // last: 2304 + 1 * 8; ends at 2320 <= 2560
+  EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 2676u);  // last: 2560 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 2680
+  EXPECT_EQ(l.expert_output_offset(1, 5), 3168u);    // last: 2816 + (1 * 6 + 5 = 11) * 32; ends at 3200
   EXPECT_EQ(l.route_offset(1, 5), 600u);             // last: 512 + (1 * 6 + 5 = 11) * 8
 
   expect_layout_regions_disjoint(l);
 }
 
 TEST(Layout, DeepSeekV3Config) {
-  const BufferLayout l = make_buffer_layout(deepseek_v3_config());
+  const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   EXPECT_EQ(l.num_local_experts, 32u);  // 256 / 8
   EXPECT_EQ(l.num_dp_groups, 8u);       // 8 / 1
   EXPECT_EQ(l.max_recv_tokens, 1024u);  // 128 * 8
@@ -302,6 +315,7 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.token_header_bytes, 48u);         // align16(4 + 4 * 8 = 36) = 48
   EXPECT_EQ(l.dispatch_token_bytes, 7440u);     // 48 + 7168 + align16(224) = 224 (14 * 16)
   EXPECT_EQ(l.combine_row_bytes, 14336u);       // 7168 * 2
+  EXPECT_EQ(l.staging_row_bytes, 14336u);       // max(7440, 14336)
   EXPECT_EQ(l.scale_offset_in_token(), 7216u);  // 48 + 7168
 
   // dispatch_recv: 8 groups * 128 tokens = 1024 slots * 7440 B = 7,618,560 B (= 4 * 7440 * 256)
@@ -312,21 +326,23 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.dispatch_counts_offset, 22298624u);
   // combine_done: align256(22,298,688) = 22,298,624 + 256 = 22,298,880; 8 * 8 = 64 B -> 22,298,944
   EXPECT_EQ(l.combine_done_offset, 22298880u);
-  // send_rows: align256(22,298,944) = 22,298,880 + 256 = 22,299,136; 128 * 7440 = 952,320 B (= 3720 * 256)
-  // -> 23,251,456
-  EXPECT_EQ(l.send_rows_offset, 22299136u);
-  // send_announce: 23,251,456 is 256-aligned; 8 B -> 23,251,464
-  EXPECT_EQ(l.send_announce_offset, 23251456u);
-  // send_stamps: align256(23,251,464) = 23,251,456 + 256 = 23,251,712; 128 tokens * 8 = 1024 B -> 23,252,736
-  EXPECT_EQ(l.send_stamps_offset, 23251712u);
-  // combine_slots: 23,252,736 = 23,251,712 + 4 * 256 is already aligned; 8 groups * 128 tokens * 8 k * 4 B
-  // = 32,768 B -> 23,285,504
-  EXPECT_EQ(l.combine_slots_offset, 23252736u);
-  // expert_outputs: 23,285,504 is aligned (32,768 = 128 * 256); 32 * 1024 rows * 14336 B = 469,762,048 B
-  // -> 493,047,552
-  EXPECT_EQ(l.expert_outputs_offset, 23285504u);
+  // staging: align256(22,298,944) = 22,298,880 + 256 = 22,299,136; 64 * 14336 = 917,504 B -> 23,216,640
+  EXPECT_EQ(l.staging_offset, 22299136u);
+  // send_rows: 917,504 = 3584 * 256, so 23,216,640 is already aligned; 128 * 7440 = 952,320 B
+  // (= 3720 * 256) -> 24,168,960
+  EXPECT_EQ(l.send_rows_offset, 23216640u);
+  // send_announce: 24,168,960 is 256-aligned; 8 B -> 24,168,968
+  EXPECT_EQ(l.send_announce_offset, 24168960u);
+  // send_stamps: align256(24,168,968) = 24,168,960 + 256 = 24,169,216; 128 tokens * 8 = 1024 B -> 24,170,240
+  EXPECT_EQ(l.send_stamps_offset, 24169216u);
+  // combine_slots: 24,170,240 = 24,169,216 + 4 * 256 is already aligned; 8 groups * 128 tokens * 8 k * 4 B
+  // = 32,768 B -> 24,203,008
+  EXPECT_EQ(l.combine_slots_offset, 24170240u);
+  // expert_outputs: 24,203,008 is aligned (32,768 = 128 * 256); 32 * 1024 rows * 14336 B = 469,762,048 B
+  // -> 493,965,056
+  EXPECT_EQ(l.expert_outputs_offset, 24203008u);
   // 469,762,048 = 1,835,008 * 256, so the end is already aligned
-  EXPECT_EQ(l.symmetric_bytes, 493047552u);
+  EXPECT_EQ(l.symmetric_bytes, 493965056u);
 
   // send_counts: 8 ranks * 4 = 32 at 0; recv_counts: align256(32) = 256, 32 * 4 = 128 -> 384;
   // routes: align256(384) = 512, 32 * 1024 * 8 = 262,144 -> 262,656 (= 1026 * 256);
@@ -351,17 +367,19 @@ TEST(Layout, DeepSeekV3Config) {
   // Last count: 22,298,624 + 7 * 8 = 22,298,680
   EXPECT_EQ(l.dispatch_count_offset(7), 22298680u);
   EXPECT_EQ(l.combine_done_offset_of(7), 22298936u);  // 22,298,880 + 7 * 8
-  EXPECT_EQ(l.send_row_offset(0), 22299136u);         // first send row: the region base, right after combine_done
-  // Last send row: 22,299,136 + 127 * 7440 (= 944,880) = 23,244,016; ends at 23,251,456
-  EXPECT_EQ(l.send_row_offset(127), 23244016u);
-  EXPECT_EQ(l.send_stamp_offset(0), 23251712u);
-  // Last stamp: 23,251,712 + 127 * 8 (= 1016) = 23,252,728; ends at 23,252,736, where combine_slots starts
-  EXPECT_EQ(l.send_stamp_offset(127), 23252728u);
-  // Last slot: (7 * 128 + 127) * 8 + 7 = 8191; 23,252,736 + 8191 * 4 = 23,285,500; ends at 23,285,504
-  EXPECT_EQ(l.combine_slot_offset(7, 127, 7), 23285500u);
-  // Last expert output: 31 * 1024 + 1023 = 32767; 23,285,504 + 32767 * 14336 (= 469,747,712) = 493,033,216;
-  // ends at 493,047,552 = symmetric_bytes
-  EXPECT_EQ(l.expert_output_offset(31, 1023), 493033216u);
+  // Last staging row: 22,299,136 + 63 * 14336 (= 903,168) = 23,202,304; ends at 23,216,640
+  EXPECT_EQ(l.staging_row_offset(63), 23202304u);
+  EXPECT_EQ(l.send_row_offset(0), 23216640u);  // first send row: the region base, right after staging
+  // Last send row: 23,216,640 + 127 * 7440 (= 944,880) = 24,161,520; ends at 24,168,960
+  EXPECT_EQ(l.send_row_offset(127), 24161520u);
+  EXPECT_EQ(l.send_stamp_offset(0), 24169216u);
+  // Last stamp: 24,169,216 + 127 * 8 (= 1016) = 24,170,232; ends at 24,170,240, where combine_slots starts
+  EXPECT_EQ(l.send_stamp_offset(127), 24170232u);
+  // Last slot: (7 * 128 + 127) * 8 + 7 = 8191; 24,170,240 + 8191 * 4 = 24,203,004; ends at 24,203,008
+  EXPECT_EQ(l.combine_slot_offset(7, 127, 7), 24203004u);
+  // Last expert output: 31 * 1024 + 1023 = 32767; 24,203,008 + 32767 * 14336 (= 469,747,712) = 493,950,720;
+  // ends at 493,965,056 = symmetric_bytes
+  EXPECT_EQ(l.expert_output_offset(31, 1023), 493950720u);
   // Last route: 31 * 1024 + 1023 = 32767; 512 + 32767 * 8 = 512 + 262,136 = 262,648; ends at 262,656
   EXPECT_EQ(l.route_offset(31, 1023), 262648u);
 
@@ -371,47 +389,147 @@ TEST(Layout, DeepSeekV3Config) {
 TEST(Layout, ValidatesConfig) {
   AllToAllConfig config = small_config();
   config.rank = 4;
-  const std::string message = config_error_message([&] { make_buffer_layout(config); });
+  const std::string message = config_error_message([&] { make_buffer_layout(config, 5); });
   EXPECT_THAT(message, HasSubstr("AllToAllConfig.rank"));
   EXPECT_THAT(message, HasSubstr("got 4"));
 }
 
-// small_config() with 64 experts (16 local experts): only what is sized by local experts grows (expert_outputs
-// to 16 * 8 * 64 = 8192 B; recv_counts, routes and pull_state in the workspace), so every other region sits where
-// small_config() puts it.
+TEST(LayoutOverflow, StagingSlotsTimesRowBytes) {
+  // UINT64_MAX * 64 B wraps
+  const uint64_t slots = std::numeric_limits<uint64_t>::max();
+  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
+  EXPECT_THAT(message, HasSubstr("staging"));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+TEST(LayoutOverflow, StagingEndPastAddressSpace) {
+  // (2^64 - 1) / 64 slots * 64 B = 2^64 - 64 B, which fits, but starting at offset 1792 it ends past 2^64.
+  const uint64_t slots = std::numeric_limits<uint64_t>::max() / 64;
+  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
+  EXPECT_THAT(message, HasSubstr("staging"));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+// small_config() puts staging at 1792 with 64-byte rows, and five fixed-size regions follow it: send_rows
+// (4 tokens * 64 B = 256 B), send_announce (8 B), send_stamps (4 tokens * 8 B = 32 B), combine_slots (2 groups * 4
+// tokens * 3 k * 4 B = 96 B) and expert_outputs (2 experts * 8 rows * 64 B = 1024 B). With slots = 2^58 - n:
+//   staging ends at          E = 1792 + 64 * (2^58 - n) = 2^64 - (64 * n - 1792) = 2^64 - 64 * (n - 28)
+//   send_rows                [S, S + 256) with S = align256(E)        (computing E + 255 must not pass 2^64)
+//   send_announce            [S + 256, S + 264)                       (S + 256 is already aligned)
+//   send_stamps              [S + 512, S + 544)                       (align256(S + 264) = S + 512)
+//   combine_slots            [S + 768, S + 864)                       (align256(S + 544) = S + 768)
+//   expert_outputs           [S + 1024, S + 2048)                     (align256(S + 864) = S + 1024)
+//   symmetric_bytes          = S + 2048, already aligned
+// so, by n:
+//   n <= 28     staging ends at or past 2^64                                   -> "staging" overflows
+//   n = 29..31  E = 2^64 - 64, - 128, - 192: align256(E) reaches 2^64          -> "send_rows" overflows
+//   n = 32..35  E = 2^64 - 256 .. - 448, S = 2^64 - 256: send_rows ends at 2^64 -> "send_rows" overflows
+//   n = 36..39  S = 2^64 - 512: send_announce ends at 2^64 - 248; aligning the start of send_stamps
+//               reaches 2^64                                                   -> "send_stamps" overflows
+//   n = 40..43  S = 2^64 - 768: send_stamps [2^64 - 256, 2^64 - 224) fits; aligning the start of
+//               combine_slots reaches 2^64                                     -> "combine_slots" overflows
+//   n = 44..47  S = 2^64 - 1024: combine_slots [2^64 - 256, 2^64 - 160) fits; aligning the start of
+//               expert_outputs reaches 2^64                                    -> "expert_outputs" overflows
+//   n = 48..63  S = 2^64 - 1280 .. - 2048: expert_outputs starts below 2^64 and ends past it, exactly at 2^64
+//               for S = 2^64 - 2048 (n = 60..63)                               -> "expert_outputs" overflows
+//   n = 64      E = S = 2^64 - 2304: symmetric_bytes = 2^64 - 256, the largest aligned size: it fits.
+// The rows n = 29..63: a region after staging is the first whose placement passes 2^64.
+struct RegionOverflowCase {
+  uint64_t n;          // staging_slots = 2^58 - n
+  const char* region;  // the region named in the error
+};
+
+class LayoutRegionAfterStagingOverflow : public ::testing::TestWithParam<RegionOverflowCase> {};
+
+TEST_P(LayoutRegionAfterStagingOverflow, ThrowsNamingTheRegion) {
+  const uint64_t slots = (uint64_t(1) << 58) - GetParam().n;
+  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
+  EXPECT_THAT(message, HasSubstr(GetParam().region));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    SmallConfig, LayoutRegionAfterStagingOverflow,
+    ::testing::Values(RegionOverflowCase{29, "send_rows"}, RegionOverflowCase{30, "send_rows"},
+                      RegionOverflowCase{31, "send_rows"},  // aligning the start of send_rows wraps
+                      RegionOverflowCase{32, "send_rows"},  // send_rows ends exactly at 2^64
+                      RegionOverflowCase{35, "send_rows"},
+                      RegionOverflowCase{36, "send_stamps"},  // aligning its start wraps
+                      RegionOverflowCase{39, "send_stamps"},
+                      RegionOverflowCase{40, "combine_slots"},  // aligning its start wraps to zero
+                      RegionOverflowCase{43, "combine_slots"},
+                      RegionOverflowCase{44, "expert_outputs"},  // aligning its start wraps to zero
+                      RegionOverflowCase{47, "expert_outputs"},
+                      RegionOverflowCase{48, "expert_outputs"},  // starts below 2^64, ends past it
+                      RegionOverflowCase{60, "expert_outputs"},  // ends exactly at 2^64
+                      RegionOverflowCase{63, "expert_outputs"}),
+    [](const ::testing::TestParamInfo<RegionOverflowCase>& info) {
+      return "slots_2pow58_minus_" + std::to_string(info.param.n);
+    });
+
+TEST(LayoutOverflow, StagingEndsExactlyAt2To64) {
+  // 2^58 - 28 slots: 1792 + 64 * (2^58 - 28) = 2^64 + 1792 - 1792 = 2^64, one past the largest offset.
+  const uint64_t slots = (uint64_t(1) << 58) - 28;
+  const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
+  EXPECT_THAT(message, HasSubstr("staging"));
+  EXPECT_THAT(message, HasSubstr("overflows"));
+}
+
+TEST(LayoutOverflow, LargestAlignedEndStillFits) {
+  // 2^58 - 64 slots: staging ends at 1792 + 64 * (2^58 - 64) = 2^64 - 2304 (aligned); send_rows at 2^64 - 2304
+  // (256 B -> 2^64 - 2048); send_announce at 2^64 - 2048 (8 B); send_stamps at align256 = 2^64 - 1792
+  // (32 B); combine_slots at 2^64 - 1536 (96 B); expert_outputs at 2^64 - 1280 (1024 B -> 2^64 - 256), the
+  // largest 256-aligned size, so the layout is valid. One slot more (n = 63) wraps (see above).
+  const uint64_t slots = (uint64_t(1) << 58) - 64;
+  const BufferLayout l = make_buffer_layout(small_config(), slots);
+  EXPECT_EQ(l.staging_offset, 1792u);
+  EXPECT_EQ(l.send_rows_offset, 18446744073709549312ull);       // 2^64 - 2304
+  EXPECT_EQ(l.send_announce_offset, 18446744073709549568ull);   // 2^64 - 2048
+  EXPECT_EQ(l.send_stamps_offset, 18446744073709549824ull);     // 2^64 - 1792
+  EXPECT_EQ(l.send_stamp_offset(3), 18446744073709549848ull);   // 2^64 - 1792 + 24
+  EXPECT_EQ(l.combine_slots_offset, 18446744073709550080ull);   // 2^64 - 1536
+  EXPECT_EQ(l.expert_outputs_offset, 18446744073709550336ull);  // 2^64 - 1280
+  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);        // 2^64 - 256
+}
+
+// small_config() with 64 experts (16 local experts): expert_outputs is 16 * 8 * 64 = 8192 bytes, a multiple of
+// 256, so the end of the whole layout lands on 256-byte boundaries such as 2^64.
 AllToAllConfig many_experts_config() {
   AllToAllConfig config = small_config();
   config.num_experts = 64;
   return config;
 }
 
-TEST(Layout, ManyExpertsConfigRegions) {
-  const BufferLayout l = make_buffer_layout(many_experts_config());
+TEST(LayoutOverflow, ManyExpertsConfigRegions) {
+  const BufferLayout l = make_buffer_layout(many_experts_config(), 5);
   EXPECT_EQ(l.num_local_experts, 16u);     // 64 / 4
   EXPECT_EQ(l.num_dp_groups, 2u);          // 4 / 2
   EXPECT_EQ(l.dispatch_token_bytes, 64u);  // as small_config()
+  EXPECT_EQ(l.staging_row_bytes, 64u);
   // dispatch_recv: 2 groups * 4 tokens = 8 slots * 64 B = 512 B -> 512
   // combine_recv: at 512; 4 * 3 * 64 B = 768 B -> 1280
   // dispatch_counts: align256(1280) = 1280 (5 * 256); 4 ranks * 8 B = 32 B -> 1312
   // combine_done: align256(1312) = 1536 (6 * 256); 4 * 8 B = 32 B -> 1568
-  // send_rows: align256(1568) = 1792 (7 * 256); 4 * 64 B = 256 B -> 2048
-  // send_announce: at 2048 (8 * 256); 8 B -> 2056
-  // send_stamps: align256(2056) = 2304 (9 * 256); 4 * 8 B = 32 B -> 2336
-  // combine_slots: align256(2336) = 2560 (10 * 256); 2 * 4 * 3 * 4 B = 96 B -> 2656
-  // expert_outputs: align256(2656) = 2816 (11 * 256); 16 * 8 * 64 B = 8192 B -> 11008 (43 * 256)
+  // staging: align256(1568) = 1792 (7 * 256); 5 * 64 B = 320 B -> 2112
+  // send_rows: align256(2112) = 2304 (9 * 256); 4 * 64 B = 256 B -> 2560
+  // send_announce: at 2560 (10 * 256); 8 B -> 2568
+  // send_stamps: align256(2568) = 2816 (11 * 256); 4 * 8 B = 32 B -> 2848
+  // combine_slots: align256(2848) = 3072 (12 * 256); 2 * 4 * 3 * 4 B = 96 B -> 3168
+  // expert_outputs: align256(3168) = 3328 (13 * 256); 16 * 8 * 64 B = 8192 B -> 11520 (45 * 256)
   EXPECT_EQ(l.dispatch_recv_offset, 0u);
   EXPECT_EQ(l.combine_recv_offset, 512u);
   EXPECT_EQ(l.dispatch_counts_offset, 1280u);
   EXPECT_EQ(l.combine_done_offset, 1536u);
-  EXPECT_EQ(l.send_rows_offset, 1792u);
-  EXPECT_EQ(l.send_announce_offset, 2048u);
-  EXPECT_EQ(l.send_stamps_offset, 2304u);
-  EXPECT_EQ(l.combine_slots_offset, 2560u);
-  EXPECT_EQ(l.expert_outputs_offset, 2816u);
-  EXPECT_EQ(l.symmetric_bytes, 11008u);
-  EXPECT_EQ(l.send_row_offset(3), 1984u);            // last: 1792 + 3 * 64; ends at 2048
-  EXPECT_EQ(l.send_stamp_offset(3), 2328u);          // last: 2304 + 3 * 8; ends at 2336
-  EXPECT_EQ(l.expert_output_offset(15, 7), 10944u);  // last: 2816 + 127 * 64; ends at 11008 = symmetric_bytes
+  EXPECT_EQ(l.staging_offset, 1792u);
+  EXPECT_EQ(l.send_rows_offset, 2304u);
+  EXPECT_EQ(l.send_announce_offset, 2560u);
+  EXPECT_EQ(l.send_stamps_offset, 2816u);
+  EXPECT_EQ(l.combine_slots_offset, 3072u);
+  EXPECT_EQ(l.expert_outputs_offset, 3328u);
+  EXPECT_EQ(l.symmetric_bytes, 11520u);
+  EXPECT_EQ(l.send_row_offset(3), 2496u);            // last: 2304 + 3 * 64; ends at 2560
+  EXPECT_EQ(l.send_stamp_offset(3), 2840u);          // last: 2816 + 3 * 8; ends at 2848
+  EXPECT_EQ(l.expert_output_offset(15, 7), 11456u);  // last: 3328 + 127 * 64; ends at 11520 = symmetric_bytes
   // Workspace: send 4 * 4 = 16 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
   // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+8 = 1544); pull_state at align256(1544) = 1792
   // ((16 + 2 + 1) * 4 = 76 -> 1868); dispatch_epoch at align256(1868) = 2048 (+4 = 2052); total
@@ -425,109 +543,30 @@ TEST(Layout, ManyExpertsConfigRegions) {
   expect_layout_regions_disjoint(l);
 }
 
-// Layouts that end near 2^64. Of the symmetric regions only expert_outputs, [local experts][max_recv_tokens]
-// rows of hidden_dim * 2 bytes, gets there from a valid configuration: num_experts, max_num_tokens and the byte
-// sizes are below 2^31, experts_per_token at most 65535, and the configuration keeps max_num_tokens * world_size /
-// dp_size and max_num_tokens * ceil(hidden_dim / 256) below 2^31 too, so the regions before it end well below
-// 2^64 (dispatch_recv, the largest, below about 2^63) and none of them can be the one that overflows.
-//
-// Here: 4 tokens on one rank, hidden_dim 2^30 (combine rows of 2^31 B), no scales, and a payload that makes each
-// dispatch token header + payload = 2^30 - 192 B. Then dispatch_recv and send_rows are 4 * (2^30 - 192) =
-// 2^32 - 768 B each (= 256 * (2^24 - 3), so each ends 256-aligned), combine_recv is 4 tokens * k * 2^31 = k * 2^33 B,
-// and expert_outputs is num_experts * 4 rows * 2^31 = num_experts * 2^33 B.
-AllToAllConfig near_2to64_config(int64_t experts_per_token, int64_t hidden_dim_bytes, int64_t num_experts) {
-  AllToAllConfig config;
-  config.max_num_tokens = 4;
-  config.num_experts = num_experts;
-  config.experts_per_token = experts_per_token;
-  config.rank = 0;
-  config.world_size = 1;
-  config.dp_size = 1;
-  config.hidden_dim = int64_t(1) << 30;
-  config.hidden_dim_bytes = hidden_dim_bytes;
-  config.hidden_dim_scale_bytes = 0;
-  return config;
-}
-
-// One expert a token: a 16-byte header (align16(4 + 4 = 8)) and a payload of 2^30 - 208 B; expert_outputs
-// starts at 2^34 - 256 (see LargestAlignedEndStillFits).
-AllToAllConfig top1_near_2to64_config(int64_t num_experts) {
-  return near_2to64_config(1, (int64_t(1) << 30) - 208, num_experts);
-}
-
-// 17 experts a token: an 80-byte header (align16(4 + 68 = 72)) and a payload of 2^30 - 272 B; combine_slots
-// (4 * 17 * 4 = 272 B) then takes two 256-byte blocks, so expert_outputs starts at 36 * 2^32 = 18 * 2^33 (see
-// ExpertOutputsEndingAt2To64).
-AllToAllConfig top17_near_2to64_config(int64_t num_experts) {
-  return near_2to64_config(17, (int64_t(1) << 30) - 272, num_experts);
-}
-
-TEST(LayoutOverflow, LargestAlignedEndStillFits) {
-  // 2^31 - 2 experts (the most is 2^31 - 1), all local: expert_outputs ends at 2^64 - 256, the largest 256-aligned
-  // size, so the layout is valid. One expert more passes 2^64 (ExpertOutputsEndPastAddressSpace).
-  const BufferLayout l = make_buffer_layout(top1_near_2to64_config(2147483646));
-  EXPECT_EQ(l.num_local_experts, 2147483646u);
-  EXPECT_EQ(l.max_recv_tokens, 4u);
-  EXPECT_EQ(l.token_header_bytes, 16u);
-  EXPECT_EQ(l.dispatch_token_bytes, 1073741632u);  // 16 + 2^30 - 208 = 2^30 - 192
-  EXPECT_EQ(l.combine_row_bytes, 2147483648u);     // 2^30 * 2 = 2^31
-  // dispatch_recv: 4 slots * (2^30 - 192) B = 2^32 - 768 B at 0
-  EXPECT_EQ(l.dispatch_recv_offset, 0u);
-  // combine_recv: 2^32 - 768 is aligned; 4 * 1 * 2^31 = 2^33 B -> 3 * 2^32 - 768
-  EXPECT_EQ(l.combine_recv_offset, 4294966528u);  // 2^32 - 768
-  // dispatch_counts: at 3 * 2^32 - 768; 1 rank * 8 B
-  EXPECT_EQ(l.dispatch_counts_offset, 12884901120u);  // 3 * 2^32 - 768
-  // combine_done: align256(3 * 2^32 - 760) = 3 * 2^32 - 512; 8 B
-  EXPECT_EQ(l.combine_done_offset, 12884901376u);  // 3 * 2^32 - 512
-  // send_rows: align256(3 * 2^32 - 504) = 3 * 2^32 - 256; 2^32 - 768 B -> 2^34 - 1024
-  EXPECT_EQ(l.send_rows_offset, 12884901632u);  // 3 * 2^32 - 256
-  // send_announce: at 2^34 - 1024; 8 B
-  EXPECT_EQ(l.send_announce_offset, 17179868160u);  // 2^34 - 1024
-  // send_stamps: align256(2^34 - 1016) = 2^34 - 768; 4 * 8 = 32 B
-  EXPECT_EQ(l.send_stamps_offset, 17179868416u);  // 2^34 - 768
-  // combine_slots: align256(2^34 - 736) = 2^34 - 512; 1 group * 4 tokens * 1 k * 4 B = 16 B
-  EXPECT_EQ(l.combine_slots_offset, 17179868672u);  // 2^34 - 512
-  // expert_outputs: align256(2^34 - 496) = 2^34 - 256; (2^31 - 2) * 2^33 = 2^64 - 2^34 B -> 2^64 - 256
-  EXPECT_EQ(l.expert_outputs_offset, 17179868928u);       // 2^34 - 256
-  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);  // 2^64 - 256, already aligned
-  // Last row (2^31 - 3, 3): (2^31 - 3) * 4 + 3 = 2^33 - 9; 2^34 - 256 + (2^33 - 9) * 2^31 = 2^64 - 2^31 - 256,
-  // ending at 2^64 - 256: the 64-bit index arithmetic of the accessor.
-  EXPECT_EQ(l.expert_output_offset(2147483645, 3), 18446744071562067712ull);
-  expect_layout_regions_disjoint(l);
-}
-
-TEST(LayoutOverflow, ExpertOutputsEndPastAddressSpace) {
-  // 2^31 - 1 experts: (2^31 - 1) * 2^33 = 2^64 - 2^33 B still fits 64 bits, but from 2^34 - 256 (as in
-  // LargestAlignedEndStillFits) the region ends at 2^64 + 2^33 - 256.
-  const std::string message = config_error_message([&] { make_buffer_layout(top1_near_2to64_config(2147483647)); });
+TEST(LayoutOverflow, LayoutEndsExactlyAt2To64) {
+  // many_experts_config(): staging at 1792, rows of 64 B; send_rows [S, S + 256), send_announce
+  // [S + 256, S + 264), send_stamps [S + 512, S + 544), combine_slots [S + 768, S + 864), expert_outputs
+  // [S + 1024, S + 9216) with S = align256(1792 + 64 * slots).
+  // 2^58 - 172 slots: 1792 + 64 * (2^58 - 172) = 2^64 - 9216 (11008 = 172 * 64), aligned, so S = 2^64 - 9216 and
+  // expert_outputs ends exactly at 2^64, one past the largest offset.
+  const uint64_t slots = (uint64_t(1) << 58) - 172;
+  const std::string message = config_error_message([&] { make_buffer_layout(many_experts_config(), slots); });
   EXPECT_THAT(message, HasSubstr("expert_outputs"));
   EXPECT_THAT(message, HasSubstr("overflows"));
-  EXPECT_THAT(message, HasSubstr("(17179868928 + 18446744065119617024)"));  // 2^34 - 256 + (2^64 - 2^33)
 }
 
-TEST(LayoutOverflow, ExpertOutputsEndingAt2To64) {
-  // top17_near_2to64_config():
-  //   dispatch_recv    [0, 2^32 - 768)
-  //   combine_recv     at 2^32 - 768; 4 * 17 * 2^31 = 17 * 2^33 = 34 * 2^32 B -> 35 * 2^32 - 768
-  //   dispatch_counts  at 35 * 2^32 - 768, combine_done at 35 * 2^32 - 512 (8 B each)
-  //   send_rows        at 35 * 2^32 - 256; 2^32 - 768 B -> 36 * 2^32 - 1024
-  //   send_announce    at 36 * 2^32 - 1024 (8 B), send_stamps at 36 * 2^32 - 768 (32 B)
-  //   combine_slots    at 36 * 2^32 - 512; 272 B -> 36 * 2^32 - 240
-  //   expert_outputs   at align256(36 * 2^32 - 240) = 36 * 2^32; num_experts * 2^33 B
-  // 2^31 - 19 experts: expert_outputs ends at 18 * 2^33 + (2^31 - 19) * 2^33 = 2^64 - 2^33, which fits.
-  const BufferLayout l = make_buffer_layout(top17_near_2to64_config(2147483629));
-  EXPECT_EQ(l.token_header_bytes, 80u);
-  EXPECT_EQ(l.dispatch_token_bytes, 1073741632u);         // 80 + 2^30 - 272 = 2^30 - 192
-  EXPECT_EQ(l.send_rows_offset, 150323855104u);           // 35 * 2^32 - 256
-  EXPECT_EQ(l.combine_slots_offset, 154618822144u);       // 36 * 2^32 - 512
-  EXPECT_EQ(l.expert_outputs_offset, 154618822656u);      // 36 * 2^32
-  EXPECT_EQ(l.symmetric_bytes, 18446744065119617024ull);  // 2^64 - 2^33
-  // 2^31 - 18 experts: (2^31 - 18) * 2^33 = 2^64 - 36 * 2^32 B, so the region ends exactly at 2^64, one past the
-  // largest offset.
-  const std::string message = config_error_message([&] { make_buffer_layout(top17_near_2to64_config(2147483630)); });
-  EXPECT_THAT(message, HasSubstr("expert_outputs"));
-  EXPECT_THAT(message, HasSubstr("overflows"));
-  EXPECT_THAT(message, HasSubstr("(154618822656 + 18446743919090728960)"));  // 36 * 2^32 + (2^64 - 36 * 2^32)
+TEST(LayoutOverflow, ManyExpertsLargestEndStillFits) {
+  // 2^58 - 176 slots: staging ends at 1792 + 64 * (2^58 - 176) = 2^64 - 9472 (11264 = 176 * 64); send_rows at
+  // 2^64 - 9472, send_announce at 2^64 - 9216, send_stamps at 2^64 - 8960, combine_slots at 2^64 - 8704,
+  // expert_outputs at 2^64 - 8448 ending at 2^64 - 256: already aligned, the largest valid size.
+  const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 176);
+  EXPECT_EQ(l.staging_offset, 1792u);
+  EXPECT_EQ(l.send_rows_offset, 18446744073709542144ull);       // 2^64 - 9472
+  EXPECT_EQ(l.send_announce_offset, 18446744073709542400ull);   // 2^64 - 9216
+  EXPECT_EQ(l.send_stamps_offset, 18446744073709542656ull);     // 2^64 - 8960
+  EXPECT_EQ(l.combine_slots_offset, 18446744073709542912ull);   // 2^64 - 8704
+  EXPECT_EQ(l.expert_outputs_offset, 18446744073709543168ull);  // 2^64 - 8448
+  EXPECT_EQ(l.symmetric_bytes, 18446744073709551360ull);        // 2^64 - 256
 }
 
 TEST(LayoutOverflow, RowsPerLocalExpertFromConfig) {
@@ -535,7 +574,7 @@ TEST(LayoutOverflow, RowsPerLocalExpertFromConfig) {
   AllToAllConfig config = deepseek_v3_config();
   config.max_num_tokens = 2147483647;
   config.num_experts = 8;
-  const std::string message = config_error_message([&] { make_buffer_layout(config); });
+  const std::string message = config_error_message([&] { make_buffer_layout(config, 1); });
   EXPECT_THAT(message, HasSubstr("max_num_tokens * world_size / dp_size"));
   EXPECT_THAT(message, HasSubstr("got 17179869176"));  // (2^31 - 1) * 8
 }
@@ -554,41 +593,41 @@ TEST(LayoutOverflow, ExpertOutputsFromConfig) {
   config.hidden_dim = 2147483640;        // largest multiple of 8 below 2^31
   config.hidden_dim_bytes = 2147483632;  // largest multiple of 16 below 2^31
   config.hidden_dim_scale_bytes = 0;
-  const std::string message = config_error_message([&] { make_buffer_layout(config); });
+  const std::string message = config_error_message([&] { make_buffer_layout(config, 1); });
   EXPECT_THAT(message, HasSubstr("expert_outputs"));
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
 TEST(SymmetricHeap, FitsInLargeHeap) {
-  const BufferLayout l = make_buffer_layout(deepseek_v3_config());
+  const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, 1ull << 30));  // 1 GiB
-  // 493,047,552 + 64 MiB (67,108,864) reserve = 560,156,416: exactly enough.
-  EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, 560156416ull));
+  // 493,965,056 + 64 MiB (67,108,864) reserve = 561,073,920: exactly enough.
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, 561073920ull));
 }
 
 TEST(SymmetricHeap, OneByteShort) {
-  const BufferLayout l = make_buffer_layout(deepseek_v3_config());
+  const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   const std::string message =
-      config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 560156415ull); });
-  EXPECT_THAT(message, HasSubstr("560156416"));
+      config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 561073919ull); });
+  EXPECT_THAT(message, HasSubstr("561073920"));
 }
 
 TEST(SymmetricHeap, SmallHeapNamesNeededBytesAndVariable) {
-  const BufferLayout l = make_buffer_layout(deepseek_v3_config());
+  const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   const std::string message =
       config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 256ull << 20); });
-  EXPECT_THAT(message, HasSubstr("493047552"));  // symmetric bytes
-  EXPECT_THAT(message, HasSubstr("560156416"));  // + 64 MiB reserve
+  EXPECT_THAT(message, HasSubstr("493965056"));  // symmetric bytes
+  EXPECT_THAT(message, HasSubstr("561073920"));  // + 64 MiB reserve
   EXPECT_THAT(message, HasSubstr("268435456"));  // the heap it was given: 256 * 2^20
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE"));
-  // 560,156,416 = 534 * 2^20 (559,939,584) + 216,832, so ceil(560,156,416 / 2^20) = 535
-  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=535M"));
+  // 561,073,920 = 535 * 2^20 (560,988,160) + 85,760, so ceil(561,073,920 / 2^20) = 536
+  EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=536M"));
 }
 
 TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
   // symmetric_bytes = 2^64 - 256 (see LargestAlignedEndStillFits); + 64 MiB reserve passes 2^64. Unchecked, the
   // sum wrapped to 64 MiB - 256 and even a small heap appeared to fit.
-  const BufferLayout l = make_buffer_layout(top1_near_2to64_config(2147483646));
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 64);
   ASSERT_EQ(l.symmetric_bytes, 18446744073709551360ull);
   for (const uint64_t heap_bytes : {uint64_t(1) << 30, std::numeric_limits<uint64_t>::max()}) {
     const std::string message =
@@ -599,11 +638,13 @@ TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
 }
 
 TEST(SymmetricHeap, NeededJustBelow2To64) {
-  // symmetric_bytes = 2^64 - 2^26 - 256, so needed = + 64 MiB (2^26) = 2^64 - 256 fits. (The check takes the size
-  // alone; no configuration need lay it out.)
-  const uint64_t symmetric_bytes = 18446744073642442496ull;  // 2^64 - 2^26 - 256
-  EXPECT_NO_THROW(require_fits_symmetric_heap(symmetric_bytes, std::numeric_limits<uint64_t>::max()));
-  const std::string message = config_error_message([&] { require_fits_symmetric_heap(symmetric_bytes, 1ull << 30); });
+  // 2^58 - 2^20 - 64 slots: staging ends at 1792 + 64 * slots = 2^64 - 2^26 - 2304 (256-aligned), which is
+  // S in the table above LayoutRegionAfterStagingOverflow; symmetric_bytes = S + 2048 = 2^64 - 2^26 - 256, so
+  // needed = + 64 MiB (2^26) = 2^64 - 256 fits.
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 64);
+  ASSERT_EQ(l.symmetric_bytes, 18446744073642442496ull);  // 2^64 - 2^26 - 256
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, std::numeric_limits<uint64_t>::max()));
+  const std::string message = config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 1ull << 30); });
   EXPECT_THAT(message, HasSubstr("18446744073709551360"));  // needed = 2^64 - 256
   // ceil((2^64 - 256) / 2^20) = 2^44; rounding up by adding 2^20 - 1 first would wrap and print 0M.
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=17592186044416M"));
@@ -635,9 +676,9 @@ TEST(ArrivalSignal, CompleteOnlyWhenEveryBlockArrived) {
 // Combine's dynamic shared memory: each local expert's row count and first row (received_row_starts, 2 *
 // (num_local + 1) words), then a bit per rank (which ranks pushed their rows), rounded up to whole words.
 TEST(KernelSharedMemory, CombineHoldsExpertStartsThenARankBitmap) {
-  const BufferLayout small = make_buffer_layout(small_config());  // 2 local experts, 4 ranks
-  EXPECT_EQ(CombineShared::expert_start_word(small), 3u);         // after 2 counts and a spare word
-  EXPECT_EQ(CombineShared::rank_bits_word(small), 6u);            // 2 * (2 + 1)
+  const BufferLayout small = make_buffer_layout(small_config(), 5);  // 2 local experts, 4 ranks
+  EXPECT_EQ(CombineShared::expert_start_word(small), 3u);            // after 2 counts and a spare word
+  EXPECT_EQ(CombineShared::rank_bits_word(small), 6u);               // 2 * (2 + 1)
   EXPECT_EQ(CombineShared::rank_bit_words(small), 1u);
   EXPECT_EQ(CombineShared::bytes(small), 28u);  // (6 + 1) * 4
   for (const auto& [world, words] : {std::pair{32, 1u}, std::pair{33, 2u}, std::pair{64, 2u}, std::pair{65, 3u}}) {
@@ -645,7 +686,7 @@ TEST(KernelSharedMemory, CombineHoldsExpertStartsThenARankBitmap) {
     config.world_size = world;
     config.dp_size = 1;
     config.num_experts = 2 * world;  // still 2 local experts
-    const BufferLayout l = make_buffer_layout(config);
+    const BufferLayout l = make_buffer_layout(config, 5);
     EXPECT_EQ(CombineShared::rank_bit_words(l), words) << world << " ranks";
     EXPECT_EQ(CombineShared::bytes(l), (6u + words) * 4u) << world << " ranks";
   }
@@ -748,14 +789,14 @@ TEST(DispatchEpoch, AnnouncementCarriesEpochAndTokens) {
 }
 
 TEST(LayoutSignature, HoldsTheFieldsPeersDependOn) {
-  const BufferLayout l = make_buffer_layout(small_config());
+  const BufferLayout l = make_buffer_layout(small_config(), 5);
   const LayoutSignature signature = layout_signature(l);
-  const uint64_t expected[LayoutSignature::kWords] = {8, 3, 4, 2, 4, 32, 32, 8, 3840};
+  const uint64_t expected[LayoutSignature::kWords] = {8, 3, 4, 2, 4, 32, 32, 8, 5, 4352};
   for (int w = 0; w < LayoutSignature::kWords; ++w) EXPECT_EQ(signature.words[w], expected[w]) << w;
 }
 
 TEST(LayoutSignature, AgreeingRanksPass) {
-  const LayoutSignature signature = layout_signature(make_buffer_layout(small_config()));
+  const LayoutSignature signature = layout_signature(make_buffer_layout(small_config(), 5));
   require_same_layout({signature, signature, signature, signature});
   require_same_layout({signature});
 }
@@ -763,29 +804,19 @@ TEST(LayoutSignature, AgreeingRanksPass) {
 TEST(LayoutSignature, TheFirstDifferingFieldOfTheFirstDifferingRankIsNamed) {
   AllToAllConfig padded_scales = small_config();
   padded_scales.hidden_dim_scale_bytes = 4;  // pads to the same 16-byte token tail as 8
-  AllToAllConfig more_tokens = small_config();
-  more_tokens.max_num_tokens = 5;
-  const LayoutSignature good = layout_signature(make_buffer_layout(small_config()));
-  const LayoutSignature scales = layout_signature(make_buffer_layout(padded_scales));
-  const LayoutSignature tokens = layout_signature(make_buffer_layout(more_tokens));
-  EXPECT_EQ(scales.words[8], good.words[8]);  // the same buffer size: only the signature tells them apart
-  // Rank 3 differs in a field before rank 2's, but rank 2 is the first rank that differs.
+  const LayoutSignature good = layout_signature(make_buffer_layout(small_config(), 5));
+  const LayoutSignature scales = layout_signature(make_buffer_layout(padded_scales, 5));
+  const LayoutSignature grid = layout_signature(make_buffer_layout(small_config(), 6));
+  EXPECT_EQ(scales.words[9], good.words[9]);  // the same buffer size: only the signature tells them apart
   EXPECT_EQ(config_error_message([&] {
-              require_same_layout({good, good, scales, tokens});
+              require_same_layout({good, good, scales, grid});
             }),
             "ranks disagree on hidden_dim_scale_bytes: rank 0 has 8, rank 2 has 4; every rank must construct its "
             "all-to-all alike");
   EXPECT_THAT(config_error_message([&] {
-                require_same_layout({good, tokens});
+                require_same_layout({good, grid});
               }),
-              HasSubstr("ranks disagree on max_num_tokens: rank 0 has 4, rank 1 has 5;"));
-  // The last word has its name too.
-  LayoutSignature bigger = good;
-  bigger.words[LayoutSignature::kWords - 1] += kRegionAlign;
-  EXPECT_THAT(config_error_message([&] {
-                require_same_layout({good, bigger});
-              }),
-              HasSubstr("ranks disagree on symmetric buffer bytes: rank 0 has 3840, rank 1 has 4096;"));
+              HasSubstr("ranks disagree on staging rows (one per warp of the launch"));
 }
 
 }  // namespace

@@ -60,9 +60,10 @@ bool input_is_staged(const void* input, uint64_t extent, bool is_buffer_in_its_l
 }  // namespace
 
 struct AllToAll::State {
-  State(const AllToAllConfig& config, const AllToAllOptions& options)
+  State(const AllToAllConfig& config, const AllToAllOptions& options, bool transport_may_put)
       : shape(default_launch_shape(options.max_sm_count)),
-        layout(make_buffer_layout(config)),
+        // A put needs a registered source: one staging row per warp where the transport may put.
+        layout(make_buffer_layout(config, transport_may_put ? shape.warps() : 0)),
         timeout_ns(options.timeout_ns != 0 ? options.timeout_ns : default_timeout_ns()),
         workspace(layout.workspace_bytes) {}
 
@@ -90,10 +91,11 @@ AllToAll::AllToAll(const AllToAllConfig& config) : config_(config), device_(curr
 
 AllToAll::~AllToAll() = default;
 
-void AllToAll::agree_and_prepare(const AllToAllOptions& options, const char* transport, int rank, int world_size,
-                                 const AllGatherBytes& all_gather, const std::function<void()>& transport_checks) {
+void AllToAll::agree_and_prepare(const AllToAllOptions& options, bool transport_may_put, const char* transport,
+                                 int rank, int world_size, const AllGatherBytes& all_gather,
+                                 const std::function<void()>& transport_checks) {
   agree_before_allocating(transport, rank, world_size, all_gather, [&] {
-    state_ = std::make_unique<State>(config_, options);
+    state_ = std::make_unique<State>(config_, options, transport_may_put);
     transport_checks();
     return layout_signature(state_->layout);
   });

@@ -11,9 +11,10 @@ namespace expertwire {
 AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const AllToAllOptions& options) : AllToAll(config) {
   require_nvshmem_initialized();
   // NVSHMEM's all-gather returns the ranks in its own order, whatever a rank's configuration says.
-  agree_and_prepare(options, "internode", nvshmem_rank(), nvshmem_world_size(), nvshmem_all_gather_bytes, [&] {
-    require_nvshmem_supports("AllToAllConfig", config.world_size, config.rank, layout().symmetric_bytes);
-  });
+  agree_and_prepare(
+      options, device::NvshmemTransport::kMayPut, "internode", nvshmem_rank(), nvshmem_world_size(),
+      nvshmem_all_gather_bytes,
+      [&] { require_nvshmem_supports("AllToAllConfig", config.world_size, config.rank, layout().symmetric_bytes); });
   buffer_ = std::make_unique<NvshmemSymmetricBuffer>(layout().symmetric_bytes, options.force_puts);
   set_symmetric_buffer(buffer_->local());
   // The kernels pull where every peer is load/store reachable and push otherwise, and every rank must run the

@@ -12,8 +12,8 @@ AllToAllIntranode::AllToAllIntranode(const AllToAllConfig& config, const AllGath
                                      const AllToAllOptions& options)
     : AllToAll(config) {
   EW_REQUIRE(bool(all_gather), "intranode: an all_gather function is required to exchange buffer handles");
-  agree_and_prepare(options, "intranode", int(config.rank), int(config.world_size), all_gather,
-                    [&] { require_intranode_supported(options.force_puts, config.world_size, device()); });
+  agree_and_prepare(options, device::PeerTransport::kMayPut, "intranode", int(config.rank), int(config.world_size),
+                    all_gather, [&] { require_intranode_supported(options.force_puts, config.world_size, device()); });
   buffer_ = std::make_unique<IpcSymmetricBuffer>(layout().symmetric_bytes, int(config.rank), int(config.world_size),
                                                  all_gather);
   set_symmetric_buffer(buffer_->local());
