@@ -46,8 +46,9 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
   const uint32_t* expert_start = received_row_starts(c);
 
   const TokenRoute* routes = c.routes();
+  uint8_t* staging = c.local(c.staging_row(global_warp()));
   // Rows the experts wrote into expert_outputs are in the symmetric buffer already: puts send them from there,
-  // without a staging copy. Other rows are staged at their own place there (puts do not wait for their source).
+  // without a staging copy.
   constexpr bool kConverts = !std::is_same_v<SourceT, ExpertT>;  // float32 rows (never in expert_outputs)
   const bool y_is_symmetric = !kConverts && expert_y_in_buffer(a);
   const uint32_t total = expert_start[num_local];
@@ -59,7 +60,7 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
     const uint8_t* y = a.expert_y + row * (kConverts ? uint64_t(l.hidden_dim) * sizeof(float) : l.combine_row_bytes);
     const SymmetricRef<uint8_t> dst = c.combine_row(route.token, route.k);
     bool staged = y_is_symmetric;
-    uint8_t* put_source = c.local(c.expert_output(le, j - expert_start[le]));  // y itself when y_is_symmetric
+    uint8_t* put_source = y_is_symmetric ? const_cast<uint8_t*>(y) : staging;  // written only when !staged
     for (uint32_t d = 0; d < l.dp_size; ++d) {
       const int peer = int(route.source_group * l.dp_size + d);
       issued_puts |= deliver_row(transport, peer, dst, l.combine_row_bytes, put_source, staged, [&](uint8_t* address) {

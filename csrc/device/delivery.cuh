@@ -5,8 +5,7 @@
 //   static constexpr bool kMayPut                    false: peer() never returns nullptr
 //   bool load_store_only()                           every peer has a load/store address
 //   T* peer(int pe, SymmetricRef<T>)                 load/store address of the peer's copy, or nullptr
-//   void put_warp(int pe, SymmetricRef<uint8_t>, const uint8_t* staged, uint64_t bytes)   for nullptr peers;
-//                                                    staged stays unchanged until flush_warp
+//   void put_warp(int pe, SymmetricRef<uint8_t>, const uint8_t* staged, uint64_t bytes)   for nullptr peers
 //   void flush_warp(bool issued_puts)                this warp's writes complete before a later signal
 //   void signal(int pe, SymmetricRef<uint64_t>, uint64_t value)       set, with release
 //   void signal_add(int pe, SymmetricRef<uint64_t>, uint64_t value)   add, with release

@@ -20,6 +20,7 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
   const BufferLayout& l = c.layout;
   const uint32_t m = read_bound_m(a.bound_m, a.m, c.error, Phase::kDispatchSend);
   uint32_t* send_counts = c.send_counts();
+  uint8_t* staging = c.local(c.staging_row(global_warp()));
   const uint32_t top_k = l.experts_per_token;
   clear_combine_done(c);
   bool issued_puts = false;
@@ -28,9 +29,6 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
     const uint32_t* experts = a.indices + uint64_t(t) * top_k;
     const uint8_t* x = input_payload(a, t);
     const uint8_t* x_scale = input_scales(a, t);
-    // Puts do not wait for their source, so each token is staged in a row of its own (send_rows[t], where
-    // AllToAll::dispatch_input_buffer puts its payload and scales already) until the flush.
-    uint8_t* staging = c.local(c.send_row(t));
     bool staged = false;
     for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
       const uint32_t k = k0 + lane_id();
@@ -48,11 +46,7 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
         const uint32_t s = __shfl_sync(kFullMask, slot, from);
         issued_puts |= deliver_row(
             transport, rank, c.dispatch_token(c.dp_group, s), l.dispatch_token_bytes, staging, staged,
-            [&](uint8_t* dst) {
-              const bool own_row = dst == staging;  // what is in send_rows already is not copied onto itself
-              write_dispatch_token(dst, l, t, experts, x, x_scale, a.dp_x_scale.element_stride,
-                                   !(own_row && a.dp_x_in_send_rows), !(own_row && a.dp_x_scale_in_send_rows));
-            });
+            [&](uint8_t* dst) { write_dispatch_token(dst, l, t, experts, x, x_scale, a.dp_x_scale.element_stride); });
       }
     }
   }

@@ -61,9 +61,7 @@ class AllToAll {
   // This rank's expert_outputs region, laid out as expert_y: [num_local_experts][max_recv_tokens][hidden_dim]
   // 16-bit values. Experts that write their outputs here (in stream order after dispatch's receive half) and
   // pass it to combine as expert_y save combine a copy of every row when every peer is load/store reachable;
-  // other transports read it as any expert_y. Where some peer takes puts, combine stages a caller's other
-  // expert_y here (its contents are then the rows sent), so an expert_y must be this buffer or apart from it.
-  // Valid until the object is destroyed.
+  // other transports read it as any expert_y. Valid until the object is destroyed.
   void* expert_output_buffer() const;
 
   // Where this rank's pull dispatch stages its tokens for peers to read: [max_num_tokens][hidden_dim_bytes]

@@ -28,10 +28,9 @@ struct NvshmemTransport {
     return base == nullptr ? nullptr : reinterpret_cast<T*>(base + ref.offset);
   }
 
-  // Non-blocking: `staged` must stay unchanged until flush_warp (a blocking put is a round trip to the NIC, or to
-  // the proxy thread, per row).
+  // Blocking put: the staged row may be rewritten as soon as it returns.
   __device__ void put_warp(int pe, SymmetricRef<uint8_t> dst, const uint8_t* staged, uint64_t bytes) const {
-    nvshmemx_putmem_nbi_warp(symmetric + dst.offset, staged, bytes, pe);
+    nvshmemx_putmem_warp(symmetric + dst.offset, staged, bytes, pe);
   }
 
   // Puts must complete at the peer before the signal that publishes them. A warp that put nothing skips the
