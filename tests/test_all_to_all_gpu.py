@@ -154,6 +154,24 @@ def _check(case: Case, info: RankInfo, groups: list[GroupData], b: RankBuffers) 
     check_combine(case, info.rank, info.world_size, groups, b.out_tokens)
 
 
+def _calls_on_one_object(
+    transport: str, case: Case, info: RankInfo, seed: int, in_buffer_per_call: tuple[bool, ...]
+) -> None:
+    """dispatch + experts + combine on one object, once per entry of in_buffer_per_call (see dispatch_and_combine),
+    each checked against the reference: a later call proves the one before left every signal and counter reset."""
+    groups = make_groups(case, info.world_size, seed)
+    a2a = make_all_to_all(transport, case, info)
+    buffers = RankBuffers(case, info, groups[info.rank // case.dp_size])
+    for in_buffer in in_buffer_per_call:
+        buffers.out_tokens.fill_(float("nan"))
+        dispatch_and_combine(a2a, case, buffers, in_buffer)
+        torch.cuda.synchronize()
+        a2a.check_errors()
+        _check(case, info, groups, buffers)
+    dist.barrier()
+    a2a.destroy()
+
+
 def _with_transport(info: RankInfo, transport: str, body: Callable[[], None]) -> None:
     if transport == "internode":
         nvshmem_join(info)
@@ -197,18 +215,7 @@ def _worker_joined_by(info: RankInfo, join: str) -> None:
     """One internode case through every path after joining NVSHMEM by `join`; then expertwire's finalize, which
     leaves an NVSHMEM that nvshmem4py started running for nvshmem4py to finalize."""
     _join_by_current_form(info) if join == "current-form" else _join_through_nvshmem4py(info)
-    case = Case("fp8", torch.bfloat16, torch.bfloat16)
-    groups = make_groups(case, info.world_size, seed=300)
-    a2a = make_all_to_all("internode", case, info)
-    buffers = RankBuffers(case, info, groups[info.rank // case.dp_size])
-    for in_buffer in (False, True):
-        buffers.out_tokens.fill_(float("nan"))
-        dispatch_and_combine(a2a, case, buffers, in_buffer)
-        torch.cuda.synchronize()
-        a2a.check_errors()
-        _check(case, info, groups, buffers)
-    dist.barrier()
-    a2a.destroy()
+    _calls_on_one_object("internode", Case("fp8", torch.bfloat16, torch.bfloat16), info, 300, (False, True))
     expertwire.nvshmem_finalize()
     if join == "nvshmem4py":
         import nvshmem.core as nvshmem4py
@@ -221,19 +228,9 @@ def _worker_joined_by(info: RankInfo, join: str) -> None:
 def _worker_eager(info: RankInfo, transport: str) -> None:
     def body() -> None:
         for seed, case in enumerate(_cases(info.world_size)):
-            groups = make_groups(case, info.world_size, seed)
-            a2a = make_all_to_all(transport, case, info)
-            buffers = RankBuffers(case, info, groups[info.rank // case.dp_size])
-            # Twice on one object: the second call proves the first left every signal and counter reset. The
-            # second takes the tokens and the experts' outputs from the communication buffer (16-bit rows there).
-            for in_buffer in (False, case.expert_dtype != torch.float32):
-                buffers.out_tokens.fill_(float("nan"))
-                dispatch_and_combine(a2a, case, buffers, in_buffer)
-                torch.cuda.synchronize()
-                a2a.check_errors()
-                _check(case, info, groups, buffers)
-            dist.barrier()
-            a2a.destroy()
+            # The second call takes the tokens and the experts' outputs from the communication buffer (16-bit rows
+            # there).
+            _calls_on_one_object(transport, case, info, seed, (False, case.expert_dtype != torch.float32))
 
     _with_transport(info, transport, body)
 
