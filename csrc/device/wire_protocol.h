@@ -27,8 +27,9 @@
 //   dispatch recv   wait for all world_size counts, copy each received token to every local expert its row
 //                   names and remember each row's route (TokenRoute).
 //   combine send    put each row of expert_y back to row (token, k) of combine_recv of every rank of its source
-//                   group (a float32 expert_y's rows as out_tokens' 16-bit type); each block then adds its share
-//                   to every rank's combine_done.
+//                   group (a float32 expert_y's rows as out_tokens' 16-bit type); then the last block out adds
+//                   the whole grid's share to every rank's combine_done (one remote atomic per peer, not one per
+//                   block: ArrivalSignal::share(0, 1, payload)).
 //   combine recv    as the pull form, every row from combine_recv.
 // Why no state is overwritten while a peer still reads it, and when each is reset: device/rank_state.h.
 #pragma once
@@ -42,7 +43,8 @@
 namespace expertwire {
 
 // A u64 signal that every block of the sending rank adds its share to once, as soon as that block's part of
-// the phase is written: no block waits for the others before peers hear of its work. Bits 0..15 count the
+// the phase is written: no block waits for the others before peers hear of its work. (Where the signals are
+// remote atomics, the last block out adds them all at once, as a grid of one block.) Bits 0..15 count the
 // blocks that arrived; block 0 also adds a 24-bit payload (bits 16..39) and the sender's block count (bits
 // 40..). Complete when the count reaches the block count; 0 until block 0 arrives.
 struct ArrivalSignal {

@@ -69,10 +69,10 @@ void nvshmem_attach_to_running() {
   require_nvshmem_initialized();
   if (g_initialized_here || g_attached_to_running) return;
   // An init while NVSHMEM runs bootstraps nothing: it registers the calling device library's state (ours, linked
-  // statically) and writes the running job's into it.
+  // statically), writes the running job's into it and counts one more reference (NVSHMEM exits the process
+  // where that fails). nvshmem_finalize_runtime gives the reference back.
   nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
-  const int status = nvshmemx_init_attr(0, &attr);
-  if (status != 0) EW_THROW(RuntimeError, "NVSHMEM attach: nvshmemx_init_attr failed with status ", status);
+  nvshmemx_init_attr(0, &attr);
   g_attached_to_running = true;
 }
 
@@ -85,9 +85,11 @@ void require_nvshmem_initialized() {
 }
 
 void nvshmem_finalize_runtime() {
-  if (g_attached_to_running) return;  // its owner finalizes it
+  // After an attach this only drops our reference (and our device state) while the owner holds its own; NVSHMEM
+  // shuts down at the last finalize, whoever calls it.
   if (nvshmem_initialized()) nvshmem_finalize();
   g_initialized_here = false;
+  g_attached_to_running = false;
 }
 
 int nvshmem_rank() {

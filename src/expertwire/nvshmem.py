@@ -158,7 +158,7 @@ class PyTorchStreamWrapper:
 def nvshmem_finalize() -> None:
     """Leaves NVSHMEM. Collective. Internode AllToAll objects and nvshmem_malloc tensors still alive are
     released first; neither may be used afterwards. Where NVSHMEM was running before nvshmem_init (nvshmem4py's),
-    it keeps running: its owner finalizes it."""
+    this gives back expertwire's reference only, and NVSHMEM keeps running until its owner finalizes it."""
     torch.cuda.synchronize()
     ops.destroy_nvshmem_users()
     for memory in list(_symmetric):

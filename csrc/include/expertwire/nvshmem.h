@@ -19,12 +19,13 @@ void nvshmem_init_with_unique_id(const std::vector<uint8_t>& unique_id, int rank
 bool nvshmem_initialized();
 // In a process where NVSHMEM already runs, started by another library (nvshmem4py's nvshmem.core.init, say):
 // makes this library's NVSHMEM device code usable (NVSHMEM keeps one device state per linked device library and
-// fills in ours here) and joins nothing. nvshmem_finalize_runtime then leaves NVSHMEM to its owner. Throws
-// RuntimeError when NVSHMEM is not running.
+// fills in ours here) and joins nothing; it holds one more of NVSHMEM's references, which
+// nvshmem_finalize_runtime gives back (NVSHMEM keeps running until its owner finalizes too). Throws RuntimeError
+// when NVSHMEM is not running.
 void nvshmem_attach_to_running();
 // Throws RuntimeError, saying what to call, when NVSHMEM is not initialized.
 void require_nvshmem_initialized();
-// Finalizes NVSHMEM where this library initialized it; after nvshmem_attach_to_running, does nothing.
+// Finalizes NVSHMEM where this library initialized it; after nvshmem_attach_to_running, drops that reference.
 void nvshmem_finalize_runtime();
 // These throw RuntimeError when NVSHMEM is not initialized.
 int nvshmem_rank();
