@@ -95,3 +95,63 @@ def test_16_bit_conversions_match_torch() -> None:
         half = torch.tensor([value]).to(torch.float16)
         assert _ext.float_to_half(value) == half.view(torch.int16).item() & 0xFFFF, value
         assert _ext.half_to_float(_ext.float_to_half(value)) == half.float().item()
+
+
+def _torch_cast_fp8_blocks(x: torch.Tensor, round_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same cast written with torch operations, as an independent check of the reference's arithmetic."""
+    blocks = x.float().view(x.shape[0], -1, 128)
+    amax = blocks.abs().amax(dim=-1).clamp(min=1e-4)
+    inverse_max = torch.tensor(1.0 / 448.0, dtype=torch.float32)
+    if round_scale:
+        exponent = torch.ceil(torch.log2(amax * inverse_max))
+        scale, scale_inv = torch.exp2(-exponent), torch.exp2(exponent)
+    else:
+        # A tensor over a tensor: IEEE division (448.0 / amax multiplies by a rounded reciprocal).
+        scale, scale_inv = torch.full_like(amax, 448.0) / amax, amax * inverse_max
+    scaled = (blocks * scale[..., None]).clamp(-448.0, 448.0)
+    return scaled.view(x.shape).to(torch.float8_e4m3fn), scale_inv
+
+
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_cast_fp8_blocks_matches_an_independent_cast(round_scale: bool) -> None:
+    generator = torch.Generator().manual_seed(7)
+    x = (torch.randn((6, 1024), generator=generator) * torch.logspace(-3, 3, 1024)).to(torch.bfloat16)
+    x[2] = 0  # amax floor
+    x[3, 0], x[3, 1:128] = 1.0, torch.logspace(-6, -2, 127)  # a block whose small values round to subnormals
+    values, scales = reference.cast_fp8_blocks(x, round_scale=round_scale)
+    want_values, want_scales = _torch_cast_fp8_blocks(x, round_scale)
+    assert values.dtype == torch.float8_e4m3fn and values.shape == (6, 1024) and scales.shape == (6, 8)
+    assert torch.equal(values.view(torch.uint8), want_values.view(torch.uint8))
+    assert torch.equal(scales, want_scales)
+    # What the scales are for: the values times their block's scale give x back to e4m3's precision.
+    back = values.float().view(6, 8, 128) * scales[..., None]
+    close = (back.view(6, 1024) - x.float()).abs() <= x.float().abs() * 2**-3 + scales.repeat_interleave(128, 1) * 2**-9
+    assert bool(close.all())
+
+
+def test_cast_fp8_blocks_packs_ue8m0_exponents_four_to_a_word() -> None:
+    x = torch.zeros((1, 512), dtype=torch.bfloat16)
+    for block, amax in enumerate([2.0, 1.0, 448.0, 0.0]):
+        x[0, block * 128] = amax
+    values, packed = reference.cast_fp8_blocks(x, round_scale=True, use_ue8m0=True)
+    # scale_inv: 2^ceil(log2(amax / 448)) = 2^-7, 2^-8, 2^0, 2^-22 (the 1e-4 floor); bytes 127 + exponent.
+    assert packed.dtype == torch.int32 and packed.shape == (1, 1)
+    assert packed.view(torch.uint8).tolist() == [[120, 119, 127, 105]]
+    assert values[0, 256].float().item() == 448.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(x=torch.zeros((2, 256), dtype=torch.float16)), "x must be a 2-D bfloat16 tensor, got torch.float16"),
+        (dict(x=torch.zeros((2, 100), dtype=torch.bfloat16)), "hidden_dim must be a multiple of 128, got 100"),
+        (dict(x=torch.zeros((2, 256), dtype=torch.bfloat16), use_ue8m0=True), "use_ue8m0 needs round_scale=True"),
+        (
+            dict(x=torch.zeros((2, 256), dtype=torch.bfloat16), round_scale=True, use_ue8m0=True),
+            "hidden must be a multiple of 512, got 256",
+        ),
+    ],
+)
+def test_cast_fp8_blocks_refuses_bad_input(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        reference.cast_fp8_blocks(**kwargs)

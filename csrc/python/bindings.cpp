@@ -30,6 +30,7 @@
 #include "expertwire/internode.h"
 #include "expertwire/intranode.h"
 #include "expertwire/params.h"
+#include "reference/fp8_blocks.h"
 #include "reference/reference.h"
 #include "symmem/nvshmem_runtime.h"
 
@@ -593,6 +594,18 @@ NB_MODULE(_expertwire, m) {
   m.def("reference_combine", &reference_combine, "config"_a, "group"_a, "m"_a, "indices"_a, "weights"_a,
         "expert_outputs"_a, "out"_a,
         "Writes out[t] = sum_k weights[t][k] * expert_outputs[indices[t][k], group, t] (fp32, k order), t < m.");
+  m.def(
+      "reference_cast_fp8_blocks",
+      [](nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> x, bool round_scale,
+         nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> out,
+         nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu> scale_inv) {
+        const int64_t m = int64_t(x.shape(0)), hidden = int64_t(x.shape(1));
+        require_rows("out", out.shape(0), out.shape(1), m, hidden);
+        require_rows("scale_inv", scale_inv.shape(0), scale_inv.shape(1), m, hidden / reference::kFp8BlockElements);
+        reference::cast_fp8_blocks(x.data(), m, hidden, round_scale, out.data(), scale_inv.data());
+      },
+      "x"_a, "round_scale"_a, "out"_a, "scale_inv"_a,
+      "DeepEP's low-latency fp8 cast of bf16 bits x [m, hidden] into e4m3 codes out and per-128 scale_inv.");
   m.def("float_to_bf16", &reference::float_to_bf16);
   m.def("bf16_to_float", &reference::bf16_to_float);
   m.def("float_to_half", &reference::float_to_half);

@@ -63,3 +63,33 @@ def combine(config: AllToAllConfig, group: int, tokens: GroupTokens, expert_outp
         out,
     )
     return out
+
+
+def cast_fp8_blocks(
+    x: torch.Tensor, round_scale: bool = False, use_ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 cast of DeepEP's low-latency dispatch, on the CPU, bit for bit: every 128 values of a token's bf16
+    row scaled so that the block's largest magnitude (at least 1e-4) maps to 448, then rounded to e4m3 (nearest
+    even, saturated). Returns (float8_e4m3fn [m, hidden], scales): float32 [m, hidden // 128] (the factor back to
+    x; powers of two with `round_scale`), or with `use_ue8m0` their exponent bytes packed four to an int32,
+    block 4p + j in byte j of word p: int32 [m, hidden // 512]."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2:
+        got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"cast_fp8_blocks: x must be a 2-D bfloat16 tensor, got {got}")
+    if use_ue8m0 and not round_scale:
+        raise ValueError("cast_fp8_blocks: use_ue8m0 needs round_scale=True (UE8M0 holds powers of two only)")
+    m, hidden = x.shape
+    if use_ue8m0 and hidden % 512 != 0:
+        raise ValueError(
+            f"cast_fp8_blocks: use_ue8m0 packs four 128-value blocks per int32: hidden must be a multiple "
+            f"of 512, got {hidden}"
+        )
+    bits = x.detach().cpu().contiguous().view(torch.int16).numpy().view("uint16")
+    out = torch.empty((m, hidden), dtype=torch.uint8)
+    scale_inv = torch.empty((m, hidden // 128), dtype=torch.float32)
+    ext.reference_cast_fp8_blocks(bits, round_scale, out.numpy(), scale_inv.numpy())
+    values = out.view(torch.float8_e4m3fn)
+    if not use_ue8m0:
+        return values, scale_inv
+    exponents = (scale_inv.view(torch.int32) >> 23).to(torch.uint8).contiguous()
+    return values, exponents.view(torch.int32)
