@@ -1,7 +1,6 @@
 #include "reference/fp8_blocks.h"
 
 #include <cmath>
-#include <cstring>
 
 #include "core/error.h"
 #include "reference/reference.h"
@@ -9,25 +8,13 @@
 namespace expertwire::reference {
 namespace {
 
-uint32_t bits_of(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-float float_of_bits(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
 // ceil(log2(x)) of a positive normal float, from its exponent and whether any mantissa bit is set.
 int log2_ceil(float x) {
-  const uint32_t bits = bits_of(x);
+  const uint32_t bits = float_bits(x);
   return int((bits >> 23) & 0xff) - 127 + ((bits & 0x7fffff) != 0 ? 1 : 0);
 }
 
-float pow2(int exponent) { return float_of_bits(uint32_t(exponent + 127) << 23); }
+float pow2(int exponent) { return float_from_bits(uint32_t(exponent + 127) << 23); }
 
 }  // namespace
 
@@ -94,7 +81,7 @@ void cast_fp8_blocks(const uint16_t* x, int64_t m, int64_t hidden_dim, bool roun
 }
 
 uint8_t ue8m0_of(float power_of_two) {
-  const uint32_t bits = bits_of(power_of_two);
+  const uint32_t bits = float_bits(power_of_two);
   EW_REQUIRE(power_of_two > 0.0f && std::isnormal(power_of_two) && (bits & 0x7fffff) == 0,
              "ue8m0_of: the scale must be a positive normal power of two, got ", power_of_two);
   return uint8_t(bits >> 23);

@@ -33,18 +33,6 @@ void validate_group(const AllToAllConfig& config, const char* caller, int64_t gr
   }
 }
 
-uint32_t float_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-float float_from_bits(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
 // Drops the low `shift` bits of `value`, rounding to nearest with ties to even. Any carry out of the kept
 // bits is left in place on purpose: for packed float formats it bumps the exponent, which is exactly the
 // correct result (largest mantissa rounds up to the next power of two, or to infinity).
@@ -66,6 +54,18 @@ bool is_nan_bits(uint32_t bits) {
 }
 
 }  // namespace
+
+uint32_t float_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+float float_from_bits(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
 
 std::vector<ExpertInbox> dispatch(const AllToAllConfig& config, const std::vector<GroupInput>& groups) {
   config.validate();

@@ -53,6 +53,10 @@ using ExpertOutputFn = std::function<const float*(uint32_t expert, uint32_t grou
 void combine(const AllToAllConfig& config, uint32_t group, const GroupInput& input, const ExpertOutputFn& expert_output,
              float* out);
 
+// A float's bits and back.
+uint32_t float_bits(float value);
+float float_from_bits(uint32_t bits);
+
 // Host conversions that match the GPU's (round to nearest even).
 uint16_t float_to_bf16(float value);
 float bf16_to_float(uint16_t value);

@@ -488,18 +488,6 @@ TEST(ReferenceCombineErrors, GroupOutOfRange) {
 // ---------------------------------------------------------------------------------------------------------
 // 16-bit conversions
 
-float from_bits(uint32_t bits) {
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
-uint32_t to_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 TEST(Bf16, KnownValues) {
@@ -511,22 +499,22 @@ TEST(Bf16, KnownValues) {
   EXPECT_EQ(bf16_to_float(0x3F80), 1.0f);
   EXPECT_EQ(bf16_to_float(0xC000), -2.0f);
   EXPECT_EQ(bf16_to_float(0x3FC0), 1.5f);
-  EXPECT_EQ(to_bits(bf16_to_float(0x8000)), 0x80000000u);  // -0 keeps its sign
+  EXPECT_EQ(float_bits(bf16_to_float(0x8000)), 0x80000000u);  // -0 keeps its sign
 }
 
 TEST(Bf16, RoundToNearestEven) {
-  EXPECT_EQ(float_to_bf16(from_bits(0x3F808000)), 0x3F80);  // 1 + 2^-8: tie, 0x3F80 is even -> down
-  EXPECT_EQ(float_to_bf16(from_bits(0x3F818000)), 0x3F82);  // 1 + 3 * 2^-8: tie, 0x3F81 is odd -> up
-  EXPECT_EQ(float_to_bf16(from_bits(0x3F808001)), 0x3F81);  // just above the tie -> up
-  EXPECT_EQ(float_to_bf16(from_bits(0x3F807FFF)), 0x3F80);  // just below the tie -> down
-  EXPECT_EQ(float_to_bf16(from_bits(0xBF818000)), 0xBF82);  // negative tie, odd -> away from zero
-  EXPECT_EQ(float_to_bf16(from_bits(0x3F7FFFFF)), 0x3F80);  // mantissa carry bumps the exponent to 1.0
-  EXPECT_EQ(float_to_bf16(from_bits(0x00000001)), 0x0000);  // smallest float subnormal rounds to zero
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x3F808000)), 0x3F80);  // 1 + 2^-8: tie, 0x3F80 is even -> down
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x3F818000)), 0x3F82);  // 1 + 3 * 2^-8: tie, 0x3F81 is odd -> up
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x3F808001)), 0x3F81);  // just above the tie -> up
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x3F807FFF)), 0x3F80);  // just below the tie -> down
+  EXPECT_EQ(float_to_bf16(float_from_bits(0xBF818000)), 0xBF82);  // negative tie, odd -> away from zero
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x3F7FFFFF)), 0x3F80);  // mantissa carry bumps the exponent to 1.0
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x00000001)), 0x0000);  // smallest float subnormal rounds to zero
 }
 
 TEST(Bf16, OverflowToInfinity) {
-  EXPECT_EQ(float_to_bf16(from_bits(0x7F7F7FFF)), 0x7F7F);  // below the tie: largest finite bf16
-  EXPECT_EQ(float_to_bf16(from_bits(0x7F7F8000)), 0x7F80);  // tie with odd 0x7F7F -> Inf
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x7F7F7FFF)), 0x7F7F);  // below the tie: largest finite bf16
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x7F7F8000)), 0x7F80);  // tie with odd 0x7F7F -> Inf
   EXPECT_EQ(float_to_bf16(std::numeric_limits<float>::max()), 0x7F80);
   EXPECT_EQ(float_to_bf16(-std::numeric_limits<float>::max()), 0xFF80);
 }
@@ -541,12 +529,12 @@ TEST(Bf16, Infinity) {
 TEST(Bf16, NaNStaysQuietNaN) {
   EXPECT_EQ(float_to_bf16(std::numeric_limits<float>::quiet_NaN()), 0x7FC0);
   // Payload only in the low 16 bits: plain rounding would give 0x7F80 (Inf).
-  EXPECT_EQ(float_to_bf16(from_bits(0x7F800001)), 0x7FC0);
-  EXPECT_EQ(float_to_bf16(from_bits(0xFF800001)), 0xFFC0);
-  EXPECT_EQ(float_to_bf16(from_bits(0x7FA00000)), 0x7FE0);  // signaling, top payload bit kept, quieted
-  EXPECT_EQ(float_to_bf16(from_bits(0x7FFFFFFF)), 0x7FFF);  // no carry out of an all-ones payload
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x7F800001)), 0x7FC0);
+  EXPECT_EQ(float_to_bf16(float_from_bits(0xFF800001)), 0xFFC0);
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x7FA00000)), 0x7FE0);  // signaling, top payload bit kept, quieted
+  EXPECT_EQ(float_to_bf16(float_from_bits(0x7FFFFFFF)), 0x7FFF);  // no carry out of an all-ones payload
   EXPECT_TRUE(std::isnan(bf16_to_float(0x7FC0)));
-  EXPECT_EQ(to_bits(bf16_to_float(0x7F81)), 0x7FC10000u);  // signaling bf16 NaN comes back quiet
+  EXPECT_EQ(float_bits(bf16_to_float(0x7F81)), 0x7FC10000u);  // signaling bf16 NaN comes back quiet
 }
 
 TEST(Bf16, EveryPatternRoundTrips) {
@@ -558,7 +546,7 @@ TEST(Bf16, EveryPatternRoundTrips) {
       ASSERT_TRUE(std::isnan(value)) << std::hex << pattern;
       ASSERT_EQ(float_to_bf16(value), bf16 | 0x0040) << std::hex << pattern;
     } else {
-      ASSERT_EQ(to_bits(value), pattern << 16) << std::hex << pattern;
+      ASSERT_EQ(float_bits(value), pattern << 16) << std::hex << pattern;
       ASSERT_EQ(float_to_bf16(value), bf16) << std::hex << pattern;
     }
   }
@@ -578,7 +566,7 @@ TEST(Half, KnownValues) {
   EXPECT_EQ(half_to_float(0x7BFF), 65504.0f);
   EXPECT_EQ(half_to_float(0x3555), 0.333251953125f);  // (1 + 0x155 / 1024) / 4 = 1365 / 4096
   EXPECT_EQ(half_to_float(0x0400), 0x1p-14f);
-  EXPECT_EQ(to_bits(half_to_float(0x8000)), 0x80000000u);
+  EXPECT_EQ(float_bits(half_to_float(0x8000)), 0x80000000u);
 }
 
 TEST(Half, RoundToNearestEven) {
@@ -632,11 +620,11 @@ TEST(Half, Infinity) {
 TEST(Half, NaNStaysQuietNaN) {
   EXPECT_EQ(float_to_half(std::numeric_limits<float>::quiet_NaN()), 0x7E00);
   // Payload only below the 10 bits half keeps: truncation alone would give 0x7C00 (Inf).
-  EXPECT_EQ(float_to_half(from_bits(0x7F800001)), 0x7E00);
-  EXPECT_EQ(float_to_half(from_bits(0xFF800001)), 0xFE00);
-  EXPECT_EQ(float_to_half(from_bits(0x7FFFFFFF)), 0x7FFF);
-  EXPECT_EQ(to_bits(half_to_float(0x7E00)), 0x7FC00000u);
-  EXPECT_EQ(to_bits(half_to_float(0x7C01)), 0x7FC02000u);  // signaling half NaN comes back quiet
+  EXPECT_EQ(float_to_half(float_from_bits(0x7F800001)), 0x7E00);
+  EXPECT_EQ(float_to_half(float_from_bits(0xFF800001)), 0xFE00);
+  EXPECT_EQ(float_to_half(float_from_bits(0x7FFFFFFF)), 0x7FFF);
+  EXPECT_EQ(float_bits(half_to_float(0x7E00)), 0x7FC00000u);
+  EXPECT_EQ(float_bits(half_to_float(0x7C01)), 0x7FC02000u);  // signaling half NaN comes back quiet
   EXPECT_TRUE(std::isnan(half_to_float(0xFFFF)));
 }
 
