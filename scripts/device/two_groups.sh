@@ -42,6 +42,7 @@ run_group() {
       name=expertwire-node$NODE_RANK
       hostname "$name" || exit
       hosts=$(mktemp) && { cat /etc/hosts; echo "127.0.0.1 $name"; } > "$hosts" && mount --bind "$hosts" /etc/hosts || exit
+      rm -f "$hosts"  # the mount keeps the file
       exec "$@"' group "$@" 2>&1 | sed -u "s/^/[node $node] /"
   else
     NODE_RANK=$node timeout "${GROUPS_TIMEOUT_S:-600}" "$@" 2>&1 | sed -u "s/^/[node $node] /"
