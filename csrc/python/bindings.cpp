@@ -598,14 +598,21 @@ NB_MODULE(_expertwire, m) {
       "reference_cast_fp8_blocks",
       [](nb::ndarray<const uint16_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> x, bool round_scale,
          nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu> out,
-         nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu> scale_inv) {
+         nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu> scale_inv,
+         std::optional<nb::ndarray<uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>> ue8m0) {
         const int64_t m = int64_t(x.shape(0)), hidden = int64_t(x.shape(1));
+        const int64_t blocks = hidden / reference::kFp8BlockElements;
         require_rows("out", out.shape(0), out.shape(1), m, hidden);
-        require_rows("scale_inv", scale_inv.shape(0), scale_inv.shape(1), m, hidden / reference::kFp8BlockElements);
+        require_rows("scale_inv", scale_inv.shape(0), scale_inv.shape(1), m, blocks);
         reference::cast_fp8_blocks(x.data(), m, hidden, round_scale, out.data(), scale_inv.data());
+        if (ue8m0) {
+          require_rows("ue8m0", ue8m0->shape(0), ue8m0->shape(1), m, blocks);
+          for (int64_t i = 0; i < m * blocks; ++i) ue8m0->data()[i] = reference::ue8m0_of(scale_inv.data()[i]);
+        }
       },
-      "x"_a, "round_scale"_a, "out"_a, "scale_inv"_a,
-      "DeepEP's low-latency fp8 cast of bf16 bits x [m, hidden] into e4m3 codes out and per-128 scale_inv.");
+      "x"_a, "round_scale"_a, "out"_a, "scale_inv"_a, "ue8m0"_a = nb::none(),
+      "DeepEP's low-latency fp8 cast of bf16 bits x [m, hidden] into e4m3 codes out and per-128 scale_inv; with "
+      "ue8m0, also each scale's UE8M0 byte (round_scale only).");
   m.def("float_to_bf16", &reference::float_to_bf16);
   m.def("bf16_to_float", &reference::bf16_to_float);
   m.def("float_to_half", &reference::float_to_half);

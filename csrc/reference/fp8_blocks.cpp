@@ -22,8 +22,10 @@ uint8_t float_to_e4m3_satfinite(float value) {
   const uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
   if (std::isnan(value)) return sign | 0x7f;
   const float magnitude = std::fabs(value);
-  constexpr uint8_t kMaxFinite = 0x7e;                // exponent 15, mantissa 6: 1.75 * 2^8 = 448
-  if (magnitude >= 464.0f) return sign | kMaxFinite;  // rounds past 448 (inf included): saturated
+  // 464 is halfway to 480, which e4m3 lacks: from there (inf included) the value saturates; below it, the
+  // rounding below stays within 448.
+  constexpr uint8_t kMaxFinite = 0x7e;  // exponent 15, mantissa 6: 1.75 * 2^8 = 448
+  if (magnitude >= 464.0f) return sign | kMaxFinite;
   if (magnitude == 0.0f) return sign;
   int exponent = 0;
   std::frexp(magnitude, &exponent);  // magnitude = f * 2^exponent, f in [0.5, 1)
@@ -39,8 +41,7 @@ uint8_t float_to_e4m3_satfinite(float value) {
     mantissa = 0;
     ++exponent;
   }
-  const int code = ((exponent + 7) << 3) | mantissa;
-  return sign | uint8_t(code > kMaxFinite ? kMaxFinite : code);
+  return sign | uint8_t(((exponent + 7) << 3) | mantissa);
 }
 
 float e4m3_to_float(uint8_t code) {

@@ -87,9 +87,9 @@ def cast_fp8_blocks(
     bits = x.detach().cpu().contiguous().view(torch.int16).numpy().view("uint16")
     out = torch.empty((m, hidden), dtype=torch.uint8)
     scale_inv = torch.empty((m, hidden // 128), dtype=torch.float32)
-    ext.reference_cast_fp8_blocks(bits, round_scale, out.numpy(), scale_inv.numpy())
+    ue8m0 = torch.empty((m, hidden // 128), dtype=torch.uint8) if use_ue8m0 else None
+    ext.reference_cast_fp8_blocks(
+        bits, round_scale, out.numpy(), scale_inv.numpy(), None if ue8m0 is None else ue8m0.numpy()
+    )
     values = out.view(torch.float8_e4m3fn)
-    if not use_ue8m0:
-        return values, scale_inv
-    exponents = (scale_inv.view(torch.int32) >> 23).to(torch.uint8).contiguous()
-    return values, exponents.view(torch.int32)
+    return (values, scale_inv) if ue8m0 is None else (values, ue8m0.view(torch.int32))
