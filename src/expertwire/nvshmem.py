@@ -33,6 +33,8 @@ def nvshmem_alloc_empty_unique_id() -> torch.Tensor:
 
 
 def _join_with_uid(uid: torch.Tensor, rank: int, world_size: int) -> int:
+    integer("nvshmem_init", "rank", rank, minimum=-(2**31), maximum=2**31 - 1)
+    integer("nvshmem_init", "world_size", world_size, minimum=-(2**31), maximum=2**31 - 1)
     size = nvshmem_unique_id_size()
     if not isinstance(uid, torch.Tensor):
         raise ValueError(
@@ -137,9 +139,6 @@ def nvshmem_init(*args: object, **kwargs: object) -> int:
             f"nvshmem_init: {error}; the forms are nvshmem_init(uid, rank, world_size) and "
             "nvshmem_init(global_rank, local_rank, world_size, device, uid=None)"
         ) from None
-    if form is _join_with_uid:
-        integer("nvshmem_init", "rank", bound.arguments.get("rank"), minimum=-(2**31), maximum=2**31 - 1)
-        integer("nvshmem_init", "world_size", bound.arguments.get("world_size"), minimum=-(2**31), maximum=2**31 - 1)
     return form(*bound.args, **bound.kwargs)
 
 
