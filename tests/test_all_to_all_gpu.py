@@ -189,8 +189,8 @@ def _join_by_current_form(info: RankInfo) -> None:
     # Again, by keyword: NVSHMEM runs as this rank already, so nothing joins twice.
     again = dict(global_rank=info.rank, local_rank=info.local_rank, world_size=info.world_size, device=info.device)
     assert expertwire.nvshmem_init(**again) == 0
+    empty = expertwire.nvshmem_alloc_empty_unique_id()
     with pytest.raises(ValueError, match=f"already runs in this process as rank {info.rank} of {info.world_size}"):
-        empty = expertwire.nvshmem_alloc_empty_unique_id()
         expertwire.nvshmem_init(info.rank, info.local_rank, info.world_size + 1, info.device, uid=empty)
 
 
