@@ -43,4 +43,18 @@ start_fresh_mps() {
   sleep 1
   nvidia-cuda-mps-control -d
   trap 'echo quit | nvidia-cuda-mps-control >/dev/null 2>&1 || true; sleep 1' EXIT
+  # The control daemon starts its server with the first client. NVSHMEM asks it for its servers
+  # (get_server_list) to choose between full and limited multi-process-per-GPU support: a rank that asks before
+  # any server exists takes the limited mode while the others take the full one, and their collectives then
+  # disagree. Start the server now and wait for it.
+  echo "start_server -uid $(id -u)" | nvidia-cuda-mps-control >/dev/null 2>&1 || true
+  local waited=0
+  until [ -n "$(echo get_server_list | nvidia-cuda-mps-control 2>/dev/null)" ]; do
+    if [ "$waited" -ge 100 ]; then
+      echo "start_fresh_mps: no MPS server after 10 s (log: $CUDA_MPS_LOG_DIRECTORY)" >&2
+      return 1
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
 }
