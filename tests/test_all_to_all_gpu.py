@@ -194,8 +194,9 @@ def _join_by_current_form(info: RankInfo) -> None:
         expertwire.nvshmem_init(info.rank, info.local_rank, info.world_size + 1, info.device, uid=empty)
 
 
-def _join_through_nvshmem4py(info: RankInfo) -> None:
-    """NVIDIA's nvshmem4py starts NVSHMEM; expertwire.nvshmem_init then joins nothing and attaches its kernels."""
+def _join_through_nvshmem4py(info: RankInfo, call_nvshmem_init: bool) -> None:
+    """NVIDIA's nvshmem4py starts NVSHMEM; expertwire.nvshmem_init then joins nothing and attaches its kernels
+    (without it, the first AllToAll.internode attaches them)."""
     import numpy as np
     import nvshmem.core as nvshmem4py
     from cuda.core import Device
@@ -207,17 +208,23 @@ def _join_through_nvshmem4py(info: RankInfo) -> None:
     dist.broadcast(carried, src=0)  # gloo: in place on the CPU array nvshmem4py reads
     nvshmem4py.init(device=device, uid=uid, rank=info.rank, nranks=info.world_size, initializer_method="uid")
     assert expertwire.nvshmem.ext.nvshmem_initialized()
-    assert expertwire.nvshmem_init(info.rank, info.local_rank, info.world_size, info.device) == 0
+    if call_nvshmem_init:
+        assert expertwire.nvshmem_init(info.rank, info.local_rank, info.world_size, info.device) == 0
+    else:
+        torch.cuda.set_device(info.device)
     assert (expertwire.nvshmem_my_pe(), expertwire.nvshmem_n_pes()) == (info.rank, info.world_size)
 
 
 def _worker_joined_by(info: RankInfo, join: str) -> None:
     """One internode case through every path after joining NVSHMEM by `join`; then expertwire's finalize, which
     leaves an NVSHMEM that nvshmem4py started running for nvshmem4py to finalize."""
-    _join_by_current_form(info) if join == "current-form" else _join_through_nvshmem4py(info)
+    if join == "current-form":
+        _join_by_current_form(info)
+    else:
+        _join_through_nvshmem4py(info, call_nvshmem_init=join == "nvshmem4py")
     _calls_on_one_object("internode", Case("fp8", torch.bfloat16, torch.bfloat16), info, 300, (False, True))
     expertwire.nvshmem_finalize()
-    if join == "nvshmem4py":
+    if join != "current-form":
         import nvshmem.core as nvshmem4py
 
         assert expertwire.nvshmem.ext.nvshmem_initialized(), "expertwire finalized nvshmem4py's NVSHMEM"
@@ -313,10 +320,10 @@ def test_torch_compile(transport: str) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
-@pytest.mark.parametrize("join", ["current-form", "nvshmem4py"])
+@pytest.mark.parametrize("join", ["current-form", "nvshmem4py", "nvshmem4py-without-nvshmem_init"])
 def test_nvshmem_init_current_form_and_nvshmem4py(join: str, world_size: int) -> None:
     _require_ranks(world_size)
-    if join == "nvshmem4py":
+    if join != "current-form":
         pytest.importorskip("nvshmem.core", reason="nvshmem4py (nvshmem4py-cu13) is not installed")
     launch(world_size, _worker_joined_by, join)
 

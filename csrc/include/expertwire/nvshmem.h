@@ -21,7 +21,8 @@ bool nvshmem_initialized();
 // makes this library's NVSHMEM device code usable (NVSHMEM keeps one device state per linked device library and
 // fills in ours here) and joins nothing; it holds one more of NVSHMEM's references, which
 // nvshmem_finalize_runtime gives back (NVSHMEM keeps running until its owner finalizes too). Throws RuntimeError
-// when NVSHMEM is not running.
+// when NVSHMEM is not running. Every internode object's constructor attaches (nothing happens where this
+// library initialized NVSHMEM or attached already).
 void nvshmem_attach_to_running();
 // Throws RuntimeError, saying what to call, when NVSHMEM is not initialized.
 void require_nvshmem_initialized();

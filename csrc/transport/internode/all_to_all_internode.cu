@@ -9,7 +9,8 @@
 namespace expertwire {
 
 AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const AllToAllOptions& options) : AllToAll(config) {
-  require_nvshmem_initialized();
+  // NVSHMEM may belong to another library of this process (nvshmem4py): our kernels need it attached.
+  nvshmem_attach_to_running();
   // NVSHMEM's all-gather returns the ranks in its own order, whatever a rank's configuration says.
   agree_and_prepare(
       options, device::NvshmemTransport::kMayPut, "internode", nvshmem_rank(), nvshmem_world_size(),

@@ -9,7 +9,8 @@ namespace expertwire {
 
 HighThroughputInternode::HighThroughputInternode(const HighThroughputConfig& config, const AllToAllOptions& options)
     : HighThroughputAllToAll(config) {
-  require_nvshmem_initialized();
+  // NVSHMEM may belong to another library of this process (nvshmem4py): our kernels need it attached.
+  nvshmem_attach_to_running();
   agree_and_prepare(
       options, device::NvshmemTransport::kMayPut, "internode", nvshmem_rank(), nvshmem_world_size(),
       nvshmem_all_gather_bytes,
