@@ -35,6 +35,9 @@ __device__ __forceinline__ bool deliver_row(const Transport& transport, int pe, 
   if constexpr (Transport::kMayPut) {
     if (!staged) {
       write(staging);
+      // What reads the staged row (a proxy thread, a NIC) is outside this GPU: every lane's part of it must be
+      // visible at system scope before the put is issued, not only the issuing lane's.
+      __threadfence_system();
       __syncwarp();
       staged = true;
     }
