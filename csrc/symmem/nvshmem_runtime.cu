@@ -151,6 +151,10 @@ std::vector<std::vector<uint64_t>> nvshmem_all_gather_words(const std::vector<ui
   const int status =
       nvshmemx_uint64_fcollect_on_stream(NVSHMEM_TEAM_WORLD, gathered.words, source.words, words, cudaStreamLegacy);
   if (status != 0) EW_THROW(RuntimeError, "nvshmemx_uint64_fcollect_on_stream failed with status ", status);
+  // With the symmetric heap in host memory, a rank's collective was seen to finish before its P2P peers' stores
+  // into it reached the host: read the words only once every rank's collective has finished.
+  EW_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
+  nvshmem_barrier_all();
   std::vector<uint64_t> all(words * size_t(pes));
   EW_CUDA_CHECK(cudaMemcpy(all.data(), gathered.words, all.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost));
   for (int pe = 0; pe < pes; ++pe) {
