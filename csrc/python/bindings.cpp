@@ -435,6 +435,15 @@ NB_MODULE(_expertwire, m) {
           "config"_a, "max_sm_count"_a = 0, "force_puts"_a = false,
           "Collective over every NVSHMEM rank; NVSHMEM must be initialized.")
       .def_static(
+          "internode_symmetric_bytes",
+          [](const AllToAllConfig& config, uint32_t max_sm_count) {
+            AllToAllOptions options;
+            options.max_sm_count = max_sm_count;
+            return AllToAllInternode::symmetric_bytes(config, options);
+          },
+          "config"_a, "max_sm_count"_a = 0,
+          "The symmetric heap bytes an internode object of `config` takes on the current device. Local.")
+      .def_static(
           "intranode",
           [](const AllToAllConfig& config, nb::callable all_gather, uint32_t max_sm_count) {
             AllToAllOptions options;

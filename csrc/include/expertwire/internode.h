@@ -20,6 +20,10 @@ class AllToAllInternode final : public AllToAll {
   explicit AllToAllInternode(const AllToAllConfig& config, const AllToAllOptions& options = {});
   ~AllToAllInternode() override;
 
+  // The bytes of symmetric heap an object of `config` takes on the current CUDA device, with the launch shape
+  // options.max_sm_count gives it. Local: needs no NVSHMEM.
+  static uint64_t symmetric_bytes(const AllToAllConfig& config, const AllToAllOptions& options = {});
+
  private:
   void launch_dispatch(const device::DispatchArgs& args, cudaStream_t stream) override;
   void launch_combine(const device::CombineArgs& args, ScalarType out_type, ScalarType expert_type,

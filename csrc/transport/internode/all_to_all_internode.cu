@@ -4,6 +4,7 @@
 #include "device/launch.cuh"
 #include "symmem/nvshmem_runtime.h"
 #include "transport/common/agreement.h"
+#include "transport/common/launch_shape.h"
 #include "transport/internode/nvshmem_transport.cuh"
 
 namespace expertwire {
@@ -25,6 +26,11 @@ AllToAllInternode::AllToAllInternode(const AllToAllConfig& config, const AllToAl
 }
 
 AllToAllInternode::~AllToAllInternode() = default;
+
+uint64_t AllToAllInternode::symmetric_bytes(const AllToAllConfig& config, const AllToAllOptions& options) {
+  config.validate();
+  return make_buffer_layout(config, default_launch_shape(options.max_sm_count).warps()).symmetric_bytes;
+}
 
 void AllToAllInternode::launch_dispatch(const device::DispatchArgs& args, cudaStream_t stream) {
   const device::NvshmemTransport transport{buffer_->local(), buffer_->device_peer_table(), uses_puts_};
