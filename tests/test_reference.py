@@ -64,6 +64,41 @@ def test_dispatch_rejects_an_expert_out_of_range() -> None:
         reference.dispatch(config_of(case, 0, 2), [g.tokens() for g in groups])
 
 
+def test_no_expert_slots_deliver_and_add_nothing() -> None:
+    """A slot of 0xFFFFFFFF (-1 as int32, DeepEP's "no expert"), in any number of a row's slots: dispatch sends
+    nothing for it and combine adds nothing, with no error."""
+    case = Case("bf16", torch.bfloat16, torch.bfloat16, num_experts=8, experts_per_token=4)
+    world_size = 2
+    groups = make_groups(case, world_size, seed=5, rows=4)
+    for data in groups:
+        data.m = 4
+    no_expert = torch.tensor(-1, dtype=torch.int32).view(torch.uint32)
+    groups[0].indices[1, 0] = no_expert
+    groups[0].indices[1, 2] = no_expert
+    groups[1].indices[3, :] = no_expert
+    local = case.num_experts // world_size
+    for rank in range(world_size):
+        inboxes = reference.dispatch(config_of(case, rank, world_size), [g.tokens() for g in groups])
+        expected: list[list[tuple[int, int]]] = [[] for _ in range(local)]
+        for g, data in enumerate(groups):
+            for t in range(data.m):
+                for e in data.indices[t].to(torch.int64).tolist():
+                    if e != 0xFFFFFFFF and e // local == rank:
+                        expected[e % local].append((g, t))
+        assert inboxes == [sorted(inbox) for inbox in expected]
+    table = expert_outputs_table(case, groups)
+    for g, data in enumerate(groups):
+        got = reference.combine(config_of(case, g, world_size), g, data.tokens(), table)
+        want = torch.zeros(data.m, case.hidden_dim)
+        for t in range(data.m):
+            for k in range(case.experts_per_token):
+                e = int(data.indices[t, k].to(torch.int64))
+                if e != 0xFFFFFFFF:
+                    want[t] += data.weights[t, k] * table[e, g, t]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(got[3], torch.zeros(case.hidden_dim))
+
+
 def test_config_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match="num_experts"):
         reference.AllToAllConfig(

@@ -59,11 +59,12 @@ __device__ __forceinline__ bool first_in_warp_chunk(const uint32_t* experts, uin
 }
 
 // Records what is wrong with `expert` = experts[k0 + lane] of a token's row (`in_row`: k0 + lane < top_k): an
-// index out of range (never sent) or an expert the row repeats (sent once). Call with the whole warp.
+// index out of range (never sent) or an expert the row repeats (sent once). kNoExpert, in any number of slots,
+// is neither. Call with the whole warp.
 __device__ __forceinline__ void check_row_expert(const RankContext& c, const uint32_t* experts, uint32_t k0,
                                                  uint32_t expert, bool in_row) {
   const bool first = first_in_warp_chunk(experts, k0, expert);
-  if (!in_row) return;
+  if (!in_row || expert == kNoExpert) return;
   if (expert >= c.layout.num_experts) {
     record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, expert);
   } else if (!first) {

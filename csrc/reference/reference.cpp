@@ -23,6 +23,7 @@ void validate_group(const AllToAllConfig& config, const char* caller, int64_t gr
     const uint64_t row_tag = ++row_serial;
     for (int64_t k = 0; k < top_k; ++k) {
       const uint32_t expert = input.indices[token * top_k + k];
+      if (expert == kNoExpert) continue;
       EW_REQUIRE(int64_t(expert) < config.num_experts, "reference::", caller, ": group ", group, ", token ", token,
                  ", k ", k, ": expert index ", expert, " is out of range [0, num_experts=", config.num_experts, ")");
       EW_REQUIRE(seen_row[expert] != row_tag, "reference::", caller, ": group ", group, ", token ", token, ", k ", k,
@@ -133,6 +134,8 @@ void combine(const AllToAllConfig& config, uint32_t group, const GroupInput& inp
     const uint32_t* token_experts = input.indices + token * top_k;
     const float* token_weights = input.weights + token * top_k;
     for (int64_t k = 0; k < top_k; ++k) {
+      rows[size_t(k)] = nullptr;
+      if (token_experts[k] == kNoExpert) continue;  // adds nothing, as on the GPU
       rows[size_t(k)] = expert_output(token_experts[k], group, uint32_t(token));
       EW_REQUIRE(rows[size_t(k)] != nullptr, "reference::combine: group ", group, ", token ", token, ", k ", k,
                  ": expert_output returned null for expert ", token_experts[k]);
@@ -142,7 +145,9 @@ void combine(const AllToAllConfig& config, uint32_t group, const GroupInput& inp
       // fp32 and strictly k order: the GPU reduces the same way, and float addition is not associative,
       // so any other order (or a wider accumulator) could differ from it in the last bit.
       float acc = 0.0f;
-      for (int64_t k = 0; k < top_k; ++k) acc += token_weights[k] * rows[size_t(k)][h];
+      for (int64_t k = 0; k < top_k; ++k) {
+        if (rows[size_t(k)] != nullptr) acc += token_weights[k] * rows[size_t(k)][h];
+      }
       out_row[h] = acc;
     }
   }

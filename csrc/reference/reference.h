@@ -6,9 +6,10 @@
 //  * Dispatch: every token t < m of every DP group g is delivered once to each expert in indices[t][*];
 //    on the owner rank, out_expert_num_tokens[le] counts them and out_expert_x[le][0..count) holds their
 //    payload (and scales). The order of rows inside one expert's block is not defined, so comparisons key
-//    every row by (source DP group, token index).
+//    every row by (source DP group, token index). A kNoExpert entry delivers nothing.
 //  * Combine: on every rank of group g, out[t] = sum_k weights[t][k] * expert_y[indices[t][k]](g, t),
-//    accumulated in fp32 in k order, then cast to the output type. Rows t >= m are left untouched.
+//    accumulated in fp32 in k order over the entries that are not kNoExpert, then cast to the output type.
+//    Rows t >= m are left untouched.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +25,7 @@ struct GroupInput {
   int64_t m = 0;                      // tokens of this group in the call (bound_m)
   const uint8_t* x = nullptr;         // [m][hidden_dim_bytes]
   const uint8_t* x_scale = nullptr;   // [m][hidden_dim_scale_bytes]; may be null when scale bytes are 0
-  const uint32_t* indices = nullptr;  // [m][experts_per_token], distinct experts per row
+  const uint32_t* indices = nullptr;  // [m][experts_per_token], distinct experts per row (kNoExpert: none)
   const float* weights = nullptr;     // [m][experts_per_token]; read by combine only
 };
 

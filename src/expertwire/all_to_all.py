@@ -213,7 +213,8 @@ class AllToAll:
         Shapes: out_expert_num_tokens [num_local_experts] int32; out_expert_x [num_local_experts,
         max_num_tokens * world_size / dp_size, hidden_dim_bytes / itemsize] (any dtype: rows move as bytes);
         out_expert_x_scale likewise with hidden_dim_scale_bytes (float32 or uint8); dp_x [m, hidden_dim_bytes /
-        itemsize]; dp_x_scale [m, ...]; indices [m, experts_per_token] uint32; bound_m [1] uint32 on the GPU or
+        itemsize]; dp_x_scale [m, ...]; indices [m, experts_per_token] uint32 (0xFFFFFFFF, -1 as int32: no expert in that
+        slot); bound_m [1] uint32 on the GPU or
         None."""
         handle = self._live_handle("dispatch")
         # The torch checks here; the rest in the native call, before it launches anything.

@@ -5,6 +5,10 @@
 
 namespace expertwire {
 
+// An entry of indices that names no expert (-1 as an int32, as DeepEP's topk_idx has it): its slot sends and
+// receives nothing, without an error.
+inline constexpr uint32_t kNoExpert = 0xFFFFFFFFu;
+
 struct AllToAllConfig {
   int64_t max_num_tokens = 0;          // tokens per DP group per call, upper bound
   int64_t num_experts = 0;             // global expert count

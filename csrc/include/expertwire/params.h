@@ -21,7 +21,7 @@ struct DispatchParams {
   // of 16 bytes apart; the dispatch input buffers (AllToAll::dispatch_input_buffer) are valid inputs too.
   Strided2D<const uint8_t> dp_x;      // [m][hidden_dim_bytes]
   Strided2D<const float> dp_x_scale;  // [m][s] words at any strides (multiples of 4 bytes); null without scales
-  const uint32_t* indices = nullptr;  // [m][k] packed: the experts of each token
+  const uint32_t* indices = nullptr;  // [m][k] packed: the experts of each token (kNoExpert: none)
   uint32_t m = 0;                     // tokens, <= max_num_tokens
   // Optional device address of the real token count (<= m), read by the kernels: a CUDA graph can replay the
   // call with another count.

@@ -120,6 +120,7 @@ CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index) {
   shape.scale_layout = kScaleLayouts[rng.below(3)];
   shape.dp_x_in_buffer = kInBuffer[rng.below(3)];
   shape.dp_x_padded_rows = rng.below(2) == 1;
+  shape.no_expert_slots = rng.below(4) == 0;
   return shape;
 }
 
@@ -131,7 +132,7 @@ std::string describe(const CallShape& shape) {
       << " split=" << int(shape.split) << " bound_m=" << int(shape.use_bound_m)
       << " in_buffer=" << in_buffer_name(shape.expert_y_in_buffer)
       << " dp_x_in_buffer=" << in_buffer_name(shape.dp_x_in_buffer) << " dp_x_padded=" << int(shape.dp_x_padded_rows)
-      << " scales="
+      << " no_expert_slots=" << int(shape.no_expert_slots) << " scales="
       << (shape.scale_layout == CallShape::ScaleLayout::kContiguous   ? "contiguous"
           : shape.scale_layout == CallShape::ScaleLayout::kPaddedRows ? "padded"
                                                                       : "column-major");
@@ -141,7 +142,7 @@ std::string describe(const CallShape& shape) {
 std::vector<GroupData> make_all_groups(const AllToAllConfig& config, const CallShape& shape, uint64_t seed) {
   std::vector<GroupData> groups;
   for (int64_t g = 0; g < config.num_dp_groups(); ++g) {
-    groups.push_back(make_group_data(config, uint32_t(g), shape.m_per_group[g], seed));
+    groups.push_back(make_group_data(config, uint32_t(g), shape.m_per_group[g], seed, shape.no_expert_slots));
   }
   return groups;
 }

@@ -56,6 +56,7 @@ struct CallShape {
   // dispatch_input_scale_buffer(), unless column-major), passed as dp_x (and dp_x_scale).
   InBuffer dp_x_in_buffer = InBuffer::kNone;
   bool dp_x_padded_rows = false;  // a caller's dp_x rows lie kDpXRowPadBytes further apart than their bytes
+  bool no_expert_slots = false;   // some slots of indices are kNoExpert (DeepEP's -1)
   bool expert_y_in_buffer_on(int64_t rank) const { return on(expert_y_in_buffer, rank); }
   bool dp_x_in_buffer_on(int64_t rank) const { return on(dp_x_in_buffer, rank); }
 

@@ -27,7 +27,8 @@ reference::GroupInput GroupData::input() const {
   return in;
 }
 
-GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t m, uint64_t seed) {
+GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t m, uint64_t seed,
+                          bool no_expert_slots) {
   const int64_t rows = config.max_num_tokens, top_k = config.experts_per_token;
   GroupData data;
   data.m = m;
@@ -58,6 +59,12 @@ GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t 
       } while (std::find(row, row + k, expert) != row + k);
       row[k] = expert;
       data.weights[t * top_k + k] = rng.uniform(0.0f, 1.0f);
+    }
+    // Drawn after the row is complete, so the experts of the other slots are those of the row without it.
+    if (no_expert_slots) {
+      for (int64_t k = 0; k < top_k; ++k) {
+        if (rng.below(4) == 0) row[k] = kNoExpert;
+      }
     }
   }
   return data;

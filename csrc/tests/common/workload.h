@@ -36,8 +36,10 @@ struct GroupData {
 };
 
 // Tokens of DP group `group`: random payload whose first 8 bytes name (group, token) so a received row
-// can be keyed back to its source, random fp32 scales, distinct random experts per row, weights in [0, 1).
-GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t m, uint64_t seed);
+// can be keyed back to its source, random fp32 scales, distinct random experts per row, weights in [0, 1). With
+// `no_expert_slots`, about one slot in four is kNoExpert instead.
+GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t m, uint64_t seed,
+                          bool no_expert_slots = false);
 
 void read_marker(const uint8_t* row, uint32_t* group, uint32_t* token);
 

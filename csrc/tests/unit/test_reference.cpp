@@ -291,10 +291,25 @@ TEST(ReferenceDispatchErrors, ExpertIndexOutOfRange) {
 TEST(ReferenceDispatchErrors, HugeExpertIndex) {
   const AllToAllConfig config = make_config(3, 6, 2, 0, 3, 1, 8, 16, 0);
   const std::vector<OwnedGroup> groups = {make_group(config, 0, {}), make_group(config, 1, {}),
-                                          make_group(config, 2, {{1, 2}, {0xFFFFFFFFu, 3}})};
+                                          make_group(config, 2, {{1, 2}, {0xFFFFFFFEu, 3}})};
   const std::string message = config_error_message([&] { dispatch(config, views(groups)); });
   EXPECT_THAT(message, HasSubstr("group 2, token 1, k 0"));
-  EXPECT_THAT(message, HasSubstr("expert index 4294967295"));
+  EXPECT_THAT(message, HasSubstr("expert index 4294967294"));
+}
+
+TEST(ReferenceDispatch, NoExpertSlotsDeliverNothing) {
+  // 6 experts over 3 ranks (2 each); kNoExpert in one slot of a row, and in both slots of another.
+  const AllToAllConfig config = make_config(3, 6, 2, 0, 3, 1, 8, 16, 0);
+  const std::vector<OwnedGroup> groups = {make_group(config, 0, {{kNoExpert, 1}, {kNoExpert, kNoExpert}}),
+                                          make_group(config, 1, {{0, kNoExpert}}), make_group(config, 2, {})};
+  const std::vector<ExpertInbox> inboxes = dispatch(config, views(groups));
+  ASSERT_EQ(inboxes.size(), 2u);
+  ASSERT_EQ(inboxes[0].tokens.size(), 1u);  // expert 0: group 1's token 0
+  EXPECT_EQ(inboxes[0].tokens[0].source_group, 1u);
+  EXPECT_EQ(inboxes[0].tokens[0].token, 0u);
+  ASSERT_EQ(inboxes[1].tokens.size(), 1u);  // expert 1: group 0's token 0
+  EXPECT_EQ(inboxes[1].tokens[0].source_group, 0u);
+  EXPECT_EQ(inboxes[1].tokens[0].token, 0u);
 }
 
 TEST(ReferenceDispatchErrors, RepeatedExpertInRow) {
