@@ -54,7 +54,10 @@ def test_import_finds_nvshmem() -> None:
 
 
 def test_api_is_argument_for_argument_pplx_kernels() -> None:
-    assert parameters(AllToAll.internode) == [*PPLX_CONFIG_ARGS, "max_sm_count"]
+    # pplx_kernels' arguments, then expertwire's keyword-only force_puts.
+    assert parameters(AllToAll.internode) == [*PPLX_CONFIG_ARGS, "max_sm_count", "force_puts"]
+    force_puts = inspect.signature(AllToAll.internode).parameters["force_puts"]
+    assert force_puts.kind == inspect.Parameter.KEYWORD_ONLY and force_puts.default is False
     assert parameters(AllToAll.intranode) == [*PPLX_CONFIG_ARGS, "group_name", "max_sm_count"]
     assert inspect.signature(AllToAll.intranode).parameters["group_name"].default == "default"
     assert parameters(AllToAll.dispatch) == [

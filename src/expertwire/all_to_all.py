@@ -136,9 +136,14 @@ class AllToAll:
         hidden_dim_bytes: int,
         hidden_dim_scale_bytes: int,
         max_sm_count: int = 0,
+        *,
+        force_puts: bool = False,
     ) -> "AllToAll":
-        """Through NVSHMEM (nvshmem_init first): loads/stores to peers on this node, puts to the others."""
+        """Through NVSHMEM (nvshmem_init first): loads/stores to peers on this node, puts to the others
+        (`force_puts`: puts to every peer, as between nodes)."""
         integer("AllToAll.internode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
+        if not isinstance(force_puts, bool):
+            raise ValueError(f"AllToAll.internode: force_puts must be a bool, got {type(force_puts).__name__}")
         config, shape = cls._config(
             "AllToAll.internode",
             max_num_tokens,
@@ -151,7 +156,8 @@ class AllToAll:
             hidden_dim_bytes,
             hidden_dim_scale_bytes,
         )
-        return cls(ext.AllToAllHandle.internode(config, max_sm_count=max_sm_count), shape, uses_nvshmem=True)
+        native = ext.AllToAllHandle.internode(config, max_sm_count=max_sm_count, force_puts=force_puts)
+        return cls(native, shape, uses_nvshmem=True)
 
     @classmethod
     def intranode(
@@ -213,9 +219,8 @@ class AllToAll:
         Shapes: out_expert_num_tokens [num_local_experts] int32; out_expert_x [num_local_experts,
         max_num_tokens * world_size / dp_size, hidden_dim_bytes / itemsize] (any dtype: rows move as bytes);
         out_expert_x_scale likewise with hidden_dim_scale_bytes (float32 or uint8); dp_x [m, hidden_dim_bytes /
-        itemsize]; dp_x_scale [m, ...]; indices [m, experts_per_token] uint32 (0xFFFFFFFF, -1 as int32: no expert in that
-        slot); bound_m [1] uint32 on the GPU or
-        None."""
+        itemsize]; dp_x_scale [m, ...]; indices [m, experts_per_token] uint32 (0xFFFFFFFF, -1 as int32: no
+        expert in that slot); bound_m [1] uint32 on the GPU or None."""
         handle = self._live_handle("dispatch")
         # The torch checks here; the rest in the native call, before it launches anything.
         check_dispatch_tensors(

@@ -1,0 +1,676 @@
+"""DeepEP's ``deep_ep.Buffer`` API over expertwire's kernels: the low-latency half.
+
+    from expertwire.deep_ep import Buffer, EventOverlap
+
+    buffer = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256),
+                    low_latency_mode=True, num_qps_per_rank=32)
+    recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(x, topk_idx, 128, 256)
+    out, event, hook = buffer.low_latency_combine(expert_out, topk_idx, topk_weights, handle)
+
+Names, arguments, defaults, return values and layouts are DeepEP's (its ``deep_ep/buffers/legacy.py``). Each
+low-latency configuration (tokens per rank, hidden, experts, top-k, payload) gets two internode ``AllToAll``
+objects, used in turn by successive dispatches: as in DeepEP, the results of at most two dispatches may be in
+use at once. What expertwire does not provide raises ``NotImplementedError`` naming it: the high-throughput half
+(``low_latency_mode=False``), ``use_logfmt``, the per-rank wait statistics, ``enable_shrink`` and its mask calls,
+and an mpi4py ``comm`` instead of a process group.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from . import nvshmem as _nvshmem
+from ._native import ext
+from .all_to_all import AllToAll
+from .checks import integer
+
+topk_idx_t = torch.int64
+
+FP8_BLOCK = 128  # values per scale of the fp8 cast
+UE8M0_PER_WORD = 4  # UE8M0 scale bytes packed in one int32
+FP8_E4M3_MAX = 448.0
+FP8_AMAX_FLOOR = 1e-4
+# The size hint covers configurations of up to this many experts per token (DeepEP's hint takes no top-k; the
+# combine's receive rows here grow with it).
+SIZE_HINT_TOP_K = 16
+
+
+class EventOverlap:
+    """DeepEP's event wrapper: ``event`` is a ``torch.cuda.Event`` recorded after the call's kernels (None where
+    the call ran on the current stream), ``extra_tensors`` keeps the call's tensors alive until it is dropped."""
+
+    def __init__(self, event: Optional[torch.cuda.Event] = None, extra_tensors: Optional[tuple] = None) -> None:
+        self.event = event
+        self.extra_tensors = extra_tensors
+        self.hook_after_wait: Optional[Callable[[], None]] = None
+
+    def current_stream_wait(self, release_handle: bool = False) -> None:
+        """The current stream waits for the event. ValueError where there is none (a call without
+        async_finish)."""
+        if self.event is None:
+            raise ValueError("EventOverlap.current_stream_wait: no event (the call did not run with async_finish)")
+        torch.cuda.current_stream().wait_event(self.event)
+        if self.hook_after_wait is not None:
+            hook, self.hook_after_wait = self.hook_after_wait, None
+            hook()
+        if release_handle:
+            self.event = None
+
+    def register_hook_after_wait(self, hook_after_wait: Callable[[], None]) -> None:
+        if self.hook_after_wait is not None:
+            raise ValueError("EventOverlap.register_hook_after_wait: a hook is already registered")
+        self.hook_after_wait = hook_after_wait
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        if self.event is not None:
+            self.current_stream_wait()
+
+
+def _flag(op: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _not_provided(what: str) -> NotImplementedError:
+    return NotImplementedError(f"expertwire.deep_ep: {what} is not provided by expertwire")
+
+
+def cast_fp8_blocks(x: torch.Tensor, round_scale: bool, use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 cast of DeepEP's low-latency dispatch, with torch operations on x's device: every 128 values of
+    a bf16 row scaled so the block's largest magnitude (at least 1e-4) maps to 448 (with `round_scale`, by a
+    power of two: 2^-ceil(log2(amax / 448))), rounded to e4m3 (nearest even, saturated). Returns the
+    float8_e4m3fn [m, hidden] values and their scales: float32 [m, hidden / 128] (the factor back to x), or with
+    `use_ue8m0` their exponent bytes packed four to an int32 (block 4p + j in byte j of word p), [m, hidden /
+    512]. expertwire.reference.cast_fp8_blocks is the same on the CPU, by independent code."""
+    m, hidden = x.shape
+    blocks = x.reshape(m, hidden // FP8_BLOCK, FP8_BLOCK).float()
+    amax = blocks.abs().amax(dim=-1).clamp_min(FP8_AMAX_FLOOR)
+    if round_scale:
+        bits = (amax * (1.0 / FP8_E4M3_MAX)).view(torch.int32)
+        exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+        scale = ((127 - exponent) << 23).view(torch.float32)
+        inverse = ((exponent + 127) << 23).view(torch.float32)
+    else:
+        scale = torch.full_like(amax, FP8_E4M3_MAX) / amax  # a tensor division: IEEE, as the kernels' reference
+        inverse = amax * (1.0 / FP8_E4M3_MAX)
+    values = (blocks * scale.unsqueeze(-1)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    values = values.reshape(m, hidden)
+    if not use_ue8m0:
+        return values, inverse
+    exponent_bytes = ((inverse.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+    return values, exponent_bytes.view(torch.int32)
+
+
+def _transposed_scales(local: int, rows: int, columns: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[local, rows, columns] with the last two dimensions column-major, as DeepEP returns its scales (TMA)."""
+    return torch.empty((local, columns, rows), dtype=dtype, device=device).transpose(1, 2)
+
+
+class _Payload:
+    """What one configuration's tokens carry: bf16 rows, or fp8 rows with float32 or packed UE8M0 scales."""
+
+    def __init__(self, hidden: int, use_fp8: bool, use_ue8m0: bool) -> None:
+        self.use_fp8, self.use_ue8m0 = use_fp8, use_ue8m0
+        self.row_bytes = hidden if use_fp8 else 2 * hidden
+        if not use_fp8:
+            self.scale_columns, self.scale_dtype = 0, None
+        elif use_ue8m0:
+            self.scale_columns, self.scale_dtype = hidden // (FP8_BLOCK * UE8M0_PER_WORD), torch.int32
+        else:
+            self.scale_columns, self.scale_dtype = hidden // FP8_BLOCK, torch.float32
+        self.scale_bytes = 4 * self.scale_columns
+
+
+class _LowLatencyPair:
+    """The two objects of one configuration and which takes the next dispatch."""
+
+    def __init__(self, objects: list[AllToAll], symmetric_bytes: int) -> None:
+        self.objects = objects
+        self.symmetric_bytes = symmetric_bytes
+        self.next = 0
+
+    def take(self) -> AllToAll:
+        a2a = self.objects[self.next]
+        self.next ^= 1
+        return a2a
+
+
+class Buffer:
+    """DeepEP's communication buffer; here its low-latency half (dispatch and combine through NVSHMEM, every
+    peer by loads and stores where it is mapped and by puts where not).
+
+    Where NVSHMEM is not running yet, the constructor starts it over `group` (its ranks become NVSHMEM's, in
+    order) with DeepEP's settings: ``NVSHMEM_DISABLE_P2P`` from `allow_nvlink_for_low_latency_mode`,
+    ``NVSHMEM_IBGDA_NUM_RC_PER_PE`` = `num_qps_per_rank`, ``NVSHMEM_IB_ENABLE_IBGDA=1``, ``NVSHMEM_DISABLE_NVLS=1``,
+    ``NVSHMEM_DISABLE_MNNVL=1`` unless `allow_mnnvl`, and a symmetric heap of at least `num_rdma_bytes`. Where it
+    runs already (``expertwire.nvshmem_init``, nvshmem4py), its configuration stands, and
+    ``allow_nvlink_for_low_latency_mode=False`` still sends to every peer by puts."""
+
+    num_sms: int = 20
+
+    def __init__(
+        self,
+        group: Optional[dist.ProcessGroup],
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm: Optional[Any] = None,
+    ) -> None:
+        op = "Buffer"
+        if group is None:
+            if comm is not None:
+                raise _not_provided("Buffer(comm=...) (an mpi4py communicator); pass a torch.distributed group")
+            raise ValueError("Buffer: either group or comm must be provided")
+        self.num_nvl_bytes = integer(op, "num_nvl_bytes", num_nvl_bytes, minimum=0)
+        self.num_rdma_bytes = integer(op, "num_rdma_bytes", num_rdma_bytes, minimum=0)
+        self.low_latency_mode = _flag(op, "low_latency_mode", low_latency_mode)
+        self.num_qps_per_rank = integer(op, "num_qps_per_rank", num_qps_per_rank, minimum=1)
+        self.allow_nvlink_for_low_latency_mode = _flag(
+            op, "allow_nvlink_for_low_latency_mode", allow_nvlink_for_low_latency_mode
+        )
+        self.allow_mnnvl = _flag(op, "allow_mnnvl", allow_mnnvl)
+        self.explicitly_destroy = _flag(op, "explicitly_destroy", explicitly_destroy)
+        self.enable_shrink = _flag(op, "enable_shrink", enable_shrink)
+        if self.enable_shrink:
+            raise _not_provided("Buffer(enable_shrink=True) (masking ranks)")
+        if not self.low_latency_mode:
+            raise _not_provided(
+                "the high-throughput half of Buffer (low_latency_mode=False: get_dispatch_layout, dispatch, "
+                "combine); build the Buffer with low_latency_mode=True for low_latency_dispatch and "
+                "low_latency_combine"
+            )
+        if not isinstance(group, dist.ProcessGroup):
+            raise ValueError(f"Buffer: group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
+        self.group = group
+        self.rank = group.rank()
+        self.group_size = group.size()
+        self._device = torch.device("cuda", torch.cuda.current_device())
+        self._join_nvshmem()
+        self._pairs: dict[tuple, _LowLatencyPair] = {}
+        self._comm_stream = torch.cuda.Stream(device=self._device)
+        self._destroyed = False
+
+    def _join_nvshmem(self) -> None:
+        if ext.nvshmem_initialized():
+            joined = (ext.nvshmem_my_pe(), ext.nvshmem_n_pes())
+            if joined != (self.rank, self.group_size):
+                raise ValueError(
+                    f"Buffer: NVSHMEM already runs in this process as rank {joined[0]} of {joined[1]}, not as "
+                    f"this group's rank {self.rank} of {self.group_size}"
+                )
+            ext.nvshmem_attach_to_running()
+            return
+        settings = {
+            "NVSHMEM_DISABLE_P2P": "0" if self.allow_nvlink_for_low_latency_mode else "1",
+            "NVSHMEM_IB_ENABLE_IBGDA": "1",
+            "NVSHMEM_IBGDA_NUM_RC_PER_PE": str(self.num_qps_per_rank),
+            "NVSHMEM_DISABLE_NVLS": "1",
+        }
+        if not self.allow_mnnvl:
+            settings["NVSHMEM_DISABLE_MNNVL"] = "1"
+        os.environ.update(settings)
+        # The objects' buffers, and NVSHMEM's own teams and collectives beside them.
+        heap = self.num_rdma_bytes + (1 << 28)
+        if heap > _nvshmem_heap_bytes():
+            os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap)
+        uid = _nvshmem.nvshmem_get_unique_id() if self.rank == 0 else None
+        gathered: list[Optional[torch.Tensor]] = [None] * self.group_size
+        dist.all_gather_object(gathered, uid, group=self.group)
+        _nvshmem._join_with_uid(gathered[0], self.rank, self.group_size)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Static parts of DeepEP's API.
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True: expertwire's kernels are built for SM90 (Hopper) and later."""
+        return True
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """The SMs of DeepEP's high-throughput kernels; an even count (recorded; the high-throughput half is not
+        provided)."""
+        integer("Buffer.set_num_sms", "new_num_sms", new_num_sms, minimum=2)
+        if new_num_sms % 2 != 0:
+            raise ValueError(f"Buffer.set_num_sms: new_num_sms must be even, got {new_num_sms}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An EventOverlap of an event recorded on the current stream now."""
+        event = torch.cuda.Event()
+        event.record()
+        return EventOverlap(event)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """The num_rdma_bytes a Buffer needs for low-latency calls of this configuration with bf16 tokens (fp8
+        ones take less), up to SIZE_HINT_TOP_K experts per token, on the current CUDA device: the two objects'
+        symmetric buffers."""
+        op = "Buffer.get_low_latency_rdma_size_hint"
+        integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
+        integer(op, "hidden", hidden, minimum=1)
+        integer(op, "num_ranks", num_ranks, minimum=1)
+        integer(op, "num_experts", num_experts, minimum=1)
+        payload = _Payload(hidden, use_fp8=False, use_ue8m0=False)
+        config = _config(
+            num_max_dispatch_tokens_per_rank,
+            num_experts,
+            min(num_experts, SIZE_HINT_TOP_K),
+            0,
+            num_ranks,
+            hidden,
+            payload,
+        )
+        return 2 * int(ext.AllToAllHandle.internode_symmetric_bytes(config))
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        """The stream that calls with async_finish run on."""
+        return self._comm_stream
+
+    def get_local_buffer_tensor(self, *args: object, **kwargs: object) -> torch.Tensor:
+        raise _not_provided("Buffer.get_local_buffer_tensor (a view of the raw buffer)")
+
+    def destroy(self) -> None:
+        """Releases the buffers. Collective; only for a Buffer built with explicitly_destroy=True."""
+        if not self.explicitly_destroy:
+            raise ValueError("Buffer.destroy: the Buffer must be built with explicitly_destroy=True to be destroyed")
+        for pair in self._pairs.values():
+            for a2a in pair.objects:
+                a2a.destroy()
+        self._pairs.clear()
+        self._destroyed = True
+
+    def _live(self, op: str) -> None:
+        if self._destroyed:
+            raise RuntimeError(f"Buffer.{op}: this Buffer was destroyed")
+
+    # ------------------------------------------------------------------------------------------------------
+    # The high-throughput half and rank masking: not provided.
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Any:
+        raise _not_provided("Buffer.get_dispatch_config (the high-throughput half)")
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Any:
+        raise _not_provided("Buffer.get_combine_config (the high-throughput half)")
+
+    def get_dispatch_layout(self, *args: object, **kwargs: object) -> Any:
+        raise _not_provided("Buffer.get_dispatch_layout (the high-throughput half)")
+
+    def dispatch(self, *args: object, **kwargs: object) -> Any:
+        raise _not_provided("Buffer.dispatch (the high-throughput half)")
+
+    def combine(self, *args: object, **kwargs: object) -> Any:
+        raise _not_provided("Buffer.combine (the high-throughput half)")
+
+    def internode_dispatch(self, *args: object, **kwargs: object) -> Any:
+        raise _not_provided("Buffer.internode_dispatch (the high-throughput half)")
+
+    def internode_combine(self, *args: object, **kwargs: object) -> Any:
+        raise _not_provided("Buffer.internode_combine (the high-throughput half)")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        raise _not_provided("Buffer.low_latency_update_mask_buffer (masking ranks, enable_shrink)")
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        raise _not_provided("Buffer.low_latency_query_mask_buffer (masking ranks, enable_shrink)")
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        raise _not_provided("Buffer.low_latency_clean_mask_buffer (masking ranks, enable_shrink)")
+
+    # ------------------------------------------------------------------------------------------------------
+    # The low-latency half.
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """DeepEP zeroes part of its buffer here after high-throughput calls used it. expertwire's low-latency
+        objects keep buffers of their own and count their calls instead of zeroing, so there is nothing to
+        clean: the arguments are checked, and every rank synchronizes as DeepEP's call does."""
+        op = "Buffer.clean_low_latency_buffer"
+        self._live("clean_low_latency_buffer")
+        integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
+        integer(op, "hidden", hidden, minimum=1)
+        integer(op, "num_experts", num_experts, minimum=1)
+        torch.cuda.current_stream().synchronize()
+        dist.barrier(group=self.group)
+
+    def _pair(self, num_max: int, hidden: int, num_experts: int, top_k: int, payload: _Payload) -> _LowLatencyPair:
+        key = (num_max, hidden, num_experts, top_k, payload.use_fp8, payload.use_ue8m0)
+        pair = self._pairs.get(key)
+        if pair is not None:
+            return pair
+        config = _config(num_max, num_experts, top_k, self.rank, self.group_size, hidden, payload)
+        need = 2 * int(ext.AllToAllHandle.internode_symmetric_bytes(config))
+        used = sum(p.symmetric_bytes for p in self._pairs.values())
+        if used + need > self.num_rdma_bytes:
+            raise ValueError(
+                f"low_latency_dispatch: num_rdma_bytes={self.num_rdma_bytes} is too small: this configuration "
+                f"(num_max_dispatch_tokens_per_rank={num_max}, hidden={hidden}, num_experts={num_experts}, "
+                f"top-k {top_k}, {'fp8' if payload.use_fp8 else 'bf16'}) needs {need} bytes"
+                + (f" beside the {used} of the configurations used before" if used else "")
+                + " (Buffer.get_low_latency_rdma_size_hint)"
+            )
+        objects = [
+            AllToAll.internode(
+                num_max,
+                num_experts,
+                top_k,
+                self.rank,
+                self.group_size,
+                1,
+                hidden,
+                payload.row_bytes,
+                payload.scale_bytes,
+                force_puts=not self.allow_nvlink_for_low_latency_mode,
+            )
+            for _ in range(2)
+        ]
+        pair = self._pairs[key] = _LowLatencyPair(objects, need)
+        return pair
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[
+        Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, tuple, EventOverlap, Optional[Callable]
+    ]:
+        """Sends each token of x (bf16 [num_tokens, hidden], num_tokens <= num_max_dispatch_tokens_per_rank) to
+        the experts in its row of topk_idx (int64 [num_tokens, num_topk], -1: no expert). With use_fp8 the
+        tokens travel as fp8 with per-128 scales (cast_fp8_blocks, on the stream before the send). Returns
+        (recv_x, recv_count, handle, event, hook) as DeepEP: recv_x [num_local_experts,
+        num_max_dispatch_tokens_per_rank * num_ranks, hidden] bf16, or with use_fp8 (fp8 values, scales
+        [.., .., hidden / 128] float32 or with use_ue8m0 [.., .., hidden / 512] int32, the last two dimensions
+        column-major); recv_count int32 [num_local_experts]; hook launches the receive half where
+        return_recv_hook (else None)."""
+        op = "low_latency_dispatch"
+        self._live(op)
+        num_max = integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
+        integer(op, "num_experts", num_experts, minimum=1)
+        for name, value in (
+            ("use_fp8", use_fp8),
+            ("round_scale", round_scale),
+            ("use_ue8m0", use_ue8m0),
+            ("async_finish", async_finish),
+            ("return_recv_hook", return_recv_hook),
+        ):
+            _flag(op, name, value)
+        if dispatch_wait_recv_cost_stats is not None:
+            raise _not_provided("low_latency_dispatch(dispatch_wait_recv_cost_stats=...) (per-rank wait times)")
+        if use_ue8m0 and not round_scale:
+            raise ValueError(f"{op}: use_ue8m0=True needs round_scale=True (UE8M0 holds powers of two only)")
+        if use_ue8m0 and not use_fp8:
+            raise ValueError(f"{op}: use_ue8m0=True needs use_fp8=True")
+        if async_finish and return_recv_hook:
+            raise ValueError(f"{op}: async_finish and return_recv_hook cannot both be set")
+        num_tokens, hidden = self._check_tokens(op, x, num_max)
+        top_k = self._check_topk_idx(op, topk_idx, num_tokens)[1]
+        block = FP8_BLOCK * (UE8M0_PER_WORD if use_ue8m0 else 1)
+        if use_fp8 and hidden % block != 0:
+            raise ValueError(
+                f"{op}: x must have a hidden size that is a multiple of {block} with these scales, got {hidden}"
+            )
+        if num_experts % self.group_size != 0:
+            raise ValueError(
+                f"{op}: num_experts must be a multiple of the group's {self.group_size} ranks, got {num_experts}"
+            )
+        local = num_experts // self.group_size
+        if cumulative_local_expert_recv_stats is not None:
+            _check_tensor(
+                op,
+                "cumulative_local_expert_recv_stats",
+                cumulative_local_expert_recv_stats,
+                torch.int32,
+                (local,),
+                self._device,
+            )
+
+        payload = _Payload(hidden, use_fp8, use_ue8m0)
+        a2a = self._pair(num_max, hidden, num_experts, top_k, payload).take()
+        rows = num_max * self.group_size
+        stream = self._comm_stream if async_finish else torch.cuda.current_stream()
+        if async_finish:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            recv_count = torch.empty((local,), dtype=torch.int32, device=self._device)
+            indices = topk_idx.to(torch.int32).view(torch.uint32)
+            if use_fp8:
+                tokens, token_scales = cast_fp8_blocks(x, round_scale, use_ue8m0)
+                recv_x = torch.empty((local, rows, hidden), dtype=torch.float8_e4m3fn, device=self._device)
+                recv_scales = _transposed_scales(local, rows, payload.scale_columns, payload.scale_dtype, self._device)
+                out_scales: Optional[torch.Tensor] = recv_scales.view(torch.float32)
+                dp_x_scale: Optional[torch.Tensor] = token_scales.view(torch.float32)
+            else:
+                tokens, dp_x_scale = x, None
+                recv_x = torch.empty((local, rows, hidden), dtype=torch.bfloat16, device=self._device)
+                recv_scales, out_scales = None, None
+
+            def receive() -> None:
+                a2a.dispatch(
+                    recv_count, recv_x, out_scales, tokens, dp_x_scale, indices, None, do_send=False, do_recv=True
+                )
+                if cumulative_local_expert_recv_stats is not None:
+                    cumulative_local_expert_recv_stats.add_(recv_count)
+
+            a2a.dispatch(
+                recv_count,
+                recv_x,
+                out_scales,
+                tokens,
+                dp_x_scale,
+                indices,
+                None,
+                do_send=True,
+                do_recv=not return_recv_hook,
+            )
+            if not return_recv_hook and cumulative_local_expert_recv_stats is not None:
+                cumulative_local_expert_recv_stats.add_(recv_count)
+            event = _finish(
+                stream, async_finish, (x, topk_idx, tokens, dp_x_scale, indices, recv_x, recv_scales, recv_count)
+            )
+        # DeepEP's handle is (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts); here
+        # the object that dispatched, which keeps what its combine needs, takes the first place.
+        handle = (a2a, None, num_max, hidden, num_experts)
+        received = (recv_x, recv_scales) if use_fp8 else recv_x
+        return received, recv_count, handle, event, (receive if return_recv_hook else None)
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: tuple,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, EventOverlap, Optional[Callable]]:
+        """Returns the experts' outputs x (bf16 [num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks,
+        hidden], rows where the handle's dispatch put them) to their tokens' ranks and sums them with
+        topk_weights (float32 [num_tokens, num_topk]) in fp32: combined_x bf16 [num_tokens, hidden] (into `out`
+        where given). zero_copy: the outputs are in get_next_low_latency_combine_buffer(handle) already, and x
+        is not read."""
+        op = "low_latency_combine"
+        self._live(op)
+        for name, value in (
+            ("use_logfmt", use_logfmt),
+            ("zero_copy", zero_copy),
+            ("async_finish", async_finish),
+            ("return_recv_hook", return_recv_hook),
+        ):
+            _flag(op, name, value)
+        if use_logfmt:
+            raise _not_provided("low_latency_combine(use_logfmt=True) (a 10-bit LogFMT payload)")
+        if combine_wait_recv_cost_stats is not None:
+            raise _not_provided("low_latency_combine(combine_wait_recv_cost_stats=...) (per-rank wait times)")
+        if async_finish and return_recv_hook:
+            raise ValueError(f"{op}: async_finish and return_recv_hook cannot both be set")
+        a2a, _, num_max, hidden, num_experts = self._unpack_handle(op, handle)
+        local = num_experts // self.group_size
+        rows = num_max * self.group_size
+        expert_y = a2a.expert_output_buffer() if zero_copy else x
+        if not zero_copy:
+            _check_tensor(op, "x", x, torch.bfloat16, (local, rows, hidden), self._device)
+        num_tokens = self._check_topk_idx(op, topk_idx, None, top_k=a2a.shape.experts_per_token)[0]
+        _check_tensor(op, "topk_weights", topk_weights, torch.float32, tuple(topk_idx.shape), self._device)
+        if out is not None:
+            _check_tensor(op, "out", out, torch.bfloat16, (num_tokens, hidden), self._device, contiguous=True)
+        stream = self._comm_stream if async_finish else torch.cuda.current_stream()
+        if async_finish:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            combined = (
+                out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
+            )
+            indices = topk_idx.to(torch.int32).view(torch.uint32)
+            weights = topk_weights.contiguous()
+
+            def receive() -> None:
+                a2a.combine(combined, indices, weights, expert_y, None, do_send=False, do_recv=True)
+
+            a2a.combine(combined, indices, weights, expert_y, None, do_send=True, do_recv=not return_recv_hook)
+            event = _finish(stream, async_finish, (x, topk_idx, topk_weights, indices, weights, combined))
+        return combined, event, (receive if return_recv_hook else None)
+
+    def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
+        """Where the experts may write their outputs for the handle's combine with zero_copy=True: bf16
+        [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden], in this rank's buffer."""
+        a2a = self._unpack_handle("get_next_low_latency_combine_buffer", handle)[0]
+        return a2a.expert_output_buffer()
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _check_tokens(self, op: str, x: object, num_max: int) -> tuple[int, int]:
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2:
+            got = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{op}: x must be a 2-D torch.bfloat16 tensor [num_tokens, hidden], got {got}")
+        if x.device != self._device:
+            raise ValueError(f"{op}: x must be on {self._device}, got {x.device}")
+        if not x.is_contiguous():
+            raise ValueError(f"{op}: x must be contiguous, got strides {list(x.stride())}")
+        num_tokens, hidden = x.shape
+        if num_tokens > num_max:
+            raise ValueError(
+                f"{op}: x must have at most num_max_dispatch_tokens_per_rank={num_max} tokens, got {num_tokens}"
+            )
+        return int(num_tokens), int(hidden)
+
+    def _check_topk_idx(
+        self, op: str, topk_idx: object, num_tokens: Optional[int], top_k: Optional[int] = None
+    ) -> tuple[int, int]:
+        """(num_tokens, num_topk) of a valid topk_idx."""
+        if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype != topk_idx_t or topk_idx.dim() != 2:
+            got = (
+                f"{topk_idx.dtype} of shape {list(topk_idx.shape)}"
+                if isinstance(topk_idx, torch.Tensor)
+                else type(topk_idx).__name__
+            )
+            raise ValueError(f"{op}: topk_idx must be a 2-D torch.int64 tensor [num_tokens, num_topk], got {got}")
+        if topk_idx.device != self._device:
+            raise ValueError(f"{op}: topk_idx must be on {self._device}, got {topk_idx.device}")
+        if num_tokens is not None and topk_idx.shape[0] != num_tokens:
+            raise ValueError(f"{op}: topk_idx must have x's {num_tokens} rows, got {topk_idx.shape[0]}")
+        if top_k is not None and topk_idx.shape[1] != top_k:
+            raise ValueError(f"{op}: topk_idx must have the dispatch's {top_k} columns, got {topk_idx.shape[1]}")
+        if topk_idx.shape[1] < 1:
+            raise ValueError(f"{op}: topk_idx must have at least one column, got shape {list(topk_idx.shape)}")
+        return int(topk_idx.shape[0]), int(topk_idx.shape[1])
+
+    def _unpack_handle(self, op: str, handle: object) -> tuple:
+        if not isinstance(handle, tuple) or len(handle) != 5 or not isinstance(handle[0], AllToAll):
+            raise ValueError(
+                f"{op}: handle must be the handle low_latency_dispatch returned, got {type(handle).__name__}"
+            )
+        if not any(handle[0] in pair.objects for pair in self._pairs.values()):
+            raise ValueError(f"{op}: handle comes from another Buffer (or one destroyed since)")
+        return handle
+
+
+def _nvshmem_heap_bytes() -> int:
+    """NVSHMEM_SYMMETRIC_SIZE as NVSHMEM reads it (a count with an optional K/M/G/T suffix), or its default."""
+    text = os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "1G").strip()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    factor = units.get(text[-1:].upper(), 1)
+    number = text[:-1] if factor != 1 else text
+    try:
+        return int(float(number) * factor)
+    except ValueError:
+        return 1 << 30
+
+
+def _config(num_max: int, num_experts: int, top_k: int, rank: int, world: int, hidden: int, payload: _Payload) -> Any:
+    return ext.AllToAllConfig(
+        max_num_tokens=num_max,
+        num_experts=num_experts,
+        experts_per_token=top_k,
+        rank=rank,
+        world_size=world,
+        dp_size=1,
+        hidden_dim=hidden,
+        hidden_dim_bytes=payload.row_bytes,
+        hidden_dim_scale_bytes=payload.scale_bytes,
+    )
+
+
+def _check_tensor(
+    op: str,
+    name: str,
+    value: object,
+    dtype: torch.dtype,
+    shape: tuple,
+    device: torch.device,
+    contiguous: bool = False,
+) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != dtype or tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{op}: {name} must be {dtype} of shape {list(shape)}, got {value.dtype} of shape {list(value.shape)}"
+        )
+    if value.device != device:
+        raise ValueError(f"{op}: {name} must be on {device}, got {value.device}")
+    if contiguous and not value.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous, got strides {list(value.stride())}")
+
+
+def _finish(stream: torch.cuda.Stream, async_finish: bool, tensors: tuple) -> EventOverlap:
+    """The call's EventOverlap: with async_finish an event on the comm stream, and the tensors it used kept for
+    that stream; else no event."""
+    if not async_finish:
+        return EventOverlap()
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            tensor.record_stream(stream)
+    event = torch.cuda.Event()
+    event.record(stream)
+    return EventOverlap(event, tuple(t for t in tensors if isinstance(t, torch.Tensor)))
