@@ -4,6 +4,10 @@ provide, checks its arguments before touching a GPU, and its fp8 cast is the ref
 from __future__ import annotations
 
 import inspect
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,3 +171,33 @@ def test_fp8_cast_is_the_references_bit_for_bit(round_scale: bool, use_ue8m0: bo
     assert torch.equal(values.view(torch.uint8), want_values.view(torch.uint8))
     assert scales.dtype == want_scales.dtype and scales.shape == want_scales.shape
     assert torch.equal(scales.view(torch.int32), want_scales.view(torch.int32))
+
+
+def test_config_is_named_as_not_provided() -> None:
+    with pytest.raises(NotImplementedError, match="deep_ep.Config"):
+        deep_ep.Config(20, 6, 256, 6, 128)
+
+
+def test_the_optional_shim_serves_import_deep_ep(tmp_path: pathlib.Path) -> None:
+    """shims/deep_ep installs the module name deep_ep, whose Buffer is expertwire's (never installed by default)."""
+    shim = pathlib.Path(__file__).resolve().parent.parent / "shims" / "deep_ep"
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(shim),
+        ],
+        check=True,
+    )
+    probe = "import deep_ep, expertwire.deep_ep as e; assert deep_ep.Buffer is e.Buffer; print(deep_ep.__file__)"
+    env = dict(os.environ, PYTHONPATH=str(target))
+    found = subprocess.run([sys.executable, "-c", probe], check=True, env=env, capture_output=True, text=True)
+    assert found.stdout.strip().startswith(str(target))

@@ -74,6 +74,13 @@ class EventOverlap:
             self.current_stream_wait()
 
 
+class Config:
+    """DeepEP's tuning of its high-throughput kernels, which expertwire does not provide."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise _not_provided("deep_ep.Config (the high-throughput half's tuning)")
+
+
 def _flag(op: str, name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{op}: {name} must be a bool, got {type(value).__name__}")
