@@ -159,6 +159,8 @@ def _tokens(m: int, hidden: int, seed: int) -> torch.Tensor:
     x[0, :128] = 0
     x[1, 128:256] = 1e-6
     x[2, :8] = torch.tensor([448.0, -448.0, 1.0625, 1.1875, 0.0, -0.0, 3e-5, 460.0])
+    x[3, 5] = float("nan")  # stays a NaN; the rest of its block is scaled by the other values
+    x[3, 300] = -float("nan")
     return x.to(torch.bfloat16)
 
 
@@ -201,3 +203,24 @@ def test_the_optional_shim_serves_import_deep_ep(tmp_path: pathlib.Path) -> None
     env = dict(os.environ, PYTHONPATH=str(target))
     found = subprocess.run([sys.executable, "-c", probe], check=True, env=env, capture_output=True, text=True)
     assert found.stdout.strip().startswith(str(target))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(x=torch.zeros(2, 256), round_scale=False, use_ue8m0=False), "x must be a 2-D torch.bfloat16 tensor"),
+        (dict(x=torch.zeros(2, 200, dtype=torch.bfloat16), round_scale=False, use_ue8m0=False), "multiple of 128"),
+        (dict(x=torch.zeros(2, 256, dtype=torch.bfloat16), round_scale=True, use_ue8m0=True), "multiple of 512"),
+        (dict(x=torch.zeros(2, 512, dtype=torch.bfloat16), round_scale=False, use_ue8m0=True), "needs round_scale"),
+    ],
+)
+def test_fp8_cast_checks_its_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        deep_ep.cast_fp8_blocks(**kwargs)
+
+
+def test_event_overlap_release_handle_by_call() -> None:
+    event = EventOverlap()
+    assert event(release_handle=True) is event
+    with event:
+        pass

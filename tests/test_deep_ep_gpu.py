@@ -47,7 +47,8 @@ def _inputs(rank: int, num_experts: int, seed: int) -> tuple[torch.Tensor, torch
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     m = (rank * 7 + seed) % (NUM_MAX + 1)
     x = (torch.randn((m, HIDDEN), generator=g) * torch.logspace(-2, 2, HIDDEN)[None, :]).to(torch.bfloat16)
-    idx = torch.stack([torch.randperm(num_experts, generator=g)[:TOP_K] for _ in range(m)]).reshape(m, TOP_K)
+    rows = [torch.randperm(num_experts, generator=g)[:TOP_K] for _ in range(m)]
+    idx = torch.stack(rows) if rows else torch.empty((0, TOP_K), dtype=torch.int64)
     idx[torch.rand((m, TOP_K), generator=g) < 0.2] = -1
     weights = torch.rand((m, TOP_K), generator=g)
     return x, idx.to(torch.int64), weights

@@ -9,8 +9,8 @@
 
 Names, arguments, defaults, return values and layouts are DeepEP's (its ``deep_ep/buffers/legacy.py``). Each
 low-latency configuration (tokens per rank, hidden, experts, top-k, payload) gets two internode ``AllToAll``
-objects, used in turn by successive dispatches: as in DeepEP, the results of at most two dispatches may be in
-use at once. What expertwire does not provide raises ``NotImplementedError`` naming it: the high-throughput half
+objects; a dispatch takes one whose last dispatch has been combined, so at most two dispatches may await their
+combines, and each dispatch is combined once (a named ValueError otherwise). What expertwire does not provide raises ``NotImplementedError`` naming it: the high-throughput half
 (``low_latency_mode=False``), ``use_logfmt``, the per-rank wait statistics, ``enable_shrink`` and its mask calls,
 and an mpi4py ``comm`` instead of a process group.
 """
@@ -48,6 +48,12 @@ class EventOverlap:
         self.event = event
         self.extra_tensors = extra_tensors
         self.hook_after_wait: Optional[Callable[[], None]] = None
+        self._release_handle_by_call = False
+
+    def __call__(self, release_handle: bool = False) -> "EventOverlap":
+        """For ``with event(release_handle=True):``, which drops the event after the wait."""
+        self._release_handle_by_call = release_handle
+        return self
 
     def current_stream_wait(self, release_handle: bool = False) -> None:
         """The current stream waits for the event. ValueError where there is none (a call without
@@ -70,8 +76,9 @@ class EventOverlap:
         return self
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        release, self._release_handle_by_call = self._release_handle_by_call, False
         if self.event is not None:
-            self.current_stream_wait()
+            self.current_stream_wait(release_handle=release)
 
 
 class Config:
@@ -88,7 +95,7 @@ def _flag(op: str, name: str, value: object) -> bool:
 
 
 def _not_provided(what: str) -> NotImplementedError:
-    return NotImplementedError(f"expertwire.deep_ep: {what} is not provided by expertwire")
+    return NotImplementedError(f"expertwire.deep_ep: {what} is not provided by this front end")
 
 
 def cast_fp8_blocks(x: torch.Tensor, round_scale: bool, use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,10 +104,23 @@ def cast_fp8_blocks(x: torch.Tensor, round_scale: bool, use_ue8m0: bool) -> tupl
     power of two: 2^-ceil(log2(amax / 448))), rounded to e4m3 (nearest even, saturated). Returns the
     float8_e4m3fn [m, hidden] values and their scales: float32 [m, hidden / 128] (the factor back to x), or with
     `use_ue8m0` their exponent bytes packed four to an int32 (block 4p + j in byte j of word p), [m, hidden /
-    512]. expertwire.reference.cast_fp8_blocks is the same on the CPU, by independent code."""
+    512]. A NaN stays a NaN and leaves its block's scale as the other values set it. expertwire.reference.
+    cast_fp8_blocks is the same on the CPU, by independent code."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2:
+        got = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"cast_fp8_blocks: x must be a 2-D torch.bfloat16 tensor, got {got}")
+    _flag("cast_fp8_blocks", "round_scale", round_scale)
+    _flag("cast_fp8_blocks", "use_ue8m0", use_ue8m0)
+    if use_ue8m0 and not round_scale:
+        raise ValueError("cast_fp8_blocks: use_ue8m0=True needs round_scale=True (UE8M0 holds powers of two only)")
     m, hidden = x.shape
+    block = FP8_BLOCK * (UE8M0_PER_WORD if use_ue8m0 else 1)
+    if hidden % block != 0:
+        raise ValueError(f"cast_fp8_blocks: x's hidden size must be a multiple of {block}, got {hidden}")
     blocks = x.reshape(m, hidden // FP8_BLOCK, FP8_BLOCK).float()
-    amax = blocks.abs().amax(dim=-1).clamp_min(FP8_AMAX_FLOOR)
+    magnitudes = blocks.abs()
+    # fmax's rule, as the kernels': a NaN does not set the block's amax.
+    amax = torch.where(magnitudes.isnan(), 0.0, magnitudes).amax(dim=-1).clamp_min(FP8_AMAX_FLOOR)
     if round_scale:
         bits = (amax * (1.0 / FP8_E4M3_MAX)).view(torch.int32)
         exponent = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
@@ -137,18 +157,34 @@ class _Payload:
         self.scale_bytes = 4 * self.scale_columns
 
 
+class _Dispatched:
+    """What a dispatch leaves for its combine (the first entry of the handle): the object that dispatched, the
+    call's number on it, its tokens and top-k."""
+
+    def __init__(self, a2a: AllToAll, call: int, num_tokens: int) -> None:
+        self.a2a, self.call, self.num_tokens = a2a, call, num_tokens
+
+
 class _LowLatencyPair:
-    """The two objects of one configuration and which takes the next dispatch."""
+    """The two objects of one configuration. Each takes a dispatch only when its last dispatch has been combined:
+    expertwire's objects run dispatch and combine in turn."""
 
     def __init__(self, objects: list[AllToAll], symmetric_bytes: int) -> None:
         self.objects = objects
         self.symmetric_bytes = symmetric_bytes
-        self.next = 0
+        self.calls = [0, 0]  # dispatches so far, per object
+        self.awaiting = [False, False]  # a dispatch whose combine has not run
+        self.last = 1  # the object of the last dispatch
 
-    def take(self) -> AllToAll:
-        a2a = self.objects[self.next]
-        self.next ^= 1
-        return a2a
+    def idle(self) -> bool:
+        return not any(self.awaiting)
+
+    def free_object(self) -> Optional[int]:
+        """An object without a dispatch awaiting its combine, the one not used last first; None if both wait."""
+        for i in (1 - self.last, self.last):
+            if not self.awaiting[i]:
+                return i
+        return None
 
 
 class Buffer:
@@ -197,8 +233,8 @@ class Buffer:
         if not self.low_latency_mode:
             raise _not_provided(
                 "the high-throughput half of Buffer (low_latency_mode=False: get_dispatch_layout, dispatch, "
-                "combine); build the Buffer with low_latency_mode=True for low_latency_dispatch and "
-                "low_latency_combine"
+                "combine; expertwire.HighThroughputAllToAll has its kernels under expertwire's own API); build "
+                "the Buffer with low_latency_mode=True for low_latency_dispatch and low_latency_combine"
             )
         if not isinstance(group, dist.ProcessGroup):
             raise ValueError(f"Buffer: group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
@@ -351,14 +387,14 @@ class Buffer:
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """DeepEP zeroes part of its buffer here after high-throughput calls used it. expertwire's low-latency
         objects keep buffers of their own and count their calls instead of zeroing, so there is nothing to
-        clean: the arguments are checked, and every rank synchronizes as DeepEP's call does."""
+        clean: the arguments are checked, and the ranks meet in a barrier on the current stream, as DeepEP's
+        kernel does."""
         op = "Buffer.clean_low_latency_buffer"
         self._live("clean_low_latency_buffer")
         integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
         integer(op, "hidden", hidden, minimum=1)
         integer(op, "num_experts", num_experts, minimum=1)
-        torch.cuda.current_stream().synchronize()
-        dist.barrier(group=self.group)
+        _nvshmem.nvshmem_barrier_all_on_current_stream()
 
     def _pair(self, num_max: int, hidden: int, num_experts: int, top_k: int, payload: _Payload) -> _LowLatencyPair:
         key = (num_max, hidden, num_experts, top_k, payload.use_fp8, payload.use_ue8m0)
@@ -367,13 +403,21 @@ class Buffer:
             return pair
         config = _config(num_max, num_experts, top_k, self.rank, self.group_size, hidden, payload)
         need = 2 * int(ext.AllToAllHandle.internode_symmetric_bytes(config))
+        # Configurations used before give their buffers back, oldest first, while none of their dispatches
+        # awaits a combine (every rank makes the same calls, so every rank frees the same ones).
+        for old_key in list(self._pairs):
+            if sum(p.symmetric_bytes for p in self._pairs.values()) + need <= self.num_rdma_bytes:
+                break
+            if self._pairs[old_key].idle():
+                for a2a in self._pairs.pop(old_key).objects:
+                    a2a.destroy()
         used = sum(p.symmetric_bytes for p in self._pairs.values())
         if used + need > self.num_rdma_bytes:
             raise ValueError(
                 f"low_latency_dispatch: num_rdma_bytes={self.num_rdma_bytes} is too small: this configuration "
                 f"(num_max_dispatch_tokens_per_rank={num_max}, hidden={hidden}, num_experts={num_experts}, "
                 f"top-k {top_k}, {'fp8' if payload.use_fp8 else 'bf16'}) needs {need} bytes"
-                + (f" beside the {used} of the configurations used before" if used else "")
+                + (f" beside the {used} of configurations with dispatches awaiting their combines" if used else "")
                 + " (Buffer.get_low_latency_rdma_size_hint)"
             )
         objects = [
@@ -461,32 +505,39 @@ class Buffer:
             )
 
         payload = _Payload(hidden, use_fp8, use_ue8m0)
-        a2a = self._pair(num_max, hidden, num_experts, top_k, payload).take()
+        pair = self._pair(num_max, hidden, num_experts, top_k, payload)
+        index = pair.free_object()
+        if index is None:
+            raise ValueError(
+                f"{op}: both buffers of this configuration hold a dispatch whose combine has not run: expertwire "
+                "runs each dispatch's combine (once) before its buffer takes another dispatch, so at most two "
+                "dispatches may await their combines"
+            )
+        a2a = pair.objects[index]
         rows = num_max * self.group_size
+        # Outputs on the caller's stream (they are the caller's); with async_finish the kernels and their
+        # temporaries on the comm stream, which first waits for the caller's work, and the event keeps the
+        # caller's tensors alive until it is dropped.
+        recv_count = torch.empty((local,), dtype=torch.int32, device=self._device)
+        if use_fp8:
+            recv_x = torch.empty((local, rows, hidden), dtype=torch.float8_e4m3fn, device=self._device)
+            recv_scales: Optional[torch.Tensor] = _transposed_scales(
+                local, rows, payload.scale_columns, payload.scale_dtype, self._device
+            )
+            out_scales = recv_scales.view(torch.float32)
+        else:
+            recv_x = torch.empty((local, rows, hidden), dtype=torch.bfloat16, device=self._device)
+            recv_scales, out_scales = None, None
         stream = self._comm_stream if async_finish else torch.cuda.current_stream()
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            recv_count = torch.empty((local,), dtype=torch.int32, device=self._device)
             indices = topk_idx.to(torch.int32).view(torch.uint32)
             if use_fp8:
                 tokens, token_scales = cast_fp8_blocks(x, round_scale, use_ue8m0)
-                recv_x = torch.empty((local, rows, hidden), dtype=torch.float8_e4m3fn, device=self._device)
-                recv_scales = _transposed_scales(local, rows, payload.scale_columns, payload.scale_dtype, self._device)
-                out_scales: Optional[torch.Tensor] = recv_scales.view(torch.float32)
                 dp_x_scale: Optional[torch.Tensor] = token_scales.view(torch.float32)
             else:
                 tokens, dp_x_scale = x, None
-                recv_x = torch.empty((local, rows, hidden), dtype=torch.bfloat16, device=self._device)
-                recv_scales, out_scales = None, None
-
-            def receive() -> None:
-                a2a.dispatch(
-                    recv_count, recv_x, out_scales, tokens, dp_x_scale, indices, None, do_send=False, do_recv=True
-                )
-                if cumulative_local_expert_recv_stats is not None:
-                    cumulative_local_expert_recv_stats.add_(recv_count)
-
             a2a.dispatch(
                 recv_count,
                 recv_x,
@@ -501,11 +552,27 @@ class Buffer:
             if not return_recv_hook and cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(recv_count)
             event = _finish(
-                stream, async_finish, (x, topk_idx, tokens, dp_x_scale, indices, recv_x, recv_scales, recv_count)
+                stream,
+                async_finish,
+                (x, topk_idx, recv_x, recv_scales, recv_count, cumulative_local_expert_recv_stats),
             )
+        pair.calls[index] += 1
+        pair.awaiting[index] = True
+        pair.last = index
+        dispatched = _Dispatched(a2a, pair.calls[index], num_tokens)
+
+        def receive() -> None:
+            # On the stream the dispatch ran on, as DeepEP's hook.
+            with torch.cuda.stream(stream):
+                a2a.dispatch(
+                    recv_count, recv_x, out_scales, tokens, dp_x_scale, indices, None, do_send=False, do_recv=True
+                )
+                if cumulative_local_expert_recv_stats is not None:
+                    cumulative_local_expert_recv_stats.add_(recv_count)
+
         # DeepEP's handle is (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts); here
-        # the object that dispatched, which keeps what its combine needs, takes the first place.
-        handle = (a2a, None, num_max, hidden, num_experts)
+        # the first place holds what the combine needs of the dispatch.
+        handle = (dispatched, None, num_max, hidden, num_experts)
         received = (recv_x, recv_scales) if use_fp8 else recv_x
         return received, recv_count, handle, event, (receive if return_recv_hook else None)
 
@@ -542,38 +609,46 @@ class Buffer:
             raise _not_provided("low_latency_combine(combine_wait_recv_cost_stats=...) (per-rank wait times)")
         if async_finish and return_recv_hook:
             raise ValueError(f"{op}: async_finish and return_recv_hook cannot both be set")
-        a2a, _, num_max, hidden, num_experts = self._unpack_handle(op, handle)
+        dispatched, pair, index = self._awaiting_combine(op, handle)
+        a2a = dispatched.a2a
+        num_max, hidden, num_experts = handle[2], handle[3], handle[4]
         local = num_experts // self.group_size
         rows = num_max * self.group_size
         expert_y = a2a.expert_output_buffer() if zero_copy else x
         if not zero_copy:
-            _check_tensor(op, "x", x, torch.bfloat16, (local, rows, hidden), self._device)
+            _check_tensor(op, "x", x, torch.bfloat16, (local, rows, hidden), self._device, contiguous=True)
         num_tokens = self._check_topk_idx(op, topk_idx, None, top_k=a2a.shape.experts_per_token)[0]
+        if num_tokens != dispatched.num_tokens:
+            raise ValueError(
+                f"{op}: topk_idx must have the {dispatched.num_tokens} rows of the handle's dispatch, got {num_tokens}"
+            )
         _check_tensor(op, "topk_weights", topk_weights, torch.float32, tuple(topk_idx.shape), self._device)
         if out is not None:
             _check_tensor(op, "out", out, torch.bfloat16, (num_tokens, hidden), self._device, contiguous=True)
+        combined = (
+            out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
+        )
         stream = self._comm_stream if async_finish else torch.cuda.current_stream()
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            combined = (
-                out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
-            )
             indices = topk_idx.to(torch.int32).view(torch.uint32)
             weights = topk_weights.contiguous()
+            a2a.combine(combined, indices, weights, expert_y, None, do_send=True, do_recv=not return_recv_hook)
+            event = _finish(stream, async_finish, (x, topk_idx, topk_weights, combined))
+        pair.awaiting[index] = False
 
-            def receive() -> None:
+        def receive() -> None:
+            with torch.cuda.stream(stream):
                 a2a.combine(combined, indices, weights, expert_y, None, do_send=False, do_recv=True)
 
-            a2a.combine(combined, indices, weights, expert_y, None, do_send=True, do_recv=not return_recv_hook)
-            event = _finish(stream, async_finish, (x, topk_idx, topk_weights, indices, weights, combined))
         return combined, event, (receive if return_recv_hook else None)
 
     def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
         """Where the experts may write their outputs for the handle's combine with zero_copy=True: bf16
         [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden], in this rank's buffer."""
-        a2a = self._unpack_handle("get_next_low_latency_combine_buffer", handle)[0]
-        return a2a.expert_output_buffer()
+        dispatched = self._awaiting_combine("get_next_low_latency_combine_buffer", handle)[0]
+        return dispatched.a2a.expert_output_buffer()
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -613,14 +688,33 @@ class Buffer:
             raise ValueError(f"{op}: topk_idx must have at least one column, got shape {list(topk_idx.shape)}")
         return int(topk_idx.shape[0]), int(topk_idx.shape[1])
 
-    def _unpack_handle(self, op: str, handle: object) -> tuple:
-        if not isinstance(handle, tuple) or len(handle) != 5 or not isinstance(handle[0], AllToAll):
+    def _awaiting_combine(self, op: str, handle: object) -> tuple[_Dispatched, _LowLatencyPair, int]:
+        """The dispatch of `handle`, its configuration's objects and its object's place, where its combine has
+        not run yet."""
+        if not isinstance(handle, tuple) or len(handle) != 5 or not isinstance(handle[0], _Dispatched):
             raise ValueError(
                 f"{op}: handle must be the handle low_latency_dispatch returned, got {type(handle).__name__}"
             )
-        if not any(handle[0] in pair.objects for pair in self._pairs.values()):
-            raise ValueError(f"{op}: handle comes from another Buffer (or one destroyed since)")
-        return handle
+        dispatched = handle[0]
+        for pair in self._pairs.values():
+            if dispatched.a2a in pair.objects:
+                index = pair.objects.index(dispatched.a2a)
+                shape = dispatched.a2a.shape
+                if (handle[2], handle[3], handle[4]) != (
+                    shape.max_num_tokens,
+                    shape.hidden_dim,
+                    shape.num_experts,
+                ):
+                    raise ValueError(
+                        f"{op}: handle's num_max_dispatch_tokens_per_rank, hidden and num_experts {handle[2:]} are "
+                        "not those of its dispatch"
+                    )
+                if pair.calls[index] != dispatched.call or not pair.awaiting[index]:
+                    raise ValueError(
+                        f"{op}: the handle's dispatch was combined already (expertwire combines each dispatch once)"
+                    )
+                return dispatched, pair, index
+        raise ValueError(f"{op}: handle comes from another Buffer (or one destroyed since)")
 
 
 def _nvshmem_heap_bytes() -> int:
@@ -671,13 +765,10 @@ def _check_tensor(
 
 
 def _finish(stream: torch.cuda.Stream, async_finish: bool, tensors: tuple) -> EventOverlap:
-    """The call's EventOverlap: with async_finish an event on the comm stream, and the tensors it used kept for
-    that stream; else no event."""
+    """The call's EventOverlap: with async_finish an event on the comm stream, holding the caller's tensors the
+    call uses (as DeepEP's, instead of record_stream, which CUDA graphs refuse); else no event."""
     if not async_finish:
         return EventOverlap()
-    for tensor in tensors:
-        if isinstance(tensor, torch.Tensor):
-            tensor.record_stream(stream)
     event = torch.cuda.Event()
     event.record(stream)
     return EventOverlap(event, tuple(t for t in tensors if isinstance(t, torch.Tensor)))
