@@ -10,9 +10,10 @@
 Names, arguments, defaults, return values and layouts are DeepEP's (its ``deep_ep/buffers/legacy.py``). Each
 low-latency configuration (tokens per rank, hidden, experts, top-k, payload) gets two internode ``AllToAll``
 objects; a dispatch takes one whose last dispatch has been combined, so at most two dispatches may await their
-combines, and each dispatch is combined once (a named ValueError otherwise). What expertwire does not provide raises ``NotImplementedError`` naming it: the high-throughput half
-(``low_latency_mode=False``), ``use_logfmt``, the per-rank wait statistics, ``enable_shrink`` and its mask calls,
-and an mpi4py ``comm`` instead of a process group.
+combines, and each dispatch is combined once (a named ValueError otherwise). What this front end does not
+provide raises ``NotImplementedError`` naming it: the high-throughput half (``low_latency_mode=False``),
+``use_logfmt``, the per-rank wait statistics, ``enable_shrink`` and its mask calls, and an mpi4py ``comm``
+instead of a process group.
 """
 
 from __future__ import annotations
