@@ -16,19 +16,27 @@ CASES = [
 ]
 
 
+NO_EXPERT = 0xFFFFFFFF
+
+
+def _expected_inboxes(groups: list, rank: int, local: int) -> list[list[tuple[int, int]]]:
+    """Per local expert of `rank`, the sorted (group, token) pairs whose rows name it (NO_EXPERT names none)."""
+    expected: list[list[tuple[int, int]]] = [[] for _ in range(local)]
+    for g, data in enumerate(groups):
+        for t in range(data.m):
+            for e in data.indices[t].to(torch.int64).tolist():
+                if e != NO_EXPERT and e // local == rank:
+                    expected[e % local].append((g, t))
+    return [sorted(inbox) for inbox in expected]
+
+
 @pytest.mark.parametrize("case, world_size", CASES, ids=lambda v: str(v))
 def test_dispatch_delivers_each_token_to_each_of_its_experts(case: Case, world_size: int) -> None:
     groups = make_groups(case, world_size, seed=1)
     local = case.num_experts // world_size
     for rank in range(world_size):
         inboxes = reference.dispatch(config_of(case, rank, world_size), [g.tokens() for g in groups])
-        expected: list[list[tuple[int, int]]] = [[] for _ in range(local)]
-        for g, data in enumerate(groups):
-            for t in range(data.m):
-                for e in data.indices[t].tolist():
-                    if e // local == rank:
-                        expected[e % local].append((g, t))
-        assert inboxes == [sorted(inbox) for inbox in expected]
+        assert inboxes == _expected_inboxes(groups, rank, local)
 
 
 @pytest.mark.parametrize("case, world_size", CASES, ids=lambda v: str(v))
@@ -79,13 +87,7 @@ def test_no_expert_slots_deliver_and_add_nothing() -> None:
     local = case.num_experts // world_size
     for rank in range(world_size):
         inboxes = reference.dispatch(config_of(case, rank, world_size), [g.tokens() for g in groups])
-        expected: list[list[tuple[int, int]]] = [[] for _ in range(local)]
-        for g, data in enumerate(groups):
-            for t in range(data.m):
-                for e in data.indices[t].to(torch.int64).tolist():
-                    if e != 0xFFFFFFFF and e // local == rank:
-                        expected[e % local].append((g, t))
-        assert inboxes == [sorted(inbox) for inbox in expected]
+        assert inboxes == _expected_inboxes(groups, rank, local)
     table = expert_outputs_table(case, groups)
     for g, data in enumerate(groups):
         got = reference.combine(config_of(case, g, world_size), g, data.tokens(), table)
@@ -93,7 +95,7 @@ def test_no_expert_slots_deliver_and_add_nothing() -> None:
         for t in range(data.m):
             for k in range(case.experts_per_token):
                 e = int(data.indices[t, k].to(torch.int64))
-                if e != 0xFFFFFFFF:
+                if e != NO_EXPERT:
                     want[t] += data.weights[t, k] * table[e, g, t]
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert torch.equal(got[3], torch.zeros(case.hidden_dim))
