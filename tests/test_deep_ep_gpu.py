@@ -38,6 +38,8 @@ CALLS = {
     "fp8-ue8m0-hooks-zero-copy": Call(round_scale=True, use_ue8m0=True, return_recv_hook=True, zero_copy=True),
     "fp8-round-scale-async": Call(round_scale=True, async_finish=True),
     "bf16-out": Call(use_fp8=False, into_out=True),
+    # vLLM's DeepEP low-latency prepare/finalize: fp8 dispatch without hook or async, combine into its output.
+    "vllm-fp8-out": Call(into_out=True),
 }
 
 
@@ -117,6 +119,13 @@ def _worker(info: RankInfo, name: str) -> None:
                 assert scales.shape == (local, NUM_MAX * world, columns) and scales.stride()[1] == 1
                 assert scales.dtype == (torch.int32 if call.use_ue8m0 else torch.float32)
             counts = count.cpu()
+            if call.use_fp8 and not call.use_ue8m0:
+                # vLLM reads the scales as contiguous [experts, rows * hidden / 128, 1] blocks of its fp8 rows.
+                assert values.is_contiguous()
+                blocks = values.to(torch.float32).view(local, -1, 128) * scales.contiguous().view(local, -1, 1)
+                dequantized = blocks.view(values.shape)
+            else:
+                dequantized = None
             expert_out = buffer.get_next_low_latency_combine_buffer(handle) if call.zero_copy else None
             y = torch.empty((local, NUM_MAX * world, HIDDEN), dtype=torch.bfloat16, device=device)
             for le in range(local):
@@ -140,6 +149,8 @@ def _worker(info: RankInfo, name: str) -> None:
                 got = Counter(bytes(got_rows[j].numpy()) + bytes(got_scales[j].numpy()) for j in range(n))
                 assert got == want, f"rank {rank} expert {e}: received rows differ from the reference's"
                 rows = _dequantized(got_values, scales[le, :n].cpu(), call) if call.use_fp8 else got_values.float()
+                if dequantized is not None:
+                    assert torch.equal(dequantized[le, :n].cpu(), rows)
                 y[le, :n] = (rows * _expert_factor(e, num_experts)).to(torch.bfloat16).to(device)
             if expert_out is not None:
                 expert_out.copy_(y)
