@@ -40,6 +40,8 @@ CALLS = {
     "bf16-out": Call(use_fp8=False, into_out=True),
     # vLLM's DeepEP low-latency prepare/finalize: fp8 dispatch without hook or async, combine into its output.
     "vllm-fp8-out": Call(into_out=True),
+    # SGLang's DeepEP dispatcher without hooks: async_finish=not return_recv_hook, then the event's wait.
+    "sglang-fp8-async": Call(async_finish=True),
 }
 
 
