@@ -1,10 +1,13 @@
 // test_all_to_all: random dispatch/combine cases on N ranks, every result checked against the CPU
 // reference model. Run as `mpirun -np N ./test_all_to_all [--transport T] [--seed S] [--configs C]
-// [--iterations I] [--soak N]`; ends with "N passed, N failed" and exits non-zero on any mismatch.
+// [--iterations I] [--soak N [--staged]]`; ends with "N passed, N failed" and exits non-zero on any mismatch.
 //   default   C random configurations per transport, I random calls on one object each.
 //   --soak N  N random calls (random m per DP group, sometimes through bound_m, random indices) on one object
 //             per transport with a fixed mid-sized configuration: a long run that a leak, a stale signal or a
 //             counter that is not reset between calls would break.
+//   --staged  with --soak: every call from the caller's memory, tokens and float32 expert outputs, which the put
+//             path writes into its staging rows before each put (where an ordering between the writes and the
+//             put shows).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -31,7 +34,8 @@ struct Options {
   uint64_t seed = 20261125;
   int configs = 10;
   int iterations = 4;
-  long soak = 0;  // > 0: run the soak instead of the random configurations
+  long soak = 0;        // > 0: run the soak instead of the random configurations
+  bool staged = false;  // the soak's calls all stage their rows (see the file comment)
 };
 
 Options parse_options(int argc, char** argv) {
@@ -47,13 +51,15 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--configs") o.configs = std::stoi(value());
     else if (arg == "--iterations") o.iterations = std::stoi(value());
     else if (arg == "--soak") o.soak = std::stol(value());
+    else if (arg == "--staged") o.staged = true;
     else
       EW_THROW(ConfigError, "test_all_to_all: unknown argument '", arg, "' (known: --transport T (",
                harness::kTransportFlagHelp,
                "; default all), --seed S, --configs C, "
-               "--iterations I, --soak N)");
+               "--iterations I, --soak N, --staged)");
   }
   EW_REQUIRE(o.soak >= 0, "test_all_to_all: --soak must be >= 0, got ", o.soak);
+  EW_REQUIRE(!o.staged || o.soak > 0, "test_all_to_all: --staged applies to --soak N only");
   return o;
 }
 
@@ -158,7 +164,10 @@ void run_soak(const harness::MpiSession& mpi, const Options& options, harness::T
               Tally& tally) {
   const bool root = mpi.rank() == 0;
   const AllToAllConfig config = soak_config(mpi.rank(), mpi.world_size());
-  if (root) std::printf("  soak: %ld calls, %s\n", options.soak, describe_config(config).c_str());
+  if (root) {
+    std::printf("  soak: %ld calls%s, %s\n", options.soak, options.staged ? " staging every row" : "",
+                describe_config(config).c_str());
+  }
   Rng rng(harness::mix_seed(seed, uint64_t(kind), 0x50a4));
   std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, config);
   harness::RoundTrip trip(config);
@@ -166,7 +175,13 @@ void run_soak(const harness::MpiSession& mpi, const Options& options, harness::T
   const long report_every = std::max(1L, options.soak / 10);
   const auto start = std::chrono::steady_clock::now();
   for (long i = 0; i < options.soak; ++i) {
-    const CallShape shape = harness::random_call_shape(rng, config, int(std::min(i, 2L)));
+    CallShape shape = harness::random_call_shape(rng, config, int(std::min(i, 2L)));
+    if (options.staged) {
+      shape.expert_type = ScalarType::kFloat32;  // converted into a staging row, never read in place
+      if (shape.out_type == ScalarType::kFloat32) shape.out_type = ScalarType::kBFloat16;
+      shape.expert_y_in_buffer = CallShape::InBuffer::kNone;
+      shape.dp_x_in_buffer = CallShape::InBuffer::kNone;
+    }
     const bool ok = checked_call_on_all_ranks(*a2a, trip, config, shape, harness::mix_seed(seed, uint64_t(kind), i));
     tally.add(ok);
     if (!ok) {
