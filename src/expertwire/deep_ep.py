@@ -193,7 +193,8 @@ class Buffer:
     peer by loads and stores where it is mapped and by puts where not).
 
     Where NVSHMEM is not running yet, the constructor starts it over `group` (its ranks become NVSHMEM's, in
-    order) with DeepEP's settings: ``NVSHMEM_DISABLE_P2P`` from `allow_nvlink_for_low_latency_mode`,
+    order) with DeepEP's settings: ``NVSHMEM_DISABLE_P2P=1`` where `allow_nvlink_for_low_latency_mode` is False
+    (where True, an ``NVSHMEM_DISABLE_P2P`` already set stands),
     ``NVSHMEM_IBGDA_NUM_RC_PER_PE`` = `num_qps_per_rank`, ``NVSHMEM_IB_ENABLE_IBGDA=1``, ``NVSHMEM_DISABLE_NVLS=1``,
     ``NVSHMEM_DISABLE_MNNVL=1`` unless `allow_mnnvl`, and a symmetric heap of at least `num_rdma_bytes`. Where it
     runs already (``expertwire.nvshmem_init``, nvshmem4py), its configuration stands, and
@@ -258,8 +259,13 @@ class Buffer:
                 )
             ext.nvshmem_attach_to_running()
             return
+        # allow_nvlink_for_low_latency_mode allows P2P; an NVSHMEM_DISABLE_P2P the job set (ranks declared on
+        # different nodes) stands. False disables it.
+        if not self.allow_nvlink_for_low_latency_mode:
+            os.environ["NVSHMEM_DISABLE_P2P"] = "1"
+        else:
+            os.environ.setdefault("NVSHMEM_DISABLE_P2P", "0")
         settings = {
-            "NVSHMEM_DISABLE_P2P": "0" if self.allow_nvlink_for_low_latency_mode else "1",
             "NVSHMEM_IB_ENABLE_IBGDA": "1",
             "NVSHMEM_IBGDA_NUM_RC_PER_PE": str(self.num_qps_per_rank),
             "NVSHMEM_DISABLE_NVLS": "1",
