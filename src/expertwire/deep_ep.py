@@ -160,7 +160,7 @@ class _Payload:
 
 class _Dispatched:
     """What a dispatch leaves for its combine (the first entry of the handle): the object that dispatched, the
-    call's number on it, its tokens and top-k."""
+    call's number on it and its token count."""
 
     def __init__(self, a2a: AllToAll, call: int, num_tokens: int) -> None:
         self.a2a, self.call, self.num_tokens = a2a, call, num_tokens
