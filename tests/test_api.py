@@ -70,7 +70,10 @@ def test_api_is_argument_for_argument_pplx_kernels() -> None:
         "bound_m",
         "do_send",
         "do_recv",
+        "fp8_cast",  # expertwire's, keyword-only
     ]
+    fp8_cast = inspect.signature(AllToAll.dispatch).parameters["fp8_cast"]
+    assert fp8_cast.kind == inspect.Parameter.KEYWORD_ONLY and fp8_cast.default == "none"
     assert parameters(AllToAll.combine) == [
         "out_tokens",
         "indices",

@@ -426,3 +426,49 @@ def test_out_tokens_may_have_more_rows_than_max_num_tokens(fake_cuda: None) -> N
     """Rows past m are left untouched, as pplx_kernels leaves them."""
     args = {**combine_args(SHAPE, m=3), "out_tokens": torch.empty(20, 256, dtype=torch.bfloat16, device="cuda")}
     assert check_combine(SHAPE, **args) == 3
+
+
+def _cast_args(shape: AllToAllShape, m: int = 5) -> dict[str, Any]:
+    """Valid arguments of a dispatch that casts bf16 tokens to fp8 on the way."""
+    args = dispatch_args(shape, m)
+    args["dp_x"] = torch.empty(m, shape.hidden_dim, dtype=torch.bfloat16, device="cuda")
+    args["dp_x_scale"] = None
+    return args
+
+
+@pytest.mark.usefixtures("fake_cuda")
+def test_dispatch_with_an_fp8_cast() -> None:
+    cast_shape = AllToAllShape(
+        max_num_tokens=8,
+        num_experts=8,
+        experts_per_token=2,
+        world_size=4,
+        dp_size=1,
+        hidden_dim=512,
+        hidden_dim_bytes=512,
+        hidden_dim_scale_bytes=16,
+    )
+    assert check_dispatch(cast_shape, fp8_cast=1, **_cast_args(cast_shape)) == 5
+    assert check_dispatch(cast_shape, fp8_cast=2, **_cast_args(cast_shape)) == 5
+    with pytest.raises(ValueError, match=r"dp_x_scale must be None \(fp8_cast='block-scales' makes the scales\)"):
+        check_dispatch(
+            cast_shape, fp8_cast=1, **{**_cast_args(cast_shape), "dp_x_scale": torch.empty(5, 4, device="cuda")}
+        )
+    fp8_rows = {**_cast_args(cast_shape), "dp_x": torch.empty(5, 512, dtype=torch.float8_e4m3fn, device="cuda")}
+    with pytest.raises(ValueError, match=r"dp_x must have dtype torch.bfloat16"):
+        check_dispatch(cast_shape, fp8_cast=1, **fp8_rows)
+    # UE8M0 scales take a quarter of the words: this shape's 16 bytes are block scales.
+    with pytest.raises(ValueError, match=r"needs hidden_dim_scale_bytes=4, got 16"):
+        check_dispatch(cast_shape, fp8_cast=3, **_cast_args(cast_shape))
+    bf16_payload = AllToAllShape(
+        max_num_tokens=8,
+        num_experts=8,
+        experts_per_token=2,
+        world_size=4,
+        dp_size=1,
+        hidden_dim=256,
+        hidden_dim_bytes=512,
+        hidden_dim_scale_bytes=8,
+    )
+    with pytest.raises(ValueError, match=r"needs hidden_dim_bytes = hidden_dim=256 \(one e4m3 byte a value\), got 512"):
+        check_dispatch(bf16_payload, fp8_cast=1, **_cast_args(bf16_payload))

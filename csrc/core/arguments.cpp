@@ -47,10 +47,30 @@ void require_no_self_overlap(const char* name, const Strided3D<float>& view, con
   }
 }
 
+// The configuration a cast needs (params.h): fp8 payload bytes of hidden_dim, its scales' bytes.
+void require_cast_config(const AllToAllConfig& config, Fp8Cast cast) {
+  const bool ue8m0 = cast == Fp8Cast::kUe8m0Scales;
+  const int64_t block = ue8m0 ? 512 : 128;
+  EW_REQUIRE(config.hidden_dim % block == 0, "dispatch: an fp8 cast", ue8m0 ? " with UE8M0 scales" : "",
+             " needs hidden_dim a multiple of ", block, ", got ", config.hidden_dim);
+  EW_REQUIRE(config.hidden_dim_bytes == config.hidden_dim, "dispatch: an fp8 cast needs hidden_dim_bytes = hidden_dim=",
+             config.hidden_dim, " (one e4m3 byte a value), got ", config.hidden_dim_bytes);
+  const int64_t scale_bytes = config.hidden_dim / block * 4;
+  EW_REQUIRE(config.hidden_dim_scale_bytes == scale_bytes, "dispatch: an fp8 cast", ue8m0 ? " with UE8M0 scales" : "",
+             " needs hidden_dim_scale_bytes=", scale_bytes, ", got ", config.hidden_dim_scale_bytes);
+}
+
 }  // namespace
 
 void check_dispatch_layout(const AllToAllConfig& config, const DispatchParams& p) {
   require_m("dispatch", config, p.m);
+  EW_REQUIRE(uint8_t(p.cast) <= uint8_t(Fp8Cast::kUe8m0Scales), "dispatch: cast must be one of Fp8Cast's values, got ",
+             int(p.cast));
+  const bool casts = p.cast != Fp8Cast::kNone;
+  if (casts) require_cast_config(config, p.cast);
+  // With a cast, dp_x's rows are the bf16 values and dp_x_scale is unused.
+  const uint64_t x_row_bytes = casts ? 2 * uint64_t(config.hidden_dim) : uint64_t(config.hidden_dim_bytes);
+  const uint64_t input_words = casts ? 0 : uint64_t(config.hidden_dim_scale_bytes) / 4;
   const uint64_t words = uint64_t(config.hidden_dim_scale_bytes) / 4;
   if (sends(p.split) && p.m > 0) {
     EW_REQUIRE(p.dp_x.element_stride == 1,
@@ -58,11 +78,12 @@ void check_dispatch_layout(const AllToAllConfig& config, const DispatchParams& p
                "stride of ",
                p.dp_x.element_stride, " bytes");
     if (p.m > 1) {
-      EW_REQUIRE(p.dp_x.row_stride >= uint64_t(config.hidden_dim_bytes) && p.dp_x.row_stride % 16 == 0,
-                 "dispatch: dp_x's rows must lie a multiple of 16 bytes apart, at least hidden_dim_bytes=",
-                 config.hidden_dim_bytes, ", got a row stride of ", p.dp_x.row_stride, " bytes");
+      EW_REQUIRE(p.dp_x.row_stride >= x_row_bytes && p.dp_x.row_stride % 16 == 0,
+                 "dispatch: dp_x's rows must lie a multiple of 16 bytes apart, at least ",
+                 casts ? "2 * hidden_dim=" : "hidden_dim_bytes=", x_row_bytes, ", got a row stride of ",
+                 p.dp_x.row_stride, " bytes");
     }
-    if (words != 0) {
+    if (input_words != 0) {
       require_word_strides("dispatch: dp_x_scale", {{"row", p.m > 1 ? p.dp_x_scale.row_stride : 0},
                                                     {"word", words > 1 ? p.dp_x_scale.element_stride : 0}});
     }
@@ -83,7 +104,12 @@ void check_dispatch_pointers(const AllToAllConfig& config, const DispatchParams&
   if (sends(p.split) && p.m > 0) {
     require_pointer(p.dp_x.data, "dispatch: dp_x", 16);
     require_pointer(p.indices, "dispatch: indices", 4);
-    if (scales) require_pointer(p.dp_x_scale.data, "dispatch: dp_x_scale", 4);
+    if (p.cast != Fp8Cast::kNone) {
+      EW_REQUIRE(p.dp_x_scale.data == nullptr, "dispatch: dp_x_scale must be null with an fp8 cast (the cast makes "
+                                               "the scales)");
+    } else if (scales) {
+      require_pointer(p.dp_x_scale.data, "dispatch: dp_x_scale", 4);
+    }
   }
   if (receives(p.split)) {
     require_pointer(p.out_expert_num_tokens, "dispatch: out_expert_num_tokens", 4);

@@ -32,7 +32,7 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
       check_row_expert(c, experts, k0, k < top_k ? experts[k] : ~0u, k < top_k);
     }
     write_dispatch_token(c.local(c.send_row(t)), l, t, experts, input_payload(a, t), input_scales(a, t),
-                         a.dp_x_scale.element_stride, !a.dp_x_in_send_rows, !a.dp_x_scale_in_send_rows);
+                         a.dp_x_scale.element_stride, !a.dp_x_in_send_rows, !a.dp_x_scale_in_send_rows, a.cast);
     __syncwarp();  // every lane's part of the row before the stamp, whose release carries it (cumulative)
     if (lane_id() == 0) store_release_sys(c.local(c.send_stamp(t)), epoch);
   }

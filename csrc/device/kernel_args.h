@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "device/rank_state.h"
+#include "expertwire/params.h"
 #include "expertwire/strided.h"
 
 namespace expertwire::device {
@@ -23,6 +24,7 @@ struct DispatchArgs {
   // dp_x / dp_x_scale are where the pull dispatch stages them (AllToAll::dispatch_input_buffer): not copied.
   bool dp_x_in_send_rows;
   bool dp_x_scale_in_send_rows;
+  Fp8Cast cast;  // dp_x's bf16 rows cast to the fp8 payload on the way (params.h)
 };
 
 struct CombineArgs {

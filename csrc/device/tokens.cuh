@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "device/fp8_cast.cuh"
 #include "device/kernel_args.h"
 #include "device/primitives.cuh"
 
@@ -13,14 +14,19 @@ namespace expertwire::device {
 
 // Writes one DispatchToken at `dst` with the whole warp; the payload and the scales only when `copy_payload`
 // and `copy_scales` (false: the caller wrote them at dst itself). `x_scale`: the token's row of dp_x_scale, whose
-// words lie `scale_word_stride` bytes apart.
+// words lie `scale_word_stride` bytes apart. With a `cast`, x is the token's bf16 row and the payload and scales
+// are its fp8 cast (x_scale unused).
 __device__ __forceinline__ void write_dispatch_token(uint8_t* dst, const BufferLayout& l, uint32_t token,
                                                      const uint32_t* experts, const uint8_t* x, const uint8_t* x_scale,
                                                      uint64_t scale_word_stride, bool copy_payload = true,
-                                                     bool copy_scales = true) {
+                                                     bool copy_scales = true, Fp8Cast cast = Fp8Cast::kNone) {
   auto* header = reinterpret_cast<uint32_t*>(dst);
   for (uint32_t w = lane_id(); w <= l.experts_per_token; w += kWarpSize) {
     header[w] = w == 0 ? token : experts[w - 1];
+  }
+  if (cast != Fp8Cast::kNone) {
+    warp_cast_fp8_row(dst + l.payload_offset_in_token(), dst + l.scale_offset_in_token(), x, l.hidden_dim, cast);
+    return;
   }
   if (copy_payload) warp_copy_16<SourceKind::kInput>(dst + l.payload_offset_in_token(), x, l.hidden_dim_bytes);
   if (copy_scales && l.hidden_dim_scale_bytes != 0) {

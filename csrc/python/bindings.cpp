@@ -61,7 +61,7 @@ using Strides2 = std::tuple<uint64_t, uint64_t>;
 DispatchParams dispatch_params(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale,
                                uintptr_t dp_x, uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m,
                                bool do_send, bool do_recv, const Strides3& out_expert_x_scale_strides,
-                               const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides) {
+                               const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides, uint8_t cast) {
   const auto [out_expert, out_row, out_word] = out_expert_x_scale_strides;
   const auto [scale_row, scale_word] = dp_x_scale_strides;
   const auto [x_row, x_element] = dp_x_strides;
@@ -75,6 +75,7 @@ DispatchParams dispatch_params(uintptr_t out_expert_num_tokens, uintptr_t out_ex
   p.m = m;
   p.bound_m = device_pointer<const uint32_t>(bound_m);
   p.split = split_mode("dispatch", do_send, do_recv);
+  p.cast = Fp8Cast(cast);  // an unknown value is refused by check_dispatch_layout
   return p;
 }
 
@@ -103,10 +104,10 @@ class AllToAllHandle {
   void dispatch(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale, uintptr_t dp_x,
                 uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m, bool do_send, bool do_recv,
                 uintptr_t stream, const Strides3& out_expert_x_scale_strides, const Strides2& dp_x_scale_strides,
-                const Strides2& dp_x_strides) {
+                const Strides2& dp_x_strides, uint8_t cast) {
     live().dispatch(
         dispatch_params(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices, m, bound_m,
-                        do_send, do_recv, out_expert_x_scale_strides, dp_x_scale_strides, dp_x_strides),
+                        do_send, do_recv, out_expert_x_scale_strides, dp_x_scale_strides, dp_x_strides, cast),
         stream_from(stream));
   }
 
@@ -455,7 +456,7 @@ NB_MODULE(_expertwire, m) {
           "Collective: `all_gather(bytes) -> list[bytes]` returns every rank's bytes in rank order.")
       .def("dispatch", &AllToAllHandle::dispatch, "out_expert_num_tokens"_a, "out_expert_x"_a, "out_expert_x_scale"_a,
            "dp_x"_a, "dp_x_scale"_a, "indices"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a,
-           "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a, "dp_x_strides"_a)
+           "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a, "dp_x_strides"_a, "cast"_a = 0)
       .def("combine", &AllToAllHandle::combine, "out_tokens"_a, "out_type"_a, "indices"_a, "weights"_a, "expert_y"_a,
            "expert_type"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a)
       .def("check_errors", &AllToAllHandle::check_errors)
@@ -581,14 +582,16 @@ NB_MODULE(_expertwire, m) {
   m.def(
       "check_dispatch_layout",
       [](const AllToAllConfig& config, uint32_t m, bool do_send, bool do_recv, bool has_scales,
-         const Strides3& out_expert_x_scale_strides, const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides) {
+         const Strides3& out_expert_x_scale_strides, const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides,
+         uint8_t cast) {
         // Stand-in addresses: the layout checks look only at what is present.
         const uintptr_t present = has_scales ? 16 : 0;
-        check_dispatch_layout(config, dispatch_params(16, 16, present, 16, present, 16, m, 0, do_send, do_recv,
-                                                      out_expert_x_scale_strides, dp_x_scale_strides, dp_x_strides));
+        check_dispatch_layout(config,
+                              dispatch_params(16, 16, present, 16, cast != 0 ? 0 : present, 16, m, 0, do_send, do_recv,
+                                              out_expert_x_scale_strides, dp_x_scale_strides, dp_x_strides, cast));
       },
       "config"_a, "m"_a, "do_send"_a, "do_recv"_a, "has_scales"_a, "out_expert_x_scale_strides"_a,
-      "dp_x_scale_strides"_a, "dp_x_strides"_a);
+      "dp_x_scale_strides"_a, "dp_x_strides"_a, "cast"_a = 0);
   m.def(
       "check_combine_layout",
       [](const AllToAllConfig& config, uint32_t m, ScalarType out_type, ScalarType expert_type, bool do_send,

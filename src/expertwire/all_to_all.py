@@ -17,6 +17,7 @@ from .checks import (
     check_combine_tensors,
     check_dispatch_tensors,
     dtype_names,
+    fp8_cast_code,
     integer,
 )
 
@@ -214,14 +215,23 @@ class AllToAll:
         bound_m: Optional[torch.Tensor],
         do_send: bool = True,
         do_recv: bool = True,
+        *,
+        fp8_cast: str = "none",
     ) -> None:
         """Sends the first bound_m (default: all dp_x.shape[0]) tokens of dp_x to the experts named in `indices`.
         Shapes: out_expert_num_tokens [num_local_experts] int32; out_expert_x [num_local_experts,
         max_num_tokens * world_size / dp_size, hidden_dim_bytes / itemsize] (any dtype: rows move as bytes);
         out_expert_x_scale likewise with hidden_dim_scale_bytes (float32 or uint8); dp_x [m, hidden_dim_bytes /
         itemsize]; dp_x_scale [m, ...]; indices [m, experts_per_token] uint32 (0xFFFFFFFF, -1 as int32: no
-        expert in that slot); bound_m [1] uint32 on the GPU or None."""
+        expert in that slot); bound_m [1] uint32 on the GPU or None.
+
+        fp8_cast (an object of fp8 rows: hidden_dim_bytes = hidden_dim): dp_x is bfloat16 [m, hidden_dim], cast to
+        e4m3 with a scale per 128 values on the way, as DeepEP's low-latency dispatch does, and dp_x_scale is
+        None. "block-scales": float32 scales amax / 448 (hidden_dim_scale_bytes = hidden_dim / 32);
+        "power-of-two-scales": those rounded up to powers of two; "ue8m0-scales": their exponent bytes, four to a
+        word (hidden_dim_scale_bytes = hidden_dim / 128)."""
         handle = self._live_handle("dispatch")
+        cast = fp8_cast_code("AllToAll.dispatch", fp8_cast)
         # The torch checks here; the rest in the native call, before it launches anything.
         check_dispatch_tensors(
             self._shape,
@@ -233,6 +243,7 @@ class AllToAll:
             indices,
             bound_m,
             device=self._device,
+            fp8_cast=cast,
         )
         dispatch_op = ops.dispatch if _traced(out_expert_x) else ops.launch_dispatch
         dispatch_op(
@@ -246,6 +257,7 @@ class AllToAll:
             bound_m,
             do_send,
             do_recv,
+            cast,
         )
 
     def combine(

@@ -183,6 +183,16 @@ def _native_config(shape: AllToAllShape) -> "ext.AllToAllConfig":
     return ext.AllToAllConfig(rank=0, **dataclasses.asdict(shape))
 
 
+# dispatch's fp8_cast: the names of the native Fp8Cast values (params.h), in their order.
+FP8_CASTS = ("none", "block-scales", "power-of-two-scales", "ue8m0-scales")
+
+
+def fp8_cast_code(op: str, fp8_cast: object) -> int:
+    if fp8_cast not in FP8_CASTS:
+        raise ValueError(f"{op}: fp8_cast must be one of {', '.join(map(repr, FP8_CASTS))}, got {fp8_cast!r}")
+    return FP8_CASTS.index(fp8_cast)  # type: ignore[arg-type]
+
+
 def check_dispatch_tensors(
     shape: AllToAllShape,
     out_expert_num_tokens: object,
@@ -193,9 +203,11 @@ def check_dispatch_tensors(
     indices: object,
     bound_m: object,
     device: Optional[torch.device] = None,
+    fp8_cast: int = 0,
 ) -> int:
     """The torch checks of dispatch's arguments; returns m, the number of tokens in dp_x. `device`: the
-    all-to-all's, which every tensor must be on (None: any one CUDA device, the same for all)."""
+    all-to-all's, which every tensor must be on (None: any one CUDA device, the same for all). `fp8_cast`: a
+    FP8_CASTS index; with a cast, dp_x is bfloat16 [m, hidden_dim] and dp_x_scale None."""
     c = _Checker("dispatch", device)
     dp_x = c.is_tensor("dp_x", dp_x)
     m = _token_count(c, "dp_x", dp_x, shape)
@@ -209,6 +221,21 @@ def check_dispatch_tensors(
     c.tensor("out_expert_num_tokens", out_expert_num_tokens, (torch.int32,), (local,))
     out_columns = columns("out_expert_x", out_expert_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
     c.tensor("out_expert_x", out_expert_x, None, (local, recv, out_columns))
+    if fp8_cast != 0:
+        c.absent("dp_x_scale", dp_x_scale, f"fp8_cast={FP8_CASTS[fp8_cast]!r} makes the scales")
+        if out_expert_x_scale is None or not shape.has_scales:
+            raise c.fail("out_expert_x_scale", f"be a tensor (fp8_cast={FP8_CASTS[fp8_cast]!r} makes scales)", None)
+        if c.is_tensor("out_expert_x_scale", out_expert_x_scale).dtype not in SCALE_DTYPES:
+            raise c.fail("out_expert_x_scale", f"have dtype {dtype_names(SCALE_DTYPES)}", out_expert_x_scale.dtype)
+        c.scales("out_expert_x_scale", out_expert_x_scale, (local, recv), shape.hidden_dim_scale_bytes)
+        if dp_x.dtype != torch.bfloat16:
+            raise c.fail("dp_x", f"have dtype torch.bfloat16 (fp8_cast={FP8_CASTS[fp8_cast]!r} casts it)", dp_x.dtype)
+        if dp_x.dim() == 2 and dp_x.shape[1] > 1 and dp_x.stride(1) != 1:
+            raise c.fail("dp_x", "have contiguous rows (stride 1 in its last dimension)", list(dp_x.stride()))
+        c.rows("dp_x", dp_x, (m, shape.hidden_dim))
+        c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
+        c.bound_m(bound_m)
+        return m
     if shape.has_scales:
         for name, value in (("out_expert_x_scale", out_expert_x_scale), ("dp_x_scale", dp_x_scale)):
             if value is None:
@@ -229,12 +256,18 @@ def check_dispatch_tensors(
 
 
 def check_dispatch(
-    shape: AllToAllShape, *, do_send: bool, do_recv: bool, device: Optional[torch.device] = None, **tensors: object
+    shape: AllToAllShape,
+    *,
+    do_send: bool,
+    do_recv: bool,
+    device: Optional[torch.device] = None,
+    fp8_cast: int = 0,
+    **tensors: object,
 ) -> int:
     """Every check of dispatch's arguments that needs no live all-to-all: the torch checks of `tensors` (dispatch's
     tensor arguments by name, as check_dispatch_tensors takes them), then the native layout checks; returns m.
     AllToAll.dispatch makes the same checks, the native ones in the call itself."""
-    m = check_dispatch_tensors(shape, **tensors, device=device)  # type: ignore[arg-type]
+    m = check_dispatch_tensors(shape, **tensors, device=device, fp8_cast=fp8_cast)  # type: ignore[arg-type]
     ext.check_dispatch_layout(
         _native_config(shape),
         m,
@@ -242,6 +275,7 @@ def check_dispatch(
         do_recv,
         shape.has_scales,
         *dispatch_strides(tensors["out_expert_x_scale"], tensors["dp_x_scale"], tensors["dp_x"]),  # type: ignore[arg-type]
+        cast=fp8_cast,
     )
     return m
 

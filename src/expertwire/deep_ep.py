@@ -463,7 +463,7 @@ class Buffer:
     ]:
         """Sends each token of x (bf16 [num_tokens, hidden], num_tokens <= num_max_dispatch_tokens_per_rank) to
         the experts in its row of topk_idx (int64 [num_tokens, num_topk], -1: no expert). With use_fp8 the
-        tokens travel as fp8 with per-128 scales (cast_fp8_blocks, on the stream before the send). Returns
+        tokens travel as fp8 with per-128 scales, cast by the send kernel (AllToAll.dispatch's fp8_cast). Returns
         (recv_x, recv_count, handle, event, hook) as DeepEP: recv_x [num_local_experts,
         num_max_dispatch_tokens_per_rank * num_ranks, hidden] bf16, or with use_fp8 (fp8 values, scales
         [.., .., hidden / 128] float32 or with use_ue8m0 [.., .., hidden / 512] int32, the last two dimensions
@@ -512,6 +512,16 @@ class Buffer:
             )
 
         payload = _Payload(hidden, use_fp8, use_ue8m0)
+        # The send half casts bf16 tokens itself (DispatchParams::cast): no separate pass.
+        fp8_cast = (
+            "none"
+            if not use_fp8
+            else "ue8m0-scales"
+            if use_ue8m0
+            else "power-of-two-scales"
+            if round_scale
+            else "block-scales"
+        )
         pair = self._pair(num_max, hidden, num_experts, top_k, payload)
         index = pair.free_object()
         if index is None:
@@ -540,21 +550,17 @@ class Buffer:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             indices = topk_idx.to(torch.int32).view(torch.uint32)
-            if use_fp8:
-                tokens, token_scales = cast_fp8_blocks(x, round_scale, use_ue8m0)
-                dp_x_scale: Optional[torch.Tensor] = token_scales.view(torch.float32)
-            else:
-                tokens, dp_x_scale = x, None
             a2a.dispatch(
                 recv_count,
                 recv_x,
                 out_scales,
-                tokens,
-                dp_x_scale,
+                x,
+                None,
                 indices,
                 None,
                 do_send=True,
                 do_recv=not return_recv_hook,
+                fp8_cast=fp8_cast,
             )
             if not return_recv_hook and cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(recv_count)
@@ -572,7 +578,16 @@ class Buffer:
             # On the stream the dispatch ran on, as DeepEP's hook.
             with torch.cuda.stream(stream):
                 a2a.dispatch(
-                    recv_count, recv_x, out_scales, tokens, dp_x_scale, indices, None, do_send=False, do_recv=True
+                    recv_count,
+                    recv_x,
+                    out_scales,
+                    x,
+                    None,
+                    indices,
+                    None,
+                    do_send=False,
+                    do_recv=True,
+                    fp8_cast=fp8_cast,
                 )
                 if cumulative_local_expert_recv_stats is not None:
                     cumulative_local_expert_recv_stats.add_(recv_count)

@@ -71,6 +71,7 @@ def launch_dispatch(
     bound_m: Optional[torch.Tensor],
     do_send: bool,
     do_recv: bool,
+    fp8_cast: int = 0,
 ) -> None:
     native(handle).dispatch(
         _address(out_expert_num_tokens),
@@ -85,6 +86,7 @@ def launch_dispatch(
         do_recv,
         _stream(out_expert_x),
         *dispatch_strides(out_expert_x_scale, dp_x_scale, dp_x),
+        cast=fp8_cast,
     )
 
 

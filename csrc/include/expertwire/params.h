@@ -11,6 +11,16 @@
 
 namespace expertwire {
 
+// What the send half does to dp_x's rows. kNone: they travel as they are. Otherwise dp_x holds bfloat16 rows of
+// hidden_dim values (2 * hidden_dim bytes) that the send half casts to fp8 e4m3 with one scale per 128 values, as
+// DeepEP's low-latency dispatch does (amax at least 1e-4 to 448, rounded to nearest even and saturated), into a
+// configuration of hidden_dim_bytes = hidden_dim; dp_x_scale is then unused (null):
+//   kBlockScales        float32 scales amax / 448, hidden_dim_scale_bytes = hidden_dim / 128 * 4;
+//   kPowerOfTwoScales   float32 scales 2^ceil(log2(amax / 448)), the same size;
+//   kUe8m0Scales        those powers of two as their exponent bytes, four to a word (block 4p + j in byte j of
+//                       word p), hidden_dim_scale_bytes = hidden_dim / 512 * 4.
+enum class Fp8Cast : uint8_t { kNone = 0, kBlockScales = 1, kPowerOfTwoScales = 2, kUe8m0Scales = 3 };
+
 struct DispatchParams {
   // Outputs, written on the rank that owns the experts.
   int32_t* out_expert_num_tokens = nullptr;  // [num_local_experts]: rows received per local expert
@@ -27,6 +37,7 @@ struct DispatchParams {
   // call with another count.
   const uint32_t* bound_m = nullptr;
   SplitMode split = SplitMode::kNone;
+  Fp8Cast cast = Fp8Cast::kNone;
 };
 
 struct CombineParams {

@@ -147,14 +147,17 @@ void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
   // Inputs in the dispatch input buffers are not copied; other inputs must not overlap them.
   bool dp_x_in_send_rows = false, dp_x_scale_in_send_rows = false;
   if (send && p.m > 0) {
+    const bool casts = p.cast != Fp8Cast::kNone;
     const uint8_t* rows = state_->symmetric + l.send_rows_offset;
     const uint64_t rows_bytes = uint64_t(config.max_num_tokens) * l.dispatch_token_bytes;
     const Strided2D<uint8_t> x_buffer = dispatch_input_buffer();
-    dp_x_in_send_rows =
-        input_is_staged(p.dp_x.data, (p.m - 1) * p.dp_x.row_stride + uint64_t(config.hidden_dim_bytes),
-                        p.dp_x.data == x_buffer.data && (p.m == 1 || p.dp_x.row_stride == x_buffer.row_stride), rows,
-                        rows_bytes, "dispatch: dp_x", "dispatch_input_buffer", x_buffer.data, x_buffer.row_stride);
-    const uint64_t words = uint64_t(config.hidden_dim_scale_bytes) / 4;
+    // bf16 rows to cast are never the staged payload: any overlap with the staging rows is refused.
+    const uint64_t x_row_bytes = casts ? 2 * uint64_t(config.hidden_dim) : uint64_t(config.hidden_dim_bytes);
+    dp_x_in_send_rows = input_is_staged(
+        p.dp_x.data, (p.m - 1) * p.dp_x.row_stride + x_row_bytes,
+        !casts && p.dp_x.data == x_buffer.data && (p.m == 1 || p.dp_x.row_stride == x_buffer.row_stride), rows,
+        rows_bytes, "dispatch: dp_x", "dispatch_input_buffer", x_buffer.data, x_buffer.row_stride);
+    const uint64_t words = casts ? 0 : uint64_t(config.hidden_dim_scale_bytes) / 4;
     if (words != 0) {
       const Strided2D<float> scale_buffer = dispatch_input_scale_buffer();
       const bool is_buffer_in_its_layout = p.dp_x_scale.data == scale_buffer.data &&
@@ -178,7 +181,8 @@ void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
                                   send,
                                   recv,
                                   dp_x_in_send_rows,
-                                  dp_x_scale_in_send_rows};
+                                  dp_x_scale_in_send_rows,
+                                  p.cast};
   launch_dispatch(args, stream);
   state_->order.advance(Operation::kDispatch, p.split);
 }
