@@ -53,8 +53,9 @@ void require_cast_config(const AllToAllConfig& config, Fp8Cast cast) {
   const int64_t block = ue8m0 ? 512 : 128;
   EW_REQUIRE(config.hidden_dim % block == 0, "dispatch: an fp8 cast", ue8m0 ? " with UE8M0 scales" : "",
              " needs hidden_dim a multiple of ", block, ", got ", config.hidden_dim);
-  EW_REQUIRE(config.hidden_dim_bytes == config.hidden_dim, "dispatch: an fp8 cast needs hidden_dim_bytes = hidden_dim=",
-             config.hidden_dim, " (one e4m3 byte a value), got ", config.hidden_dim_bytes);
+  EW_REQUIRE(config.hidden_dim_bytes == config.hidden_dim,
+             "dispatch: an fp8 cast needs hidden_dim_bytes = hidden_dim=", config.hidden_dim,
+             " (one e4m3 byte a value), got ", config.hidden_dim_bytes);
   const int64_t scale_bytes = config.hidden_dim / block * 4;
   EW_REQUIRE(config.hidden_dim_scale_bytes == scale_bytes, "dispatch: an fp8 cast", ue8m0 ? " with UE8M0 scales" : "",
              " needs hidden_dim_scale_bytes=", scale_bytes, ", got ", config.hidden_dim_scale_bytes);
@@ -105,8 +106,9 @@ void check_dispatch_pointers(const AllToAllConfig& config, const DispatchParams&
     require_pointer(p.dp_x.data, "dispatch: dp_x", 16);
     require_pointer(p.indices, "dispatch: indices", 4);
     if (p.cast != Fp8Cast::kNone) {
-      EW_REQUIRE(p.dp_x_scale.data == nullptr, "dispatch: dp_x_scale must be null with an fp8 cast (the cast makes "
-                                               "the scales)");
+      EW_REQUIRE(p.dp_x_scale.data == nullptr,
+                 "dispatch: dp_x_scale must be null with an fp8 cast (the cast makes "
+                 "the scales)");
     } else if (scales) {
       require_pointer(p.dp_x_scale.data, "dispatch: dp_x_scale", 4);
     }

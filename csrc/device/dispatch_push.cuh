@@ -44,11 +44,11 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
         const int from = __ffs(pending) - 1;
         const int rank = int(__shfl_sync(kFullMask, owner, from));
         const uint32_t s = __shfl_sync(kFullMask, slot, from);
-        issued_puts |= deliver_row(
-            transport, rank, c.dispatch_token(c.dp_group, s), l.dispatch_token_bytes, staging, staged,
-            [&](uint8_t* dst) {
-              write_dispatch_token(dst, l, t, experts, x, x_scale, a.dp_x_scale.element_stride, true, true, a.cast);
-            });
+        issued_puts |= deliver_row(transport, rank, c.dispatch_token(c.dp_group, s), l.dispatch_token_bytes, staging,
+                                   staged, [&](uint8_t* dst) {
+                                     write_dispatch_token(dst, l, t, experts, x, x_scale, a.dp_x_scale.element_stride,
+                                                          true, true, a.cast);
+                                   });
       }
     }
   }

@@ -23,8 +23,8 @@ constexpr uint32_t kFp8LanesPerBlock = kFp8BlockValues / 8;  // a lane casts 8 v
 // reference::cast_fp8_blocks: amax of the block's magnitudes (NaN ignored, at least 1e-4), scale 448 / amax (a
 // correctly rounded division) or 2^-ceil(log2(amax / 448)), values times scale rounded to nearest even and
 // saturated.
-__device__ __forceinline__ void warp_cast_fp8_row(uint8_t* payload, uint8_t* scales, const uint8_t* x,
-                                                  uint32_t hidden, Fp8Cast cast) {
+__device__ __forceinline__ void warp_cast_fp8_row(uint8_t* payload, uint8_t* scales, const uint8_t* x, uint32_t hidden,
+                                                  Fp8Cast cast) {
   const auto* in = reinterpret_cast<const int4*>(x);
   const uint32_t vectors = hidden / 8;
   const uint32_t passes = (vectors + kWarpSize - 1) / kWarpSize;  // warp-uniform, for the shuffles
