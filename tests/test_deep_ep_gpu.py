@@ -55,7 +55,16 @@ def _inputs(rank: int, num_experts: int, seed: int) -> tuple[torch.Tensor, torch
     idx = torch.stack(rows) if rows else torch.empty((0, TOP_K), dtype=torch.int64)
     idx[torch.rand((m, TOP_K), generator=g) < 0.2] = -1
     weights = torch.rand((m, TOP_K), generator=g)
-    return x, idx.to(torch.int64), weights
+    # The cast's edges in the first tokens: a zero block (the amax floor), a tiny one, e4m3's largest value and a
+    # tie, a saturating value, signed zeros and NaNs.
+    edges = torch.tensor([448.0, -448.0, 1.0625, 1.1875, 0.0, -0.0, 460.0, float("nan"), -float("nan")])
+    x = x.float()
+    if m > 0:
+        x[0, :128] = 0.0
+        x[0, 128:256] = 1e-6
+    if m > 1:
+        x[1, : edges.numel()] = edges
+    return x.to(torch.bfloat16), idx.to(torch.int64), weights
 
 
 def _expert_factor(expert: int, num_experts: int) -> float:
@@ -185,7 +194,9 @@ def _worker(info: RankInfo, name: str) -> None:
                     if e >= 0:
                         row = (payload_rows[t] * _expert_factor(e, num_experts)).to(torch.bfloat16).float()
                         want[t] += weights[t, k] * row
-            torch.testing.assert_close(combined.cpu().float(), want.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6)
+            torch.testing.assert_close(
+                combined.cpu().float(), want.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6, equal_nan=True
+            )
     torch.cuda.synchronize()
     assert torch.equal(stats.cpu(), expected_stats)
     buffer.destroy()

@@ -69,6 +69,12 @@ __device__ __forceinline__ void warp_cast_fp8_row(uint8_t* payload, uint8_t* sca
       const float2 scaled = make_float2(__fmul_rn(values[2 * i], scale), __fmul_rn(values[2 * i + 1], scale));
       codes[i] = __nv_cvt_float2_to_fp8x2(scaled, __NV_SATFINITE, __NV_E4M3);
     }
+    // The conversion drops a NaN's sign; the reference keeps it.
+    auto* bytes = reinterpret_cast<uint8_t*>(&out);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (isnan(values[i])) bytes[i] = uint8_t((__float_as_uint(values[i]) >> 24) & 0x80u) | 0x7fu;
+    }
     reinterpret_cast<uint2*>(payload)[v] = out;
     if (v % kFp8LanesPerBlock == 0) {
       const uint32_t block = v / kFp8LanesPerBlock;

@@ -222,8 +222,12 @@ def check_dispatch_tensors(
     out_columns = columns("out_expert_x", out_expert_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
     c.tensor("out_expert_x", out_expert_x, None, (local, recv, out_columns))
     if fp8_cast != 0:
+        if not shape.has_scales:
+            raise c.fail(
+                "fp8_cast", "be 'none' for an object without scales (hidden_dim_scale_bytes=0)", FP8_CASTS[fp8_cast]
+            )
         c.absent("dp_x_scale", dp_x_scale, f"fp8_cast={FP8_CASTS[fp8_cast]!r} makes the scales")
-        if out_expert_x_scale is None or not shape.has_scales:
+        if out_expert_x_scale is None:
             raise c.fail("out_expert_x_scale", f"be a tensor (fp8_cast={FP8_CASTS[fp8_cast]!r} makes scales)", None)
         if c.is_tensor("out_expert_x_scale", out_expert_x_scale).dtype not in SCALE_DTYPES:
             raise c.fail("out_expert_x_scale", f"have dtype {dtype_names(SCALE_DTYPES)}", out_expert_x_scale.dtype)

@@ -682,6 +682,8 @@ class Buffer:
             raise ValueError(f"{op}: x must be on {self._device}, got {x.device}")
         if not x.is_contiguous():
             raise ValueError(f"{op}: x must be contiguous, got strides {list(x.stride())}")
+        if x.numel() > 0 and x.data_ptr() % 16 != 0:
+            raise ValueError(f"{op}: x must start at a 16-byte aligned address, got {x.data_ptr():#x}")
         num_tokens, hidden = x.shape
         if num_tokens > num_max:
             raise ValueError(
