@@ -348,16 +348,21 @@ def parse_options(argv: list[str]) -> tuple[Options, int]:
     return opts, args.ranks or visible_gpus()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def run_benchmark(name: str, worker: Callable[[RankInfo, Options], None], argv: Optional[list[str]]) -> None:
+    """Runs worker on every rank, launched as torchrun's, by the seed's multi-node variables, or here (--ranks)."""
     opts, ranks = parse_options(sys.argv[1:] if argv is None else argv)
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        run_as_torchrun_rank(_worker, opts)
+        run_as_torchrun_rank(worker, opts)
     elif "MASTER_ADDR" in os.environ and "WORLD_LOCAL_SIZE" in os.environ:
-        launch_from_env(_worker, opts)
+        launch_from_env(worker, opts)
     else:
         if ranks == 0:
-            sys.exit("bench_all_to_all: no GPU visible")
-        launch(ranks, _worker, opts, timeout_s=3600)
+            sys.exit(f"{name}: no GPU visible")
+        launch(ranks, worker, opts, timeout_s=3600)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    run_benchmark("bench_all_to_all", _worker, argv)
 
 
 if __name__ == "__main__":

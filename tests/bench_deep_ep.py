@@ -15,8 +15,6 @@ The host column is the slowest rank's mean Python time to issue one dispatch cal
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -27,14 +25,8 @@ import torch.distributed as dist
 import expertwire
 from expertwire import deep_ep
 
-from .bench_all_to_all import (
-    Options,
-    _slowest_rank_stats,
-    _time,
-    _time_dispatch_combine,
-    parse_options,
-)
-from .distributed import RankInfo, launch, launch_from_env, run_as_torchrun_rank
+from .bench_all_to_all import Options, _slowest_rank_stats, _time, _time_dispatch_combine, run_benchmark
+from .distributed import RankInfo
 
 
 def _inputs(opts: Options, tokens: int, info: RankInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,15 +128,7 @@ def _worker(info: RankInfo, opts: Options) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    opts, ranks = parse_options(sys.argv[1:] if argv is None else argv)
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        run_as_torchrun_rank(_worker, opts)
-    elif "MASTER_ADDR" in os.environ and "WORLD_LOCAL_SIZE" in os.environ:
-        launch_from_env(_worker, opts)
-    else:
-        if ranks == 0:
-            sys.exit("bench_deep_ep: no GPU visible")
-        launch(ranks, _worker, opts, timeout_s=3600)
+    run_benchmark("bench_deep_ep", _worker, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ was given."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -438,16 +439,7 @@ def _cast_args(shape: AllToAllShape, m: int = 5) -> dict[str, Any]:
 
 @pytest.mark.usefixtures("fake_cuda")
 def test_dispatch_with_an_fp8_cast() -> None:
-    cast_shape = AllToAllShape(
-        max_num_tokens=8,
-        num_experts=8,
-        experts_per_token=2,
-        world_size=4,
-        dp_size=1,
-        hidden_dim=512,
-        hidden_dim_bytes=512,
-        hidden_dim_scale_bytes=16,
-    )
+    cast_shape = dataclasses.replace(SHAPE, hidden_dim=512, hidden_dim_bytes=512, hidden_dim_scale_bytes=16)
     assert check_dispatch(cast_shape, fp8_cast=1, **_cast_args(cast_shape)) == 5
     assert check_dispatch(cast_shape, fp8_cast=2, **_cast_args(cast_shape)) == 5
     with pytest.raises(ValueError, match=r"dp_x_scale must be None \(fp8_cast='block-scales' makes the scales\)"):
@@ -460,15 +452,6 @@ def test_dispatch_with_an_fp8_cast() -> None:
     # UE8M0 scales take a quarter of the words: this shape's 16 bytes are block scales.
     with pytest.raises(ValueError, match=r"needs hidden_dim_scale_bytes=4, got 16"):
         check_dispatch(cast_shape, fp8_cast=3, **_cast_args(cast_shape))
-    bf16_payload = AllToAllShape(
-        max_num_tokens=8,
-        num_experts=8,
-        experts_per_token=2,
-        world_size=4,
-        dp_size=1,
-        hidden_dim=256,
-        hidden_dim_bytes=512,
-        hidden_dim_scale_bytes=8,
-    )
+    bf16_payload = dataclasses.replace(SHAPE, hidden_dim_bytes=512)
     with pytest.raises(ValueError, match=r"needs hidden_dim_bytes = hidden_dim=256 \(one e4m3 byte a value\), got 512"):
         check_dispatch(bf16_payload, fp8_cast=1, **_cast_args(bf16_payload))

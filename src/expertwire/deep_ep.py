@@ -548,22 +548,15 @@ class Buffer:
         stream = self._comm_stream if async_finish else torch.cuda.current_stream()
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
+
+        def run(do_send: bool, do_recv: bool) -> None:
+            a2a.dispatch(recv_count, recv_x, out_scales, x, None, indices, None, do_send, do_recv, fp8_cast=fp8_cast)
+            if do_recv and cumulative_local_expert_recv_stats is not None:
+                cumulative_local_expert_recv_stats.add_(recv_count)
+
         with torch.cuda.stream(stream):
             indices = topk_idx.to(torch.int32).view(torch.uint32)
-            a2a.dispatch(
-                recv_count,
-                recv_x,
-                out_scales,
-                x,
-                None,
-                indices,
-                None,
-                do_send=True,
-                do_recv=not return_recv_hook,
-                fp8_cast=fp8_cast,
-            )
-            if not return_recv_hook and cumulative_local_expert_recv_stats is not None:
-                cumulative_local_expert_recv_stats.add_(recv_count)
+            run(do_send=True, do_recv=not return_recv_hook)
             event = _finish(
                 stream,
                 async_finish,
@@ -575,22 +568,8 @@ class Buffer:
         dispatched = _Dispatched(a2a, pair.calls[index], num_tokens)
 
         def receive() -> None:
-            # On the stream the dispatch ran on, as DeepEP's hook.
-            with torch.cuda.stream(stream):
-                a2a.dispatch(
-                    recv_count,
-                    recv_x,
-                    out_scales,
-                    x,
-                    None,
-                    indices,
-                    None,
-                    do_send=False,
-                    do_recv=True,
-                    fp8_cast=fp8_cast,
-                )
-                if cumulative_local_expert_recv_stats is not None:
-                    cumulative_local_expert_recv_stats.add_(recv_count)
+            with torch.cuda.stream(stream):  # the dispatch's stream, as DeepEP's hook
+                run(do_send=False, do_recv=True)
 
         # DeepEP's handle is (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts); here
         # the first place holds what the combine needs of the dispatch.
