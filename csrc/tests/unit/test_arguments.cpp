@@ -174,5 +174,41 @@ TEST(CombineArguments, TypesCountsAndPointers) {
   });
 }
 
+// With an fp8 cast, dp_x holds bf16 rows (2 * hidden_dim bytes) and the cast makes the scales.
+DispatchParams valid_cast_dispatch() {
+  DispatchParams p = valid_dispatch();
+  p.cast = Fp8Cast::kBlockScales;
+  p.dp_x = contiguous_rows<const uint8_t>(memory, 512);
+  p.dp_x_scale = {};
+  return p;
+}
+
+TEST(DispatchArguments, Fp8CastTakesBf16RowsAndMakesTheScales) {
+  for (const Fp8Cast cast : {Fp8Cast::kBlockScales, Fp8Cast::kPowerOfTwoScales}) {
+    DispatchParams p = valid_cast_dispatch();
+    p.cast = cast;
+    EXPECT_NO_THROW(check_dispatch(p));
+  }
+  auto error = [](const std::function<void(DispatchParams&)>& spoil) {
+    DispatchParams p = valid_cast_dispatch();
+    spoil(p);
+    return config_error_message([&] { check_dispatch(p); });
+  };
+  EXPECT_THAT(
+      error([](DispatchParams& p) { p.dp_x_scale = contiguous_rows(reinterpret_cast<const float*>(memory), 8); }),
+      HasSubstr("dp_x_scale must be null with an fp8 cast"));
+  EXPECT_THAT(error([](DispatchParams& p) { p.dp_x = contiguous_rows<const uint8_t>(memory, 256); }),
+              HasSubstr("at least 2 * hidden_dim=512, got a row stride of 256 bytes"));
+  EXPECT_THAT(error([](DispatchParams& p) { p.cast = Fp8Cast::kUe8m0Scales; }),
+              HasSubstr("an fp8 cast with UE8M0 scales needs hidden_dim a multiple of 512, got 256"));
+  EXPECT_THAT(error([](DispatchParams& p) { p.cast = Fp8Cast(7); }),
+              HasSubstr("cast must be one of Fp8Cast's values, got 7"));
+  // The configuration must be one of fp8 rows with block scales.
+  const AllToAllConfig bf16_rows = make_config(8, 8, 2, 0, 4, 1, 256, 512, 8);
+  const DispatchParams p = valid_cast_dispatch();
+  EXPECT_THAT(config_error_message([&] { check_dispatch_layout(bf16_rows, p); }),
+              HasSubstr("needs hidden_dim_bytes = hidden_dim=256 (one e4m3 byte a value), got 512"));
+}
+
 }  // namespace
 }  // namespace expertwire
