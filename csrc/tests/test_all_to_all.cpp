@@ -1,7 +1,8 @@
 // test_all_to_all: random dispatch/combine cases on N ranks, every result checked against the CPU
 // reference model. Run as `mpirun -np N ./test_all_to_all [--transport T] [--seed S] [--configs C]
 // [--iterations I] [--soak N [--staged]]`; ends with "N passed, N failed" and exits non-zero on any mismatch.
-//   default   C random configurations per transport, I random calls on one object each.
+//   default   C random configurations per transport, I random calls on one object each; then per transport
+//             each fp8 cast of the dispatch (bf16 tokens cast on the way), whole and split.
 //   --soak N  N random calls (random m per DP group, sometimes through bound_m, random indices) on one object
 //             per transport with a fixed mid-sized configuration: a long run that a leak, a stale signal or a
 //             counter that is not reset between calls would break.
@@ -10,13 +11,19 @@
 //             put shows).
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "core/cuda_utils.h"
+#include "reference/fp8_blocks.h"
+#include "reference/reference.h"
 #include "tests/common/mpi_harness.h"
 #include "tests/common/round_trip.h"
 #include "tests/common/transports.h"
@@ -198,6 +205,181 @@ void run_soak(const harness::MpiSession& mpi, const Options& options, harness::T
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The dispatch's fp8 cast (DispatchParams::cast): every rank's bf16 tokens, cast by the send, must arrive as the
+// reference casts them. Rows carry no marker through a cast, so each local expert's rows are compared as a
+// multiset of (payload, scale) bytes with those of the tokens that name it.
+
+constexpr int64_t kCastHidden = 1024;
+constexpr int64_t kCastTokens = 12;
+
+struct CastTokens {
+  std::vector<uint16_t> x;        // [m][kCastHidden] bf16
+  std::vector<uint32_t> indices;  // [m][k]
+  int64_t m = 0;
+};
+
+// A rank's tokens for one call, the same wherever they are made: values over many magnitudes, and in the first
+// tokens the cast's edges (a zero block, a tiny one, 448, ties, saturation, signed zeros and NaNs).
+CastTokens cast_tokens(const AllToAllConfig& c, int rank, uint64_t seed) {
+  Rng rng(harness::mix_seed(seed, uint64_t(rank), 0xca57));
+  CastTokens t;
+  t.m = int64_t(rng.below(uint32_t(kCastTokens + 1)));
+  t.x.resize(size_t(t.m * kCastHidden));
+  for (int64_t i = 0; i < t.m * kCastHidden; ++i) {
+    const float magnitude = std::ldexp(1.0f, int(rng.below(40)) - 20);
+    t.x[size_t(i)] = reference::float_to_bf16(rng.uniform(-1.0f, 1.0f) * magnitude);
+  }
+  if (t.m > 0) {
+    for (int64_t h = 0; h < 128; ++h) t.x[size_t(h)] = reference::float_to_bf16(0.0f);
+    for (int64_t h = 128; h < 256; ++h) t.x[size_t(h)] = reference::float_to_bf16(1e-6f);
+  }
+  if (t.m > 1) {
+    const float edges[] = {448.0f, -448.0f, 1.0625f, 1.1875f, 0.0f, -0.0f, 460.0f, NAN, -NAN};
+    for (size_t i = 0; i < std::size(edges); ++i) t.x[size_t(kCastHidden) + i] = reference::float_to_bf16(edges[i]);
+  }
+  const int64_t k = c.experts_per_token;
+  t.indices.resize(size_t(t.m * k));
+  for (int64_t token = 0; token < t.m; ++token) {
+    uint32_t* row = &t.indices[size_t(token * k)];
+    for (int64_t j = 0; j < k; ++j) {
+      uint32_t expert;
+      do {
+        expert = rng.below(uint32_t(c.num_experts));
+      } while (std::find(row, row + j, expert) != row + j);
+      row[j] = expert;
+    }
+    if (rng.below(4) == 0) row[rng.below(uint32_t(k))] = kNoExpert;
+  }
+  return t;
+}
+
+// The bytes a token's row carries after the reference cast: its e4m3 values, then its scales as the cast's
+// configuration holds them (float32 each, or four UE8M0 bytes a word).
+std::string cast_row(const CastTokens& t, int64_t token, Fp8Cast cast) {
+  const int64_t blocks = kCastHidden / reference::kFp8BlockElements;
+  std::vector<uint8_t> values(static_cast<size_t>(kCastHidden));
+  std::vector<float> scales(static_cast<size_t>(blocks));
+  reference::cast_fp8_blocks(&t.x[size_t(token * kCastHidden)], 1, kCastHidden, cast != Fp8Cast::kBlockScales,
+                             values.data(), scales.data());
+  std::string row(values.begin(), values.end());
+  for (const float scale : scales) {
+    if (cast == Fp8Cast::kUe8m0Scales) {
+      row.push_back(char(reference::ue8m0_of(scale)));
+    } else {
+      char bytes[4];
+      std::memcpy(bytes, &scale, 4);
+      row.append(bytes, 4);
+    }
+  }
+  return row;
+}
+
+AllToAllConfig cast_config(int rank, int world, Fp8Cast cast) {
+  AllToAllConfig c;
+  c.rank = rank;
+  c.world_size = world;
+  c.num_experts = 4 * world;
+  c.experts_per_token = 4;
+  c.max_num_tokens = kCastTokens;
+  c.hidden_dim = kCastHidden;
+  c.hidden_dim_bytes = kCastHidden;
+  c.hidden_dim_scale_bytes = kCastHidden / (cast == Fp8Cast::kUe8m0Scales ? 512 : 128) * 4;
+  return c;
+}
+
+// One cast dispatch (and the combine that must follow it) on every rank; returns whether every rank received
+// exactly the reference's rows. `split`: the send and receive halves launched apart.
+bool checked_cast_call(AllToAll& a2a, const AllToAllConfig& c, Fp8Cast cast, bool split, uint64_t seed) {
+  const int64_t local = c.num_local_experts(), recv = c.max_recv_tokens(), k = c.experts_per_token;
+  const int64_t scale_bytes = c.hidden_dim_scale_bytes;
+  const CastTokens own = cast_tokens(c, int(c.rank), seed);
+  DeviceBuffer x(size_t(std::max<int64_t>(own.m, 1) * kCastHidden * 2)),
+      indices(size_t(std::max<int64_t>(own.m, 1) * k * 4)), counts(size_t(local * 4)),
+      out_x(size_t(local * recv * kCastHidden)), out_s(size_t(local * recv * scale_bytes)),
+      expert_y(size_t(local * recv * kCastHidden * 2)), out_tokens(size_t(kCastTokens * kCastHidden * 2)),
+      weights(size_t(kCastTokens * k * 4));
+  if (own.m > 0) {
+    EW_CUDA_CHECK(cudaMemcpy(x.get(), own.x.data(), own.x.size() * 2, cudaMemcpyHostToDevice));
+    EW_CUDA_CHECK(cudaMemcpy(indices.get(), own.indices.data(), own.indices.size() * 4, cudaMemcpyHostToDevice));
+  }
+  DispatchParams p;
+  p.out_expert_num_tokens = counts.get<int32_t>();
+  p.out_expert_x = out_x.get<uint8_t>();
+  p.out_expert_x_scale = contiguous_matrices(out_s.get<float>(), uint64_t(recv), uint64_t(scale_bytes));
+  p.dp_x = contiguous_rows(x.get<const uint8_t>(), uint64_t(kCastHidden * 2));
+  p.indices = indices.get<uint32_t>();
+  p.m = uint32_t(own.m);
+  p.cast = cast;
+  Failures failures;
+  try {
+    for (const SplitMode mode : split ? std::vector<SplitMode>{SplitMode::kSend, SplitMode::kRecv}
+                                      : std::vector<SplitMode>{SplitMode::kNone}) {
+      p.split = mode;
+      a2a.dispatch(p, nullptr);
+    }
+    CombineParams cp;
+    cp.out_tokens = out_tokens.get();
+    cp.indices = p.indices;
+    cp.weights = weights.get<float>();
+    cp.expert_y = expert_y.get();
+    cp.m = p.m;
+    a2a.combine(cp, nullptr);
+    EW_CUDA_CHECK(cudaDeviceSynchronize());
+    a2a.check_errors();
+    std::vector<int32_t> got_counts(static_cast<size_t>(local));
+    std::vector<uint8_t> got_x(out_x.bytes()), got_s(out_s.bytes());
+    EW_CUDA_CHECK(cudaMemcpy(got_counts.data(), counts.get(), counts.bytes(), cudaMemcpyDeviceToHost));
+    EW_CUDA_CHECK(cudaMemcpy(got_x.data(), out_x.get(), out_x.bytes(), cudaMemcpyDeviceToHost));
+    EW_CUDA_CHECK(cudaMemcpy(got_s.data(), out_s.get(), out_s.bytes(), cudaMemcpyDeviceToHost));
+    std::vector<std::map<std::string, int>> want(static_cast<size_t>(local));
+    for (int source = 0; source < c.world_size; ++source) {
+      const CastTokens t = cast_tokens(c, source, seed);
+      for (int64_t token = 0; token < t.m; ++token) {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t le = int64_t(t.indices[size_t(token * k + j)]) - c.rank * local;
+          if (t.indices[size_t(token * k + j)] != kNoExpert && le >= 0 && le < local) {
+            ++want[size_t(le)][cast_row(t, token, cast)];
+          }
+        }
+      }
+    }
+    for (int64_t le = 0; le < local; ++le) {
+      std::map<std::string, int> got;
+      for (int32_t row = 0; row < got_counts[size_t(le)] && row < recv; ++row) {
+        const size_t at = size_t(le * recv + row);
+        std::string bytes(reinterpret_cast<const char*>(&got_x[at * size_t(kCastHidden)]), size_t(kCastHidden));
+        bytes.append(reinterpret_cast<const char*>(&got_s[at * size_t(scale_bytes)]), size_t(scale_bytes));
+        ++got[bytes];
+      }
+      if (got != want[size_t(le)]) {
+        failures.add("rank ", c.rank, " local expert ", le, ": ", got_counts[size_t(le)],
+                     " rows differ from the reference cast's");
+      }
+    }
+  } catch (const std::exception& e) {
+    failures.add("rank ", c.rank, ": ", e.what());
+  }
+  if (!failures.empty()) std::printf("%s", failures.summary().c_str());
+  return harness::all_ranks(failures.empty());
+}
+
+void run_cast_checks(const harness::MpiSession& mpi, harness::TransportKind kind, uint64_t seed, Tally& tally) {
+  const bool root = mpi.rank() == 0;
+  for (const Fp8Cast cast : {Fp8Cast::kBlockScales, Fp8Cast::kPowerOfTwoScales, Fp8Cast::kUe8m0Scales}) {
+    const AllToAllConfig config = cast_config(mpi.rank(), mpi.world_size(), cast);
+    std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, config);
+    for (int call = 0; call < 2; ++call) {
+      const bool ok = checked_cast_call(*a2a, config, cast, call == 1, harness::mix_seed(seed, uint64_t(cast), call));
+      tally.add(ok);
+      if (root)
+        std::printf("  [%s] fp8 cast %d, call %d%s\n", ok ? " ok " : "FAIL", int(cast), call, call ? " (split)" : "");
+      std::fflush(stdout);
+      if (!ok) break;
+    }
+  }
+}
+
 int run(int argc, char** argv) {
   harness::MpiSession mpi(&argc, &argv);
   const Options options = parse_options(argc, argv);
@@ -213,6 +395,7 @@ int run(int argc, char** argv) {
       run_soak(mpi, options, kind, seed, tally);
     } else {
       run_random_configs(mpi, options, kind, seed, tally);
+      run_cast_checks(mpi, kind, seed, tally);
     }
   }
   if (mpi.rank() == 0) std::printf("%d passed, %d failed\n", tally.passed, tally.failed);
