@@ -242,13 +242,7 @@ CastTokens cast_tokens(const AllToAllConfig& c, int rank, uint64_t seed) {
   t.indices.resize(size_t(t.m * k));
   for (int64_t token = 0; token < t.m; ++token) {
     uint32_t* row = &t.indices[size_t(token * k)];
-    for (int64_t j = 0; j < k; ++j) {
-      uint32_t expert;
-      do {
-        expert = rng.below(uint32_t(c.num_experts));
-      } while (std::find(row, row + j, expert) != row + j);
-      row[j] = expert;
-    }
+    for (int64_t j = 0; j < k; ++j) row[j] = harness::draw_new_expert(rng, row, j, uint32_t(c.num_experts));
     if (rng.below(4) == 0) row[rng.below(uint32_t(k))] = kNoExpert;
   }
   return t;

@@ -27,6 +27,14 @@ reference::GroupInput GroupData::input() const {
   return in;
 }
 
+uint32_t draw_new_expert(Rng& rng, const uint32_t* row, int64_t filled, uint32_t num_experts) {
+  uint32_t expert;
+  do {
+    expert = rng.below(num_experts);
+  } while (std::find(row, row + filled, expert) != row + filled);
+  return expert;
+}
+
 GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t m, uint64_t seed,
                           bool no_expert_slots) {
   const int64_t rows = config.max_num_tokens, top_k = config.experts_per_token;
@@ -53,11 +61,7 @@ GroupData make_group_data(const AllToAllConfig& config, uint32_t group, int64_t 
   for (int64_t t = 0; t < rows; ++t) {
     uint32_t* row = &data.indices[t * top_k];
     for (int64_t k = 0; k < top_k; ++k) {
-      uint32_t expert;
-      do {
-        expert = rng.below(uint32_t(config.num_experts));
-      } while (std::find(row, row + k, expert) != row + k);
-      row[k] = expert;
+      row[k] = draw_new_expert(rng, row, k, uint32_t(config.num_experts));
       data.weights[t * top_k + k] = rng.uniform(0.0f, 1.0f);
     }
     // Drawn after the row is complete, so the experts of the other slots are those of the row without it.

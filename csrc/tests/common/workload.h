@@ -25,6 +25,9 @@ class Rng {
 
 uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b = 0);
 
+// A random expert in [0, num_experts) that is none of the row's first `filled` entries.
+uint32_t draw_new_expert(Rng& rng, const uint32_t* row, int64_t filled, uint32_t num_experts);
+
 struct GroupData {
   int64_t m = 0;
   std::vector<uint8_t> x;         // [max_num_tokens][hidden_dim_bytes]; rows >= m are never sent
