@@ -63,6 +63,10 @@ void require_cast_config(const AllToAllConfig& config, Fp8Cast cast) {
 
 }  // namespace
 
+uint64_t dispatch_input_row_bytes(const AllToAllConfig& config, Fp8Cast cast) {
+  return cast != Fp8Cast::kNone ? 2 * uint64_t(config.hidden_dim) : uint64_t(config.hidden_dim_bytes);
+}
+
 void check_dispatch_layout(const AllToAllConfig& config, const DispatchParams& p) {
   require_m("dispatch", config, p.m);
   EW_REQUIRE(uint8_t(p.cast) <= uint8_t(Fp8Cast::kUe8m0Scales), "dispatch: cast must be one of Fp8Cast's values, got ",
@@ -70,7 +74,7 @@ void check_dispatch_layout(const AllToAllConfig& config, const DispatchParams& p
   const bool casts = p.cast != Fp8Cast::kNone;
   if (casts) require_cast_config(config, p.cast);
   // With a cast, dp_x's rows are the bf16 values and dp_x_scale is unused.
-  const uint64_t x_row_bytes = casts ? 2 * uint64_t(config.hidden_dim) : uint64_t(config.hidden_dim_bytes);
+  const uint64_t x_row_bytes = dispatch_input_row_bytes(config, p.cast);
   const uint64_t input_words = casts ? 0 : uint64_t(config.hidden_dim_scale_bytes) / 4;
   const uint64_t words = uint64_t(config.hidden_dim_scale_bytes) / 4;
   if (sends(p.split) && p.m > 0) {
@@ -86,7 +90,7 @@ void check_dispatch_layout(const AllToAllConfig& config, const DispatchParams& p
     }
     if (input_words != 0) {
       require_word_strides("dispatch: dp_x_scale", {{"row", p.m > 1 ? p.dp_x_scale.row_stride : 0},
-                                                    {"word", words > 1 ? p.dp_x_scale.element_stride : 0}});
+                                                    {"word", input_words > 1 ? p.dp_x_scale.element_stride : 0}});
     }
   }
   if (receives(p.split) && words != 0) {
@@ -107,8 +111,7 @@ void check_dispatch_pointers(const AllToAllConfig& config, const DispatchParams&
     require_pointer(p.indices, "dispatch: indices", 4);
     if (p.cast != Fp8Cast::kNone) {
       EW_REQUIRE(p.dp_x_scale.data == nullptr,
-                 "dispatch: dp_x_scale must be null with an fp8 cast (the cast makes "
-                 "the scales)");
+                 "dispatch: dp_x_scale must be null with an fp8 cast (the cast makes the scales)");
     } else if (scales) {
       require_pointer(p.dp_x_scale.data, "dispatch: dp_x_scale", 4);
     }

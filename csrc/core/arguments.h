@@ -15,6 +15,9 @@ void check_dispatch_layout(const AllToAllConfig& config, const DispatchParams& p
 // Null and misaligned pointers (rows 16-byte aligned, everything else 4), for what the call's halves read or write.
 void check_dispatch_pointers(const AllToAllConfig& config, const DispatchParams& params);
 
+// The bytes of a dp_x row: hidden_dim_bytes, or with a cast the 2 * hidden_dim of its bf16 values.
+uint64_t dispatch_input_row_bytes(const AllToAllConfig& config, Fp8Cast cast);
+
 void check_combine_layout(const AllToAllConfig& config, const CombineParams& params);
 void check_combine_pointers(const AllToAllConfig& config, const CombineParams& params);
 

@@ -221,39 +221,39 @@ def check_dispatch_tensors(
     c.tensor("out_expert_num_tokens", out_expert_num_tokens, (torch.int32,), (local,))
     out_columns = columns("out_expert_x", out_expert_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
     c.tensor("out_expert_x", out_expert_x, None, (local, recv, out_columns))
+    cast_name = FP8_CASTS[fp8_cast]
     if fp8_cast != 0:
         if not shape.has_scales:
-            raise c.fail(
-                "fp8_cast", "be 'none' for an object without scales (hidden_dim_scale_bytes=0)", FP8_CASTS[fp8_cast]
-            )
-        c.absent("dp_x_scale", dp_x_scale, f"fp8_cast={FP8_CASTS[fp8_cast]!r} makes the scales")
-        if out_expert_x_scale is None:
-            raise c.fail("out_expert_x_scale", f"be a tensor (fp8_cast={FP8_CASTS[fp8_cast]!r} makes scales)", None)
-        if c.is_tensor("out_expert_x_scale", out_expert_x_scale).dtype not in SCALE_DTYPES:
-            raise c.fail("out_expert_x_scale", f"have dtype {dtype_names(SCALE_DTYPES)}", out_expert_x_scale.dtype)
-        c.scales("out_expert_x_scale", out_expert_x_scale, (local, recv), shape.hidden_dim_scale_bytes)
-        if dp_x.dtype != torch.bfloat16:
-            raise c.fail("dp_x", f"have dtype torch.bfloat16 (fp8_cast={FP8_CASTS[fp8_cast]!r} casts it)", dp_x.dtype)
-        if dp_x.dim() == 2 and dp_x.shape[1] > 1 and dp_x.stride(1) != 1:
-            raise c.fail("dp_x", "have contiguous rows (stride 1 in its last dimension)", list(dp_x.stride()))
-        c.rows("dp_x", dp_x, (m, shape.hidden_dim))
-        c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
-        c.bound_m(bound_m)
-        return m
+            raise c.fail("fp8_cast", "be 'none' for an object without scales (hidden_dim_scale_bytes=0)", cast_name)
+        c.absent("dp_x_scale", dp_x_scale, f"fp8_cast={cast_name!r} makes the scales")
     if shape.has_scales:
-        for name, value in (("out_expert_x_scale", out_expert_x_scale), ("dp_x_scale", dp_x_scale)):
+        # With a cast the output's scales only: the cast makes them.
+        given = [("out_expert_x_scale", out_expert_x_scale)] + ([] if fp8_cast else [("dp_x_scale", dp_x_scale)])
+        why = (
+            f"fp8_cast={cast_name!r} makes scales"
+            if fp8_cast
+            else f"hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes}"
+        )
+        for name, value in given:
             if value is None:
-                raise c.fail(name, f"be a tensor (hidden_dim_scale_bytes={shape.hidden_dim_scale_bytes})", None)
+                raise c.fail(name, f"be a tensor ({why})", None)
             if c.is_tensor(name, value).dtype not in SCALE_DTYPES:
                 raise c.fail(name, f"have dtype {dtype_names(SCALE_DTYPES)}", value.dtype)
         c.scales("out_expert_x_scale", out_expert_x_scale, (local, recv), shape.hidden_dim_scale_bytes)
     else:
         c.absent("out_expert_x_scale", out_expert_x_scale, "hidden_dim_scale_bytes=0")
         c.absent("dp_x_scale", dp_x_scale, "hidden_dim_scale_bytes=0")
-    payload_columns = columns("dp_x", dp_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
-    c.rows("dp_x", dp_x, (m, payload_columns))
-    if shape.has_scales:
-        c.scales("dp_x_scale", dp_x_scale, (m,), shape.hidden_dim_scale_bytes)
+    if fp8_cast != 0:
+        if dp_x.dtype != torch.bfloat16:
+            raise c.fail("dp_x", f"have dtype torch.bfloat16 (fp8_cast={cast_name!r} casts it)", dp_x.dtype)
+        if dp_x.dim() == 2 and dp_x.shape[1] > 1 and dp_x.stride(1) != 1:
+            raise c.fail("dp_x", "have contiguous rows (stride 1 in its last dimension)", list(dp_x.stride()))
+        c.rows("dp_x", dp_x, (m, shape.hidden_dim))
+    else:
+        payload_columns = columns("dp_x", dp_x, shape.hidden_dim_bytes, "hidden_dim_bytes")
+        c.rows("dp_x", dp_x, (m, payload_columns))
+        if shape.has_scales:
+            c.scales("dp_x_scale", dp_x_scale, (m,), shape.hidden_dim_scale_bytes)
     c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
     c.bound_m(bound_m)
     return m

@@ -152,9 +152,8 @@ void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
     const uint64_t rows_bytes = uint64_t(config.max_num_tokens) * l.dispatch_token_bytes;
     const Strided2D<uint8_t> x_buffer = dispatch_input_buffer();
     // bf16 rows to cast are never the staged payload: any overlap with the staging rows is refused.
-    const uint64_t x_row_bytes = casts ? 2 * uint64_t(config.hidden_dim) : uint64_t(config.hidden_dim_bytes);
     dp_x_in_send_rows = input_is_staged(
-        p.dp_x.data, (p.m - 1) * p.dp_x.row_stride + x_row_bytes,
+        p.dp_x.data, (p.m - 1) * p.dp_x.row_stride + dispatch_input_row_bytes(config, p.cast),
         !casts && p.dp_x.data == x_buffer.data && (p.m == 1 || p.dp_x.row_stride == x_buffer.row_stride), rows,
         rows_bytes, "dispatch: dp_x", "dispatch_input_buffer", x_buffer.data, x_buffer.row_stride);
     const uint64_t words = casts ? 0 : uint64_t(config.hidden_dim_scale_bytes) / 4;
