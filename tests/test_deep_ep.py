@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from expertwire import deep_ep, reference
+from expertwire import _deep_ep_high_throughput, deep_ep, reference
 from expertwire.deep_ep import Buffer, EventOverlap
 
 
@@ -92,7 +92,7 @@ def test_signatures_are_deep_eps() -> None:
         (dict(group=object(), low_latency_mode=True, num_qps_per_rank=0), ValueError, "num_qps_per_rank must be in"),
         (dict(group=object(), low_latency_mode=1), ValueError, "low_latency_mode must be a bool"),
         (dict(group=object(), low_latency_mode=True, enable_shrink=True), NotImplementedError, "enable_shrink"),
-        (dict(group=object()), NotImplementedError, "the high-throughput half of Buffer"),
+        (dict(group=object()), ValueError, "group must be a torch.distributed.ProcessGroup"),
         (dict(group=object(), low_latency_mode=True), ValueError, "group must be a torch.distributed.ProcessGroup"),
     ],
 )
@@ -102,13 +102,7 @@ def test_constructor_refuses_before_touching_a_gpu(kwargs: dict, error: type, ma
 
 
 def test_what_is_not_provided_is_named() -> None:
-    for static in (Buffer.get_dispatch_config, Buffer.get_combine_config):
-        with pytest.raises(NotImplementedError, match="the high-throughput half"):
-            static(8)
     buffer = Buffer.__new__(Buffer)  # a Buffer's methods that refuse need none of its state
-    for method in ("get_dispatch_layout", "dispatch", "combine", "internode_dispatch", "internode_combine"):
-        with pytest.raises(NotImplementedError, match=f"Buffer.{method} \\(the high-throughput half\\)"):
-            getattr(buffer, method)()
     for method, args in (
         ("low_latency_update_mask_buffer", (0,)),
         ("low_latency_query_mask_buffer", (torch.zeros(2),)),
@@ -175,9 +169,184 @@ def test_fp8_cast_is_the_references_bit_for_bit(round_scale: bool, use_ue8m0: bo
     assert torch.equal(scales.view(torch.int32), want_scales.view(torch.int32))
 
 
-def test_config_is_named_as_not_provided() -> None:
-    with pytest.raises(NotImplementedError, match="deep_ep.Config"):
-        deep_ep.Config(20, 6, 256, 6, 128)
+def test_config_checks_as_deep_ep_and_hints_grow_with_its_tokens() -> None:
+    assert signature(deep_ep.Config.__init__) == [
+        ("num_sms", 20),
+        ("num_max_nvl_chunked_send_tokens", 6),
+        ("num_max_nvl_chunked_recv_tokens", 256),
+        ("num_max_rdma_chunked_send_tokens", 6),
+        ("num_max_rdma_chunked_recv_tokens", 256),
+    ]
+    config = deep_ep.Config(24, 6, 256, 6, 100)
+    assert config.num_max_rdma_chunked_recv_tokens == 102  # rounded up to a multiple of the send chunk
+    for args, match in (
+        ((-2, 6, 256, 6, 128), "num_sms must be >= 0"),
+        ((20, 0, 256, 6, 128), "nvl chunk sizes must be > 0"),
+        ((20, 256, 256, 6, 128), "num_max_nvl_chunked_send_tokens must be <"),
+        ((20, 6, 256, 8, 8), "at most half"),
+        ((20, 6.0, 256, 6, 128), "must be an int"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            deep_ep.Config(*args)
+    small, large = deep_ep.Config(20, 6, 128, 6, 128), deep_ep.Config(40, 6, 256, 6, 128)
+    assert (small.hint_tokens_per_rank(), large.hint_tokens_per_rank()) == (1280, 5120)
+    assert 0 < small.get_nvl_buffer_size_hint(14336, 8) < large.get_nvl_buffer_size_hint(14336, 8)
+    # The put path's rows come on top.
+    assert large.get_rdma_buffer_size_hint(14336, 8) > large.get_nvl_buffer_size_hint(14336, 8)
+    with pytest.raises(ValueError, match="hidden_bytes must be a multiple of 16"):
+        large.get_nvl_buffer_size_hint(14330, 8)
+
+
+def test_recommended_configs_are_deep_eps() -> None:
+    dispatch, combine = Buffer.get_dispatch_config(8), Buffer.get_combine_config(8)
+    assert (dispatch.num_sms, dispatch.num_max_nvl_chunked_send_tokens, dispatch.num_max_nvl_chunked_recv_tokens) == (
+        Buffer.num_sms,
+        6,
+        256,
+    )
+    assert (combine.num_max_nvl_chunked_send_tokens, combine.num_max_rdma_chunked_recv_tokens) == (4, 132)
+    assert Buffer.get_dispatch_config(2).num_max_nvl_chunked_send_tokens == 24
+    with pytest.raises(ValueError, match="num_ranks must be one of"):
+        Buffer.get_combine_config(3)
+
+
+def _layout_by_loops(topk_idx: torch.Tensor, num_experts: int, ranks: int, nodes: int):
+    local = num_experts // ranks
+    n = topk_idx.shape[0]
+    in_rank = torch.zeros((n, ranks), dtype=torch.bool)
+    per_expert = torch.zeros(num_experts, dtype=torch.int32)
+    for t in range(n):
+        for e in topk_idx[t].tolist():
+            if e >= 0:
+                in_rank[t, e // local] = True
+                per_expert[e] += 1
+    per_node = None
+    if nodes > 1:
+        per_node = torch.tensor(
+            [
+                sum(bool(in_rank[t, r * (ranks // nodes) : (r + 1) * (ranks // nodes)].any()) for t in range(n))
+                for r in range(nodes)
+            ],
+            dtype=torch.int32,
+        )
+    return in_rank.sum(0, dtype=torch.int32), per_node, per_expert, in_rank
+
+
+@pytest.mark.parametrize("ranks, nodes", [(4, 1), (8, 2), (16, 4)])
+def test_dispatch_layout_counts_tokens_per_rank_node_and_expert(ranks: int, nodes: int) -> None:
+    g = torch.Generator().manual_seed(ranks)
+    num_experts, n, k = 4 * ranks, 37, 6
+    topk_idx = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(n)])
+    topk_idx[torch.rand((n, k), generator=g) < 0.25] = -1
+    topk_idx[3] = -1  # a token that goes nowhere
+    got = _deep_ep_high_throughput.layout_of(topk_idx, num_experts, ranks, nodes)
+    want = _layout_by_loops(topk_idx, num_experts, ranks, nodes)
+    for g_tensor, w_tensor in zip(got, want, strict=True):
+        assert (g_tensor is None) == (w_tensor is None)
+        if g_tensor is not None:
+            assert g_tensor.dtype == w_tensor.dtype and torch.equal(g_tensor, w_tensor)
+
+
+def test_most_tokens_is_the_largest_that_fits() -> None:
+    def size(tokens: int) -> int:
+        return 1000 + 37 * tokens + (tokens // 10) * 5
+
+    for free in (0, 1036, 1037, 5000, 123456):
+        best = _deep_ep_high_throughput._most_tokens(size, free)
+        assert (best == 0 or size(best) <= free) and size(best + 1) > free
+
+
+class _FakeBuffer:
+    """What the high-throughput half reads of its Buffer before any kernel runs, on the CPU."""
+
+    _device = torch.device("cpu")
+    group_size = 4
+    rank = 0
+    _num_hosts = 1
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> deep_ep.Config:
+        return Buffer.get_dispatch_config(num_ranks)
+
+    @staticmethod
+    def _pool_bytes_in_use(pool: str) -> int:
+        return 0
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> deep_ep.Config:
+        return Buffer.get_combine_config(num_ranks)
+
+
+def _half() -> _deep_ep_high_throughput.HighThroughputHalf:
+    return _deep_ep_high_throughput.HighThroughputHalf(_FakeBuffer(), {"nvl": 1 << 20, "rdma": 0}, None, None)
+
+
+def _dispatch_arguments(m: int = 3, k: int = 2, ranks: int = 4, experts: int = 16) -> dict:
+    topk_idx = torch.zeros((m, k), dtype=torch.int64)
+    return dict(
+        x=torch.zeros((m, 64), dtype=torch.bfloat16),
+        handle=None,
+        num_tokens_per_rank=torch.zeros(ranks, dtype=torch.int32),
+        num_tokens_per_rdma_rank=None,
+        is_token_in_rank=torch.zeros((m, ranks), dtype=torch.bool),
+        num_tokens_per_expert=torch.zeros(experts, dtype=torch.int32),
+        topk_idx=topk_idx,
+        topk_weights=torch.zeros((m, k), dtype=torch.float32),
+        expert_alignment=1,
+        num_worst_tokens=0,
+        config=None,
+        previous_event=None,
+        async_finish=False,
+        allocate_on_comm_stream=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(x=torch.zeros((3, 60), dtype=torch.bfloat16)), ValueError, "multiple of 16 bytes"),
+        (dict(x=torch.zeros((3, 64, 2), dtype=torch.bfloat16)), ValueError, "x must be a 2-D tensor"),
+        (dict(x=(torch.zeros((3, 64), dtype=torch.bfloat16), torch.zeros(3, 1))), ValueError, "values of one byte"),
+        (dict(x=(torch.zeros((3, 128), dtype=torch.float8_e4m3fn), torch.zeros(2, 1))), ValueError, r"x\[1\]"),
+        (dict(topk_idx=None), NotImplementedError, "without topk_idx"),
+        (dict(is_token_in_rank=None), ValueError, "is_token_in_rank is required"),
+        (dict(topk_idx=torch.zeros((3, 2), dtype=torch.int32)), ValueError, "topk_idx must be torch.int64"),
+        (dict(topk_weights=torch.zeros((3, 3))), ValueError, r"topk_weights must be torch.float32 of shape \[3, 2\]"),
+        (dict(num_tokens_per_rank=torch.zeros(3, dtype=torch.int32)), ValueError, "num_tokens_per_rank must be"),
+        (dict(is_token_in_rank=torch.zeros((3, 4))), ValueError, "is_token_in_rank must be torch.bool"),
+        (dict(num_tokens_per_expert=torch.zeros(14, dtype=torch.int32)), ValueError, "multiple of the group's 4"),
+        (dict(num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32)), ValueError, "must be None within one"),
+        (dict(expert_alignment=0), ValueError, "expert_alignment must be >= 1"),
+        (dict(num_worst_tokens=-1), ValueError, "num_worst_tokens must be >= 0"),
+        (dict(config=object()), ValueError, "config must be a deep_ep Config"),
+        (dict(handle=object(), topk_idx=None, topk_weights=None), ValueError, "handle must be the handle"),
+        (dict(handle=object()), ValueError, "topk_idx and topk_weights must be None with a handle"),
+    ],
+)
+def test_high_throughput_dispatch_checks_its_arguments(change: dict, error: type, match: str) -> None:
+    arguments = _dispatch_arguments()
+    arguments.update(change)
+    with pytest.raises(error, match=match):
+        _half().dispatch(**arguments)
+
+
+def test_high_throughput_combine_names_what_it_does_not_provide() -> None:
+    with pytest.raises(NotImplementedError, match=r"combine\(bias=...\)"):
+        _half().combine(
+            torch.zeros((1, 64), dtype=torch.bfloat16), object(), None, torch.zeros(1), None, None, False, False
+        )
+    with pytest.raises(ValueError, match="handle must be the handle dispatch returned"):
+        _half().combine(torch.zeros((1, 64), dtype=torch.bfloat16), object(), None, None, None, None, False, False)
+
+
+def test_high_throughput_buffer_bytes_are_required() -> None:
+    half = _deep_ep_high_throughput.HighThroughputHalf(_FakeBuffer(), {"nvl": 0, "rdma": 0}, None, None)
+    with pytest.raises(ValueError, match="need num_nvl_bytes > 0"):
+        half._entry("dispatch", (16, 2, 64, 128, 0), 20, 3)
+    two_tokens = _half()._sizer(16, 2, 64, 128, 0, "nvl")(2)
+    half = _deep_ep_high_throughput.HighThroughputHalf(_FakeBuffer(), {"nvl": two_tokens, "rdma": 0}, None, None)
+    with pytest.raises(ValueError, match=r"3 tokens of this configuration need \d+ bytes of num_nvl_bytes"):
+        half._entry("dispatch", (16, 2, 64, 128, 0), 20, 3)
 
 
 def test_the_optional_shim_serves_import_deep_ep(tmp_path: pathlib.Path) -> None:

@@ -211,3 +211,169 @@ def test_low_latency_dispatch_and_combine(name: str, world_size: int) -> None:
     if reason is not None:
         pytest.skip(reason)
     launch(world_size, _worker, name)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The high-throughput half: get_dispatch_layout, dispatch, combine, as vLLM's DeepEP high-throughput
+# prepare/finalize and SGLang's normal dispatcher call them.
+
+HT_ALIGNMENT = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class HtCall:
+    fp8: bool = False  # (fp8 values, float32 scales) tuples, as vLLM passes block-quantized tokens
+    async_finish: bool = False  # SGLang: previous_event=Buffer.capture(), async_finish, then the event's wait
+    num_worst_tokens: bool = False  # outputs of the worst case, no host synchronization
+    cached: bool = False  # a second dispatch with the handle (DeepEP's cached layout), then its combine
+    combine_weights: bool = False  # combine carries topk_weights back
+
+
+HT_CALLS = {
+    "vllm-bf16": HtCall(),
+    "vllm-fp8": HtCall(fp8=True),
+    "sglang-async-fp8": HtCall(fp8=True, async_finish=True),
+    "worst-tokens": HtCall(num_worst_tokens=True),
+    "cached-with-weights": HtCall(cached=True, combine_weights=True),
+}
+
+
+def _ht_payload(x: torch.Tensor, call: HtCall):
+    """What a rank passes as dispatch's x: bf16 rows, or their fp8 cast and float32 scales."""
+    if not call.fp8:
+        return x
+    values, scales = reference.cast_fp8_blocks(x, False, False)
+    return values, scales
+
+
+def _ht_worker(info: RankInfo, name: str) -> None:
+    call = HT_CALLS[name]
+    world, rank, device = info.world_size, info.rank, info.device
+    num_experts = 4 * world
+    local = num_experts // world
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 28, num_rdma_bytes=1 << 28, explicitly_destroy=True)
+    for seed in (1, 2, 3):
+        x, idx, weights = _inputs(rank, num_experts, seed)
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, (x, idx, weights))
+        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx.to(device), num_experts)
+        # The layout against the routing.
+        want_in_rank = torch.zeros((x.shape[0], world), dtype=torch.bool)
+        for t in range(x.shape[0]):
+            for e in idx[t].tolist():
+                if e >= 0:
+                    want_in_rank[t, e // local] = True
+        assert torch.equal(in_rank.cpu(), want_in_rank) and per_rdma is None
+        assert torch.equal(per_rank.cpu(), want_in_rank.sum(0).to(torch.int32))
+        want_per_expert = torch.bincount(idx[idx >= 0], minlength=num_experts).to(torch.int32)
+        assert torch.equal(per_expert.cpu(), want_per_expert)
+
+        payload = _ht_payload(x, call)
+        on_device = tuple(p.to(device) for p in payload) if call.fp8 else payload.to(device)
+        previous = Buffer.capture() if call.async_finish else None
+        recv, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
+            on_device,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            topk_idx=idx.to(device),
+            topk_weights=weights.to(device),
+            expert_alignment=HT_ALIGNMENT,
+            num_worst_tokens=world * NUM_MAX if call.num_worst_tokens else 0,
+            config=Buffer.get_dispatch_config(world),
+            previous_event=previous,
+            async_finish=call.async_finish,
+        )
+        if call.async_finish:
+            event.current_stream_wait()
+        # What this rank must receive: every token with an expert here, by source rank then token.
+        want = [
+            (s, t)
+            for s, (sx, sidx, _) in enumerate(everyone)
+            for t in range(sx.shape[0])
+            if any(0 <= e and e // local == rank for e in sidx[t].tolist())
+        ]
+        values = recv[0] if call.fp8 else recv
+        rows = values.shape[0]
+        assert rows == (world * NUM_MAX if call.num_worst_tokens else len(want))
+        got_idx, got_w = recv_idx.cpu(), recv_w.cpu()
+        for j, (s, t) in enumerate(want):
+            source = _ht_payload(everyone[s][0], call)
+            want_row = source[0][t] if call.fp8 else source[t]
+            assert torch.equal(values[j].cpu().view(torch.uint8), want_row.view(torch.uint8)), (s, t)
+            if call.fp8:
+                assert torch.equal(recv[1][j].cpu(), source[1][t])
+            sidx, sw = everyone[s][1][t], everyone[s][2][t]
+            mine = (sidx >= 0) & (sidx // local == rank)
+            assert torch.equal(got_idx[j], torch.where(mine, sidx - rank * local, -1)), (s, t)
+            assert torch.equal(got_w[j], torch.where(mine, sw, 0.0)), (s, t)
+        if call.num_worst_tokens:
+            assert counts == [] and (got_idx[len(want) :] == -1).all()
+        else:
+            per_local = [int(((got_idx == le).sum())) for le in range(local)]
+            assert counts == [(c + HT_ALIGNMENT - 1) // HT_ALIGNMENT * HT_ALIGNMENT for c in per_local]
+
+        # The experts: each received token's rows summed over its local slots with their weights (what vLLM's
+        # TopKWeightAndReduce does before combine), one row per received token.
+        rows_in = torch.zeros((rows, HIDDEN), dtype=torch.bfloat16)
+        for j, (s, t) in enumerate(want):
+            token = _ht_payload(everyone[s][0][t : t + 1], call)
+            row = _dequantized(token[0], token[1], Call()) if call.fp8 else token.float()
+            acc = torch.zeros(HIDDEN)
+            for k in range(TOP_K):
+                le = int(got_idx[j, k])
+                if le >= 0:
+                    acc += float(got_w[j, k]) * row[0] * _expert_factor(rank * local + le, num_experts)
+            rows_in[j] = acc.to(torch.bfloat16)
+        carried = recv_w if call.combine_weights else None
+        combined, combined_w, event = buffer.combine(
+            rows_in.to(device),
+            handle,
+            topk_weights=carried,
+            config=Buffer.get_combine_config(world),
+            previous_event=Buffer.capture() if call.async_finish else None,
+            async_finish=call.async_finish,
+        )
+        if call.async_finish:
+            event.current_stream_wait()
+        # Each token: the sum over the ranks it went to of their rows, in fp32, then bf16.
+        own = _ht_payload(x, call)
+        own_rows = _dequantized(own[0], own[1], Call()) if call.fp8 else x.float()
+        want_out = torch.zeros((x.shape[0], HIDDEN))
+        for r in range(world):
+            for t in range(x.shape[0]):
+                acc = torch.zeros(HIDDEN)
+                slots = [k for k in range(TOP_K) if idx[t, k] >= 0 and idx[t, k] // local == r]
+                for k in slots:
+                    acc += float(weights[t, k]) * own_rows[t] * _expert_factor(int(idx[t, k]), num_experts)
+                if slots:
+                    want_out[t] += acc.to(torch.bfloat16).float()
+        torch.testing.assert_close(
+            combined.cpu().float(), want_out.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6, equal_nan=True
+        )
+        if call.combine_weights:
+            assert torch.equal(combined_w.cpu(), torch.where(idx >= 0, weights, 0.0))
+        else:
+            assert combined_w is None
+        if call.cached:
+            # A training backward: the handle's layout dispatched again, then combined again.
+            again, *rest, _ = buffer.dispatch(on_device, handle=handle)
+            assert rest == [None, None, None, None]
+            again_values = again[0] if call.fp8 else again
+            assert torch.equal(again_values.cpu().view(torch.uint8), values.cpu().view(torch.uint8))
+            combined_again, _, _ = buffer.combine(rows_in.to(device), handle)
+            assert torch.equal(combined_again.cpu(), combined.cpu())
+    torch.cuda.synchronize()
+    buffer.destroy()
+    expertwire.nvshmem_finalize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", RANK_COUNTS)
+@pytest.mark.parametrize("name", list(HT_CALLS))
+def test_high_throughput_dispatch_and_combine(name: str, world_size: int) -> None:
+    reason = why_transport_cannot_run("internode", world_size)
+    if reason is not None:
+        pytest.skip(reason)
+    launch(world_size, _ht_worker, name)

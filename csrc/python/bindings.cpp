@@ -24,6 +24,7 @@
 #include "core/arguments.h"
 #include "core/env.h"
 #include "core/error.h"
+#include "core/ht_layout.h"
 #include "expertwire/config.h"
 #include "expertwire/dtype.h"
 #include "expertwire/high_throughput.h"
@@ -513,6 +514,20 @@ NB_MODULE(_expertwire, m) {
           "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "rank"_a, "world_size"_a, "hidden_dim"_a,
           "hidden_dim_bytes"_a, "hidden_dim_scale_bytes"_a, "combine_element_bytes"_a, "expert_alignment"_a,
           "recv_capacity"_a, "all_gather"_a, "max_sm_count"_a)
+      .def_static(
+          "symmetric_bytes_for",
+          [](int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t world_size,
+             int64_t hidden_dim, int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes,
+             int64_t combine_element_bytes, bool may_put) {
+            const HighThroughputConfig config =
+                ht_config(max_num_tokens, num_experts, experts_per_token, /*rank=*/0, world_size, hidden_dim,
+                          hidden_dim_bytes, hidden_dim_scale_bytes, combine_element_bytes, 1, 0);
+            return make_ht_layout(config, may_put).symmetric_bytes;
+          },
+          "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "world_size"_a, "hidden_dim"_a,
+          "hidden_dim_bytes"_a, "hidden_dim_scale_bytes"_a, "combine_element_bytes"_a, "may_put"_a,
+          "The buffer bytes each rank's object of this configuration takes (may_put: with the put path's rows, as "
+          "an internode object whose peers are not all load/store reachable). Local: allocates nothing.")
       .def("make_handle", &HtObject::make_handle)
       .def("dispatch_layout", &HtObject::dispatch_layout, "handle"_a, "expert_contiguous"_a, "x"_a, "x_bytes"_a,
            "x_row_stride"_a, "x_scale"_a, "x_scale_strides"_a, "topk_idx"_a, "topk_idx_int64"_a, "topk_weights"_a,

@@ -1,4 +1,4 @@
-"""DeepEP's ``deep_ep.Buffer`` API over expertwire's kernels: the low-latency half.
+"""DeepEP's ``deep_ep.Buffer`` API over expertwire's kernels: the low-latency half and the high-throughput one.
 
     from expertwire.deep_ep import Buffer, EventOverlap
 
@@ -10,15 +10,23 @@
 Names, arguments, defaults, return values and layouts are DeepEP's (its ``deep_ep/buffers/legacy.py``). Each
 low-latency configuration (tokens per rank, hidden, experts, top-k, payload) gets two internode ``AllToAll``
 objects; a dispatch takes one whose last dispatch has been combined, so at most two dispatches may await their
-combines, and each dispatch is combined once (a named ValueError otherwise). What this front end does not
-provide raises ``NotImplementedError`` naming it: the high-throughput half (``low_latency_mode=False``),
-``use_logfmt``, the per-rank wait statistics, ``enable_shrink`` and its mask calls, and an mpi4py ``comm``
-instead of a process group.
+combines, and each dispatch is combined once (a named ValueError otherwise).
+
+The high-throughput half (``get_dispatch_layout``, ``dispatch``, ``combine``: DeepEP's normal kernels) runs over
+``HighThroughputAllToAll`` in its rank-packed layout: intranode (peer memory, sized by ``num_nvl_bytes``) where
+every rank of the group is on this host, else internode (NVSHMEM, ``num_rdma_bytes``). Its buffers hold every
+received row at once, so each configuration holds as many tokens per rank as its bytes allow
+(``_deep_ep_high_throughput``); calls of one configuration alternate, dispatch then combine.
+
+What this front end does not provide raises ``NotImplementedError`` naming it: ``use_logfmt``, the per-rank wait
+statistics, ``enable_shrink`` and its mask calls, an mpi4py ``comm`` instead of a process group, a
+high-throughput dispatch without ``topk_idx``, and combine's ``bias``.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import Any, Optional, Union
 
@@ -26,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from . import nvshmem as _nvshmem
+from ._deep_ep_high_throughput import COMBINE_CHUNKS, DISPATCH_CHUNKS, Config, HighThroughputHalf, recommended_config
 from ._native import ext
 from .all_to_all import AllToAll
 from .checks import integer
@@ -80,13 +89,6 @@ class EventOverlap:
         release, self._release_handle_by_call = self._release_handle_by_call, False
         if self.event is not None:
             self.current_stream_wait(release_handle=release)
-
-
-class Config:
-    """DeepEP's tuning of its high-throughput kernels, which expertwire does not provide."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        raise _not_provided("deep_ep.Config (the high-throughput half's tuning)")
 
 
 def _flag(op: str, name: str, value: object) -> bool:
@@ -232,22 +234,29 @@ class Buffer:
         self.enable_shrink = _flag(op, "enable_shrink", enable_shrink)
         if self.enable_shrink:
             raise _not_provided("Buffer(enable_shrink=True) (masking ranks)")
-        if not self.low_latency_mode:
-            raise _not_provided(
-                "the high-throughput half of Buffer (low_latency_mode=False: get_dispatch_layout, dispatch, "
-                "combine; expertwire.HighThroughputAllToAll has its kernels under expertwire's own API); build "
-                "the Buffer with low_latency_mode=True for low_latency_dispatch and low_latency_combine"
-            )
         if not isinstance(group, dist.ProcessGroup):
             raise ValueError(f"Buffer: group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
         self.group = group
         self.rank = group.rank()
         self.group_size = group.size()
         self._device = torch.device("cuda", torch.cuda.current_device())
-        self._join_nvshmem()
+        hosts: list[Optional[str]] = [None] * self.group_size
+        dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        self._num_hosts = len(set(hosts))
+        # NVSHMEM for the low-latency half and the internode high-throughput one.
+        self._uses_nvshmem = self.low_latency_mode or self.num_rdma_bytes > 0
+        if self._uses_nvshmem:
+            self._join_nvshmem()
         self._pairs: dict[tuple, _LowLatencyPair] = {}
         self._comm_stream = torch.cuda.Stream(device=self._device)
         self._destroyed = False
+        if self._num_hosts > 1:
+            reason: Optional[str] = f"the group's ranks are on {self._num_hosts} hosts"
+        else:
+            reason = ext.peer_memory_unavailable_reason()
+        self._high_throughput = HighThroughputHalf(
+            self, {"nvl": self.num_nvl_bytes, "rdma": self.num_rdma_bytes}, reason, _finish
+        )
 
     def _join_nvshmem(self) -> None:
         if ext.nvshmem_initialized():
@@ -292,8 +301,8 @@ class Buffer:
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
-        """The SMs of DeepEP's high-throughput kernels; an even count (recorded; the high-throughput half is not
-        provided)."""
+        """The SMs of the high-throughput kernels of configurations made after this (the default configs'
+        num_sms); an even count."""
         integer("Buffer.set_num_sms", "new_num_sms", new_num_sms, minimum=2)
         if new_num_sms % 2 != 0:
             raise ValueError(f"Buffer.set_num_sms: new_num_sms must be even, got {new_num_sms}")
@@ -347,6 +356,7 @@ class Buffer:
             for a2a in pair.objects:
                 a2a.destroy()
         self._pairs.clear()
+        self._high_throughput.destroy()
         self._destroyed = True
 
     def _live(self, op: str) -> None:
@@ -354,30 +364,125 @@ class Buffer:
             raise RuntimeError(f"Buffer.{op}: this Buffer was destroyed")
 
     # ------------------------------------------------------------------------------------------------------
-    # The high-throughput half and rank masking: not provided.
+    # The high-throughput half (_deep_ep_high_throughput).
 
     @staticmethod
-    def get_dispatch_config(num_ranks: int) -> Any:
-        raise _not_provided("Buffer.get_dispatch_config (the high-throughput half)")
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """DeepEP's recommended dispatch Config for num_ranks ranks, with Buffer.num_sms."""
+        return recommended_config("Buffer.get_dispatch_config", DISPATCH_CHUNKS, Buffer.num_sms, num_ranks)
 
     @staticmethod
-    def get_combine_config(num_ranks: int) -> Any:
-        raise _not_provided("Buffer.get_combine_config (the high-throughput half)")
+    def get_combine_config(num_ranks: int) -> Config:
+        """DeepEP's recommended combine Config for num_ranks ranks, with Buffer.num_sms."""
+        return recommended_config("Buffer.get_combine_config", COMBINE_CHUNKS, Buffer.num_sms, num_ranks)
 
-    def get_dispatch_layout(self, *args: object, **kwargs: object) -> Any:
-        raise _not_provided("Buffer.get_dispatch_layout (the high-throughput half)")
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """(num_tokens_per_rank int32 [num_ranks], num_tokens_per_rdma_rank int32 [num_nodes] or None within one
+        node, num_tokens_per_expert int32 [num_experts], is_token_in_rank bool [num_tokens, num_ranks], event) of
+        topk_idx (int64 [num_tokens, num_topk], -1: no expert), on the device without a host synchronization."""
+        self._live("get_dispatch_layout")
+        return self._high_throughput.get_dispatch_layout(
+            topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream
+        )
 
-    def dispatch(self, *args: object, **kwargs: object) -> Any:
-        raise _not_provided("Buffer.dispatch (the high-throughput half)")
+    def dispatch(
+        self,
+        x: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+        handle: Optional[Any] = None,
+        num_tokens_per_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+        is_token_in_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_expert: Optional[torch.Tensor] = None,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple:
+        """Sends each token of x (a [num_tokens, hidden] tensor whose rows are a multiple of 16 bytes, bf16 as
+        DeepEP's callers pass it, or (fp8 values, float32 / int32 scales [num_tokens, num_scales] at any strides))
+        once to every rank that holds one of its experts. Returns (recv_x (the same form as x, one row per
+        received token, by source rank then token), recv_topk_idx int64 [rows, num_topk] (local expert, -1 for
+        slots of other ranks), recv_topk_weights float32 (0 on those slots), num_recv_tokens_per_expert_list
+        (each local expert's count rounded up to expert_alignment; [] with num_worst_tokens), handle, event).
+        num_worst_tokens > 0: that many rows, no host synchronization (rows past the received ones have expert
+        -1). The layout tensors of get_dispatch_layout are checked for shape and dtype; the kernels derive the
+        same layout from topk_idx. With a handle (a cached dispatch): x goes where the handle's tokens went;
+        returns (recv_x, None, None, None, None, event)."""
+        self._live("dispatch")
+        return self._high_throughput.dispatch(
+            x,
+            handle,
+            num_tokens_per_rank,
+            num_tokens_per_rdma_rank,
+            is_token_in_rank,
+            num_tokens_per_expert,
+            topk_idx,
+            topk_weights,
+            expert_alignment,
+            num_worst_tokens,
+            config,
+            previous_event,
+            async_finish,
+            allocate_on_comm_stream,
+        )
 
-    def combine(self, *args: object, **kwargs: object) -> Any:
-        raise _not_provided("Buffer.combine (the high-throughput half)")
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: Any,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor], None] = None,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """Sums, without weights and in fp32, each token's rows x (bf16 [rows of the handle's dispatch, hidden])
+        from every rank it went to: (combined_x bf16 [num_tokens, hidden], combined_topk_weights, event).
+        topk_weights (float32 [rows, num_topk]): combined_topk_weights[t, j] is the value that the rank holding
+        slot j's expert gave it (0 for -1 slots); DeepEP adds every receiving rank's value, which is the same
+        where the other ranks' values are 0, as dispatch's recv_topk_weights are."""
+        self._live("combine")
+        return self._high_throughput.combine(
+            x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream
+        )
 
-    def internode_dispatch(self, *args: object, **kwargs: object) -> Any:
-        raise _not_provided("Buffer.internode_dispatch (the high-throughput half)")
+    def internode_dispatch(self, x: Any, handle: Optional[Any] = None, *args: Any, **kwargs: Any) -> tuple:
+        """DeepEP's internode implementation of dispatch (no num_worst_tokens); here dispatch itself."""
+        names = (
+            "num_tokens_per_rank",
+            "num_tokens_per_rdma_rank",
+            "is_token_in_rank",
+            "num_tokens_per_expert",
+            "topk_idx",
+            "topk_weights",
+            "expert_alignment",
+            "config",
+            "previous_event",
+            "async_finish",
+            "allocate_on_comm_stream",
+        )
+        if len(args) > len(names):
+            raise ValueError(f"internode_dispatch: at most {len(names) + 2} positional arguments, got {len(args) + 2}")
+        kwargs.update(zip(names[: len(args)], args, strict=True))
+        if "num_worst_tokens" in kwargs:
+            raise ValueError("internode_dispatch: takes no num_worst_tokens (DeepEP's internode kernels do not)")
+        return self.dispatch(x, handle, **kwargs)
 
-    def internode_combine(self, *args: object, **kwargs: object) -> Any:
-        raise _not_provided("Buffer.internode_combine (the high-throughput half)")
+    def internode_combine(self, x: torch.Tensor, handle: Any, *args: Any, **kwargs: Any) -> tuple:
+        """DeepEP's internode implementation of combine; here combine itself."""
+        return self.combine(x, handle, *args, **kwargs)
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         raise _not_provided("Buffer.low_latency_update_mask_buffer (masking ranks, enable_shrink)")
@@ -403,6 +508,11 @@ class Buffer:
         integer(op, "num_experts", num_experts, minimum=1)
         _nvshmem.nvshmem_barrier_all_on_current_stream()
 
+    def _pool_bytes_in_use(self, pool: str) -> int:
+        """Bytes of num_nvl_bytes ("nvl") or num_rdma_bytes ("rdma") that objects hold now."""
+        low_latency = sum(p.symmetric_bytes for p in self._pairs.values()) if pool == "rdma" else 0
+        return low_latency + self._high_throughput.bytes_in_use(pool)
+
     def _pair(self, num_max: int, hidden: int, num_experts: int, top_k: int, payload: _Payload) -> _LowLatencyPair:
         key = (num_max, hidden, num_experts, top_k, payload.use_fp8, payload.use_ue8m0)
         pair = self._pairs.get(key)
@@ -411,20 +521,23 @@ class Buffer:
         config = _config(num_max, num_experts, top_k, self.rank, self.group_size, hidden, payload)
         need = 2 * int(ext.AllToAllHandle.internode_symmetric_bytes(config))
         # Configurations used before give their buffers back, oldest first, while none of their dispatches
-        # awaits a combine (every rank makes the same calls, so every rank frees the same ones).
+        # awaits a combine (every rank makes the same calls, so every rank frees the same ones); then idle
+        # internode high-throughput objects.
         for old_key in list(self._pairs):
-            if sum(p.symmetric_bytes for p in self._pairs.values()) + need <= self.num_rdma_bytes:
+            if self._pool_bytes_in_use("rdma") + need <= self.num_rdma_bytes:
                 break
             if self._pairs[old_key].idle():
                 for a2a in self._pairs.pop(old_key).objects:
                     a2a.destroy()
-        used = sum(p.symmetric_bytes for p in self._pairs.values())
+        if self._pool_bytes_in_use("rdma") + need > self.num_rdma_bytes:
+            self._high_throughput.release_idle("rdma")
+        used = self._pool_bytes_in_use("rdma")
         if used + need > self.num_rdma_bytes:
             raise ValueError(
                 f"low_latency_dispatch: num_rdma_bytes={self.num_rdma_bytes} is too small: this configuration "
                 f"(num_max_dispatch_tokens_per_rank={num_max}, hidden={hidden}, num_experts={num_experts}, "
                 f"top-k {top_k}, {'fp8' if payload.use_fp8 else 'bf16'}) needs {need} bytes"
-                + (f" beside the {used} of configurations with dispatches awaiting their combines" if used else "")
+                + (f" beside the {used} that other configurations hold" if used else "")
                 + " (Buffer.get_low_latency_rdma_size_hint)"
             )
         objects = [
