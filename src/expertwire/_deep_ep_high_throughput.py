@@ -159,14 +159,12 @@ class HighThroughputHandle:
         topk_idx: torch.Tensor,
         topk_weights: torch.Tensor,
         num_recv_rows: int,
-        is_token_in_rank: torch.Tensor,
     ) -> None:
         self.entry = entry
         self.native = native
         self.topk_idx = topk_idx
         self.topk_weights = topk_weights
         self.num_recv_rows = num_recv_rows  # rows of recv_x (num_worst_tokens where given)
-        self.is_token_in_rank = is_token_in_rank
         self.generation = entry.generation
 
 
@@ -487,7 +485,7 @@ class HighThroughputHalf:
         recv_scales = None
         if scales is not None:
             recv_scales = out.recv_x_scale if scales.dtype == torch.float32 else out.recv_x_scale.view(scales.dtype)
-        new = HighThroughputHandle(entry, out.handle, topk_idx, topk_weights, rows, is_token_in_rank)
+        new = HighThroughputHandle(entry, out.handle, topk_idx, topk_weights, rows)
         received = out.recv_x if scales is None else (out.recv_x, recv_scales)
         outputs = (out.recv_x, recv_scales, recv_idx, out.recv_topk_weights)
         inputs = (values, scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)

@@ -244,8 +244,7 @@ class Buffer:
         dist.all_gather_object(hosts, socket.gethostname(), group=group)
         self._num_hosts = len(set(hosts))
         # NVSHMEM for the low-latency half and the internode high-throughput one.
-        self._uses_nvshmem = self.low_latency_mode or self.num_rdma_bytes > 0
-        if self._uses_nvshmem:
+        if self.low_latency_mode or self.num_rdma_bytes > 0:
             self._join_nvshmem()
         self._pairs: dict[tuple, _LowLatencyPair] = {}
         self._comm_stream = torch.cuda.Stream(device=self._device)
@@ -584,6 +583,8 @@ class Buffer:
         return_recv_hook (else None)."""
         op = "low_latency_dispatch"
         self._live(op)
+        if not self.low_latency_mode:
+            raise ValueError(f"{op}: the Buffer must be built with low_latency_mode=True for the low-latency calls")
         num_max = integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
         integer(op, "num_experts", num_experts, minimum=1)
         for name, value in (
