@@ -86,19 +86,10 @@ class Config:
             raise ValueError(f"{op}: hidden_bytes must be a multiple of 16, got {hidden_bytes}")
         # hidden_bytes as DeepEP's callers pass it: the bf16 row, which is also the combine's row.
         experts = -(-HINT_EXPERTS // num_ranks) * num_ranks
-        return int(
-            ext.HighThroughputObject.symmetric_bytes_for(
-                max_num_tokens=self.hint_tokens_per_rank(),
-                num_experts=experts,
-                experts_per_token=HINT_TOP_K,
-                world_size=num_ranks,
-                hidden_dim=hidden_bytes // 2,
-                hidden_dim_bytes=hidden_bytes,
-                hidden_dim_scale_bytes=4 * (hidden_bytes // 2 // FP8_SCALE_BLOCK),
-                combine_element_bytes=2,
-                may_put=may_put,
-            )
-        )
+        hidden = hidden_bytes // 2
+        scale_bytes = 4 * (hidden // FP8_SCALE_BLOCK)
+        shape = (experts, HINT_TOP_K, num_ranks, hidden, hidden_bytes, scale_bytes)
+        return buffer_bytes(self.hint_tokens_per_rank(), *shape, may_put=may_put)
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """num_nvl_bytes for intranode calls of up to hint_tokens_per_rank() tokens of hidden_bytes (the bf16
@@ -146,6 +137,26 @@ def recommended_config(op: str, table: dict, num_sms: int, num_ranks: int) -> Co
     if num_ranks not in table:
         raise ValueError(f"{op}: num_ranks must be one of {sorted(table)}, got {num_ranks!r}")
     return Config(num_sms, *table[num_ranks])
+
+
+def buffer_bytes(
+    tokens: int, experts: int, top_k: int, ranks: int, hidden: int, row_bytes: int, scale_bytes: int, may_put: bool
+) -> int:
+    """The bytes of each rank's high-throughput object of `tokens` per rank, bf16 combine rows (with the put
+    path's rows where may_put)."""
+    return int(
+        ext.HighThroughputObject.symmetric_bytes_for(
+            max_num_tokens=tokens,
+            num_experts=experts,
+            experts_per_token=top_k,
+            world_size=ranks,
+            hidden_dim=hidden,
+            hidden_dim_bytes=row_bytes,
+            hidden_dim_scale_bytes=scale_bytes,
+            combine_element_bytes=2,
+            may_put=may_put,
+        )
+    )
 
 
 class HighThroughputHandle:
@@ -198,6 +209,10 @@ def _check(op: str, name: str, value: object, dtypes: tuple, shape: tuple, devic
         raise ValueError(
             f"{op}: {name} must be {wanted} of shape [{dims}], got {value.dtype} of shape {list(value.shape)}"
         )
+    return _on_device_contiguous(op, name, value, device)
+
+
+def _on_device_contiguous(op: str, name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
     if value.device != device:
         raise ValueError(f"{op}: {name} must be on {device}, got {value.device}")
     if not value.is_contiguous():
@@ -351,19 +366,7 @@ class HighThroughputHalf:
         ranks = self.buffer.group_size
 
         def size(tokens: int) -> int:
-            return int(
-                ext.HighThroughputObject.symmetric_bytes_for(
-                    max_num_tokens=tokens,
-                    num_experts=num_experts,
-                    experts_per_token=top_k,
-                    world_size=ranks,
-                    hidden_dim=hidden,
-                    hidden_dim_bytes=row_bytes,
-                    hidden_dim_scale_bytes=scale_bytes,
-                    combine_element_bytes=2,
-                    may_put=pool == "rdma",
-                )
-            )
+            return buffer_bytes(tokens, num_experts, top_k, ranks, hidden, row_bytes, scale_bytes, pool == "rdma")
 
         return size
 
@@ -603,10 +606,7 @@ class HighThroughputHalf:
                 raise ValueError(
                     f"{op}: x must be a 2-D tensor [num_tokens, hidden] or a (values, scales) tuple, got {got}"
                 )
-        if values.device != device:
-            raise ValueError(f"{op}: x must be on {device}, got {values.device}")
-        if not values.is_contiguous():
-            raise ValueError(f"{op}: x must be contiguous, got strides {list(values.stride())}")
+        _on_device_contiguous(op, "x", values, device)
         if values.shape[1] * values.element_size() % 16 != 0:
             raise ValueError(
                 f"{op}: x's rows must be a multiple of 16 bytes, got {values.shape[1]} x {values.element_size()}"
