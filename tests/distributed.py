@@ -21,13 +21,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # As scripts/device/run_ranks.sh: NVLink multicast stays off (it can take a shared host's GPUs out of service),
-# ranks on one node use no remote transport, and the heap fits the largest benchmark configuration.
+# ranks on one node use no remote transport, the heap fits the largest benchmark configuration, and kernels load
+# eagerly.
 RANK_ENVIRONMENT = {
     "NVSHMEM_DISABLE_NVLS": "1",
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_REMOTE_TRANSPORT": "none",
     "NVSHMEM_SYMMETRIC_SIZE": "2G",
+    # Every kernel module loaded at start: a rank's first launch of a kernel then loads nothing while a peer's
+    # kernel waits for it (a suspected cause of a combine that timed out under MPS).
+    "CUDA_MODULE_LOADING": "EAGER",
 }
 
 

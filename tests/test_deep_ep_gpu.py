@@ -88,6 +88,20 @@ def _expected_rows(x: torch.Tensor, call: Call) -> tuple[torch.Tensor, torch.Ten
     return values.view(torch.uint8), scales.contiguous().view(torch.uint8)
 
 
+def _meet() -> None:
+    """Every rank's checks done before any rank's combine waits for its peers, so that the test's host-side work
+    never runs into the combine's timeout."""
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _no_device_error(a2a) -> None:
+    """A timed-out wait leaves the call's outputs incomplete and is recorded for the next call: raise it here,
+    as a DeviceError naming the wait, before the values are compared."""
+    torch.cuda.synchronize()
+    a2a.check_errors()
+
+
 def _worker(info: RankInfo, name: str) -> None:
     call = CALLS[name]
     world, rank, device = info.world_size, info.rank, info.device
@@ -166,6 +180,7 @@ def _worker(info: RankInfo, name: str) -> None:
             if expert_out is not None:
                 expert_out.copy_(y)
             out = torch.full((x.shape[0], HIDDEN), 7.0, dtype=torch.bfloat16, device=device) if call.into_out else None
+            _meet()
             combined, event, hook = buffer.low_latency_combine(
                 y,
                 idx.to(device),
@@ -180,6 +195,7 @@ def _worker(info: RankInfo, name: str) -> None:
                 hook()
             if call.async_finish:
                 event.current_stream_wait()
+            _no_device_error(handle[0].a2a)
             if out is not None:
                 assert combined.data_ptr() == out.data_ptr()
             payload_rows = (
@@ -327,6 +343,7 @@ def _ht_worker(info: RankInfo, name: str) -> None:
                     acc += float(got_w[j, k]) * row[0] * _expert_factor(rank * local + le, num_experts)
             rows_in[j] = acc.to(torch.bfloat16)
         carried = recv_w if call.combine_weights else None
+        _meet()
         combined, combined_w, event = buffer.combine(
             rows_in.to(device),
             handle,
@@ -337,6 +354,7 @@ def _ht_worker(info: RankInfo, name: str) -> None:
         )
         if call.async_finish:
             event.current_stream_wait()
+        _no_device_error(handle.entry.a2a)
         # Each token: the sum over the ranks it went to of their rows, in fp32, then bf16.
         own = _ht_payload(x, call)
         own_rows = _dequantized(own[0], own[1], Call()) if call.fp8 else x.float()

@@ -27,6 +27,8 @@ export_nvshmem_env() {
   nv=$(python3 -c 'import nvidia.nvshmem as m;print(list(m.__path__)[0])' 2>/dev/null || true)
   if [ -n "$nv" ]; then export LD_LIBRARY_PATH="$nv/lib:${LD_LIBRARY_PATH:-}"; fi
   export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  # Kernels load at start, not at a rank's first launch while a peer's kernel waits for it (tests/distributed.py).
+  export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
   export NVSHMEM_SYMMETRIC_SIZE=${NVSHMEM_SYMMETRIC_SIZE:-2G}
   export NVSHMEM_REMOTE_TRANSPORT=${NVSHMEM_REMOTE_TRANSPORT:-none}
   REMOTE_TRANSPORT_EXPORTS=""
