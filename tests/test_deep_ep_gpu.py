@@ -286,15 +286,16 @@ def _ht_worker(info: RankInfo, name: str) -> None:
 
         payload = _ht_payload(x, call)
         on_device = tuple(p.to(device) for p in payload) if call.fp8 else payload.to(device)
-        previous = Buffer.capture() if call.async_finish else None
+        idx_on_device, weights_on_device = idx.to(device), weights.to(device)
+        previous = Buffer.capture() if call.async_finish else None  # after every input's copy
         recv, recv_idx, recv_w, counts, handle, event = buffer.dispatch(
             on_device,
             num_tokens_per_rank=per_rank,
             num_tokens_per_rdma_rank=per_rdma,
             is_token_in_rank=in_rank,
             num_tokens_per_expert=per_expert,
-            topk_idx=idx.to(device),
-            topk_weights=weights.to(device),
+            topk_idx=idx_on_device,
+            topk_weights=weights_on_device,
             expert_alignment=HT_ALIGNMENT,
             num_worst_tokens=world * NUM_MAX if call.num_worst_tokens else 0,
             config=Buffer.get_dispatch_config(world),
@@ -380,7 +381,9 @@ def _ht_worker(info: RankInfo, name: str) -> None:
             assert rest == [None, None, None, None]
             again_values = again[0] if call.fp8 else again
             assert torch.equal(again_values.cpu().view(torch.uint8), values.cpu().view(torch.uint8))
+            _meet()
             combined_again, _, _ = buffer.combine(rows_in.to(device), handle)
+            _no_device_error(handle.entry.a2a)
             assert torch.equal(combined_again.cpu(), combined.cpu())
     torch.cuda.synchronize()
     buffer.destroy()

@@ -251,8 +251,9 @@ class HighThroughputHalf:
         on the current stream after previous_event."""
         _flag(op, "async_finish", async_finish)
         _flag(op, "allocate_on_comm_stream", allocate_on_comm_stream)
+        # As DeepEP: an EventOverlap without an event (a call without async_finish) is no event to wait for.
         if previous_event is not None and getattr(previous_event, "event", None) is None:
-            raise ValueError(f"{op}: previous_event must be an EventOverlap holding an event")
+            previous_event = None
         if allocate_on_comm_stream and not (async_finish and previous_event is not None):
             raise ValueError(f"{op}: allocate_on_comm_stream needs async_finish=True and a previous_event")
         current = torch.cuda.current_stream()
@@ -264,9 +265,9 @@ class HighThroughputHalf:
         return stream, current
 
     def _done(self, stream, current, async_finish: bool, allocate_on_comm_stream: bool, inputs: tuple, outputs: tuple):
-        """The EventOverlap of a call; outputs made on the comm stream and used on the current one are marked so
-        (the caching allocator then keeps them until the current stream is done with them)."""
-        if async_finish and not allocate_on_comm_stream:
+        """The EventOverlap of a call; outputs made on the comm stream and used on the current one are marked so,
+        as DeepEP marks them (the caching allocator then keeps them until the current stream is done with them)."""
+        if async_finish:
             for t in outputs:
                 if isinstance(t, torch.Tensor) and t.numel() > 0:
                     t.record_stream(current)
@@ -488,7 +489,10 @@ class HighThroughputHalf:
         recv_scales = None
         if scales is not None:
             recv_scales = out.recv_x_scale if scales.dtype == torch.float32 else out.recv_x_scale.view(scales.dtype)
-        new = HighThroughputHandle(entry, out.handle, topk_idx, topk_weights, rows)
+        # The handle's own routing: a caller may reuse its tensors before a cached dispatch.
+        with torch.cuda.stream(stream):
+            routing = (topk_idx.clone(), topk_weights.clone())
+        new = HighThroughputHandle(entry, out.handle, *routing, rows)
         received = out.recv_x if scales is None else (out.recv_x, recv_scales)
         outputs = (out.recv_x, recv_scales, recv_idx, out.recv_topk_weights)
         inputs = (values, scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
@@ -565,12 +569,14 @@ class HighThroughputHalf:
         if topk_weights is not None:
             _check(op, "topk_weights", topk_weights, (torch.float32,), (handle.num_recv_rows, top_k), device)
         stream, current = self._streams(op, previous_event, async_finish, allocate_on_comm_stream)
-        with torch.cuda.stream(stream):
-            if topk_weights is None:
-                combined, combined_weights = entry.a2a.combine(x, handle.native), None
-            else:
-                combined, combined_weights = entry.a2a.combine(x, handle.native, topk_weights=topk_weights)
-        entry.awaiting_combine = False
+        try:
+            with torch.cuda.stream(stream):
+                if topk_weights is None:
+                    combined, combined_weights = entry.a2a.combine(x, handle.native), None
+                else:
+                    combined, combined_weights = entry.a2a.combine(x, handle.native, topk_weights=topk_weights)
+        finally:
+            entry.awaiting_combine = False
         event = self._done(
             stream, current, async_finish, allocate_on_comm_stream, (x, topk_weights), (combined, combined_weights)
         )

@@ -300,8 +300,8 @@ class Buffer:
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
-        """The SMs of the high-throughput kernels of configurations made after this (the default configs'
-        num_sms); an even count."""
+        """The num_sms of the default high-throughput configs; an even count. A configuration's object keeps the
+        num_sms it was made with: a later call of that configuration with another num_sms is a ValueError."""
         integer("Buffer.set_num_sms", "new_num_sms", new_num_sms, minimum=2)
         if new_num_sms % 2 != 0:
             raise ValueError(f"Buffer.set_num_sms: new_num_sms must be even, got {new_num_sms}")
