@@ -223,10 +223,15 @@ def _worker(info: RankInfo, name: str) -> None:
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
 @pytest.mark.parametrize("name", list(CALLS))
 def test_low_latency_dispatch_and_combine(name: str, world_size: int) -> None:
+    _launch(world_size, _worker, name)
+
+
+def _launch(world_size: int, worker, name: str) -> None:
+    """Runs worker(info, name) on world_size ranks through NVSHMEM, or skips with the reason it cannot run."""
     reason = why_transport_cannot_run("internode", world_size)
     if reason is not None:
         pytest.skip(reason)
-    launch(world_size, _worker, name)
+    launch(world_size, worker, name)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -394,7 +399,4 @@ def _ht_worker(info: RankInfo, name: str) -> None:
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
 @pytest.mark.parametrize("name", list(HT_CALLS))
 def test_high_throughput_dispatch_and_combine(name: str, world_size: int) -> None:
-    reason = why_transport_cannot_run("internode", world_size)
-    if reason is not None:
-        pytest.skip(reason)
-    launch(world_size, _ht_worker, name)
+    _launch(world_size, _ht_worker, name)

@@ -34,7 +34,14 @@ import torch
 import torch.distributed as dist
 
 from . import nvshmem as _nvshmem
-from ._deep_ep_high_throughput import COMBINE_CHUNKS, DISPATCH_CHUNKS, Config, HighThroughputHalf, recommended_config
+from ._deep_ep_high_throughput import (
+    COMBINE_CHUNKS,
+    DISPATCH_CHUNKS,
+    Config,
+    HighThroughputHalf,
+    _flag,
+    recommended_config,
+)
 from ._native import ext
 from .all_to_all import AllToAll
 from .checks import integer
@@ -89,12 +96,6 @@ class EventOverlap:
         release, self._release_handle_by_call = self._release_handle_by_call, False
         if self.event is not None:
             self.current_stream_wait(release_handle=release)
-
-
-def _flag(op: str, name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{op}: {name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _not_provided(what: str) -> NotImplementedError:
