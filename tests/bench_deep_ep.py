@@ -6,11 +6,14 @@ Launch as tests.bench_all_to_all (the seed's multi-node variables, torchrun, or 
 For each token count, on every rank (hidden 7168, top-8, 256 experts by default), mean (median) µs of the
 slowest rank, with an NVSHMEM barrier on the stream before each timed operation:
 - "native fp8": AllToAll.dispatch of tokens already in fp8 with their scales, and its combine;
-- "deep_ep fp8": Buffer.low_latency_dispatch of bf16 tokens with use_fp8=True (the cast, then the dispatch), and
-  low_latency_combine;
+- "native, quantize first": deep_ep.cast_fp8_blocks of the bf16 tokens, then that dispatch, timed as one;
+- "native, fused cast": AllToAll.dispatch of the bf16 tokens with fp8_cast="block-scales" (the send kernel casts);
+- "deep_ep fp8": Buffer.low_latency_dispatch of bf16 tokens with use_fp8=True (the same fused cast behind
+  DeepEP's API), and low_latency_combine;
 - "deep_ep bf16": the same with use_fp8=False;
-- "fp8 cast": expertwire.deep_ep.cast_fp8_blocks alone, what the deep_ep fp8 dispatch spends before sending.
-The host column is the slowest rank's mean Python time to issue one dispatch call (nothing synchronized).
+- "fp8 cast": deep_ep.cast_fp8_blocks alone.
+The host column is the slowest rank's mean Python time to issue one dispatch call (nothing synchronized): the
+front end's overhead is "deep_ep fp8" against "native, fused cast".
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ def _host_us(opts: Options, issue: Callable[[], None], finish: Callable[[], None
     return _slowest_rank_stats(samples[opts.warmup :])[0]
 
 
-def bench_native(opts: Options, info: RankInfo, tokens: int, x, idx, weights) -> tuple:
+def bench_native(opts: Options, info: RankInfo, tokens: int, x, idx, weights) -> list[tuple]:
+    """The native AllToAll's rows: tokens already cast, cast first by a separate pass, cast by the send kernel."""
     scale_words = opts.hidden // 128
     a2a = expertwire.AllToAll.internode(
         tokens, opts.experts, opts.top_k, info.rank, info.world_size, 1, opts.hidden, opts.hidden, 4 * scale_words
@@ -65,18 +69,30 @@ def bench_native(opts: Options, info: RankInfo, tokens: int, x, idx, weights) ->
     expert_y = torch.randn(local, rows, opts.hidden, device=device).to(torch.bfloat16)
     out = torch.empty(tokens, opts.hidden, dtype=torch.bfloat16, device=device)
 
-    def dispatch() -> None:
+    def cast_ready() -> None:
         a2a.dispatch(count, recv_x, recv_scale, x_fp8, x_scale, indices, None)
+
+    def quantize_first() -> None:
+        values, scales = deep_ep.cast_fp8_blocks(x, False, False)
+        a2a.dispatch(count, recv_x, recv_scale, values, scales, indices, None)
+
+    def fused_cast() -> None:
+        a2a.dispatch(count, recv_x, recv_scale, x, None, indices, None, fp8_cast="block-scales")
 
     def combine() -> None:
         a2a.combine(out, indices, weights, expert_y, None)
 
-    times = _time_dispatch_combine(opts, dispatch, combine)
-    host = _host_us(opts, dispatch, combine)
+    results = []
+    for name, dispatch in (
+        ("native fp8", cast_ready),
+        ("native, quantize first", quantize_first),
+        ("native, fused cast", fused_cast),
+    ):
+        results.append((name, _time_dispatch_combine(opts, dispatch, combine), _host_us(opts, dispatch, combine)))
     a2a.check_errors()
     dist.barrier()
     a2a.destroy()
-    return times, host
+    return results
 
 
 def bench_deep_ep(opts: Options, info: RankInfo, buffer: deep_ep.Buffer, tokens: int, x, idx, weights, fp8: bool):
@@ -110,7 +126,7 @@ def _worker(info: RankInfo, opts: Options) -> None:
     ]
     for tokens in opts.tokens:
         x, idx, weights = _inputs(opts, tokens, info)
-        rows = [("native fp8", *bench_native(opts, info, tokens, x, idx, weights))]
+        rows = bench_native(opts, info, tokens, x, idx, weights)
         for fp8 in (True, False):
             name = "deep_ep fp8" if fp8 else "deep_ep bf16"
             rows.append((name, *bench_deep_ep(opts, info, buffer, tokens, x, idx, weights, fp8)))

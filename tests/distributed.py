@@ -9,6 +9,7 @@ run at once); each rank then takes 100/N % of the SMs, as scripts/device/run_ran
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import os
 import socket
 import time
@@ -96,6 +97,10 @@ def _rank_entry(
 ) -> None:
     for name, value in RANK_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    stacks_after = os.environ.get("EXPERTWIRE_TEST_STACKS_AFTER_S")
+    if stacks_after:
+        # A rank still running then prints where every thread of it is (a hung test says where it hangs).
+        faulthandler.dump_traceback_later(float(stacks_after), exit=False)
     if world_local_size > 1 and mps_running():
         # Before anything touches CUDA, torch.cuda.device_count() included: the MPS client takes its SM limit
         # when CUDA starts. Without it every rank sizes its launch for the whole GPU, the ranks' blocks cannot
@@ -127,10 +132,13 @@ def launch(
     world_size: Optional[int] = None,
     node_rank: int = 0,
     init_method: Optional[str] = None,
-    timeout_s: float = 600.0,
+    timeout_s: Optional[float] = None,
 ) -> None:
     """Runs worker(RankInfo, *args) in `world_local_size` fresh processes of this node and waits for all of
-    them; a rank's exception is raised here. Kills every rank after `timeout_s`."""
+    them; a rank's exception is raised here. Kills every rank after `timeout_s` (default
+    EXPERTWIRE_TEST_TIMEOUT_S, else 600)."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("EXPERTWIRE_TEST_TIMEOUT_S", "600"))
     world_size = world_size or world_local_size
     init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
     context = mp.start_processes(

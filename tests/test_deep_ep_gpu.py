@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
+from typing import Optional
 
 import pytest
 import torch
@@ -45,11 +46,14 @@ CALLS = {
 }
 
 
-def _inputs(rank: int, num_experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A rank's tokens (m varies with the rank, one rank may send none), distinct experts per row with about one
-    slot in five -1, and weights."""
+def _inputs(
+    rank: int, num_experts: int, seed: int, m: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rank's tokens (unless m is given, m varies with the rank and one rank may send none), distinct experts
+    per row with about one slot in five -1, and weights."""
     g = torch.Generator().manual_seed(seed * 1000 + rank)
-    m = (rank * 7 + seed) % (NUM_MAX + 1)
+    if m is None:
+        m = (rank * 7 + seed) % (NUM_MAX + 1)
     x = (torch.randn((m, HIDDEN), generator=g) * torch.logspace(-2, 2, HIDDEN)[None, :]).to(torch.bfloat16)
     rows = [torch.randperm(num_experts, generator=g)[:TOP_K] for _ in range(m)]
     idx = torch.stack(rows) if rows else torch.empty((0, TOP_K), dtype=torch.int64)
@@ -100,6 +104,27 @@ def _no_device_error(a2a) -> None:
     as a DeviceError naming the wait, before the values are compared."""
     torch.cuda.synchronize()
     a2a.check_errors()
+
+
+def _assert_combined(
+    combined: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, call: Call, num_experts: int
+) -> None:
+    """combined holds each token's weighted sum of its experts' outputs: the dispatched payload (dequantized)
+    times the expert's factor, rounded to bf16 as the experts return it."""
+    if call.use_fp8:
+        payload_rows = _dequantized(*reference.cast_fp8_blocks(x, call.round_scale, call.use_ue8m0), call)
+    else:
+        payload_rows = x.float()
+    want = torch.zeros((x.shape[0], HIDDEN))
+    for t in range(x.shape[0]):
+        for k in range(TOP_K):
+            e = int(idx[t, k])
+            if e >= 0:
+                row = (payload_rows[t] * _expert_factor(e, num_experts)).to(torch.bfloat16).float()
+                want[t] += weights[t, k] * row
+    torch.testing.assert_close(
+        combined.cpu().float(), want.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6, equal_nan=True
+    )
 
 
 def _worker(info: RankInfo, name: str) -> None:
@@ -198,21 +223,7 @@ def _worker(info: RankInfo, name: str) -> None:
             _no_device_error(handle[0].a2a)
             if out is not None:
                 assert combined.data_ptr() == out.data_ptr()
-            payload_rows = (
-                _dequantized(*reference.cast_fp8_blocks(x, call.round_scale, call.use_ue8m0), call)
-                if call.use_fp8
-                else x.float()
-            )
-            want = torch.zeros((x.shape[0], HIDDEN))
-            for t in range(x.shape[0]):
-                for k in range(TOP_K):
-                    e = int(idx[t, k])
-                    if e >= 0:
-                        row = (payload_rows[t] * _expert_factor(e, num_experts)).to(torch.bfloat16).float()
-                        want[t] += weights[t, k] * row
-            torch.testing.assert_close(
-                combined.cpu().float(), want.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6, equal_nan=True
-            )
+            _assert_combined(combined, x, idx, weights, call, num_experts)
     torch.cuda.synchronize()
     assert torch.equal(stats.cpu(), expected_stats)
     buffer.destroy()
@@ -224,6 +235,79 @@ def _worker(info: RankInfo, name: str) -> None:
 @pytest.mark.parametrize("name", list(CALLS))
 def test_low_latency_dispatch_and_combine(name: str, world_size: int) -> None:
     _launch(world_size, _worker, name)
+
+
+def _graph_worker(info: RankInfo, hooks: str) -> None:
+    """dispatch + experts + combine of the low-latency half captured in one CUDA graph (with return_recv_hook,
+    each hook called inside the capture), then replayed on new tokens of the same shape."""
+    with_hooks = hooks == "hooks"
+    world, rank, device = info.world_size, info.rank, info.device
+    num_experts = 4 * world
+    local = num_experts // world
+    hint = Buffer.get_low_latency_rdma_size_hint(NUM_MAX, HIDDEN, world, num_experts)
+    buffer = Buffer(dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True, explicitly_destroy=True)
+    x_in = torch.empty((NUM_MAX, HIDDEN), dtype=torch.bfloat16, device=device)
+    idx_in = torch.empty((NUM_MAX, TOP_K), dtype=torch.int64, device=device)
+    weights_in = torch.empty((NUM_MAX, TOP_K), dtype=torch.float32, device=device)
+    factors = torch.tensor([_expert_factor(rank * local + le, num_experts) for le in range(local)], device=device).view(
+        local, 1, 1
+    )
+
+    def load(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, idx, weights = _inputs(rank, num_experts, seed, m=NUM_MAX)  # a graph replays one shape
+        x_in.copy_(x)
+        idx_in.copy_(idx)
+        weights_in.copy_(weights)
+        return x, idx, weights
+
+    def step() -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        (values, scales), count, handle, _, hook = buffer.low_latency_dispatch(
+            x_in, idx_in, NUM_MAX, num_experts, use_fp8=True, return_recv_hook=with_hooks
+        )
+        if hook is not None:
+            hook()
+        # The experts: each received row dequantized and scaled by its expert's factor.
+        y = (values.float() * scales.repeat_interleave(128, dim=2) * factors).to(torch.bfloat16)
+        combined, _, hook = buffer.low_latency_combine(y, idx_in, weights_in, handle, return_recv_hook=with_hooks)
+        if hook is not None:
+            hook()
+        return combined, count, handle
+
+    def check(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, combined: torch.Tensor, count) -> None:
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, idx)
+        for le in range(local):
+            e = rank * local + le
+            want = sum(int((sidx == e).any(dim=1).sum()) for sidx in everyone)
+            assert int(count[le]) == want, f"rank {rank} expert {e}: {int(count[le])} tokens, expected {want}"
+        _assert_combined(combined, x, idx, weights, Call(), num_experts)
+
+    inputs = load(1)
+    _meet()
+    combined, count, handle = step()  # eager, before the capture
+    _no_device_error(handle[0].a2a)
+    check(*inputs, combined, count)
+    _meet()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        combined, count, handle = step()
+    for seed in (2, 3, 4):
+        inputs = load(seed)
+        _meet()  # every rank's inputs are in place before any rank's replay reads them
+        graph.replay()
+        _no_device_error(handle[0].a2a)
+        check(*inputs, combined, count)
+    _meet()
+    del graph
+    buffer.destroy()
+    expertwire.nvshmem_finalize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", RANK_COUNTS)
+@pytest.mark.parametrize("hooks", ["hooks", "no-hooks"])
+def test_low_latency_cuda_graph(hooks: str, world_size: int) -> None:
+    _launch(world_size, _graph_worker, hooks)
 
 
 def _launch(world_size: int, worker, name: str) -> None:
@@ -389,7 +473,8 @@ def _ht_worker(info: RankInfo, name: str) -> None:
             _meet()
             combined_again, _, _ = buffer.combine(rows_in.to(device), handle)
             _no_device_error(handle.entry.a2a)
-            assert torch.equal(combined_again.cpu(), combined.cpu())
+            # The same values, NaN where the first combine had one.
+            torch.testing.assert_close(combined_again.cpu(), combined.cpu(), rtol=0, atol=0, equal_nan=True)
     torch.cuda.synchronize()
     buffer.destroy()
     expertwire.nvshmem_finalize()
