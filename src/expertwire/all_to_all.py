@@ -13,6 +13,7 @@ from ._device_memory import rows_over, tensor_over
 from ._native import ext
 from .checks import (
     EXPERT_ROW_DTYPES,
+    FP8_CASTS,
     AllToAllShape,
     check_combine_tensors,
     check_dispatch_tensors,
@@ -279,6 +280,63 @@ class AllToAll:
         check_combine_tensors(self._shape, out_tokens, indices, weights, expert_y, bound_m, device=self._device)
         combine_op = ops.combine if _traced(out_tokens) else ops.launch_combine
         combine_op(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
+
+    def _launch_checked_dispatch(
+        self,
+        out_expert_num_tokens: torch.Tensor,
+        out_expert_x: torch.Tensor,
+        out_expert_x_scale: Optional[torch.Tensor],
+        dp_x: torch.Tensor,
+        indices: torch.Tensor,
+        do_send: bool,
+        do_recv: bool,
+        fp8_cast: str,
+    ) -> None:
+        """dispatch without its torch checks, for a front end that made the outputs for this object's shape and
+        checked the inputs itself (expertwire.deep_ep): those checks cost more host time than the launch. The
+        native call still checks pointers, sizes and the call order before it launches."""
+        if _traced(out_expert_x):
+            self.dispatch(
+                out_expert_num_tokens,
+                out_expert_x,
+                out_expert_x_scale,
+                dp_x,
+                None,
+                indices,
+                None,
+                do_send,
+                do_recv,
+                fp8_cast=fp8_cast,
+            )
+            return
+        ops.launch_dispatch(
+            self._live_handle("dispatch"),
+            out_expert_num_tokens,
+            out_expert_x,
+            out_expert_x_scale,
+            dp_x,
+            None,
+            indices,
+            None,
+            do_send,
+            do_recv,
+            FP8_CASTS.index(fp8_cast),
+        )
+
+    def _launch_checked_combine(
+        self,
+        out_tokens: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        expert_y: torch.Tensor,
+        do_send: bool,
+        do_recv: bool,
+    ) -> None:
+        """combine without its torch checks, as _launch_checked_dispatch."""
+        if _traced(out_tokens):
+            self.combine(out_tokens, indices, weights, expert_y, None, do_send, do_recv)
+            return
+        ops.launch_combine(self._live_handle("combine"), out_tokens, indices, weights, expert_y, None, do_send, do_recv)
 
     def expert_output_buffer(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """expert_y's home in this rank's communication buffer: a [num_local_experts, max_recv_tokens, hidden_dim]

@@ -661,22 +661,26 @@ class Buffer:
             recv_x = torch.empty((local, rows, hidden), dtype=torch.bfloat16, device=self._device)
             recv_scales, out_scales = None, None
         stream = self._comm_stream if async_finish else torch.cuda.current_stream()
-        if async_finish:
-            stream.wait_stream(torch.cuda.current_stream())
 
         def run(do_send: bool, do_recv: bool) -> None:
-            a2a.dispatch(recv_count, recv_x, out_scales, x, None, indices, None, do_send, do_recv, fp8_cast=fp8_cast)
+            a2a._launch_checked_dispatch(recv_count, recv_x, out_scales, x, indices, do_send, do_recv, fp8_cast)
             if do_recv and cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(recv_count)
 
-        with torch.cuda.stream(stream):
+        # Without async_finish everything goes on the current stream, with no stream switch (host time).
+        if async_finish:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                indices = topk_idx.to(torch.int32).view(torch.uint32)
+                run(do_send=True, do_recv=True)
+        else:
             indices = topk_idx.to(torch.int32).view(torch.uint32)
             run(do_send=True, do_recv=not return_recv_hook)
-            event = _finish(
-                stream,
-                async_finish,
-                (x, topk_idx, recv_x, recv_scales, recv_count, cumulative_local_expert_recv_stats),
-            )
+        event = _finish(
+            stream,
+            async_finish,
+            (x, topk_idx, recv_x, recv_scales, recv_count, cumulative_local_expert_recv_stats),
+        )
         pair.calls[index] += 1
         pair.awaiting[index] = True
         pair.last = index
@@ -745,18 +749,21 @@ class Buffer:
             out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
         )
         stream = self._comm_stream if async_finish else torch.cuda.current_stream()
+        weights = topk_weights.contiguous()
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream):
+                indices = topk_idx.to(torch.int32).view(torch.uint32)
+                a2a._launch_checked_combine(combined, indices, weights, expert_y, do_send=True, do_recv=True)
+        else:
             indices = topk_idx.to(torch.int32).view(torch.uint32)
-            weights = topk_weights.contiguous()
-            a2a.combine(combined, indices, weights, expert_y, None, do_send=True, do_recv=not return_recv_hook)
-            event = _finish(stream, async_finish, (x, topk_idx, topk_weights, combined))
+            a2a._launch_checked_combine(combined, indices, weights, expert_y, True, not return_recv_hook)
+        event = _finish(stream, async_finish, (x, topk_idx, topk_weights, combined))
         pair.awaiting[index] = False
 
         def receive() -> None:
             with torch.cuda.stream(stream):
-                a2a.combine(combined, indices, weights, expert_y, None, do_send=False, do_recv=True)
+                a2a._launch_checked_combine(combined, indices, weights, expert_y, do_send=False, do_recv=True)
 
         return combined, event, (receive if return_recv_hook else None)
 
