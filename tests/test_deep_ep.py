@@ -393,3 +393,69 @@ def test_event_overlap_release_handle_by_call() -> None:
     assert event(release_handle=True) is event
     with event:
         pass
+
+
+class _FakeObject:
+    """A high-throughput object that records its making and its tokens, for the pools' policy."""
+
+    made: list = []
+
+    def __init__(self, **fields: object) -> None:
+        self._fields = fields
+        self.destroyed = False
+        _FakeObject.made.append(fields["hidden_dim"])
+
+    @classmethod
+    def intranode(cls, group_name: str, **fields: object) -> "_FakeObject":
+        return cls(**fields)
+
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+class _PoolBuffer(_FakeBuffer):
+    """A Buffer whose pool holds what its high-throughput objects take."""
+
+    group = type("Group", (), {"group_name": "fake"})()
+
+    def __init__(self) -> None:
+        self.half: _deep_ep_high_throughput.HighThroughputHalf = None  # type: ignore[assignment]
+
+    def _pool_bytes_in_use(self, pool: str) -> int:  # type: ignore[override]
+        return self.half.bytes_in_use(pool)
+
+
+def test_configurations_taking_turns_share_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_deep_ep_high_throughput, "HighThroughputAllToAll", _FakeObject)
+    _FakeObject.made = []
+    buffer = _PoolBuffer()
+    budget = 1 << 24
+    half = buffer.half = _deep_ep_high_throughput.HighThroughputHalf(buffer, {"nvl": budget, "rdma": 0}, None, None)
+    first, second = (16, 2, 256, 512, 0), (16, 2, 512, 1024, 0)
+
+    def tokens(key: tuple) -> int:
+        return half.entries[key].a2a._fields["max_num_tokens"]
+
+    def most(key: tuple, free: int) -> int:
+        size = half._sizer(*key, "nvl")
+        return _deep_ep_high_throughput._most_tokens(size, free)
+
+    half._entry("dispatch", first, 20, 1)
+    assert tokens(first) == most(first, budget)  # alone: the whole pool
+    half._entry("dispatch", second, 20, 1)  # the idle first gives its bytes back
+    assert first not in half.entries and tokens(second) == most(second, budget // 2)
+    half._entry("dispatch", first, 20, 1)
+    assert tokens(first) == most(first, budget // 2)
+    for _ in range(3):  # from now on both stay
+        half._entry("dispatch", second, 20, 1)
+        half._entry("dispatch", first, 20, 1)
+    assert _FakeObject.made == [256, 512, 256]
+    assert half.bytes_in_use("nvl") <= budget
+    # Another num_sms makes the idle object again; a dispatch awaiting its combine keeps it.
+    half._entry("dispatch", first, 24, 1)
+    assert half.entries[first].num_sms == 24 and _FakeObject.made == [256, 512, 256, 256]
+    half.entries[first].awaiting_combine = True
+    with pytest.raises(ValueError, match="num_sms=20, but this configuration's buffer was made for num_sms=24"):
+        half._entry("dispatch", first, 20, 1)
+    with pytest.raises(ValueError, match=r"\d+ tokens of this configuration need \d+ bytes of num_nvl_bytes"):
+        half._entry("dispatch", (16, 2, 1024, 2048, 0), 20, 1 << 20)

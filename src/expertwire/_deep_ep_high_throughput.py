@@ -242,6 +242,7 @@ class HighThroughputHalf:
         self.intranode_reason = intranode_reason  # why the intranode object is not possible, or None
         self.finish = finish
         self.entries: dict[tuple, _Entry] = {}
+        self.configurations_seen: list[tuple] = []  # the pools' shares: the same on every rank
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -309,17 +310,22 @@ class HighThroughputHalf:
     # ----------------------------------------------------------------------------------------------------
 
     def _entry(self, op: str, key: tuple, num_sms: int, m: int) -> _Entry:
-        """The object of configuration `key` (experts, top-k, hidden, row bytes, scale bytes), made on first use
-        with as many tokens per rank as its pool's free bytes hold."""
+        """The object of configuration `key` (experts, top-k, hidden, row bytes, scale bytes), made on first use.
+        Every rank makes the same calls, so every decision here depends on the calls alone, never on this rank's
+        token count: each configuration seen so far gets an equal share of its pool (configurations that take
+        turns then keep their objects, instead of each evicting the other), the idle objects of other
+        configurations, oldest first, giving their bytes back as needed."""
         entry = self.entries.get(key)
         if entry is not None:
-            if entry.num_sms != num_sms:
+            if entry.num_sms == num_sms:
+                self._require_fits(op, entry, m)
+                return entry
+            if not entry.idle():
                 raise ValueError(
                     f"{op}: config.num_sms={num_sms}, but this configuration's buffer was made for num_sms="
-                    f"{entry.num_sms} (the SMs are fixed when it is made)"
+                    f"{entry.num_sms} and holds a dispatch awaiting its combine"
                 )
-            self._require_fits(op, entry, m)
-            return entry
+            self.entries.pop(key).destroy()  # remade below with the new num_sms
         pool = "nvl" if self.intranode_reason is None else "rdma"
         budget = self.pools[pool]
         if budget == 0:
@@ -329,19 +335,26 @@ class HighThroughputHalf:
                 f"{self.pools['rdma']}"
                 + (f" (intranode not possible: {self.intranode_reason})" if self.intranode_reason else "")
             )
-        # Idle objects of other configurations give their bytes back (every rank makes the same calls).
-        for old_key in list(self.entries):
-            if self.entries[old_key].pool == pool and self.entries[old_key].idle():
-                self.entries.pop(old_key).destroy()
-        free = budget - self.buffer._pool_bytes_in_use(pool)
+        if key not in self.configurations_seen:
+            self.configurations_seen.append(key)
+        share = budget // len(self.configurations_seen)
         num_experts, top_k, hidden, row_bytes, scale_bytes = key
         size = self._sizer(num_experts, top_k, hidden, row_bytes, scale_bytes, pool)
-        tokens = _most_tokens(size, free)
+        tokens = _most_tokens(size, share) or _most_tokens(size, budget)
+        for old_key in list(self.entries):
+            if budget - self.buffer._pool_bytes_in_use(pool) >= size(tokens):
+                break
+            if self.entries[old_key].pool == pool and self.entries[old_key].idle():
+                self.entries.pop(old_key).destroy()
+        if pool == "rdma" and budget - self.buffer._pool_bytes_in_use(pool) < size(tokens):
+            self.buffer._release_idle_low_latency()
+        free = budget - self.buffer._pool_bytes_in_use(pool)
+        tokens = min(tokens, _most_tokens(size, free))
         if tokens < max(m, 1):
             raise ValueError(
                 f"{op}: {m} tokens of this configuration need {size(max(m, 1))} bytes of "
-                f"{'num_nvl_bytes' if pool == 'nvl' else 'num_rdma_bytes'}, and {free} of its "
-                f"{budget} are free"
+                f"{'num_nvl_bytes' if pool == 'nvl' else 'num_rdma_bytes'}; its share of the {budget} bytes "
+                f"({len(self.configurations_seen)} configurations so far) and the {free} free hold {tokens}"
             )
         ranks, rank = self.buffer.group_size, self.buffer.rank
         fields = dict(

@@ -301,8 +301,9 @@ class Buffer:
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
-        """The num_sms of the default high-throughput configs; an even count. A configuration's object keeps the
-        num_sms it was made with: a later call of that configuration with another num_sms is a ValueError."""
+        """The num_sms of the default high-throughput configs; an even count. A configuration's object made with
+        another num_sms is made again at its next call (a ValueError while one of its dispatches awaits its
+        combine)."""
         integer("Buffer.set_num_sms", "new_num_sms", new_num_sms, minimum=2)
         if new_num_sms % 2 != 0:
             raise ValueError(f"Buffer.set_num_sms: new_num_sms must be even, got {new_num_sms}")
@@ -512,6 +513,12 @@ class Buffer:
         """Bytes of num_nvl_bytes ("nvl") or num_rdma_bytes ("rdma") that objects hold now."""
         low_latency = sum(p.symmetric_bytes for p in self._pairs.values()) if pool == "rdma" else 0
         return low_latency + self._high_throughput.bytes_in_use(pool)
+
+    def _release_idle_low_latency(self) -> None:
+        """The low-latency configurations none of whose dispatches awaits a combine give their bytes back."""
+        for key in [key for key, pair in self._pairs.items() if pair.idle()]:
+            for a2a in self._pairs.pop(key).objects:
+                a2a.destroy()
 
     def _pair(self, num_max: int, hidden: int, num_experts: int, top_k: int, payload: _Payload) -> _LowLatencyPair:
         key = (num_max, hidden, num_experts, top_k, payload.use_fp8, payload.use_ue8m0)
