@@ -180,8 +180,8 @@ def test_config_checks_as_deep_ep_and_hints_grow_with_its_tokens() -> None:
     config = deep_ep.Config(24, 6, 256, 6, 100)
     assert config.num_max_rdma_chunked_recv_tokens == 102  # rounded up to a multiple of the send chunk
     for args, match in (
-        ((-2, 6, 256, 6, 128), "num_sms must be >= 0"),
-        ((20, 0, 256, 6, 128), "nvl chunk sizes must be > 0"),
+        ((-2, 6, 256, 6, 128), r"num_sms must be in \[0, "),
+        ((20, 0, 256, 6, 128), r"num_max_nvl_chunked_send_tokens must be in \[1, "),
         ((20, 256, 256, 6, 128), "num_max_nvl_chunked_send_tokens must be <"),
         ((20, 6, 256, 8, 8), "at most half"),
         ((20, 6.0, 256, 6, 128), "must be an int"),
@@ -316,8 +316,8 @@ def _dispatch_arguments(m: int = 3, k: int = 2, ranks: int = 4, experts: int = 1
         (dict(is_token_in_rank=torch.zeros((3, 4))), ValueError, "is_token_in_rank must be torch.bool"),
         (dict(num_tokens_per_expert=torch.zeros(14, dtype=torch.int32)), ValueError, "multiple of the group's 4"),
         (dict(num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32)), ValueError, "must be None within one"),
-        (dict(expert_alignment=0), ValueError, "expert_alignment must be >= 1"),
-        (dict(num_worst_tokens=-1), ValueError, "num_worst_tokens must be >= 0"),
+        (dict(expert_alignment=0), ValueError, r"expert_alignment must be in \[1, "),
+        (dict(num_worst_tokens=-1), ValueError, r"num_worst_tokens must be in \[0, "),
         (dict(config=object()), ValueError, "config must be a deep_ep Config"),
         (dict(handle=object(), topk_idx=None, topk_weights=None), ValueError, "handle must be the handle"),
         (dict(handle=object()), ValueError, "topk_idx and topk_weights must be None with a handle"),

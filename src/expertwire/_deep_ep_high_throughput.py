@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ._native import ext
+from .checks import integer
 from .high_throughput import HighThroughputAllToAll
 
 # Config.get_*_buffer_size_hint size the buffer for calls of up to this many experts per token and experts.
@@ -45,14 +46,7 @@ class Config:
             num_max_rdma_chunked_recv_tokens=num_max_rdma_chunked_recv_tokens,
         )
         for name, value in values.items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"Config: {name} must be an int, got {type(value).__name__}")
-        if num_sms < 0:
-            raise ValueError(f"Config: num_sms must be >= 0, got {num_sms}")
-        for kind in ("nvl", "rdma"):
-            send, recv = values[f"num_max_{kind}_chunked_send_tokens"], values[f"num_max_{kind}_chunked_recv_tokens"]
-            if send <= 0 or recv <= 0:
-                raise ValueError(f"Config: the {kind} chunk sizes must be > 0, got send {send} and recv {recv}")
+            integer("Config", name, value, minimum=0 if name == "num_sms" else 1)
         if num_max_nvl_chunked_send_tokens >= num_max_nvl_chunked_recv_tokens:
             raise ValueError(
                 "Config: num_max_nvl_chunked_send_tokens must be < num_max_nvl_chunked_recv_tokens, got "
@@ -79,9 +73,8 @@ class Config:
 
     def _hint(self, hidden_bytes: int, num_ranks: int, may_put: bool) -> int:
         op = "Config.get_nvl_buffer_size_hint" if not may_put else "Config.get_rdma_buffer_size_hint"
-        for name, value in (("hidden_bytes", hidden_bytes), ("num_ranks", num_ranks)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+        integer(op, "hidden_bytes", hidden_bytes, minimum=1)
+        integer(op, "num_ranks", num_ranks, minimum=1)
         if hidden_bytes % 16 != 0:
             raise ValueError(f"{op}: hidden_bytes must be a multiple of 16, got {hidden_bytes}")
         # hidden_bytes as DeepEP's callers pass it: the bf16 row, which is also the combine's row.
@@ -297,8 +290,7 @@ class HighThroughputHalf:
 
     def _num_experts(self, op: str, num_experts: object) -> int:
         ranks = self.buffer.group_size
-        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0:
-            raise ValueError(f"{op}: num_experts must be a positive int, got {num_experts!r}")
+        integer(op, "num_experts", num_experts, minimum=1)
         if num_experts % ranks != 0:
             raise ValueError(f"{op}: num_experts must be a multiple of the group's {ranks} ranks, got {num_experts}")
         return num_experts
@@ -416,13 +408,8 @@ class HighThroughputHalf:
         device, ranks = buffer._device, buffer.group_size
         values, scales = self._check_x(op, x)
         m = values.shape[0]
-        for name, value in (("expert_alignment", expert_alignment), ("num_worst_tokens", num_worst_tokens)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{op}: {name} must be an int, got {type(value).__name__}")
-        if expert_alignment < 1:
-            raise ValueError(f"{op}: expert_alignment must be >= 1, got {expert_alignment}")
-        if num_worst_tokens < 0:
-            raise ValueError(f"{op}: num_worst_tokens must be >= 0, got {num_worst_tokens}")
+        integer(op, "expert_alignment", expert_alignment, minimum=1)
+        integer(op, "num_worst_tokens", num_worst_tokens, minimum=0)
         config = self._config(op, config, buffer.get_dispatch_config)
 
         if handle is not None:

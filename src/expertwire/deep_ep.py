@@ -167,6 +167,7 @@ class _Dispatched:
 
     def __init__(self, a2a: AllToAll, call: int, num_tokens: int) -> None:
         self.a2a, self.call, self.num_tokens = a2a, call, num_tokens
+        self.combine_sent = False  # its combine's send half has been launched
 
 
 class _LowLatencyPair:
@@ -476,7 +477,11 @@ class Buffer:
         )
         if len(args) > len(names):
             raise ValueError(f"internode_dispatch: at most {len(names) + 2} positional arguments, got {len(args) + 2}")
-        kwargs.update(zip(names[: len(args)], args, strict=True))
+        given = dict(zip(names[: len(args)], args, strict=True))
+        both = sorted(set(given) & set(kwargs))
+        if both:
+            raise TypeError(f"internode_dispatch: got multiple values for argument {both[0]!r}")
+        kwargs.update(given)
         if "num_worst_tokens" in kwargs:
             raise ValueError("internode_dispatch: takes no num_worst_tokens (DeepEP's internode kernels do not)")
         return self.dispatch(x, handle, **kwargs)
@@ -766,11 +771,16 @@ class Buffer:
             indices = topk_idx.to(torch.int32).view(torch.uint32)
             a2a._launch_checked_combine(combined, indices, weights, expert_y, True, not return_recv_hook)
         event = _finish(stream, async_finish, (x, topk_idx, topk_weights, combined))
-        pair.awaiting[index] = False
+        dispatched.combine_sent = True
+        # The object takes the next dispatch once the combine's receive half is launched: with
+        # return_recv_hook, when the hook runs.
+        if not return_recv_hook:
+            pair.awaiting[index] = False
 
         def receive() -> None:
             with torch.cuda.stream(stream):
                 a2a._launch_checked_combine(combined, indices, weights, expert_y, do_send=False, do_recv=True)
+            pair.awaiting[index] = False
 
         return combined, event, (receive if return_recv_hook else None)
 
@@ -841,7 +851,7 @@ class Buffer:
                         f"{op}: handle's num_max_dispatch_tokens_per_rank, hidden and num_experts {handle[2:]} are "
                         "not those of its dispatch"
                     )
-                if pair.calls[index] != dispatched.call or not pair.awaiting[index]:
+                if pair.calls[index] != dispatched.call or not pair.awaiting[index] or dispatched.combine_sent:
                     raise ValueError(
                         f"{op}: the handle's dispatch was combined already (expertwire combines each dispatch once)"
                     )
