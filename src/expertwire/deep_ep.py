@@ -180,9 +180,17 @@ class _LowLatencyPair:
         self.calls = [0, 0]  # dispatches so far, per object
         self.awaiting = [False, False]  # a dispatch whose combine has not run
         self.last = 1  # the object of the last dispatch
+        self._expert_outputs: list[Optional[torch.Tensor]] = [None, None]
 
     def idle(self) -> bool:
         return not any(self.awaiting)
+
+    def expert_outputs(self, index: int) -> torch.Tensor:
+        """Object `index`'s expert_output_buffer(), made once (a view of its buffer costs host time per call)."""
+        view = self._expert_outputs[index]
+        if view is None:
+            view = self._expert_outputs[index] = self.objects[index].expert_output_buffer()
+        return view
 
     def free_object(self) -> Optional[int]:
         """An object without a dispatch awaiting its combine, the one not used last first; None if both wait."""
@@ -746,7 +754,7 @@ class Buffer:
         num_max, hidden, num_experts = handle[2], handle[3], handle[4]
         local = num_experts // self.group_size
         rows = num_max * self.group_size
-        expert_y = a2a.expert_output_buffer() if zero_copy else x
+        expert_y = pair.expert_outputs(index) if zero_copy else x
         if not zero_copy:
             _check_tensor(op, "x", x, torch.bfloat16, (local, rows, hidden), self._device, contiguous=True)
         num_tokens = self._check_topk_idx(op, topk_idx, None, top_k=a2a.shape.experts_per_token)[0]
@@ -787,8 +795,8 @@ class Buffer:
     def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
         """Where the experts may write their outputs for the handle's combine with zero_copy=True: bf16
         [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden], in this rank's buffer."""
-        dispatched = self._awaiting_combine("get_next_low_latency_combine_buffer", handle)[0]
-        return dispatched.a2a.expert_output_buffer()
+        _, pair, index = self._awaiting_combine("get_next_low_latency_combine_buffer", handle)
+        return pair.expert_outputs(index)
 
     # ------------------------------------------------------------------------------------------------------
 
