@@ -80,7 +80,7 @@ def _dequantized(values: torch.Tensor, scales: torch.Tensor, call: Call) -> torc
     HIDDEN/512])."""
     if call.use_ue8m0:
         exponents = scales.contiguous().view(torch.uint8).to(torch.int32)
-        scales = ((exponents << 23).view(torch.float32)).reshape(values.shape[0], -1)
+        scales = ((exponents << 23).view(torch.float32)).reshape(values.shape[0], values.shape[1] // 128)  # n may be 0
     return values.float() * scales.float().repeat_interleave(128, dim=1)
 
 
