@@ -338,8 +338,6 @@ class HighThroughputHalf:
                 break
             if self.entries[old_key].pool == pool and self.entries[old_key].idle():
                 self.entries.pop(old_key).destroy()
-        if pool == "rdma" and budget - self.buffer._pool_bytes_in_use(pool) < size(tokens):
-            self.buffer._release_idle_low_latency()
         free = budget - self.buffer._pool_bytes_in_use(pool)
         tokens = min(tokens, _most_tokens(size, free))
         if tokens < max(m, 1):

@@ -527,12 +527,6 @@ class Buffer:
         low_latency = sum(p.symmetric_bytes for p in self._pairs.values()) if pool == "rdma" else 0
         return low_latency + self._high_throughput.bytes_in_use(pool)
 
-    def _release_idle_low_latency(self) -> None:
-        """The low-latency configurations none of whose dispatches awaits a combine give their bytes back."""
-        for key in [key for key, pair in self._pairs.items() if pair.idle()]:
-            for a2a in self._pairs.pop(key).objects:
-                a2a.destroy()
-
     def _pair(self, num_max: int, hidden: int, num_experts: int, top_k: int, payload: _Payload) -> _LowLatencyPair:
         key = (num_max, hidden, num_experts, top_k, payload.use_fp8, payload.use_ue8m0)
         pair = self._pairs.get(key)
@@ -691,10 +685,10 @@ class Buffer:
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                indices = topk_idx.to(torch.int32).view(torch.uint32)
+                indices = topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
                 run(do_send=True, do_recv=True)
         else:
-            indices = topk_idx.to(torch.int32).view(torch.uint32)
+            indices = topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
             run(do_send=True, do_recv=not return_recv_hook)
         event = _finish(
             stream,
@@ -773,12 +767,12 @@ class Buffer:
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                indices = topk_idx.to(torch.int32).view(torch.uint32)
+                indices = topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
                 a2a._launch_checked_combine(combined, indices, weights, expert_y, do_send=True, do_recv=True)
         else:
-            indices = topk_idx.to(torch.int32).view(torch.uint32)
+            indices = topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
             a2a._launch_checked_combine(combined, indices, weights, expert_y, True, not return_recv_hook)
-        event = _finish(stream, async_finish, (x, topk_idx, topk_weights, combined))
+        event = _finish(stream, async_finish, (x, topk_idx, topk_weights, weights, combined))
         dispatched.combine_sent = True
         # The object takes the next dispatch once the combine's receive half is launched: with
         # return_recv_hook, when the hook runs.
