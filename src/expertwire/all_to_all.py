@@ -72,6 +72,18 @@ def _traced(tensor: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor or torch._C._len_torch_dispatch_stack() > 0
 
 
+def _launch_dispatch(handle: int, *args: object) -> None:
+    """The dispatch launch: through the custom op while traced, else straight to the native call."""
+    out_expert_x = args[1]
+    (ops.dispatch if _traced(out_expert_x) else ops.launch_dispatch)(handle, *args)  # type: ignore[arg-type]
+
+
+def _launch_combine(handle: int, *args: object) -> None:
+    """The combine launch, as _launch_dispatch."""
+    out_tokens = args[0]
+    (ops.combine if _traced(out_tokens) else ops.launch_combine)(handle, *args)  # type: ignore[arg-type]
+
+
 class AllToAll:
     """One MoE all-to-all: dispatch sends tokens to their experts' ranks, combine brings the expert outputs back
     and sums them with the router weights. Create it with AllToAll.internode (NVSHMEM, any number of nodes) or
@@ -246,8 +258,7 @@ class AllToAll:
             device=self._device,
             fp8_cast=cast,
         )
-        dispatch_op = ops.dispatch if _traced(out_expert_x) else ops.launch_dispatch
-        dispatch_op(
+        _launch_dispatch(
             handle,
             out_expert_num_tokens,
             out_expert_x,
@@ -278,8 +289,7 @@ class AllToAll:
         to out_tokens' type before they travel)."""
         handle = self._live_handle("combine")
         check_combine_tensors(self._shape, out_tokens, indices, weights, expert_y, bound_m, device=self._device)
-        combine_op = ops.combine if _traced(out_tokens) else ops.launch_combine
-        combine_op(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
+        _launch_combine(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)
 
     def _launch_checked_dispatch(
         self,
@@ -295,21 +305,7 @@ class AllToAll:
         """dispatch without its torch checks, for a front end that made the outputs for this object's shape and
         checked the inputs itself (expertwire.deep_ep): those checks cost more host time than the launch. The
         native call still checks pointers, sizes and the call order before it launches."""
-        if _traced(out_expert_x):
-            self.dispatch(
-                out_expert_num_tokens,
-                out_expert_x,
-                out_expert_x_scale,
-                dp_x,
-                None,
-                indices,
-                None,
-                do_send,
-                do_recv,
-                fp8_cast=fp8_cast,
-            )
-            return
-        ops.launch_dispatch(
+        _launch_dispatch(
             self._live_handle("dispatch"),
             out_expert_num_tokens,
             out_expert_x,
@@ -333,10 +329,7 @@ class AllToAll:
         do_recv: bool,
     ) -> None:
         """combine without its torch checks, as _launch_checked_dispatch."""
-        if _traced(out_tokens):
-            self.combine(out_tokens, indices, weights, expert_y, None, do_send, do_recv)
-            return
-        ops.launch_combine(self._live_handle("combine"), out_tokens, indices, weights, expert_y, None, do_send, do_recv)
+        _launch_combine(self._live_handle("combine"), out_tokens, indices, weights, expert_y, None, do_send, do_recv)
 
     def expert_output_buffer(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """expert_y's home in this rank's communication buffer: a [num_local_experts, max_recv_tokens, hidden_dim]

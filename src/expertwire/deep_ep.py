@@ -25,6 +25,7 @@ high-throughput dispatch without ``topk_idx``, and combine's ``bias``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -684,11 +685,8 @@ class Buffer:
         # Without async_finish everything goes on the current stream, with no stream switch (host time).
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                indices = topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
-                run(do_send=True, do_recv=True)
-        else:
-            indices = topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
+        with torch.cuda.stream(stream) if async_finish else contextlib.nullcontext():
+            indices = _native_indices(topk_idx)
             run(do_send=True, do_recv=not return_recv_hook)
         event = _finish(
             stream,
@@ -766,11 +764,8 @@ class Buffer:
         weights = topk_weights.contiguous()
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                indices = topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
-                a2a._launch_checked_combine(combined, indices, weights, expert_y, do_send=True, do_recv=True)
-        else:
-            indices = topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
+        with torch.cuda.stream(stream) if async_finish else contextlib.nullcontext():
+            indices = _native_indices(topk_idx)
             a2a._launch_checked_combine(combined, indices, weights, expert_y, True, not return_recv_hook)
         event = _finish(stream, async_finish, (x, topk_idx, topk_weights, weights, combined))
         dispatched.combine_sent = True
@@ -885,6 +880,11 @@ def _config(num_max: int, num_experts: int, top_k: int, rank: int, world: int, h
         hidden_dim_bytes=payload.row_bytes,
         hidden_dim_scale_bytes=payload.scale_bytes,
     )
+
+
+def _native_indices(topk_idx: torch.Tensor) -> torch.Tensor:
+    """DeepEP's int64 topk_idx as the kernels read it: a contiguous uint32 copy (-1 becomes kNoExpert)."""
+    return topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
 
 
 def _check_tensor(
