@@ -31,6 +31,8 @@ class Case:
     # per-token fp8 allocates out_expert_x_scale (round_up(hidden_dim, 4) words a row); "column-major", as
     # DeepGEMM reads them.
     scale_layout: str = "contiguous"
+    # The indices' type on the GPU: uint32 (pplx_kernels') or int64 (DeepEP's topk_idx), both read as they are.
+    index_dtype: torch.dtype = torch.uint32
 
     @property
     def row_dtype(self) -> torch.dtype:
@@ -62,6 +64,8 @@ class Case:
         ]
         if self.scale_layout != "contiguous":
             parts.append(f"scales={self.scale_layout}")
+        if self.index_dtype != torch.uint32:
+            parts.append(f"indices={str(self.index_dtype)[6:]}")
         return " ".join(parts + (["split"] if self.split else []) + ([] if self.use_bound_m else ["no-bound_m"]))
 
 

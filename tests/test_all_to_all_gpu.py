@@ -41,9 +41,9 @@ def _require_ranks(world_size: int, transport: str = "internode") -> None:
 def _cases(world_size: int) -> list[Case]:
     cases = [
         Case("fp8", torch.bfloat16, torch.bfloat16, scale_layout="padded"),
-        Case("bf16", torch.bfloat16, torch.float32),
+        Case("bf16", torch.bfloat16, torch.float32, index_dtype=torch.int64),
         Case("bf16", torch.float16, torch.float16, use_bound_m=False),
-        Case("fp8", torch.float16, torch.float32, split=True, scale_layout="column-major"),
+        Case("fp8", torch.float16, torch.float32, split=True, scale_layout="column-major", index_dtype=torch.int64),
         Case("bf16", torch.float32, torch.bfloat16),
     ]
     if world_size >= 4:
@@ -94,7 +94,7 @@ class RankBuffers:
         if mine.x_scale is not None:
             self.dp_x_scale = scale_tensor(case, (mine.rows,), device)
             self.dp_x_scale.copy_(mine.x_scale)
-        self.indices = mine.indices.to(device)
+        self.indices = mine.indices.to(device=device, dtype=case.index_dtype)
         self.weights = mine.weights.to(device)
         self.bound_m = torch.tensor([mine.m], dtype=torch.uint32, device=device) if case.use_bound_m else None
         self.out_tokens = torch.full((mine.rows, case.hidden_dim), float("nan"), dtype=case.out_dtype, device=device)

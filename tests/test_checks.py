@@ -200,8 +200,8 @@ def test_cpu_tensors_are_rejected_naming_device() -> None:
         ),
         (
             "indices",
-            lambda: torch.empty(5, 2, dtype=torch.int64, device="cuda"),
-            "indices must have dtype torch.uint32, got torch.int64",
+            lambda: torch.empty(5, 2, dtype=torch.int32, device="cuda"),
+            "indices must have dtype torch.uint32 or torch.int64, got torch.int32",
         ),
         (
             "indices",
@@ -382,6 +382,11 @@ def test_split_needs_a_half(fake_cuda: None) -> None:
             "indices",
             lambda: torch.empty(9, 2, dtype=torch.uint32, device="cuda"),
             "indices must have at most max_num_tokens=8 rows, got 9",
+        ),
+        (
+            "indices",
+            lambda: torch.empty(5, 2, dtype=torch.int32, device="cuda"),
+            "indices must have dtype torch.uint32 or torch.int64, got torch.int32",
         ),
         (
             "weights",

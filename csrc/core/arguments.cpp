@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <string>
 #include <utility>
 
 #include "core/error.h"
@@ -18,6 +19,17 @@ void require_pointer(const void* pointer, const char* name, uintptr_t alignment)
   EW_REQUIRE(pointer != nullptr, name, " must not be null");
   EW_REQUIRE(reinterpret_cast<uintptr_t>(pointer) % alignment == 0, name, " must be ", alignment,
              "-byte aligned, got address ", pointer);
+}
+
+void require_index_type(const char* op, IndexType type) {
+  EW_REQUIRE(uint8_t(type) <= uint8_t(IndexType::kInt64), op, ": index_type must be one of IndexType's values, got ",
+             int(type));
+}
+
+// Entries are read whole: 4-byte words, or 8-byte int64s.
+void require_indices(const void* indices, IndexType type, const char* op) {
+  const std::string name = std::string(op) + ": indices";
+  require_pointer(indices, name.c_str(), type == IndexType::kInt64 ? 8 : 4);
 }
 
 void require_m(const char* op, const AllToAllConfig& config, uint32_t m) {
@@ -69,6 +81,7 @@ uint64_t dispatch_input_row_bytes(const AllToAllConfig& config, Fp8Cast cast) {
 
 void check_dispatch_layout(const AllToAllConfig& config, const DispatchParams& p) {
   require_m("dispatch", config, p.m);
+  require_index_type("dispatch", p.index_type);
   EW_REQUIRE(uint8_t(p.cast) <= uint8_t(Fp8Cast::kUe8m0Scales), "dispatch: cast must be one of Fp8Cast's values, got ",
              int(p.cast));
   const bool casts = p.cast != Fp8Cast::kNone;
@@ -108,7 +121,7 @@ void check_dispatch_pointers(const AllToAllConfig& config, const DispatchParams&
   // kernels read them only below m.
   if (sends(p.split) && p.m > 0) {
     require_pointer(p.dp_x.data, "dispatch: dp_x", 16);
-    require_pointer(p.indices, "dispatch: indices", 4);
+    require_indices(p.indices, p.index_type, "dispatch");
     if (p.cast != Fp8Cast::kNone) {
       EW_REQUIRE(p.dp_x_scale.data == nullptr,
                  "dispatch: dp_x_scale must be null with an fp8 cast (the cast makes the scales)");
@@ -126,6 +139,7 @@ void check_dispatch_pointers(const AllToAllConfig& config, const DispatchParams&
 
 void check_combine_layout(const AllToAllConfig& config, const CombineParams& p) {
   require_m("combine", config, p.m);
+  require_index_type("combine", p.index_type);
   // Rows travel at 16 bits: a float32 expert_y's as out_tokens' type, which must then be one of those (as in
   // pplx_kernels, which takes a float32 expert_y with bfloat16 or float16 out_tokens only).
   if (p.expert_type == ScalarType::kFloat32) {
@@ -139,7 +153,7 @@ void check_combine_pointers(const AllToAllConfig&, const CombineParams& p) {
   if (sends(p.split)) require_pointer(p.expert_y, "combine: expert_y", 16);
   if (receives(p.split) && p.m > 0) {  // as in dispatch: without tokens the per-token arrays may be null
     require_pointer(p.out_tokens, "combine: out_tokens", 16);
-    require_pointer(p.indices, "combine: indices", 4);
+    require_indices(p.indices, p.index_type, "combine");
     require_pointer(p.weights, "combine: weights", 4);
   }
   if (p.bound_m != nullptr) require_pointer(p.bound_m, "combine: bound_m", 4);

@@ -26,7 +26,7 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
     if (threadIdx.x == 0) store_release_sys(c.local(c.send_announce()), DispatchEpoch::announcement(epoch, m));
   }
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
-    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
+    const ExpertRow experts(a.indices, t, top_k);
     for (uint32_t k0 = 0; k0 < top_k; k0 += kWarpSize) {
       const uint32_t k = k0 + lane_id();
       check_row_expert(c, experts, k0, k < top_k ? experts[k] : ~0u, k < top_k);

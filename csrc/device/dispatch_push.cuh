@@ -26,7 +26,7 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
   bool issued_puts = false;
 
   for (uint32_t t = global_warp(); t < m; t += total_warps()) {
-    const uint32_t* experts = a.indices + uint64_t(t) * top_k;
+    const ExpertRow experts(a.indices, t, top_k);
     const uint8_t* x = input_payload(a, t);
     const uint8_t* x_scale = input_scales(a, t);
     bool staged = false;

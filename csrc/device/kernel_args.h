@@ -9,6 +9,13 @@
 
 namespace expertwire::device {
 
+// The caller's indices, [m][experts_per_token] packed entries of `type` (params.h IndexType); the kernels read
+// them through ExpertRow (tokens.cuh).
+struct ExpertIndices {
+  const void* data;
+  IndexType type;
+};
+
 struct DispatchArgs {
   RankContext ctx;
   int32_t* out_expert_num_tokens;       // [num_local_experts]
@@ -16,7 +23,7 @@ struct DispatchArgs {
   Strided3D<float> out_expert_x_scale;  // [num_local_experts][max_recv_tokens][hidden_dim_scale_bytes / 4]
   Strided2D<const uint8_t> dp_x;        // [m][hidden_dim_bytes], bytes contiguous
   Strided2D<const float> dp_x_scale;    // [m][hidden_dim_scale_bytes / 4]
-  const uint32_t* indices;              // [m][experts_per_token]
+  ExpertIndices indices;
   uint32_t m;
   const uint32_t* bound_m;  // device; may be null (then m)
   bool do_send;
@@ -29,8 +36,8 @@ struct DispatchArgs {
 
 struct CombineArgs {
   RankContext ctx;
-  void* out_tokens;         // [m][hidden_dim] OutT
-  const uint32_t* indices;  // [m][experts_per_token]
+  void* out_tokens;  // [m][hidden_dim] OutT
+  ExpertIndices indices;
   const float* weights;     // [m][experts_per_token]
   const uint8_t* expert_y;  // [num_local_experts][max_recv_tokens][hidden_dim] ExpertT
   uint32_t m;

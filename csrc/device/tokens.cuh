@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "device/expert_row.cuh"
 #include "device/fp8_cast.cuh"
 #include "device/kernel_args.h"
 #include "device/primitives.cuh"
@@ -17,7 +18,7 @@ namespace expertwire::device {
 // words lie `scale_word_stride` bytes apart. With a `cast`, x is the token's bf16 row and the payload and scales
 // are its fp8 cast (x_scale unused).
 __device__ __forceinline__ void write_dispatch_token(uint8_t* dst, const BufferLayout& l, uint32_t token,
-                                                     const uint32_t* experts, const uint8_t* x, const uint8_t* x_scale,
+                                                     const ExpertRow& experts, const uint8_t* x, const uint8_t* x_scale,
                                                      uint64_t scale_word_stride, bool copy_payload = true,
                                                      bool copy_scales = true, Fp8Cast cast = Fp8Cast::kNone) {
   auto* header = reinterpret_cast<uint32_t*>(dst);
@@ -46,11 +47,11 @@ __device__ __forceinline__ uint32_t owner_of(const BufferLayout& l, uint32_t exp
   return expert < l.num_experts ? expert / l.num_local_experts : ~0u;
 }
 
-// Whether `key` = key_of(experts[k0 + lane]) is the first of its value in the token's row, for the whole warp,
-// every lane holding its own: the lanes of this chunk are compared in registers, only earlier chunks (top_k > 32)
-// are read again.
-template <class KeyOf>
-__device__ __forceinline__ bool first_in_row(const uint32_t* experts, uint32_t k0, uint32_t key, KeyOf key_of) {
+// Whether `key` = key_of(experts[k0 + lane]) is the first of its value in the token's row (an ExpertRow, or a
+// received token's experts), for the whole warp, every lane holding its own: the lanes of this chunk are compared
+// in registers, only earlier chunks (top_k > 32) are read again.
+template <class Row, class KeyOf>
+__device__ __forceinline__ bool first_in_row(const Row& experts, uint32_t k0, uint32_t key, KeyOf key_of) {
   const unsigned same = __match_any_sync(kFullMask, key);
   bool first = (same & ((1u << lane_id()) - 1u)) == 0;
   for (uint32_t j = 0; j < k0 && first; ++j) first = key_of(experts[j]) != key;
@@ -60,19 +61,20 @@ __device__ __forceinline__ bool first_in_row(const uint32_t* experts, uint32_t k
 // A token's row may repeat an expert only by mistake; the dispatch delivers such a token once, to the first k
 // that names the expert, and the sender reports it. Whether experts[k0 + lane] (`expert`) is the first of its
 // value (see first_in_row).
-__device__ __forceinline__ bool first_in_warp_chunk(const uint32_t* experts, uint32_t k0, uint32_t expert) {
+template <class Row>
+__device__ __forceinline__ bool first_in_warp_chunk(const Row& experts, uint32_t k0, uint32_t expert) {
   return first_in_row(experts, k0, expert, [](uint32_t e) { return e; });
 }
 
 // Records what is wrong with `expert` = experts[k0 + lane] of a token's row (`in_row`: k0 + lane < top_k): an
 // index out of range (never sent) or an expert the row repeats (sent once). kNoExpert, in any number of slots,
 // is neither. Call with the whole warp.
-__device__ __forceinline__ void check_row_expert(const RankContext& c, const uint32_t* experts, uint32_t k0,
+__device__ __forceinline__ void check_row_expert(const RankContext& c, const ExpertRow& experts, uint32_t k0,
                                                  uint32_t expert, bool in_row) {
   const bool first = first_in_warp_chunk(experts, k0, expert);
   if (!in_row || expert == kNoExpert) return;
   if (expert >= c.layout.num_experts) {
-    record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, expert);
+    record_error(c.error, ErrorCode::kBadExpertIndex, Phase::kDispatchSend, -1, experts.written(k0 + lane_id()));
   } else if (!first) {
     record_error(c.error, ErrorCode::kRepeatedExpert, Phase::kDispatchSend, -1, expert);
   }

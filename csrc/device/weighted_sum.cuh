@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "device/expert_row.cuh"
 #include "device/kernel_args.h"
 #include "device/primitives.cuh"
 #include "device/vec8.cuh"
@@ -52,7 +53,7 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
     float weight = 0.0f;
     if (valid && item < items && k < top_k) {
       const uint32_t t = item / runs_per_token;
-      const uint32_t expert = a.indices[uint64_t(t) * top_k + k];
+      const uint32_t expert = ExpertRow(a.indices, t, top_k)[k];
       // Rows of invalid experts were never sent (dispatch reported them): they add nothing.
       if (expert < l.num_experts) {
         row = row_of(t, k, expert);

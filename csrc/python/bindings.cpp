@@ -62,7 +62,8 @@ using Strides2 = std::tuple<uint64_t, uint64_t>;
 DispatchParams dispatch_params(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale,
                                uintptr_t dp_x, uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m,
                                bool do_send, bool do_recv, const Strides3& out_expert_x_scale_strides,
-                               const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides, uint8_t cast) {
+                               const Strides2& dp_x_scale_strides, const Strides2& dp_x_strides, uint8_t cast,
+                               bool indices_int64) {
   const auto [out_expert, out_row, out_word] = out_expert_x_scale_strides;
   const auto [scale_row, scale_word] = dp_x_scale_strides;
   const auto [x_row, x_element] = dp_x_strides;
@@ -72,7 +73,8 @@ DispatchParams dispatch_params(uintptr_t out_expert_num_tokens, uintptr_t out_ex
   p.out_expert_x_scale = Strided3D<float>{device_pointer<float>(out_expert_x_scale), out_expert, out_row, out_word};
   p.dp_x = Strided2D<const uint8_t>{device_pointer<const uint8_t>(dp_x), x_row, x_element};
   p.dp_x_scale = Strided2D<const float>{device_pointer<const float>(dp_x_scale), scale_row, scale_word};
-  p.indices = device_pointer<const uint32_t>(indices);
+  p.indices = device_pointer<const void>(indices);
+  p.index_type = indices_int64 ? IndexType::kInt64 : IndexType::kUInt32;
   p.m = m;
   p.bound_m = device_pointer<const uint32_t>(bound_m);
   p.split = split_mode("dispatch", do_send, do_recv);
@@ -82,11 +84,12 @@ DispatchParams dispatch_params(uintptr_t out_expert_num_tokens, uintptr_t out_ex
 
 CombineParams combine_params(uintptr_t out_tokens, ScalarType out_type, uintptr_t indices, uintptr_t weights,
                              uintptr_t expert_y, ScalarType expert_type, uint32_t m, uintptr_t bound_m, bool do_send,
-                             bool do_recv) {
+                             bool do_recv, bool indices_int64) {
   CombineParams p;
   p.out_tokens = device_pointer<void>(out_tokens);
   p.out_type = out_type;
-  p.indices = device_pointer<const uint32_t>(indices);
+  p.indices = device_pointer<const void>(indices);
+  p.index_type = indices_int64 ? IndexType::kInt64 : IndexType::kUInt32;
   p.weights = device_pointer<const float>(weights);
   p.expert_y = device_pointer<const void>(expert_y);
   p.expert_type = expert_type;
@@ -105,18 +108,19 @@ class AllToAllHandle {
   void dispatch(uintptr_t out_expert_num_tokens, uintptr_t out_expert_x, uintptr_t out_expert_x_scale, uintptr_t dp_x,
                 uintptr_t dp_x_scale, uintptr_t indices, uint32_t m, uintptr_t bound_m, bool do_send, bool do_recv,
                 uintptr_t stream, const Strides3& out_expert_x_scale_strides, const Strides2& dp_x_scale_strides,
-                const Strides2& dp_x_strides, uint8_t cast) {
-    live().dispatch(
-        dispatch_params(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices, m, bound_m,
-                        do_send, do_recv, out_expert_x_scale_strides, dp_x_scale_strides, dp_x_strides, cast),
-        stream_from(stream));
+                const Strides2& dp_x_strides, uint8_t cast, bool indices_int64) {
+    live().dispatch(dispatch_params(out_expert_num_tokens, out_expert_x, out_expert_x_scale, dp_x, dp_x_scale, indices,
+                                    m, bound_m, do_send, do_recv, out_expert_x_scale_strides, dp_x_scale_strides,
+                                    dp_x_strides, cast, indices_int64),
+                    stream_from(stream));
   }
 
   void combine(uintptr_t out_tokens, ScalarType out_type, uintptr_t indices, uintptr_t weights, uintptr_t expert_y,
-               ScalarType expert_type, uint32_t m, uintptr_t bound_m, bool do_send, bool do_recv, uintptr_t stream) {
-    live().combine(
-        combine_params(out_tokens, out_type, indices, weights, expert_y, expert_type, m, bound_m, do_send, do_recv),
-        stream_from(stream));
+               ScalarType expert_type, uint32_t m, uintptr_t bound_m, bool do_send, bool do_recv, uintptr_t stream,
+               bool indices_int64) {
+    live().combine(combine_params(out_tokens, out_type, indices, weights, expert_y, expert_type, m, bound_m, do_send,
+                                  do_recv, indices_int64),
+                   stream_from(stream));
   }
 
   void check_errors() const { live().check_errors(); }
@@ -457,9 +461,10 @@ NB_MODULE(_expertwire, m) {
           "Collective: `all_gather(bytes) -> list[bytes]` returns every rank's bytes in rank order.")
       .def("dispatch", &AllToAllHandle::dispatch, "out_expert_num_tokens"_a, "out_expert_x"_a, "out_expert_x_scale"_a,
            "dp_x"_a, "dp_x_scale"_a, "indices"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a,
-           "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a, "dp_x_strides"_a, "cast"_a = 0)
+           "out_expert_x_scale_strides"_a, "dp_x_scale_strides"_a, "dp_x_strides"_a, "cast"_a = 0,
+           "indices_int64"_a = false)
       .def("combine", &AllToAllHandle::combine, "out_tokens"_a, "out_type"_a, "indices"_a, "weights"_a, "expert_y"_a,
-           "expert_type"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a)
+           "expert_type"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a, "indices_int64"_a = false)
       .def("check_errors", &AllToAllHandle::check_errors)
       .def_prop_ro("expert_output_buffer", &AllToAllHandle::expert_output_buffer,
                    "Device address of this rank's expert_outputs region (see AllToAll::expert_output_buffer).")
@@ -601,9 +606,9 @@ NB_MODULE(_expertwire, m) {
          uint8_t cast) {
         // Stand-in addresses: the layout checks look only at what is present.
         const uintptr_t present = has_scales ? 16 : 0;
-        check_dispatch_layout(config,
-                              dispatch_params(16, 16, present, 16, cast != 0 ? 0 : present, 16, m, 0, do_send, do_recv,
-                                              out_expert_x_scale_strides, dp_x_scale_strides, dp_x_strides, cast));
+        check_dispatch_layout(
+            config, dispatch_params(16, 16, present, 16, cast != 0 ? 0 : present, 16, m, 0, do_send, do_recv,
+                                    out_expert_x_scale_strides, dp_x_scale_strides, dp_x_strides, cast, false));
       },
       "config"_a, "m"_a, "do_send"_a, "do_recv"_a, "has_scales"_a, "out_expert_x_scale_strides"_a,
       "dp_x_scale_strides"_a, "dp_x_strides"_a, "cast"_a = 0);
@@ -611,7 +616,8 @@ NB_MODULE(_expertwire, m) {
       "check_combine_layout",
       [](const AllToAllConfig& config, uint32_t m, ScalarType out_type, ScalarType expert_type, bool do_send,
          bool do_recv) {
-        check_combine_layout(config, combine_params(16, out_type, 16, 16, 16, expert_type, m, 0, do_send, do_recv));
+        check_combine_layout(config,
+                             combine_params(16, out_type, 16, 16, 16, expert_type, m, 0, do_send, do_recv, false));
       },
       "config"_a, "m"_a, "out_type"_a, "expert_type"_a, "do_send"_a, "do_recv"_a);
 

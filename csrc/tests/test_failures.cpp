@@ -594,6 +594,34 @@ void device_input_cases(const Context& ctx) {
   }
   fresh_object_case(ctx, "device: a fresh object works after a device error", 1);
 
+  // int64 indices that no expert stands for: a negative value other than -1, and one whose low word alone would
+  // name a valid expert.
+  for (const int64_t bad : {int64_t(-2), (int64_t(1) << 32) + 1}) {
+    CallShape shape = plain_shape(config, config.max_num_tokens / 2, false);
+    shape.int64_indices = true;
+    const std::vector<GroupData> sent = harness::make_all_groups(config, shape, ctx.seed + 6);
+    std::vector<GroupData> stand_in = sent;
+    const std::vector<reference::ExpertInbox> expected =
+        inboxes_without_entry(config, stand_in, bad_rank, 0, top_k - 1);
+    trip.upload(sent[config.dp_group()], shape);
+    if (ctx.rank == bad_rank) trip.set_int64_index(0, top_k - 1, bad);
+    std::unique_ptr<AllToAll> a2a = ctx.make();
+    ctx.run(detail::concat("device: int64 expert index ", bad), [&] {
+      Verdict verdict;
+      if (ctx.rank == bad_rank) {
+        verdict = expect_error<DeviceError>([&] { trip.dispatch(*a2a, shape); },
+                                            {detail::concat("expert index ", bad, " out of range"),
+                                             detail::concat("in dispatch send on rank ", bad_rank)});
+      } else {
+        trip.dispatch(*a2a, shape);
+      }
+      Failures failures;
+      trip.check_dispatch(shape, expected, failures);
+      return joined(verdict, verdict_of(failures));
+    });
+    discard_together(a2a);
+  }
+
   // *bound_m > m in dispatch: the bad rank sends nothing, the others see an empty group from it.
   {
     const CallShape shape = plain_shape(config, config.max_num_tokens, true);

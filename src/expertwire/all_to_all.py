@@ -236,7 +236,8 @@ class AllToAll:
         max_num_tokens * world_size / dp_size, hidden_dim_bytes / itemsize] (any dtype: rows move as bytes);
         out_expert_x_scale likewise with hidden_dim_scale_bytes (float32 or uint8); dp_x [m, hidden_dim_bytes /
         itemsize]; dp_x_scale [m, ...]; indices [m, experts_per_token] uint32 (0xFFFFFFFF, -1 as int32: no
-        expert in that slot); bound_m [1] uint32 on the GPU or None.
+        expert in that slot) or int64 (-1: no expert, as DeepEP's topk_idx), read as they are; bound_m [1] uint32
+        on the GPU or None.
 
         fp8_cast (an object of fp8 rows: hidden_dim_bytes = hidden_dim): dp_x is bfloat16 [m, hidden_dim], cast to
         e4m3 with a scale per 128 values on the way, as DeepEP's low-latency dispatch does, and dp_x_scale is
@@ -284,9 +285,9 @@ class AllToAll:
     ) -> None:
         """Returns expert_y's rows to their tokens' ranks and writes out_tokens[t] = sum_k weights[t, k] *
         y(indices[t, k], t), summed in fp32. Shapes: out_tokens [m or more rows, hidden_dim] float32, bfloat16
-        or float16; indices, weights [m, experts_per_token] uint32, float32; expert_y [num_local_experts,
-        max_recv_tokens, hidden_dim] bfloat16 or float16, or float32 with 16-bit out_tokens (its rows are rounded
-        to out_tokens' type before they travel)."""
+        or float16; indices, weights [m, experts_per_token] uint32 or int64 (as dispatch), float32; expert_y
+        [num_local_experts, max_recv_tokens, hidden_dim] bfloat16 or float16, or float32 with 16-bit out_tokens
+        (its rows are rounded to out_tokens' type before they travel)."""
         handle = self._live_handle("combine")
         check_combine_tensors(self._shape, out_tokens, indices, weights, expert_y, bound_m, device=self._device)
         _launch_combine(handle, out_tokens, indices, weights, expert_y, bound_m, do_send, do_recv)

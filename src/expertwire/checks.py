@@ -28,6 +28,8 @@ EXPERT_ROW_DTYPES = (torch.bfloat16, torch.float16)  # also what expert_output_b
 EXPERT_Y_DTYPES = (*EXPERT_ROW_DTYPES, torch.float32)
 # Scales travel as raw bytes; pplx_kernels hands them over as float32, uint8 says "bytes" as plainly.
 SCALE_DTYPES = (torch.float32, torch.uint8)
+# Expert indices as the kernels read them: pplx_kernels' uint32 (0xFFFFFFFF: no expert) or DeepEP's int64 (-1).
+INDEX_DTYPES = (torch.uint32, torch.int64)
 # The native element types of combine's tensors.
 SCALAR_TYPES = {
     torch.float32: ext.ScalarType.float32,
@@ -254,7 +256,7 @@ def check_dispatch_tensors(
         c.rows("dp_x", dp_x, (m, payload_columns))
         if shape.has_scales:
             c.scales("dp_x_scale", dp_x_scale, (m,), shape.hidden_dim_scale_bytes)
-    c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
+    c.tensor("indices", indices, INDEX_DTYPES, (m, shape.experts_per_token))
     c.bound_m(bound_m)
     return m
 
@@ -304,7 +306,7 @@ def check_combine_tensors(
     if rows < m:
         raise c.fail("out_tokens", f"have shape [at least m, {shape.hidden_dim}] with m={m}", list(out_tokens.shape))
     c.tensor("out_tokens", out_tokens, COMBINE_OUT_DTYPES, (rows, shape.hidden_dim))
-    c.tensor("indices", indices, (torch.uint32,), (m, shape.experts_per_token))
+    c.tensor("indices", indices, INDEX_DTYPES, (m, shape.experts_per_token))
     c.tensor("weights", weights, (torch.float32,), (m, shape.experts_per_token))
     c.tensor("expert_y", expert_y, EXPERT_Y_DTYPES, (shape.num_local_experts, shape.max_recv_tokens, shape.hidden_dim))
     c.bound_m(bound_m)

@@ -686,7 +686,7 @@ class Buffer:
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if async_finish else contextlib.nullcontext():
-            indices = _native_indices(topk_idx)
+            indices = topk_idx.contiguous()  # the kernels read int64 rows, packed
             run(do_send=True, do_recv=not return_recv_hook)
         event = _finish(
             stream,
@@ -765,7 +765,7 @@ class Buffer:
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if async_finish else contextlib.nullcontext():
-            indices = _native_indices(topk_idx)
+            indices = topk_idx.contiguous()  # the kernels read int64 rows, packed
             a2a._launch_checked_combine(combined, indices, weights, expert_y, True, not return_recv_hook)
         event = _finish(stream, async_finish, (x, topk_idx, topk_weights, weights, combined))
         dispatched.combine_sent = True
@@ -880,11 +880,6 @@ def _config(num_max: int, num_experts: int, top_k: int, rank: int, world: int, h
         hidden_dim_bytes=payload.row_bytes,
         hidden_dim_scale_bytes=payload.scale_bytes,
     )
-
-
-def _native_indices(topk_idx: torch.Tensor) -> torch.Tensor:
-    """DeepEP's int64 topk_idx as the kernels read it: a contiguous uint32 copy (-1 becomes kNoExpert)."""
-    return topk_idx.to(torch.int32, memory_format=torch.contiguous_format).view(torch.uint32)
 
 
 def _check_tensor(

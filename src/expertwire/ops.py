@@ -86,7 +86,8 @@ def launch_dispatch(
         do_recv,
         _stream(out_expert_x),
         *dispatch_strides(out_expert_x_scale, dp_x_scale, dp_x),
-        cast=fp8_cast,
+        fp8_cast,
+        indices.dtype == torch.int64,
     )
 
 
@@ -120,6 +121,7 @@ def launch_combine(
         do_send,
         do_recv,
         _stream(out_tokens),
+        indices.dtype == torch.int64,
     )
 
 

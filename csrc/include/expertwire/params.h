@@ -21,6 +21,12 @@ namespace expertwire {
 //                       word p), hidden_dim_scale_bytes = hidden_dim / 512 * 4.
 enum class Fp8Cast : uint8_t { kNone = 0, kBlockScales = 1, kPowerOfTwoScales = 2, kUe8m0Scales = 3 };
 
+// How `indices` holds each token's experts. kUInt32: 32-bit words, kNoExpert for none (pplx_kernels' uint32
+// indices). kInt64: 64-bit signed entries, -1 for none (DeepEP's int64 topk_idx), read by the kernels as they
+// are, with no conversion pass; any other value outside [0, num_experts) is a bad index. Dispatch and combine
+// each take either type.
+enum class IndexType : uint8_t { kUInt32 = 0, kInt64 = 1 };
+
 struct DispatchParams {
   // Outputs, written on the rank that owns the experts.
   int32_t* out_expert_num_tokens = nullptr;  // [num_local_experts]: rows received per local expert
@@ -31,8 +37,9 @@ struct DispatchParams {
   // of 16 bytes apart; the dispatch input buffers (AllToAll::dispatch_input_buffer) are valid inputs too.
   Strided2D<const uint8_t> dp_x;      // [m][hidden_dim_bytes]
   Strided2D<const float> dp_x_scale;  // [m][s] words at any strides (multiples of 4 bytes); null without scales
-  const uint32_t* indices = nullptr;  // [m][k] packed: the experts of each token (kNoExpert: none)
-  uint32_t m = 0;                     // tokens, <= max_num_tokens
+  const void* indices = nullptr;      // [m][k] packed, of index_type: the experts of each token
+  IndexType index_type = IndexType::kUInt32;
+  uint32_t m = 0;  // tokens, <= max_num_tokens
   // Optional device address of the real token count (<= m), read by the kernels: a CUDA graph can replay the
   // call with another count.
   const uint32_t* bound_m = nullptr;
@@ -44,8 +51,9 @@ struct CombineParams {
   // Output: out_tokens[t] = sum_k weights[t][k] * expert_y(expert indices[t][k], t) for t < m, summed in fp32.
   void* out_tokens = nullptr;  // [m][hidden_dim] of out_type, packed
   ScalarType out_type = ScalarType::kBFloat16;
-  const uint32_t* indices = nullptr;  // [m][k] packed, as dispatch took them
-  const float* weights = nullptr;     // [m][k] packed
+  const void* indices = nullptr;  // [m][k] packed, of index_type: the experts dispatch sent each token to
+  IndexType index_type = IndexType::kUInt32;
+  const float* weights = nullptr;  // [m][k] packed
   // [num_local_experts][recv][hidden_dim] of expert_type (bfloat16 or float16; float32 with 16-bit out_tokens,
   // whose type its rows are rounded to before they travel), packed: row i of local expert e is the output for
   // the token dispatch delivered to out_expert_x[e][i]. May be AllToAll::expert_output_buffer().

@@ -121,6 +121,7 @@ CallShape random_call_shape(Rng& rng, const AllToAllConfig& config, int index) {
   shape.dp_x_in_buffer = kInBuffer[rng.below(3)];
   shape.dp_x_padded_rows = rng.below(2) == 1;
   shape.no_expert_slots = rng.below(4) == 0;
+  shape.int64_indices = rng.below(2) == 1;
   return shape;
 }
 
@@ -132,7 +133,8 @@ std::string describe(const CallShape& shape) {
       << " split=" << int(shape.split) << " bound_m=" << int(shape.use_bound_m)
       << " in_buffer=" << in_buffer_name(shape.expert_y_in_buffer)
       << " dp_x_in_buffer=" << in_buffer_name(shape.dp_x_in_buffer) << " dp_x_padded=" << int(shape.dp_x_padded_rows)
-      << " no_expert_slots=" << int(shape.no_expert_slots) << " scales="
+      << " no_expert_slots=" << int(shape.no_expert_slots) << " int64_indices=" << int(shape.int64_indices)
+      << " scales="
       << (shape.scale_layout == CallShape::ScaleLayout::kContiguous   ? "contiguous"
           : shape.scale_layout == CallShape::ScaleLayout::kPaddedRows ? "padded"
                                                                       : "column-major");
@@ -169,6 +171,7 @@ RoundTrip::RoundTrip(const AllToAllConfig& config)
       dp_x_(config.max_num_tokens * (config.hidden_dim_bytes + kDpXRowPadBytes)),
       dp_x_scale_(std::max<size_t>(config.max_num_tokens * (config.hidden_dim_scale_bytes + kScaleRowPadBytes), 16)),
       indices_(config.max_num_tokens * config.experts_per_token * sizeof(uint32_t)),
+      indices_int64_(config.max_num_tokens * config.experts_per_token * sizeof(int64_t)),
       weights_(config.max_num_tokens * config.experts_per_token * sizeof(float)),
       bound_m_(sizeof(uint32_t)),
       num_tokens_(config.num_local_experts() * sizeof(int32_t) + kGuardBytes),
@@ -222,6 +225,10 @@ void RoundTrip::upload(const GroupData& own, const CallShape& shape) {
   EW_CUDA_CHECK(cudaMemcpy(dp_x_scale_.get(), scales.data(), scales.size(), cudaMemcpyHostToDevice));
   EW_CUDA_CHECK(
       cudaMemcpy(indices_.get(), own.indices.data(), own.indices.size() * sizeof(uint32_t), cudaMemcpyHostToDevice));
+  std::vector<int64_t> wide(own.indices.size());
+  std::transform(own.indices.begin(), own.indices.end(), wide.begin(),
+                 [](uint32_t expert) { return expert == kNoExpert ? int64_t(-1) : int64_t(expert); });
+  EW_CUDA_CHECK(cudaMemcpy(indices_int64_.get(), wide.data(), wide.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
   EW_CUDA_CHECK(
       cudaMemcpy(weights_.get(), own.weights.data(), own.weights.size() * sizeof(float), cudaMemcpyHostToDevice));
   own_m_ = uint32_t(own.m);
@@ -230,6 +237,11 @@ void RoundTrip::upload(const GroupData& own, const CallShape& shape) {
 
 void RoundTrip::set_device_bound_m(uint32_t value) {
   EW_CUDA_CHECK(cudaMemcpy(bound_m_.get(), &value, sizeof(value), cudaMemcpyHostToDevice));
+}
+
+void RoundTrip::set_int64_index(uint32_t t, uint32_t k, int64_t value) {
+  int64_t* entry = indices_int64_.get<int64_t>() + uint64_t(t) * config_.experts_per_token + k;
+  EW_CUDA_CHECK(cudaMemcpy(entry, &value, sizeof(value), cudaMemcpyHostToDevice));
 }
 
 uint32_t RoundTrip::call_m(const CallShape& shape) const {
@@ -247,7 +259,8 @@ DispatchParams RoundTrip::dispatch_arguments(const CallShape& shape) const {
   p.dp_x.data = per_token<const uint8_t>(dp_x_, m);
   p.dp_x_scale = dp_x_scale_view_;
   p.dp_x_scale.data = scales ? per_token<const float>(dp_x_scale_, m) : nullptr;
-  p.indices = per_token<const uint32_t>(indices_, m);
+  p.indices = per_token<const void>(shape.int64_indices ? indices_int64_ : indices_, m);
+  p.index_type = shape.int64_indices ? IndexType::kInt64 : IndexType::kUInt32;
   p.m = m;
   p.bound_m = shape.use_bound_m ? bound_m_.get<uint32_t>() : nullptr;
   return p;
@@ -258,7 +271,8 @@ CombineParams RoundTrip::combine_arguments(const CallShape& shape) const {
   CombineParams p;
   p.out_tokens = per_token<void>(out_tokens_, m);
   p.out_type = shape.out_type;
-  p.indices = per_token<const uint32_t>(indices_, m);
+  p.indices = per_token<const void>(shape.int64_indices ? indices_int64_ : indices_, m);
+  p.index_type = shape.int64_indices ? IndexType::kInt64 : IndexType::kUInt32;
   p.weights = per_token<const float>(weights_, m);
   p.expert_y = expert_y_.get();
   p.expert_type = shape.expert_type;

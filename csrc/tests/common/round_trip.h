@@ -57,6 +57,7 @@ struct CallShape {
   InBuffer dp_x_in_buffer = InBuffer::kNone;
   bool dp_x_padded_rows = false;  // a caller's dp_x rows lie kDpXRowPadBytes further apart than their bytes
   bool no_expert_slots = false;   // some slots of indices are kNoExpert (DeepEP's -1)
+  bool int64_indices = false;     // indices passed as int64, -1 for kNoExpert (IndexType::kInt64)
   bool expert_y_in_buffer_on(int64_t rank) const { return on(expert_y_in_buffer, rank); }
   bool dp_x_in_buffer_on(int64_t rank) const { return on(dp_x_in_buffer, rank); }
 
@@ -98,6 +99,8 @@ class RoundTrip {
   void upload(const GroupData& own, const CallShape& shape);
   // Replaces the device value behind bound_m (tests of a bad bound_m).
   void set_device_bound_m(uint32_t value);
+  // Replaces entry k of token t's row of the int64 indices (tests of int64 values no expert stands for).
+  void set_int64_index(uint32_t t, uint32_t k, int64_t value);
 
   // The arguments of this rank's calls of `shape`, so a test can spoil one and make the call.
   DispatchParams dispatch_arguments(const CallShape& shape) const;
@@ -135,7 +138,7 @@ class RoundTrip {
 
   AllToAllConfig config_;
   cudaStream_t stream_ = nullptr;
-  DeviceBuffer dp_x_, dp_x_scale_, indices_, weights_, bound_m_;
+  DeviceBuffer dp_x_, dp_x_scale_, indices_, indices_int64_, weights_, bound_m_;
   // The last upload's dp_x_ and dp_x_scale_, as laid out.
   Strided2D<const uint8_t> dp_x_view_;
   Strided2D<const float> dp_x_scale_view_;

@@ -29,7 +29,7 @@ DispatchParams valid_dispatch() {
   p.out_expert_x_scale = contiguous_matrices(reinterpret_cast<float*>(memory), 32, 8);
   p.dp_x = contiguous_rows<const uint8_t>(memory, 256);
   p.dp_x_scale = contiguous_rows(reinterpret_cast<const float*>(memory), 8);
-  p.indices = reinterpret_cast<const uint32_t*>(memory);
+  p.indices = memory;
   p.m = 5;
   return p;
 }
@@ -37,7 +37,7 @@ DispatchParams valid_dispatch() {
 CombineParams valid_combine() {
   CombineParams p;
   p.out_tokens = memory;
-  p.indices = reinterpret_cast<const uint32_t*>(memory);
+  p.indices = memory;
   p.weights = reinterpret_cast<const float*>(memory);
   p.expert_y = memory;
   p.m = 5;
@@ -152,6 +152,29 @@ TEST(DispatchArguments, PointersOfTheHalvesThatUseThem) {
     p.dp_x.data = nullptr;
     p.dp_x_scale.data = nullptr;
   });
+}
+
+TEST(Arguments, IndicesOfEitherTypeAlignedToTheirEntries) {
+  const auto* int64_misaligned = reinterpret_cast<const int64_t*>(memory + 4);
+  EXPECT_THAT(dispatch_error([&](DispatchParams& p) {
+                p.indices = int64_misaligned;
+                p.index_type = IndexType::kInt64;
+              }),
+              HasSubstr("dispatch: indices must be 8-byte aligned"));
+  EXPECT_THAT(combine_error([&](CombineParams& p) {
+                p.indices = int64_misaligned;
+                p.index_type = IndexType::kInt64;
+              }),
+              HasSubstr("combine: indices must be 8-byte aligned"));
+  expect_dispatch_passes([&](DispatchParams& p) { p.indices = memory + 4; });  // uint32 words: 4 bytes suffice
+  expect_dispatch_passes([&](DispatchParams& p) {
+    p.indices = memory + 8;
+    p.index_type = IndexType::kInt64;
+  });
+  EXPECT_EQ(dispatch_error([](DispatchParams& p) { p.index_type = IndexType(2); }),
+            "dispatch: index_type must be one of IndexType's values, got 2");
+  EXPECT_EQ(combine_error([](CombineParams& p) { p.index_type = IndexType(7); }),
+            "combine: index_type must be one of IndexType's values, got 7");
 }
 
 TEST(CombineArguments, TypesCountsAndPointers) {

@@ -174,7 +174,7 @@ void AllToAll::dispatch(const DispatchParams& p, cudaStream_t stream) {
                                   p.out_expert_x_scale,
                                   p.dp_x,
                                   p.dp_x_scale,
-                                  p.indices,
+                                  {p.indices, p.index_type},
                                   p.m,
                                   p.bound_m,
                                   send,
@@ -196,7 +196,7 @@ void AllToAll::combine(const CombineParams& p, cudaStream_t stream) {
   state_->order.check(Operation::kCombine, p.split);
   const device::CombineArgs args{state_->context(config_),
                                  p.out_tokens,
-                                 p.indices,
+                                 {p.indices, p.index_type},
                                  p.weights,
                                  static_cast<const uint8_t*>(p.expert_y),
                                  p.m,
