@@ -7,13 +7,16 @@ For each token count, on every rank (hidden 7168, top-8, 256 experts by default)
 slowest rank, with an NVSHMEM barrier on the stream before each timed operation:
 - "native fp8": AllToAll.dispatch of tokens already in fp8 with their scales, and its combine;
 - "native, quantize first": deep_ep.cast_fp8_blocks of the bf16 tokens, then that dispatch, timed as one;
-- "native, fused cast": AllToAll.dispatch of the bf16 tokens with fp8_cast="block-scales" (the send kernel casts);
+- "native, fused cast": AllToAll.dispatch of the bf16 tokens with fp8_cast="block-scales" (the send kernel casts),
+  with uint32 indices; "int64 indices": the same with DeepEP's int64 topk_idx as it is; "fresh outputs": also
+  with outputs allocated by each call, as DeepEP's API returns new tensors;
 - "deep_ep fp8": Buffer.low_latency_dispatch of bf16 tokens with use_fp8=True (the same fused cast behind
   DeepEP's API), and low_latency_combine;
 - "deep_ep bf16": the same with use_fp8=False;
 - "fp8 cast": deep_ep.cast_fp8_blocks alone.
-The host column is the slowest rank's mean Python time to issue one dispatch call (nothing synchronized): the
-front end's overhead is "deep_ep fp8" against "native, fused cast".
+The host columns are the slowest rank's mean Python time to issue one dispatch call and one combine call (each
+on an idle stream): the front end's own overhead is "deep_ep fp8" against "native, fused cast, int64, fresh
+outputs", which does the same work through the native API.
 """
 
 from __future__ import annotations
@@ -40,22 +43,25 @@ def _inputs(opts: Options, tokens: int, info: RankInfo) -> tuple[torch.Tensor, t
     return x.to(info.device), idx.to(info.device), weights.to(info.device)
 
 
-def _host_us(opts: Options, issue: Callable[[], None], finish: Callable[[], None]) -> float:
-    """The slowest rank's mean host time of issue(), each followed by finish() outside the timing."""
-    samples = []
+def _host_us(opts: Options, dispatch: Callable[[], None], combine: Callable[[], None]) -> tuple[float, float]:
+    """The slowest rank's mean host time of a dispatch call and of a combine call, each issued on an idle stream
+    after a barrier."""
+    samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(opts.warmup + opts.iters):
-        expertwire.nvshmem_barrier_all_on_current_stream()
-        torch.cuda.current_stream().synchronize()
-        start = time.perf_counter()
-        issue()
-        samples.append((time.perf_counter() - start) * 1e6)
-        finish()
-        torch.cuda.current_stream().synchronize()
-    return _slowest_rank_stats(samples[opts.warmup :])[0]
+        for issue, times in zip((dispatch, combine), samples, strict=True):
+            expertwire.nvshmem_barrier_all_on_current_stream()
+            torch.cuda.current_stream().synchronize()
+            start = time.perf_counter()
+            issue()
+            times.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.current_stream().synchronize()
+    return _slowest_rank_stats(samples[0][opts.warmup :])[0], _slowest_rank_stats(samples[1][opts.warmup :])[0]
 
 
 def bench_native(opts: Options, info: RankInfo, tokens: int, x, idx, weights) -> list[tuple]:
-    """The native AllToAll's rows: tokens already cast, cast first by a separate pass, cast by the send kernel."""
+    """The native AllToAll's rows: tokens already cast, cast first by a separate pass, cast by the send kernel
+    (uint32 indices, then DeepEP's int64 topk_idx as it is, then also with outputs made by each call, as the
+    DeepEP API must)."""
     scale_words = opts.hidden // 128
     a2a = expertwire.AllToAll.internode(
         tokens, opts.experts, opts.top_k, info.rank, info.world_size, 1, opts.hidden, opts.hidden, 4 * scale_words
@@ -79,16 +85,35 @@ def bench_native(opts: Options, info: RankInfo, tokens: int, x, idx, weights) ->
     def fused_cast() -> None:
         a2a.dispatch(count, recv_x, recv_scale, x, None, indices, None, fp8_cast="block-scales")
 
+    def fused_cast_int64() -> None:
+        a2a.dispatch(count, recv_x, recv_scale, x, None, idx, None, fp8_cast="block-scales")
+
+    def fused_cast_fresh_outputs() -> None:
+        fresh_count = torch.empty(local, dtype=torch.int32, device=device)
+        fresh_x = torch.empty(local, rows, opts.hidden, dtype=torch.float8_e4m3fn, device=device)
+        fresh_scale = torch.empty(local, scale_words, rows, device=device).transpose(1, 2)
+        a2a.dispatch(fresh_count, fresh_x, fresh_scale, x, None, idx, None, fp8_cast="block-scales")
+
     def combine() -> None:
         a2a.combine(out, indices, weights, expert_y, None)
 
+    def combine_int64() -> None:
+        a2a.combine(out, idx, weights, expert_y, None)
+
+    def combine_fresh_output() -> None:
+        a2a.combine(torch.empty(tokens, opts.hidden, dtype=torch.bfloat16, device=device), idx, weights, expert_y, None)
+
     results = []
-    for name, dispatch in (
-        ("native fp8", cast_ready),
-        ("native, quantize first", quantize_first),
-        ("native, fused cast", fused_cast),
+    for name, dispatch, its_combine in (
+        ("native fp8", cast_ready, combine),
+        ("native, quantize first", quantize_first, combine),
+        ("native, fused cast", fused_cast, combine),
+        ("native, fused cast, int64 indices", fused_cast_int64, combine_int64),
+        ("native, fused cast, int64, fresh outputs", fused_cast_fresh_outputs, combine_fresh_output),
     ):
-        results.append((name, _time_dispatch_combine(opts, dispatch, combine), _host_us(opts, dispatch, combine)))
+        results.append(
+            (name, _time_dispatch_combine(opts, dispatch, its_combine), _host_us(opts, dispatch, its_combine))
+        )
     a2a.check_errors()
     dist.barrier()
     a2a.destroy()
@@ -121,8 +146,8 @@ def _worker(info: RankInfo, opts: Options) -> None:
         f"{info.world_size} ranks, {torch.cuda.get_device_name(info.device)}, hidden {opts.hidden}, top-{opts.top_k}, "
         f"{opts.experts} experts; µs mean (median), slowest rank",
         "",
-        "| tokens | method | dispatch | combine | host per dispatch call |",
-        "|---:|---|---:|---:|---:|",
+        "| tokens | method | dispatch | combine | host per dispatch call | host per combine call |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for tokens in opts.tokens:
         x, idx, weights = _inputs(opts, tokens, info)
@@ -131,11 +156,12 @@ def _worker(info: RankInfo, opts: Options) -> None:
             name = "deep_ep fp8" if fp8 else "deep_ep bf16"
             rows.append((name, *bench_deep_ep(opts, info, buffer, tokens, x, idx, weights, fp8)))
         cast = _time(opts, lambda x=x: deep_ep.cast_fp8_blocks(x, False, False))
-        for name, ((d_mean, d_median), (c_mean, c_median)), host in rows:
+        for name, ((d_mean, d_median), (c_mean, c_median)), (d_host, c_host) in rows:
             lines.append(
-                f"| {tokens} | {name} | {d_mean:.1f} ({d_median:.1f}) | {c_mean:.1f} ({c_median:.1f}) | {host:.1f} |"
+                f"| {tokens} | {name} | {d_mean:.1f} ({d_median:.1f}) | {c_mean:.1f} ({c_median:.1f}) | {d_host:.1f} "
+                f"| {c_host:.1f} |"
             )
-        lines.append(f"| {tokens} | fp8 cast | {cast[0]:.1f} ({cast[1]:.1f}) | | |")
+        lines.append(f"| {tokens} | fp8 cast | {cast[0]:.1f} ({cast[1]:.1f}) | | | |")
     if info.rank == 0:
         print("\n".join(lines), flush=True)
     dist.barrier()

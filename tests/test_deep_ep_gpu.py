@@ -127,7 +127,7 @@ def _assert_combined(
     )
 
 
-def _worker(info: RankInfo, name: str) -> None:
+def _low_latency_pattern(info: RankInfo, name: str) -> None:
     call = CALLS[name]
     world, rank, device = info.world_size, info.rank, info.device
     num_experts = 4 * world
@@ -227,17 +227,16 @@ def _worker(info: RankInfo, name: str) -> None:
     torch.cuda.synchronize()
     assert torch.equal(stats.cpu(), expected_stats)
     buffer.destroy()
-    expertwire.nvshmem_finalize()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
-@pytest.mark.parametrize("name", list(CALLS))
-def test_low_latency_dispatch_and_combine(name: str, world_size: int) -> None:
-    _launch(world_size, _worker, name)
+def test_low_latency_dispatch_and_combine(world_size: int) -> None:
+    """Each of CALLS in turn, on the same ranks."""
+    _launch(world_size, "low-latency", list(CALLS))
 
 
-def _graph_worker(info: RankInfo, hooks: str) -> None:
+def _graph_pattern(info: RankInfo, hooks: str) -> None:
     """dispatch + experts + combine of the low-latency half captured in one CUDA graph (with return_recv_hook,
     each hook called inside the capture), then replayed on new tokens of the same shape."""
     with_hooks = hooks == "hooks"
@@ -300,22 +299,33 @@ def _graph_worker(info: RankInfo, hooks: str) -> None:
     _meet()
     del graph
     buffer.destroy()
-    expertwire.nvshmem_finalize()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
-@pytest.mark.parametrize("hooks", ["hooks", "no-hooks"])
-def test_low_latency_cuda_graph(hooks: str, world_size: int) -> None:
-    _launch(world_size, _graph_worker, hooks)
+def test_low_latency_cuda_graph(world_size: int) -> None:
+    """The capture with return_recv_hook, then without."""
+    _launch(world_size, "cuda-graph", ["hooks", "no-hooks"])
 
 
-def _launch(world_size: int, worker, name: str) -> None:
-    """Runs worker(info, name) on world_size ranks through NVSHMEM, or skips with the reason it cannot run."""
+def _patterns(info: RankInfo, kind: str, names: list[str]) -> None:
+    """Runs each named pattern of `kind` in turn on these ranks (each with a Buffer of its own; rank processes
+    and NVSHMEM start once for all of them). The first failure ends the run, naming its pattern: the ranks that
+    did not fail would wait for the failed one in the next pattern's collectives."""
+    for name in names:
+        try:
+            PATTERNS[kind](info, name)
+        except Exception as error:
+            raise AssertionError(f"{kind} pattern {name!r}, rank {info.rank} of {info.world_size}: {error}") from error
+    expertwire.nvshmem_finalize()
+
+
+def _launch(world_size: int, kind: str, names: list[str]) -> None:
+    """Runs the patterns on world_size ranks through NVSHMEM, or skips with the reason it cannot run."""
     reason = why_transport_cannot_run("internode", world_size)
     if reason is not None:
         pytest.skip(reason)
-    launch(world_size, worker, name)
+    launch(world_size, _patterns, kind, names)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -351,7 +361,7 @@ def _ht_payload(x: torch.Tensor, call: HtCall):
     return values, scales
 
 
-def _ht_worker(info: RankInfo, name: str) -> None:
+def _high_throughput_pattern(info: RankInfo, name: str) -> None:
     call = HT_CALLS[name]
     world, rank, device = info.world_size, info.rank, info.device
     num_experts = 4 * world
@@ -477,11 +487,17 @@ def _ht_worker(info: RankInfo, name: str) -> None:
             torch.testing.assert_close(combined_again.cpu(), combined.cpu(), rtol=0, atol=0, equal_nan=True)
     torch.cuda.synchronize()
     buffer.destroy()
-    expertwire.nvshmem_finalize()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
-@pytest.mark.parametrize("name", list(HT_CALLS))
-def test_high_throughput_dispatch_and_combine(name: str, world_size: int) -> None:
-    _launch(world_size, _ht_worker, name)
+def test_high_throughput_dispatch_and_combine(world_size: int) -> None:
+    """Each of HT_CALLS in turn, on the same ranks."""
+    _launch(world_size, "high-throughput", list(HT_CALLS))
+
+
+PATTERNS = {
+    "low-latency": _low_latency_pattern,
+    "cuda-graph": _graph_pattern,
+    "high-throughput": _high_throughput_pattern,
+}
