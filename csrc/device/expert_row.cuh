@@ -29,7 +29,8 @@ class ExpertRow {
 
   // Entry k as the caller wrote it (for the error record).
   __device__ __forceinline__ int64_t written(uint32_t k) const {
-    return wide_ ? reinterpret_cast<const int64_t*>(entries_)[k] : int64_t(reinterpret_cast<const uint32_t*>(entries_)[k]);
+    return wide_ ? reinterpret_cast<const int64_t*>(entries_)[k]
+                 : int64_t(reinterpret_cast<const uint32_t*>(entries_)[k]);
   }
 
  private:

@@ -163,21 +163,42 @@ class _Payload:
 
 
 class _Dispatched:
-    """What a dispatch leaves for its combine (the first entry of the handle): the object that dispatched, the
-    call's number on it and its token count."""
+    """What a dispatch leaves for its combine (the first entry of the handle): the Buffer, the configuration's
+    objects and the place of the one that dispatched, the call's number on it, and the call's sizes."""
 
-    def __init__(self, a2a: AllToAll, call: int, num_tokens: int) -> None:
-        self.a2a, self.call, self.num_tokens = a2a, call, num_tokens
+    def __init__(
+        self,
+        buffer: "Buffer",
+        pair: "_LowLatencyPair",
+        index: int,
+        num_tokens: int,
+        top_k: int,
+        sizes: tuple[int, int, int],
+    ) -> None:
+        self.buffer, self.pair, self.index = buffer, pair, index
+        self.a2a = pair.objects[index]
+        self.call = pair.calls[index]
+        self.num_tokens = num_tokens
+        self.sizes = sizes  # (num_max_dispatch_tokens_per_rank, hidden, num_experts), as the handle has them
+        num_max, hidden, num_experts = sizes
+        self.expert_rows_shape = (num_experts // buffer.group_size, num_max * buffer.group_size, hidden)
+        self.topk_shape = (num_tokens, top_k)
+        self.tokens_shape = (num_tokens, hidden)
         self.combine_sent = False  # its combine's send half has been launched
+
+    def awaits_combine(self) -> bool:
+        """Whether this is its object's last dispatch and its combine has not been launched."""
+        return self.pair.calls[self.index] == self.call and self.pair.awaiting[self.index] and not self.combine_sent
 
 
 class _LowLatencyPair:
     """The two objects of one configuration. Each takes a dispatch only when its last dispatch has been combined:
     expertwire's objects run dispatch and combine in turn."""
 
-    def __init__(self, objects: list[AllToAll], symmetric_bytes: int) -> None:
+    def __init__(self, objects: list[AllToAll], symmetric_bytes: int, payload: "_Payload") -> None:
         self.objects = objects
         self.symmetric_bytes = symmetric_bytes
+        self.payload = payload
         self.calls = [0, 0]  # dispatches so far, per object
         self.awaiting = [False, False]  # a dispatch whose combine has not run
         self.last = 1  # the object of the last dispatch
@@ -570,38 +591,30 @@ class Buffer:
             )
             for _ in range(2)
         ]
-        pair = self._pairs[key] = _LowLatencyPair(objects, need)
+        pair = self._pairs[key] = _LowLatencyPair(objects, need, payload)
         return pair
 
-    def low_latency_dispatch(
+    def _checked_dispatch(
         self,
-        x: torch.Tensor,
-        topk_idx: torch.Tensor,
-        num_max_dispatch_tokens_per_rank: int,
-        num_experts: int,
-        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
-        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
-        use_fp8: bool = True,
-        round_scale: bool = False,
-        use_ue8m0: bool = False,
-        async_finish: bool = False,
-        return_recv_hook: bool = False,
-    ) -> tuple[
-        Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, tuple, EventOverlap, Optional[Callable]
-    ]:
-        """Sends each token of x (bf16 [num_tokens, hidden], num_tokens <= num_max_dispatch_tokens_per_rank) to
-        the experts in its row of topk_idx (int64 [num_tokens, num_topk], -1: no expert). With use_fp8 the
-        tokens travel as fp8 with per-128 scales, cast by the send kernel (AllToAll.dispatch's fp8_cast). Returns
-        (recv_x, recv_count, handle, event, hook) as DeepEP: recv_x [num_local_experts,
-        num_max_dispatch_tokens_per_rank * num_ranks, hidden] bf16, or with use_fp8 (fp8 values, scales
-        [.., .., hidden / 128] float32 or with use_ue8m0 [.., .., hidden / 512] int32, the last two dimensions
-        column-major); recv_count int32 [num_local_experts]; hook launches the receive half where
-        return_recv_hook (else None)."""
-        op = "low_latency_dispatch"
+        op: str,
+        x: object,
+        topk_idx: object,
+        num_max: object,
+        num_experts: object,
+        stats: object,
+        dispatch_wait_recv_cost_stats: object,
+        use_fp8: object,
+        round_scale: object,
+        use_ue8m0: object,
+        async_finish: object,
+        return_recv_hook: object,
+    ) -> _LowLatencyPair:
+        """Every check of a low_latency_dispatch call, each failure a ValueError naming its argument (or a
+        NotImplementedError); the objects of its configuration, made on its first call."""
         self._live(op)
         if not self.low_latency_mode:
             raise ValueError(f"{op}: the Buffer must be built with low_latency_mode=True for the low-latency calls")
-        num_max = integer(op, "num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
+        num_max = integer(op, "num_max_dispatch_tokens_per_rank", num_max, minimum=1)
         integer(op, "num_experts", num_experts, minimum=1)
         for name, value in (
             ("use_fp8", use_fp8),
@@ -630,18 +643,97 @@ class Buffer:
             raise ValueError(
                 f"{op}: num_experts must be a multiple of the group's {self.group_size} ranks, got {num_experts}"
             )
-        local = num_experts // self.group_size
-        if cumulative_local_expert_recv_stats is not None:
-            _check_tensor(
-                op,
-                "cumulative_local_expert_recv_stats",
-                cumulative_local_expert_recv_stats,
-                torch.int32,
-                (local,),
-                self._device,
-            )
+        if stats is not None:
+            local = num_experts // self.group_size
+            _check_tensor(op, "cumulative_local_expert_recv_stats", stats, torch.int32, (local,), self._device)
+        return self._pair(num_max, hidden, num_experts, top_k, _Payload(hidden, use_fp8, use_ue8m0))
 
-        payload = _Payload(hidden, use_fp8, use_ue8m0)
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[
+        Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, tuple, EventOverlap, Optional[Callable]
+    ]:
+        """Sends each token of x (bf16 [num_tokens, hidden], num_tokens <= num_max_dispatch_tokens_per_rank) to
+        the experts in its row of topk_idx (int64 [num_tokens, num_topk], -1: no expert). With use_fp8 the
+        tokens travel as fp8 with per-128 scales, cast by the send kernel (AllToAll.dispatch's fp8_cast). Returns
+        (recv_x, recv_count, handle, event, hook) as DeepEP: recv_x [num_local_experts,
+        num_max_dispatch_tokens_per_rank * num_ranks, hidden] bf16, or with use_fp8 (fp8 values, scales
+        [.., .., hidden / 128] float32 or with use_ue8m0 [.., .., hidden / 512] int32, the last two dimensions
+        column-major); recv_count int32 [num_local_experts]; hook launches the receive half where
+        return_recv_hook (else None)."""
+        op = "low_latency_dispatch"
+        num_max, stats = num_max_dispatch_tokens_per_rank, cumulative_local_expert_recv_stats
+        # The usual call of a configuration that ran before: its configuration checks held then, so only the
+        # tensors and the flags are checked here (host time). Anything else takes the full checks below.
+        pair = None
+        if (
+            type(x) is torch.Tensor
+            and type(topk_idx) is torch.Tensor
+            and type(num_max) is int
+            and type(num_experts) is int
+            and type(use_fp8) is bool
+            and type(round_scale) is bool
+            and type(use_ue8m0) is bool
+            and type(async_finish) is bool
+            and type(return_recv_hook) is bool
+            and x.dim() == 2
+            and topk_idx.dim() == 2
+        ):
+            pair = self._pairs.get((num_max, x.shape[1], num_experts, topk_idx.shape[1], use_fp8, use_ue8m0))
+            device = self._device
+            num_tokens = x.shape[0]
+            if pair is not None and not (
+                x.dtype == torch.bfloat16
+                and x.device == device
+                and x.is_contiguous()
+                and num_tokens <= num_max
+                and (num_tokens == 0 or x.data_ptr() % 16 == 0)
+                and topk_idx.dtype == topk_idx_t
+                and topk_idx.device == device
+                and topk_idx.shape[0] == num_tokens
+                and (round_scale or not use_ue8m0)
+                and not (async_finish and return_recv_hook)
+                and dispatch_wait_recv_cost_stats is None
+                and (
+                    stats is None
+                    or (
+                        type(stats) is torch.Tensor
+                        and stats.dtype == torch.int32
+                        and stats.shape == (num_experts // self.group_size,)
+                        and stats.device == device
+                    )
+                )
+            ):
+                pair = None
+        if pair is None:
+            pair = self._checked_dispatch(
+                op,
+                x,
+                topk_idx,
+                num_max,
+                num_experts,
+                stats,
+                dispatch_wait_recv_cost_stats,
+                use_fp8,
+                round_scale,
+                use_ue8m0,
+                async_finish,
+                return_recv_hook,
+            )
+        num_tokens, hidden = x.shape
+        local = num_experts // self.group_size
+        payload = pair.payload
         # The send half casts bf16 tokens itself (DispatchParams::cast): no separate pass.
         fp8_cast = (
             "none"
@@ -652,7 +744,6 @@ class Buffer:
             if round_scale
             else "block-scales"
         )
-        pair = self._pair(num_max, hidden, num_experts, top_k, payload)
         index = pair.free_object()
         if index is None:
             raise ValueError(
@@ -675,12 +766,13 @@ class Buffer:
         else:
             recv_x = torch.empty((local, rows, hidden), dtype=torch.bfloat16, device=self._device)
             recv_scales, out_scales = None, None
-        stream = self._comm_stream if async_finish else torch.cuda.current_stream()
+        # The hook's stream (the dispatch's, as DeepEP's); without a hook or async_finish none is needed.
+        stream = self._comm_stream if async_finish else torch.cuda.current_stream() if return_recv_hook else None
 
         def run(do_send: bool, do_recv: bool) -> None:
             a2a._launch_checked_dispatch(recv_count, recv_x, out_scales, x, indices, do_send, do_recv, fp8_cast)
-            if do_recv and cumulative_local_expert_recv_stats is not None:
-                cumulative_local_expert_recv_stats.add_(recv_count)
+            if do_recv and stats is not None:
+                stats.add_(recv_count)
 
         # Without async_finish everything goes on the current stream, with no stream switch (host time).
         if async_finish:
@@ -691,12 +783,12 @@ class Buffer:
         event = _finish(
             stream,
             async_finish,
-            (x, topk_idx, recv_x, recv_scales, recv_count, cumulative_local_expert_recv_stats),
+            (x, topk_idx, recv_x, recv_scales, recv_count, stats),
         )
         pair.calls[index] += 1
         pair.awaiting[index] = True
         pair.last = index
-        dispatched = _Dispatched(a2a, pair.calls[index], num_tokens)
+        dispatched = _Dispatched(self, pair, index, num_tokens, topk_idx.shape[1], (num_max, hidden, num_experts))
 
         def receive() -> None:
             with torch.cuda.stream(stream):  # the dispatch's stream, as DeepEP's hook
@@ -707,6 +799,48 @@ class Buffer:
         handle = (dispatched, None, num_max, hidden, num_experts)
         received = (recv_x, recv_scales) if use_fp8 else recv_x
         return received, recv_count, handle, event, (receive if return_recv_hook else None)
+
+    def _checked_combine(
+        self,
+        op: str,
+        x: object,
+        topk_idx: object,
+        topk_weights: object,
+        handle: object,
+        use_logfmt: object,
+        zero_copy: object,
+        async_finish: object,
+        return_recv_hook: object,
+        out: object,
+        combine_wait_recv_cost_stats: object,
+    ) -> "_Dispatched":
+        """Every check of a low_latency_combine call, as _checked_dispatch; the handle's dispatch."""
+        self._live(op)
+        for name, value in (
+            ("use_logfmt", use_logfmt),
+            ("zero_copy", zero_copy),
+            ("async_finish", async_finish),
+            ("return_recv_hook", return_recv_hook),
+        ):
+            _flag(op, name, value)
+        if use_logfmt:
+            raise _not_provided("low_latency_combine(use_logfmt=True) (a 10-bit LogFMT payload)")
+        if combine_wait_recv_cost_stats is not None:
+            raise _not_provided("low_latency_combine(combine_wait_recv_cost_stats=...) (per-rank wait times)")
+        if async_finish and return_recv_hook:
+            raise ValueError(f"{op}: async_finish and return_recv_hook cannot both be set")
+        dispatched = self._awaiting_combine(op, handle)
+        if not zero_copy:
+            _check_tensor(op, "x", x, torch.bfloat16, dispatched.expert_rows_shape, self._device, contiguous=True)
+        num_tokens = self._check_topk_idx(op, topk_idx, None, top_k=dispatched.topk_shape[1])[0]
+        if num_tokens != dispatched.num_tokens:
+            raise ValueError(
+                f"{op}: topk_idx must have the {dispatched.num_tokens} rows of the handle's dispatch, got {num_tokens}"
+            )
+        _check_tensor(op, "topk_weights", topk_weights, torch.float32, dispatched.topk_shape, self._device)
+        if out is not None:
+            _check_tensor(op, "out", out, torch.bfloat16, dispatched.tokens_shape, self._device, contiguous=True)
+        return dispatched
 
     def low_latency_combine(
         self,
@@ -727,40 +861,46 @@ class Buffer:
         where given). zero_copy: the outputs are in get_next_low_latency_combine_buffer(handle) already, and x
         is not read."""
         op = "low_latency_combine"
-        self._live(op)
-        for name, value in (
-            ("use_logfmt", use_logfmt),
-            ("zero_copy", zero_copy),
-            ("async_finish", async_finish),
-            ("return_recv_hook", return_recv_hook),
+        # As in low_latency_dispatch: the usual call checked by its tensors and flags, anything else fully.
+        dispatched = handle[0] if type(handle) is tuple and len(handle) == 5 else None
+        if not (
+            type(dispatched) is _Dispatched
+            and dispatched.buffer is self
+            and type(use_logfmt) is bool
+            and not use_logfmt
+            and type(zero_copy) is bool
+            and type(async_finish) is bool
+            and type(return_recv_hook) is bool
+            and not (async_finish and return_recv_hook)
+            and combine_wait_recv_cost_stats is None
+            and not self._destroyed
+            and dispatched.awaits_combine()
+            and handle[2:] == dispatched.sizes
+            and (zero_copy or _is_tensor(x, torch.bfloat16, dispatched.expert_rows_shape, self._device, True))
+            and _is_tensor(topk_idx, topk_idx_t, dispatched.topk_shape, self._device, False)
+            and _is_tensor(topk_weights, torch.float32, dispatched.topk_shape, self._device, False)
+            and (out is None or _is_tensor(out, torch.bfloat16, dispatched.tokens_shape, self._device, True))
         ):
-            _flag(op, name, value)
-        if use_logfmt:
-            raise _not_provided("low_latency_combine(use_logfmt=True) (a 10-bit LogFMT payload)")
-        if combine_wait_recv_cost_stats is not None:
-            raise _not_provided("low_latency_combine(combine_wait_recv_cost_stats=...) (per-rank wait times)")
-        if async_finish and return_recv_hook:
-            raise ValueError(f"{op}: async_finish and return_recv_hook cannot both be set")
-        dispatched, pair, index = self._awaiting_combine(op, handle)
-        a2a = dispatched.a2a
-        num_max, hidden, num_experts = handle[2], handle[3], handle[4]
-        local = num_experts // self.group_size
-        rows = num_max * self.group_size
-        expert_y = pair.expert_outputs(index) if zero_copy else x
-        if not zero_copy:
-            _check_tensor(op, "x", x, torch.bfloat16, (local, rows, hidden), self._device, contiguous=True)
-        num_tokens = self._check_topk_idx(op, topk_idx, None, top_k=a2a.shape.experts_per_token)[0]
-        if num_tokens != dispatched.num_tokens:
-            raise ValueError(
-                f"{op}: topk_idx must have the {dispatched.num_tokens} rows of the handle's dispatch, got {num_tokens}"
+            dispatched = self._checked_combine(
+                op,
+                x,
+                topk_idx,
+                topk_weights,
+                handle,
+                use_logfmt,
+                zero_copy,
+                async_finish,
+                return_recv_hook,
+                out,
+                combine_wait_recv_cost_stats,
             )
-        _check_tensor(op, "topk_weights", topk_weights, torch.float32, tuple(topk_idx.shape), self._device)
-        if out is not None:
-            _check_tensor(op, "out", out, torch.bfloat16, (num_tokens, hidden), self._device, contiguous=True)
+        a2a, pair, index = dispatched.a2a, dispatched.pair, dispatched.index
+        num_tokens, hidden = dispatched.tokens_shape
+        expert_y = pair.expert_outputs(index) if zero_copy else x
         combined = (
             out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
         )
-        stream = self._comm_stream if async_finish else torch.cuda.current_stream()
+        stream = self._comm_stream if async_finish else torch.cuda.current_stream() if return_recv_hook else None
         weights = topk_weights.contiguous()
         if async_finish:
             stream.wait_stream(torch.cuda.current_stream())
@@ -784,8 +924,8 @@ class Buffer:
     def get_next_low_latency_combine_buffer(self, handle: object) -> torch.Tensor:
         """Where the experts may write their outputs for the handle's combine with zero_copy=True: bf16
         [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden], in this rank's buffer."""
-        _, pair, index = self._awaiting_combine("get_next_low_latency_combine_buffer", handle)
-        return pair.expert_outputs(index)
+        dispatched = self._awaiting_combine("get_next_low_latency_combine_buffer", handle)
+        return dispatched.pair.expert_outputs(dispatched.index)
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -827,33 +967,25 @@ class Buffer:
             raise ValueError(f"{op}: topk_idx must have at least one column, got shape {list(topk_idx.shape)}")
         return int(topk_idx.shape[0]), int(topk_idx.shape[1])
 
-    def _awaiting_combine(self, op: str, handle: object) -> tuple[_Dispatched, _LowLatencyPair, int]:
-        """The dispatch of `handle`, its configuration's objects and its object's place, where its combine has
-        not run yet."""
+    def _awaiting_combine(self, op: str, handle: object) -> _Dispatched:
+        """The dispatch of `handle`, whose combine has not run yet."""
         if not isinstance(handle, tuple) or len(handle) != 5 or not isinstance(handle[0], _Dispatched):
             raise ValueError(
                 f"{op}: handle must be the handle low_latency_dispatch returned, got {type(handle).__name__}"
             )
         dispatched = handle[0]
-        for pair in self._pairs.values():
-            if dispatched.a2a in pair.objects:
-                index = pair.objects.index(dispatched.a2a)
-                shape = dispatched.a2a.shape
-                if (handle[2], handle[3], handle[4]) != (
-                    shape.max_num_tokens,
-                    shape.hidden_dim,
-                    shape.num_experts,
-                ):
-                    raise ValueError(
-                        f"{op}: handle's num_max_dispatch_tokens_per_rank, hidden and num_experts {handle[2:]} are "
-                        "not those of its dispatch"
-                    )
-                if pair.calls[index] != dispatched.call or not pair.awaiting[index] or dispatched.combine_sent:
-                    raise ValueError(
-                        f"{op}: the handle's dispatch was combined already (expertwire combines each dispatch once)"
-                    )
-                return dispatched, pair, index
-        raise ValueError(f"{op}: handle comes from another Buffer (or one destroyed since)")
+        if dispatched.buffer is not self or all(pair is not dispatched.pair for pair in self._pairs.values()):
+            raise ValueError(f"{op}: handle comes from another Buffer (or one destroyed since)")
+        if handle[2:] != dispatched.sizes:
+            raise ValueError(
+                f"{op}: handle's num_max_dispatch_tokens_per_rank, hidden and num_experts {handle[2:]} are "
+                "not those of its dispatch"
+            )
+        if not dispatched.awaits_combine():
+            raise ValueError(
+                f"{op}: the handle's dispatch was combined already (expertwire combines each dispatch once)"
+            )
+        return dispatched
 
 
 def _nvshmem_heap_bytes() -> int:
@@ -882,6 +1014,17 @@ def _config(num_max: int, num_experts: int, top_k: int, rank: int, world: int, h
     )
 
 
+def _is_tensor(value: object, dtype: torch.dtype, shape: tuple, device: torch.device, contiguous: bool) -> bool:
+    """Whether _check_tensor would pass `value` (a plain torch.Tensor; the fast checks of the usual call)."""
+    return (
+        type(value) is torch.Tensor
+        and value.dtype == dtype
+        and value.shape == shape
+        and value.device == device
+        and (not contiguous or value.is_contiguous())
+    )
+
+
 def _check_tensor(
     op: str,
     name: str,
@@ -903,7 +1046,7 @@ def _check_tensor(
         raise ValueError(f"{op}: {name} must be contiguous, got strides {list(value.stride())}")
 
 
-def _finish(stream: torch.cuda.Stream, async_finish: bool, tensors: tuple) -> EventOverlap:
+def _finish(stream: Optional[torch.cuda.Stream], async_finish: bool, tensors: tuple) -> EventOverlap:
     """The call's EventOverlap: with async_finish an event on the comm stream, holding the caller's tensors the
     call uses (as DeepEP's, instead of record_stream, which CUDA graphs refuse); else no event."""
     if not async_finish:
