@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <string>
 #include <utility>
 
 #include "core/error.h"
@@ -26,10 +25,9 @@ void require_index_type(const char* op, IndexType type) {
              int(type));
 }
 
-// Entries are read whole: 4-byte words, or 8-byte int64s.
-void require_indices(const void* indices, IndexType type, const char* op) {
-  const std::string name = std::string(op) + ": indices";
-  require_pointer(indices, name.c_str(), type == IndexType::kInt64 ? 8 : 4);
+// Entries are read whole: 4-byte words, or 8-byte int64s. `name`: "<op>: indices".
+void require_indices(const void* indices, IndexType type, const char* name) {
+  require_pointer(indices, name, type == IndexType::kInt64 ? 8 : 4);
 }
 
 void require_m(const char* op, const AllToAllConfig& config, uint32_t m) {
@@ -121,7 +119,7 @@ void check_dispatch_pointers(const AllToAllConfig& config, const DispatchParams&
   // kernels read them only below m.
   if (sends(p.split) && p.m > 0) {
     require_pointer(p.dp_x.data, "dispatch: dp_x", 16);
-    require_indices(p.indices, p.index_type, "dispatch");
+    require_indices(p.indices, p.index_type, "dispatch: indices");
     if (p.cast != Fp8Cast::kNone) {
       EW_REQUIRE(p.dp_x_scale.data == nullptr,
                  "dispatch: dp_x_scale must be null with an fp8 cast (the cast makes the scales)");
@@ -153,7 +151,7 @@ void check_combine_pointers(const AllToAllConfig&, const CombineParams& p) {
   if (sends(p.split)) require_pointer(p.expert_y, "combine: expert_y", 16);
   if (receives(p.split) && p.m > 0) {  // as in dispatch: without tokens the per-token arrays may be null
     require_pointer(p.out_tokens, "combine: out_tokens", 16);
-    require_indices(p.indices, p.index_type, "combine");
+    require_indices(p.indices, p.index_type, "combine: indices");
     require_pointer(p.weights, "combine: weights", 4);
   }
   if (p.bound_m != nullptr) require_pointer(p.bound_m, "combine: bound_m", 4);

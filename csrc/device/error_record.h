@@ -13,7 +13,7 @@ namespace expertwire {
 enum class ErrorCode : int32_t {
   kNone = 0,
   kTimeout = 1,           // a wait for a peer's signal ran out of time; peer = the rank waited for
-  kBadExpertIndex = 2,    // indices[t][k] >= num_experts; value = the index, nothing was sent for it
+  kBadExpertIndex = 2,    // indices[t][k] outside [0, num_experts); value = the index, nothing was sent for it
   kBadBoundM = 3,         // *bound_m > m; value = *bound_m, the call moved no tokens
   kSlotOverflow = 4,      // more than max_num_tokens tokens for one expert (a repeated expert in a row)
   kRepeatedExpert = 5,    // an expert appears twice in one token's row; value = the expert, sent once

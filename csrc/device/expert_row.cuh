@@ -8,8 +8,8 @@
 
 namespace expertwire::device {
 
-// What an int64 index that no 32-bit expert stands for (neither -1 nor in [0, 2^32)) reads as: a value no
-// configuration's num_experts reaches, so that it is refused as out of range.
+// What an int64 index reads as when it is neither -1 nor below this value (negative, or at least 2^32 - 2): a
+// value no configuration's num_experts reaches, so that it is refused as out of range.
 inline constexpr uint32_t kUnrepresentableExpert = kNoExpert - 1;
 
 // Token t's row of the caller's indices, each entry read as a 32-bit expert (kNoExpert: none), whatever the type

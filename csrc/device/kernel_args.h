@@ -10,7 +10,7 @@
 namespace expertwire::device {
 
 // The caller's indices, [m][experts_per_token] packed entries of `type` (params.h IndexType); the kernels read
-// them through ExpertRow (tokens.cuh).
+// them through ExpertRow (expert_row.cuh).
 struct ExpertIndices {
   const void* data;
   IndexType type;

@@ -594,9 +594,9 @@ void device_input_cases(const Context& ctx) {
   }
   fresh_object_case(ctx, "device: a fresh object works after a device error", 1);
 
-  // int64 indices that no expert stands for: a negative value other than -1, and one whose low word alone would
-  // name a valid expert.
-  for (const int64_t bad : {int64_t(-2), (int64_t(1) << 32) + 1}) {
+  // int64 indices that no expert stands for: a negative value other than -1, 2^32 - 1 (kNoExpert if truncated to
+  // 32 bits), and one whose low word alone would name a valid expert.
+  for (const int64_t bad : {int64_t(-2), (int64_t(1) << 32) - 1, (int64_t(1) << 32) + 1}) {
     CallShape shape = plain_shape(config, config.max_num_tokens / 2, false);
     shape.int64_indices = true;
     const std::vector<GroupData> sent = harness::make_all_groups(config, shape, ctx.seed + 6);

@@ -384,12 +384,12 @@ class Buffer:
         """Releases the buffers. Collective; only for a Buffer built with explicitly_destroy=True."""
         if not self.explicitly_destroy:
             raise ValueError("Buffer.destroy: the Buffer must be built with explicitly_destroy=True to be destroyed")
+        self._destroyed = True  # first: a destroy that fails part way still refuses every later call
         for pair in self._pairs.values():
             for a2a in pair.objects:
                 a2a.destroy()
         self._pairs.clear()
         self._high_throughput.destroy()
-        self._destroyed = True
 
     def _live(self, op: str) -> None:
         if self._destroyed:
@@ -859,7 +859,8 @@ class Buffer:
         hidden], rows where the handle's dispatch put them) to their tokens' ranks and sums them with
         topk_weights (float32 [num_tokens, num_topk]) in fp32: combined_x bf16 [num_tokens, hidden] (into `out`
         where given). zero_copy: the outputs are in get_next_low_latency_combine_buffer(handle) already, and x
-        is not read."""
+        is not read. As in DeepEP, the kernels read topk_idx and topk_weights where the caller keeps them: with
+        return_recv_hook, the hook's receive half reads them when it runs."""
         op = "low_latency_combine"
         # As in low_latency_dispatch: the usual call checked by its tensors and flags, anything else fully.
         dispatched = handle[0] if type(handle) is tuple and len(handle) == 5 else None
