@@ -7,8 +7,10 @@
 # Each rank's MPS share is 100 / WORLD_SIZE: shares that add up to more than the GPU put NVSHMEM in its "limited
 # MPG" mode, which refuses its on-stream collectives. Output lines are prefixed "[node N]".
 # Env: TWO_GROUPS_UTS=1 starts each group in UTS and mount namespaces of its own (needs root or CAP_SYS_ADMIN) with
-# the host name expertwire-node<N> (in its /etc/hosts), so that the groups are two hosts to NVSHMEM; GROUPS_TIMEOUT_S (default 600) bounds each
-# group; MASTER_PORT (default 29533); the NVSHMEM environment as run_ranks.sh (EXPERTWIRE_REMOTE_TRANSPORT included).
+# the host name expertwire-node<N> (in its /etc/hosts), so that the groups are two hosts to NVSHMEM, their ranks'
+# MPS control clients one at a time unless TWO_GROUPS_SERIAL_MPS_CLIENT=0; GROUPS_TIMEOUT_S (default 600) bounds
+# each group; MASTER_PORT (default 29533); the NVSHMEM environment as run_ranks.sh (EXPERTWIRE_REMOTE_TRANSPORT
+# included).
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: two_groups.sh WORLD_SIZE COMMAND [ARGS...]" >&2; exit 2; }
 WORLD=$1
@@ -32,6 +34,11 @@ if [ "${TWO_GROUPS_UTS:-0}" = 1 ]; then
   # loopback interface, and each group's /etc/hosts (bind-mounted in a mount namespace of its own) names it.
   export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
   export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}
+  # The ranks' MPS control clients one at a time (scripts/device/mps_client).
+  if [ "${TWO_GROUPS_SERIAL_MPS_CLIENT:-1}" = 1 ]; then
+    EXPERTWIRE_REAL_MPS_CONTROL=$(command -v nvidia-cuda-mps-control)
+    export EXPERTWIRE_REAL_MPS_CONTROL PATH="$(cd "$(dirname "$0")" && pwd)/mps_client:$PATH"
+  fi
 fi
 
 run_group() {
