@@ -459,3 +459,26 @@ def test_configurations_taking_turns_share_the_pool(monkeypatch: pytest.MonkeyPa
         half._entry("dispatch", first, 20, 1)
     with pytest.raises(ValueError, match=r"\d+ tokens of this configuration need \d+ bytes of num_nvl_bytes"):
         half._entry("dispatch", (16, 2, 1024, 2048, 0), 20, 1 << 20)
+
+
+def test_a_configuration_given_back_no_longer_takes_a_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_deep_ep_high_throughput, "HighThroughputAllToAll", _FakeObject)
+    _FakeObject.made = []
+    buffer = _PoolBuffer()
+    budget = 1 << 24
+    half = buffer.half = _deep_ep_high_throughput.HighThroughputHalf(buffer, {"nvl": budget, "rdma": 0}, None, None)
+    first, second, once = (16, 2, 256, 512, 0), (16, 2, 512, 1024, 0), (16, 2, 384, 768, 0)
+
+    def tokens(key: tuple) -> int:
+        return half.entries[key].a2a._fields["max_num_tokens"]
+
+    def most(key: tuple, free: int) -> int:
+        return _deep_ep_high_throughput._most_tokens(half._sizer(*key, "nvl"), free)
+
+    for key in (first, second, once, first, second):  # `once` is evicted for the second's remake
+        half._entry("dispatch", key, 20, 1)
+    assert once not in half.entries
+    # A remade object shares the pool with the one other holder, not with every configuration ever seen.
+    half._entry("dispatch", first, 24, 1)
+    assert tokens(first) == most(first, budget // 2)
+    assert half.bytes_in_use("nvl") <= budget

@@ -235,7 +235,6 @@ class HighThroughputHalf:
         self.intranode_reason = intranode_reason  # why the intranode object is not possible, or None
         self.finish = finish
         self.entries: dict[tuple, _Entry] = {}
-        self.configurations_seen: list[tuple] = []  # the pools' shares: the same on every rank
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -304,9 +303,10 @@ class HighThroughputHalf:
     def _entry(self, op: str, key: tuple, num_sms: int, m: int) -> _Entry:
         """The object of configuration `key` (experts, top-k, hidden, row bytes, scale bytes), made on first use.
         Every rank makes the same calls, so every decision here depends on the calls alone, never on this rank's
-        token count: each configuration seen so far gets an equal share of its pool (configurations that take
-        turns then keep their objects, instead of each evicting the other), the idle objects of other
-        configurations, oldest first, giving their bytes back as needed."""
+        token count: a new object gets an equal share of its pool beside the objects that hold the pool now
+        (configurations that take turns then keep their objects, instead of each evicting the other; one used
+        once and given back no longer counts), the idle objects of other configurations, oldest first, giving
+        their bytes back as needed."""
         entry = self.entries.get(key)
         if entry is not None:
             if entry.num_sms == num_sms:
@@ -327,9 +327,8 @@ class HighThroughputHalf:
                 f"{self.pools['rdma']}"
                 + (f" (intranode not possible: {self.intranode_reason})" if self.intranode_reason else "")
             )
-        if key not in self.configurations_seen:
-            self.configurations_seen.append(key)
-        share = budget // len(self.configurations_seen)
+        holders = sum(1 for e in self.entries.values() if e.pool == pool)
+        share = budget // (holders + 1)
         num_experts, top_k, hidden, row_bytes, scale_bytes = key
         size = self._sizer(num_experts, top_k, hidden, row_bytes, scale_bytes, pool)
         tokens = _most_tokens(size, share) or _most_tokens(size, budget)
@@ -344,7 +343,7 @@ class HighThroughputHalf:
             raise ValueError(
                 f"{op}: {m} tokens of this configuration need {size(max(m, 1))} bytes of "
                 f"{'num_nvl_bytes' if pool == 'nvl' else 'num_rdma_bytes'}; its share of the {budget} bytes "
-                f"({len(self.configurations_seen)} configurations so far) and the {free} free hold {tokens}"
+                f"(beside {holders} other configurations' buffers) and the {free} free hold {tokens}"
             )
         ranks, rank = self.buffer.group_size, self.buffer.rank
         fields = dict(
