@@ -425,20 +425,31 @@ class _PoolBuffer(_FakeBuffer):
         return self.half.bytes_in_use(pool)
 
 
+class _Pool:
+    """A high-throughput half over a pool of `budget` bytes whose objects are _FakeObjects."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+        monkeypatch.setattr(_deep_ep_high_throughput, "HighThroughputAllToAll", _FakeObject)
+        _FakeObject.made = []
+        buffer = _PoolBuffer()
+        self.half = buffer.half = _deep_ep_high_throughput.HighThroughputHalf(
+            buffer, {"nvl": budget, "rdma": 0}, None, None
+        )
+
+    def tokens(self, key: tuple) -> int:
+        """The tokens per rank of configuration `key`'s object."""
+        return self.half.entries[key].a2a._fields["max_num_tokens"]
+
+    def most(self, key: tuple, free: int) -> int:
+        """The most tokens per rank an object of configuration `key` holds in `free` bytes."""
+        return _deep_ep_high_throughput._most_tokens(self.half._sizer(*key, "nvl"), free)
+
+
 def test_configurations_taking_turns_share_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_deep_ep_high_throughput, "HighThroughputAllToAll", _FakeObject)
-    _FakeObject.made = []
-    buffer = _PoolBuffer()
     budget = 1 << 24
-    half = buffer.half = _deep_ep_high_throughput.HighThroughputHalf(buffer, {"nvl": budget, "rdma": 0}, None, None)
+    pool = _Pool(monkeypatch, budget)
+    half, tokens, most = pool.half, pool.tokens, pool.most
     first, second = (16, 2, 256, 512, 0), (16, 2, 512, 1024, 0)
-
-    def tokens(key: tuple) -> int:
-        return half.entries[key].a2a._fields["max_num_tokens"]
-
-    def most(key: tuple, free: int) -> int:
-        size = half._sizer(*key, "nvl")
-        return _deep_ep_high_throughput._most_tokens(size, free)
 
     half._entry("dispatch", first, 20, 1)
     assert tokens(first) == most(first, budget)  # alone: the whole pool
@@ -462,18 +473,10 @@ def test_configurations_taking_turns_share_the_pool(monkeypatch: pytest.MonkeyPa
 
 
 def test_a_configuration_given_back_no_longer_takes_a_share(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_deep_ep_high_throughput, "HighThroughputAllToAll", _FakeObject)
-    _FakeObject.made = []
-    buffer = _PoolBuffer()
     budget = 1 << 24
-    half = buffer.half = _deep_ep_high_throughput.HighThroughputHalf(buffer, {"nvl": budget, "rdma": 0}, None, None)
+    pool = _Pool(monkeypatch, budget)
+    half, tokens, most = pool.half, pool.tokens, pool.most
     first, second, once = (16, 2, 256, 512, 0), (16, 2, 512, 1024, 0), (16, 2, 384, 768, 0)
-
-    def tokens(key: tuple) -> int:
-        return half.entries[key].a2a._fields["max_num_tokens"]
-
-    def most(key: tuple, free: int) -> int:
-        return _deep_ep_high_throughput._most_tokens(half._sizer(*key, "nvl"), free)
 
     for key in (first, second, once, first, second):  # `once` is evicted for the second's remake
         half._entry("dispatch", key, 20, 1)
