@@ -274,3 +274,26 @@ def test_two_groups_gives_each_group_a_host_name_of_its_own() -> None:
         ["127.0.0.1", "lo"],
         ["127.0.0.1", "lo"],
     ], resolved.stdout
+
+
+def test_mps_client_shim_runs_one_client_at_a_time(tmp_path: Path) -> None:
+    # A stand-in for the real client that records when each command starts and ends.
+    real = tmp_path / "real-mps-control"
+    log = tmp_path / "log"
+    real.write_text(f'#!/usr/bin/env bash\necho "start $(cat)" >> {log}\nsleep 0.2\necho end >> {log}\n')
+    real.chmod(0o755)
+    env = dict(os.environ, EXPERTWIRE_REAL_MPS_CONTROL=str(real), CUDA_MPS_PIPE_DIRECTORY=str(tmp_path))
+    shim = str(ROOT / "scripts/device/mps_client/nvidia-cuda-mps-control")
+    clients = [subprocess.Popen([shim], stdin=subprocess.PIPE, env=env, text=True) for _ in range(4)]
+    for i, client in enumerate(clients):  # every input first: a client waiting for the lock reads none yet
+        assert client.stdin is not None
+        client.stdin.write(f"get_server_list {i}")
+        client.stdin.close()
+    for client in clients:
+        assert client.wait(timeout=30) == 0
+    lines = log.read_text().split("\n")[:-1]
+    # Each command ran to its end before the next one started, and each got its input.
+    assert [line.split()[0] for line in lines] == ["start", "end"] * 4, lines
+    assert sorted(line for line in lines if line.startswith("start")) == [
+        f"start get_server_list {i}" for i in range(4)
+    ]

@@ -34,10 +34,9 @@ if [ "${TWO_GROUPS_UTS:-0}" = 1 ]; then
   # loopback interface, and each group's /etc/hosts (bind-mounted in a mount namespace of its own) names it.
   export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo}
   export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}
-  # The ranks' MPS control clients one at a time (scripts/device/mps_client).
-  if [ "${TWO_GROUPS_SERIAL_MPS_CLIENT:-1}" = 1 ]; then
-    EXPERTWIRE_REAL_MPS_CONTROL=$(command -v nvidia-cuda-mps-control)
-    export EXPERTWIRE_REAL_MPS_CONTROL PATH="$(cd "$(dirname "$0")" && pwd)/mps_client:$PATH"
+  # The ranks' MPS control clients one at a time (scripts/device/mps_client), where there is one.
+  if [ "${TWO_GROUPS_SERIAL_MPS_CLIENT:-1}" = 1 ] && real_mps_control=$(command -v nvidia-cuda-mps-control); then
+    export EXPERTWIRE_REAL_MPS_CONTROL=$real_mps_control PATH="$(cd "$(dirname "$0")" && pwd)/mps_client:$PATH"
   fi
 fi
 
