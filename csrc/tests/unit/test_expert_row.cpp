@@ -42,8 +42,8 @@ TEST(ExpertRow, Int64EntriesOutsideThe32BitExpertsReadAsOutOfRange) {
 TEST(ExpertRow, RowsOfEitherTypeStartAtTheirToken) {
   const std::vector<uint32_t> words = {1, 2, 3, kNoExpert, 5, 6};
   const std::vector<int64_t> wide = {1, 2, 3, -1, 5, 6};
-  for (const ExpertIndices indices : {ExpertIndices{words.data(), IndexType::kUInt32},
-                                      ExpertIndices{wide.data(), IndexType::kInt64}}) {
+  for (const ExpertIndices indices :
+       {ExpertIndices{words.data(), IndexType::kUInt32}, ExpertIndices{wide.data(), IndexType::kInt64}}) {
     const ExpertRow second(indices, 1, 3);
     EXPECT_EQ(second[0], kNoExpert);
     EXPECT_EQ(second[2], 6u);
