@@ -14,13 +14,14 @@ slowest rank, with an NVSHMEM barrier on the stream before each timed operation:
   DeepEP's API), and low_latency_combine;
 - "deep_ep bf16": the same with use_fp8=False;
 - "fp8 cast": deep_ep.cast_fp8_blocks alone.
-The host columns are the slowest rank's mean Python time to issue one dispatch call and one combine call (each
-on an idle stream): the front end's own overhead is "deep_ep fp8" against "native, fused cast, int64, fresh
-outputs", which does the same work through the native API.
+The host columns are the Python time to issue one dispatch call and one combine call (each on an idle stream),
+each rank's median, the largest over ranks: the front end's own overhead is "deep_ep fp8" against "native, fused
+cast, int64, fresh outputs", which does the same work through the native API.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Optional
@@ -31,7 +32,7 @@ import torch.distributed as dist
 import expertwire
 from expertwire import deep_ep
 
-from .bench_all_to_all import Options, _slowest_rank_stats, _time, _time_dispatch_combine, run_benchmark
+from .bench_all_to_all import Options, _time, _time_dispatch_combine, run_benchmark
 from .distributed import RankInfo
 
 
@@ -44,8 +45,9 @@ def _inputs(opts: Options, tokens: int, info: RankInfo) -> tuple[torch.Tensor, t
 
 
 def _host_us(opts: Options, dispatch: Callable[[], None], combine: Callable[[], None]) -> tuple[float, float]:
-    """The slowest rank's mean host time of a dispatch call and of a combine call, each issued on an idle stream
-    after a barrier."""
+    """Host time of a dispatch call and of a combine call, each issued on an idle stream after a barrier: each
+    rank's median, the largest over ranks (a property of each process's Python path, which the slowest rank of
+    each iteration would mix with scheduling noise of the others)."""
     samples: tuple[list[float], list[float]] = ([], [])
     for _ in range(opts.warmup + opts.iters):
         for issue, times in zip((dispatch, combine), samples, strict=True):
@@ -55,7 +57,10 @@ def _host_us(opts: Options, dispatch: Callable[[], None], combine: Callable[[], 
             issue()
             times.append((time.perf_counter() - start) * 1e6)
     torch.cuda.current_stream().synchronize()
-    return _slowest_rank_stats(samples[0][opts.warmup :])[0], _slowest_rank_stats(samples[1][opts.warmup :])[0]
+    medians = [statistics.median(times[opts.warmup :]) for times in samples]
+    gathered: list[Optional[list[float]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, medians)
+    return max(g[0] for g in gathered if g), max(g[1] for g in gathered if g)
 
 
 def bench_native(opts: Options, info: RankInfo, tokens: int, x, idx, weights) -> list[tuple]:

@@ -4,10 +4,12 @@ exception naming the mistake instead of aborting the process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -274,6 +276,34 @@ def test_two_groups_gives_each_group_a_host_name_of_its_own() -> None:
         ["127.0.0.1", "lo"],
         ["127.0.0.1", "lo"],
     ], resolved.stdout
+
+
+def test_two_groups_gives_each_group_a_dev_shm_of_its_own() -> None:
+    probe = subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --uts --mount is not allowed here: {probe.stderr.decode().strip()}")
+    # NVSHMEM's host-memory heap has one name on every host: each group must see its own /dev/shm, not the
+    # machine's, and not the other group's.
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="expertwire-probe-") as machine_file:
+        name = os.path.basename(machine_file.name)
+        look = f"touch /dev/shm/group-$NODE_RANK; sleep 1; echo seen $(ls /dev/shm | grep -c -e {name} -e group-)"
+        private = _two_groups("2", ["bash", "-c", look], TWO_GROUPS_UTS="1")
+        assert private.returncode == 0, private.stderr + private.stdout
+        assert [line.split()[2:] for line in private.stdout.splitlines() if line.startswith("[node")] == [
+            ["seen", "1"],
+            ["seen", "1"],
+        ], private.stdout
+        try:
+            shared = _two_groups("2", ["bash", "-c", look], TWO_GROUPS_UTS="1", TWO_GROUPS_PRIVATE_SHM="0")
+        finally:
+            for node in (0, 1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(f"/dev/shm/group-{node}")
+        assert shared.returncode == 0, shared.stderr + shared.stdout
+        assert [line.split()[2:] for line in shared.stdout.splitlines() if line.startswith("[node")] == [
+            ["seen", "3"],
+            ["seen", "3"],
+        ], shared.stdout
 
 
 def test_mps_client_shim_runs_one_client_at_a_time(tmp_path: Path) -> None:

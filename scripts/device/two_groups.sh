@@ -8,7 +8,9 @@
 # MPG" mode, which refuses its on-stream collectives. Output lines are prefixed "[node N]".
 # Env: TWO_GROUPS_UTS=1 starts each group in UTS and mount namespaces of its own (needs root or CAP_SYS_ADMIN) with
 # the host name expertwire-node<N> (in its /etc/hosts), so that the groups are two hosts to NVSHMEM, their ranks'
-# MPS control clients one at a time unless TWO_GROUPS_SERIAL_MPS_CLIENT=0; GROUPS_TIMEOUT_S (default 600) bounds
+# MPS control clients one at a time unless TWO_GROUPS_SERIAL_MPS_CLIENT=0, and a /dev/shm of its own (a tmpfs, as
+# each host has one: NVSHMEM names its host-memory heap the same on every host) unless TWO_GROUPS_PRIVATE_SHM=0;
+# GROUPS_TIMEOUT_S (default 600) bounds
 # each group; MASTER_PORT (default 29533); the NVSHMEM environment as run_ranks.sh (EXPERTWIRE_REMOTE_TRANSPORT
 # included).
 set -euo pipefail
@@ -49,6 +51,7 @@ run_group() {
       hostname "$name" || exit
       hosts=$(mktemp) && { cat /etc/hosts; echo "127.0.0.1 $name"; } > "$hosts" && mount --bind "$hosts" /etc/hosts || exit
       rm -f "$hosts"  # the mount keeps the file
+      if [ "${TWO_GROUPS_PRIVATE_SHM:-1}" = 1 ]; then mount -t tmpfs tmpfs /dev/shm || exit; fi
       exec "$@"' group "$@" 2>&1 | sed -u "s/^/[node $node] /"
   else
     NODE_RANK=$node timeout "${GROUPS_TIMEOUT_S:-600}" "$@" 2>&1 | sed -u "s/^/[node $node] /"

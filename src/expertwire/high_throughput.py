@@ -28,6 +28,7 @@ from ._device_memory import rows_over
 from ._native import ext
 from .all_to_all import _all_gather_over, _intranode_group
 from .checks import SCALAR_TYPES, integer
+from .ops import current_stream_handle
 
 LAYOUTS = ("rank-packed", "expert-contiguous")
 # The native configuration's fields, in the factories' argument names.
@@ -256,7 +257,7 @@ class HighThroughputAllToAll:
             if tuple(x_scale.shape) != (m, words):
                 raise ValueError(f"{op}: x_scale must have shape [{m}, {words}], got {tuple(x_scale.shape)}")
             scale_ptr, scale_strides = x_scale.data_ptr(), (x_scale.stride(0) * 4, x_scale.stride(1) * 4)
-        stream = torch.cuda.current_stream(self._device).cuda_stream
+        stream = current_stream_handle(self._device)
         expert_layout = layout == "expert-contiguous"
         inputs = dict(
             x=x.data_ptr(),
@@ -367,7 +368,7 @@ class HighThroughputAllToAll:
                 )
             combined_w = torch.empty((handle.m, k), dtype=torch.float32, device=self._device)
         out = torch.empty((handle.m, hidden), dtype=expert_out.dtype, device=self._device)
-        stream = torch.cuda.current_stream(self._device).cuda_stream
+        stream = current_stream_handle(self._device)
 
         native.combine(
             handle,

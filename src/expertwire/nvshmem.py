@@ -214,5 +214,5 @@ def nvshmem_alltoall(dest: torch.Tensor, source: torch.Tensor) -> None:
         )
     bytes_per_rank = dest.numel() * dest.element_size() // ranks
     ext.nvshmem_alltoall_on_stream(
-        dest.data_ptr(), source.data_ptr(), bytes_per_rank, torch.cuda.current_stream(dest.device).cuda_stream
+        dest.data_ptr(), source.data_ptr(), bytes_per_rank, ops.current_stream_handle(dest.device)
     )
