@@ -306,6 +306,12 @@ def test_two_groups_gives_each_group_a_dev_shm_of_its_own() -> None:
         ], shared.stdout
 
 
+def test_check_all_to_all_refuses_an_unknown_check() -> None:
+    env = dict(os.environ, NODE_RANK="0", WORLD_SIZE="2", WORLD_LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
+    result = run([sys.executable, "-m", "tests.check_all_to_all", "--checks", "low-latency,no-such-check"], env)
+    assert result.returncode == 2 and "unknown checks ['no-such-check']" in result.stderr, result.stderr
+
+
 def test_mps_client_shim_runs_one_client_at_a_time(tmp_path: Path) -> None:
     # A stand-in for the real client that records when each command starts and ends.
     real = tmp_path / "real-mps-control"
