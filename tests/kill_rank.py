@@ -1,0 +1,234 @@
+r"""A rank dies mid-job: what the survivors see, with a launcher of its own (mpirun and torchrun stop every rank
+when one dies).
+
+    python3 -m tests.kill_rank --ranks 8 --transport internode --kill-at inside-combine
+    scripts/device/with_mps.sh python3 -m tests.kill_rank --ranks 8 --transport all --kill-at all
+
+Every rank loops dispatch + experts + combine (send and receive halves as separate calls) on one object, each
+step checked against the reference. At step --kill-step the victim (--victim, default the last rank) SIGKILLs
+itself at the kill point: before its dispatch, between the dispatch's halves, or between the combine's halves
+("external": the launcher kills it at a random moment of that step instead). The survivors must each raise
+DeviceError naming the victim within the timeout (EXPERTWIRE_TIMEOUT_MS, --timeout-ms) + 2 s of the kill, and
+their processes must end, as a serving process does on an uncaught error, within --exit-limit-s more. Prints
+one line a run with the times measured; exits non-zero when any run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import expertwire
+
+from .all_to_all_data import Case, make_groups, run_experts
+from .distributed import RankInfo, _rank_entry, free_port, nvshmem_join, why_transport_cannot_run
+from .test_all_to_all_gpu import RankBuffers, _check, make_all_to_all
+
+KILL_POINTS = ("before-dispatch", "between-halves", "inside-combine", "external")
+CASE = Case("fp8", torch.bfloat16, torch.bfloat16, split=True, max_num_tokens=32, num_experts=32)
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    path.write_text(json.dumps(record))
+
+
+def _step(a2a: expertwire.AllToAll, b: RankBuffers, die_at: Optional[str], die) -> None:
+    """One dispatch + experts + combine, each in its halves; die(point) where this rank dies."""
+    if die_at == "before-dispatch":
+        die()
+    for do_send, do_recv in ((True, False), (False, True)):
+        a2a.dispatch(
+            b.expert_num_tokens,
+            b.expert_x,
+            b.expert_x_scale,
+            b.dp_x,
+            b.dp_x_scale,
+            b.indices,
+            b.bound_m,
+            do_send=do_send,
+            do_recv=do_recv,
+        )
+        if die_at == "between-halves" and do_send:
+            die()
+    expert_y = run_experts(CASE, b.expert_x, b.expert_factors)
+    for do_send, do_recv in ((True, False), (False, True)):
+        a2a.combine(b.out_tokens, b.indices, b.weights, expert_y, b.bound_m, do_send=do_send, do_recv=do_recv)
+        if die_at == "inside-combine" and do_send:
+            die()
+
+
+def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
+    report_path = Path(opts["reports"]) / f"rank{info.rank}.json"
+    report: dict[str, Any] = {"rank": info.rank, "steps_ok": 0}
+    if opts["transport"] == "internode":
+        nvshmem_join(info)
+    a2a = make_all_to_all(opts["transport"], CASE, info)
+    victim = info.rank == opts["victim"]
+
+    def die() -> None:
+        report["killed_at"] = time.time()
+        _write(report_path, report)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    for step in range(opts["steps"]):
+        groups = make_groups(CASE, info.world_size, seed=1000 + step)
+        buffers = RankBuffers(CASE, info, groups[info.rank])
+        torch.cuda.synchronize()
+        kill_now = step == opts["kill_step"]
+        if kill_now:
+            report["kill_step_started"] = time.time()
+            _write(report_path, report)
+        try:
+            _step(a2a, buffers, opts["kill_at"] if victim and kill_now else None, die)
+            torch.cuda.synchronize()
+            a2a.check_errors()
+        except expertwire.DeviceError as error:
+            report.update(error=str(error), error_at=time.time(), error_step=step)
+            _write(report_path, report)
+            raise  # the process ends on it, as a serving process would: its exit must not hang either
+        _check(CASE, info, groups, buffers)
+        report["steps_ok"] = step + 1
+    _write(report_path, report)
+    # Reached only when no rank died (--kill-step past the loop): a clean collective teardown.
+    a2a.destroy()
+    if opts["transport"] == "internode":
+        expertwire.nvshmem_finalize()
+
+
+def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace) -> tuple[bool, str]:
+    victim = args.victim if args.victim is not None else ranks - 1
+    with tempfile.TemporaryDirectory(prefix="expertwire-kill-") as reports:
+        opts = dict(
+            transport=transport,
+            steps=args.steps,
+            kill_step=args.kill_step,
+            kill_at=kill_at,
+            victim=victim,
+            reports=reports,
+        )
+        context = multiprocessing.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        processes = [
+            context.Process(target=_rank_entry, args=(r, ranks, ranks, 0, init_method, _worker, (opts,)), daemon=False)
+            for r in range(ranks)
+        ]
+        for process in processes:
+            process.start()
+        killed_at: Optional[float] = None
+        victim_file = Path(reports) / f"rank{victim}.json"
+        deadline = time.monotonic() + args.run_limit_s
+        if kill_at == "external":
+            while time.monotonic() < deadline and not victim_file.exists():
+                time.sleep(0.01)
+            time.sleep(random.Random(args.seed).uniform(0.0, 0.05))
+            killed_at = time.time()
+            os.kill(processes[victim].pid, signal.SIGKILL)
+        exited_at: dict[int, float] = {}
+        while len(exited_at) < ranks and time.monotonic() < deadline:
+            for r, process in enumerate(processes):
+                if r not in exited_at and not process.is_alive():
+                    exited_at[r] = time.time()
+            time.sleep(0.01)
+        hung = [r for r in range(ranks) if r not in exited_at]
+        for r in hung:
+            processes[r].kill()
+            processes[r].join()
+        reports_by_rank = {}
+        for r in range(ranks):
+            path = Path(reports) / f"rank{r}.json"
+            reports_by_rank[r] = json.loads(path.read_text()) if path.exists() else {}
+        if killed_at is None:
+            killed_at = reports_by_rank[victim].get("killed_at")
+        problems = []
+        if killed_at is None:
+            problems.append(f"rank {victim} was not killed (it reported {reports_by_rank[victim]})")
+        limit_s = args.timeout_ms / 1000 + 2.0
+        error_after = []
+        for r in range(ranks):
+            if r == victim:
+                continue
+            rep = reports_by_rank[r]
+            if rep.get("steps_ok", 0) < args.kill_step:
+                problems.append(f"rank {r}: only {rep.get('steps_ok', 0)} steps matched the reference before the kill")
+            error = rep.get("error")
+            if error is None:
+                problems.append(f"rank {r}: no DeviceError (report {rep})")
+                continue
+            if f"waiting for rank {victim}" not in error:
+                problems.append(f"rank {r}: the error does not name rank {victim}: {error}")
+            if killed_at is not None:
+                after = rep["error_at"] - killed_at
+                error_after.append(after)
+                if after > limit_s:
+                    problems.append(f"rank {r}: DeviceError {after:.2f} s after the kill, more than {limit_s:.1f} s")
+        if hung:
+            problems.append(f"ranks {hung} still ran {args.run_limit_s:.0f} s after the start (killed)")
+        survivors = [r for r in range(ranks) if r != victim and r in exited_at]
+        exit_after = [exited_at[r] - killed_at for r in survivors] if killed_at is not None else []
+        for r, after in zip(survivors, exit_after, strict=True):
+            if after > limit_s + args.exit_limit_s:
+                problems.append(f"rank {r} ended {after:.2f} s after the kill, more than {limit_s + args.exit_limit_s:.1f} s")
+        survivors_exit = sorted({processes[r].exitcode for r in survivors})
+        summary = (
+            f"kill_rank: {transport}, {ranks} ranks, rank {victim} killed {kill_at} at step {args.kill_step}: "
+            + (
+                f"DeviceError on the survivors {min(error_after):.2f}-{max(error_after):.2f} s after the kill "
+                f"(timeout {args.timeout_ms / 1000:.1f} s)"
+                if error_after
+                else "no DeviceError measured"
+            )
+            + (f"; survivors ended {min(exit_after):.2f}-{max(exit_after):.2f} s after it" if exit_after else "")
+            + f", exit codes {survivors_exit}, "
+            + ("none hung" if not hung else f"hung: {hung}")
+        )
+        if problems:
+            summary += "\n  " + "\n  ".join(problems)
+        return not problems, summary
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--transport", default="internode", choices=["internode", "intranode", "all"])
+    parser.add_argument("--kill-at", default="all", choices=[*KILL_POINTS, "all"])
+    parser.add_argument("--victim", type=int, default=None, help="the rank killed (default the last)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--kill-step", type=int, default=3)
+    parser.add_argument("--timeout-ms", type=int, default=2000)
+    parser.add_argument("--exit-limit-s", type=float, default=10.0, help="a survivor's exit after its error")
+    parser.add_argument("--run-limit-s", type=float, default=90.0, help="a run's ranks are killed after this")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 0 <= args.kill_step < args.steps:
+        parser.error(f"--kill-step must be in [0, --steps = {args.steps}), got {args.kill_step}")
+    if args.victim is not None and not 0 <= args.victim < args.ranks:
+        parser.error(f"--victim must be in [0, --ranks = {args.ranks}), got {args.victim}")
+    os.environ["EXPERTWIRE_TIMEOUT_MS"] = str(args.timeout_ms)
+    transports = ["internode", "intranode"] if args.transport == "all" else [args.transport]
+    points = list(KILL_POINTS) if args.kill_at == "all" else [args.kill_at]
+    failed = 0
+    for transport in transports:
+        reason = why_transport_cannot_run(transport, args.ranks)
+        if reason is not None:
+            print(f"kill_rank: {transport} skipped: {reason}", flush=True)
+            continue
+        for point in points:
+            ok, summary = _one_run(args.ranks, transport, point, args)
+            failed += not ok
+            print(("PASS " if ok else "FAIL ") + summary, flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
