@@ -584,6 +584,8 @@ NB_MODULE(_expertwire, m) {
   m.def("nvshmem_initialized", &nvshmem_initialized);
   m.def("nvshmem_attach_to_running", &nvshmem_attach_to_running, nb::call_guard<nb::gil_scoped_release>());
   m.def("nvshmem_finalize", &nvshmem_finalize_runtime, nb::call_guard<nb::gil_scoped_release>());
+  m.def("nvshmem_release_without_collectives", &nvshmem_release_without_collectives,
+        "From now on releasing a symmetric allocation frees nothing (for a process that is ending).");
   m.def("nvshmem_my_pe", &nvshmem_rank);
   m.def("nvshmem_n_pes", &nvshmem_world_size);
   m.def("nvshmem_barrier_all", &nvshmem_barrier_all_ranks, nb::call_guard<nb::gil_scoped_release>());

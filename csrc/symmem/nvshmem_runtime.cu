@@ -4,6 +4,7 @@
 #include <nvshmemx.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <iterator>
 #include <string>
@@ -17,7 +18,10 @@ namespace expertwire {
 namespace {
 bool g_initialized_here = false;     // by nvshmem_init_with_unique_id
 bool g_attached_to_running = false;  // NVSHMEM belongs to another library of this process
+std::atomic<bool> g_release_without_collectives{false};
 }  // namespace
+
+void nvshmem_release_without_collectives() { g_release_without_collectives = true; }
 
 std::vector<uint8_t> nvshmem_unique_id() {
   nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
@@ -188,7 +192,7 @@ bool nvshmem_on_any_rank(bool local) {
 
 void NvshmemSymmetricBuffer::Free::operator()(uint8_t* base) const {
   cudaDeviceSynchronize();
-  nvshmem_free(base);
+  if (!g_release_without_collectives) nvshmem_free(base);
 }
 
 NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {

@@ -3,6 +3,7 @@ torch.distributed broadcast can carry it from rank 0 to the others."""
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import weakref
 from collections.abc import Sequence
@@ -16,6 +17,16 @@ from ._native import ext
 from .checks import integer
 
 _symmetric: "weakref.WeakSet[ext.SymmetricMemory]" = weakref.WeakSet()
+
+
+def _release_at_exit() -> None:
+    """At interpreter exit the objects still alive are released without nvshmem_free, which is collective: a
+    process ending on an error (a peer that died) would wait in it forever, and ranks that end without
+    finalizing release their objects in no agreed order. The heap goes with the process."""
+    ext.nvshmem_release_without_collectives()
+
+
+atexit.register(_release_at_exit)
 
 
 def nvshmem_unique_id_size() -> int:

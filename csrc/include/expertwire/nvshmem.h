@@ -28,6 +28,11 @@ void nvshmem_attach_to_running();
 void require_nvshmem_initialized();
 // Finalizes NVSHMEM where this library initialized it; after nvshmem_attach_to_running, drops that reference.
 void nvshmem_finalize_runtime();
+// For a process that is ending: from now on a symmetric allocation's release frees nothing, since nvshmem_free is
+// collective (a barrier) and would wait forever for a peer that died or stopped, or that ends without releasing
+// its own. The heap goes with the process. Python calls it at interpreter exit, before the objects still alive
+// are released.
+void nvshmem_release_without_collectives();
 // These throw RuntimeError when NVSHMEM is not initialized.
 int nvshmem_rank();
 int nvshmem_world_size();
