@@ -44,7 +44,10 @@ CASE = Case("fp8", torch.bfloat16, torch.bfloat16, split=True, max_num_tokens=32
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:
-    path.write_text(json.dumps(record))
+    """Whole or not at all: a rank may be killed while it writes."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)
 
 
 def _step(a2a: expertwire.AllToAll, b: RankBuffers, die_at: Optional[str], die) -> None:
@@ -106,10 +109,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
         _check(CASE, info, groups, buffers)
         report["steps_ok"] = step + 1
     _write(report_path, report)
-    # Reached only when no rank died (--kill-step past the loop): a clean collective teardown.
-    a2a.destroy()
-    if opts["transport"] == "internode":
-        expertwire.nvshmem_finalize()
+    raise RuntimeError(f"rank {info.rank}: every step completed, but rank {opts['victim']} was to be killed")
 
 
 def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace) -> tuple[bool, str]:
@@ -138,7 +138,8 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
         if kill_at == "external":
             while time.monotonic() < deadline and not victim_file.exists():
                 time.sleep(0.01)
-            time.sleep(random.Random(args.seed).uniform(0.0, 0.05))
+            # A random moment of the next few steps (the ranks step together; each takes a few ms).
+            time.sleep(random.Random(args.seed * 131 + ranks).uniform(0.0, 0.005))
             killed_at = time.time()
             os.kill(processes[victim].pid, signal.SIGKILL)
         exited_at: dict[int, float] = {}
@@ -182,11 +183,18 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
         if hung:
             problems.append(f"ranks {hung} still ran {args.run_limit_s:.0f} s after the start (killed)")
         survivors = [r for r in range(ranks) if r != victim and r in exited_at]
-        exit_after = [exited_at[r] - killed_at for r in survivors] if killed_at is not None else []
-        exit_limit_s = limit_s + args.exit_limit_s
-        for r, after in zip(survivors, exit_after, strict=True):
-            if after > exit_limit_s:
-                problems.append(f"rank {r} ended {after:.2f} s after the kill, more than {exit_limit_s:.1f} s")
+        exit_after = [
+            exited_at[r] - reports_by_rank[r]["error_at"] for r in survivors if "error_at" in reports_by_rank[r]
+        ]
+        for r in survivors:
+            if "error_at" in reports_by_rank[r] and exited_at[r] - reports_by_rank[r]["error_at"] > args.exit_limit_s:
+                after = exited_at[r] - reports_by_rank[r]["error_at"]
+                problems.append(f"rank {r} ended {after:.2f} s after its error, more than {args.exit_limit_s:.1f} s")
+            # An uncaught DeviceError ends a process with status 1; anything else (a crash in teardown) fails.
+            if processes[r].exitcode != 1:
+                problems.append(f"rank {r} ended with status {processes[r].exitcode}, expected 1 (the DeviceError)")
+        if victim in exited_at and processes[victim].exitcode != -signal.SIGKILL:
+            problems.append(f"rank {victim} ended with status {processes[victim].exitcode}, not by SIGKILL")
         survivors_exit = sorted({processes[r].exitcode for r in survivors})
         summary = (
             f"kill_rank: {transport}, {ranks} ranks, rank {victim} killed {kill_at} at step {args.kill_step}: "
@@ -196,7 +204,7 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
                 if error_after
                 else "no DeviceError measured"
             )
-            + (f"; survivors ended {min(exit_after):.2f}-{max(exit_after):.2f} s after it" if exit_after else "")
+            + (f"; they ended {min(exit_after):.2f}-{max(exit_after):.2f} s after their errors" if exit_after else "")
             + f", exit codes {survivors_exit}, "
             + ("none hung" if not hung else f"hung: {hung}")
         )
@@ -223,8 +231,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         help="the ranks release NVSHMEM memory at exit as before expertwire.nvshmem._release_at_exit (to compare)",
     )
     args = parser.parse_args(argv)
-    if not 0 <= args.kill_step < args.steps:
-        parser.error(f"--kill-step must be in [0, --steps = {args.steps}), got {args.kill_step}")
+    # A step after the kill: survivors may complete the step in flight (the victim had sent its part).
+    if not 0 <= args.kill_step < args.steps - 1:
+        parser.error(f"--kill-step must be in [0, --steps - 1 = {args.steps - 1}), got {args.kill_step}")
     if args.victim is not None and not 0 <= args.victim < args.ranks:
         parser.error(f"--victim must be in [0, --ranks = {args.ranks}), got {args.victim}")
     os.environ["EXPERTWIRE_TIMEOUT_MS"] = str(args.timeout_ms)

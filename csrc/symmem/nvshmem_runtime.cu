@@ -191,8 +191,9 @@ bool nvshmem_on_any_rank(bool local) {
 }
 
 void NvshmemSymmetricBuffer::Free::operator()(uint8_t* base) const {
+  if (g_release_without_collectives) return;  // no wait either: a kernel may still wait out its timeout
   cudaDeviceSynchronize();
-  if (!g_release_without_collectives) nvshmem_free(base);
+  nvshmem_free(base);
 }
 
 NvshmemSymmetricBuffer::NvshmemSymmetricBuffer(size_t bytes, bool force_puts) {

@@ -10,9 +10,8 @@
 # the host name expertwire-node<N> (in its /etc/hosts), so that the groups are two hosts to NVSHMEM, their ranks'
 # MPS control clients one at a time unless TWO_GROUPS_SERIAL_MPS_CLIENT=0, and a /dev/shm of its own (a tmpfs, as
 # each host has one: NVSHMEM names its host-memory heap the same on every host) unless TWO_GROUPS_PRIVATE_SHM=0;
-# GROUPS_TIMEOUT_S (default 600) bounds
-# each group; MASTER_PORT (default 29533); the NVSHMEM environment as run_ranks.sh (EXPERTWIRE_REMOTE_TRANSPORT
-# included).
+# GROUPS_TIMEOUT_S (default 600) bounds each group; MASTER_PORT (default 29533); the NVSHMEM environment as
+# run_ranks.sh (EXPERTWIRE_REMOTE_TRANSPORT included).
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: two_groups.sh WORLD_SIZE COMMAND [ARGS...]" >&2; exit 2; }
 WORLD=$1
