@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from collections import Counter
 from typing import Optional
 
@@ -367,6 +368,9 @@ def _high_throughput_pattern(info: RankInfo, name: str) -> None:
     num_experts = 4 * world
     local = num_experts // world
     buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 28, num_rdma_bytes=1 << 28, explicitly_destroy=True)
+    hosts: list = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname())
+    nodes = len(set(hosts))
     for seed in (1, 2, 3):
         x, idx, weights = _inputs(rank, num_experts, seed)
         everyone: list = [None] * world
@@ -378,7 +382,13 @@ def _high_throughput_pattern(info: RankInfo, name: str) -> None:
             for e in idx[t].tolist():
                 if e >= 0:
                     want_in_rank[t, e // local] = True
-        assert torch.equal(in_rank.cpu(), want_in_rank) and per_rdma is None
+        assert torch.equal(in_rank.cpu(), want_in_rank)
+        # DeepEP's RDMA ranks are the group's nodes: tokens per node where the group spans several, else None.
+        if nodes == 1:
+            assert per_rdma is None
+        else:
+            want_per_node = want_in_rank.view(x.shape[0], nodes, world // nodes).any(2).sum(0, dtype=torch.int32)
+            assert torch.equal(per_rdma.cpu(), want_per_node), (per_rdma, want_per_node)
         assert torch.equal(per_rank.cpu(), want_in_rank.sum(0).to(torch.int32))
         want_per_expert = torch.bincount(idx[idx >= 0], minlength=num_experts).to(torch.int32)
         assert torch.equal(per_expert.cpu(), want_per_expert)
