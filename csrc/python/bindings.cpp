@@ -560,7 +560,8 @@ NB_MODULE(_expertwire, m) {
       .def(nb::init<size_t>(), "nbytes"_a, "Collective nvshmem_malloc of `nbytes`, zeroed.")
       .def_prop_ro("data_ptr", &SymmetricMemory::data_ptr)
       .def_prop_ro("nbytes", &SymmetricMemory::nbytes)
-      .def("close", &SymmetricMemory::close, "Collective nvshmem_free; idempotent.");
+      .def("close", &SymmetricMemory::close,
+           "Collective nvshmem_free; idempotent. Frees nothing once the interpreter exits (a peer may be gone).");
 
   m.def("nvshmem_unique_id", []() {
     const std::vector<uint8_t> id = nvshmem_unique_id();
