@@ -705,15 +705,7 @@ class Buffer:
                 and (round_scale or not use_ue8m0)
                 and not (async_finish and return_recv_hook)
                 and dispatch_wait_recv_cost_stats is None
-                and (
-                    stats is None
-                    or (
-                        type(stats) is torch.Tensor
-                        and stats.dtype == torch.int32
-                        and stats.shape == (num_experts // self.group_size,)
-                        and stats.device == device
-                    )
-                )
+                and (stats is None or _is_tensor(stats, torch.int32, (num_experts // self.group_size,), device, False))
             ):
                 pair = None
         if pair is None:
