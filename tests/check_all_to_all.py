@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from . import test_all_to_all_gpu, test_deep_ep_gpu, test_high_throughput_gpu
-from .distributed import launch
+from .distributed import launch_from_env
 
 CHECKS: dict[str, tuple[Callable[..., None], tuple[Any, ...]]] = {
     "low-latency": (test_all_to_all_gpu._worker_eager, ("internode",)),
@@ -39,25 +39,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     unknown = [name for name in names if name not in CHECKS]
     if unknown:
         parser.error(f"unknown checks {unknown}; known: {', '.join(CHECKS)}")
-    world_size = int(os.environ["WORLD_SIZE"])
-    world_local_size = int(os.environ["WORLD_LOCAL_SIZE"])
-    node_rank = int(os.environ["NODE_RANK"])
-    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    node_rank = os.environ["NODE_RANK"]
     timeout_s = float(os.environ.get("EXPERTWIRE_TEST_TIMEOUT_S", "600"))
     for position, name in enumerate(names):
         worker, args = CHECKS[name]
         start = time.monotonic()
-        launch(
-            world_local_size,
-            worker,
-            *args,
-            world_size=world_size,
-            node_rank=node_rank,
-            init_method=f"tcp://{address}:{port + position}",
-            timeout_s=timeout_s,
-        )
+        launch_from_env(worker, *args, port_offset=position, timeout_s=timeout_s)
         print(f"check_all_to_all: {name} passed on node {node_rank} ({time.monotonic() - start:.1f} s)", flush=True)
-    print(f"check_all_to_all: {len(names)} checks passed on node {node_rank} of {world_size} ranks", flush=True)
+    print(f"check_all_to_all: {len(names)} checks passed on node {node_rank} of {os.environ['WORLD_SIZE']} ranks")
 
 
 if __name__ == "__main__":

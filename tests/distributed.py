@@ -157,13 +157,18 @@ def launch(
             raise TimeoutError(f"{world_local_size} ranks did not finish within {timeout_s:.0f} s")
 
 
-def launch_from_env(worker: Callable[..., None], *args: Any) -> None:
+def launch_from_env(
+    worker: Callable[..., None], *args: Any, port_offset: int = 0, timeout_s: Optional[float] = None
+) -> None:
     """pplx_kernels' multi-node launch: this node runs WORLD_LOCAL_SIZE ranks of WORLD_SIZE, node NODE_RANK,
-    meeting at MASTER_ADDR:MASTER_PORT."""
+    meeting at MASTER_ADDR:MASTER_PORT + port_offset; killed after timeout_s (default EXPERTWIRE_LAUNCH_TIMEOUT_S,
+    else 3600)."""
     world_size = int(os.environ["WORLD_SIZE"])
     world_local_size = int(os.environ["WORLD_LOCAL_SIZE"])
     node_rank = int(os.environ["NODE_RANK"])
-    init_method = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    init_method = f"tcp://{os.environ['MASTER_ADDR']}:{int(os.environ['MASTER_PORT']) + port_offset}"
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("EXPERTWIRE_LAUNCH_TIMEOUT_S", "3600"))
     launch(
         world_local_size,
         worker,
@@ -171,7 +176,7 @@ def launch_from_env(worker: Callable[..., None], *args: Any) -> None:
         world_size=world_size,
         node_rank=node_rank,
         init_method=init_method,
-        timeout_s=float(os.environ.get("EXPERTWIRE_LAUNCH_TIMEOUT_S", "3600")),
+        timeout_s=timeout_s,
     )
 
 

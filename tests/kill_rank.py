@@ -51,7 +51,7 @@ def _write(path: Path, record: dict[str, Any]) -> None:
 
 
 def _step(a2a: expertwire.AllToAll, b: RankBuffers, die_at: Optional[str], die) -> None:
-    """One dispatch + experts + combine, each in its halves; die(point) where this rank dies."""
+    """One dispatch + experts + combine, each in its halves; die() at `die_at`, the point where this rank dies."""
     if die_at == "before-dispatch":
         die()
     for do_send, do_recv in ((True, False), (False, True)):
@@ -103,7 +103,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
             torch.cuda.synchronize()
             a2a.check_errors()
         except expertwire.DeviceError as error:
-            report.update(error=str(error), error_at=time.time(), error_step=step)
+            report.update(error=str(error), error_at=time.time())
             _write(report_path, report)
             raise  # the process ends on it, as a serving process would: its exit must not hang either
         _check(CASE, info, groups, buffers)
@@ -183,13 +183,13 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
         if hung:
             problems.append(f"ranks {hung} still ran {args.run_limit_s:.0f} s after the start (killed)")
         survivors = [r for r in range(ranks) if r != victim and r in exited_at]
-        exit_after = [
-            exited_at[r] - reports_by_rank[r]["error_at"] for r in survivors if "error_at" in reports_by_rank[r]
-        ]
-        for r in survivors:
-            if "error_at" in reports_by_rank[r] and exited_at[r] - reports_by_rank[r]["error_at"] > args.exit_limit_s:
-                after = exited_at[r] - reports_by_rank[r]["error_at"]
+        exit_after = {
+            r: exited_at[r] - reports_by_rank[r]["error_at"] for r in survivors if "error_at" in reports_by_rank[r]
+        }
+        for r, after in exit_after.items():
+            if after > args.exit_limit_s:
                 problems.append(f"rank {r} ended {after:.2f} s after its error, more than {args.exit_limit_s:.1f} s")
+        for r in survivors:
             # An uncaught DeviceError ends a process with status 1; anything else (a crash in teardown) fails.
             if processes[r].exitcode != 1:
                 problems.append(f"rank {r} ended with status {processes[r].exitcode}, expected 1 (the DeviceError)")
@@ -204,7 +204,11 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
                 if error_after
                 else "no DeviceError measured"
             )
-            + (f"; they ended {min(exit_after):.2f}-{max(exit_after):.2f} s after their errors" if exit_after else "")
+            + (
+                f"; they ended {min(exit_after.values()):.2f}-{max(exit_after.values()):.2f} s after their errors"
+                if exit_after
+                else ""
+            )
             + f", exit codes {survivors_exit}, "
             + ("none hung" if not hung else f"hung: {hung}")
         )
