@@ -106,6 +106,24 @@ def make_groups(case: Case, world_size: int, seed: int, rows: Optional[int] = No
     return groups
 
 
+NO_EXPERT = 0xFFFFFFFF
+
+
+def masked_groups(case: Case, groups: list[GroupData], active: list[int]) -> list[GroupData]:
+    """What the fault-tolerant mode must deliver once the ranks whose `active` entry is 0 are masked out (dp_size
+    1): as if those ranks sent no tokens and owned no experts, i.e. their groups send none (m = 0) and every other
+    group's slots that name one of their experts name none."""
+    local = case.num_experts // len(active)
+    lost_experts = torch.tensor([active[e // local] == 0 for e in range(case.num_experts)])
+    masked = []
+    for rank, data in enumerate(groups):
+        named = data.indices.to(torch.int64)
+        lost = (named < case.num_experts) & lost_experts[named.clamp(max=case.num_experts - 1)]
+        indices = torch.where(lost, torch.full_like(named, NO_EXPERT), named).to(torch.uint32)
+        masked.append(dataclasses.replace(data, m=data.m if active[rank] else 0, indices=indices))
+    return masked
+
+
 def expert_factor(expert: int) -> float:
     """What the test's expert e multiplies its tokens by: exact in every 16-bit type."""
     return 1.0 + expert / 8.0

@@ -50,8 +50,9 @@ def _write(path: Path, record: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
-def _step(a2a: expertwire.AllToAll, b: RankBuffers, die_at: Optional[str], die) -> None:
-    """One dispatch + experts + combine, each in its halves; die() at `die_at`, the point where this rank dies."""
+def _step(a2a: expertwire.AllToAll, b: RankBuffers, die_at: Optional[str], die, case: Case = CASE) -> None:
+    """One dispatch + experts + combine of `case`, each in its halves; die() at `die_at`, the point where this
+    rank dies."""
     if die_at == "before-dispatch":
         die()
     for do_send, do_recv in ((True, False), (False, True)):
@@ -68,7 +69,7 @@ def _step(a2a: expertwire.AllToAll, b: RankBuffers, die_at: Optional[str], die) 
         )
         if die_at == "between-halves" and do_send:
             die()
-    expert_y = run_experts(CASE, b.expert_x, b.expert_factors)
+    expert_y = run_experts(case, b.expert_x, b.expert_factors)
     for do_send, do_recv in ((True, False), (False, True)):
         a2a.combine(b.out_tokens, b.indices, b.weights, expert_y, b.bound_m, do_send=do_send, do_recv=do_recv)
         if die_at == "inside-combine" and do_send:

@@ -54,7 +54,8 @@ def _cases(world_size: int) -> list[Case]:
     return cases
 
 
-def make_all_to_all(transport: str, case: Case, info: RankInfo) -> expertwire.AllToAll:
+def make_all_to_all(transport: str, case: Case, info: RankInfo, **options: bool) -> expertwire.AllToAll:
+    """An object of `case` on `transport`; `options`: the factory's keywords (fault_tolerant)."""
     factory = expertwire.AllToAll.internode if transport == "internode" else expertwire.AllToAll.intranode
     return factory(
         max_num_tokens=case.max_num_tokens,
@@ -66,6 +67,7 @@ def make_all_to_all(transport: str, case: Case, info: RankInfo) -> expertwire.Al
         hidden_dim=case.hidden_dim,
         hidden_dim_bytes=case.hidden_dim_bytes,
         hidden_dim_scale_bytes=case.hidden_dim_scale_bytes,
+        **options,
     )
 
 

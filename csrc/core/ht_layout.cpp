@@ -115,9 +115,9 @@ HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put) {
 
 LayoutSignature ht_layout_signature(const HtLayout& l) {
   // The words of the low-latency kind's signature, read for this one: no DP groups and no staging rows; the
-  // buffer size covers the receive capacity and combine element size.
+  // buffer size covers the receive capacity and combine element size; it has no fault-tolerant mode.
   return LayoutSignature{{l.num_experts, l.experts_per_token, l.world_size, 1, l.max_num_tokens, l.hidden_dim,
-                          l.hidden_dim_bytes, l.hidden_dim_scale_bytes, 0, l.symmetric_bytes}};
+                          l.hidden_dim_bytes, l.hidden_dim_scale_bytes, 0, l.symmetric_bytes, 0}};
 }
 
 HtHandleLayout make_ht_handle_layout(const HtLayout& l) {

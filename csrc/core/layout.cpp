@@ -58,6 +58,9 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
                                 kRegionAlign, "combine_recv");
   l.dispatch_counts_offset = place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "dispatch_counts");
   l.combine_done_offset = place(cursor, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "combine_done");
+  l.loss_words = (l.world_size + 31) / 32;
+  l.loss_posts_offset =
+      place(cursor, uint64_t(l.world_size) * l.loss_words * sizeof(uint64_t), kRegionAlign, "loss_posts");
   l.staging_slots = staging_slots;
   l.staging_offset = place(cursor, checked_mul(staging_slots, l.staging_row_bytes, "staging"), kRegionAlign, "staging");
   l.send_rows_offset =
@@ -85,6 +88,8 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.pull_state_offset =
       place(ws, checked_mul(l.pull_state_words(), sizeof(uint32_t), "pull_state"), kRegionAlign, "pull_state");
   l.dispatch_epoch_offset = place(ws, sizeof(uint32_t), kRegionAlign, "dispatch_epoch");
+  l.active_ranks_offset = place(ws, uint64_t(l.world_size) * sizeof(int32_t), kRegionAlign, "active_ranks");
+  l.liveness_offset = place(ws, kLivenessWordsBytes, kRegionAlign, "liveness");
   l.workspace_bytes = place(ws, 0, kRegionAlign, "workspace");
   return l;
 }
@@ -101,9 +106,10 @@ void require_fits_symmetric_heap(uint64_t symmetric_bytes, uint64_t heap_bytes) 
   }
 }
 
-LayoutSignature layout_signature(const BufferLayout& l) {
+LayoutSignature layout_signature(const BufferLayout& l, bool fault_tolerant) {
   return LayoutSignature{{l.num_experts, l.experts_per_token, l.world_size, l.dp_size, l.max_num_tokens, l.hidden_dim,
-                          l.hidden_dim_bytes, l.hidden_dim_scale_bytes, l.staging_slots, l.symmetric_bytes}};
+                          l.hidden_dim_bytes, l.hidden_dim_scale_bytes, l.staging_slots, l.symmetric_bytes,
+                          uint64_t(fault_tolerant)}};
 }
 
 void require_same_layout(const std::vector<LayoutSignature>& by_rank) {

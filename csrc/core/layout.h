@@ -13,6 +13,8 @@
 //   dispatch_counts [world_size] u64: count + 1 from each source rank (0 = not arrived).
 //   combine_done    [world_size] ArrivalSignal: complete once every block of that rank has put its combine rows
 //                   where we read them; its payload says where (CombineRowsAt in the kernels).
+//   loss_posts      [world_size][loss_words] u64 LossPost: what each rank last told us of the ranks it has given
+//                   up on (the fault-tolerant mode; device/liveness.cuh), 32 ranks a word.
 //   staging         [staging_slots] rows of max(DispatchToken, combine row): the source of NVSHMEM puts to
 //                   peers that are not load/store reachable (RDMA needs a registered source).
 //   send_rows       [max_num_tokens] DispatchToken: this rank's tokens, staged once for peers that pull them
@@ -42,6 +44,9 @@
 //                   after each; the next dispatch's epoch follows from it (DispatchEpoch), never 0.
 //                   Every rank counts the same collective calls, and the count lives on the device so that
 //                   CUDA graph replays advance it too.
+//   active_ranks    [world_size] i32: 1 for a rank this rank still serves with, 0 for one it has masked (the
+//                   fault-tolerant mode); the caller reads it (AllToAll::active_ranks).
+//   liveness        LivenessWords: the fault-tolerant mode's counters (device/liveness.cuh).
 //
 // The encodings of what ranks write into each other's regions: device/wire_protocol.h. Who writes, reads and
 // resets each region, and why no write overtakes a read: device/rank_state.h.
@@ -62,13 +67,15 @@ EW_HOST_DEVICE constexpr uint64_t align_up(uint64_t value, uint64_t alignment) {
 inline constexpr uint64_t kBufferAlign = 16;         // every row and region starts on a 16-byte vector boundary
 inline constexpr uint64_t kRegionAlign = 256;        // regions of the symmetric allocation start 256-aligned
 inline constexpr uint64_t kCombineElementBytes = 2;  // expert outputs are bf16 or fp16
-inline constexpr int kNumPhaseCounters = 3;
-inline constexpr uint64_t kTokenRouteBytes = 8;  // a TokenRoute (device/wire_protocol.h)
+inline constexpr int kNumPhaseCounters = 4;
+inline constexpr uint64_t kTokenRouteBytes = 8;      // a TokenRoute (device/wire_protocol.h)
+inline constexpr uint64_t kLivenessWordsBytes = 16;  // LivenessWords (device/rank_state.h)
 
 enum PhaseCounter : int {
   kDispatchSendDone = 0,
   kDispatchRecvDone = 1,
-  kCombineSendDone = 2,  // the combine's send where some peer takes puts
+  kCombineSendDone = 2,   // the combine's send where some peer takes puts
+  kCombineWaitsDone = 3,  // the fault-tolerant combine's waits, before its agreement on lost ranks
 };
 
 // Plain offsets and strides, copied by value into kernels.
@@ -97,6 +104,8 @@ struct BufferLayout {
   uint64_t combine_recv_offset;
   uint64_t dispatch_counts_offset;
   uint64_t combine_done_offset;
+  uint64_t loss_posts_offset;
+  uint32_t loss_words;  // u64 words of a rank's LossPost, 32 ranks each
   uint64_t staging_offset;
   uint64_t staging_slots;
   uint64_t send_rows_offset;
@@ -113,6 +122,8 @@ struct BufferLayout {
   uint64_t phase_counters_offset;
   uint64_t pull_state_offset;
   uint64_t dispatch_epoch_offset;
+  uint64_t active_ranks_offset;
+  uint64_t liveness_offset;
   uint64_t workspace_bytes;
 
   EW_HOST_DEVICE uint64_t payload_offset_in_token() const { return token_header_bytes; }
@@ -145,6 +156,9 @@ struct BufferLayout {
   EW_HOST_DEVICE uint64_t expert_output_offset(uint32_t local_expert, uint32_t row) const {
     return expert_outputs_offset + (uint64_t(local_expert) * max_recv_tokens + row) * combine_row_bytes;
   }
+  EW_HOST_DEVICE uint64_t loss_post_offset(uint32_t source_rank, uint32_t word) const {
+    return loss_posts_offset + (uint64_t(source_rank) * loss_words + word) * sizeof(uint64_t);
+  }
   // u32 words of pull_state (see PullReceiveState).
   EW_HOST_DEVICE uint64_t pull_state_words() const { return uint64_t(num_local_experts) + num_dp_groups + 1; }
   EW_HOST_DEVICE uint64_t route_offset(uint32_t local_expert, uint32_t row) const {
@@ -168,7 +182,7 @@ void require_fits_symmetric_heap(uint64_t symmetric_bytes, uint64_t heap_bytes);
 // What every rank's layout must agree on: a rank whose offsets differ would read and write the wrong bytes of its
 // peers' buffers. Plain words, exchanged between the ranks at construction; kNames says what each one is.
 struct LayoutSignature {
-  static constexpr int kWords = 10;
+  static constexpr int kWords = 11;
   static constexpr const char* kNames[kWords] = {
       "num_experts",
       "experts_per_token",
@@ -179,10 +193,11 @@ struct LayoutSignature {
       "hidden_dim_bytes",
       "hidden_dim_scale_bytes",
       "staging rows (one per warp of the launch: max_sm_count, EXPERTWIRE_NUM_BLOCKS, EXPERTWIRE_BLOCK_THREADS)",
-      "symmetric buffer bytes"};
+      "symmetric buffer bytes",
+      "fault_tolerant (AllToAllOptions)"};
   uint64_t words[kWords];
 };
-LayoutSignature layout_signature(const BufferLayout& layout);
+LayoutSignature layout_signature(const BufferLayout& layout, bool fault_tolerant = false);
 
 // Throws ConfigError, the same on every rank that passes the same signatures, naming the first word in which a
 // rank's signature (by_rank[r]) differs from rank 0's.

@@ -43,7 +43,7 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
   const BufferLayout& l = c.layout;
   extern __shared__ uint32_t shared[];
   uint32_t* pushed_bits = shared + CombineShared::rank_bits_word(l);
-  if (!wait_combine_done(c, row_type_of<ExpertT>(), pushed_bits)) return;
+  if (!wait_combine_done(c, transport, row_type_of<ExpertT>(), pushed_bits)) return;
   weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t expert) {
     const uint32_t owner = expert / l.num_local_experts;
     if ((pushed_bits[owner / 32] >> (owner % 32)) & 1u) {

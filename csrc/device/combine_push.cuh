@@ -16,10 +16,10 @@ __device__ void combine_push_send(const CombineArgs& a, const Transport& transpo
   announce_combine_rows<ExpertT>(a, transport, kRowsPushed);
 }
 
-template <class OutT, class ExpertT>
-__device__ void combine_push_recv(const CombineArgs& a) {
+template <class OutT, class ExpertT, class Transport>
+__device__ void combine_push_recv(const CombineArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
-  if (!wait_combine_done(c, row_type_of<ExpertT>())) return;
+  if (!wait_combine_done(c, transport, row_type_of<ExpertT>())) return;
   weighted_sum_rows<OutT, ExpertT>(
       a, [&](uint32_t t, uint32_t k, uint32_t) { return reinterpret_cast<const int4*>(c.local(c.combine_row(t, k))); });
 }
@@ -28,7 +28,7 @@ template <class Transport, class OutT, class ExpertT, class SourceT>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     combine_push_kernel(CombineArgs args, Transport transport) {
   if (args.do_send) combine_push_send<ExpertT, SourceT>(args, transport);
-  if (args.do_recv) combine_push_recv<OutT, ExpertT>(args);
+  if (args.do_recv) combine_push_recv<OutT, ExpertT>(args, transport);
 }
 
 }  // namespace expertwire::device

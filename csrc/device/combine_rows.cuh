@@ -9,6 +9,7 @@
 
 #include "device/delivery.cuh"
 #include "device/kernel_args.h"
+#include "device/liveness.cuh"
 #include "device/primitives.cuh"
 #include "device/vec8.cuh"
 
@@ -36,8 +37,8 @@ __device__ __forceinline__ bool expert_y_in_buffer(const CombineArgs& a) {
 }
 
 // Writes each row i of expert_y[le] (SourceT: ExpertT, or float32 to send as ExpertT) to row (token, k) of
-// combine_recv of every rank of its source group, a row per warp, and flushes the puts. Call with the whole
-// block.
+// combine_recv of every rank of its source group but lost ones, a row per warp, and flushes the puts. Call with
+// the whole block.
 template <class ExpertT, class SourceT, class Transport>
 __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
@@ -63,6 +64,7 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
     uint8_t* put_source = y_is_symmetric ? const_cast<uint8_t*>(y) : staging;  // written only when !staged
     for (uint32_t d = 0; d < l.dp_size; ++d) {
       const int peer = int(route.source_group * l.dp_size + d);
+      if (is_lost(c, uint32_t(peer))) continue;
       issued_puts |= deliver_row(transport, peer, dst, l.combine_row_bytes, put_source, staged, [&](uint8_t* address) {
         if constexpr (kConverts) {
           warp_copy_floats_as<ExpertT>(address, reinterpret_cast<const float*>(y), l.hidden_dim);
@@ -86,8 +88,11 @@ __device__ __forceinline__ void announce_combine_rows(const CombineArgs& a, cons
 // Waits until every rank has announced its combine rows (they are where this rank's reduction reads them).
 // With `pushed_bits` (shared memory, a bit per rank) also notes which ranks pushed them (CombineRowsAt). Returns
 // whether every rank's rows travel as `row_type`, the type this rank sums; else the error is recorded (the
-// first other rank the block saw) and the caller writes nothing. Call with the whole block.
-__device__ inline bool wait_combine_done(const RankContext& c, ScalarType row_type, uint32_t* pushed_bits = nullptr) {
+// first other rank the block saw) and the caller writes nothing. In the fault-tolerant mode the ranks then
+// agree on the lost ones, whose rows the reduction leaves out. Call with the whole block.
+template <class Transport>
+__device__ bool wait_combine_done(const RankContext& c, const Transport& transport, ScalarType row_type,
+                                  uint32_t* pushed_bits = nullptr) {
   const uint32_t world = c.layout.world_size;
   if (pushed_bits != nullptr) {
     for (uint32_t w = threadIdx.x; w < CombineShared::rank_bit_words(c.layout); w += blockDim.x) pushed_bits[w] = 0;
@@ -96,8 +101,8 @@ __device__ inline bool wait_combine_done(const RankContext& c, ScalarType row_ty
   bool mismatch = false;
   for (uint32_t peer = threadIdx.x; peer < world; peer += blockDim.x) {
     const uint64_t arrival =
-        wait_arrivals(c.local(c.combine_done(peer)), c.timeout_ns, c.error, Phase::kCombineRecv, int32_t(peer));
-    if (arrival == 0) continue;  // timed out (recorded)
+        wait_for_peer(c, transport, c.local(c.combine_done(peer)), ArrivalSignal::complete, Phase::kCombineRecv, peer);
+    if (arrival == 0) continue;  // given up on
     const uint32_t payload = ArrivalSignal::payload(arrival);
     if (CombineArrival::row_type(payload) != row_type) {
       record_error(c.error, ErrorCode::kRowTypeMismatch, Phase::kCombineRecv, int32_t(peer),
@@ -108,7 +113,9 @@ __device__ inline bool wait_combine_done(const RankContext& c, ScalarType row_ty
       atomicOr(&pushed_bits[peer / 32], 1u << (peer % 32));
     }
   }
-  return __syncthreads_or(mismatch) == 0;
+  const bool matched = __syncthreads_or(mismatch) == 0;
+  if (c.fault_tolerant) agree_on_losses(c, transport);
+  return matched;
 }
 
 }  // namespace expertwire::device

@@ -51,6 +51,7 @@ __device__ __forceinline__ bool deliver_row(const Transport& transport, int pe, 
 // thread's writes (release is cumulative). Call with the whole block, after the block's puts are flushed.
 // Where some peer takes puts, each signal is a remote atomic (through a proxy thread on most transports), so the
 // last block out of `counter` adds the whole grid's share at once instead: one signal per peer, not per block.
+// Lost ranks (the fault-tolerant mode) hear nothing.
 template <class Transport>
 __device__ __forceinline__ void announce_block_arrival(const RankContext& c, const Transport& transport,
                                                        SymmetricRef<uint64_t> signal, uint32_t payload,
@@ -59,14 +60,14 @@ __device__ __forceinline__ void announce_block_arrival(const RankContext& c, con
     __syncthreads();
     const uint64_t share = ArrivalSignal::share(blockIdx.x, gridDim.x, payload);
     for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
-      transport.signal_add(int(peer), signal, share);
+      if (!is_lost(c, peer)) transport.signal_add(int(peer), signal, share);
     }
     return;
   }
   if (!last_block_out(c.phase_counter(counter))) return;
   const uint64_t whole_grid = ArrivalSignal::share(0, 1, payload);
   for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
-    transport.signal_add(int(peer), signal, whole_grid);
+    if (!is_lost(c, peer)) transport.signal_add(int(peer), signal, whole_grid);
   }
   reset_phase_counter(c, counter);
 }

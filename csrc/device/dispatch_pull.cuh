@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "device/kernel_args.h"
+#include "device/liveness.cuh"
 #include "device/primitives.cuh"
 #include "device/tokens.cuh"
 
@@ -42,7 +43,8 @@ __device__ inline void dispatch_pull_send(const DispatchArgs& a) {
 // sender stages its rows over microseconds more, so warps copy each row as soon as its sender has stamped it: a warp
 // takes the next token of a sender it has heard from (a ticket), waits for that row's stamp, and copies it to each
 // local expert it names, at the next free row of that expert's block of out_expert_x. Rows thus land in arrival order;
-// combine_slots remembers where each went.
+// combine_slots remembers where each went. A lost sender (fault-tolerant mode) is closed: nothing more is taken
+// from it.
 template <class Transport>
 __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
@@ -55,13 +57,14 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
 
   extern __shared__ uint32_t shared[];
   uint32_t* seen = shared + PullDispatchShared::warp_views_word(l, uint32_t(warp_id()));  // SenderView per group
-  for (uint32_t g = lane; g < groups; g += kWarpSize) seen[g] = 0;
+  constexpr uint32_t kClosed = SenderView::heard(0) | SenderView::kAllTaken;
+  for (uint32_t g = lane; g < groups; g += kWarpSize) seen[g] = is_lost(c, uint32_t(sender(g))) ? kClosed : 0u;
   __syncwarp();
 
   // Warps start from different senders, so they spread over the ready ones.
   const uint32_t rotation = (uint32_t(global_warp()) + c.rank) % groups;
   // Every stall of this warp waiting for announcements counts against one bound, from the first.
-  WaitBound stalls(c.timeout_ns, c.error);
+  PeerBound stalls(c, Phase::kDispatchRecv, -1);
   // Lane 0 asks for the next token of the sender it copies from before copying the current one, which hides
   // the atomic's latency; the held ticket is used first (a sender whose tokens are not all taken stays chosen).
   int held_group = -1;
@@ -79,6 +82,11 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     bool progress = false;
     for (uint32_t g = lane; g < groups; g += kWarpSize) {
       if (SenderView::is_heard(seen[g])) continue;
+      if (is_lost(c, uint32_t(sender(g)))) {
+        seen[g] = kClosed;
+        progress = true;
+        continue;
+      }
       const uint64_t announced = load_acquire_sys(transport.peer(sender(g), c.send_announce()));
       if (DispatchEpoch::announced_epoch(announced) == epoch) {
         seen[g] = SenderView::heard(min(DispatchEpoch::announced_tokens(announced), l.max_num_tokens));
@@ -105,8 +113,19 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
       // Every sender still open is late: poll their announcements again (the loop then chooses anew), within
       // the timeout, or stop once another wait failed.
       if (wait_step<WaitScope::kWarp>(hear_new_senders, stalls, 128) == WaitStep::kGaveUp) {
+        if (c.fault_tolerant && !masked_out(c.error)) {
+          // Every sender still unheard is given up on, and the others still served.
+          __syncwarp();
+          for (uint32_t g = lane; g < groups; g += kWarpSize) {
+            if (SenderView::is_heard(seen[g])) continue;
+            give_up_on(c, transport, Phase::kDispatchRecv, uint32_t(sender(g)));
+            seen[g] = kClosed;
+          }
+          __syncwarp();
+          continue;
+        }
         const unsigned late = __ballot_sync(kFullMask, lane < groups && !SenderView::is_heard(seen[lane]));
-        if (lane == 0) {
+        if (lane == 0 && !c.fault_tolerant) {
           record_timeout(c.error, c.timeout_ns, Phase::kDispatchRecv,
                          late != 0 ? sender(uint32_t(__ffs(late) - 1)) : -1);
         }
@@ -130,12 +149,20 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     held_group = int(g);
     uint64_t stamp = 0;
     if (lane == 0) {
-      stamp = wait_signal_until(
-          transport.peer(sender(g), c.send_stamp(t)), [&](uint64_t value) { return value == epoch; }, c.timeout_ns,
-          c.error, Phase::kDispatchRecv, sender(g));
+      stamp = wait_for_peer(
+          c, transport, transport.peer(sender(g), c.send_stamp(t)), [&](uint64_t value) { return value == epoch; },
+          Phase::kDispatchRecv, uint32_t(sender(g)));
     }
-    __syncwarp();                                      // lane 0's acquire of the stamp before any lane reads the row
-    if (__shfl_sync(kFullMask, stamp, 0) == 0) break;  // timed out (recorded)
+    __syncwarp();  // lane 0's acquire of the stamp before any lane reads the row
+    if (__shfl_sync(kFullMask, stamp, 0) == 0) {
+      // Gave up on the sender: in the default mode the receive ends (the timeout is recorded); in the
+      // fault-tolerant mode the sender is closed and the others still served.
+      if (!c.fault_tolerant || masked_out(c.error)) break;
+      if (lane == 0) seen[g] = kClosed;
+      __syncwarp();
+      held_group = -1;
+      continue;
+    }
     copy_token_to_local_experts(a, transport.peer(sender(g), c.send_row(t)), g, t, sender(g),
                                 [&](uint32_t le) { return atomicAdd(&state.expert_rows[le], 1u); });
   }
@@ -147,10 +174,9 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   if (last_block_out(state.blocks_done)) {
     for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
       if (source % l.dp_size == c.dp_rank) continue;
-      wait_signal_until(
-          transport.peer(int(source), c.send_announce()),
-          [&](uint64_t value) { return DispatchEpoch::announced_epoch(value) == epoch; }, c.timeout_ns, c.error,
-          Phase::kDispatchRecv, int32_t(source));
+      wait_for_peer(
+          c, transport, transport.peer(int(source), c.send_announce()),
+          [&](uint64_t value) { return DispatchEpoch::announced_epoch(value) == epoch; }, Phase::kDispatchRecv, source);
     }
     hand_over_expert_rows(c, a.out_expert_num_tokens);
   }

@@ -9,6 +9,7 @@
 
 #include "device/delivery.cuh"
 #include "device/kernel_args.h"
+#include "device/liveness.cuh"
 #include "device/primitives.cuh"
 #include "device/tokens.cuh"
 
@@ -34,10 +35,10 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
       const uint32_t k = k0 + lane_id();
       const uint32_t expert = k < top_k ? experts[k] : ~0u;
       check_row_expert(c, experts, k0, expert, k < top_k);
-      // The token goes to a rank once, from the first k that names one of its experts.
+      // The token goes to a rank once, from the first k that names one of its experts; never to a lost one.
       const uint32_t owner = owner_of(l, expert);
       const bool send = first_in_row(experts, k0, owner, [&](uint32_t e) { return owner_of(l, e); }) && owner != ~0u &&
-                        owner % l.dp_size == c.dp_rank;
+                        owner % l.dp_size == c.dp_rank && !is_lost(c, owner);
       // A rank gets each token at most once, so its slots stay below m <= max_num_tokens.
       const uint32_t slot = send ? atomicAdd(&send_counts[owner], 1u) : 0u;
       for (unsigned pending = __ballot_sync(kFullMask, send); pending != 0; pending &= pending - 1) {
@@ -57,7 +58,8 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
   if (last_block_out(c.phase_counter(kDispatchSendDone))) {
     for (uint32_t rank = threadIdx.x; rank < l.world_size; rank += blockDim.x) {
       // 0 for ranks of other dp_ranks: they still hear from us.
-      transport.signal(int(rank), c.dispatch_count(c.rank), DispatchCount::encode(take_send_count(c, rank)));
+      const uint32_t count = take_send_count(c, rank);
+      if (!is_lost(c, rank)) transport.signal(int(rank), c.dispatch_count(c.rank), DispatchCount::encode(count));
     }
     reset_phase_counter(c, kDispatchSendDone);
   }
@@ -65,8 +67,10 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
 
 // Waits for every rank's count, then copies each token in dispatch_recv to each local expert its row names, at
 // that expert's next free row, as the pull receive does (rows in no particular order; routes remember them).
-// The last block out hands the counts over and clears the counts. Call with the whole block.
-__device__ inline void dispatch_push_recv(const DispatchArgs& a) {
+// The last block out hands the counts over and clears the counts. A lost sender counts as one that sent nothing.
+// Call with the whole block.
+template <class Transport>
+__device__ void dispatch_push_recv(const DispatchArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
   const BufferLayout& l = c.layout;
   const uint32_t groups = l.num_dp_groups;
@@ -77,8 +81,8 @@ __device__ inline void dispatch_push_recv(const DispatchArgs& a) {
 
   // Every sender reports to every rank; only the sender of our dp_rank in each group can have sent tokens.
   for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
-    const uint64_t value =
-        wait_signal(c.local(c.dispatch_count(source)), c.timeout_ns, c.error, Phase::kDispatchRecv, int32_t(source));
+    const uint64_t value = wait_for_peer(c, transport, c.local(c.dispatch_count(source)), DispatchCount::arrived,
+                                         Phase::kDispatchRecv, source);
     if (source % l.dp_size == c.dp_rank) {
       group_count[source / l.dp_size] =
           DispatchCount::arrived(value) ? min(DispatchCount::tokens(value), l.max_num_tokens) : 0u;
@@ -109,7 +113,7 @@ template <class Transport>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     dispatch_push_kernel(DispatchArgs args, Transport transport) {
   if (args.do_send) dispatch_push_send(args, transport);
-  if (args.do_recv) dispatch_push_recv(args);
+  if (args.do_recv) dispatch_push_recv(args, transport);
 }
 
 }  // namespace expertwire::device

@@ -23,6 +23,7 @@ enum class ErrorCode : int32_t {
                           // needed, none written
   kPayloadMismatch = 8,   // a peer's high-throughput dispatch sends another payload size per token than ours;
                           // peer = that rank, value = its bytes, no row written
+  kMaskedOut = 9,         // fault-tolerant mode: the other ranks gave up on this one; peer = the rank that said so
 };
 
 enum class Phase : int32_t {
@@ -82,6 +83,11 @@ inline std::string describe(const ErrorRecord& record, int64_t rank) {
     case ErrorCode::kPayloadMismatch:
       return "rank " + std::to_string(record.peer) + " dispatches " + std::to_string(record.value) +
              " payload bytes per token, not this rank's (x_bytes must be equal on every rank); no row written" + where;
+    case ErrorCode::kMaskedOut:
+      return "rank " + std::to_string(record.peer) +
+             " reports that the ranks gave up on this one (it was too late for them or stopped calling) and masked "
+             "it out; the survivors go on without it, so this object cannot rejoin them" +
+             where;
     default: return "no error";
   }
 }

@@ -117,6 +117,11 @@ __device__ __forceinline__ bool wait_failed(const ErrorRecord* record) {
   return *reinterpret_cast<const volatile int32_t*>(&record->code) == int32_t(ErrorCode::kTimeout);
 }
 
+// Whether the other ranks have masked this one out (the fault-tolerant mode's wait_failed: its waits then stop).
+__device__ __forceinline__ bool masked_out(const ErrorRecord* record) {
+  return *reinterpret_cast<const volatile int32_t*>(&record->code) == int32_t(ErrorCode::kMaskedOut);
+}
+
 // A wait for `peer` that gave up (a no-op when this rank already recorded an error, a timeout included).
 __device__ __forceinline__ void record_timeout(ErrorRecord* record, uint64_t timeout_ns, Phase phase, int32_t peer) {
   record_error(record, ErrorCode::kTimeout, phase, peer, int64_t(timeout_ns / 1000000));
@@ -154,8 +159,9 @@ enum class WaitStep { kArrived, kWaiting, kGaveUp };
 // One poll of a bounded wait, for a loop that has other work between polls (the pull receive's): arrived, or
 // still waiting (after `sleep_ns`, 0: none, which leaves the SM to other warps where waits are long), or given
 // up because `bound` ran out (the caller records the timeout, naming the peer it waited for).
-template <WaitScope kScope = WaitScope::kThread, class Arrived>
-__device__ __forceinline__ WaitStep wait_step(const Arrived& arrived, WaitBound& bound, uint32_t sleep_ns = 0) {
+// `bound` is a WaitBound, or any bound with its ran_out() (the fault-tolerant mode's PeerBound, liveness.cuh).
+template <WaitScope kScope = WaitScope::kThread, class Arrived, class Bound>
+__device__ __forceinline__ WaitStep wait_step(const Arrived& arrived, Bound& bound, uint32_t sleep_ns = 0) {
   if (arrived()) return WaitStep::kArrived;
   bool give_up = bound.ran_out();
   if constexpr (kScope == WaitScope::kWarp) give_up = __any_sync(kFullMask, give_up);
@@ -166,8 +172,8 @@ __device__ __forceinline__ WaitStep wait_step(const Arrived& arrived, WaitBound&
 
 // The one bounded-wait loop: polls `arrived()` until it returns true (then true), or until `bound` runs out
 // (then false; the caller records the timeout).
-template <WaitScope kScope = WaitScope::kThread, class Arrived>
-__device__ __forceinline__ bool wait_until(const Arrived& arrived, WaitBound& bound, uint32_t sleep_ns = 0) {
+template <WaitScope kScope = WaitScope::kThread, class Arrived, class Bound>
+__device__ __forceinline__ bool wait_until(const Arrived& arrived, Bound& bound, uint32_t sleep_ns = 0) {
   for (;;) {
     const WaitStep step = wait_step<kScope>(arrived, bound, sleep_ns);
     if (step != WaitStep::kWaiting) return step == WaitStep::kArrived;
@@ -191,13 +197,6 @@ __device__ __forceinline__ uint64_t wait_signal(const uint64_t* signal, uint64_t
                                                 Phase phase, int32_t peer) {
   return wait_signal_until(
       signal, [](uint64_t value) { return value != 0; }, timeout_ns, record, phase, peer);
-}
-
-// Waits until every block of a peer has added its share to an ArrivalSignal; returns it (0 on timeout).
-__device__ __forceinline__ uint64_t wait_arrivals(const uint64_t* signal, uint64_t timeout_ns, ErrorRecord* record,
-                                                  Phase phase, int32_t peer) {
-  return wait_signal_until(
-      signal, [](uint64_t value) { return ArrivalSignal::complete(value); }, timeout_ns, record, phase, peer);
 }
 
 // ---------------------------------------------------------------------------------------------------------

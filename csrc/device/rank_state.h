@@ -41,6 +41,15 @@ struct PullReceiveState {
   uint32_t* blocks_done;
 };
 
+// The fault-tolerant mode's counters in the workspace (liveness), each written by this rank only.
+struct LivenessWords {
+  uint32_t news;    // bumped whenever this rank gives up on one more rank: waits then count their timeout anew
+  uint32_t calls;   // agreements finished: the call that the next agreement is for (LossPost::sequence)
+  uint32_t agreed;  // calls + 1 once the running combine's agreement is done, for the blocks that wait on it
+  uint32_t posted;  // the sequence of this rank's last LossPost, which every later post of this call repeats
+};
+static_assert(sizeof(LivenessWords) == kLivenessWordsBytes, "the liveness region is kLivenessWordsBytes");
+
 // What every kernel knows about this rank.
 struct RankContext {
   BufferLayout layout;
@@ -51,6 +60,7 @@ struct RankContext {
   uint8_t* workspace;  // this rank's local workspace
   ErrorRecord* error;  // host-mapped
   uint64_t timeout_ns;
+  bool fault_tolerant;  // AllToAllOptions::fault_tolerant (device/liveness.cuh)
 
   template <class T>
   EW_HOST_DEVICE T* local(SymmetricRef<T> ref) const {
@@ -85,6 +95,9 @@ struct RankContext {
     return {layout.expert_output_offset(local_expert, row)};
   }
   EW_HOST_DEVICE const uint8_t* expert_outputs() const { return symmetric + layout.expert_outputs_offset; }
+  EW_HOST_DEVICE SymmetricRef<uint64_t> loss_post(uint32_t source_rank, uint32_t word) const {  // LossPost
+    return {layout.loss_post_offset(source_rank, word)};
+  }
 
   // Workspace regions.
   EW_HOST_DEVICE uint32_t* send_counts() const { return in_workspace<uint32_t>(layout.send_counts_offset); }
@@ -101,6 +114,8 @@ struct RankContext {
   EW_HOST_DEVICE uint32_t* dispatch_epoch_counter() const {
     return in_workspace<uint32_t>(layout.dispatch_epoch_offset);
   }
+  EW_HOST_DEVICE int32_t* active_ranks() const { return in_workspace<int32_t>(layout.active_ranks_offset); }
+  EW_HOST_DEVICE LivenessWords* liveness() const { return in_workspace<LivenessWords>(layout.liveness_offset); }
 
  private:
   template <class T>
@@ -110,6 +125,12 @@ struct RankContext {
 };
 
 #if defined(__CUDACC__)
+
+// Whether this rank has given up on `rank` (the fault-tolerant mode; never in the default mode). Other threads
+// of this rank clear active_ranks entries while kernels run, so it is read through volatile.
+__device__ __forceinline__ bool is_lost(const RankContext& c, uint32_t rank) {
+  return c.fault_tolerant && *reinterpret_cast<const volatile int32_t*>(&c.active_ranks()[rank]) == 0;
+}
 
 // This rank's running pull dispatch (DispatchEpoch): constant from the dispatch's send to the combine that
 // follows it.

@@ -54,8 +54,9 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
     if (valid && item < items && k < top_k) {
       const uint32_t t = item / runs_per_token;
       const uint32_t expert = ExpertRow(a.indices, t, top_k)[k];
-      // Rows of invalid experts were never sent (dispatch reported them): they add nothing.
-      if (expert < l.num_experts) {
+      // Rows of invalid experts were never sent (dispatch reported them), those of lost ranks' experts are
+      // left out (the fault-tolerant mode): they add nothing.
+      if (expert < l.num_experts && !is_lost(c, expert / l.num_local_experts)) {
         row = row_of(t, k, expert);
         weight = a.weights[uint64_t(t) * top_k + k];
       }

@@ -131,6 +131,25 @@ struct SenderView {
   EW_HOST_DEVICE static constexpr uint32_t tokens(uint32_t view) { return (view & ~kAllTaken) - 1; }
 };
 
+// What a rank tells the others of the ranks it has given up on (loss_posts, the fault-tolerant mode;
+// device/liveness.cuh): a word per 32 ranks, (sequence << 32) | lost bits. The sequence orders one rank's posts:
+// the call (its count of finished agreements, 24 bits) and the stage, the agreement's round (1..kMaxRound), with
+// kFinal once that rank has agreed. A post between agreements repeats the last sequence with more bits: a
+// rank's posts never lose a bit, so a reader may take any post at or after the one it waits for.
+struct LossPost {
+  static constexpr uint32_t kMaxRound = 0x7f;
+  static constexpr uint32_t kFinal = 0x80;
+  EW_HOST_DEVICE static constexpr uint32_t sequence(uint32_t call, uint32_t stage) { return (call << 8) | stage; }
+  EW_HOST_DEVICE static constexpr uint64_t encode(uint32_t sequence, uint32_t lost_bits) {
+    return (uint64_t(sequence) << 32) | lost_bits;
+  }
+  EW_HOST_DEVICE static constexpr uint32_t lost_bits(uint64_t post) { return uint32_t(post); }
+  // Whether `post` is `sequence` or later (modulo 2^32: ranks are never 2^23 calls apart).
+  EW_HOST_DEVICE static constexpr bool reached(uint64_t post, uint32_t sequence) {
+    return int32_t(uint32_t(post >> 32) - sequence) >= 0;
+  }
+};
+
 // Shared memory of each kernel, per block.
 inline constexpr uint64_t kMaxDefaultSharedBytes = 48 << 10;  // more needs an opt-in attribute
 // The push dispatch's receive: each source group's token count, then their exclusive scan (groups + 1 words).

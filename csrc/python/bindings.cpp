@@ -131,6 +131,9 @@ class AllToAllHandle {
   }
   uint64_t dispatch_input_row_stride() const { return live().dispatch_input_buffer().row_stride; }
   uint32_t num_blocks() const { return live().launch_shape().blocks; }
+  bool fault_tolerant() const { return live().fault_tolerant(); }
+  int64_t rank() const { return live().config().rank; }
+  uintptr_t active_ranks() const { return reinterpret_cast<uintptr_t>(live().active_ranks()); }
   int device() const { return live().device(); }
   bool alive() const { return impl_ != nullptr; }
   void destroy() { impl_.reset(); }
@@ -432,13 +435,14 @@ NB_MODULE(_expertwire, m) {
   nb::class_<AllToAllHandle>(m, "AllToAllHandle")
       .def_static(
           "internode",
-          [](const AllToAllConfig& config, uint32_t max_sm_count, bool force_puts) {
+          [](const AllToAllConfig& config, uint32_t max_sm_count, bool force_puts, bool fault_tolerant) {
             AllToAllOptions options;
             options.max_sm_count = max_sm_count;
             options.force_puts = force_puts;
+            options.fault_tolerant = fault_tolerant;
             return std::make_unique<AllToAllHandle>(std::make_unique<AllToAllInternode>(config, options));
           },
-          "config"_a, "max_sm_count"_a = 0, "force_puts"_a = false,
+          "config"_a, "max_sm_count"_a = 0, "force_puts"_a = false, "fault_tolerant"_a = false,
           "Collective over every NVSHMEM rank; NVSHMEM must be initialized.")
       .def_static(
           "internode_symmetric_bytes",
@@ -451,13 +455,14 @@ NB_MODULE(_expertwire, m) {
           "The symmetric heap bytes an internode object of `config` takes on the current device. Local.")
       .def_static(
           "intranode",
-          [](const AllToAllConfig& config, nb::callable all_gather, uint32_t max_sm_count) {
+          [](const AllToAllConfig& config, nb::callable all_gather, uint32_t max_sm_count, bool fault_tolerant) {
             AllToAllOptions options;
             options.max_sm_count = max_sm_count;
+            options.fault_tolerant = fault_tolerant;
             return std::make_unique<AllToAllHandle>(
                 std::make_unique<AllToAllIntranode>(config, all_gather_from_python(all_gather), options));
           },
-          "config"_a, "all_gather"_a, "max_sm_count"_a = 0,
+          "config"_a, "all_gather"_a, "max_sm_count"_a = 0, "fault_tolerant"_a = false,
           "Collective: `all_gather(bytes) -> list[bytes]` returns every rank's bytes in rank order.")
       .def("dispatch", &AllToAllHandle::dispatch, "out_expert_num_tokens"_a, "out_expert_x"_a, "out_expert_x_scale"_a,
            "dp_x"_a, "dp_x_scale"_a, "indices"_a, "m"_a, "bound_m"_a, "do_send"_a, "do_recv"_a, "stream"_a,
@@ -475,6 +480,10 @@ NB_MODULE(_expertwire, m) {
       .def_prop_ro("dispatch_input_row_stride", &AllToAllHandle::dispatch_input_row_stride,
                    "Bytes between the staged rows of both dispatch input buffers.")
       .def_prop_ro("num_blocks", &AllToAllHandle::num_blocks)
+      .def_prop_ro("fault_tolerant", &AllToAllHandle::fault_tolerant)
+      .def_prop_ro("rank", &AllToAllHandle::rank)
+      .def_prop_ro("active_ranks", &AllToAllHandle::active_ranks,
+                   "Device address of the int32 [world_size] mask of active ranks; 0 in the default mode.")
       .def_prop_ro("device", &AllToAllHandle::device, "The CUDA device that owns its buffers.")
       .def_prop_ro("alive", &AllToAllHandle::alive)
       .def("destroy", &AllToAllHandle::destroy);

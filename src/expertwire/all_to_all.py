@@ -66,6 +66,15 @@ def _all_gather_over(group: dist.ProcessGroup):
     return all_gather
 
 
+def _flag(op: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def _describe(value: object) -> str:
+    return f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def _traced(tensor: torch.Tensor) -> bool:
     """Whether a call is being traced (torch.compile, make_fx, fake tensors) rather than run: traced calls go
     through the custom ops, so that they appear as single ops; run calls launch directly (ops module)."""
@@ -152,12 +161,13 @@ class AllToAll:
         max_sm_count: int = 0,
         *,
         force_puts: bool = False,
+        fault_tolerant: bool = False,
     ) -> "AllToAll":
         """Through NVSHMEM (nvshmem_init first): loads/stores to peers on this node, puts to the others
-        (`force_puts`: puts to every peer, as between nodes)."""
+        (`force_puts`: puts to every peer, as between nodes). `fault_tolerant`: see active_ranks."""
         integer("AllToAll.internode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
-        if not isinstance(force_puts, bool):
-            raise ValueError(f"AllToAll.internode: force_puts must be a bool, got {type(force_puts).__name__}")
+        _flag("AllToAll.internode", "force_puts", force_puts)
+        _flag("AllToAll.internode", "fault_tolerant", fault_tolerant)
         config, shape = cls._config(
             "AllToAll.internode",
             max_num_tokens,
@@ -170,7 +180,9 @@ class AllToAll:
             hidden_dim_bytes,
             hidden_dim_scale_bytes,
         )
-        native = ext.AllToAllHandle.internode(config, max_sm_count=max_sm_count, force_puts=force_puts)
+        native = ext.AllToAllHandle.internode(
+            config, max_sm_count=max_sm_count, force_puts=force_puts, fault_tolerant=fault_tolerant
+        )
         return cls(native, shape, uses_nvshmem=True)
 
     @classmethod
@@ -187,11 +199,15 @@ class AllToAll:
         hidden_dim_scale_bytes: int,
         group_name: str = "default",
         max_sm_count: int = 0,
+        *,
+        fault_tolerant: bool = False,
     ) -> "AllToAll":
         """Through peer memory among the ranks of one node; the buffer descriptions are exchanged over the
         torch.distributed group registered as `group_name`, whose ranks must be 0..world_size-1 in order (the
-        memory itself travels as file descriptors over a Unix socket, so the ranks must share a host)."""
+        memory itself travels as file descriptors over a Unix socket, so the ranks must share a host).
+        `fault_tolerant`: see active_ranks."""
         integer("AllToAll.intranode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
+        _flag("AllToAll.intranode", "fault_tolerant", fault_tolerant)
         config, shape = cls._config(
             "AllToAll.intranode",
             max_num_tokens,
@@ -205,7 +221,9 @@ class AllToAll:
             hidden_dim_scale_bytes,
         )
         group = _intranode_group(group_name, world_size, rank)
-        native = ext.AllToAllHandle.intranode(config, _all_gather_over(group), max_sm_count=max_sm_count)
+        native = ext.AllToAllHandle.intranode(
+            config, _all_gather_over(group), max_sm_count=max_sm_count, fault_tolerant=fault_tolerant
+        )
         return cls(native, shape, uses_nvshmem=False)
 
     @property
@@ -384,6 +402,48 @@ class AllToAll:
             self._device,
             owner=native,
         )
+
+    @property
+    def fault_tolerant(self) -> bool:
+        return bool(ops.native(self._live_handle("fault_tolerant")).fault_tolerant)
+
+    @property
+    def active_ranks(self) -> torch.Tensor:
+        """The fault-tolerant mode's mask: an int32 [world_size] tensor on this rank's GPU, 1 for each rank this
+        one still serves with, 0 for each it has masked out. A wait that runs out on a rank (dead, or stopped
+        calling) masks that rank instead of raising, the call goes on without it, and before each combine
+        returns every rank has the union of the ranks' masks. Every later call leaves the masked ranks out:
+        tokens routed to their experts get no rows and add nothing to combine's sums (re-route them, or accept
+        the loss), and nothing is sent to or read from them. The kernels write it in stream order: read it after
+        the combine. Raises ValueError in the default mode."""
+        native = ops.native(self._live_handle("active_ranks"))
+        if not native.fault_tolerant:
+            raise ValueError("active_ranks: this AllToAll was made without fault_tolerant=True")
+        return tensor_over(native.active_ranks, (self._shape.world_size,), torch.int32, self._device, owner=native)
+
+    def set_active_ranks(self, mask: torch.Tensor) -> None:
+        """Masks out the ranks whose entry of `mask` (int32/int64/bool [world_size], 0 or 1) is 0, from the next
+        call on, as a wait that ran out on them would, but without waiting: for a serving layer that learns of a
+        dead rank first. Pass the same mask on every surviving rank. A masked rank cannot come back (make a fresh
+        object on every rank), nor can a rank mask itself: both raise ValueError. Synchronizes with the GPU to
+        check; the new mask is copied on the current stream."""
+        current = self.active_ranks
+        world = self._shape.world_size
+        rank = int(ops.native(self._live_handle("set_active_ranks")).rank)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (world,):
+            raise ValueError(f"set_active_ranks: mask must be a tensor of shape [{world}], got {_describe(mask)}")
+        if mask.dtype not in (torch.int32, torch.int64, torch.bool):
+            raise ValueError(f"set_active_ranks: mask must be int32, int64 or bool, got {mask.dtype}")
+        wanted = mask.to(device="cpu", dtype=torch.int64)
+        if not bool(((wanted == 0) | (wanted == 1)).all()):
+            raise ValueError(f"set_active_ranks: mask entries must be 0 or 1, got {wanted.tolist()}")
+        if int(wanted[rank]) == 0:
+            raise ValueError(f"set_active_ranks: rank {rank} cannot mask itself out")
+        now = current.cpu().to(torch.int64)
+        back = ((now == 0) & (wanted == 1)).nonzero().flatten().tolist()
+        if back:
+            raise ValueError(f"set_active_ranks: ranks {back} are masked out already and cannot come back")
+        current.copy_((now & wanted).to(torch.int32), non_blocking=False)
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (a peer that timed out, an

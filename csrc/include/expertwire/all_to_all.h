@@ -24,11 +24,13 @@ struct CombineArgs;
 }  // namespace device
 
 struct AllToAllOptions {
-  uint64_t timeout_ns = 0;    // bound on every device-side wait; 0: EXPERTWIRE_TIMEOUT_MS, default 10 s
-  uint32_t max_sm_count = 0;  // blocks per launch at most (pplx_kernels' max_sm_count), leaving SMs to kernels
-                              // that overlap with ours; 0: one per SM (EXPERTWIRE_NUM_BLOCKS overrides)
-  bool force_puts = false;    // internode only: every byte through NVSHMEM puts and signals, even to peers this
-                              // process can load from, as between nodes (the intranode constructor refuses it)
+  uint64_t timeout_ns = 0;      // bound on every device-side wait; 0: EXPERTWIRE_TIMEOUT_MS, default 10 s
+  uint32_t max_sm_count = 0;    // blocks per launch at most (pplx_kernels' max_sm_count), leaving SMs to kernels
+                                // that overlap with ours; 0: one per SM (EXPERTWIRE_NUM_BLOCKS overrides)
+  bool force_puts = false;      // internode only: every byte through NVSHMEM puts and signals, even to peers this
+                                // process can load from, as between nodes (the intranode constructor refuses it)
+  bool fault_tolerant = false;  // a rank that stops answering is masked out, not an error (active_ranks); the
+                                // same on every rank; dp_size 1 only
 };
 
 // Blocks and threads of every launch. Every block of a launch must be resident at once: blocks wait for their
@@ -72,6 +74,14 @@ class AllToAll {
   // in stream order after the previous combine's receive half (or before the first dispatch).
   Strided2D<uint8_t> dispatch_input_buffer() const;
   Strided2D<float> dispatch_input_scale_buffer() const;
+
+  // The fault-tolerant mode (AllToAllOptions::fault_tolerant). active_ranks: int32 [world_size] on the device,
+  // 1 for each rank this one still serves with, 0 for each it has masked out: a wait that ran out on a rank masks
+  // it, and before each combine returns the ranks agree on the mask (the union of theirs). Every call then
+  // leaves the masked ranks out: their tokens are not received, their experts' terms are zero. Written by the
+  // kernels in stream order; valid until the object is destroyed (nullptr in the default mode).
+  bool fault_tolerant() const;
+  int32_t* active_ranks() const;
 
   const AllToAllConfig& config() const;
   int device() const;  // the CUDA device that owns its buffers (current at construction); calls launch there

@@ -106,6 +106,7 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
            uint64_t(l.num_dp_groups) * l.max_num_tokens * l.experts_per_token * 4},
           {"expert_outputs", l.expert_outputs_offset,
            uint64_t(l.num_local_experts) * l.max_recv_tokens * l.combine_row_bytes},
+          {"loss_posts", l.loss_posts_offset, uint64_t(l.world_size) * l.loss_words * 8},
       },
       l.symmetric_bytes);
   expect_disjoint_regions(
@@ -116,6 +117,8 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
           {"phase_counters", l.phase_counters_offset, uint64_t(kNumPhaseCounters) * 4},
           {"pull_state", l.pull_state_offset, l.pull_state_words() * 4},
           {"dispatch_epoch", l.dispatch_epoch_offset, 4},
+          {"active_ranks", l.active_ranks_offset, uint64_t(l.world_size) * 4},
+          {"liveness", l.liveness_offset, kLivenessWordsBytes},
       },
       l.workspace_bytes);
 }
@@ -790,8 +793,8 @@ TEST(DispatchEpoch, AnnouncementCarriesEpochAndTokens) {
 
 TEST(LayoutSignature, HoldsTheFieldsPeersDependOn) {
   const BufferLayout l = make_buffer_layout(small_config(), 5);
-  const LayoutSignature signature = layout_signature(l);
-  const uint64_t expected[LayoutSignature::kWords] = {8, 3, 4, 2, 4, 32, 32, 8, 5, 4352};
+  const LayoutSignature signature = layout_signature(l, true);
+  const uint64_t expected[LayoutSignature::kWords] = {8, 3, 4, 2, 4, 32, 32, 8, 5, 4608, 1};
   for (int w = 0; w < LayoutSignature::kWords; ++w) EXPECT_EQ(signature.words[w], expected[w]) << w;
 }
 

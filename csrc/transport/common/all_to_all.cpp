@@ -4,6 +4,7 @@
 #include "expertwire/all_to_all.h"
 
 #include <atomic>
+#include <vector>
 
 #include "core/arguments.h"
 #include "core/call_order.h"
@@ -65,7 +66,16 @@ struct AllToAll::State {
         // A put needs a registered source: one staging row per warp where the transport may put.
         layout(make_buffer_layout(config, transport_may_put ? shape.warps() : 0)),
         timeout_ns(options.timeout_ns != 0 ? options.timeout_ns : default_timeout_ns()),
-        workspace(layout.workspace_bytes) {}
+        fault_tolerant(options.fault_tolerant),
+        workspace(layout.workspace_bytes) {
+    EW_REQUIRE(!fault_tolerant || config.dp_size == 1,
+               "AllToAllOptions.fault_tolerant needs dp_size 1 (a lost rank's DP group would be served by only some "
+               "of its receivers), got dp_size ",
+               config.dp_size);
+    const std::vector<int32_t> every_rank_active(size_t(config.world_size), 1);
+    EW_CUDA_CHECK(cudaMemcpy(workspace.get<uint8_t>() + layout.active_ranks_offset, every_rank_active.data(),
+                             every_rank_active.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  }
 
   device::RankContext context(const AllToAllConfig& config) const {
     return device::RankContext{layout,
@@ -75,12 +85,14 @@ struct AllToAll::State {
                                symmetric,
                                workspace.get<uint8_t>(),
                                error.device(),
-                               timeout_ns};
+                               timeout_ns,
+                               fault_tolerant};
   }
 
   LaunchShape shape;
   BufferLayout layout;
   uint64_t timeout_ns;
+  bool fault_tolerant;
   DeviceBuffer workspace;
   MappedHostObject<ErrorRecord> error;
   uint8_t* symmetric = nullptr;
@@ -97,11 +109,16 @@ void AllToAll::agree_and_prepare(const AllToAllOptions& options, bool transport_
   agree_before_allocating(transport, rank, world_size, all_gather, [&] {
     state_ = std::make_unique<State>(config_, options, transport_may_put);
     transport_checks();
-    return layout_signature(state_->layout);
+    return layout_signature(state_->layout, options.fault_tolerant);
   });
 }
 
 const AllToAllConfig& AllToAll::config() const { return config_; }
+bool AllToAll::fault_tolerant() const { return state_->fault_tolerant; }
+int32_t* AllToAll::active_ranks() const {
+  if (!state_->fault_tolerant) return nullptr;
+  return reinterpret_cast<int32_t*>(state_->workspace.get<uint8_t>() + state_->layout.active_ranks_offset);
+}
 int AllToAll::device() const { return device_; }
 LaunchShape AllToAll::launch_shape() const { return state_->shape; }
 const BufferLayout& AllToAll::layout() const { return state_->layout; }

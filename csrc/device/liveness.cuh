@@ -1,0 +1,199 @@
+// Waiting for peers, in both modes, and the fault-tolerant mode's losses (AllToAllOptions::fault_tolerant).
+//
+// Default mode: a wait that runs out records a timeout naming the peer; every other wait of the rank then gives
+// up too, and the error is sticky.
+// Fault-tolerant mode: a wait that runs out gives up on that peer alone: the peer is marked lost in active_ranks,
+// the loss is posted to every rank still active (loss_posts), and the phase goes on as if the peer had sent
+// nothing. Waits read the posts every so often: a peer another rank has given up on is given up at once, and any
+// new loss restarts the clock of the waits still running (the ranks they wait for may themselves be waiting out
+// the dead one). Before a combine returns, the ranks agree on the lost set (agree_on_losses): each posts its set
+// and takes the union of the others', round after round until no round adds a rank. Every later call skips the
+// lost ranks: nothing is sent to them, nothing waited for, none of their memory read.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "device/primitives.cuh"
+#include "device/rank_state.h"
+#include "device/wire_protocol.h"
+
+namespace expertwire::device {
+
+// Marks `rank` lost; whether it was active until now (then the waits of this rank hear the news).
+__device__ __forceinline__ bool mark_lost(const RankContext& c, uint32_t rank) {
+  if (atomicExch(&c.active_ranks()[rank], 0) == 0) return false;
+  atomicAdd(&c.liveness()->news, 1u);
+  return true;
+}
+
+// Word `word` of this rank's lost set, as a LossPost carries it.
+__device__ __forceinline__ uint32_t lost_bits(const RankContext& c, uint32_t word) {
+  uint32_t bits = 0;
+  const uint32_t first = word * 32, end = min(first + 32, c.layout.world_size);
+  for (uint32_t rank = first; rank < end; ++rank) bits |= uint32_t(is_lost(c, rank)) << (rank - first);
+  return bits;
+}
+
+// Takes in what every active rank has posted: the ranks they gave up on are lost here too. A post that names
+// this rank means the others masked it out (recorded; every wait then stops). Posts of lost ranks are not read.
+__device__ inline void absorb_loss_posts(const RankContext& c, Phase phase) {
+  const BufferLayout& l = c.layout;
+  for (uint32_t source = 0; source < l.world_size; ++source) {
+    if (source == c.rank || is_lost(c, source)) continue;
+    for (uint32_t word = 0; word < l.loss_words; ++word) {
+      const uint64_t post = *reinterpret_cast<const volatile uint64_t*>(c.local(c.loss_post(source, word)));
+      for (uint32_t bits = LossPost::lost_bits(post); bits != 0; bits &= bits - 1) {
+        const uint32_t rank = word * 32 + uint32_t(__ffs(int(bits)) - 1);
+        if (rank == c.rank) {
+          record_error(c.error, ErrorCode::kMaskedOut, phase, int32_t(source), 0);
+        } else {
+          mark_lost(c, rank);
+        }
+      }
+    }
+  }
+}
+
+// Posts this rank's lost set, under `sequence`, to every rank still active. One thread.
+template <class Transport>
+__device__ void post_losses(const RankContext& c, const Transport& transport, uint32_t sequence) {
+  for (uint32_t rank = 0; rank < c.layout.world_size; ++rank) {
+    if (rank == c.rank || is_lost(c, rank)) continue;
+    for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
+      transport.signal(int(rank), c.loss_post(c.rank, word), LossPost::encode(sequence, lost_bits(c, word)));
+    }
+  }
+}
+
+// The bound of a wait for `peer` (-1: several): WaitBound's in the default mode. In the fault-tolerant mode it
+// gives up as soon as the peer is lost or this rank was masked out, and counts its timeout anew from each loss
+// this rank hears of.
+class PeerBound {
+ public:
+  __device__ PeerBound(const RankContext& c, Phase phase, int32_t peer) : c_(c), phase_(phase), peer_(peer) {}
+  __device__ __forceinline__ bool ran_out() {
+    if ((++polls_ & 1023) == 0) {
+      if (!c_.fault_tolerant) {
+        if (wait_failed(c_.error)) return true;
+      } else {
+        absorb_loss_posts(c_, phase_);
+        if (masked_out(c_.error) || (peer_ >= 0 && is_lost(c_, uint32_t(peer_)))) return true;
+        const uint32_t news = *reinterpret_cast<const volatile uint32_t*>(&c_.liveness()->news);
+        if (news != news_) start_ = 0;
+        news_ = news;
+      }
+    }
+    const uint64_t now = global_timer_ns();
+    if (start_ == 0) start_ = now;
+    return now - start_ > c_.timeout_ns;
+  }
+
+ private:
+  const RankContext& c_;
+  Phase phase_;
+  int32_t peer_;
+  uint64_t start_ = 0;
+  uint32_t polls_ = 0;
+  uint32_t news_ = 0;
+};
+
+// What a wait that gave up on `peer` leaves behind: the default mode's sticky timeout; in the fault-tolerant
+// mode the peer lost and the loss posted (nothing, once this rank was masked out).
+template <class Transport>
+__device__ void give_up_on(const RankContext& c, const Transport& transport, Phase phase, uint32_t peer) {
+  if (!c.fault_tolerant) {
+    record_timeout(c.error, c.timeout_ns, phase, int32_t(peer));
+  } else if (!masked_out(c.error) && mark_lost(c, peer)) {
+    post_losses(c, transport, c.liveness()->posted);
+  }
+}
+
+// The one wait for a peer's signal: until done(*signal) holds for a value `peer` writes, which it returns; 0
+// when this rank gives up on the peer (give_up_on), at once for a lost one. One thread.
+template <class Transport, class Done>
+__device__ uint64_t wait_for_peer(const RankContext& c, const Transport& transport, const uint64_t* signal, Done done,
+                                  Phase phase, uint32_t peer) {
+  if (is_lost(c, peer)) return 0;
+  uint64_t value = 0;
+  PeerBound bound(c, phase, int32_t(peer));
+  if (wait_until([&] { return done(value = load_acquire_sys(signal)); }, bound)) return value;
+  give_up_on(c, transport, phase, peer);
+  return 0;
+}
+
+// One agreement, by one block: rounds of posting this rank's lost set to every active rank and taking the union
+// of theirs, until a round adds no rank (or kMaxRound rounds), then a final post, which a rank still in a later
+// round takes as this one's last word. A rank that dies during the agreement may leave the survivors with
+// different sets for this call; the next call's waits and agreement make them equal.
+template <class Transport>
+__device__ void run_agreement(const RankContext& c, const Transport& transport, uint32_t call) {
+  LivenessWords* words = c.liveness();
+  __shared__ uint32_t news_before;
+  __shared__ bool settled;
+  uint32_t round = 1;
+  for (;; ++round) {
+    const uint32_t sequence = LossPost::sequence(call, round);
+    if (threadIdx.x == 0) {
+      absorb_loss_posts(c, Phase::kCombineRecv);
+      news_before = words->news;
+      words->posted = sequence;
+    }
+    __syncthreads();
+    for (uint32_t rank = threadIdx.x; rank < c.layout.world_size; rank += blockDim.x) {
+      if (rank == c.rank || is_lost(c, rank)) continue;
+      for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
+        transport.signal(int(rank), c.loss_post(c.rank, word), LossPost::encode(sequence, lost_bits(c, word)));
+      }
+    }
+    for (uint32_t rank = threadIdx.x; rank < c.layout.world_size; rank += blockDim.x) {
+      for (uint32_t word = 0; word < c.layout.loss_words && rank != c.rank; ++word) {
+        wait_for_peer(
+            c, transport, c.local(c.loss_post(rank, word)),
+            [&](uint64_t post) { return LossPost::reached(post, sequence); }, Phase::kCombineRecv, rank);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      absorb_loss_posts(c, Phase::kCombineRecv);
+      settled = words->news == news_before || masked_out(c.error) || round == LossPost::kMaxRound;
+    }
+    __syncthreads();
+    if (settled) break;
+  }
+  if (threadIdx.x == 0) {
+    words->posted = LossPost::sequence(call, round | LossPost::kFinal);
+    post_losses(c, transport, words->posted);
+  }
+}
+
+// The fault-tolerant combine's agreement on the lost set, called by every block of its receive once its waits
+// are done (so that the set covers every one of them): the last block out agrees, the others wait for it. On
+// return active_ranks is this call's final mask, which the reduction then applies. Call with the whole block.
+template <class Transport>
+__device__ void agree_on_losses(const RankContext& c, const Transport& transport) {
+  LivenessWords* words = c.liveness();
+  __shared__ uint32_t call;
+  // Every block reads the count before it counts out; the last one out advances it.
+  if (threadIdx.x == 0) call = *reinterpret_cast<const volatile uint32_t*>(&words->calls);
+  if (last_block_out(c.phase_counter(kCombineWaitsDone))) {
+    run_agreement(c, transport, call);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      words->calls = call + 1;
+      store_release_gpu(&words->agreed, call + 1);
+    }
+    reset_phase_counter(c, kCombineWaitsDone);
+  } else if (threadIdx.x == 0) {
+    // Bounded as every wait is: each agreement round waits at most a timeout, from each loss on.
+    const uint64_t limit = c.timeout_ns * (2 * uint64_t(LossPost::kMaxRound) + 2);
+    WaitBound bound(limit, c.error);
+    if (!wait_until([&] { return load_acquire_gpu(&words->agreed) == call + 1; }, bound, 64)) {
+      record_timeout(c.error, limit, Phase::kCombineRecv, int32_t(c.rank));
+    }
+  }
+  __syncthreads();
+}
+
+}  // namespace expertwire::device

@@ -1,0 +1,327 @@
+r"""The fault-tolerant mode under a dead or stuck rank, with a launcher of its own (mpirun and torchrun stop every
+rank when one dies).
+
+    python3 -m tests.survive_rank --ranks 8 --transport internode --fault inside-combine
+    scripts/device/with_mps.sh python3 -m tests.survive_rank --ranks 8 --transport all --fault all
+
+Every rank loops dispatch + experts + combine (send and receive halves as separate calls) on one object made
+with fault_tolerant=True. At step --kill-step the victim (the last rank) SIGKILLs itself at the fault's point
+(before its dispatch, between the dispatch's halves, between the combine's halves; "external": the launcher
+kills it at a random moment of that step); "two-kills": the last rank at that step and the one before it two
+steps later; "stuck": the victim stops calling (it sleeps) and, once the survivors are done, makes one more call,
+which must raise DeviceError saying it was masked out.
+
+Every survivor must: return from each step within the timeout (EXPERTWIRE_TIMEOUT_MS, --timeout-ms) + 1 s;
+match the reference, with the ranks its mask has masked left out, at every step whose mask did not change while
+it ran (the steps in flight at a death are only timed); end with exactly the victims masked, as every other
+survivor; and end with status 0. Each run is followed by a run of the survivors' count of ranks without a fault,
+whose step time the survivors' later steps must be within --time-limit (10 %) of. Prints one line a run;
+exits non-zero when any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import expertwire
+
+from .all_to_all_data import Case, make_groups, masked_groups
+from .distributed import RankInfo, _rank_entry, free_port, nvshmem_join, why_transport_cannot_run
+from .kill_rank import _step, _write
+from .test_all_to_all_gpu import RankBuffers, _check, make_all_to_all
+
+FAULTS = ("before-dispatch", "between-halves", "inside-combine", "external", "two-kills", "stuck")
+LOCAL_EXPERTS = 4
+
+
+def _case(world_size: int) -> Case:
+    """The same work per rank at any rank count: LOCAL_EXPERTS experts a rank."""
+    return Case(
+        "fp8", torch.bfloat16, torch.bfloat16, split=True, max_num_tokens=32, num_experts=LOCAL_EXPERTS * world_size
+    )
+
+
+def _victims(fault: Optional[str], ranks: int, kill_step: int) -> dict[int, int]:
+    """Victim rank -> the step at which it dies (or stops)."""
+    if fault is None:
+        return {}
+    if fault == "two-kills":
+        return {ranks - 1: kill_step, ranks - 2: kill_step + 2}
+    return {ranks - 1: kill_step}
+
+
+def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
+    report_path = Path(opts["reports"]) / f"rank{info.rank}.json"
+    report: dict[str, Any] = {"rank": info.rank, "steps": []}
+    if opts["transport"] == "internode":
+        nvshmem_join(info)
+    case = _case(info.world_size)
+    a2a = make_all_to_all(opts["transport"], case, info, fault_tolerant=True)
+    die_step = {int(r): s for r, s in opts["victims"].items()}.get(info.rank)
+    fault = opts["fault"]
+
+    def die() -> None:
+        report["killed_at"] = time.time()
+        _write(report_path, report)
+        if fault == "stuck":
+            # Alive but no longer calling: back once the survivors are done, for one more call.
+            while not (Path(opts["reports"]) / "survivors_done").exists():
+                time.sleep(0.05)
+            raise _Stuck()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    for step in range(opts["steps"]):
+        groups = make_groups(case, info.world_size, seed=1000 + step)
+        buffers = RankBuffers(case, info, groups[info.rank])
+        torch.cuda.synchronize()
+        before = a2a.active_ranks.cpu().tolist()
+        if step == die_step:
+            report["kill_step_started"] = time.time()
+            _write(report_path, report)
+        die_at = None
+        if step == die_step:
+            die_at = "before-dispatch" if fault in ("two-kills", "stuck") else fault
+            if fault == "external":
+                die_at = None
+        try:
+            started = time.perf_counter()
+            _step(a2a, buffers, die_at, die, case)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+        except _Stuck:
+            _rejoin(a2a, buffers, report, report_path, case)
+            return
+        a2a.check_errors()
+        after = a2a.active_ranks.cpu().tolist()
+        entry: dict[str, Any] = {"step": step, "seconds": seconds, "active": after}
+        if after == before:
+            _check(case, info, masked_groups(case, groups, after), buffers)
+            entry["checked"] = True
+            # The step's time on a steady mask: repeats of the same step, each between barriers on the stream.
+            repeats = []
+            for _ in range(opts["repeats"]):
+                torch.cuda.synchronize()
+                begin = time.perf_counter()
+                _step(a2a, buffers, None, die, case)
+                torch.cuda.synchronize()
+                repeats.append(time.perf_counter() - begin)
+            entry["repeat_seconds"] = statistics.mean(repeats) if repeats else None
+        report["steps"].append(entry)
+        _write(report_path, report)
+    report["done"] = True
+    _write(report_path, report)
+
+
+class _Stuck(Exception):
+    """The stuck victim's way back to its last call."""
+
+
+def _rejoin(a2a: expertwire.AllToAll, buffers: RankBuffers, report: dict[str, Any], path: Path, case: Case) -> None:
+    """The stuck rank's call after the survivors masked it: must raise DeviceError, quickly."""
+    started = time.perf_counter()
+    try:
+        _step(a2a, buffers, None, lambda: None, case)
+        torch.cuda.synchronize()
+        a2a.check_errors()
+        report["rejoin_error"] = None
+    except expertwire.DeviceError as error:
+        report["rejoin_error"] = str(error)
+    report["rejoin_seconds"] = time.perf_counter() - started
+    report["done"] = True
+    _write(path, report)
+    # The error is sticky: the process ends without touching the object again (its release at exit is local).
+    os._exit(0 if report["rejoin_error"] else 1)
+
+
+def _launch(ranks: int, transport: str, fault: Optional[str], args: argparse.Namespace, reports: str):
+    victims = _victims(fault, ranks, args.kill_step)
+    opts = dict(
+        transport=transport,
+        steps=args.steps,
+        victims={str(r): s for r, s in victims.items()},
+        fault=fault,
+        reports=reports,
+        repeats=args.repeats,
+    )
+    context = multiprocessing.get_context("spawn")
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    processes = [
+        context.Process(target=_rank_entry, args=(r, ranks, ranks, 0, init_method, _worker, (opts,)), daemon=False)
+        for r in range(ranks)
+    ]
+    for process in processes:
+        process.start()
+    killed_at: dict[int, float] = {}
+    deadline = time.monotonic() + args.run_limit_s
+    if fault == "external":
+        (victim,) = victims
+        started = Path(reports) / f"rank{victim}.json"
+        while time.monotonic() < deadline and not started.exists():
+            time.sleep(0.01)
+        while time.monotonic() < deadline and "kill_step_started" not in json.loads(started.read_text() or "{}"):
+            time.sleep(0.002)
+        time.sleep(random.Random(args.seed * 131 + ranks).uniform(0.0, 0.005))
+        killed_at[victim] = time.time()
+        os.kill(processes[victim].pid, signal.SIGKILL)
+    survivors = [r for r in range(ranks) if r not in victims]
+    exited: set[int] = set()
+    while len(exited) < ranks and time.monotonic() < deadline:
+        for r, process in enumerate(processes):
+            if r not in exited and not process.is_alive():
+                exited.add(r)
+        if fault == "stuck" and all(r in exited for r in survivors):
+            (Path(reports) / "survivors_done").touch()
+        time.sleep(0.01)
+    hung = [r for r in range(ranks) if r not in exited]
+    for r in hung:
+        processes[r].kill()
+        processes[r].join()
+    by_rank = {}
+    for r in range(ranks):
+        path = Path(reports) / f"rank{r}.json"
+        by_rank[r] = json.loads(path.read_text()) if path.exists() else {}
+    for r in victims:
+        killed_at.setdefault(r, by_rank[r].get("killed_at", float("nan")))
+    return victims, survivors, processes, by_rank, killed_at, hung
+
+
+def _steady_step_s(by_rank: dict[int, dict[str, Any]], ranks: list[int], from_step: int) -> Optional[float]:
+    """Mean over the checked steps from `from_step` on of the slowest rank's repeat time."""
+    per_step: dict[int, list[float]] = {}
+    for r in ranks:
+        for entry in by_rank[r].get("steps", []):
+            if entry["step"] >= from_step and entry.get("repeat_seconds") is not None:
+                per_step.setdefault(entry["step"], []).append(entry["repeat_seconds"])
+    slowest = [max(times) for step, times in per_step.items() if len(times) == len(ranks)]
+    return statistics.mean(slowest) if slowest else None
+
+
+def _one_run(ranks: int, transport: str, fault: str, args: argparse.Namespace) -> tuple[bool, str]:
+    problems: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="expertwire-survive-") as reports:
+        victims, survivors, processes, by_rank, killed_at, hung = _launch(ranks, transport, fault, args, reports)
+    # The same GPU share a rank as the faulted run's ranks had (under MPS, 100 / ranks per cent each).
+    share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, 100 // ranks))
+    try:
+        with tempfile.TemporaryDirectory(prefix="expertwire-survive-") as reports:
+            base = _launch(len(survivors), transport, None, args, reports)
+    finally:
+        if share is None:
+            del os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]
+        else:
+            os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = share
+    limit_s = args.timeout_ms / 1000 + 1.0
+    final = [int(r not in victims) for r in range(ranks)]
+    last_victim_step = max(victims.values())
+    in_flight = []
+    for r in survivors:
+        rep = by_rank[r]
+        steps = rep.get("steps", [])
+        if not rep.get("done") or len(steps) != args.steps:
+            problems.append(f"rank {r}: {len(steps)} of {args.steps} steps reported")
+        for entry in steps:
+            if entry["seconds"] > limit_s:
+                problems.append(f"rank {r}: step {entry['step']} took {entry['seconds']:.2f} s (> {limit_s:.1f} s)")
+            if not entry.get("checked"):
+                in_flight.append(entry["seconds"])
+        if steps and steps[-1]["active"] != final:
+            problems.append(f"rank {r}: final mask {steps[-1]['active']}, expected {final}")
+        if processes[r].exitcode != 0:
+            problems.append(f"rank {r} ended with status {processes[r].exitcode}")
+    masks_by_step: dict[int, set[str]] = {}
+    for r in survivors:
+        for entry in by_rank[r].get("steps", []):
+            masks_by_step.setdefault(entry["step"], set()).add(str(entry["active"]))
+    differing = [s for s, masks in masks_by_step.items() if len(masks) > 1]
+    if differing:
+        problems.append(f"the survivors' masks differed after steps {differing}")
+    if hung:
+        problems.append(f"ranks {hung} still ran {args.run_limit_s:.0f} s after the start (killed)")
+    for r in victims:
+        code = processes[r].exitcode
+        if fault == "stuck":
+            error = by_rank[r].get("rejoin_error")
+            if not error or "masked it out" not in error:
+                problems.append(f"stuck rank {r}: its call after the survivors' steps raised {error!r}")
+            if code != 0:
+                problems.append(f"stuck rank {r} ended with status {code}")
+        elif r not in hung and code != -signal.SIGKILL:
+            problems.append(f"rank {r} ended with status {code}, not by SIGKILL")
+    # Steady time: the checked steps after the last death's step in flight.
+    masked_s = _steady_step_s(by_rank, survivors, last_victim_step + 2)
+    _, base_ranks, base_processes, base_by_rank, _, base_hung = base
+    base_s = _steady_step_s(base_by_rank, base_ranks, last_victim_step + 2)
+    if base_hung or any(p.exitcode != 0 for p in base_processes):
+        problems.append(f"the {len(survivors)}-rank run without a fault failed (hung {base_hung})")
+    ratio = masked_s / base_s if masked_s and base_s else None
+    if ratio is None:
+        problems.append("no steady step time measured")
+    elif ratio > 1 + args.time_limit:
+        problems.append(f"steps with the mask took {ratio:.2f}x a {len(survivors)}-rank step's")
+    rejoin = by_rank[max(victims)].get("rejoin_seconds") if fault == "stuck" else None
+    summary = (
+        f"survive_rank: {transport}, {ranks} ranks, {fault} (ranks {sorted(victims)}): "
+        f"steps in flight {', '.join(f'{s:.2f}' for s in sorted(in_flight))} s (limit {limit_s:.1f} s); "
+        + (
+            f"steady step {masked_s * 1e6:.0f} us against {base_s * 1e6:.0f} us on {len(survivors)} ranks "
+            f"({ratio:.3f}x)"
+            if ratio
+            else "no steady time"
+        )
+        + (f"; the stuck rank's call raised after {rejoin:.3f} s" if rejoin is not None else "")
+    )
+    if problems:
+        summary += "\n  " + "\n  ".join(problems)
+    return not problems, summary
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--transport", default="internode", choices=["internode", "intranode", "all"])
+    parser.add_argument("--fault", default="all", choices=[*FAULTS, "all"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--kill-step", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20, help="timed repeats of each checked step")
+    parser.add_argument("--timeout-ms", type=int, default=2000)
+    parser.add_argument("--time-limit", type=float, default=0.10, help="steady steps' excess over fewer ranks'")
+    parser.add_argument("--run-limit-s", type=float, default=120.0, help="a run's ranks are killed after this")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.ranks < 3:
+        parser.error(f"--ranks must be >= 3 (two kills leave one rank), got {args.ranks}")
+    # Two steps after the last death: one in flight, then steady ones.
+    if not 0 <= args.kill_step and args.kill_step + 4 < args.steps:
+        parser.error(f"--kill-step must be in [0, --steps - 4), got {args.kill_step}")
+    os.environ["EXPERTWIRE_TIMEOUT_MS"] = str(args.timeout_ms)
+    transports = ["internode", "intranode"] if args.transport == "all" else [args.transport]
+    faults = list(FAULTS) if args.fault == "all" else [args.fault]
+    failed = 0
+    for transport in transports:
+        reason = why_transport_cannot_run(transport, args.ranks)
+        if reason is not None:
+            print(f"survive_rank: {transport} skipped: {reason}", flush=True)
+            continue
+        for fault in faults:
+            ok, summary = _one_run(args.ranks, transport, fault, args)
+            failed += not ok
+            print(("PASS " if ok else "FAIL ") + summary, flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
