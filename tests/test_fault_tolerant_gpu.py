@@ -91,8 +91,9 @@ def _worker_refusals(info: RankInfo, transport: str) -> None:
             default.active_ranks  # noqa: B018
         dist.barrier()
         default.destroy()
+        groups_of_two = Case("fp8", torch.bfloat16, torch.bfloat16, dp_size=2)
         with pytest.raises(ValueError, match="fault_tolerant needs dp_size 1"):
-            make_all_to_all(transport, Case("fp8", torch.bfloat16, torch.bfloat16, dp_size=2), info, fault_tolerant=True)
+            make_all_to_all(transport, groups_of_two, info, fault_tolerant=True)
 
     _with_transport(info, transport, body)
 
