@@ -19,6 +19,7 @@ namespace expertwire::device {
 template <class Transport>
 struct MappedPeers {
   static constexpr bool kMayPut = false;
+  static constexpr bool kFaultTolerant = Transport::kFaultTolerant;
   const Transport& transport;
   template <class T>
   __device__ T* peer(int pe, SymmetricRef<T> ref) const {
@@ -44,8 +45,9 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
   extern __shared__ uint32_t shared[];
   uint32_t* pushed_bits = shared + CombineShared::rank_bits_word(l);
   if (!wait_combine_done(c, transport, row_type_of<ExpertT>(), pushed_bits)) return;
-  weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t expert) {
+  weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t expert) -> const int4* {
     const uint32_t owner = expert / l.num_local_experts;
+    if (is_lost(transport, c, owner)) return nullptr;  // the fault-tolerant mode leaves its experts out
     if ((pushed_bits[owner / 32] >> (owner % 32)) & 1u) {
       return reinterpret_cast<const int4*>(c.local(c.combine_row(t, k)));
     }

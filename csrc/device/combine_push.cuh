@@ -20,8 +20,11 @@ template <class OutT, class ExpertT, class Transport>
 __device__ void combine_push_recv(const CombineArgs& a, const Transport& transport) {
   const RankContext& c = a.ctx;
   if (!wait_combine_done(c, transport, row_type_of<ExpertT>())) return;
-  weighted_sum_rows<OutT, ExpertT>(
-      a, [&](uint32_t t, uint32_t k, uint32_t) { return reinterpret_cast<const int4*>(c.local(c.combine_row(t, k))); });
+  weighted_sum_rows<OutT, ExpertT>(a, [&](uint32_t t, uint32_t k, uint32_t expert) -> const int4* {
+    // The fault-tolerant mode leaves lost ranks' experts out.
+    if (is_lost(transport, c, expert / c.layout.num_local_experts)) return nullptr;
+    return reinterpret_cast<const int4*>(c.local(c.combine_row(t, k)));
+  });
 }
 
 template <class Transport, class OutT, class ExpertT, class SourceT>

@@ -64,7 +64,7 @@ __device__ void push_rows_to_sources(const CombineArgs& a, const Transport& tran
     uint8_t* put_source = y_is_symmetric ? const_cast<uint8_t*>(y) : staging;  // written only when !staged
     for (uint32_t d = 0; d < l.dp_size; ++d) {
       const int peer = int(route.source_group * l.dp_size + d);
-      if (is_lost(c, uint32_t(peer))) continue;
+      if (is_lost(transport, c, uint32_t(peer))) continue;
       issued_puts |= deliver_row(transport, peer, dst, l.combine_row_bytes, put_source, staged, [&](uint8_t* address) {
         if constexpr (kConverts) {
           warp_copy_floats_as<ExpertT>(address, reinterpret_cast<const float*>(y), l.hidden_dim);
@@ -114,7 +114,7 @@ __device__ bool wait_combine_done(const RankContext& c, const Transport& transpo
     }
   }
   const bool matched = __syncthreads_or(mismatch) == 0;
-  if (c.fault_tolerant) agree_on_losses(c, transport);
+  if constexpr (Transport::kFaultTolerant) agree_on_losses(c, transport);
   return matched;
 }
 

@@ -60,14 +60,14 @@ __device__ __forceinline__ void announce_block_arrival(const RankContext& c, con
     __syncthreads();
     const uint64_t share = ArrivalSignal::share(blockIdx.x, gridDim.x, payload);
     for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
-      if (!is_lost(c, peer)) transport.signal_add(int(peer), signal, share);
+      if (!is_lost(transport, c, peer)) transport.signal_add(int(peer), signal, share);
     }
     return;
   }
   if (!last_block_out(c.phase_counter(counter))) return;
   const uint64_t whole_grid = ArrivalSignal::share(0, 1, payload);
   for (uint32_t peer = threadIdx.x; peer < c.layout.world_size; peer += blockDim.x) {
-    if (!is_lost(c, peer)) transport.signal_add(int(peer), signal, whole_grid);
+    if (!is_lost(transport, c, peer)) transport.signal_add(int(peer), signal, whole_grid);
   }
   reset_phase_counter(c, counter);
 }

@@ -58,13 +58,14 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
   extern __shared__ uint32_t shared[];
   uint32_t* seen = shared + PullDispatchShared::warp_views_word(l, uint32_t(warp_id()));  // SenderView per group
   constexpr uint32_t kClosed = SenderView::heard(0) | SenderView::kAllTaken;
-  for (uint32_t g = lane; g < groups; g += kWarpSize) seen[g] = is_lost(c, uint32_t(sender(g))) ? kClosed : 0u;
+  for (uint32_t g = lane; g < groups; g += kWarpSize)
+    seen[g] = is_lost(transport, c, uint32_t(sender(g))) ? kClosed : 0u;
   __syncwarp();
 
   // Warps start from different senders, so they spread over the ready ones.
   const uint32_t rotation = (uint32_t(global_warp()) + c.rank) % groups;
   // Every stall of this warp waiting for announcements counts against one bound, from the first.
-  PeerBound stalls(c, Phase::kDispatchRecv, -1);
+  PeerBound stalls(transport, c, Phase::kDispatchRecv, -1);
   // Lane 0 asks for the next token of the sender it copies from before copying the current one, which hides
   // the atomic's latency; the held ticket is used first (a sender whose tokens are not all taken stays chosen).
   int held_group = -1;
@@ -82,7 +83,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     bool progress = false;
     for (uint32_t g = lane; g < groups; g += kWarpSize) {
       if (SenderView::is_heard(seen[g])) continue;
-      if (is_lost(c, uint32_t(sender(g)))) {
+      if (is_lost(transport, c, uint32_t(sender(g)))) {
         seen[g] = kClosed;
         progress = true;
         continue;
@@ -113,7 +114,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
       // Every sender still open is late: poll their announcements again (the loop then chooses anew), within
       // the timeout, or stop once another wait failed.
       if (wait_step<WaitScope::kWarp>(hear_new_senders, stalls, 128) == WaitStep::kGaveUp) {
-        if (c.fault_tolerant && !masked_out(c.error)) {
+        if (Transport::kFaultTolerant && !masked_out(c.error)) {
           // Every sender still unheard is given up on, and the others still served.
           __syncwarp();
           for (uint32_t g = lane; g < groups; g += kWarpSize) {
@@ -125,7 +126,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
           continue;
         }
         const unsigned late = __ballot_sync(kFullMask, lane < groups && !SenderView::is_heard(seen[lane]));
-        if (lane == 0 && !c.fault_tolerant) {
+        if (lane == 0 && !Transport::kFaultTolerant) {
           record_timeout(c.error, c.timeout_ns, Phase::kDispatchRecv,
                          late != 0 ? sender(uint32_t(__ffs(late) - 1)) : -1);
         }
@@ -157,7 +158,7 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
     if (__shfl_sync(kFullMask, stamp, 0) == 0) {
       // Gave up on the sender: in the default mode the receive ends (the timeout is recorded); in the
       // fault-tolerant mode the sender is closed and the others still served.
-      if (!c.fault_tolerant || masked_out(c.error)) break;
+      if (!Transport::kFaultTolerant || masked_out(c.error)) break;
       if (lane == 0) seen[g] = kClosed;
       __syncwarp();
       held_group = -1;

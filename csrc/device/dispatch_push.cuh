@@ -38,7 +38,7 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
       // The token goes to a rank once, from the first k that names one of its experts; never to a lost one.
       const uint32_t owner = owner_of(l, expert);
       const bool send = first_in_row(experts, k0, owner, [&](uint32_t e) { return owner_of(l, e); }) && owner != ~0u &&
-                        owner % l.dp_size == c.dp_rank && !is_lost(c, owner);
+                        owner % l.dp_size == c.dp_rank && !is_lost(transport, c, owner);
       // A rank gets each token at most once, so its slots stay below m <= max_num_tokens.
       const uint32_t slot = send ? atomicAdd(&send_counts[owner], 1u) : 0u;
       for (unsigned pending = __ballot_sync(kFullMask, send); pending != 0; pending &= pending - 1) {
@@ -59,7 +59,8 @@ __device__ void dispatch_push_send(const DispatchArgs& a, const Transport& trans
     for (uint32_t rank = threadIdx.x; rank < l.world_size; rank += blockDim.x) {
       // 0 for ranks of other dp_ranks: they still hear from us.
       const uint32_t count = take_send_count(c, rank);
-      if (!is_lost(c, rank)) transport.signal(int(rank), c.dispatch_count(c.rank), DispatchCount::encode(count));
+      if (!is_lost(transport, c, rank))
+        transport.signal(int(rank), c.dispatch_count(c.rank), DispatchCount::encode(count));
     }
     reset_phase_counter(c, kDispatchSendDone);
   }

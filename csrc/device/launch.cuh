@@ -21,9 +21,10 @@
 namespace expertwire::device {
 
 // The pull dispatch when every peer's buffer is load/store reachable (receivers copy tokens straight from
-// senders), else the push dispatch.
+// senders), else the push dispatch; each in the object's mode (InMode).
 template <class Transport>
-void launch_dispatch(const DispatchArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
+void launch_dispatch_in_mode(const DispatchArgs& args, const Transport& transport, LaunchShape shape,
+                             cudaStream_t stream) {
   if (transport.load_store_only()) {
     const uint64_t shared_bytes = PullDispatchShared::bytes(args.ctx.layout, shape.threads);
     EW_REQUIRE(shared_bytes <= kMaxDefaultSharedBytes, "dispatch: ", args.ctx.layout.num_dp_groups, " DP groups need ",
@@ -37,10 +38,20 @@ void launch_dispatch(const DispatchArgs& args, const Transport& transport, Launc
   EW_CUDA_CHECK(cudaGetLastError());
 }
 
+template <class Transport>
+void launch_dispatch(const DispatchArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
+  if (args.ctx.fault_tolerant) {
+    launch_dispatch_in_mode(args, InMode<Transport, true>{transport}, shape, stream);
+  } else {
+    launch_dispatch_in_mode(args, InMode<Transport, false>{transport}, shape, stream);
+  }
+}
+
 // The pull combine when every peer's buffer is load/store reachable, else the push combine. Rows travel and are
 // summed as ExpertT; expert_y holds SourceT (ExpertT, or float32).
-template <class Transport, class OutT, class ExpertT, class SourceT = ExpertT>
-void launch_combine_typed(const CombineArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
+template <class Transport, class OutT, class ExpertT, class SourceT>
+void launch_combine_in_mode(const CombineArgs& args, const Transport& transport, LaunchShape shape,
+                            cudaStream_t stream) {
   const uint64_t shared_bytes = CombineShared::bytes(args.ctx.layout);
   if (transport.load_store_only()) {
     combine_pull_kernel<Transport, OutT, ExpertT, SourceT>
@@ -50,6 +61,17 @@ void launch_combine_typed(const CombineArgs& args, const Transport& transport, L
         <<<shape.blocks, shape.threads, shared_bytes, stream>>>(args, transport);
   }
   EW_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class Transport, class OutT, class ExpertT, class SourceT = ExpertT>
+void launch_combine_typed(const CombineArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
+  if (args.ctx.fault_tolerant) {
+    launch_combine_in_mode<InMode<Transport, true>, OutT, ExpertT, SourceT>(args, InMode<Transport, true>{transport},
+                                                                            shape, stream);
+  } else {
+    launch_combine_in_mode<InMode<Transport, false>, OutT, ExpertT, SourceT>(args, InMode<Transport, false>{transport},
+                                                                             shape, stream);
+  }
 }
 
 template <class Transport, class ExpertT>

@@ -32,7 +32,7 @@ __device__ __forceinline__ bool mark_lost(const RankContext& c, uint32_t rank) {
 __device__ __forceinline__ uint32_t lost_bits(const RankContext& c, uint32_t word) {
   uint32_t bits = 0;
   const uint32_t first = word * 32, end = min(first + 32, c.layout.world_size);
-  for (uint32_t rank = first; rank < end; ++rank) bits |= uint32_t(is_lost(c, rank)) << (rank - first);
+  for (uint32_t rank = first; rank < end; ++rank) bits |= uint32_t(marked_lost(c, rank)) << (rank - first);
   return bits;
 }
 
@@ -41,7 +41,7 @@ __device__ __forceinline__ uint32_t lost_bits(const RankContext& c, uint32_t wor
 __device__ inline void absorb_loss_posts(const RankContext& c, Phase phase) {
   const BufferLayout& l = c.layout;
   for (uint32_t source = 0; source < l.world_size; ++source) {
-    if (source == c.rank || is_lost(c, source)) continue;
+    if (source == c.rank || marked_lost(c, source)) continue;
     for (uint32_t word = 0; word < l.loss_words; ++word) {
       const uint64_t post = *reinterpret_cast<const volatile uint64_t*>(c.local(c.loss_post(source, word)));
       for (uint32_t bits = LossPost::lost_bits(post); bits != 0; bits &= bits - 1) {
@@ -60,7 +60,7 @@ __device__ inline void absorb_loss_posts(const RankContext& c, Phase phase) {
 template <class Transport>
 __device__ void post_losses(const RankContext& c, const Transport& transport, uint32_t sequence) {
   for (uint32_t rank = 0; rank < c.layout.world_size; ++rank) {
-    if (rank == c.rank || is_lost(c, rank)) continue;
+    if (rank == c.rank || marked_lost(c, rank)) continue;
     for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
       transport.signal(int(rank), c.loss_post(c.rank, word), LossPost::encode(sequence, lost_bits(c, word)));
     }
@@ -70,16 +70,18 @@ __device__ void post_losses(const RankContext& c, const Transport& transport, ui
 // The bound of a wait for `peer` (-1: several): WaitBound's in the default mode. In the fault-tolerant mode it
 // gives up as soon as the peer is lost or this rank was masked out, and counts its timeout anew from each loss
 // this rank hears of.
+template <class Transport>
 class PeerBound {
  public:
-  __device__ PeerBound(const RankContext& c, Phase phase, int32_t peer) : c_(c), phase_(phase), peer_(peer) {}
+  __device__ PeerBound(const Transport&, const RankContext& c, Phase phase, int32_t peer)
+      : c_(c), phase_(phase), peer_(peer) {}
   __device__ __forceinline__ bool ran_out() {
     if ((++polls_ & 1023) == 0) {
-      if (!c_.fault_tolerant) {
+      if constexpr (!Transport::kFaultTolerant) {
         if (wait_failed(c_.error)) return true;
       } else {
         absorb_loss_posts(c_, phase_);
-        if (masked_out(c_.error) || (peer_ >= 0 && is_lost(c_, uint32_t(peer_)))) return true;
+        if (masked_out(c_.error) || (peer_ >= 0 && marked_lost(c_, uint32_t(peer_)))) return true;
         const uint32_t news = *reinterpret_cast<const volatile uint32_t*>(&c_.liveness()->news);
         if (news != news_) start_ = 0;
         news_ = news;
@@ -100,13 +102,21 @@ class PeerBound {
 };
 
 // What a wait that gave up on `peer` leaves behind: the default mode's sticky timeout; in the fault-tolerant
-// mode the peer lost and the loss posted (nothing, once this rank was masked out).
+// mode the peer lost and the loss posted (nothing, once this rank was masked out). The peer itself hears of it
+// where its memory is mapped (a store, which a dead peer's mapping takes harmlessly; no put to a dead peer):
+// one that was only stuck then finds itself masked out when it calls again (absorb_loss_posts).
 template <class Transport>
 __device__ void give_up_on(const RankContext& c, const Transport& transport, Phase phase, uint32_t peer) {
-  if (!c.fault_tolerant) {
+  if constexpr (!Transport::kFaultTolerant) {
     record_timeout(c.error, c.timeout_ns, phase, int32_t(peer));
   } else if (!masked_out(c.error) && mark_lost(c, peer)) {
-    post_losses(c, transport, c.liveness()->posted);
+    const uint32_t sequence = c.liveness()->posted;
+    post_losses(c, transport, sequence);
+    for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
+      if (uint64_t* mapped = transport.peer(int(peer), c.loss_post(c.rank, word))) {
+        store_release_sys(mapped, LossPost::encode(sequence, lost_bits(c, word)));
+      }
+    }
   }
 }
 
@@ -115,9 +125,9 @@ __device__ void give_up_on(const RankContext& c, const Transport& transport, Pha
 template <class Transport, class Done>
 __device__ uint64_t wait_for_peer(const RankContext& c, const Transport& transport, const uint64_t* signal, Done done,
                                   Phase phase, uint32_t peer) {
-  if (is_lost(c, peer)) return 0;
+  if (is_lost(transport, c, peer)) return 0;
   uint64_t value = 0;
-  PeerBound bound(c, phase, int32_t(peer));
+  PeerBound bound(transport, c, phase, int32_t(peer));
   if (wait_until([&] { return done(value = load_acquire_sys(signal)); }, bound)) return value;
   give_up_on(c, transport, phase, peer);
   return 0;
@@ -142,7 +152,7 @@ __device__ void run_agreement(const RankContext& c, const Transport& transport, 
     }
     __syncthreads();
     for (uint32_t rank = threadIdx.x; rank < c.layout.world_size; rank += blockDim.x) {
-      if (rank == c.rank || is_lost(c, rank)) continue;
+      if (rank == c.rank || marked_lost(c, rank)) continue;
       for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
         transport.signal(int(rank), c.loss_post(c.rank, word), LossPost::encode(sequence, lost_bits(c, word)));
       }

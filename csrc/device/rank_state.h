@@ -126,10 +126,28 @@ struct RankContext {
 
 #if defined(__CUDACC__)
 
-// Whether this rank has given up on `rank` (the fault-tolerant mode; never in the default mode). Other threads
-// of this rank clear active_ranks entries while kernels run, so it is read through volatile.
-__device__ __forceinline__ bool is_lost(const RankContext& c, uint32_t rank) {
-  return c.fault_tolerant && *reinterpret_cast<const volatile int32_t*>(&c.active_ranks()[rank]) == 0;
+// A kernel's Transport in the object's mode (RankContext::fault_tolerant): the kernels are instantiated once per
+// mode, so that the default mode's compile without any fault-tolerant path (they made its kernels spill
+// registers). Code that differs by mode asks Transport::kFaultTolerant.
+template <class Transport, bool kFaultTolerantMode>
+struct InMode : Transport {
+  static constexpr bool kFaultTolerant = kFaultTolerantMode;
+};
+
+// Whether this rank has given up on `rank` (the fault-tolerant mode's mask). Other threads of this rank clear
+// active_ranks entries while kernels run, so it is read through volatile.
+__device__ __forceinline__ bool marked_lost(const RankContext& c, uint32_t rank) {
+  return *reinterpret_cast<const volatile int32_t*>(&c.active_ranks()[rank]) == 0;
+}
+
+// marked_lost in the fault-tolerant mode; never in the default mode.
+template <class Transport>
+__device__ __forceinline__ bool is_lost(const Transport&, const RankContext& c, uint32_t rank) {
+  if constexpr (Transport::kFaultTolerant) {
+    return marked_lost(c, rank);
+  } else {
+    return false;
+  }
 }
 
 // This rank's running pull dispatch (DispatchEpoch): constant from the dispatch's send to the combine that

@@ -14,13 +14,13 @@
 namespace expertwire::device {
 
 // out[t] = sum_k weights[t][k] * row(t, k) for the first bound_m tokens, in fp32, written as OutT. `row_of(t, k,
-// expert)` gives the address of the expert output row of (t, k) for a valid expert; it may take dependent
-// loads (a slot read from a peer). A work item is a run of chunks (32 vectors of 8 elements, one per lane) of
-// one token; runs are as long as keeps about kItemsPerWarp items per warp, so every warp has work. A warp looks
-// up the rows of 32 / top_k of its items at once, lane i row i % top_k of item i / top_k, into its row table:
-// one round trip of index, weight and slot loads for all of them, not one per item. Then every lane loads its
-// vector of eight rows before summing any. Sums stay in k order, as the reference's. kWide: top_k > 32, whose
-// rows a table holds a pass of 32 at a time (weighted_sum_rows picks; apart, neither spills registers).
+// expert)` gives the address of the expert output row of (t, k) for a valid expert, or nullptr for a row that
+// adds nothing; it may take dependent loads (a slot read from a peer). A work item is a run of chunks (32 vectors of 8
+// elements, one per lane) of one token; runs are as long as keeps about kItemsPerWarp items per warp, so every warp has
+// work. A warp looks up the rows of 32 / top_k of its items at once, lane i row i % top_k of item i / top_k, into its
+// row table: one round trip of index, weight and slot loads for all of them, not one per item. Then every lane loads
+// its vector of eight rows before summing any. Sums stay in k order, as the reference's. kWide: top_k > 32, whose rows
+// a table holds a pass of 32 at a time (weighted_sum_rows picks; apart, neither spills registers).
 template <bool kWide, class OutT, class ExpertT, class RowOf>
 __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf row_of) {
   const RankContext& c = a.ctx;
@@ -54,9 +54,9 @@ __device__ __forceinline__ void weighted_sum_rows_of(const CombineArgs& a, RowOf
     if (valid && item < items && k < top_k) {
       const uint32_t t = item / runs_per_token;
       const uint32_t expert = ExpertRow(a.indices, t, top_k)[k];
-      // Rows of invalid experts were never sent (dispatch reported them), those of lost ranks' experts are
-      // left out (the fault-tolerant mode): they add nothing.
-      if (expert < l.num_experts && !is_lost(c, expert / l.num_local_experts)) {
+      // Rows of invalid experts were never sent (dispatch reported them): they add nothing, as does a row
+      // row_of gives as nullptr.
+      if (expert < l.num_experts) {
         row = row_of(t, k, expert);
         weight = a.weights[uint64_t(t) * top_k + k];
       }

@@ -47,6 +47,13 @@ TEST(DescribeErrorRecord, RowTypeMismatchNamesBothTypesAndThePeer) {
             "written in combine receive on rank 1");
 }
 
+TEST(DescribeErrorRecord, MaskedOutNamesTheRankThatSaidSo) {
+  EXPECT_EQ(describe(record(ErrorCode::kMaskedOut, Phase::kDispatchRecv, 2, 0), 7),
+            "rank 2 reports that the ranks gave up on this one (it was too late for them or stopped calling) and "
+            "masked it out; the survivors go on without it, so this object cannot rejoin them in dispatch receive "
+            "on rank 7");
+}
+
 TEST(DescribeErrorRecord, EveryPhaseHasAName) {
   EXPECT_STREQ(phase_name(Phase::kDispatchSend), "dispatch send");
   EXPECT_STREQ(phase_name(Phase::kDispatchRecv), "dispatch receive");

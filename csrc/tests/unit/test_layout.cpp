@@ -158,21 +158,25 @@ TEST(Layout, SmallConfigSymmetricRegions) {
   EXPECT_EQ(l.dispatch_counts_offset, 1280u);
   // combine_done: align256(1312) = 1536 (6 * 256); 4 * 8 B = 32 B -> cursor 1568
   EXPECT_EQ(l.combine_done_offset, 1536u);
-  // staging: align256(1568) = 1792 (7 * 256); 5 slots * 64 B = 320 B -> cursor 2112
-  EXPECT_EQ(l.staging_offset, 1792u);
+  // loss_posts: ceil(4 ranks / 32) = 1 word a rank; align256(1568) = 1792 (7 * 256); 4 * 1 * 8 B = 32 B
+  // -> cursor 1824
+  EXPECT_EQ(l.loss_words, 1u);
+  EXPECT_EQ(l.loss_posts_offset, 1792u);
+  // staging: align256(1824) = 2048 (8 * 256); 5 slots * 64 B = 320 B -> cursor 2368
+  EXPECT_EQ(l.staging_offset, 2048u);
   EXPECT_EQ(l.staging_slots, 5u);
-  // send_rows: align256(2112) = 2304 (9 * 256); 4 tokens * 64 B = 256 B -> cursor 2560
-  EXPECT_EQ(l.send_rows_offset, 2304u);
-  // send_announce: align256(2560) = 2560 (10 * 256); 8 B -> cursor 2568
-  EXPECT_EQ(l.send_announce_offset, 2560u);
-  // send_stamps: align256(2568) = 2816 (11 * 256); 4 tokens * 8 B = 32 B -> cursor 2848
-  EXPECT_EQ(l.send_stamps_offset, 2816u);
-  // combine_slots: align256(2848) = 3072 (12 * 256); 2 groups * 4 tokens * 3 k * 4 B = 96 B -> cursor 3168
-  EXPECT_EQ(l.combine_slots_offset, 3072u);
-  // expert_outputs: align256(3168) = 3328 (13 * 256); 2 local experts * 8 rows * 64 B = 1024 B -> cursor 4352
-  EXPECT_EQ(l.expert_outputs_offset, 3328u);
-  // 4352 = 17 * 256 is already aligned
-  EXPECT_EQ(l.symmetric_bytes, 4352u);
+  // send_rows: align256(2368) = 2560 (10 * 256); 4 tokens * 64 B = 256 B -> cursor 2816
+  EXPECT_EQ(l.send_rows_offset, 2560u);
+  // send_announce: align256(2816) = 2816 (11 * 256); 8 B -> cursor 2824
+  EXPECT_EQ(l.send_announce_offset, 2816u);
+  // send_stamps: align256(2824) = 3072 (12 * 256); 4 tokens * 8 B = 32 B -> cursor 3104
+  EXPECT_EQ(l.send_stamps_offset, 3072u);
+  // combine_slots: align256(3104) = 3328 (13 * 256); 2 groups * 4 tokens * 3 k * 4 B = 96 B -> cursor 3424
+  EXPECT_EQ(l.combine_slots_offset, 3328u);
+  // expert_outputs: align256(3424) = 3584 (14 * 256); 2 local experts * 8 rows * 64 B = 1024 B -> cursor 4608
+  EXPECT_EQ(l.expert_outputs_offset, 3584u);
+  // 4608 = 18 * 256 is already aligned
+  EXPECT_EQ(l.symmetric_bytes, 4608u);
 }
 
 TEST(Layout, SmallConfigWorkspace) {
@@ -183,14 +187,18 @@ TEST(Layout, SmallConfigWorkspace) {
   EXPECT_EQ(l.recv_counts_offset, 256u);
   // routes: align256(264) = 512; 2 local experts * 8 rows * 8 B = 128 B -> 640
   EXPECT_EQ(l.routes_offset, 512u);
-  // phase_counters: align256(640) = 768; 3 * 4 B = 12 B -> 780
+  // phase_counters: align256(640) = 768; 4 * 4 B = 16 B -> 784
   EXPECT_EQ(l.phase_counters_offset, 768u);
-  // pull_state: align256(780) = 1024; (2 local experts + 2 groups + 1) * 4 B = 20 B -> 1044
+  // pull_state: align256(784) = 1024; (2 local experts + 2 groups + 1) * 4 B = 20 B -> 1044
   EXPECT_EQ(l.pull_state_offset, 1024u);
   // dispatch_epoch: align256(1044) = 1280; 4 B -> 1284
   EXPECT_EQ(l.dispatch_epoch_offset, 1280u);
-  // align256(1284) = 1536
-  EXPECT_EQ(l.workspace_bytes, 1536u);
+  // active_ranks: align256(1284) = 1536; 4 ranks * 4 B = 16 B -> 1552
+  EXPECT_EQ(l.active_ranks_offset, 1536u);
+  // liveness: align256(1552) = 1792; 16 B -> 1808
+  EXPECT_EQ(l.liveness_offset, 1792u);
+  // align256(1808) = 2048
+  EXPECT_EQ(l.workspace_bytes, 2048u);
 }
 
 TEST(Layout, SmallConfigAccessors) {
@@ -215,30 +223,34 @@ TEST(Layout, SmallConfigAccessors) {
 
   // Flag per source rank, 8 B each, base 1536.
   EXPECT_EQ(l.combine_done_offset_of(0), 1536u);
-  EXPECT_EQ(l.combine_done_offset_of(3), 1560u);  // last: 1536 + 3 * 8
+  EXPECT_EQ(l.combine_done_offset_of(3), 1560u);  // last: 1536 + 3 * 8; ends at 1568 <= 1792 (loss_posts)
 
-  // Staging row per slot, 64 B each, base 1792.
-  EXPECT_EQ(l.staging_row_offset(0), 1792u);
-  EXPECT_EQ(l.staging_row_offset(4), 2048u);  // last: 1792 + 4 * 64; ends at 2112 <= 2304 (send_rows)
+  // Loss post word (source rank, word) is rank * 1 + word; 8 B each, base 1792.
+  EXPECT_EQ(l.loss_post_offset(0, 0), 1792u);
+  EXPECT_EQ(l.loss_post_offset(3, 0), 1816u);  // last: 1792 + 3 * 8; ends at 1824 <= 2048 (staging)
 
-  // Send row per token, 64 B each, base 2304.
-  EXPECT_EQ(l.send_row_offset(0), 2304u);
-  EXPECT_EQ(l.send_row_offset(3), 2496u);          // last: 2304 + 3 * 64
-  EXPECT_EQ(2496u + 64u, l.send_announce_offset);  // the last row ends where the announcement starts
+  // Staging row per slot, 64 B each, base 2048.
+  EXPECT_EQ(l.staging_row_offset(0), 2048u);
+  EXPECT_EQ(l.staging_row_offset(4), 2304u);  // last: 2048 + 4 * 64; ends at 2368 <= 2560 (send_rows)
 
-  // Stamp per token, 8 B each, base 2816.
-  EXPECT_EQ(l.send_stamp_offset(0), 2816u);
-  EXPECT_EQ(l.send_stamp_offset(3), 2840u);  // last: 2816 + 3 * 8; ends at 2848 <= 3072
+  // Send row per token, 64 B each, base 2560.
+  EXPECT_EQ(l.send_row_offset(0), 2560u);
+  EXPECT_EQ(l.send_row_offset(3), 2752u);          // last: 2560 + 3 * 64
+  EXPECT_EQ(2752u + 64u, l.send_announce_offset);  // the last row ends where the announcement starts
 
-  // Slot (group, token, k) is (group * 4 + token) * 3 + k; 4 B each, base 3072.
-  EXPECT_EQ(l.combine_slot_offset(0, 0, 0), 3072u);
-  EXPECT_EQ(l.combine_slot_offset(0, 1, 2), 3092u);  // 3072 + (1 * 3 + 2 = 5) * 4
-  EXPECT_EQ(l.combine_slot_offset(1, 3, 2), 3164u);  // last: 3072 + ((1 * 4 + 3) * 3 + 2 = 23) * 4; ends at 3168
+  // Stamp per token, 8 B each, base 3072.
+  EXPECT_EQ(l.send_stamp_offset(0), 3072u);
+  EXPECT_EQ(l.send_stamp_offset(3), 3096u);  // last: 3072 + 3 * 8; ends at 3104 <= 3328
 
-  // Expert output (local expert, row) is expert * 8 + row; 64 B each, base 3328.
-  EXPECT_EQ(l.expert_output_offset(0, 0), 3328u);
-  EXPECT_EQ(l.expert_output_offset(1, 0), 3840u);  // 3328 + 8 * 64
-  EXPECT_EQ(l.expert_output_offset(1, 7), 4288u);  // last: 3328 + 15 * 64; ends at 4352 = symmetric_bytes
+  // Slot (group, token, k) is (group * 4 + token) * 3 + k; 4 B each, base 3328.
+  EXPECT_EQ(l.combine_slot_offset(0, 0, 0), 3328u);
+  EXPECT_EQ(l.combine_slot_offset(0, 1, 2), 3348u);  // 3328 + (1 * 3 + 2 = 5) * 4
+  EXPECT_EQ(l.combine_slot_offset(1, 3, 2), 3420u);  // last: 3328 + ((1 * 4 + 3) * 3 + 2 = 23) * 4; ends at 3424
+
+  // Expert output (local expert, row) is expert * 8 + row; 64 B each, base 3584.
+  EXPECT_EQ(l.expert_output_offset(0, 0), 3584u);
+  EXPECT_EQ(l.expert_output_offset(1, 0), 4096u);  // 3584 + 8 * 64
+  EXPECT_EQ(l.expert_output_offset(1, 7), 4544u);  // last: 3584 + 15 * 64; ends at 4608 = symmetric_bytes
 
   // Route (expert, row) is expert * 8 + row; 8 B each, base 512.
   EXPECT_EQ(l.route_offset(0, 0), 512u);
@@ -247,6 +259,50 @@ TEST(Layout, SmallConfigAccessors) {
 }
 
 TEST(Layout, SmallConfigRegionsDisjoint) { expect_layout_regions_disjoint(make_buffer_layout(small_config(), 5)); }
+
+// A loss post holds 32 ranks a word: 32 ranks take one word, 33 two, 64 two, 65 three.
+TEST(Layout, LossPostsTake32RanksAWord) {
+  for (const auto& [world, words] : {std::pair{32, 1u}, std::pair{33, 2u}, std::pair{64, 2u}, std::pair{65, 3u}}) {
+    AllToAllConfig config = small_config();
+    config.world_size = world;
+    config.rank = 0;
+    config.dp_size = 1;
+    config.num_experts = 2 * world;  // 2 local experts
+    const BufferLayout l = make_buffer_layout(config, 5);
+    EXPECT_EQ(l.loss_words, words) << world << " ranks";
+    expect_layout_regions_disjoint(l);
+  }
+  // 33 ranks in 33 DP groups, otherwise small_config():
+  AllToAllConfig config = small_config();
+  config.world_size = 33;
+  config.rank = 0;
+  config.dp_size = 1;
+  config.num_experts = 66;
+  const BufferLayout l = make_buffer_layout(config, 5);
+  // dispatch_recv: 33 groups * 4 tokens * 64 B = 8448 (33 * 256) -> 8448
+  // combine_recv: at 8448; 4 * 3 * 64 B = 768 -> 9216 (36 * 256)
+  // dispatch_counts: at 9216; 33 * 8 B = 264 -> 9480
+  EXPECT_EQ(l.dispatch_counts_offset, 9216u);
+  // combine_done: align256(9480) = 9728 (38 * 256); 264 B -> 9992
+  EXPECT_EQ(l.combine_done_offset, 9728u);
+  // loss_posts: align256(9992) = 10240 (40 * 256); 33 ranks * 2 words * 8 B = 528 B -> 10768
+  EXPECT_EQ(l.loss_posts_offset, 10240u);
+  EXPECT_EQ(l.loss_post_offset(0, 1), 10248u);   // 10240 + 1 * 8
+  EXPECT_EQ(l.loss_post_offset(1, 0), 10256u);   // 10240 + 2 * 8: the next rank's post
+  EXPECT_EQ(l.loss_post_offset(32, 1), 10760u);  // last: 10240 + (32 * 2 + 1 = 65) * 8; ends at 10768
+  // staging: align256(10768) = 11008 (43 * 256)
+  EXPECT_EQ(l.staging_offset, 11008u);
+  // Workspace: send_counts 33 * 4 = 132 at 0; recv_counts at 256 (+8); routes at 512 (2 * 132 rows * 8 = 2112
+  // -> 2624); phase_counters at align256(2624) = 2816 (+16 = 2832); pull_state at 3072 ((2 + 33 + 1) * 4 = 144
+  // -> 3216); dispatch_epoch at 3328 (+4 = 3332); active_ranks at 3584 (33 * 4 = 132 -> 3716); liveness at
+  // 3840 (+16 = 3856); total align256(3856) = 4096
+  EXPECT_EQ(l.phase_counters_offset, 2816u);
+  EXPECT_EQ(l.pull_state_offset, 3072u);
+  EXPECT_EQ(l.dispatch_epoch_offset, 3328u);
+  EXPECT_EQ(l.active_ranks_offset, 3584u);
+  EXPECT_EQ(l.liveness_offset, 3840u);
+  EXPECT_EQ(l.workspace_bytes, 4096u);
+}
 
 TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   const BufferLayout l = make_buffer_layout(bf16_config(), 3);
@@ -267,43 +323,50 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.dispatch_counts_offset, 1024u);
   // combine_done: align256(1048) = 1280; 3 * 8 B = 24 B -> 1304
   EXPECT_EQ(l.combine_done_offset, 1280u);
-  // staging: align256(1304) = 1536; 3 * 80 B = 240 B -> 1776
-  EXPECT_EQ(l.staging_offset, 1536u);
-  // send_rows: align256(1776) = 1792; 2 tokens * 80 B = 160 B -> 1952
-  EXPECT_EQ(l.send_rows_offset, 1792u);
-  // send_announce: align256(1952) = 2048; 8 B -> 2056
-  EXPECT_EQ(l.send_announce_offset, 2048u);
-  // send_stamps: align256(2056) = 2304; 2 tokens * 8 B = 16 B -> 2320
-  EXPECT_EQ(l.send_stamps_offset, 2304u);
-  // combine_slots: align256(2320) = 2560; 3 groups * 2 tokens * 5 k * 4 B = 120 B -> 2680
-  EXPECT_EQ(l.combine_slots_offset, 2560u);
-  // expert_outputs: align256(2680) = 2816; 2 local experts * 6 rows * 32 B = 384 B -> 3200
-  EXPECT_EQ(l.expert_outputs_offset, 2816u);
-  // align256(3200) = 3328
-  EXPECT_EQ(l.symmetric_bytes, 3328u);
+  // loss_posts: ceil(3 / 32) = 1 word a rank; align256(1304) = 1536; 3 * 1 * 8 B = 24 B -> 1560
+  EXPECT_EQ(l.loss_words, 1u);
+  EXPECT_EQ(l.loss_posts_offset, 1536u);
+  // staging: align256(1560) = 1792; 3 * 80 B = 240 B -> 2032
+  EXPECT_EQ(l.staging_offset, 1792u);
+  // send_rows: align256(2032) = 2048; 2 tokens * 80 B = 160 B -> 2208
+  EXPECT_EQ(l.send_rows_offset, 2048u);
+  // send_announce: align256(2208) = 2304; 8 B -> 2312
+  EXPECT_EQ(l.send_announce_offset, 2304u);
+  // send_stamps: align256(2312) = 2560; 2 tokens * 8 B = 16 B -> 2576
+  EXPECT_EQ(l.send_stamps_offset, 2560u);
+  // combine_slots: align256(2576) = 2816; 3 groups * 2 tokens * 5 k * 4 B = 120 B -> 2936
+  EXPECT_EQ(l.combine_slots_offset, 2816u);
+  // expert_outputs: align256(2936) = 3072; 2 local experts * 6 rows * 32 B = 384 B -> 3456
+  EXPECT_EQ(l.expert_outputs_offset, 3072u);
+  // align256(3456) = 3584
+  EXPECT_EQ(l.symmetric_bytes, 3584u);
 
   // send 3 * 4 = 12 at 0; recv at 256 (+8 = 264); routes at 512 (2 * 6 * 8 = 96 -> 608);
-  // phase at 768 (+8 = 776); pull_state at align256(776) = 1024 ((2 + 3 + 1) * 4 = 24 -> 1048);
-  // dispatch_epoch at align256(1048) = 1280 (+4 = 1284); total align256(1284) = 1536
+  // phase at 768 (4 * 4 = 16 -> 784); pull_state at align256(784) = 1024 ((2 + 3 + 1) * 4 = 24 -> 1048);
+  // dispatch_epoch at align256(1048) = 1280 (+4 = 1284); active_ranks at align256(1284) = 1536 (3 * 4 = 12
+  // -> 1548); liveness at align256(1548) = 1792 (+16 = 1808); total align256(1808) = 2048
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
   EXPECT_EQ(l.phase_counters_offset, 768u);
   EXPECT_EQ(l.pull_state_offset, 1024u);
   EXPECT_EQ(l.dispatch_epoch_offset, 1280u);
-  EXPECT_EQ(l.workspace_bytes, 1536u);
+  EXPECT_EQ(l.active_ranks_offset, 1536u);
+  EXPECT_EQ(l.liveness_offset, 1792u);
+  EXPECT_EQ(l.workspace_bytes, 2048u);
 
   EXPECT_EQ(l.dispatch_token_offset(2, 1), 400u);    // last slot: (2 * 2 + 1 = 5) * 80; ends at 480
   EXPECT_EQ(l.combine_row_offset(1, 4), 800u);       // last row: 512 + (1 * 5 + 4 = 9) * 32; ends at 832
   EXPECT_EQ(l.dispatch_count_offset(2), 1040u);      // last: 1024 + 2 * 8
   EXPECT_EQ(l.combine_done_offset_of(2), 1296u);     // last: 1280 + 2 * 8
-  EXPECT_EQ(l.staging_row_offset(2), 1696u);         // last: 1536 + 2 * 80; ends at 1776
-  EXPECT_EQ(l.send_row_offset(0), 1792u);            // first: the region base
-  EXPECT_EQ(l.send_row_offset(1), 1872u);            // last: 1792 + 1 * 80; ends at 1952
-  EXPECT_EQ(l.send_stamp_offset(0), 2304u);          // first: the region base
-  EXPECT_EQ(l.send_stamp_offset(1), 2312u);          // last: 2304 + 1 * 8; ends at 2320 <= 2560
-  EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 2676u);  // last: 2560 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 2680
-  EXPECT_EQ(l.expert_output_offset(1, 5), 3168u);    // last: 2816 + (1 * 6 + 5 = 11) * 32; ends at 3200
+  EXPECT_EQ(l.loss_post_offset(2, 0), 1552u);        // last: 1536 + 2 * 8; ends at 1560
+  EXPECT_EQ(l.staging_row_offset(2), 1952u);         // last: 1792 + 2 * 80; ends at 2032
+  EXPECT_EQ(l.send_row_offset(0), 2048u);            // first: the region base
+  EXPECT_EQ(l.send_row_offset(1), 2128u);            // last: 2048 + 1 * 80; ends at 2208
+  EXPECT_EQ(l.send_stamp_offset(0), 2560u);          // first: the region base
+  EXPECT_EQ(l.send_stamp_offset(1), 2568u);          // last: 2560 + 1 * 8; ends at 2576 <= 2816
+  EXPECT_EQ(l.combine_slot_offset(2, 1, 4), 2932u);  // last: 2816 + ((2 * 2 + 1) * 5 + 4 = 29) * 4; ends at 2936
+  EXPECT_EQ(l.expert_output_offset(1, 5), 3424u);    // last: 3072 + (1 * 6 + 5 = 11) * 32; ends at 3456
   EXPECT_EQ(l.route_offset(1, 5), 600u);             // last: 512 + (1 * 6 + 5 = 11) * 8
 
   expect_layout_regions_disjoint(l);
@@ -329,37 +392,45 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.dispatch_counts_offset, 22298624u);
   // combine_done: align256(22,298,688) = 22,298,624 + 256 = 22,298,880; 8 * 8 = 64 B -> 22,298,944
   EXPECT_EQ(l.combine_done_offset, 22298880u);
-  // staging: align256(22,298,944) = 22,298,880 + 256 = 22,299,136; 64 * 14336 = 917,504 B -> 23,216,640
-  EXPECT_EQ(l.staging_offset, 22299136u);
-  // send_rows: 917,504 = 3584 * 256, so 23,216,640 is already aligned; 128 * 7440 = 952,320 B
-  // (= 3720 * 256) -> 24,168,960
-  EXPECT_EQ(l.send_rows_offset, 23216640u);
-  // send_announce: 24,168,960 is 256-aligned; 8 B -> 24,168,968
-  EXPECT_EQ(l.send_announce_offset, 24168960u);
-  // send_stamps: align256(24,168,968) = 24,168,960 + 256 = 24,169,216; 128 tokens * 8 = 1024 B -> 24,170,240
-  EXPECT_EQ(l.send_stamps_offset, 24169216u);
-  // combine_slots: 24,170,240 = 24,169,216 + 4 * 256 is already aligned; 8 groups * 128 tokens * 8 k * 4 B
-  // = 32,768 B -> 24,203,008
-  EXPECT_EQ(l.combine_slots_offset, 24170240u);
-  // expert_outputs: 24,203,008 is aligned (32,768 = 128 * 256); 32 * 1024 rows * 14336 B = 469,762,048 B
-  // -> 493,965,056
-  EXPECT_EQ(l.expert_outputs_offset, 24203008u);
+  // loss_posts: ceil(8 / 32) = 1 word a rank; align256(22,298,944) = 22,298,880 + 256 = 22,299,136;
+  // 8 * 1 * 8 = 64 B -> 22,299,200
+  EXPECT_EQ(l.loss_words, 1u);
+  EXPECT_EQ(l.loss_posts_offset, 22299136u);
+  // staging: align256(22,299,200) = 22,299,136 + 256 = 22,299,392; 64 * 14336 = 917,504 B -> 23,216,896
+  EXPECT_EQ(l.staging_offset, 22299392u);
+  // send_rows: 917,504 = 3584 * 256, so 23,216,896 is already aligned; 128 * 7440 = 952,320 B
+  // (= 3720 * 256) -> 24,169,216
+  EXPECT_EQ(l.send_rows_offset, 23216896u);
+  // send_announce: 24,169,216 is 256-aligned; 8 B -> 24,169,224
+  EXPECT_EQ(l.send_announce_offset, 24169216u);
+  // send_stamps: align256(24,169,224) = 24,169,216 + 256 = 24,169,472; 128 tokens * 8 = 1024 B -> 24,170,496
+  EXPECT_EQ(l.send_stamps_offset, 24169472u);
+  // combine_slots: 24,170,496 = 24,169,472 + 4 * 256 is already aligned; 8 groups * 128 tokens * 8 k * 4 B
+  // = 32,768 B -> 24,203,264
+  EXPECT_EQ(l.combine_slots_offset, 24170496u);
+  // expert_outputs: 24,203,264 is aligned (32,768 = 128 * 256); 32 * 1024 rows * 14336 B = 469,762,048 B
+  // -> 493,965,312
+  EXPECT_EQ(l.expert_outputs_offset, 24203264u);
   // 469,762,048 = 1,835,008 * 256, so the end is already aligned
-  EXPECT_EQ(l.symmetric_bytes, 493965056u);
+  EXPECT_EQ(l.symmetric_bytes, 493965312u);
 
   // send_counts: 8 ranks * 4 = 32 at 0; recv_counts: align256(32) = 256, 32 * 4 = 128 -> 384;
   // routes: align256(384) = 512, 32 * 1024 * 8 = 262,144 -> 262,656 (= 1026 * 256);
-  // phase_counters: at 262,656, +12 -> 262,668;
-  // pull_state: align256(262,668) = 262,912 (1027 * 256), (32 + 8 + 1) * 4 = 164 -> 263,076;
+  // phase_counters: at 262,656, 4 * 4 = 16 -> 262,672;
+  // pull_state: align256(262,672) = 262,912 (1027 * 256), (32 + 8 + 1) * 4 = 164 -> 263,076;
   // dispatch_epoch: align256(263,076) = 263,168 (1028 * 256), 4 -> 263,172;
-  // total: align256(263,172) = 263,424 (1029 * 256)
+  // active_ranks: align256(263,172) = 263,424 (1029 * 256), 8 * 4 = 32 -> 263,456;
+  // liveness: align256(263,456) = 263,680 (1030 * 256), 16 -> 263,696;
+  // total: align256(263,696) = 263,936 (1031 * 256)
   EXPECT_EQ(l.send_counts_offset, 0u);
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
   EXPECT_EQ(l.phase_counters_offset, 262656u);
   EXPECT_EQ(l.pull_state_offset, 262912u);
   EXPECT_EQ(l.dispatch_epoch_offset, 263168u);
-  EXPECT_EQ(l.workspace_bytes, 263424u);
+  EXPECT_EQ(l.active_ranks_offset, 263424u);
+  EXPECT_EQ(l.liveness_offset, 263680u);
+  EXPECT_EQ(l.workspace_bytes, 263936u);
 
   // Last slot: 7 * 128 + 127 = 1023; 1023 * 7440 = 7,611,120 (+7440 = end)
   EXPECT_EQ(l.dispatch_token_offset(7, 127), 7611120u);
@@ -370,19 +441,20 @@ TEST(Layout, DeepSeekV3Config) {
   // Last count: 22,298,624 + 7 * 8 = 22,298,680
   EXPECT_EQ(l.dispatch_count_offset(7), 22298680u);
   EXPECT_EQ(l.combine_done_offset_of(7), 22298936u);  // 22,298,880 + 7 * 8
-  // Last staging row: 22,299,136 + 63 * 14336 (= 903,168) = 23,202,304; ends at 23,216,640
-  EXPECT_EQ(l.staging_row_offset(63), 23202304u);
-  EXPECT_EQ(l.send_row_offset(0), 23216640u);  // first send row: the region base, right after staging
-  // Last send row: 23,216,640 + 127 * 7440 (= 944,880) = 24,161,520; ends at 24,168,960
-  EXPECT_EQ(l.send_row_offset(127), 24161520u);
-  EXPECT_EQ(l.send_stamp_offset(0), 24169216u);
-  // Last stamp: 24,169,216 + 127 * 8 (= 1016) = 24,170,232; ends at 24,170,240, where combine_slots starts
-  EXPECT_EQ(l.send_stamp_offset(127), 24170232u);
-  // Last slot: (7 * 128 + 127) * 8 + 7 = 8191; 24,170,240 + 8191 * 4 = 24,203,004; ends at 24,203,008
-  EXPECT_EQ(l.combine_slot_offset(7, 127, 7), 24203004u);
-  // Last expert output: 31 * 1024 + 1023 = 32767; 24,203,008 + 32767 * 14336 (= 469,747,712) = 493,950,720;
-  // ends at 493,965,056 = symmetric_bytes
-  EXPECT_EQ(l.expert_output_offset(31, 1023), 493950720u);
+  EXPECT_EQ(l.loss_post_offset(7, 0), 22299192u);     // last: 22,299,136 + 7 * 8; ends at 22,299,200
+  // Last staging row: 22,299,392 + 63 * 14336 (= 903,168) = 23,202,560; ends at 23,216,896
+  EXPECT_EQ(l.staging_row_offset(63), 23202560u);
+  EXPECT_EQ(l.send_row_offset(0), 23216896u);  // first send row: the region base, right after staging
+  // Last send row: 23,216,896 + 127 * 7440 (= 944,880) = 24,161,776; ends at 24,169,216
+  EXPECT_EQ(l.send_row_offset(127), 24161776u);
+  EXPECT_EQ(l.send_stamp_offset(0), 24169472u);
+  // Last stamp: 24,169,472 + 127 * 8 (= 1016) = 24,170,488; ends at 24,170,496, where combine_slots starts
+  EXPECT_EQ(l.send_stamp_offset(127), 24170488u);
+  // Last slot: (7 * 128 + 127) * 8 + 7 = 8191; 24,170,496 + 8191 * 4 = 24,203,260; ends at 24,203,264
+  EXPECT_EQ(l.combine_slot_offset(7, 127, 7), 24203260u);
+  // Last expert output: 31 * 1024 + 1023 = 32767; 24,203,264 + 32767 * 14336 (= 469,747,712) = 493,950,976;
+  // ends at 493,965,312 = symmetric_bytes
+  EXPECT_EQ(l.expert_output_offset(31, 1023), 493950976u);
   // Last route: 31 * 1024 + 1023 = 32767; 512 + 32767 * 8 = 512 + 262,136 = 262,648; ends at 262,656
   EXPECT_EQ(l.route_offset(31, 1023), 262648u);
 
@@ -406,17 +478,18 @@ TEST(LayoutOverflow, StagingSlotsTimesRowBytes) {
 }
 
 TEST(LayoutOverflow, StagingEndPastAddressSpace) {
-  // (2^64 - 1) / 64 slots * 64 B = 2^64 - 64 B, which fits, but starting at offset 1792 it ends past 2^64.
+  // (2^64 - 1) / 64 slots * 64 B = 2^64 - 64 B, which fits, but starting at offset 2048 it ends past 2^64.
   const uint64_t slots = std::numeric_limits<uint64_t>::max() / 64;
   const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
   EXPECT_THAT(message, HasSubstr("staging"));
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
-// small_config() puts staging at 1792 with 64-byte rows, and five fixed-size regions follow it: send_rows
-// (4 tokens * 64 B = 256 B), send_announce (8 B), send_stamps (4 tokens * 8 B = 32 B), combine_slots (2 groups * 4
-// tokens * 3 k * 4 B = 96 B) and expert_outputs (2 experts * 8 rows * 64 B = 1024 B). With slots = 2^58 - n:
-//   staging ends at          E = 1792 + 64 * (2^58 - n) = 2^64 - (64 * n - 1792) = 2^64 - 64 * (n - 28)
+// small_config() puts staging at 2048 (after loss_posts [1792, 1824)) with 64-byte rows, and five fixed-size
+// regions follow it: send_rows (4 tokens * 64 B = 256 B), send_announce (8 B), send_stamps (4 tokens * 8 B = 32 B),
+// combine_slots (2 groups * 4 tokens * 3 k * 4 B = 96 B) and expert_outputs (2 experts * 8 rows * 64 B = 1024 B).
+// With slots = 2^58 - n:
+//   staging ends at          E = 2048 + 64 * (2^58 - n) = 2^64 - (64 * n - 2048) = 2^64 - 64 * (n - 32)
 //   send_rows                [S, S + 256) with S = align256(E)        (computing E + 255 must not pass 2^64)
 //   send_announce            [S + 256, S + 264)                       (S + 256 is already aligned)
 //   send_stamps              [S + 512, S + 544)                       (align256(S + 264) = S + 512)
@@ -424,19 +497,19 @@ TEST(LayoutOverflow, StagingEndPastAddressSpace) {
 //   expert_outputs           [S + 1024, S + 2048)                     (align256(S + 864) = S + 1024)
 //   symmetric_bytes          = S + 2048, already aligned
 // so, by n:
-//   n <= 28     staging ends at or past 2^64                                   -> "staging" overflows
-//   n = 29..31  E = 2^64 - 64, - 128, - 192: align256(E) reaches 2^64          -> "send_rows" overflows
-//   n = 32..35  E = 2^64 - 256 .. - 448, S = 2^64 - 256: send_rows ends at 2^64 -> "send_rows" overflows
-//   n = 36..39  S = 2^64 - 512: send_announce ends at 2^64 - 248; aligning the start of send_stamps
+//   n <= 32     staging ends at or past 2^64                                   -> "staging" overflows
+//   n = 33..35  E = 2^64 - 64, - 128, - 192: align256(E) reaches 2^64          -> "send_rows" overflows
+//   n = 36..39  E = 2^64 - 256 .. - 448, S = 2^64 - 256: send_rows ends at 2^64 -> "send_rows" overflows
+//   n = 40..43  S = 2^64 - 512: send_announce ends at 2^64 - 248; aligning the start of send_stamps
 //               reaches 2^64                                                   -> "send_stamps" overflows
-//   n = 40..43  S = 2^64 - 768: send_stamps [2^64 - 256, 2^64 - 224) fits; aligning the start of
+//   n = 44..47  S = 2^64 - 768: send_stamps [2^64 - 256, 2^64 - 224) fits; aligning the start of
 //               combine_slots reaches 2^64                                     -> "combine_slots" overflows
-//   n = 44..47  S = 2^64 - 1024: combine_slots [2^64 - 256, 2^64 - 160) fits; aligning the start of
+//   n = 48..51  S = 2^64 - 1024: combine_slots [2^64 - 256, 2^64 - 160) fits; aligning the start of
 //               expert_outputs reaches 2^64                                    -> "expert_outputs" overflows
-//   n = 48..63  S = 2^64 - 1280 .. - 2048: expert_outputs starts below 2^64 and ends past it, exactly at 2^64
-//               for S = 2^64 - 2048 (n = 60..63)                               -> "expert_outputs" overflows
-//   n = 64      E = S = 2^64 - 2304: symmetric_bytes = 2^64 - 256, the largest aligned size: it fits.
-// The rows n = 29..63: a region after staging is the first whose placement passes 2^64.
+//   n = 52..67  S = 2^64 - 1280 .. - 2048: expert_outputs starts below 2^64 and ends past it, exactly at 2^64
+//               for S = 2^64 - 2048 (n = 64..67)                               -> "expert_outputs" overflows
+//   n = 68      E = S = 2^64 - 2304: symmetric_bytes = 2^64 - 256, the largest aligned size: it fits.
+// The rows n = 33..67: a region after staging is the first whose placement passes 2^64.
 struct RegionOverflowCase {
   uint64_t n;          // staging_slots = 2^58 - n
   const char* region;  // the region named in the error
@@ -453,39 +526,40 @@ TEST_P(LayoutRegionAfterStagingOverflow, ThrowsNamingTheRegion) {
 
 INSTANTIATE_TEST_SUITE_P(
     SmallConfig, LayoutRegionAfterStagingOverflow,
-    ::testing::Values(RegionOverflowCase{29, "send_rows"}, RegionOverflowCase{30, "send_rows"},
-                      RegionOverflowCase{31, "send_rows"},  // aligning the start of send_rows wraps
-                      RegionOverflowCase{32, "send_rows"},  // send_rows ends exactly at 2^64
-                      RegionOverflowCase{35, "send_rows"},
-                      RegionOverflowCase{36, "send_stamps"},  // aligning its start wraps
-                      RegionOverflowCase{39, "send_stamps"},
-                      RegionOverflowCase{40, "combine_slots"},  // aligning its start wraps to zero
-                      RegionOverflowCase{43, "combine_slots"},
-                      RegionOverflowCase{44, "expert_outputs"},  // aligning its start wraps to zero
-                      RegionOverflowCase{47, "expert_outputs"},
-                      RegionOverflowCase{48, "expert_outputs"},  // starts below 2^64, ends past it
-                      RegionOverflowCase{60, "expert_outputs"},  // ends exactly at 2^64
-                      RegionOverflowCase{63, "expert_outputs"}),
+    ::testing::Values(RegionOverflowCase{33, "send_rows"}, RegionOverflowCase{34, "send_rows"},
+                      RegionOverflowCase{35, "send_rows"},  // aligning the start of send_rows wraps
+                      RegionOverflowCase{36, "send_rows"},  // send_rows ends exactly at 2^64
+                      RegionOverflowCase{39, "send_rows"},
+                      RegionOverflowCase{40, "send_stamps"},  // aligning its start wraps
+                      RegionOverflowCase{43, "send_stamps"},
+                      RegionOverflowCase{44, "combine_slots"},  // aligning its start wraps to zero
+                      RegionOverflowCase{47, "combine_slots"},
+                      RegionOverflowCase{48, "expert_outputs"},  // aligning its start wraps to zero
+                      RegionOverflowCase{51, "expert_outputs"},
+                      RegionOverflowCase{52, "expert_outputs"},  // starts below 2^64, ends past it
+                      RegionOverflowCase{64, "expert_outputs"},  // ends exactly at 2^64
+                      RegionOverflowCase{67, "expert_outputs"}),
     [](const ::testing::TestParamInfo<RegionOverflowCase>& info) {
       return "slots_2pow58_minus_" + std::to_string(info.param.n);
     });
 
 TEST(LayoutOverflow, StagingEndsExactlyAt2To64) {
-  // 2^58 - 28 slots: 1792 + 64 * (2^58 - 28) = 2^64 + 1792 - 1792 = 2^64, one past the largest offset.
-  const uint64_t slots = (uint64_t(1) << 58) - 28;
+  // 2^58 - 32 slots: 2048 + 64 * (2^58 - 32) = 2^64 + 2048 - 2048 = 2^64, one past the largest offset.
+  const uint64_t slots = (uint64_t(1) << 58) - 32;
   const std::string message = config_error_message([&] { make_buffer_layout(small_config(), slots); });
   EXPECT_THAT(message, HasSubstr("staging"));
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
 TEST(LayoutOverflow, LargestAlignedEndStillFits) {
-  // 2^58 - 64 slots: staging ends at 1792 + 64 * (2^58 - 64) = 2^64 - 2304 (aligned); send_rows at 2^64 - 2304
+  // 2^58 - 68 slots: staging ends at 2048 + 64 * (2^58 - 68) = 2^64 - 2304 (aligned); send_rows at 2^64 - 2304
   // (256 B -> 2^64 - 2048); send_announce at 2^64 - 2048 (8 B); send_stamps at align256 = 2^64 - 1792
   // (32 B); combine_slots at 2^64 - 1536 (96 B); expert_outputs at 2^64 - 1280 (1024 B -> 2^64 - 256), the
-  // largest 256-aligned size, so the layout is valid. One slot more (n = 63) wraps (see above).
-  const uint64_t slots = (uint64_t(1) << 58) - 64;
+  // largest 256-aligned size, so the layout is valid. One slot more (n = 67) wraps (see above).
+  const uint64_t slots = (uint64_t(1) << 58) - 68;
   const BufferLayout l = make_buffer_layout(small_config(), slots);
-  EXPECT_EQ(l.staging_offset, 1792u);
+  EXPECT_EQ(l.loss_posts_offset, 1792u);
+  EXPECT_EQ(l.staging_offset, 2048u);
   EXPECT_EQ(l.send_rows_offset, 18446744073709549312ull);       // 2^64 - 2304
   EXPECT_EQ(l.send_announce_offset, 18446744073709549568ull);   // 2^64 - 2048
   EXPECT_EQ(l.send_stamps_offset, 18446744073709549824ull);     // 2^64 - 1792
@@ -513,57 +587,62 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   // combine_recv: at 512; 4 * 3 * 64 B = 768 B -> 1280
   // dispatch_counts: align256(1280) = 1280 (5 * 256); 4 ranks * 8 B = 32 B -> 1312
   // combine_done: align256(1312) = 1536 (6 * 256); 4 * 8 B = 32 B -> 1568
-  // staging: align256(1568) = 1792 (7 * 256); 5 * 64 B = 320 B -> 2112
-  // send_rows: align256(2112) = 2304 (9 * 256); 4 * 64 B = 256 B -> 2560
-  // send_announce: at 2560 (10 * 256); 8 B -> 2568
-  // send_stamps: align256(2568) = 2816 (11 * 256); 4 * 8 B = 32 B -> 2848
-  // combine_slots: align256(2848) = 3072 (12 * 256); 2 * 4 * 3 * 4 B = 96 B -> 3168
-  // expert_outputs: align256(3168) = 3328 (13 * 256); 16 * 8 * 64 B = 8192 B -> 11520 (45 * 256)
+  // loss_posts: align256(1568) = 1792 (7 * 256); 4 ranks * 1 word * 8 B = 32 B -> 1824
+  // staging: align256(1824) = 2048 (8 * 256); 5 * 64 B = 320 B -> 2368
+  // send_rows: align256(2368) = 2560 (10 * 256); 4 * 64 B = 256 B -> 2816
+  // send_announce: at 2816 (11 * 256); 8 B -> 2824
+  // send_stamps: align256(2824) = 3072 (12 * 256); 4 * 8 B = 32 B -> 3104
+  // combine_slots: align256(3104) = 3328 (13 * 256); 2 * 4 * 3 * 4 B = 96 B -> 3424
+  // expert_outputs: align256(3424) = 3584 (14 * 256); 16 * 8 * 64 B = 8192 B -> 11776 (46 * 256)
   EXPECT_EQ(l.dispatch_recv_offset, 0u);
   EXPECT_EQ(l.combine_recv_offset, 512u);
   EXPECT_EQ(l.dispatch_counts_offset, 1280u);
   EXPECT_EQ(l.combine_done_offset, 1536u);
-  EXPECT_EQ(l.staging_offset, 1792u);
-  EXPECT_EQ(l.send_rows_offset, 2304u);
-  EXPECT_EQ(l.send_announce_offset, 2560u);
-  EXPECT_EQ(l.send_stamps_offset, 2816u);
-  EXPECT_EQ(l.combine_slots_offset, 3072u);
-  EXPECT_EQ(l.expert_outputs_offset, 3328u);
-  EXPECT_EQ(l.symmetric_bytes, 11520u);
-  EXPECT_EQ(l.send_row_offset(3), 2496u);            // last: 2304 + 3 * 64; ends at 2560
-  EXPECT_EQ(l.send_stamp_offset(3), 2840u);          // last: 2816 + 3 * 8; ends at 2848
-  EXPECT_EQ(l.expert_output_offset(15, 7), 11456u);  // last: 3328 + 127 * 64; ends at 11520 = symmetric_bytes
+  EXPECT_EQ(l.loss_posts_offset, 1792u);
+  EXPECT_EQ(l.staging_offset, 2048u);
+  EXPECT_EQ(l.send_rows_offset, 2560u);
+  EXPECT_EQ(l.send_announce_offset, 2816u);
+  EXPECT_EQ(l.send_stamps_offset, 3072u);
+  EXPECT_EQ(l.combine_slots_offset, 3328u);
+  EXPECT_EQ(l.expert_outputs_offset, 3584u);
+  EXPECT_EQ(l.symmetric_bytes, 11776u);
+  EXPECT_EQ(l.send_row_offset(3), 2752u);            // last: 2560 + 3 * 64; ends at 2816
+  EXPECT_EQ(l.send_stamp_offset(3), 3096u);          // last: 3072 + 3 * 8; ends at 3104
+  EXPECT_EQ(l.expert_output_offset(15, 7), 11712u);  // last: 3584 + 127 * 64; ends at 11776 = symmetric_bytes
   // Workspace: send 4 * 4 = 16 at 0; recv at 256 (16 * 4 = 64 -> 320); routes at align256(320) = 512
-  // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (+8 = 1544); pull_state at align256(1544) = 1792
-  // ((16 + 2 + 1) * 4 = 76 -> 1868); dispatch_epoch at align256(1868) = 2048 (+4 = 2052); total
-  // align256(2052) = 2304
+  // (16 * 8 rows * 8 = 1024 -> 1536); phase at 1536 (4 * 4 = 16 -> 1552); pull_state at align256(1552) = 1792
+  // ((16 + 2 + 1) * 4 = 76 -> 1868); dispatch_epoch at align256(1868) = 2048 (+4 = 2052); active_ranks at
+  // align256(2052) = 2304 (4 * 4 = 16 -> 2320); liveness at align256(2320) = 2560 (+16 = 2576); total
+  // align256(2576) = 2816
   EXPECT_EQ(l.recv_counts_offset, 256u);
   EXPECT_EQ(l.routes_offset, 512u);
   EXPECT_EQ(l.phase_counters_offset, 1536u);
   EXPECT_EQ(l.pull_state_offset, 1792u);
   EXPECT_EQ(l.dispatch_epoch_offset, 2048u);
-  EXPECT_EQ(l.workspace_bytes, 2304u);
+  EXPECT_EQ(l.active_ranks_offset, 2304u);
+  EXPECT_EQ(l.liveness_offset, 2560u);
+  EXPECT_EQ(l.workspace_bytes, 2816u);
   expect_layout_regions_disjoint(l);
 }
 
 TEST(LayoutOverflow, LayoutEndsExactlyAt2To64) {
-  // many_experts_config(): staging at 1792, rows of 64 B; send_rows [S, S + 256), send_announce
+  // many_experts_config(): staging at 2048, rows of 64 B; send_rows [S, S + 256), send_announce
   // [S + 256, S + 264), send_stamps [S + 512, S + 544), combine_slots [S + 768, S + 864), expert_outputs
-  // [S + 1024, S + 9216) with S = align256(1792 + 64 * slots).
-  // 2^58 - 172 slots: 1792 + 64 * (2^58 - 172) = 2^64 - 9216 (11008 = 172 * 64), aligned, so S = 2^64 - 9216 and
+  // [S + 1024, S + 9216) with S = align256(2048 + 64 * slots).
+  // 2^58 - 176 slots: 2048 + 64 * (2^58 - 176) = 2^64 - 9216 (11264 = 176 * 64), aligned, so S = 2^64 - 9216 and
   // expert_outputs ends exactly at 2^64, one past the largest offset.
-  const uint64_t slots = (uint64_t(1) << 58) - 172;
+  const uint64_t slots = (uint64_t(1) << 58) - 176;
   const std::string message = config_error_message([&] { make_buffer_layout(many_experts_config(), slots); });
   EXPECT_THAT(message, HasSubstr("expert_outputs"));
   EXPECT_THAT(message, HasSubstr("overflows"));
 }
 
 TEST(LayoutOverflow, ManyExpertsLargestEndStillFits) {
-  // 2^58 - 176 slots: staging ends at 1792 + 64 * (2^58 - 176) = 2^64 - 9472 (11264 = 176 * 64); send_rows at
+  // 2^58 - 180 slots: staging ends at 2048 + 64 * (2^58 - 180) = 2^64 - 9472 (11520 = 180 * 64); send_rows at
   // 2^64 - 9472, send_announce at 2^64 - 9216, send_stamps at 2^64 - 8960, combine_slots at 2^64 - 8704,
   // expert_outputs at 2^64 - 8448 ending at 2^64 - 256: already aligned, the largest valid size.
-  const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 176);
-  EXPECT_EQ(l.staging_offset, 1792u);
+  const BufferLayout l = make_buffer_layout(many_experts_config(), (uint64_t(1) << 58) - 180);
+  EXPECT_EQ(l.staging_offset, 2048u);
   EXPECT_EQ(l.send_rows_offset, 18446744073709542144ull);       // 2^64 - 9472
   EXPECT_EQ(l.send_announce_offset, 18446744073709542400ull);   // 2^64 - 9216
   EXPECT_EQ(l.send_stamps_offset, 18446744073709542656ull);     // 2^64 - 8960
@@ -604,33 +683,33 @@ TEST(LayoutOverflow, ExpertOutputsFromConfig) {
 TEST(SymmetricHeap, FitsInLargeHeap) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, 1ull << 30));  // 1 GiB
-  // 493,965,056 + 64 MiB (67,108,864) reserve = 561,073,920: exactly enough.
-  EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, 561073920ull));
+  // 493,965,312 + 64 MiB (67,108,864) reserve = 561,074,176: exactly enough.
+  EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, 561074176ull));
 }
 
 TEST(SymmetricHeap, OneByteShort) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   const std::string message =
-      config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 561073919ull); });
-  EXPECT_THAT(message, HasSubstr("561073920"));
+      config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 561074175ull); });
+  EXPECT_THAT(message, HasSubstr("561074176"));
 }
 
 TEST(SymmetricHeap, SmallHeapNamesNeededBytesAndVariable) {
   const BufferLayout l = make_buffer_layout(deepseek_v3_config(), 64);
   const std::string message =
       config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 256ull << 20); });
-  EXPECT_THAT(message, HasSubstr("493965056"));  // symmetric bytes
-  EXPECT_THAT(message, HasSubstr("561073920"));  // + 64 MiB reserve
+  EXPECT_THAT(message, HasSubstr("493965312"));  // symmetric bytes
+  EXPECT_THAT(message, HasSubstr("561074176"));  // + 64 MiB reserve
   EXPECT_THAT(message, HasSubstr("268435456"));  // the heap it was given: 256 * 2^20
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE"));
-  // 561,073,920 = 535 * 2^20 (560,988,160) + 85,760, so ceil(561,073,920 / 2^20) = 536
+  // 561,074,176 = 535 * 2^20 (560,988,160) + 86,016, so ceil(561,074,176 / 2^20) = 536
   EXPECT_THAT(message, HasSubstr("NVSHMEM_SYMMETRIC_SIZE>=536M"));
 }
 
 TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
   // symmetric_bytes = 2^64 - 256 (see LargestAlignedEndStillFits); + 64 MiB reserve passes 2^64. Unchecked, the
   // sum wrapped to 64 MiB - 256 and even a small heap appeared to fit.
-  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 64);
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - 68);
   ASSERT_EQ(l.symmetric_bytes, 18446744073709551360ull);
   for (const uint64_t heap_bytes : {uint64_t(1) << 30, std::numeric_limits<uint64_t>::max()}) {
     const std::string message =
@@ -641,10 +720,10 @@ TEST(SymmetricHeap, NeededBytesOverflowIsAnError) {
 }
 
 TEST(SymmetricHeap, NeededJustBelow2To64) {
-  // 2^58 - 2^20 - 64 slots: staging ends at 1792 + 64 * slots = 2^64 - 2^26 - 2304 (256-aligned), which is
+  // 2^58 - 2^20 - 68 slots: staging ends at 2048 + 64 * slots = 2^64 - 2^26 - 2304 (256-aligned), which is
   // S in the table above LayoutRegionAfterStagingOverflow; symmetric_bytes = S + 2048 = 2^64 - 2^26 - 256, so
   // needed = + 64 MiB (2^26) = 2^64 - 256 fits.
-  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 64);
+  const BufferLayout l = make_buffer_layout(small_config(), (uint64_t(1) << 58) - (uint64_t(1) << 20) - 68);
   ASSERT_EQ(l.symmetric_bytes, 18446744073642442496ull);  // 2^64 - 2^26 - 256
   EXPECT_NO_THROW(require_fits_symmetric_heap(l.symmetric_bytes, std::numeric_limits<uint64_t>::max()));
   const std::string message = config_error_message([&] { require_fits_symmetric_heap(l.symmetric_bytes, 1ull << 30); });
