@@ -304,9 +304,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.ranks < 3:
         parser.error(f"--ranks must be >= 3 (two kills leave one rank), got {args.ranks}")
-    # Two steps after the last death: one in flight, then steady ones.
-    if not 0 <= args.kill_step and args.kill_step + 4 < args.steps:
-        parser.error(f"--kill-step must be in [0, --steps - 4), got {args.kill_step}")
+    # After the last death (two kills: kill step + 2) a step in flight, then at least one steady step.
+    if not 0 <= args.kill_step < args.steps - 4:
+        parser.error(f"--kill-step must be in [0, --steps - 4 = {args.steps - 4}), got {args.kill_step}")
     os.environ["EXPERTWIRE_TIMEOUT_MS"] = str(args.timeout_ms)
     transports = ["internode", "intranode"] if args.transport == "all" else [args.transport]
     faults = list(FAULTS) if args.fault == "all" else [args.fault]

@@ -54,11 +54,16 @@ def test_import_finds_nvshmem() -> None:
 
 
 def test_api_is_argument_for_argument_pplx_kernels() -> None:
-    # pplx_kernels' arguments, then expertwire's keyword-only force_puts.
-    assert parameters(AllToAll.internode) == [*PPLX_CONFIG_ARGS, "max_sm_count", "force_puts"]
-    force_puts = inspect.signature(AllToAll.internode).parameters["force_puts"]
-    assert force_puts.kind == inspect.Parameter.KEYWORD_ONLY and force_puts.default is False
-    assert parameters(AllToAll.intranode) == [*PPLX_CONFIG_ARGS, "group_name", "max_sm_count"]
+    # pplx_kernels' arguments, then expertwire's keyword-only force_puts and fault_tolerant.
+    assert parameters(AllToAll.internode) == [*PPLX_CONFIG_ARGS, "max_sm_count", "force_puts", "fault_tolerant"]
+    assert parameters(AllToAll.intranode) == [*PPLX_CONFIG_ARGS, "group_name", "max_sm_count", "fault_tolerant"]
+    for factory, names in (
+        (AllToAll.internode, ("force_puts", "fault_tolerant")),
+        (AllToAll.intranode, ("fault_tolerant",)),
+    ):
+        for name in names:
+            option = inspect.signature(factory).parameters[name]
+            assert option.kind == inspect.Parameter.KEYWORD_ONLY and option.default is False, (factory, name)
     assert inspect.signature(AllToAll.intranode).parameters["group_name"].default == "default"
     assert parameters(AllToAll.dispatch) == [
         "out_expert_num_tokens",

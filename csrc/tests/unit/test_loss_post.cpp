@@ -17,9 +17,7 @@ TEST(LossPost, CarriesItsSequenceAndBits) {
   EXPECT_TRUE(LossPost::reached(post, sequence));
 }
 
-TEST(LossPost, AFreshBufferReachesNoRound) {
-  EXPECT_FALSE(LossPost::reached(0, LossPost::sequence(0, 1)));
-}
+TEST(LossPost, AFreshBufferReachesNoRound) { EXPECT_FALSE(LossPost::reached(0, LossPost::sequence(0, 1))); }
 
 TEST(LossPost, LaterRoundsAndTheFinalPostReachEarlierRounds) {
   const uint32_t round2 = LossPost::sequence(4, 2);
