@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -125,14 +126,7 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
             reports=reports,
             without_exit_release=args.without_exit_release,
         )
-        context = multiprocessing.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        processes = [
-            context.Process(target=_rank_entry, args=(r, ranks, ranks, 0, init_method, _worker, (opts,)), daemon=False)
-            for r in range(ranks)
-        ]
-        for process in processes:
-            process.start()
+        processes = start_ranks(ranks, _worker, opts)
         killed_at: Optional[float] = None
         victim_file = Path(reports) / f"rank{victim}.json"
         deadline = time.monotonic() + args.run_limit_s
@@ -143,20 +137,8 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
             time.sleep(random.Random(args.seed * 131 + ranks).uniform(0.0, 0.005))
             killed_at = time.time()
             os.kill(processes[victim].pid, signal.SIGKILL)
-        exited_at: dict[int, float] = {}
-        while len(exited_at) < ranks and time.monotonic() < deadline:
-            for r, process in enumerate(processes):
-                if r not in exited_at and not process.is_alive():
-                    exited_at[r] = time.time()
-            time.sleep(0.01)
-        hung = [r for r in range(ranks) if r not in exited_at]
-        for r in hung:
-            processes[r].kill()
-            processes[r].join()
-        reports_by_rank = {}
-        for r in range(ranks):
-            path = Path(reports) / f"rank{r}.json"
-            reports_by_rank[r] = json.loads(path.read_text()) if path.exists() else {}
+        exited_at, hung = wait_for_exits(processes, deadline)
+        reports_by_rank = read_reports(reports, ranks)
         if killed_at is None:
             killed_at = reports_by_rank[victim].get("killed_at")
         problems = []
@@ -241,20 +223,71 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(f"--kill-step must be in [0, --steps - 1 = {args.steps - 1}), got {args.kill_step}")
     if args.victim is not None and not 0 <= args.victim < args.ranks:
         parser.error(f"--victim must be in [0, --ranks = {args.ranks}), got {args.victim}")
+    points = list(KILL_POINTS) if args.kill_at == "all" else [args.kill_at]
+    run_each("kill_rank", args, points, _one_run)
+
+
+def run_each(tool: str, args: argparse.Namespace, variants: list[str], one_run) -> None:
+    """one_run(ranks, transport, variant, args) -> (ok, summary) for every transport of --transport that can run
+    here and every variant; prints a PASS or FAIL line for each and exits non-zero when any failed."""
     os.environ["EXPERTWIRE_TIMEOUT_MS"] = str(args.timeout_ms)
     transports = ["internode", "intranode"] if args.transport == "all" else [args.transport]
-    points = list(KILL_POINTS) if args.kill_at == "all" else [args.kill_at]
     failed = 0
     for transport in transports:
         reason = why_transport_cannot_run(transport, args.ranks)
         if reason is not None:
-            print(f"kill_rank: {transport} skipped: {reason}", flush=True)
+            print(f"{tool}: {transport} skipped: {reason}", flush=True)
             continue
-        for point in points:
-            ok, summary = _one_run(args.ranks, transport, point, args)
+        for variant in variants:
+            ok, summary = one_run(args.ranks, transport, variant, args)
             failed += not ok
             print(("PASS " if ok else "FAIL ") + summary, flush=True)
     sys.exit(1 if failed else 0)
+
+
+def wait_for_exits(
+    processes: list[multiprocessing.Process],
+    deadline: float,
+    on_poll: Optional[Callable[[dict[int, float]], None]] = None,
+) -> tuple[dict[int, float], list[int]]:
+    """When each rank's process ended (time.time()), polled until all have or `deadline` (time.monotonic()) passes,
+    on_poll(ended so far) after each poll; the ranks still running then are killed and listed as hung."""
+    exited_at: dict[int, float] = {}
+    while len(exited_at) < len(processes) and time.monotonic() < deadline:
+        for r, process in enumerate(processes):
+            if r not in exited_at and not process.is_alive():
+                exited_at[r] = time.time()
+        if on_poll is not None:
+            on_poll(exited_at)
+        time.sleep(0.01)
+    hung = [r for r in range(len(processes)) if r not in exited_at]
+    for r in hung:
+        processes[r].kill()
+        processes[r].join()
+    return exited_at, hung
+
+
+def read_reports(reports: str, ranks: int) -> dict[int, dict[str, Any]]:
+    """Each rank's last report ({} for a rank that wrote none)."""
+    by_rank = {}
+    for r in range(ranks):
+        path = Path(reports) / f"rank{r}.json"
+        by_rank[r] = json.loads(path.read_text()) if path.exists() else {}
+    return by_rank
+
+
+def start_ranks(ranks: int, worker, opts: dict[str, Any]) -> list[multiprocessing.Process]:
+    """`ranks` fresh processes running worker(RankInfo, opts) over one gloo group (not daemons: a rank's exit is
+    what the caller measures)."""
+    context = multiprocessing.get_context("spawn")
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    processes = [
+        context.Process(target=_rank_entry, args=(r, ranks, ranks, 0, init_method, worker, (opts,)), daemon=False)
+        for r in range(ranks)
+    ]
+    for process in processes:
+        process.start()
+    return processes
 
 
 if __name__ == "__main__":

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import random
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,8 +37,8 @@ import torch
 import expertwire
 
 from .all_to_all_data import Case, make_groups, masked_groups
-from .distributed import RankInfo, _rank_entry, free_port, nvshmem_join, why_transport_cannot_run
-from .kill_rank import _step, _write
+from .distributed import RankInfo, nvshmem_join
+from .kill_rank import _step, _write, read_reports, run_each, start_ranks, wait_for_exits
 from .test_all_to_all_gpu import RankBuffers, _check, make_all_to_all
 
 FAULTS = ("before-dispatch", "between-halves", "inside-combine", "external", "two-kills", "stuck")
@@ -156,14 +154,7 @@ def _launch(ranks: int, transport: str, fault: Optional[str], args: argparse.Nam
         reports=reports,
         repeats=args.repeats,
     )
-    context = multiprocessing.get_context("spawn")
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    processes = [
-        context.Process(target=_rank_entry, args=(r, ranks, ranks, 0, init_method, _worker, (opts,)), daemon=False)
-        for r in range(ranks)
-    ]
-    for process in processes:
-        process.start()
+    processes = start_ranks(ranks, _worker, opts)
     killed_at: dict[int, float] = {}
     deadline = time.monotonic() + args.run_limit_s
     if fault == "external":
@@ -177,22 +168,13 @@ def _launch(ranks: int, transport: str, fault: Optional[str], args: argparse.Nam
         killed_at[victim] = time.time()
         os.kill(processes[victim].pid, signal.SIGKILL)
     survivors = [r for r in range(ranks) if r not in victims]
-    exited: set[int] = set()
-    while len(exited) < ranks and time.monotonic() < deadline:
-        for r, process in enumerate(processes):
-            if r not in exited and not process.is_alive():
-                exited.add(r)
-        if fault == "stuck" and all(r in exited for r in survivors):
+
+    def release_the_stuck_rank(exited_at: dict[int, float]) -> None:
+        if fault == "stuck" and all(r in exited_at for r in survivors):
             (Path(reports) / "survivors_done").touch()
-        time.sleep(0.01)
-    hung = [r for r in range(ranks) if r not in exited]
-    for r in hung:
-        processes[r].kill()
-        processes[r].join()
-    by_rank = {}
-    for r in range(ranks):
-        path = Path(reports) / f"rank{r}.json"
-        by_rank[r] = json.loads(path.read_text()) if path.exists() else {}
+
+    _, hung = wait_for_exits(processes, deadline, release_the_stuck_rank)
+    by_rank = read_reports(reports, ranks)
     for r in victims:
         killed_at.setdefault(r, by_rank[r].get("killed_at", float("nan")))
     return victims, survivors, processes, by_rank, killed_at, hung
@@ -307,20 +289,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # After the last death (two kills: kill step + 2) a step in flight, then at least one steady step.
     if not 0 <= args.kill_step < args.steps - 4:
         parser.error(f"--kill-step must be in [0, --steps - 4 = {args.steps - 4}), got {args.kill_step}")
-    os.environ["EXPERTWIRE_TIMEOUT_MS"] = str(args.timeout_ms)
-    transports = ["internode", "intranode"] if args.transport == "all" else [args.transport]
-    faults = list(FAULTS) if args.fault == "all" else [args.fault]
-    failed = 0
-    for transport in transports:
-        reason = why_transport_cannot_run(transport, args.ranks)
-        if reason is not None:
-            print(f"survive_rank: {transport} skipped: {reason}", flush=True)
-            continue
-        for fault in faults:
-            ok, summary = _one_run(args.ranks, transport, fault, args)
-            failed += not ok
-            print(("PASS " if ok else "FAIL ") + summary, flush=True)
-    sys.exit(1 if failed else 0)
+    run_each("survive_rank", args, list(FAULTS) if args.fault == "all" else [args.fault], _one_run)
 
 
 if __name__ == "__main__":
