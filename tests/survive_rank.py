@@ -108,15 +108,17 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
         if after == before:
             _check(case, info, masked_groups(case, groups, after), buffers)
             entry["checked"] = True
-            # The step's time on a steady mask: repeats of the same step, each between barriers on the stream.
-            repeats = []
-            for _ in range(opts["repeats"]):
-                torch.cuda.synchronize()
-                begin = time.perf_counter()
-                _step(a2a, buffers, None, die, case)
-                torch.cuda.synchronize()
-                repeats.append(time.perf_counter() - begin)
-            entry["repeat_seconds"] = statistics.mean(repeats) if repeats else None
+        # Every rank makes the same calls (they are collective): the repeats run at every step, and time the
+        # step where the mask stayed as it was.
+        repeats = []
+        for _ in range(opts["repeats"]):
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            _step(a2a, buffers, None, die, case)
+            torch.cuda.synchronize()
+            repeats.append(time.perf_counter() - begin)
+        steady = after == before and a2a.active_ranks.cpu().tolist() == after
+        entry["repeat_seconds"] = statistics.mean(repeats) if repeats and steady else None
         report["steps"].append(entry)
         _write(report_path, report)
     report["done"] = True

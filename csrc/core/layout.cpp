@@ -90,6 +90,7 @@ BufferLayout make_buffer_layout(const AllToAllConfig& config, uint64_t staging_s
   l.dispatch_epoch_offset = place(ws, sizeof(uint32_t), kRegionAlign, "dispatch_epoch");
   l.active_ranks_offset = place(ws, uint64_t(l.world_size) * sizeof(int32_t), kRegionAlign, "active_ranks");
   l.liveness_offset = place(ws, kLivenessWordsBytes, kRegionAlign, "liveness");
+  l.settled_counts_offset = place(ws, uint64_t(l.world_size) * sizeof(uint64_t), kRegionAlign, "settled_counts");
   l.workspace_bytes = place(ws, 0, kRegionAlign, "workspace");
   return l;
 }

@@ -47,6 +47,9 @@
 //   active_ranks    [world_size] i32: 1 for a rank this rank still serves with, 0 for one it has masked (the
 //                   fault-tolerant mode); the caller reads it (AllToAll::active_ranks).
 //   liveness        LivenessWords: the fault-tolerant mode's counters (device/liveness.cuh).
+//   settled_counts  [world_size] u64: the fault-tolerant push receive's count from each sender as the whole grid
+//                   takes it (DispatchCount, or a lost sender's SettledCount::kLost), settled by the first block
+//                   to read it, so that a loss marked mid-phase leaves every block with the same counts.
 //
 // The encodings of what ranks write into each other's regions: device/wire_protocol.h. Who writes, reads and
 // resets each region, and why no write overtakes a read: device/rank_state.h.
@@ -124,6 +127,7 @@ struct BufferLayout {
   uint64_t dispatch_epoch_offset;
   uint64_t active_ranks_offset;
   uint64_t liveness_offset;
+  uint64_t settled_counts_offset;
   uint64_t workspace_bytes;
 
   EW_HOST_DEVICE uint64_t payload_offset_in_token() const { return token_header_bytes; }

@@ -62,7 +62,9 @@ __device__ void combine_pull_recv(const CombineArgs& a, const Transport& transpo
 template <class Transport, class OutT, class ExpertT, class SourceT>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     combine_pull_kernel(CombineArgs args, Transport transport) {
-  if (args.do_send) combine_pull_send<ExpertT, SourceT>(args, transport);
+  if (args.do_send && (!Transport::kFaultTolerant || still_serving(args.ctx, Phase::kCombineSend))) {
+    combine_pull_send<ExpertT, SourceT>(args, transport);
+  }
   if (args.do_recv) combine_pull_recv<Transport, OutT, ExpertT>(args, transport);
 }
 

@@ -30,7 +30,9 @@ __device__ void combine_push_recv(const CombineArgs& a, const Transport& transpo
 template <class Transport, class OutT, class ExpertT, class SourceT>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     combine_push_kernel(CombineArgs args, Transport transport) {
-  if (args.do_send) combine_push_send<ExpertT, SourceT>(args, transport);
+  if (args.do_send && (!Transport::kFaultTolerant || still_serving(args.ctx, Phase::kCombineSend))) {
+    combine_push_send<ExpertT, SourceT>(args, transport);
+  }
   if (args.do_recv) combine_push_recv<OutT, ExpertT>(args, transport);
 }
 

@@ -186,7 +186,9 @@ __device__ void dispatch_pull_recv(const DispatchArgs& a, const Transport& trans
 template <class Transport>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     dispatch_pull_kernel(DispatchArgs args, Transport transport) {
-  if (args.do_send) dispatch_pull_send(args);
+  if (args.do_send && (!Transport::kFaultTolerant || still_serving(args.ctx, Phase::kDispatchSend))) {
+    dispatch_pull_send(args);
+  }
   if (args.do_recv) dispatch_pull_recv(args, transport);
 }
 

@@ -82,8 +82,10 @@ __device__ void dispatch_push_recv(const DispatchArgs& a, const Transport& trans
 
   // Every sender reports to every rank; only the sender of our dp_rank in each group can have sent tokens.
   for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) {
-    const uint64_t value = wait_for_peer(c, transport, c.local(c.dispatch_count(source)), DispatchCount::arrived,
-                                         Phase::kDispatchRecv, source);
+    const bool lost_before = is_lost(transport, c, source);
+    uint64_t value = wait_for_peer(c, transport, c.local(c.dispatch_count(source)), DispatchCount::arrived,
+                                   Phase::kDispatchRecv, source);
+    if constexpr (Transport::kFaultTolerant) value = settle_count(c, source, value, lost_before);
     if (source % l.dp_size == c.dp_rank) {
       group_count[source / l.dp_size] =
           DispatchCount::arrived(value) ? min(DispatchCount::tokens(value), l.max_num_tokens) : 0u;
@@ -106,6 +108,9 @@ __device__ void dispatch_push_recv(const DispatchArgs& a, const Transport& trans
   if (last_block_out(c.phase_counter(kDispatchRecvDone))) {
     hand_over_expert_rows(c, a.out_expert_num_tokens);
     clear_dispatch_counts(c);
+    if constexpr (Transport::kFaultTolerant) {
+      for (uint32_t source = threadIdx.x; source < l.world_size; source += blockDim.x) c.settled_counts()[source] = 0;
+    }
     reset_phase_counter(c, kDispatchRecvDone);
   }
 }
@@ -113,7 +118,9 @@ __device__ void dispatch_push_recv(const DispatchArgs& a, const Transport& trans
 template <class Transport>
 __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm)
     dispatch_push_kernel(DispatchArgs args, Transport transport) {
-  if (args.do_send) dispatch_push_send(args, transport);
+  if (args.do_send && (!Transport::kFaultTolerant || still_serving(args.ctx, Phase::kDispatchSend))) {
+    dispatch_push_send(args, transport);
+  }
   if (args.do_recv) dispatch_push_recv(args, transport);
 }
 

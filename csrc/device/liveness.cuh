@@ -36,24 +36,53 @@ __device__ __forceinline__ uint32_t lost_bits(const RankContext& c, uint32_t wor
   return bits;
 }
 
-// Takes in what every active rank has posted: the ranks they gave up on are lost here too. A post that names
-// this rank means the others masked it out (recorded; every wait then stops). Posts of lost ranks are not read.
+// Takes in what every active rank has posted: the ranks they gave up on are lost here too. Then a post that
+// names this rank, from a rank still active, means the others masked it out (recorded; every wait then stops):
+// only after every loss is in, so that a post of a rank that another post says is lost does not count.
 __device__ inline void absorb_loss_posts(const RankContext& c, Phase phase) {
   const BufferLayout& l = c.layout;
+  auto post_of = [&](uint32_t source, uint32_t word) {
+    return LossPost::lost_bits(*reinterpret_cast<const volatile uint64_t*>(c.local(c.loss_post(source, word))));
+  };
+  const uint32_t own_word = c.rank / 32, own_bit = 1u << (c.rank % 32);
   for (uint32_t source = 0; source < l.world_size; ++source) {
     if (source == c.rank || marked_lost(c, source)) continue;
     for (uint32_t word = 0; word < l.loss_words; ++word) {
-      const uint64_t post = *reinterpret_cast<const volatile uint64_t*>(c.local(c.loss_post(source, word)));
-      for (uint32_t bits = LossPost::lost_bits(post); bits != 0; bits &= bits - 1) {
-        const uint32_t rank = word * 32 + uint32_t(__ffs(int(bits)) - 1);
-        if (rank == c.rank) {
-          record_error(c.error, ErrorCode::kMaskedOut, phase, int32_t(source), 0);
-        } else {
-          mark_lost(c, rank);
-        }
+      for (uint32_t bits = post_of(source, word) & ~(word == own_word ? own_bit : 0u); bits != 0; bits &= bits - 1) {
+        mark_lost(c, word * 32 + uint32_t(__ffs(int(bits)) - 1));
       }
     }
   }
+  for (uint32_t source = 0; source < l.world_size; ++source) {
+    if (source != c.rank && !marked_lost(c, source) && (post_of(source, own_word) & own_bit) != 0) {
+      record_error(c.error, ErrorCode::kMaskedOut, phase, int32_t(source), 0);
+      return;
+    }
+  }
+}
+
+// Whether this rank may send (the fault-tolerant mode): not once the others have masked it out, whose buffers
+// it would write stale rows into (one that was stuck and calls again). Call with the whole block.
+__device__ inline bool still_serving(const RankContext& c, Phase phase) {
+  if (threadIdx.x == 0) absorb_loss_posts(c, phase);
+  return __syncthreads_or(masked_out(c.error)) == 0;
+}
+
+// The fault-tolerant push receive's count from `source`, the same in every block (settled_counts): the first
+// block to settle it takes the count that arrived (`waited`, or one that came just as its wait gave up), else
+// the sender is lost; a sender lost before the block looked (`lost_before`) settles as lost, so that a count a
+// lost rank writes late is never taken. Returns the DispatchCount, 0 for none.
+__device__ inline uint64_t settle_count(const RankContext& c, uint32_t source, uint64_t waited, bool lost_before) {
+  const uint64_t* signal = c.local(c.dispatch_count(source));
+  uint64_t mine = waited;
+  if (mine == 0 && !lost_before) mine = load_acquire_sys(signal);
+  if (mine == 0) mine = SettledCount::kLost;
+  auto* settled = reinterpret_cast<unsigned long long*>(&c.settled_counts()[source]);
+  const unsigned long long before = atomicCAS(settled, 0ull, static_cast<unsigned long long>(mine));
+  if (before == 0 || before == mine) return mine == SettledCount::kLost ? 0 : mine;
+  if (before == SettledCount::kLost) return 0;
+  // Another block took the count: this one acquires it too, for the tokens it guards.
+  return load_acquire_sys(signal);
 }
 
 // Posts this rank's lost set, under `sequence`, to every rank still active. One thread.
@@ -74,7 +103,9 @@ template <class Transport>
 class PeerBound {
  public:
   __device__ PeerBound(const Transport&, const RankContext& c, Phase phase, int32_t peer)
-      : c_(c), phase_(phase), peer_(peer) {}
+      : c_(c), phase_(phase), peer_(peer) {
+    if constexpr (Transport::kFaultTolerant) news_ = *reinterpret_cast<const volatile uint32_t*>(&c.liveness()->news);
+  }
   __device__ __forceinline__ bool ran_out() {
     if ((++polls_ & 1023) == 0) {
       if constexpr (!Transport::kFaultTolerant) {
@@ -196,8 +227,10 @@ __device__ void agree_on_losses(const RankContext& c, const Transport& transport
     }
     reset_phase_counter(c, kCombineWaitsDone);
   } else if (threadIdx.x == 0) {
-    // Bounded as every wait is: each agreement round waits at most a timeout, from each loss on.
-    const uint64_t limit = c.timeout_ns * (2 * uint64_t(LossPost::kMaxRound) + 2);
+    // Bounded as every wait is. An agreement runs at most world_size + 1 rounds (a round that does not settle
+    // masks a rank), and a round's waits end a timeout after the last loss they hear of (at most world_size).
+    const uint64_t world = c.layout.world_size;
+    const uint64_t limit = c.timeout_ns * (world + 1) * (world + 1);
     WaitBound bound(limit, c.error);
     if (!wait_until([&] { return load_acquire_gpu(&words->agreed) == call + 1; }, bound, 64)) {
       record_timeout(c.error, limit, Phase::kCombineRecv, int32_t(c.rank));

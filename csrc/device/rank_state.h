@@ -116,6 +116,7 @@ struct RankContext {
   }
   EW_HOST_DEVICE int32_t* active_ranks() const { return in_workspace<int32_t>(layout.active_ranks_offset); }
   EW_HOST_DEVICE LivenessWords* liveness() const { return in_workspace<LivenessWords>(layout.liveness_offset); }
+  EW_HOST_DEVICE uint64_t* settled_counts() const { return in_workspace<uint64_t>(layout.settled_counts_offset); }
 
  private:
   template <class T>

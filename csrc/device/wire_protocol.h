@@ -85,6 +85,12 @@ struct DispatchCount {
   EW_HOST_DEVICE static constexpr uint32_t tokens(uint64_t value) { return uint32_t(value - 1); }
 };
 
+// The fault-tolerant push receive's settled count of a sender (settled_counts): 0 until a block settles it, then
+// the DispatchCount it took, or kLost for a sender given up on before its count arrived.
+struct SettledCount {
+  static constexpr uint64_t kLost = ~uint64_t{0};
+};
+
 // Where a received token came from (routes, one per row of out_expert_x); packed into 8 bytes.
 struct TokenRoute {
   uint32_t token;
@@ -134,8 +140,10 @@ struct SenderView {
 // What a rank tells the others of the ranks it has given up on (loss_posts, the fault-tolerant mode;
 // device/liveness.cuh): a word per 32 ranks, (sequence << 32) | lost bits. The sequence orders one rank's posts:
 // the call (its count of finished agreements, 24 bits) and the stage, the agreement's round (1..kMaxRound), with
-// kFinal once that rank has agreed. A post between agreements repeats the last sequence with more bits: a
-// rank's posts never lose a bit, so a reader may take any post at or after the one it waits for.
+// kFinal once that rank has agreed. A post between agreements repeats the last sequence with more bits, so a
+// reader may take any post at or after the one it waits for. Several threads of a rank may post at once, and
+// one with fewer bits may land last: a reader can see fewer bits than the rank holds, which its next round's
+// post then carries (a round that adds a rank is never the last).
 struct LossPost {
   static constexpr uint32_t kMaxRound = 0x7f;
   static constexpr uint32_t kFinal = 0x80;

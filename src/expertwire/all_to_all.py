@@ -426,7 +426,8 @@ class AllToAll:
         call on, as a wait that ran out on them would, but without waiting: for a serving layer that learns of a
         dead rank first. Pass the same mask on every surviving rank. A masked rank cannot come back (make a fresh
         object on every rank), nor can a rank mask itself: both raise ValueError. Synchronizes with the GPU to
-        check; the new mask is copied on the current stream."""
+        check; the ranks are then masked on the current stream (a multiply: nothing a kernel masked meanwhile comes
+        back)."""
         current = self.active_ranks
         world = self._shape.world_size
         rank = int(ops.native(self._live_handle("set_active_ranks")).rank)
@@ -439,11 +440,12 @@ class AllToAll:
             raise ValueError(f"set_active_ranks: mask entries must be 0 or 1, got {wanted.tolist()}")
         if int(wanted[rank]) == 0:
             raise ValueError(f"set_active_ranks: rank {rank} cannot mask itself out")
+        torch.cuda.synchronize(self._device)  # every stream's kernels: the mask they leave
         now = current.cpu().to(torch.int64)
         back = ((now == 0) & (wanted == 1)).nonzero().flatten().tolist()
         if back:
             raise ValueError(f"set_active_ranks: ranks {back} are masked out already and cannot come back")
-        current.copy_((now & wanted).to(torch.int32), non_blocking=False)
+        current.mul_(wanted.to(device=self._device, dtype=torch.int32))
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (a peer that timed out, an

@@ -119,6 +119,7 @@ void expect_layout_regions_disjoint(const BufferLayout& l) {
           {"dispatch_epoch", l.dispatch_epoch_offset, 4},
           {"active_ranks", l.active_ranks_offset, uint64_t(l.world_size) * 4},
           {"liveness", l.liveness_offset, kLivenessWordsBytes},
+          {"settled_counts", l.settled_counts_offset, uint64_t(l.world_size) * 8},
       },
       l.workspace_bytes);
 }
@@ -197,8 +198,10 @@ TEST(Layout, SmallConfigWorkspace) {
   EXPECT_EQ(l.active_ranks_offset, 1536u);
   // liveness: align256(1552) = 1792; 16 B -> 1808
   EXPECT_EQ(l.liveness_offset, 1792u);
-  // align256(1808) = 2048
-  EXPECT_EQ(l.workspace_bytes, 2048u);
+  // settled_counts: align256(1808) = 2048; 4 ranks * 8 B = 32 B -> 2080
+  EXPECT_EQ(l.settled_counts_offset, 2048u);
+  // align256(2080) = 2304
+  EXPECT_EQ(l.workspace_bytes, 2304u);
 }
 
 TEST(Layout, SmallConfigAccessors) {
@@ -295,13 +298,14 @@ TEST(Layout, LossPostsTake32RanksAWord) {
   // Workspace: send_counts 33 * 4 = 132 at 0; recv_counts at 256 (+8); routes at 512 (2 * 132 rows * 8 = 2112
   // -> 2624); phase_counters at align256(2624) = 2816 (+16 = 2832); pull_state at 3072 ((2 + 33 + 1) * 4 = 144
   // -> 3216); dispatch_epoch at 3328 (+4 = 3332); active_ranks at 3584 (33 * 4 = 132 -> 3716); liveness at
-  // 3840 (+16 = 3856); total align256(3856) = 4096
+  // 3840 (+16 = 3856); settled_counts at 4096 (33 * 8 = 264 -> 4360); total align256(4360) = 4608
   EXPECT_EQ(l.phase_counters_offset, 2816u);
   EXPECT_EQ(l.pull_state_offset, 3072u);
   EXPECT_EQ(l.dispatch_epoch_offset, 3328u);
   EXPECT_EQ(l.active_ranks_offset, 3584u);
   EXPECT_EQ(l.liveness_offset, 3840u);
-  EXPECT_EQ(l.workspace_bytes, 4096u);
+  EXPECT_EQ(l.settled_counts_offset, 4096u);
+  EXPECT_EQ(l.workspace_bytes, 4608u);
 }
 
 TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
@@ -353,7 +357,8 @@ TEST(Layout, Bf16ConfigDispatchTokenWiderThanCombineRow) {
   EXPECT_EQ(l.dispatch_epoch_offset, 1280u);
   EXPECT_EQ(l.active_ranks_offset, 1536u);
   EXPECT_EQ(l.liveness_offset, 1792u);
-  EXPECT_EQ(l.workspace_bytes, 2048u);
+  EXPECT_EQ(l.settled_counts_offset, 2048u);
+  EXPECT_EQ(l.workspace_bytes, 2304u);
 
   EXPECT_EQ(l.dispatch_token_offset(2, 1), 400u);    // last slot: (2 * 2 + 1 = 5) * 80; ends at 480
   EXPECT_EQ(l.combine_row_offset(1, 4), 800u);       // last row: 512 + (1 * 5 + 4 = 9) * 32; ends at 832
@@ -430,7 +435,8 @@ TEST(Layout, DeepSeekV3Config) {
   EXPECT_EQ(l.dispatch_epoch_offset, 263168u);
   EXPECT_EQ(l.active_ranks_offset, 263424u);
   EXPECT_EQ(l.liveness_offset, 263680u);
-  EXPECT_EQ(l.workspace_bytes, 263936u);
+  EXPECT_EQ(l.settled_counts_offset, 263936u);
+  EXPECT_EQ(l.workspace_bytes, 264192u);
 
   // Last slot: 7 * 128 + 127 = 1023; 1023 * 7440 = 7,611,120 (+7440 = end)
   EXPECT_EQ(l.dispatch_token_offset(7, 127), 7611120u);
@@ -621,7 +627,8 @@ TEST(LayoutOverflow, ManyExpertsConfigRegions) {
   EXPECT_EQ(l.dispatch_epoch_offset, 2048u);
   EXPECT_EQ(l.active_ranks_offset, 2304u);
   EXPECT_EQ(l.liveness_offset, 2560u);
-  EXPECT_EQ(l.workspace_bytes, 2816u);
+  EXPECT_EQ(l.settled_counts_offset, 2816u);
+  EXPECT_EQ(l.workspace_bytes, 3072u);
   expect_layout_regions_disjoint(l);
 }
 
