@@ -9,7 +9,8 @@ with fault_tolerant=True. At step --kill-step the victim (the last rank) SIGKILL
 (before its dispatch, between the dispatch's halves, between the combine's halves; "external": the launcher
 kills it at a random moment of that step); "two-kills": the last rank at that step and the one before it two
 steps later; "stuck": the victim stops calling (it sleeps) and, once the survivors are done, makes one more call,
-which must raise DeviceError saying it was masked out.
+which must raise DeviceError saying it was masked out; "stuck-returns": the same call, made while the survivors
+still run (they go on until two steps after it), whose steps must still match the reference.
 
 Every survivor must: return from each step within the timeout (EXPERTWIRE_TIMEOUT_MS, --timeout-ms) + 1 s;
 match the reference, with the ranks its mask has masked left out, at every step whose mask did not change while
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 import expertwire
 
@@ -41,7 +43,8 @@ from .distributed import RankInfo, nvshmem_join
 from .kill_rank import _step, _write, read_reports, run_each, start_ranks, wait_for_exits
 from .test_all_to_all_gpu import RankBuffers, _check, make_all_to_all
 
-FAULTS = ("before-dispatch", "between-halves", "inside-combine", "external", "two-kills", "stuck")
+FAULTS = ("before-dispatch", "between-halves", "inside-combine", "external", "two-kills", "stuck", "stuck-returns")
+STEPS_AT_MOST = 1000
 LOCAL_EXPERTS = 4
 
 
@@ -68,8 +71,15 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
         nvshmem_join(info)
     case = _case(info.world_size)
     a2a = make_all_to_all(opts["transport"], case, info, fault_tolerant=True)
-    die_step = {int(r): s for r, s in opts["victims"].items()}.get(info.rank)
+    victims = {int(r): s for r, s in opts["victims"].items()}
+    die_step = victims.get(info.rank)
     fault = opts["fault"]
+    rejoined = Path(opts["reports"]) / "rejoined"
+    # Where the stuck rank calls again while the survivors run, they decide together when to stop (every rank
+    # makes the group; only the survivors use it).
+    survivors = None
+    if fault == "stuck-returns":
+        survivors = dist.new_group([r for r in range(info.world_size) if r not in victims])
 
     def die() -> None:
         report["killed_at"] = time.time()
@@ -79,9 +89,15 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
             while not (Path(opts["reports"]) / "survivors_done").exists():
                 time.sleep(0.05)
             raise _Stuck()
+        if fault == "stuck-returns":
+            time.sleep(opts["timeout_s"] + 1.0)  # masked by then: the survivors gave up on it
+            raise _Stuck()
         os.kill(os.getpid(), signal.SIGKILL)
 
-    for step in range(opts["steps"]):
+    steps_after_rejoin = 0
+    for step in range(STEPS_AT_MOST):
+        if step >= opts["steps"] and (survivors is None or steps_after_rejoin >= 2):
+            break
         groups = make_groups(case, info.world_size, seed=1000 + step)
         buffers = RankBuffers(case, info, groups[info.rank])
         torch.cuda.synchronize()
@@ -91,7 +107,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
             _write(report_path, report)
         die_at = None
         if step == die_step:
-            die_at = "before-dispatch" if fault in ("two-kills", "stuck") else fault
+            die_at = "before-dispatch" if fault in ("two-kills", "stuck", "stuck-returns") else fault
             if fault == "external":
                 die_at = None
         try:
@@ -100,7 +116,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
             torch.cuda.synchronize()
             seconds = time.perf_counter() - started
         except _Stuck:
-            _rejoin(a2a, buffers, report, report_path, case)
+            _rejoin(a2a, buffers, report, report_path, case, rejoined)
             return
         a2a.check_errors()
         after = a2a.active_ranks.cpu().tolist()
@@ -119,6 +135,12 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
             repeats.append(time.perf_counter() - begin)
         steady = after == before and a2a.active_ranks.cpu().tolist() == after
         entry["repeat_seconds"] = statistics.mean(repeats) if repeats and steady else None
+        if survivors is not None:
+            seen = torch.tensor([int(rejoined.exists())])
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=survivors)
+            if int(seen):
+                entry["after_rejoin"] = True
+                steps_after_rejoin += 1
         report["steps"].append(entry)
         _write(report_path, report)
     report["done"] = True
@@ -129,7 +151,9 @@ class _Stuck(Exception):
     """The stuck victim's way back to its last call."""
 
 
-def _rejoin(a2a: expertwire.AllToAll, buffers: RankBuffers, report: dict[str, Any], path: Path, case: Case) -> None:
+def _rejoin(
+    a2a: expertwire.AllToAll, buffers: RankBuffers, report: dict[str, Any], path: Path, case: Case, rejoined: Path
+) -> None:
     """The stuck rank's call after the survivors masked it: must raise DeviceError, quickly."""
     started = time.perf_counter()
     try:
@@ -142,6 +166,7 @@ def _rejoin(a2a: expertwire.AllToAll, buffers: RankBuffers, report: dict[str, An
     report["rejoin_seconds"] = time.perf_counter() - started
     report["done"] = True
     _write(path, report)
+    rejoined.touch()
     # The error is sticky: the process ends without touching the object again (its release at exit is local).
     os._exit(0 if report["rejoin_error"] else 1)
 
@@ -155,6 +180,7 @@ def _launch(ranks: int, transport: str, fault: Optional[str], args: argparse.Nam
         fault=fault,
         reports=reports,
         repeats=args.repeats,
+        timeout_s=args.timeout_ms / 1000,
     )
     processes = start_ranks(ranks, _worker, opts)
     killed_at: dict[int, float] = {}
@@ -215,8 +241,10 @@ def _one_run(ranks: int, transport: str, fault: str, args: argparse.Namespace) -
     for r in survivors:
         rep = by_rank[r]
         steps = rep.get("steps", [])
-        if not rep.get("done") or len(steps) != args.steps:
+        if not rep.get("done") or len(steps) < args.steps:
             problems.append(f"rank {r}: {len(steps)} of {args.steps} steps reported")
+        if fault == "stuck-returns" and not any(e.get("after_rejoin") and e.get("checked") for e in steps):
+            problems.append(f"rank {r}: no step checked after the stuck rank's call")
         for entry in steps:
             if entry["seconds"] > limit_s:
                 problems.append(f"rank {r}: step {entry['step']} took {entry['seconds']:.2f} s (> {limit_s:.1f} s)")
@@ -242,7 +270,7 @@ def _one_run(ranks: int, transport: str, fault: str, args: argparse.Namespace) -
         problems.append(f"ranks {hung} still ran {args.run_limit_s:.0f} s after the start (killed)")
     for r in victims:
         code = processes[r].exitcode
-        if fault == "stuck":
+        if fault.startswith("stuck"):
             error = by_rank[r].get("rejoin_error")
             if not error or "masked it out" not in error:
                 problems.append(f"stuck rank {r}: its call after the survivors' steps raised {error!r}")
@@ -261,7 +289,9 @@ def _one_run(ranks: int, transport: str, fault: str, args: argparse.Namespace) -
         problems.append("no steady step time measured")
     elif ratio > 1 + args.time_limit:
         problems.append(f"steps with the mask took {ratio:.2f}x a {len(survivors)}-rank step's")
-    rejoin = by_rank[max(victims)].get("rejoin_seconds") if fault == "stuck" else None
+    rejoin = by_rank[max(victims)].get("rejoin_seconds") if fault.startswith("stuck") else None
+    if rejoin is not None and rejoin > 1.0:
+        problems.append(f"the stuck rank's call took {rejoin:.2f} s to raise (more than 1 s)")
     summary = (
         f"survive_rank: {transport}, {ranks} ranks, {fault} (ranks {sorted(victims)}): "
         f"steps in flight {', '.join(f'{s:.2f}' for s in sorted(in_flight))} s (limit {limit_s:.1f} s); "
