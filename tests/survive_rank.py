@@ -90,7 +90,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
                 time.sleep(0.05)
             raise _Stuck()
         if fault == "stuck-returns":
-            time.sleep(opts["timeout_s"] + 1.0)  # masked by then: the survivors gave up on it
+            _wait_until_masked(info.rank, Path(opts["reports"]), opts["timeout_s"])
             raise _Stuck()
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -145,6 +145,17 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
         _write(report_path, report)
     report["done"] = True
     _write(report_path, report)
+
+
+def _wait_until_masked(rank: int, reports: Path, timeout_s: float) -> None:
+    """Until a survivor's report shows `rank` masked (it then calls again while they still run)."""
+    deadline = time.monotonic() + 3 * timeout_s + 10
+    while time.monotonic() < deadline:
+        for path in reports.glob("rank*.json"):
+            steps = json.loads(path.read_text()).get("steps", [])
+            if steps and steps[-1]["active"][rank] == 0:
+                return
+        time.sleep(0.02)
 
 
 class _Stuck(Exception):

@@ -38,8 +38,9 @@ __device__ __forceinline__ uint32_t lost_bits(const RankContext& c, uint32_t wor
 
 // Takes in what every active rank has posted: the ranks they gave up on are lost here too. Then a post that
 // names this rank, from a rank still active, means the others masked it out (recorded; every wait then stops):
-// only after every loss is in, so that a post of a rank that another post says is lost does not count.
-__device__ inline void absorb_loss_posts(const RankContext& c, Phase phase) {
+// only after every loss is in, so that a post of a rank that another post says is lost does not count. Returns
+// whether such a post named this rank.
+__device__ inline bool absorb_loss_posts(const RankContext& c, Phase phase) {
   const BufferLayout& l = c.layout;
   auto post_of = [&](uint32_t source, uint32_t word) {
     return LossPost::lost_bits(*reinterpret_cast<const volatile uint64_t*>(c.local(c.loss_post(source, word))));
@@ -56,16 +57,20 @@ __device__ inline void absorb_loss_posts(const RankContext& c, Phase phase) {
   for (uint32_t source = 0; source < l.world_size; ++source) {
     if (source != c.rank && !marked_lost(c, source) && (post_of(source, own_word) & own_bit) != 0) {
       record_error(c.error, ErrorCode::kMaskedOut, phase, int32_t(source), 0);
-      return;
+      return true;
     }
   }
+  return false;
 }
 
 // Whether this rank may send (the fault-tolerant mode): not once the others have masked it out, whose buffers
 // it would write stale rows into (one that was stuck and calls again). Call with the whole block.
 __device__ inline bool still_serving(const RankContext& c, Phase phase) {
-  if (threadIdx.x == 0) absorb_loss_posts(c, phase);
-  return __syncthreads_or(masked_out(c.error)) == 0;
+  // One thread looks (the record is in host memory), and at what it found itself: another block may hold the
+  // record's claim without having published its code yet, or an earlier error may hold it for good.
+  bool out = false;
+  if (threadIdx.x == 0) out = absorb_loss_posts(c, phase) || masked_out(c.error);
+  return __syncthreads_or(out) == 0;
 }
 
 // The fault-tolerant push receive's count from `source`, the same in every block (settled_counts): the first
@@ -227,10 +232,12 @@ __device__ void agree_on_losses(const RankContext& c, const Transport& transport
     }
     reset_phase_counter(c, kCombineWaitsDone);
   } else if (threadIdx.x == 0) {
-    // Bounded as every wait is. An agreement runs at most world_size + 1 rounds (a round that does not settle
-    // masks a rank), and a round's waits end a timeout after the last loss they hear of (at most world_size).
+    // Bounded as every wait is. An agreement runs at most min(world_size, kMaxRound) + 1 rounds (a round that
+    // does not settle masks a rank), and a round's waits end a timeout after the last loss they hear of (at most
+    // world_size of them).
     const uint64_t world = c.layout.world_size;
-    const uint64_t limit = c.timeout_ns * (world + 1) * (world + 1);
+    const uint64_t rounds = (world < LossPost::kMaxRound ? world : LossPost::kMaxRound) + 1;
+    const uint64_t limit = c.timeout_ns * rounds * (world + 1);
     WaitBound bound(limit, c.error);
     if (!wait_until([&] { return load_acquire_gpu(&words->agreed) == call + 1; }, bound, 64)) {
       record_timeout(c.error, limit, Phase::kCombineRecv, int32_t(c.rank));

@@ -426,8 +426,9 @@ class AllToAll:
         call on, as a wait that ran out on them would, but without waiting: for a serving layer that learns of a
         dead rank first. Pass the same mask on every surviving rank. A masked rank cannot come back (make a fresh
         object on every rank), nor can a rank mask itself: both raise ValueError. Synchronizes with the GPU to
-        check; the ranks are then masked on the current stream (a multiply: nothing a kernel masked meanwhile comes
-        back)."""
+        check; the ranks are then masked on the current stream (zeros written, nothing else: no rank that a kernel
+        masks meanwhile comes back). Unlike a wait that gives up, this tells no other rank: that is the caller's
+        part."""
         current = self.active_ranks
         world = self._shape.world_size
         rank = int(ops.native(self._live_handle("set_active_ranks")).rank)
@@ -445,7 +446,9 @@ class AllToAll:
         back = ((now == 0) & (wanted == 1)).nonzero().flatten().tolist()
         if back:
             raise ValueError(f"set_active_ranks: ranks {back} are masked out already and cannot come back")
-        current.mul_(wanted.to(device=self._device, dtype=torch.int32))
+        masked = (wanted == 0).nonzero().flatten()
+        if masked.numel():
+            current.index_fill_(0, masked.to(self._device), 0)
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (a peer that timed out, an
