@@ -1,6 +1,7 @@
 // test_all_to_all: random dispatch/combine cases on N ranks, every result checked against the CPU
 // reference model. Run as `mpirun -np N ./test_all_to_all [--transport T] [--seed S] [--configs C]
-// [--iterations I] [--soak N [--staged]]`; ends with "N passed, N failed" and exits non-zero on any mismatch.
+// [--iterations I] [--soak N [--staged]] [--fault-tolerant]`; ends with "N passed, N failed" and exits non-zero on
+// any mismatch.
 //   default   C random configurations per transport, I random calls on one object each; then per transport
 //             each fp8 cast of the dispatch (bf16 tokens cast on the way), whole and split.
 //   --soak N  N random calls (random m per DP group, sometimes through bound_m, random indices) on one object
@@ -9,6 +10,8 @@
 //   --staged  with --soak: every call from the caller's memory, tokens and float32 expert outputs, which the put
 //             path writes into its staging rows before each put (where an ordering between the writes and the
 //             put shows).
+//   --fault-tolerant  every object in the fault-tolerant mode (configurations drawn with dp_size 1): each call
+//             must match the reference as in the default mode and leave every rank active.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -41,8 +44,9 @@ struct Options {
   uint64_t seed = 20261125;
   int configs = 10;
   int iterations = 4;
-  long soak = 0;        // > 0: run the soak instead of the random configurations
-  bool staged = false;  // the soak's calls all stage their rows (see the file comment)
+  long soak = 0;                // > 0: run the soak instead of the random configurations
+  bool staged = false;          // the soak's calls all stage their rows (see the file comment)
+  bool fault_tolerant = false;  // objects in the fault-tolerant mode (dp_size 1), every rank active throughout
 };
 
 Options parse_options(int argc, char** argv) {
@@ -59,11 +63,12 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--iterations") o.iterations = std::stoi(value());
     else if (arg == "--soak") o.soak = std::stol(value());
     else if (arg == "--staged") o.staged = true;
+    else if (arg == "--fault-tolerant") o.fault_tolerant = true;
     else
       EW_THROW(ConfigError, "test_all_to_all: unknown argument '", arg, "' (known: --transport T (",
                harness::kTransportFlagHelp,
                "; default all), --seed S, --configs C, "
-               "--iterations I, --soak N, --staged)");
+               "--iterations I, --soak N, --staged, --fault-tolerant)");
   }
   EW_REQUIRE(o.soak >= 0, "test_all_to_all: --soak must be >= 0, got ", o.soak);
   EW_REQUIRE(!o.staged || o.soak > 0, "test_all_to_all: --staged applies to --soak N only");
@@ -73,7 +78,7 @@ Options parse_options(int argc, char** argv) {
 // A random configuration, the same on every rank (drawn from the shared seed). The first one is the
 // DeepSeek-V3 shape: hidden 7168 in fp8 with 128-wide block scales; the second has top-40 of 64 experts, wider
 // than a warp (the kernels take such rows in passes of 32).
-AllToAllConfig random_config(Rng& rng, int index, int rank, int world) {
+AllToAllConfig random_config(Rng& rng, int index, int rank, int world, bool fault_tolerant) {
   AllToAllConfig c;
   c.rank = rank;
   c.world_size = world;
@@ -84,6 +89,7 @@ AllToAllConfig random_config(Rng& rng, int index, int rank, int world) {
   c.num_experts = experts[rng.below(uint32_t(experts.size()))];
   c.experts_per_token = 1 + rng.below(uint32_t(std::min<int64_t>(8, c.num_experts)));
   c.dp_size = (world % 2 == 0 && rng.below(2) == 1) ? 2 : 1;
+  if (fault_tolerant) c.dp_size = 1;  // the mode's requirement (the draw above keeps the seed's sequence)
   const int64_t token_choices[] = {1, 3, 16, 33, 64};
   c.max_num_tokens = token_choices[rng.below(5)];
   const int64_t hidden_choices[] = {16, 128, 256, 1024, 2048};
@@ -139,6 +145,24 @@ bool checked_call_on_all_ranks(AllToAll& a2a, harness::RoundTrip& trip, const Al
   return harness::all_ranks(failures.empty());
 }
 
+// Whether the fault-tolerant object's mask still has every rank active (no wait gave up), on every rank.
+bool every_rank_active(const AllToAll& a2a, const AllToAllConfig& config) {
+  std::vector<int32_t> active(size_t(config.world_size), -1);
+  EW_CUDA_CHECK(cudaDeviceSynchronize());
+  EW_CUDA_CHECK(cudaMemcpy(active.data(), a2a.active_ranks(), active.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  int local = 1;
+  for (size_t r = 0; r < active.size(); ++r) {
+    if (active[r] != 1) {
+      std::printf("  rank %ld: active_ranks[%zu] = %d after a call without a failure\n", long(config.rank), r,
+                  active[r]);
+      local = 0;
+    }
+  }
+  int all = 0;
+  MPI_Allreduce(&local, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  return all == 1;
+}
+
 struct Tally {
   int passed = 0;
   int failed = 0;
@@ -150,12 +174,13 @@ void run_random_configs(const harness::MpiSession& mpi, const Options& options, 
   const bool root = mpi.rank() == 0;
   Rng rng(harness::mix_seed(seed, uint64_t(kind)));
   for (int ci = 0; ci < options.configs; ++ci) {
-    const AllToAllConfig config = random_config(rng, ci, mpi.rank(), mpi.world_size());
-    std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, config);
+    const AllToAllConfig config = random_config(rng, ci, mpi.rank(), mpi.world_size(), options.fault_tolerant);
+    std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, config, 0, options.fault_tolerant);
     harness::RoundTrip trip(config);
     for (int ii = 0; ii < options.iterations; ++ii) {
       const CallShape shape = harness::random_call_shape(rng, config, ii);
-      const bool ok = checked_call_on_all_ranks(*a2a, trip, config, shape, harness::mix_seed(seed, ci, ii));
+      bool ok = checked_call_on_all_ranks(*a2a, trip, config, shape, harness::mix_seed(seed, ci, ii));
+      if (options.fault_tolerant) ok = every_rank_active(*a2a, config) && ok;
       tally.add(ok);
       if (root) {
         std::printf("  [%s] config %d.%d %s %s\n", ok ? " ok " : "FAIL", ci, ii, describe_config(config).c_str(),
@@ -176,7 +201,7 @@ void run_soak(const harness::MpiSession& mpi, const Options& options, harness::T
                 describe_config(config).c_str());
   }
   Rng rng(harness::mix_seed(seed, uint64_t(kind), 0x50a4));
-  std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, config);
+  std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, config, 0, options.fault_tolerant);
   harness::RoundTrip trip(config);
   const Tally before = tally;
   const long report_every = std::max(1L, options.soak / 10);
@@ -189,12 +214,13 @@ void run_soak(const harness::MpiSession& mpi, const Options& options, harness::T
       shape.expert_y_in_buffer = CallShape::InBuffer::kNone;
       shape.dp_x_in_buffer = CallShape::InBuffer::kNone;
     }
-    const bool ok = checked_call_on_all_ranks(*a2a, trip, config, shape, harness::mix_seed(seed, uint64_t(kind), i));
+    bool ok = checked_call_on_all_ranks(*a2a, trip, config, shape, harness::mix_seed(seed, uint64_t(kind), i));
+    if (options.fault_tolerant) ok = every_rank_active(*a2a, config) && ok;
     tally.add(ok);
     if (!ok) {
       if (root) std::printf("  [FAIL] soak call %ld %s\n", i, harness::describe(shape).c_str());
       a2a.reset();  // every rank's kernels are done: the old buffers can go before the new ones are made
-      a2a = harness::make_all_to_all(kind, config);
+      a2a = harness::make_all_to_all(kind, config, 0, options.fault_tolerant);
     }
     if (root && ((i + 1) % report_every == 0 || i + 1 == options.soak)) {
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -358,13 +384,15 @@ bool checked_cast_call(AllToAll& a2a, const AllToAllConfig& c, Fp8Cast cast, boo
   return harness::all_ranks(failures.empty());
 }
 
-void run_cast_checks(const harness::MpiSession& mpi, harness::TransportKind kind, uint64_t seed, Tally& tally) {
+void run_cast_checks(const harness::MpiSession& mpi, const Options& options, harness::TransportKind kind, uint64_t seed,
+                     Tally& tally) {
   const bool root = mpi.rank() == 0;
   for (const Fp8Cast cast : {Fp8Cast::kBlockScales, Fp8Cast::kPowerOfTwoScales, Fp8Cast::kUe8m0Scales}) {
     const AllToAllConfig config = cast_config(mpi.rank(), mpi.world_size(), cast);
-    std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, config);
+    std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, config, 0, options.fault_tolerant);
     for (int call = 0; call < 2; ++call) {
-      const bool ok = checked_cast_call(*a2a, config, cast, call == 1, harness::mix_seed(seed, uint64_t(cast), call));
+      bool ok = checked_cast_call(*a2a, config, cast, call == 1, harness::mix_seed(seed, uint64_t(cast), call));
+      if (options.fault_tolerant) ok = every_rank_active(*a2a, config) && ok;
       tally.add(ok);
       if (root)
         std::printf("  [%s] fp8 cast %d, call %d%s\n", ok ? " ok " : "FAIL", int(cast), call, call ? " (split)" : "");
@@ -389,7 +417,7 @@ int run(int argc, char** argv) {
       run_soak(mpi, options, kind, seed, tally);
     } else {
       run_random_configs(mpi, options, kind, seed, tally);
-      run_cast_checks(mpi, kind, seed, tally);
+      run_cast_checks(mpi, options, kind, seed, tally);
     }
   }
   if (mpi.rank() == 0) std::printf("%d passed, %d failed\n", tally.passed, tally.failed);

@@ -51,9 +51,11 @@ const char* transport_flag_name(TransportKind kind) {
   return "?";
 }
 
-std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config, uint64_t timeout_ns) {
+std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config, uint64_t timeout_ns,
+                                          bool fault_tolerant) {
   AllToAllOptions options;
   options.timeout_ns = timeout_ns;
+  options.fault_tolerant = fault_tolerant;
   if (kind == TransportKind::kIntranode) return std::make_unique<AllToAllIntranode>(config, all_gather_bytes, options);
   options.force_puts = kind == TransportKind::kInternodePuts;
   return std::make_unique<AllToAllInternode>(config, options);

@@ -30,7 +30,9 @@ bool needs_nvshmem(const std::vector<TransportKind>& kinds);
 const char* transport_title(TransportKind kind);
 const char* transport_flag_name(TransportKind kind);  // as the flag spells it: "intranode", ...
 // Collective over MPI_COMM_WORLD (the intranode transport exchanges its IPC handles through MPI).
-// `timeout_ns` bounds every device-side wait; 0 takes EXPERTWIRE_TIMEOUT_MS (default 10 s).
-std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config, uint64_t timeout_ns = 0);
+// `timeout_ns` bounds every device-side wait; 0 takes EXPERTWIRE_TIMEOUT_MS (default 10 s). `fault_tolerant`:
+// AllToAllOptions::fault_tolerant.
+std::unique_ptr<AllToAll> make_all_to_all(TransportKind kind, const AllToAllConfig& config, uint64_t timeout_ns = 0,
+                                          bool fault_tolerant = false);
 
 }  // namespace expertwire::harness
