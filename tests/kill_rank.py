@@ -202,16 +202,10 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=8)
-    parser.add_argument("--transport", default="internode", choices=["internode", "intranode", "all"])
+    add_run_arguments(parser, steps=8, kill_step=3, run_limit_s=90.0)
     parser.add_argument("--kill-at", default="all", choices=[*KILL_POINTS, "all"])
     parser.add_argument("--victim", type=int, default=None, help="the rank killed (default the last)")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--kill-step", type=int, default=3)
-    parser.add_argument("--timeout-ms", type=int, default=2000)
     parser.add_argument("--exit-limit-s", type=float, default=10.0, help="a survivor's exit after its error")
-    parser.add_argument("--run-limit-s", type=float, default=90.0, help="a run's ranks are killed after this")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--without-exit-release",
         action="store_true",
@@ -225,6 +219,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(f"--victim must be in [0, --ranks = {args.ranks}), got {args.victim}")
     points = list(KILL_POINTS) if args.kill_at == "all" else [args.kill_at]
     run_each("kill_rank", args, points, _one_run)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, steps: int, kill_step: int, run_limit_s: float) -> None:
+    """The options of a launcher that kills ranks, which run_each and the launch read."""
+    parser.add_argument("--ranks", type=int, default=8)
+    parser.add_argument("--transport", default="internode", choices=["internode", "intranode", "all"])
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--kill-step", type=int, default=kill_step)
+    parser.add_argument("--timeout-ms", type=int, default=2000)
+    parser.add_argument("--run-limit-s", type=float, default=run_limit_s, help="a run's ranks are killed after this")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def run_each(tool: str, args: argparse.Namespace, variants: list[str], one_run) -> None:

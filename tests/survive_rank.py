@@ -41,7 +41,7 @@ import expertwire
 
 from .all_to_all_data import Case, check_combine, make_groups, masked_groups
 from .distributed import RankInfo, nvshmem_join
-from .kill_rank import _step, _write, read_reports, run_each, start_ranks, wait_for_exits
+from .kill_rank import _step, _write, add_run_arguments, read_reports, run_each, start_ranks, wait_for_exits
 from .test_all_to_all_gpu import RankBuffers, _check, make_all_to_all
 
 FAULTS = ("before-dispatch", "between-halves", "inside-combine", "external", "two-kills", "stuck", "stuck-returns")
@@ -328,16 +328,10 @@ def _one_run(ranks: int, transport: str, fault: str, args: argparse.Namespace) -
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", type=int, default=8)
-    parser.add_argument("--transport", default="internode", choices=["internode", "intranode", "all"])
+    add_run_arguments(parser, steps=10, kill_step=2, run_limit_s=120.0)
     parser.add_argument("--fault", default="all", choices=[*FAULTS, "all"])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--kill-step", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats of each checked step")
-    parser.add_argument("--timeout-ms", type=int, default=2000)
     parser.add_argument("--time-limit", type=float, default=0.10, help="steady steps' excess over fewer ranks'")
-    parser.add_argument("--run-limit-s", type=float, default=120.0, help="a run's ranks are killed after this")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.ranks < 3:
         parser.error(f"--ranks must be >= 3 (two kills leave one rank), got {args.ranks}")

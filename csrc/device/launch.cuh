@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "core/cuda_utils.h"
 #include "core/error.h"
@@ -19,6 +20,16 @@
 #include "expertwire/all_to_all.h"
 
 namespace expertwire::device {
+
+// launch(transport) with `transport` in the object's mode (InMode): the kernel instantiation of that mode.
+template <class Transport, class Launch>
+void in_object_mode(bool fault_tolerant, const Transport& transport, Launch launch) {
+  if (fault_tolerant) {
+    launch(InMode<Transport, true>{transport});
+  } else {
+    launch(InMode<Transport, false>{transport});
+  }
+}
 
 // The pull dispatch when every peer's buffer is load/store reachable (receivers copy tokens straight from
 // senders), else the push dispatch; each in the object's mode (InMode).
@@ -40,11 +51,8 @@ void launch_dispatch_in_mode(const DispatchArgs& args, const Transport& transpor
 
 template <class Transport>
 void launch_dispatch(const DispatchArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
-  if (args.ctx.fault_tolerant) {
-    launch_dispatch_in_mode(args, InMode<Transport, true>{transport}, shape, stream);
-  } else {
-    launch_dispatch_in_mode(args, InMode<Transport, false>{transport}, shape, stream);
-  }
+  in_object_mode(args.ctx.fault_tolerant, transport,
+                 [&](const auto& in_mode) { launch_dispatch_in_mode(args, in_mode, shape, stream); });
 }
 
 // The pull combine when every peer's buffer is load/store reachable, else the push combine. Rows travel and are
@@ -65,13 +73,9 @@ void launch_combine_in_mode(const CombineArgs& args, const Transport& transport,
 
 template <class Transport, class OutT, class ExpertT, class SourceT = ExpertT>
 void launch_combine_typed(const CombineArgs& args, const Transport& transport, LaunchShape shape, cudaStream_t stream) {
-  if (args.ctx.fault_tolerant) {
-    launch_combine_in_mode<InMode<Transport, true>, OutT, ExpertT, SourceT>(args, InMode<Transport, true>{transport},
-                                                                            shape, stream);
-  } else {
-    launch_combine_in_mode<InMode<Transport, false>, OutT, ExpertT, SourceT>(args, InMode<Transport, false>{transport},
-                                                                             shape, stream);
-  }
+  in_object_mode(args.ctx.fault_tolerant, transport, [&](const auto& in_mode) {
+    launch_combine_in_mode<std::decay_t<decltype(in_mode)>, OutT, ExpertT, SourceT>(args, in_mode, shape, stream);
+  });
 }
 
 template <class Transport, class ExpertT>

@@ -90,13 +90,15 @@ __device__ inline uint64_t settle_count(const RankContext& c, uint32_t source, u
   return load_acquire_sys(signal);
 }
 
-// Posts this rank's lost set, under `sequence`, to every rank still active. One thread.
+// Posts this rank's lost set, under `sequence`, to every rank still active: ranks first_rank, first_rank +
+// rank_stride, ... of them (one thread: all; a block: threadIdx.x, blockDim.x).
 template <class Transport>
-__device__ void post_losses(const RankContext& c, const Transport& transport, uint32_t sequence) {
-  for (uint32_t rank = 0; rank < c.layout.world_size; ++rank) {
-    if (rank == c.rank || marked_lost(c, rank)) continue;
-    for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
-      transport.signal(int(rank), c.loss_post(c.rank, word), LossPost::encode(sequence, lost_bits(c, word)));
+__device__ void post_losses(const RankContext& c, const Transport& transport, uint32_t sequence,
+                            uint32_t first_rank = 0, uint32_t rank_stride = 1) {
+  for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
+    const uint64_t post = LossPost::encode(sequence, lost_bits(c, word));
+    for (uint32_t rank = first_rank; rank < c.layout.world_size; rank += rank_stride) {
+      if (rank != c.rank && !marked_lost(c, rank)) transport.signal(int(rank), c.loss_post(c.rank, word), post);
     }
   }
 }
@@ -187,12 +189,7 @@ __device__ void run_agreement(const RankContext& c, const Transport& transport, 
       words->posted = sequence;
     }
     __syncthreads();
-    for (uint32_t rank = threadIdx.x; rank < c.layout.world_size; rank += blockDim.x) {
-      if (rank == c.rank || marked_lost(c, rank)) continue;
-      for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
-        transport.signal(int(rank), c.loss_post(c.rank, word), LossPost::encode(sequence, lost_bits(c, word)));
-      }
-    }
+    post_losses(c, transport, sequence, threadIdx.x, blockDim.x);
     for (uint32_t rank = threadIdx.x; rank < c.layout.world_size; rank += blockDim.x) {
       for (uint32_t word = 0; word < c.layout.loss_words && rank != c.rank; ++word) {
         wait_for_peer(
@@ -208,10 +205,9 @@ __device__ void run_agreement(const RankContext& c, const Transport& transport, 
     __syncthreads();
     if (settled) break;
   }
-  if (threadIdx.x == 0) {
-    words->posted = LossPost::sequence(call, round | LossPost::kFinal);
-    post_losses(c, transport, words->posted);
-  }
+  const uint32_t final_sequence = LossPost::sequence(call, round | LossPost::kFinal);
+  if (threadIdx.x == 0) words->posted = final_sequence;
+  post_losses(c, transport, final_sequence, threadIdx.x, blockDim.x);
 }
 
 // The fault-tolerant combine's agreement on the lost set, called by every block of its receive once its waits

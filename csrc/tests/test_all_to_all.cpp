@@ -150,17 +150,15 @@ bool every_rank_active(const AllToAll& a2a, const AllToAllConfig& config) {
   std::vector<int32_t> active(size_t(config.world_size), -1);
   EW_CUDA_CHECK(cudaDeviceSynchronize());
   EW_CUDA_CHECK(cudaMemcpy(active.data(), a2a.active_ranks(), active.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
-  int local = 1;
+  bool all_active = true;
   for (size_t r = 0; r < active.size(); ++r) {
     if (active[r] != 1) {
       std::printf("  rank %ld: active_ranks[%zu] = %d after a call without a failure\n", long(config.rank), r,
                   active[r]);
-      local = 0;
+      all_active = false;
     }
   }
-  int all = 0;
-  MPI_Allreduce(&local, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  return all == 1;
+  return harness::all_ranks(all_active);
 }
 
 struct Tally {

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ._native import ext
-from .checks import integer
+from .checks import flag, integer
 from .high_throughput import HighThroughputAllToAll
 
 # Config.get_*_buffer_size_hint size the buffer for calls of up to this many experts per token and experts.
@@ -213,12 +213,6 @@ def _on_device_contiguous(op: str, name: str, value: torch.Tensor, device: torch
     return value
 
 
-def _flag(op: str, name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{op}: {name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 class HighThroughputHalf:
     """A Buffer's high-throughput objects and calls. `finish(stream, async_finish, tensors)` makes the calls'
     EventOverlap; `event_type` is EventOverlap."""
@@ -242,8 +236,8 @@ class HighThroughputHalf:
         """(stream the call runs on, stream its outputs belong to). As DeepEP: with async_finish the kernels run
         on the comm stream, which first waits for previous_event (or the current stream); without it they run
         on the current stream after previous_event."""
-        _flag(op, "async_finish", async_finish)
-        _flag(op, "allocate_on_comm_stream", allocate_on_comm_stream)
+        flag(op, "async_finish", async_finish)
+        flag(op, "allocate_on_comm_stream", allocate_on_comm_stream)
         # As DeepEP: an EventOverlap without an event (a call without async_finish) is no event to wait for.
         if previous_event is not None and getattr(previous_event, "event", None) is None:
             previous_event = None

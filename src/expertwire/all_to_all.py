@@ -18,6 +18,7 @@ from .checks import (
     check_combine_tensors,
     check_dispatch_tensors,
     dtype_names,
+    flag,
     fp8_cast_code,
     integer,
 )
@@ -64,11 +65,6 @@ def _all_gather_over(group: dist.ProcessGroup):
         return [entry if entry is not None else b"" for entry in gathered]
 
     return all_gather
-
-
-def _flag(op: str, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{op}: {name} must be a bool, got {type(value).__name__}")
 
 
 def _describe(value: object) -> str:
@@ -166,8 +162,8 @@ class AllToAll:
         """Through NVSHMEM (nvshmem_init first): loads/stores to peers on this node, puts to the others
         (`force_puts`: puts to every peer, as between nodes). `fault_tolerant`: see active_ranks."""
         integer("AllToAll.internode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
-        _flag("AllToAll.internode", "force_puts", force_puts)
-        _flag("AllToAll.internode", "fault_tolerant", fault_tolerant)
+        flag("AllToAll.internode", "force_puts", force_puts)
+        flag("AllToAll.internode", "fault_tolerant", fault_tolerant)
         config, shape = cls._config(
             "AllToAll.internode",
             max_num_tokens,
@@ -207,7 +203,7 @@ class AllToAll:
         memory itself travels as file descriptors over a Unix socket, so the ranks must share a host).
         `fault_tolerant`: see active_ranks."""
         integer("AllToAll.intranode", "max_sm_count", max_sm_count, minimum=0, maximum=2**32 - 1)
-        _flag("AllToAll.intranode", "fault_tolerant", fault_tolerant)
+        flag("AllToAll.intranode", "fault_tolerant", fault_tolerant)
         config, shape = cls._config(
             "AllToAll.intranode",
             max_num_tokens,

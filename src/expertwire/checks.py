@@ -78,6 +78,13 @@ def integer(op: str, name: str, value: object, minimum: int = -INT64_MAX - 1, ma
     return value
 
 
+def flag(op: str, name: str, value: object) -> bool:
+    """A bool argument, refused (ValueError) as anything else, 0 and 1 included."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return " or ".join(str(d) for d in dtypes)
 

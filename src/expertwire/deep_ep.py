@@ -40,12 +40,11 @@ from ._deep_ep_high_throughput import (
     DISPATCH_CHUNKS,
     Config,
     HighThroughputHalf,
-    _flag,
     recommended_config,
 )
 from ._native import ext
 from .all_to_all import AllToAll
-from .checks import integer
+from .checks import flag, integer
 
 topk_idx_t = torch.int64
 
@@ -114,8 +113,8 @@ def cast_fp8_blocks(x: torch.Tensor, round_scale: bool, use_ue8m0: bool) -> tupl
     if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.dim() != 2:
         got = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"cast_fp8_blocks: x must be a 2-D torch.bfloat16 tensor, got {got}")
-    _flag("cast_fp8_blocks", "round_scale", round_scale)
-    _flag("cast_fp8_blocks", "use_ue8m0", use_ue8m0)
+    flag("cast_fp8_blocks", "round_scale", round_scale)
+    flag("cast_fp8_blocks", "use_ue8m0", use_ue8m0)
     if use_ue8m0 and not round_scale:
         raise ValueError("cast_fp8_blocks: use_ue8m0=True needs round_scale=True (UE8M0 holds powers of two only)")
     m, hidden = x.shape
@@ -256,14 +255,14 @@ class Buffer:
             raise ValueError("Buffer: either group or comm must be provided")
         self.num_nvl_bytes = integer(op, "num_nvl_bytes", num_nvl_bytes, minimum=0)
         self.num_rdma_bytes = integer(op, "num_rdma_bytes", num_rdma_bytes, minimum=0)
-        self.low_latency_mode = _flag(op, "low_latency_mode", low_latency_mode)
+        self.low_latency_mode = flag(op, "low_latency_mode", low_latency_mode)
         self.num_qps_per_rank = integer(op, "num_qps_per_rank", num_qps_per_rank, minimum=1)
-        self.allow_nvlink_for_low_latency_mode = _flag(
+        self.allow_nvlink_for_low_latency_mode = flag(
             op, "allow_nvlink_for_low_latency_mode", allow_nvlink_for_low_latency_mode
         )
-        self.allow_mnnvl = _flag(op, "allow_mnnvl", allow_mnnvl)
-        self.explicitly_destroy = _flag(op, "explicitly_destroy", explicitly_destroy)
-        self.enable_shrink = _flag(op, "enable_shrink", enable_shrink)
+        self.allow_mnnvl = flag(op, "allow_mnnvl", allow_mnnvl)
+        self.explicitly_destroy = flag(op, "explicitly_destroy", explicitly_destroy)
+        self.enable_shrink = flag(op, "enable_shrink", enable_shrink)
         if self.enable_shrink:
             raise _not_provided("Buffer(enable_shrink=True) (masking ranks)")
         if not isinstance(group, dist.ProcessGroup):
@@ -623,7 +622,7 @@ class Buffer:
             ("async_finish", async_finish),
             ("return_recv_hook", return_recv_hook),
         ):
-            _flag(op, name, value)
+            flag(op, name, value)
         if dispatch_wait_recv_cost_stats is not None:
             raise _not_provided("low_latency_dispatch(dispatch_wait_recv_cost_stats=...) (per-rank wait times)")
         if use_ue8m0 and not round_scale:
@@ -814,7 +813,7 @@ class Buffer:
             ("async_finish", async_finish),
             ("return_recv_hook", return_recv_hook),
         ):
-            _flag(op, name, value)
+            flag(op, name, value)
         if use_logfmt:
             raise _not_provided("low_latency_combine(use_logfmt=True) (a 10-bit LogFMT payload)")
         if combine_wait_recv_cost_stats is not None:
