@@ -7,16 +7,13 @@ import torch
 
 from expertwire import reference
 
-from .all_to_all_data import Case, config_of, expert_outputs_table, make_groups
+from .all_to_all_data import NO_EXPERT, Case, config_of, expert_outputs_table, make_groups
 
 CASES = [
     (Case("fp8", torch.bfloat16, torch.bfloat16), 4),
     (Case("bf16", torch.float16, torch.float32, dp_size=2), 4),
     (Case("bf16", torch.bfloat16, torch.bfloat16, num_experts=8, experts_per_token=8), 8),
 ]
-
-
-NO_EXPERT = 0xFFFFFFFF
 
 
 def _expected_inboxes(groups: list, rank: int, local: int) -> list[list[tuple[int, int]]]:
