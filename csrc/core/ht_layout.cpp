@@ -83,6 +83,7 @@ HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put) {
   l.expert_alignment = uint32_t(config.expert_alignment);
   l.count_row_words = uint32_t(align_up(l.count_word_x_bytes() + 1, 4));
   l.max_route_blocks = uint32_t((l.max_num_tokens + kRouteBlockTokens - 1) / kRouteBlockTokens);
+  l.loss_words = (l.world_size + 31) / 32;
   l.record_bytes = TokenRecordLayout{l.experts_per_token}.bytes();
   l.scale_offset = align_up(l.hidden_dim_bytes, kBufferAlign);
   l.input_row_bytes = l.scale_offset + align_up(l.hidden_dim_scale_bytes, kBufferAlign);
@@ -99,6 +100,7 @@ HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put) {
   l.count_arrived_offset = take(signals_bytes, "count_arrived");
   l.data_arrived_offset = take(signals_bytes, "data_arrived");
   l.combine_ready_offset = take(signals_bytes, "combine_ready");
+  l.loss_posts_offset = take(uint64_t(l.world_size) * l.loss_words * 8, "loss_posts");
   l.token_records_offset = take(checked_mul(l.max_num_tokens, l.record_bytes, "token_records"), "token_records");
   l.input_rows_offset = take(checked_mul(l.max_num_tokens, l.input_row_bytes, "input_rows"), "input_rows");
   l.staging_records_offset = take(checked_mul(push_rows, l.record_bytes, "staging_records"), "staging_records");
@@ -113,11 +115,12 @@ HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put) {
   return l;
 }
 
-LayoutSignature ht_layout_signature(const HtLayout& l) {
+LayoutSignature ht_layout_signature(const HtLayout& l, bool fault_tolerant) {
   // The words of the low-latency kind's signature, read for this one: no DP groups and no staging rows; the
-  // buffer size covers the receive capacity and combine element size; it has no fault-tolerant mode.
+  // buffer size covers the receive capacity and combine element size.
   return LayoutSignature{{l.num_experts, l.experts_per_token, l.world_size, 1, l.max_num_tokens, l.hidden_dim,
-                          l.hidden_dim_bytes, l.hidden_dim_scale_bytes, 0, l.symmetric_bytes, 0}};
+                          l.hidden_dim_bytes, l.hidden_dim_scale_bytes, 0, l.symmetric_bytes,
+                          uint64_t(fault_tolerant)}};
 }
 
 HtHandleLayout make_ht_handle_layout(const HtLayout& l) {

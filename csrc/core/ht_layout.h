@@ -10,6 +10,8 @@
 //   data_arrived    [world] u64: +1 from rank s when it has put every row of the running dispatch here (push).
 //   combine_ready   [world] u64: +1 from rank s when its combine rows for us are ready (pull: in its
 //                   combine_rows; push: put into our combine_recv).
+//   loss_posts      [world][loss_words] u64 LossPost: what each rank last told us of the ranks it has given up
+//                   on (the fault-tolerant mode; device/liveness.cuh), 32 ranks a word.
 //   token_records   [max_num_tokens] TokenRecord: this rank's tokens' routes, read by receivers that pull.
 //   input_rows      [max_num_tokens] input rows: payload | scales, each 16-byte aligned; receivers pull from here.
 //   staging_records [recv_rows] TokenRecord and staging_rows [recv_rows] input rows: what senders put (push).
@@ -18,8 +20,9 @@
 //   combine_weights [recv_rows] rows of k f32, and combine_recv_weights [max_num_tokens * min(k, world)] (push):
 //                   the per-slot values a combine may carry back beside its rows (training's weight gradients).
 //
-// Local workspace: dispatch_calls and combine_calls (u64, the targets of the monotonic signals: every rank counts
-// the same collective calls, on the device so that graph replays count too) and phase counters.
+// Local workspace (device/ht_args.h, HtWorkspace): dispatch_calls and combine_calls (u64, the targets of the
+// monotonic signals: every rank counts the same collective calls, on the device so that graph replays count too),
+// phase counters, and the fault-tolerant mode's active_ranks and counters.
 //
 // A rank starts dispatch n+1 only after its combine n, which waits for every rank's combine n input, which each
 // rank provides only after its dispatch n has received everything: nothing a peer still reads is rewritten.
@@ -60,6 +63,7 @@ struct HtLayout {
   uint32_t expert_alignment;
   uint32_t count_row_words;
   uint32_t max_route_blocks;
+  uint32_t loss_words;  // u64 words of a rank's LossPost, 32 ranks each
 
   uint64_t record_bytes;       // a TokenRecord
   uint64_t input_row_bytes;    // align16(hidden_dim_bytes) + align16(scales)
@@ -72,6 +76,7 @@ struct HtLayout {
   uint64_t count_arrived_offset;
   uint64_t data_arrived_offset;
   uint64_t combine_ready_offset;
+  uint64_t loss_posts_offset;
   uint64_t token_records_offset;
   uint64_t input_rows_offset;
   uint64_t staging_records_offset;
@@ -90,6 +95,9 @@ struct HtLayout {
   }
   EW_HOST_DEVICE uint64_t count_out_row_offset(uint32_t dest) const {
     return count_out_offset + uint64_t(dest) * count_row_words * 4;
+  }
+  EW_HOST_DEVICE uint64_t loss_post_offset(uint32_t source, uint32_t word) const {
+    return loss_posts_offset + (uint64_t(source) * loss_words + word) * 8;
   }
   EW_HOST_DEVICE uint64_t token_record_offset(uint32_t t) const { return token_records_offset + t * record_bytes; }
   EW_HOST_DEVICE uint64_t input_row_offset(uint32_t t) const { return input_rows_offset + t * input_row_bytes; }
@@ -115,7 +123,7 @@ struct HtLayout {
 
 // The layout of a validated configuration; `may_put`: the push regions (staging, combine_recv) are allocated.
 HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put);
-LayoutSignature ht_layout_signature(const HtLayout& layout);
+LayoutSignature ht_layout_signature(const HtLayout& layout, bool fault_tolerant = false);
 
 // The handle's device memory, in 32-bit words, and where each array starts (word offsets).
 struct HtHandleLayout {

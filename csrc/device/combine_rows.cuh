@@ -114,7 +114,9 @@ __device__ bool wait_combine_done(const RankContext& c, const Transport& transpo
     }
   }
   const bool matched = __syncthreads_or(mismatch) == 0;
-  if constexpr (Transport::kFaultTolerant) agree_on_losses(c, transport);
+  if constexpr (Transport::kFaultTolerant) {
+    agree_on_losses(c, transport, c.phase_counter(kCombineWaitsDone), Phase::kCombineRecv);
+  }
   return matched;
 }
 

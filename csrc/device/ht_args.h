@@ -32,14 +32,23 @@ struct HtHandleView {
   uint32_t* host_counts;  // host-mapped: num_recv_tokens, num_expert_rows, tokens_per_expert[num_local_experts]
 };
 
-// The local workspace: monotonic call counters (the targets of the monotonic signals) and phase counters.
+// What the fault-tolerant push receive settled about a sender's rows (HtWorkspace::data_settled): the same in every
+// block, as settle_count's counts in the low-latency kind.
+enum HtDataSettled : uint32_t { kHtDataUnsettled = 0, kHtDataArrived = 1, kHtDataLost = 2 };
+
+// The local workspace: monotonic call counters (the targets of the monotonic signals), phase counters, and the
+// fault-tolerant mode's state (device/liveness.cuh).
 struct HtWorkspace {
   uint64_t dispatch_calls;
   uint64_t combine_calls;
-  uint32_t phase[4];
+  uint32_t phase[5];
   uint32_t exchange_failed;  // the running dispatch's count exchange gave up or found another payload size
+  int32_t active_ranks[kMaxHighThroughputRanks];     // 1 for a rank this one serves with, 0 once masked out
+  uint32_t data_settled[kMaxHighThroughputRanks];    // HtDataSettled per sender; cleared by the offsets kernel
+  LivenessWords liveness;
 };
-enum HtPhaseCounter : int { kHtPublished = 0, kHtPushed = 1, kHtCombineSent = 2, kHtCombineDone = 3 };
+// kHtAgreeing counts blocks out of their waits before an agreement (the offsets kernel's, the combine's).
+enum HtPhaseCounter : int { kHtPublished = 0, kHtPushed = 1, kHtCombineSent = 2, kHtCombineDone = 3, kHtAgreeing = 4 };
 
 struct HtArgs {
   HtLayout l;
@@ -47,6 +56,7 @@ struct HtArgs {
   HtWorkspace* workspace;
   ErrorRecord* error;
   uint64_t timeout_ns;
+  bool fault_tolerant;  // AllToAllOptions::fault_tolerant: the kernels' InMode
   HtHandleView h;
 
   // Dispatch inputs.
@@ -76,6 +86,20 @@ struct HtArgs {
   EW_HOST_DEVICE T* local(uint64_t offset) const {
     return reinterpret_cast<T*>(symmetric + offset);
   }
+
+  // What the liveness layer (device/liveness.cuh) asks of either kind's state, as RankContext answers it.
+  EW_HOST_DEVICE uint32_t own_rank() const { return l.rank; }
+  EW_HOST_DEVICE uint32_t world_size() const { return l.world_size; }
+  EW_HOST_DEVICE uint32_t loss_words() const { return l.loss_words; }
+  EW_HOST_DEVICE SymmetricRef<uint64_t> loss_post(uint32_t source, uint32_t word) const {
+    return {l.loss_post_offset(source, word)};
+  }
+  template <class T>
+  EW_HOST_DEVICE T* local(SymmetricRef<T> ref) const {
+    return local<T>(ref.offset);
+  }
+  EW_HOST_DEVICE int32_t* active_ranks() const { return workspace->active_ranks; }
+  EW_HOST_DEVICE LivenessWords* liveness() const { return &workspace->liveness; }
 };
 
 }  // namespace expertwire::device

@@ -7,6 +7,7 @@
 //            read from the expert rank's combine_rows (pull) or from our combine_recv (push).
 // With per-slot values (topk_weights) each row has a slot row beside it, combine_weights / combine_recv_weights,
 // and the receiver takes slot j's value from the rank that holds slot j's expert.
+// In the fault-tolerant mode the receive agrees on the lost ranks after its waits and leaves their rows out.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,6 +18,7 @@
 #include <type_traits>
 
 #include "device/ht_args.h"
+#include "device/liveness.cuh"
 #include "device/primitives.cuh"
 #include "device/vec8.cuh"
 
@@ -89,8 +91,12 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
   const int lane = lane_id();
   const bool expert_layout = a.layout == HighThroughputLayout::kExpertContiguous;
   const bool carry_slots = a.combine_carry_slots;
+  // The fault-tolerant mode: nothing once the others have masked this rank out, nothing for a lost rank's tokens.
+  bool serving = true;
+  if constexpr (Transport::kFaultTolerant) serving = still_serving(a, Phase::kCombineSend);
   bool issued_puts = false;
-  for (uint32_t i = global_warp(); i < num_recv; i += total_warps()) {
+  for (uint32_t i = global_warp(); serving && i < num_recv; i += total_warps()) {
+    if (Transport::kFaultTolerant && is_lost(transport, a, find_segment(a.h.recv_base, W, i))) continue;
     uint8_t* mine = a.local<uint8_t>(l.combine_row_offset(i));
     float* mine_slots = a.local<float>(l.combine_weights_row_offset(i));
     if (expert_layout) {
@@ -151,7 +157,9 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
   transport.flush_warp(issued_puts);
   if (!last_block_out(&a.workspace->phase[kHtCombineSent])) return;
   if (threadIdx.x == 0) a.workspace->phase[kHtCombineSent] = 0;
+  if (!serving) return;
   for (uint32_t r = threadIdx.x; r < W; r += blockDim.x) {
+    if (is_lost(transport, a, r)) continue;
     transport.signal_add(int(r), SymmetricRef<uint64_t>{l.combine_ready_offset + uint64_t(l.rank) * 8}, 1);
   }
 }
@@ -165,12 +173,18 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_combine_
 
   bool missing = false;
   for (uint32_t r = threadIdx.x; r < W; r += blockDim.x) {
-    missing |= wait_signal_until(
-                   a.local<uint64_t>(l.combine_ready_offset + uint64_t(r) * 8), [&](uint64_t v) { return v >= target; },
-                   a.timeout_ns, a.error, Phase::kCombineRecv, int32_t(r)) < target;
+    missing |= wait_for_peer(
+                   a, transport, a.local<uint64_t>(l.combine_ready_offset + uint64_t(r) * 8),
+                   [&](uint64_t v) { return v >= target; }, Phase::kCombineRecv, r) < target;
+  }
+  bool reduce = !__syncthreads_or(missing);
+  if constexpr (Transport::kFaultTolerant) {
+    // The ranks agree on the lost set; every survivor then leaves the same ranks' rows out of its sums.
+    agree_on_losses(a, transport, &a.workspace->phase[kHtAgreeing], Phase::kCombineRecv);
+    reduce = !__syncthreads_or(threadIdx.x == 0 && masked_out(a.error));
   }
   const bool pull = transport.load_store_only();
-  if (!__syncthreads_or(missing)) {
+  if (reduce) {
     const uint32_t vectors = l.hidden_dim / 8;
     const int lane = lane_id();
     auto* out = reinterpret_cast<T*>(a.combine_out);
@@ -183,8 +197,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_combine_
       // This lane's row, if it has one, and the rows in rank order: lane i of `order` holds the i-th lowest rank.
       const T* row = nullptr;
       const uint32_t at = rank_row < 0 ? 0u : (pull ? a.h.base_at[dest] : a.h.send_base[dest]) + uint32_t(rank_row);
-      // A row past the expert rank's capacity was never received there (it reported the overflow).
-      if (rank_row >= 0 && at < (pull ? l.recv_rows : l.combine_recv_rows)) {
+      // A row past the expert rank's capacity was never received there (it reported the overflow); a lost rank's
+      // rows are left out.
+      if (rank_row >= 0 && at < (pull ? l.recv_rows : l.combine_recv_rows) && !is_lost(transport, a, uint32_t(dest))) {
         const SymmetricRef<uint8_t> ref{pull ? l.combine_row_offset(at) : l.combine_recv_row_offset(at)};
         row = reinterpret_cast<const T*>(pull ? transport.peer(dest, ref) : a.local<uint8_t>(ref.offset));
       }

@@ -11,6 +11,7 @@
 
 #include "device/ht_args.h"
 #include "device/ht_route.cuh"
+#include "device/liveness.cuh"
 #include "device/primitives.cuh"
 
 namespace expertwire::device {
@@ -93,9 +94,11 @@ __device__ __forceinline__ void ht_receive_token(const HtArgs& a, uint32_t sourc
   }
 }
 
-// Push: every token of this rank to the staging rows of every rank it names, once each; then data_arrived.
+// Push: every token of this rank to the staging rows of every rank it names, once each; then data_arrived (not
+// once the others have masked this rank out: !serving). Lost ranks get nothing.
 template <class Transport>
-__device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport& transport, bool send_rows) {
+__device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport& transport, bool send_rows,
+                                               bool serving) {
   const HtLayout& l = a.l;
   const uint32_t k = l.experts_per_token;
   const int lane = lane_id();
@@ -113,7 +116,7 @@ __device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport&
       const int from = __ffs(sends) - 1;
       const int r = __shfl_sync(kFullMask, dest, from);
       const uint32_t at = a.h.base_at[r] + uint32_t(__shfl_sync(kFullMask, rank_row, from));
-      if (at >= l.recv_rows) continue;  // the receiver reports its overflow
+      if (at >= l.recv_rows || is_lost(transport, a, uint32_t(r))) continue;  // the receiver reports its overflow
       auto send = [&](uint64_t offset, const uint8_t* src, uint64_t bytes) {
         const SymmetricRef<uint8_t> there{offset};
         if (uint8_t* direct = transport.peer(r, there)) {
@@ -133,9 +136,55 @@ __device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport&
   transport.flush_warp(issued_puts);
   if (!last_block_out(&a.workspace->phase[kHtPushed])) return;
   if (threadIdx.x == 0) a.workspace->phase[kHtPushed] = 0;
+  if (!serving) return;
   for (uint32_t r = threadIdx.x; r < l.world_size; r += blockDim.x) {
+    if (is_lost(transport, a, r)) continue;
     transport.signal_add(int(r), SymmetricRef<uint64_t>{l.data_arrived_offset + uint64_t(l.rank) * 8}, 1);
   }
+}
+
+// The fault-tolerant push receive's verdict on sender `source`'s rows, the same in every block (data_settled):
+// the first block to settle it takes what its wait found (or a signal that came just as the wait gave up), unless
+// the sender was lost before the block looked; a block that finds the rows settled as arrived acquires them too.
+__device__ inline bool settle_data(const HtArgs& a, uint32_t source, bool arrived, bool lost_before, uint64_t target) {
+  const uint64_t* signal = a.local<uint64_t>(a.l.data_arrived_offset + uint64_t(source) * 8);
+  if (!arrived && !lost_before) arrived = load_acquire_sys(signal) >= target;
+  const uint32_t mine = arrived ? kHtDataArrived : kHtDataLost;
+  const uint32_t before = atomicCAS(&a.workspace->data_settled[source], kHtDataUnsettled, mine);
+  if (before == kHtDataUnsettled || before == mine) return arrived;
+  if (before == kHtDataLost) return false;
+  load_acquire_sys(signal);
+  return true;
+}
+
+// Whether a sender's rows were settled as lost (the fault-tolerant push receive), as every block reads it.
+__device__ __forceinline__ bool ht_rows_lost(const HtArgs& a, uint32_t source) {
+  return *reinterpret_cast<const volatile uint32_t*>(&a.workspace->data_settled[source]) == kHtDataLost;
+}
+
+// A received token whose rows never came (its sender was lost after the count exchange): its rank-packed row
+// names no expert. Whole warp.
+__device__ __forceinline__ void ht_receive_nothing(const HtArgs& a, uint32_t packed_row) {
+  const uint32_t k = a.l.experts_per_token, lane = uint32_t(lane_id());
+  if (lane >= k) return;
+  if (a.out.layout == HighThroughputLayout::kRankPacked) {
+    a.out.recv_topk_idx[uint64_t(packed_row) * k + lane] = -1;
+    a.out.recv_topk_weights[uint64_t(packed_row) * k + lane] = 0.0f;
+  } else {
+    a.h.recv_slot_row[uint64_t(packed_row) * k + lane] = -1;
+    a.h.recv_slot_weight[uint64_t(packed_row) * k + lane] = 0.0f;
+  }
+}
+
+// The sender of row `r` of local expert e's expert-contiguous segment (r < its tokens): the last source whose
+// prefix of that expert's rows is <= r.
+__device__ __forceinline__ uint32_t ht_expert_row_source(const HtArgs& a, uint32_t e, uint32_t r) {
+  const uint32_t L = a.l.num_local_experts;
+  uint32_t source = 0;
+  for (uint32_t s = 1; s < a.l.world_size; ++s) {
+    if (a.h.expert_prefix[s * L + e] <= r) source = s;
+  }
+  return source;
 }
 
 template <class Transport>
@@ -164,19 +213,30 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
 
   if constexpr (Transport::kMayPut) {
     if (!pull) {
-      ht_push_tokens(a, transport, !exchange_failed);
+      bool serving = true;
+      if constexpr (Transport::kFaultTolerant) serving = still_serving(a, Phase::kDispatchSend);
+      ht_push_tokens(a, transport, !exchange_failed && serving, serving);
       const uint64_t target = a.workspace->dispatch_calls;  // advanced by this dispatch's offsets kernel
       bool missing = false;
       for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
-        missing |=
-            wait_signal_until(
-                a.local<uint64_t>(l.data_arrived_offset + uint64_t(s) * 8), [&](uint64_t v) { return v >= target; },
-                a.timeout_ns, a.error, Phase::kDispatchRecv, int32_t(s)) < target;
+        const bool lost_before = is_lost(transport, a, s);
+        bool arrived = wait_for_peer(
+                           a, transport, a.local<uint64_t>(l.data_arrived_offset + uint64_t(s) * 8),
+                           [&](uint64_t v) { return v >= target; }, Phase::kDispatchRecv, s) >= target;
+        if constexpr (Transport::kFaultTolerant) arrived = settle_data(a, s, arrived, lost_before, target);
+        missing |= !arrived;
       }
-      receive = !__syncthreads_or(missing) && receive;
+      // In the fault-tolerant mode a lost sender's rows are left out (ht_receive_nothing), not the others'.
+      const bool any_missing = __syncthreads_or(missing);
+      if constexpr (!Transport::kFaultTolerant) receive = !any_missing && receive;
       if (receive) {
         for (uint32_t i = global_warp(); i < num_recv; i += total_warps()) {
-          ht_receive_token(a, find_segment(a.h.recv_base, W, i),
+          const uint32_t source = find_segment(a.h.recv_base, W, i);
+          if (Transport::kFaultTolerant && ht_rows_lost(a, source)) {
+            ht_receive_nothing(a, i);
+            continue;
+          }
+          ht_receive_token(a, source,
                            load_slot_route(a.local<uint8_t>(l.staging_record_offset(i)), l.experts_per_token),
                            a.local<uint8_t>(l.staging_row_offset(i)), i);
         }
@@ -211,11 +271,16 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
       ht_receive_token(a, s, route, transport.peer(int(s), SymmetricRef<uint8_t>{l.input_row_offset(t)}), ~0u);
     }
   }
-  // Padding rows between expert-contiguous segments.
+  // Padding rows between expert-contiguous segments, and (the fault-tolerant push receive) the rows of senders lost
+  // after the count exchange, which never came.
   if (receive && a.out.layout == HighThroughputLayout::kExpertContiguous) {
     for (uint32_t r = blockIdx.x * blockDim.x + threadIdx.x; r < rows_needed; r += gridDim.x * blockDim.x) {
-      const uint32_t e = find_segment(a.h.segment_start, L, r);
-      if (r >= a.h.segment_start[e] + a.h.tokens_per_expert[e]) {
+      const uint32_t e = find_segment(a.h.segment_start, L, r), in_segment = r - a.h.segment_start[e];
+      bool empty = in_segment >= a.h.tokens_per_expert[e];
+      if constexpr (Transport::kFaultTolerant) {
+        empty = empty || (!pull && ht_rows_lost(a, ht_expert_row_source(a, e, in_segment)));
+      }
+      if (empty) {
         a.out.row_expert[r] = -1;
         a.out.row_weight[r] = 0.0f;
       }

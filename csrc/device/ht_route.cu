@@ -1,5 +1,5 @@
-// The route and offsets kernels of the count exchange (device/ht_route.cuh says what each does), compiled once
-// for both transports: neither touches a peer.
+// The route kernel of the count exchange (device/ht_route.cuh says what it does), compiled once for both
+// transports: it touches no peer.
 #include "device/ht_route.cuh"
 
 namespace expertwire::device {
@@ -102,84 +102,6 @@ __global__ void __launch_bounds__(kRouteBlockTokens) ht_route_kernel(HtArgs a) {
     a.h.slot_dest[uint64_t(t) * k + j] = e >= 0 ? int32_t(uint32_t(e) / l.num_local_experts) : -1;
     record_words(record, k, kRecordExpert)[j] = e;
     reinterpret_cast<float*>(record_words(record, k, kRecordWeight))[j] = e >= 0 ? weights[threadIdx.x * k + j] : 0.0f;
-  }
-}
-
-__global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a) {
-  const HtLayout& l = a.l;
-  const uint32_t W = l.world_size, L = l.num_local_experts, words = l.count_row_words;
-  // Every rank's count row (zero when the wait gave up), then the tokens of each local expert: read once from
-  // global memory, all at once, so the loops below run on shared memory.
-  extern __shared__ uint32_t offsets_shared[];
-  uint32_t* count_rows = offsets_shared;                     // [W][words]
-  uint32_t* tokens_per_expert = offsets_shared + W * words;  // [L]
-  const uint64_t target = a.workspace->dispatch_calls + 1;
-  bool missing = false;
-  for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
-    missing |= wait_signal_until(
-                   a.local<uint64_t>(l.count_arrived_offset + uint64_t(s) * 8), [&](uint64_t v) { return v >= target; },
-                   a.timeout_ns, a.error, Phase::kDispatchRecv, int32_t(s)) < target;
-  }
-  // Each wait's own verdict: the error record keeps only the first error, which may be bad input.
-  const bool gave_up = __syncthreads_or(missing);
-  const uint32_t* arrived = a.local<uint32_t>(l.count_row_offset(0));
-  for (uint32_t i = threadIdx.x; i < W * words; i += blockDim.x) count_rows[i] = gave_up ? 0u : __ldcg(arrived + i);
-  __syncthreads();
-  auto count = [&](uint32_t source, uint32_t word) { return count_rows[source * words + word]; };
-  bool mismatch = false;
-  // Per source s: its rows here start at recv_base[s]; where our rows for s land in its combine_recv.
-  for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
-    uint32_t home = 0, at = 0;
-    for (uint32_t r = 0; r < l.rank; ++r) home += count(s, r);
-    for (uint32_t earlier = 0; earlier < l.rank; ++earlier) at += count(earlier, s);
-    a.h.home_base[s] = home;
-    a.h.base_at[s] = at;
-    a.h.source_m[s] = count(s, l.count_word_m());
-    // Rows are copied at our payload size: a source that sends another one is refused, and nothing is received.
-    const uint32_t source_bytes = count(s, l.count_word_x_bytes());
-    if (!gave_up && source_bytes != a.x_bytes) {
-      record_error(a.error, ErrorCode::kPayloadMismatch, Phase::kDispatchRecv, int32_t(s), source_bytes);
-      mismatch = true;
-    }
-  }
-  for (uint32_t e = threadIdx.x; e < L; e += blockDim.x) {
-    uint32_t running = 0;
-    for (uint32_t s = 0; s < W; ++s) {
-      a.h.expert_prefix[s * L + e] = running;
-      running += count(s, W + e);
-    }
-    tokens_per_expert[e] = running;
-    a.h.tokens_per_expert[e] = running;
-    a.h.host_counts[2 + e] = running;
-  }
-  // The data kernel's verdict, whatever error the record kept first.
-  const bool failed = __syncthreads_or(mismatch) || gave_up;
-  if (threadIdx.x == 0) {
-    a.workspace->exchange_failed = failed ? 1u : 0u;
-    uint32_t running = 0;
-    for (uint32_t s = 0; s < W; ++s) {
-      a.h.recv_base[s] = running;
-      running += count(s, l.rank);
-    }
-    a.h.recv_base[W] = running;
-    uint32_t sent = 0;
-    for (uint32_t r = 0; r < W; ++r) {
-      a.h.send_base[r] = sent;
-      sent += count(l.rank, r);
-    }
-    a.h.send_base[W] = sent;
-    uint64_t rows = 0;
-    for (uint32_t e = 0; e < L; ++e) {
-      a.h.segment_start[e] = uint32_t(rows);
-      rows += align_up(tokens_per_expert[e], l.expert_alignment);
-    }
-    a.h.segment_start[L] = uint32_t(rows);
-    if (running > l.recv_rows) {
-      record_error(a.error, ErrorCode::kCapacityExceeded, Phase::kDispatchRecv, -1, running);
-    }
-    a.h.host_counts[0] = running;
-    a.h.host_counts[1] = uint32_t(rows);
-    a.workspace->dispatch_calls = target;
   }
 }
 

@@ -5,7 +5,8 @@
 //   publish  adds the earlier blocks' counts (the places become rows among all of this rank's tokens), writes the
 //            token records, stages the rows for peers that pull them, and has its last block out send every rank
 //            its count row and +1 on count_arrived.
-//   offsets  one block: waits for every rank's count row and derives where every row goes (the handle's
+//   offsets  one block: waits for every rank's count row (in the fault-tolerant mode, then agrees with the others
+//            on the lost ranks, whose rows count as empty) and derives where every row goes (the handle's
 //            recv_base, base_at, send_base, home_base, segments, expert_prefix), and the host's counts.
 #pragma once
 
@@ -14,6 +15,7 @@
 #include <cstdint>
 
 #include "device/ht_args.h"
+#include "device/liveness.cuh"
 #include "device/primitives.cuh"
 
 namespace expertwire::device {
@@ -91,6 +93,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_
 
   if (!last_block_out(&a.workspace->phase[kHtPublished])) return;
   if (threadIdx.x == 0) a.workspace->phase[kHtPublished] = 0;
+  if constexpr (Transport::kFaultTolerant) {
+    if (!still_serving(a, Phase::kDispatchSend)) return;
+  }
   // This rank's totals: tokens to each rank, tokens of each expert, and m; one row per destination.
   for (uint32_t i = threadIdx.x; i < l.world_size * l.count_row_words; i += blockDim.x) {
     const uint32_t dest = i / l.count_row_words, word = i % l.count_row_words;
@@ -109,6 +114,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_
   const uint64_t row_bytes = uint64_t(l.count_row_words) * 4;
   bool issued_puts = false;
   for (uint32_t dest = warp_id(); dest < l.world_size; dest += warps_per_block()) {
+    if (is_lost(transport, a, dest)) continue;
     const uint8_t* row = a.local<uint8_t>(l.count_out_row_offset(dest));
     const SymmetricRef<uint8_t> there{l.count_row_offset(l.rank)};
     if (uint8_t* direct = transport.peer(int(dest), there)) {
@@ -123,6 +129,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_publish_
   transport.flush_warp(issued_puts);
   __syncthreads();
   for (uint32_t dest = threadIdx.x; dest < l.world_size; dest += blockDim.x) {
+    if (is_lost(transport, a, dest)) continue;
     transport.signal_add(int(dest), SymmetricRef<uint64_t>{l.count_arrived_offset + uint64_t(l.rank) * 8}, 1);
   }
 }
@@ -133,7 +140,94 @@ __host__ __device__ inline uint64_t offsets_shared_bytes(const HtLayout& l) {
 }
 
 // One block of kMaxBlockThreads (offsets_shared_bytes of dynamic shared memory). Waits for every rank's count row
-// of this dispatch, then fills the handle's offsets; ht_route.cu.
-__global__ void ht_offsets_kernel(HtArgs a);
+// of this dispatch, then fills the handle's offsets.
+template <class Transport>
+__global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a, Transport transport) {
+  const HtLayout& l = a.l;
+  const uint32_t W = l.world_size, L = l.num_local_experts, words = l.count_row_words;
+  // Every rank's count row (zero when the wait gave up, or for a lost rank), then the tokens of each local expert:
+  // read once from global memory, all at once, so the loops below run on shared memory.
+  extern __shared__ uint32_t offsets_shared[];
+  uint32_t* count_rows = offsets_shared;                     // [W][words]
+  uint32_t* tokens_per_expert = offsets_shared + W * words;  // [L]
+  const uint64_t target = a.workspace->dispatch_calls + 1;
+  bool missing = false;
+  for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
+    missing |= wait_for_peer(
+                   a, transport, a.local<uint64_t>(l.count_arrived_offset + uint64_t(s) * 8),
+                   [&](uint64_t v) { return v >= target; }, Phase::kDispatchRecv, s) < target;
+  }
+  // Each wait's own verdict: the error record keeps only the first error, which may be bad input.
+  bool gave_up = __syncthreads_or(missing);
+  if constexpr (Transport::kFaultTolerant) {
+    // A wait that gave up lost its rank, not the exchange. The ranks agree on the lost set, so that every survivor
+    // derives its offsets from the same rows; only this rank being masked out fails the exchange.
+    agree_on_losses(a, transport, &a.workspace->phase[kHtAgreeing], Phase::kDispatchRecv);
+    gave_up = __syncthreads_or(threadIdx.x == 0 && masked_out(a.error));
+    for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) a.workspace->data_settled[s] = kHtDataUnsettled;
+  }
+  const uint32_t* arrived = a.local<uint32_t>(l.count_row_offset(0));
+  for (uint32_t i = threadIdx.x; i < W * words; i += blockDim.x) {
+    count_rows[i] = gave_up || is_lost(transport, a, i / words) ? 0u : __ldcg(arrived + i);
+  }
+  __syncthreads();
+  auto count = [&](uint32_t source, uint32_t word) { return count_rows[source * words + word]; };
+  bool mismatch = false;
+  // Per source s: its rows here start at recv_base[s]; where our rows for s land in its combine_recv.
+  for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) {
+    uint32_t home = 0, at = 0;
+    for (uint32_t r = 0; r < l.rank; ++r) home += count(s, r);
+    for (uint32_t earlier = 0; earlier < l.rank; ++earlier) at += count(earlier, s);
+    a.h.home_base[s] = home;
+    a.h.base_at[s] = at;
+    a.h.source_m[s] = count(s, l.count_word_m());
+    // Rows are copied at our payload size: a source that sends another one is refused, and nothing is received.
+    const uint32_t source_bytes = count(s, l.count_word_x_bytes());
+    if (!gave_up && !is_lost(transport, a, s) && source_bytes != a.x_bytes) {
+      record_error(a.error, ErrorCode::kPayloadMismatch, Phase::kDispatchRecv, int32_t(s), source_bytes);
+      mismatch = true;
+    }
+  }
+  for (uint32_t e = threadIdx.x; e < L; e += blockDim.x) {
+    uint32_t running = 0;
+    for (uint32_t s = 0; s < W; ++s) {
+      a.h.expert_prefix[s * L + e] = running;
+      running += count(s, W + e);
+    }
+    tokens_per_expert[e] = running;
+    a.h.tokens_per_expert[e] = running;
+    a.h.host_counts[2 + e] = running;
+  }
+  // The data kernel's verdict, whatever error the record kept first.
+  const bool failed = __syncthreads_or(mismatch) || gave_up;
+  if (threadIdx.x == 0) {
+    a.workspace->exchange_failed = failed ? 1u : 0u;
+    uint32_t running = 0;
+    for (uint32_t s = 0; s < W; ++s) {
+      a.h.recv_base[s] = running;
+      running += count(s, l.rank);
+    }
+    a.h.recv_base[W] = running;
+    uint32_t sent = 0;
+    for (uint32_t r = 0; r < W; ++r) {
+      a.h.send_base[r] = sent;
+      sent += count(l.rank, r);
+    }
+    a.h.send_base[W] = sent;
+    uint64_t rows = 0;
+    for (uint32_t e = 0; e < L; ++e) {
+      a.h.segment_start[e] = uint32_t(rows);
+      rows += align_up(tokens_per_expert[e], l.expert_alignment);
+    }
+    a.h.segment_start[L] = uint32_t(rows);
+    if (running > l.recv_rows) {
+      record_error(a.error, ErrorCode::kCapacityExceeded, Phase::kDispatchRecv, -1, running);
+    }
+    a.h.host_counts[0] = running;
+    a.h.host_counts[1] = uint32_t(rows);
+    a.workspace->dispatch_calls = target;
+  }
+}
+
 
 }  // namespace expertwire::device

@@ -21,16 +21,6 @@
 
 namespace expertwire::device {
 
-// launch(transport) with `transport` in the object's mode (InMode): the kernel instantiation of that mode.
-template <class Transport, class Launch>
-void in_object_mode(bool fault_tolerant, const Transport& transport, Launch launch) {
-  if (fault_tolerant) {
-    launch(InMode<Transport, true>{transport});
-  } else {
-    launch(InMode<Transport, false>{transport});
-  }
-}
-
 // The pull dispatch when every peer's buffer is load/store reachable (receivers copy tokens straight from
 // senders), else the push dispatch; each in the object's mode (InMode).
 template <class Transport>

@@ -22,16 +22,18 @@
 namespace expertwire::device {
 
 // Marks `rank` lost; whether it was active until now (then the waits of this rank hear the news).
-__device__ __forceinline__ bool mark_lost(const RankContext& c, uint32_t rank) {
+template <class Peers>
+__device__ __forceinline__ bool mark_lost(const Peers& c, uint32_t rank) {
   if (atomicExch(&c.active_ranks()[rank], 0) == 0) return false;
   atomicAdd(&c.liveness()->news, 1u);
   return true;
 }
 
 // Word `word` of this rank's lost set, as a LossPost carries it.
-__device__ __forceinline__ uint32_t lost_bits(const RankContext& c, uint32_t word) {
+template <class Peers>
+__device__ __forceinline__ uint32_t lost_bits(const Peers& c, uint32_t word) {
   uint32_t bits = 0;
-  const uint32_t first = word * 32, end = min(first + 32, c.layout.world_size);
+  const uint32_t first = word * 32, end = min(first + 32, c.world_size());
   for (uint32_t rank = first; rank < end; ++rank) bits |= uint32_t(marked_lost(c, rank)) << (rank - first);
   return bits;
 }
@@ -40,22 +42,22 @@ __device__ __forceinline__ uint32_t lost_bits(const RankContext& c, uint32_t wor
 // names this rank, from a rank still active, means the others masked it out (recorded; every wait then stops):
 // only after every loss is in, so that a post of a rank that another post says is lost does not count. Returns
 // whether such a post named this rank.
-__device__ inline bool absorb_loss_posts(const RankContext& c, Phase phase) {
-  const BufferLayout& l = c.layout;
+template <class Peers>
+__device__ inline bool absorb_loss_posts(const Peers& c, Phase phase) {
   auto post_of = [&](uint32_t source, uint32_t word) {
     return LossPost::lost_bits(*reinterpret_cast<const volatile uint64_t*>(c.local(c.loss_post(source, word))));
   };
-  const uint32_t own_word = c.rank / 32, own_bit = 1u << (c.rank % 32);
-  for (uint32_t source = 0; source < l.world_size; ++source) {
-    if (source == c.rank || marked_lost(c, source)) continue;
-    for (uint32_t word = 0; word < l.loss_words; ++word) {
+  const uint32_t own_word = c.own_rank() / 32, own_bit = 1u << (c.own_rank() % 32);
+  for (uint32_t source = 0; source < c.world_size(); ++source) {
+    if (source == c.own_rank() || marked_lost(c, source)) continue;
+    for (uint32_t word = 0; word < c.loss_words(); ++word) {
       for (uint32_t bits = post_of(source, word) & ~(word == own_word ? own_bit : 0u); bits != 0; bits &= bits - 1) {
         mark_lost(c, word * 32 + uint32_t(__ffs(int(bits)) - 1));
       }
     }
   }
-  for (uint32_t source = 0; source < l.world_size; ++source) {
-    if (source != c.rank && !marked_lost(c, source) && (post_of(source, own_word) & own_bit) != 0) {
+  for (uint32_t source = 0; source < c.world_size(); ++source) {
+    if (source != c.own_rank() && !marked_lost(c, source) && (post_of(source, own_word) & own_bit) != 0) {
       record_error(c.error, ErrorCode::kMaskedOut, phase, int32_t(source), 0);
       return true;
     }
@@ -65,7 +67,8 @@ __device__ inline bool absorb_loss_posts(const RankContext& c, Phase phase) {
 
 // Whether this rank may send (the fault-tolerant mode): not once the others have masked it out, whose buffers
 // it would write stale rows into (one that was stuck and calls again). Call with the whole block.
-__device__ inline bool still_serving(const RankContext& c, Phase phase) {
+template <class Peers>
+__device__ inline bool still_serving(const Peers& c, Phase phase) {
   // One thread looks (the record is in host memory), and at what it found itself: another block may hold the
   // record's claim without having published its code yet, or an earlier error may hold it for good.
   bool out = false;
@@ -92,13 +95,13 @@ __device__ inline uint64_t settle_count(const RankContext& c, uint32_t source, u
 
 // Posts this rank's lost set, under `sequence`, to every rank still active: ranks first_rank, first_rank +
 // rank_stride, ... of them (one thread: all; a block: threadIdx.x, blockDim.x).
-template <class Transport>
-__device__ void post_losses(const RankContext& c, const Transport& transport, uint32_t sequence,
+template <class Peers, class Transport>
+__device__ void post_losses(const Peers& c, const Transport& transport, uint32_t sequence,
                             uint32_t first_rank = 0, uint32_t rank_stride = 1) {
-  for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
+  for (uint32_t word = 0; word < c.loss_words(); ++word) {
     const uint64_t post = LossPost::encode(sequence, lost_bits(c, word));
-    for (uint32_t rank = first_rank; rank < c.layout.world_size; rank += rank_stride) {
-      if (rank != c.rank && !marked_lost(c, rank)) transport.signal(int(rank), c.loss_post(c.rank, word), post);
+    for (uint32_t rank = first_rank; rank < c.world_size(); rank += rank_stride) {
+      if (rank != c.own_rank() && !marked_lost(c, rank)) transport.signal(int(rank), c.loss_post(c.own_rank(), word), post);
     }
   }
 }
@@ -106,10 +109,10 @@ __device__ void post_losses(const RankContext& c, const Transport& transport, ui
 // The bound of a wait for `peer` (-1: several): WaitBound's in the default mode. In the fault-tolerant mode it
 // gives up as soon as the peer is lost or this rank was masked out, and counts its timeout anew from each loss
 // this rank hears of.
-template <class Transport>
+template <class Transport, class Peers>
 class PeerBound {
  public:
-  __device__ PeerBound(const Transport&, const RankContext& c, Phase phase, int32_t peer)
+  __device__ PeerBound(const Transport&, const Peers& c, Phase phase, int32_t peer)
       : c_(c), phase_(phase), peer_(peer) {
     if constexpr (Transport::kFaultTolerant) news_ = *reinterpret_cast<const volatile uint32_t*>(&c.liveness()->news);
   }
@@ -131,7 +134,7 @@ class PeerBound {
   }
 
  private:
-  const RankContext& c_;
+  const Peers& c_;
   Phase phase_;
   int32_t peer_;
   uint64_t start_ = 0;
@@ -143,15 +146,15 @@ class PeerBound {
 // mode the peer lost and the loss posted (nothing, once this rank was masked out). The peer itself hears of it
 // where its memory is mapped (a store, which a dead peer's mapping takes harmlessly; no put to a dead peer):
 // one that was only stuck then finds itself masked out when it calls again (absorb_loss_posts).
-template <class Transport>
-__device__ void give_up_on(const RankContext& c, const Transport& transport, Phase phase, uint32_t peer) {
+template <class Peers, class Transport>
+__device__ void give_up_on(const Peers& c, const Transport& transport, Phase phase, uint32_t peer) {
   if constexpr (!Transport::kFaultTolerant) {
     record_timeout(c.error, c.timeout_ns, phase, int32_t(peer));
   } else if (!masked_out(c.error) && mark_lost(c, peer)) {
     const uint32_t sequence = c.liveness()->posted;
     post_losses(c, transport, sequence);
-    for (uint32_t word = 0; word < c.layout.loss_words; ++word) {
-      if (uint64_t* mapped = transport.peer(int(peer), c.loss_post(c.rank, word))) {
+    for (uint32_t word = 0; word < c.loss_words(); ++word) {
+      if (uint64_t* mapped = transport.peer(int(peer), c.loss_post(c.own_rank(), word))) {
         store_release_sys(mapped, LossPost::encode(sequence, lost_bits(c, word)));
       }
     }
@@ -160,8 +163,8 @@ __device__ void give_up_on(const RankContext& c, const Transport& transport, Pha
 
 // The one wait for a peer's signal: until done(*signal) holds for a value `peer` writes, which it returns; 0
 // when this rank gives up on the peer (give_up_on), at once for a lost one. One thread.
-template <class Transport, class Done>
-__device__ uint64_t wait_for_peer(const RankContext& c, const Transport& transport, const uint64_t* signal, Done done,
+template <class Peers, class Transport, class Done>
+__device__ uint64_t wait_for_peer(const Peers& c, const Transport& transport, const uint64_t* signal, Done done,
                                   Phase phase, uint32_t peer) {
   if (is_lost(transport, c, peer)) return 0;
   uint64_t value = 0;
@@ -175,8 +178,8 @@ __device__ uint64_t wait_for_peer(const RankContext& c, const Transport& transpo
 // of theirs, until a round adds no rank (or kMaxRound rounds), then a final post, which a rank still in a later
 // round takes as this one's last word. A rank that dies during the agreement may leave the survivors with
 // different sets for this call; the next call's waits and agreement make them equal.
-template <class Transport>
-__device__ void run_agreement(const RankContext& c, const Transport& transport, uint32_t call) {
+template <class Peers, class Transport>
+__device__ void run_agreement(const Peers& c, const Transport& transport, uint32_t call, Phase phase) {
   LivenessWords* words = c.liveness();
   __shared__ uint32_t news_before;
   __shared__ bool settled;
@@ -184,22 +187,22 @@ __device__ void run_agreement(const RankContext& c, const Transport& transport, 
   for (;; ++round) {
     const uint32_t sequence = LossPost::sequence(call, round);
     if (threadIdx.x == 0) {
-      absorb_loss_posts(c, Phase::kCombineRecv);
+      absorb_loss_posts(c, phase);
       news_before = words->news;
       words->posted = sequence;
     }
     __syncthreads();
     post_losses(c, transport, sequence, threadIdx.x, blockDim.x);
-    for (uint32_t rank = threadIdx.x; rank < c.layout.world_size; rank += blockDim.x) {
-      for (uint32_t word = 0; word < c.layout.loss_words && rank != c.rank; ++word) {
+    for (uint32_t rank = threadIdx.x; rank < c.world_size(); rank += blockDim.x) {
+      for (uint32_t word = 0; word < c.loss_words() && rank != c.own_rank(); ++word) {
         wait_for_peer(
             c, transport, c.local(c.loss_post(rank, word)),
-            [&](uint64_t post) { return LossPost::reached(post, sequence); }, Phase::kCombineRecv, rank);
+            [&](uint64_t post) { return LossPost::reached(post, sequence); }, phase, rank);
       }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      absorb_loss_posts(c, Phase::kCombineRecv);
+      absorb_loss_posts(c, phase);
       settled = words->news == news_before || masked_out(c.error) || round == LossPost::kMaxRound;
     }
     __syncthreads();
@@ -210,33 +213,34 @@ __device__ void run_agreement(const RankContext& c, const Transport& transport, 
   post_losses(c, transport, final_sequence, threadIdx.x, blockDim.x);
 }
 
-// The fault-tolerant combine's agreement on the lost set, called by every block of its receive once its waits
-// are done (so that the set covers every one of them): the last block out agrees, the others wait for it. On
-// return active_ranks is this call's final mask, which the reduction then applies. Call with the whole block.
-template <class Transport>
-__device__ void agree_on_losses(const RankContext& c, const Transport& transport) {
+// The agreement on the lost set, called by every block of a grid once its waits are done (so that the set covers
+// every one of them): the last block out (counted on `waits_done`, a phase counter this resets) agrees, the others
+// wait for it. On return active_ranks is this call's final mask, which the phase after the waits then applies.
+// Call with the whole block.
+template <class Peers, class Transport>
+__device__ void agree_on_losses(const Peers& c, const Transport& transport, uint32_t* waits_done, Phase phase) {
   LivenessWords* words = c.liveness();
   __shared__ uint32_t call;
   // Every block reads the count before it counts out; the last one out advances it.
   if (threadIdx.x == 0) call = *reinterpret_cast<const volatile uint32_t*>(&words->calls);
-  if (last_block_out(c.phase_counter(kCombineWaitsDone))) {
-    run_agreement(c, transport, call);
+  if (last_block_out(waits_done)) {
+    run_agreement(c, transport, call, phase);
     __syncthreads();
     if (threadIdx.x == 0) {
       words->calls = call + 1;
       store_release_gpu(&words->agreed, call + 1);
+      *waits_done = 0;
     }
-    reset_phase_counter(c, kCombineWaitsDone);
   } else if (threadIdx.x == 0) {
     // Bounded as every wait is. An agreement runs at most min(world_size, kMaxRound) + 1 rounds (a round that
     // does not settle masks a rank), and a round's waits end a timeout after the last loss they hear of (at most
     // world_size of them).
-    const uint64_t world = c.layout.world_size;
+    const uint64_t world = c.world_size();
     const uint64_t rounds = (world < LossPost::kMaxRound ? world : LossPost::kMaxRound) + 1;
     const uint64_t limit = c.timeout_ns * rounds * (world + 1);
     WaitBound bound(limit, c.error);
     if (!wait_until([&] { return load_acquire_gpu(&words->agreed) == call + 1; }, bound, 64)) {
-      record_timeout(c.error, limit, Phase::kCombineRecv, int32_t(c.rank));
+      record_timeout(c.error, limit, phase, int32_t(c.own_rank()));
     }
   }
   __syncthreads();

@@ -67,6 +67,11 @@ struct RankContext {
     return reinterpret_cast<T*>(symmetric + ref.offset);
   }
 
+  // What the liveness layer (device/liveness.cuh) asks of either kind's state (HtArgs answers the same).
+  EW_HOST_DEVICE uint32_t own_rank() const { return rank; }
+  EW_HOST_DEVICE uint32_t world_size() const { return layout.world_size; }
+  EW_HOST_DEVICE uint32_t loss_words() const { return layout.loss_words; }
+
   // Symmetric regions. Rows are bytes; signals u64.
   EW_HOST_DEVICE SymmetricRef<uint8_t> dispatch_token(uint32_t source_group, uint32_t slot) const {
     return {layout.dispatch_token_offset(source_group, slot)};
@@ -135,15 +140,26 @@ struct InMode : Transport {
   static constexpr bool kFaultTolerant = kFaultTolerantMode;
 };
 
-// Whether this rank has given up on `rank` (the fault-tolerant mode's mask). Other threads of this rank clear
-// active_ranks entries while kernels run, so it is read through volatile.
-__device__ __forceinline__ bool marked_lost(const RankContext& c, uint32_t rank) {
+// launch(transport) with `transport` in the object's mode: the kernel instantiation of that mode.
+template <class Transport, class Launch>
+void in_object_mode(bool fault_tolerant, const Transport& transport, Launch launch) {
+  if (fault_tolerant) {
+    launch(InMode<Transport, true>{transport});
+  } else {
+    launch(InMode<Transport, false>{transport});
+  }
+}
+
+// Whether this rank has given up on `rank` (the fault-tolerant mode's mask; `c` a RankContext or HtArgs). Other
+// threads of this rank clear active_ranks entries while kernels run, so it is read through volatile.
+template <class Peers>
+__device__ __forceinline__ bool marked_lost(const Peers& c, uint32_t rank) {
   return *reinterpret_cast<const volatile int32_t*>(&c.active_ranks()[rank]) == 0;
 }
 
 // marked_lost in the fault-tolerant mode; never in the default mode.
-template <class Transport>
-__device__ __forceinline__ bool is_lost(const Transport&, const RankContext& c, uint32_t rank) {
+template <class Transport, class Peers>
+__device__ __forceinline__ bool is_lost(const Transport&, const Peers& c, uint32_t rank) {
   if constexpr (Transport::kFaultTolerant) {
     return marked_lost(c, rank);
   } else {

@@ -168,6 +168,14 @@ class HighThroughputAllToAll {
   // Raises DeviceError if a kernel of this object recorded an error; sticky, as AllToAll::check_errors.
   void check_errors() const;
 
+  // The fault-tolerant mode (AllToAllOptions::fault_tolerant), as AllToAll's: active_ranks is int32 [world_size]
+  // on the device, 1 for each rank this one still serves with, 0 for each it has masked out (nullptr in the default
+  // mode). A wait that runs out on a rank masks it; the ranks agree on the mask after the count exchange of each
+  // dispatch and before each combine's sums. From the agreement on, a masked rank's tokens are not received and
+  // its rows are left out of the sums (its experts' terms are zero); nothing is sent to it or read from it.
+  bool fault_tolerant() const;
+  int32_t* active_ranks() const;
+
   // Rows of this rank's combine input, [recv_rows()][hidden_dim * combine_element_bytes bytes]: rank-packed
   // expert outputs written here (in stream order after dispatch_data) are not copied by combine where every peer
   // is load/store reachable.

@@ -78,8 +78,11 @@ TEST(HtLayout, RegionsByHand) {
   EXPECT_EQ(pull.count_arrived_offset, 512u);  // 192 again
   EXPECT_EQ(pull.data_arrived_offset, 768u);
   EXPECT_EQ(pull.combine_ready_offset, 1024u);
-  EXPECT_EQ(pull.token_records_offset, 1280u);
-  EXPECT_EQ(pull.input_rows_offset, 1280u + 64u * 64u);                      // 64 records of 64 bytes
+  EXPECT_EQ(pull.loss_words, 1u);  // ceil(4 ranks / 32)
+  EXPECT_EQ(pull.loss_posts_offset, 1280u);
+  EXPECT_EQ(pull.loss_post_offset(3, 0), 1304u);  // last: 1280 + 3 * 8; ends at 1312
+  EXPECT_EQ(pull.token_records_offset, 1536u);    // 4 ranks x 1 word x 8 bytes = 32, 256-aligned
+  EXPECT_EQ(pull.input_rows_offset, 1536u + 64u * 64u);                      // 64 records of 64 bytes
   EXPECT_EQ(pull.combine_rows_offset, pull.input_rows_offset + 64u * 272u);  // no push regions
   EXPECT_EQ(pull.slot_row_bytes, 16u);                                       // k = 4 floats
   EXPECT_EQ(pull.combine_weights_offset, pull.combine_rows_offset + 256u * 512u);
@@ -93,6 +96,26 @@ TEST(HtLayout, RegionsByHand) {
   EXPECT_EQ(push.combine_recv_weights_offset, push.combine_weights_offset + 256u * 16u);
   EXPECT_EQ(push.symmetric_bytes, push.combine_recv_weights_offset + 256u * 16u);
   EXPECT_NE(ht_layout_signature(pull).words[9], ht_layout_signature(push).words[9]);
+  // The last word is the fault-tolerant mode: ranks that differ in it all refuse the layout.
+  EXPECT_EQ(ht_layout_signature(pull).words[10], 0u);
+  EXPECT_EQ(ht_layout_signature(pull, /*fault_tolerant=*/true).words[10], 1u);
+}
+
+TEST(HtLayout, LossPostsOfManyRanks) {
+  HighThroughputConfig c = small_config();
+  c.world_size = 33;
+  c.num_experts = 66;
+  const HtLayout l = make_ht_layout(c, false);
+  EXPECT_EQ(l.loss_words, 2u);  // ceil(33 / 32)
+  // Count rows of align4(33 ranks + 2 local experts + 2) = 40 words: 33 x 160 B = 5280 B, 256-aligned 5376. So
+  // count_out at 5376, count_arrived at 10752 (33 x 8 = 264 B), data_arrived at 11264, combine_ready at 11776
+  // (ends at 12040), loss_posts at 12288: 33 ranks x 2 words x 8 B = 528 B, ending at 12816.
+  EXPECT_EQ(l.count_row_words, 40u);
+  EXPECT_EQ(l.combine_ready_offset, 11776u);
+  EXPECT_EQ(l.loss_posts_offset, 12288u);
+  EXPECT_EQ(l.loss_post_offset(1, 0), 12304u);   // the next rank's first word: 12288 + 2 * 8
+  EXPECT_EQ(l.loss_post_offset(32, 1), 12808u);  // last: 12288 + 65 * 8; ends at 12816
+  EXPECT_EQ(l.token_records_offset, 13056u);     // align256(12816)
 }
 
 TEST(HtHandleLayout, ArraysDoNotOverlap) {

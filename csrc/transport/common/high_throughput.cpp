@@ -5,6 +5,7 @@
 #include <atomic>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "core/cuda_utils.h"
 #include "core/env.h"
@@ -48,12 +49,20 @@ struct HighThroughputAllToAll::State {
         layout(make_ht_layout(config, may_put)),
         handle_layout(make_ht_handle_layout(layout)),
         timeout_ns(options.timeout_ns != 0 ? options.timeout_ns : default_timeout_ns()),
-        workspace(sizeof(device::HtWorkspace)) {}
+        fault_tolerant(options.fault_tolerant),
+        workspace(sizeof(device::HtWorkspace)) {
+    const std::vector<int32_t> every_rank_active(size_t(config.world_size), 1);
+    EW_CUDA_CHECK(cudaMemcpy(active_ranks(), every_rank_active.data(), every_rank_active.size() * sizeof(int32_t),
+                             cudaMemcpyHostToDevice));
+  }
+
+  int32_t* active_ranks() const { return workspace.get<device::HtWorkspace>()->active_ranks; }
 
   LaunchShape shape;
   HtLayout layout;
   HtHandleLayout handle_layout;
   uint64_t timeout_ns;
+  bool fault_tolerant;
   DeviceBuffer workspace;
   MappedHostObject<ErrorRecord> error;
   uint8_t* symmetric = nullptr;
@@ -74,7 +83,7 @@ void HighThroughputAllToAll::agree_and_prepare(const AllToAllOptions& options, b
     config_.validate();
     state_ = std::make_unique<State>(config_, options, transport_may_put);
     transport_checks();
-    return ht_layout_signature(state_->layout);
+    return ht_layout_signature(state_->layout, options.fault_tolerant);
   });
 }
 
@@ -84,6 +93,10 @@ void HighThroughputAllToAll::set_symmetric_buffer(uint8_t* local_base, bool uses
 }
 
 LaunchShape HighThroughputAllToAll::launch_shape() const { return state_->shape; }
+bool HighThroughputAllToAll::fault_tolerant() const { return state_->fault_tolerant; }
+int32_t* HighThroughputAllToAll::active_ranks() const {
+  return state_->fault_tolerant ? state_->active_ranks() : nullptr;
+}
 uint64_t HighThroughputAllToAll::symmetric_bytes() const { return state_->layout.symmetric_bytes; }
 bool HighThroughputAllToAll::uses_puts() const { return state_->uses_puts; }
 
@@ -150,6 +163,7 @@ HighThroughputAllToAll::Launch HighThroughputAllToAll::make_launch(const HighThr
   a.workspace = state_->workspace.get<device::HtWorkspace>();
   a.error = state_->error.device();
   a.timeout_ns = state_->timeout_ns;
+  a.fault_tolerant = state_->fault_tolerant;
   a.h = h;
   a.m = handle.m_;
   a.layout = handle.layout_;
