@@ -1,6 +1,7 @@
-"""The fault-tolerant mode on the GPU without a failure: with every rank active it matches the reference as the
-default mode does, and a rank that the others mask out (set_active_ranks) is left out of every later call, as
-the reference with that rank masked says. Killed and stuck ranks: tests/survive_rank.py (a launcher of its own).
+"""The fault-tolerant mode on the GPU without a failure, in both all-to-all kinds: with every rank active it matches
+the reference as the default mode does, and a rank that the others mask out (set_active_ranks) is left out of
+every later call, as the reference (the high-throughput model) with that rank masked says. Killed and stuck ranks:
+tests/survive_rank.py (a launcher of its own).
 
 Rank counts: EXPERTWIRE_TEST_RANKS, as test_all_to_all_gpu.
 """
@@ -25,6 +26,7 @@ from .test_all_to_all_gpu import (
     dispatch_and_combine,
     make_all_to_all,
 )
+from .test_high_throughput_gpu import MODEL_ROUNDS, model_object, model_round
 
 CASES = [
     Case("fp8", torch.bfloat16, torch.bfloat16, max_num_tokens=16, num_experts=16),
@@ -96,6 +98,56 @@ def _worker_refusals(info: RankInfo, transport: str) -> None:
             make_all_to_all(transport, groups_of_two, info, fault_tolerant=True)
 
     _with_transport(info, transport, body)
+
+
+def _ht_factory(transport: str):
+    return (
+        expertwire.HighThroughputAllToAll.internode
+        if transport == "internode"
+        else expertwire.HighThroughputAllToAll.intranode
+    )
+
+
+def _worker_high_throughput(info: RankInfo, transport: str) -> None:
+    """Both layouts: every model round with every rank active; then the others mask the last rank, which makes no
+    more calls, and every round again without it."""
+
+    def body() -> None:
+        world, masked = info.world_size, info.world_size - 1
+        everyone = [1] * world
+        active = [int(r != masked) for r in range(world)]
+        for layout in ("rank-packed", "expert-contiguous"):
+            a2a = model_object(info, _ht_factory(transport), layout, fault_tolerant=True)
+            assert a2a.fault_tolerant
+            for seed, (m0, worst) in enumerate(MODEL_ROUNDS):
+                model_round(a2a, info, layout, seed, m0, worst, everyone)
+            assert a2a.active_ranks.cpu().tolist() == everyone, f"rank {info.rank}: {a2a.active_ranks.tolist()}"
+            dist.barrier()
+            if info.rank != masked:
+                with pytest.raises(ValueError, match=f"rank {info.rank} cannot mask itself out"):
+                    a2a.set_active_ranks(torch.tensor([int(r != info.rank) for r in range(world)]))
+                a2a.set_active_ranks(torch.tensor(active, dtype=torch.int32))
+                for seed, (m0, worst) in enumerate(MODEL_ROUNDS):
+                    model_round(a2a, info, layout, 20 + seed, m0, worst, active)
+                assert a2a.active_ranks.cpu().tolist() == active, f"rank {info.rank}: {a2a.active_ranks.tolist()}"
+            dist.barrier()
+            a2a.destroy()
+        default = model_object(info, _ht_factory(transport), "rank-packed")
+        assert not default.fault_tolerant
+        with pytest.raises(ValueError, match="without fault_tolerant=True"):
+            default.active_ranks  # noqa: B018
+        dist.barrier()
+        default.destroy()
+
+    _with_transport(info, transport, body)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", RANK_COUNTS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_high_throughput_fault_tolerant(transport: str, world_size: int) -> None:
+    _require_ranks(world_size, transport)
+    launch(world_size, _worker_high_throughput, transport)
 
 
 @pytest.mark.gpu

@@ -51,94 +51,118 @@ def _received(rank: int, world: int, sources):
     return rows, local_idx, local_w
 
 
-def _model_check(info: RankInfo, factory) -> None:
+# Rounds of the model check: (m of rank 0, outputs of the worst-case size).
+MODEL_ROUNDS = [(40, False), (0, False), (MAX_TOKENS, True), (17, True)]
+
+
+def model_object(info: RankInfo, factory, layout: str, **options) -> expertwire.HighThroughputAllToAll:
+    """The object of the model check for `layout` (`options`: the factory's keyword-only ones)."""
+    return factory(
+        max_num_tokens=MAX_TOKENS,
+        num_experts=EXPERTS_PER_RANK * info.world_size,
+        experts_per_token=TOP_K,
+        rank=info.rank,
+        world_size=info.world_size,
+        hidden_dim=HIDDEN,
+        hidden_dim_bytes=HIDDEN * 2,
+        expert_alignment=model_alignment(layout),
+        **options,
+    )
+
+
+def model_alignment(layout: str) -> int:
+    return 16 if layout == "expert-contiguous" else 1
+
+
+def model_round(
+    a2a: expertwire.HighThroughputAllToAll, info: RankInfo, layout: str, seed: int, m0: int, worst: bool, active
+) -> None:
+    """One dispatch + combine of `layout` against the model, every rank whose entry of `active` is 0 left out (it
+    makes no call): its tokens are not received and its rows add nothing to the sums."""
     world, rank, device = info.world_size, info.rank, info.device
+    alignment = model_alignment(layout)
+    index_dtype = torch.int32 if seed % 2 else torch.int64
+    ms = [min(MAX_TOKENS, m0 + 5 * s) if m0 not in (0, MAX_TOKENS) else m0 for s in range(world)]
+    sources = [_tokens(s, ms[s], world, seed, index_dtype) for s in range(world)]
+    x, idx, w = (t.to(device) for t in sources[rank])
+    # A masked rank makes no call: nothing comes from it, and nothing goes to it.
+    sources = [src if active[s] else _tokens(s, 0, world, seed, index_dtype) for s, src in enumerate(sources)]
+    worst_rows = MAX_TOKENS * world * TOP_K + EXPERTS_PER_RANK * alignment if worst else 0
+    # Round 0 of the rank-packed layout goes through the object's own buffers (no copy in or out).
+    in_buffers = layout == "rank-packed" and seed == 0
+    if in_buffers:
+        staged = a2a.dispatch_input_buffer(torch.bfloat16)[: x.shape[0]]
+        staged.copy_(x)
+        x = staged
+    out = a2a.dispatch(x, idx, w, layout=layout, num_worst_tokens=worst_rows)
+    torch.cuda.synchronize()
+    a2a.check_errors()
+    rows, local_idx, local_w = _received(rank, world, sources)
+    counts = [sum(int((li == e).sum()) for li in local_idx) for e in range(EXPERTS_PER_RANK)]
+    assert out.tokens_per_expert.tolist() == counts
+    if not worst:
+        assert out.num_recv_tokens_per_expert_list == counts
+    if layout == "rank-packed":
+        assert int(out.num_recv_rows) == len(rows)
+        for i, (s, t) in enumerate(rows):
+            assert torch.equal(out.recv_x[i].cpu(), sources[s][0][t]), f"row {i} is not token {t} of rank {s}"
+            assert torch.equal(out.recv_topk_idx[i].cpu(), local_idx[i])
+            assert torch.equal(out.recv_topk_weights[i].cpu(), local_w[i])
+        # Experts: each received row scaled by (1 + its rank), so the combine sums distinguishable rows.
+        y = out.recv_x[: len(rows)].float() * (1 + rank)
+    else:
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + (c + alignment - 1) // alignment * alignment)
+        assert out.expert_offsets.tolist() == starts
+        assert int(out.num_recv_rows) == starts[-1]
+        filled = [0] * EXPERTS_PER_RANK
+        for (s, t), li, lw in zip(rows, local_idx, local_w, strict=True):
+            for j in range(TOP_K):
+                if li[j] < 0:
+                    continue
+                e = int(li[j])
+                r = starts[e] + filled[e]
+                filled[e] += 1
+                assert torch.equal(out.recv_x[r].cpu(), sources[s][0][t]), f"row {r}: not token {t} of {s}"
+                assert int(out.row_expert[r]) == e and float(out.row_weight[r]) == float(lw[j])
+        for e in range(EXPERTS_PER_RANK):
+            pad = out.row_expert[starts[e] + counts[e] : starts[e + 1]]
+            assert (pad == -1).all(), "padding rows must carry expert -1"
+        y = out.recv_x[: starts[-1]].float() * (1 + rank)
+    y = y.to(torch.bfloat16).contiguous()
+    if in_buffers:
+        y = a2a.combine_input_buffer()[: y.shape[0]].copy_(y)
+    combined = a2a.combine(y, out.handle)
+    torch.cuda.synchronize()
+    a2a.check_errors()
+    # Model: every rank r that holds one of token t's experts contributes (1 + r) * x (rank-packed), or the
+    # weighted sum of its experts' rows, (1 + r) * x * sum of weights, rounded to bf16 (expert-contiguous).
+    xs, ids, ws = sources[rank]
+    expected = torch.zeros((ms[rank], HIDDEN))
+    for t in range(ms[rank]):
+        for r in range(world):
+            owner = torch.where(ids[t] >= 0, ids[t].to(torch.int64) // EXPERTS_PER_RANK, -1)
+            mine = owner == r
+            if not mine.any() or not active[r]:
+                continue
+            row = (xs[t].float() * (1 + r)).to(torch.bfloat16).float()
+            if layout == "expert-contiguous":
+                part = torch.zeros(HIDDEN)
+                for j in range(TOP_K):
+                    if mine[j]:
+                        part += ws[t][j] * row
+                row = part.to(torch.bfloat16).float()
+            expected[t] += row
+    tol = 0.0 if layout == "rank-packed" else 3e-2
+    torch.testing.assert_close(combined.float().cpu(), expected.to(torch.bfloat16).float(), atol=tol, rtol=tol)
+
+
+def _model_check(info: RankInfo, factory) -> None:
     for layout in ("rank-packed", "expert-contiguous"):
-        alignment = 16 if layout == "expert-contiguous" else 1
-        a2a = factory(
-            max_num_tokens=MAX_TOKENS,
-            num_experts=EXPERTS_PER_RANK * world,
-            experts_per_token=TOP_K,
-            rank=rank,
-            world_size=world,
-            hidden_dim=HIDDEN,
-            hidden_dim_bytes=HIDDEN * 2,
-            expert_alignment=alignment,
-        )
-        for seed, (m0, worst) in enumerate([(40, False), (0, False), (MAX_TOKENS, True), (17, True)]):
-            index_dtype = torch.int32 if seed % 2 else torch.int64
-            ms = [min(MAX_TOKENS, m0 + 5 * s) if m0 not in (0, MAX_TOKENS) else m0 for s in range(world)]
-            sources = [_tokens(s, ms[s], world, seed, index_dtype) for s in range(world)]
-            x, idx, w = (t.to(device) for t in sources[rank])
-            worst_rows = MAX_TOKENS * world * TOP_K + EXPERTS_PER_RANK * alignment if worst else 0
-            # Round 0 of the rank-packed layout goes through the object's own buffers (no copy in or out).
-            in_buffers = layout == "rank-packed" and seed == 0
-            if in_buffers:
-                staged = a2a.dispatch_input_buffer(torch.bfloat16)[: x.shape[0]]
-                staged.copy_(x)
-                x = staged
-            out = a2a.dispatch(x, idx, w, layout=layout, num_worst_tokens=worst_rows)
-            torch.cuda.synchronize()
-            a2a.check_errors()
-            rows, local_idx, local_w = _received(rank, world, sources)
-            counts = [sum(int((li == e).sum()) for li in local_idx) for e in range(EXPERTS_PER_RANK)]
-            assert out.tokens_per_expert.tolist() == counts
-            if not worst:
-                assert out.num_recv_tokens_per_expert_list == counts
-            if layout == "rank-packed":
-                assert int(out.num_recv_rows) == len(rows)
-                for i, (s, t) in enumerate(rows):
-                    assert torch.equal(out.recv_x[i].cpu(), sources[s][0][t]), f"row {i} is not token {t} of rank {s}"
-                    assert torch.equal(out.recv_topk_idx[i].cpu(), local_idx[i])
-                    assert torch.equal(out.recv_topk_weights[i].cpu(), local_w[i])
-                # Experts: each received row scaled by (1 + its rank), so the combine sums distinguishable rows.
-                y = out.recv_x[: len(rows)].float() * (1 + rank)
-            else:
-                starts = [0]
-                for c in counts:
-                    starts.append(starts[-1] + (c + alignment - 1) // alignment * alignment)
-                assert out.expert_offsets.tolist() == starts
-                assert int(out.num_recv_rows) == starts[-1]
-                filled = [0] * EXPERTS_PER_RANK
-                for (s, t), li, lw in zip(rows, local_idx, local_w, strict=True):
-                    for j in range(TOP_K):
-                        if li[j] < 0:
-                            continue
-                        e = int(li[j])
-                        r = starts[e] + filled[e]
-                        filled[e] += 1
-                        assert torch.equal(out.recv_x[r].cpu(), sources[s][0][t]), f"row {r}: not token {t} of {s}"
-                        assert int(out.row_expert[r]) == e and float(out.row_weight[r]) == float(lw[j])
-                for e in range(EXPERTS_PER_RANK):
-                    pad = out.row_expert[starts[e] + counts[e] : starts[e + 1]]
-                    assert (pad == -1).all(), "padding rows must carry expert -1"
-                y = out.recv_x[: starts[-1]].float() * (1 + rank)
-            y = y.to(torch.bfloat16).contiguous()
-            if in_buffers:
-                y = a2a.combine_input_buffer()[: y.shape[0]].copy_(y)
-            combined = a2a.combine(y, out.handle)
-            torch.cuda.synchronize()
-            a2a.check_errors()
-            # Model: every rank r that holds one of token t's experts contributes (1 + r) * x (rank-packed), or the
-            # weighted sum of its experts' rows, (1 + r) * x * sum of weights, rounded to bf16 (expert-contiguous).
-            xs, ids, ws = sources[rank]
-            expected = torch.zeros((ms[rank], HIDDEN))
-            for t in range(ms[rank]):
-                for r in range(world):
-                    owner = torch.where(ids[t] >= 0, ids[t].to(torch.int64) // EXPERTS_PER_RANK, -1)
-                    mine = owner == r
-                    if not mine.any():
-                        continue
-                    row = (xs[t].float() * (1 + r)).to(torch.bfloat16).float()
-                    if layout == "expert-contiguous":
-                        part = torch.zeros(HIDDEN)
-                        for j in range(TOP_K):
-                            if mine[j]:
-                                part += ws[t][j] * row
-                        row = part.to(torch.bfloat16).float()
-                    expected[t] += row
-            tol = 0.0 if layout == "rank-packed" else 3e-2
-            torch.testing.assert_close(combined.float().cpu(), expected.to(torch.bfloat16).float(), atol=tol, rtol=tol)
+        a2a = model_object(info, factory, layout)
+        for seed, (m0, worst) in enumerate(MODEL_ROUNDS):
+            model_round(a2a, info, layout, seed, m0, worst, [1] * info.world_size)
         dist.barrier()
         a2a.destroy()
 

@@ -43,8 +43,8 @@ struct HtWorkspace {
   uint64_t combine_calls;
   uint32_t phase[5];
   uint32_t exchange_failed;  // the running dispatch's count exchange gave up or found another payload size
-  int32_t active_ranks[kMaxHighThroughputRanks];     // 1 for a rank this one serves with, 0 once masked out
-  uint32_t data_settled[kMaxHighThroughputRanks];    // HtDataSettled per sender; cleared by the offsets kernel
+  int32_t active_ranks[kMaxHighThroughputRanks];   // 1 for a rank this one serves with, 0 once masked out
+  uint32_t data_settled[kMaxHighThroughputRanks];  // HtDataSettled per sender; cleared by the offsets kernel
   LivenessWords liveness;
 };
 // kHtAgreeing counts blocks out of their waits before an agreement (the offsets kernel's, the combine's).

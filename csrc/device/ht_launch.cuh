@@ -37,12 +37,12 @@ void launch_ht_route(const HtArgs& args, const Transport& transport, LaunchShape
   in_object_mode(args.fault_tolerant, transport, [&](const auto& in_mode) {
     using InModeTransport = std::decay_t<decltype(in_mode)>;
     const uint64_t counters_bytes = uint64_t(args.l.world_size + args.l.num_experts) * sizeof(uint32_t);
-    EW_CUDA_CHECK(cudaFuncSetAttribute(ht_publish_kernel<InModeTransport>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(counters_bytes)));
+    EW_CUDA_CHECK(cudaFuncSetAttribute(ht_publish_kernel<InModeTransport>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(counters_bytes)));
     ht_publish_kernel<InModeTransport><<<shape.blocks, shape.threads, counters_bytes, stream>>>(args, in_mode);
     EW_CUDA_CHECK(cudaGetLastError());
-    EW_CUDA_CHECK(cudaFuncSetAttribute(ht_offsets_kernel<InModeTransport>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(offsets_shared)));
+    EW_CUDA_CHECK(cudaFuncSetAttribute(ht_offsets_kernel<InModeTransport>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(offsets_shared)));
     ht_offsets_kernel<InModeTransport><<<1, kMaxBlockThreads, offsets_shared, stream>>>(args, in_mode);
     EW_CUDA_CHECK(cudaGetLastError());
   });

@@ -229,5 +229,4 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a, 
   }
 }
 
-
 }  // namespace expertwire::device

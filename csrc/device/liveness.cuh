@@ -96,12 +96,13 @@ __device__ inline uint64_t settle_count(const RankContext& c, uint32_t source, u
 // Posts this rank's lost set, under `sequence`, to every rank still active: ranks first_rank, first_rank +
 // rank_stride, ... of them (one thread: all; a block: threadIdx.x, blockDim.x).
 template <class Peers, class Transport>
-__device__ void post_losses(const Peers& c, const Transport& transport, uint32_t sequence,
-                            uint32_t first_rank = 0, uint32_t rank_stride = 1) {
+__device__ void post_losses(const Peers& c, const Transport& transport, uint32_t sequence, uint32_t first_rank = 0,
+                            uint32_t rank_stride = 1) {
   for (uint32_t word = 0; word < c.loss_words(); ++word) {
     const uint64_t post = LossPost::encode(sequence, lost_bits(c, word));
     for (uint32_t rank = first_rank; rank < c.world_size(); rank += rank_stride) {
-      if (rank != c.own_rank() && !marked_lost(c, rank)) transport.signal(int(rank), c.loss_post(c.own_rank(), word), post);
+      if (rank != c.own_rank() && !marked_lost(c, rank))
+        transport.signal(int(rank), c.loss_post(c.own_rank(), word), post);
     }
   }
 }

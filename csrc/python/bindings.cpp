@@ -352,6 +352,9 @@ class HtObject {
   int64_t max_expert_rows() const { return live().config().max_expert_rows(); }
   uint64_t symmetric_bytes() const { return live().symmetric_bytes(); }
   int device() const { return live().device(); }
+  int64_t rank() const { return live().config().rank; }
+  bool fault_tolerant() const { return live().fault_tolerant(); }
+  uintptr_t active_ranks() const { return reinterpret_cast<uintptr_t>(live().active_ranks()); }
   bool alive() const { return impl_ != nullptr; }
   void destroy() { impl_.reset(); }
 
@@ -499,10 +502,11 @@ NB_MODULE(_expertwire, m) {
           [](int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank, int64_t world_size,
              int64_t hidden_dim, int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes,
              int64_t combine_element_bytes, int64_t expert_alignment, int64_t recv_capacity, uint32_t max_sm_count,
-             bool force_puts) {
+             bool force_puts, bool fault_tolerant) {
             AllToAllOptions options;
             options.max_sm_count = max_sm_count;
             options.force_puts = force_puts;
+            options.fault_tolerant = fault_tolerant;
             const HighThroughputConfig config = ht_config(
                 max_num_tokens, num_experts, experts_per_token, rank, world_size, hidden_dim, hidden_dim_bytes,
                 hidden_dim_scale_bytes, combine_element_bytes, expert_alignment, recv_capacity);
@@ -510,15 +514,16 @@ NB_MODULE(_expertwire, m) {
           },
           "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "rank"_a, "world_size"_a, "hidden_dim"_a,
           "hidden_dim_bytes"_a, "hidden_dim_scale_bytes"_a, "combine_element_bytes"_a, "expert_alignment"_a,
-          "recv_capacity"_a, "max_sm_count"_a, "force_puts"_a)
+          "recv_capacity"_a, "max_sm_count"_a, "force_puts"_a, "fault_tolerant"_a = false)
       .def_static(
           "intranode",
           [](int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t rank, int64_t world_size,
              int64_t hidden_dim, int64_t hidden_dim_bytes, int64_t hidden_dim_scale_bytes,
              int64_t combine_element_bytes, int64_t expert_alignment, int64_t recv_capacity, nb::callable all_gather,
-             uint32_t max_sm_count) {
+             uint32_t max_sm_count, bool fault_tolerant) {
             AllToAllOptions options;
             options.max_sm_count = max_sm_count;
+            options.fault_tolerant = fault_tolerant;
             const HighThroughputConfig config = ht_config(
                 max_num_tokens, num_experts, experts_per_token, rank, world_size, hidden_dim, hidden_dim_bytes,
                 hidden_dim_scale_bytes, combine_element_bytes, expert_alignment, recv_capacity);
@@ -527,7 +532,7 @@ NB_MODULE(_expertwire, m) {
           },
           "max_num_tokens"_a, "num_experts"_a, "experts_per_token"_a, "rank"_a, "world_size"_a, "hidden_dim"_a,
           "hidden_dim_bytes"_a, "hidden_dim_scale_bytes"_a, "combine_element_bytes"_a, "expert_alignment"_a,
-          "recv_capacity"_a, "all_gather"_a, "max_sm_count"_a)
+          "recv_capacity"_a, "all_gather"_a, "max_sm_count"_a, "fault_tolerant"_a = false)
       .def_static(
           "symmetric_bytes_for",
           [](int64_t max_num_tokens, int64_t num_experts, int64_t experts_per_token, int64_t world_size,
@@ -562,6 +567,10 @@ NB_MODULE(_expertwire, m) {
       .def_prop_ro("max_expert_rows", &HtObject::max_expert_rows)
       .def_prop_ro("symmetric_bytes", &HtObject::symmetric_bytes)
       .def_prop_ro("device", &HtObject::device)
+      .def_prop_ro("rank", &HtObject::rank)
+      .def_prop_ro("fault_tolerant", &HtObject::fault_tolerant)
+      .def_prop_ro("active_ranks", &HtObject::active_ranks,
+                   "Device address of the int32 [world_size] mask of active ranks; 0 in the default mode.")
       .def_prop_ro("alive", &HtObject::alive)
       .def("destroy", &HtObject::destroy);
 

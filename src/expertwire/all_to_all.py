@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops
+from ._active_ranks import active_ranks_view, set_active_ranks
 from ._device_memory import rows_over, tensor_over
 from ._native import ext
 from .checks import (
@@ -65,10 +66,6 @@ def _all_gather_over(group: dist.ProcessGroup):
         return [entry if entry is not None else b"" for entry in gathered]
 
     return all_gather
-
-
-def _describe(value: object) -> str:
-    return f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _traced(tensor: torch.Tensor) -> bool:
@@ -413,9 +410,14 @@ class AllToAll:
         the loss), and nothing is sent to or read from them. The kernels write it in stream order: read it after
         the combine. Raises ValueError in the default mode."""
         native = ops.native(self._live_handle("active_ranks"))
-        if not native.fault_tolerant:
-            raise ValueError("active_ranks: this AllToAll was made without fault_tolerant=True")
-        return tensor_over(native.active_ranks, (self._shape.world_size,), torch.int32, self._device, owner=native)
+        return active_ranks_view(
+            "AllToAll.active_ranks",
+            native.fault_tolerant,
+            native.active_ranks,
+            self._shape.world_size,
+            self._device,
+            native,
+        )
 
     def set_active_ranks(self, mask: torch.Tensor) -> None:
         """Masks out the ranks whose entry of `mask` (int32/int64/bool [world_size], 0 or 1) is 0, from the next
@@ -426,25 +428,7 @@ class AllToAll:
         masks meanwhile comes back). Unlike a wait that gives up, this tells no other rank: that is the caller's
         part."""
         current = self.active_ranks
-        world = self._shape.world_size
-        rank = int(ops.native(self._live_handle("set_active_ranks")).rank)
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (world,):
-            raise ValueError(f"set_active_ranks: mask must be a tensor of shape [{world}], got {_describe(mask)}")
-        if mask.dtype not in (torch.int32, torch.int64, torch.bool):
-            raise ValueError(f"set_active_ranks: mask must be int32, int64 or bool, got {mask.dtype}")
-        wanted = mask.to(device="cpu", dtype=torch.int64)
-        if not bool(((wanted == 0) | (wanted == 1)).all()):
-            raise ValueError(f"set_active_ranks: mask entries must be 0 or 1, got {wanted.tolist()}")
-        if int(wanted[rank]) == 0:
-            raise ValueError(f"set_active_ranks: rank {rank} cannot mask itself out")
-        torch.cuda.synchronize(self._device)  # every stream's kernels: the mask they leave
-        now = current.cpu().to(torch.int64)
-        back = ((now == 0) & (wanted == 1)).nonzero().flatten().tolist()
-        if back:
-            raise ValueError(f"set_active_ranks: ranks {back} are masked out already and cannot come back")
-        masked = (wanted == 0).nonzero().flatten()
-        if masked.numel():
-            current.index_fill_(0, masked.to(self._device), 0)
+        set_active_ranks(current, int(ops.native(self._live_handle("set_active_ranks")).rank), mask)
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (a peer that timed out, an

@@ -24,10 +24,11 @@ from typing import Optional
 
 import torch
 
+from ._active_ranks import active_ranks_view, set_active_ranks
 from ._device_memory import rows_over
 from ._native import ext
 from .all_to_all import _all_gather_over, _intranode_group
-from .checks import SCALAR_TYPES, integer
+from .checks import SCALAR_TYPES, flag, integer
 from .ops import current_stream_handle
 
 LAYOUTS = ("rank-packed", "expert-contiguous")
@@ -122,13 +123,17 @@ class HighThroughputAllToAll:
         combine_element_bytes: int = 2,
         group_name: str = "default",
         max_sm_count: int = 0,
+        *,
+        fault_tolerant: bool = False,
     ) -> "HighThroughputAllToAll":
         """Through peer memory among the ranks of one node (the torch.distributed group `group_name` exchanges the
-        buffer descriptions). combine_element_bytes 4 allows float32 combines (training in float32)."""
+        buffer descriptions). combine_element_bytes 4 allows float32 combines (training in float32).
+        `fault_tolerant`: see active_ranks."""
         fields = cls._fields("HighThroughputAllToAll.intranode", locals())
+        flag("HighThroughputAllToAll.intranode", "fault_tolerant", fault_tolerant)
         group = _intranode_group(group_name, world_size, rank)
         native = ext.HighThroughputObject.intranode(
-            **fields, all_gather=_all_gather_over(group), max_sm_count=max_sm_count
+            **fields, all_gather=_all_gather_over(group), max_sm_count=max_sm_count, fault_tolerant=fault_tolerant
         )
         return cls(native, fields)
 
@@ -148,11 +153,16 @@ class HighThroughputAllToAll:
         combine_element_bytes: int = 2,
         max_sm_count: int = 0,
         force_puts: bool = False,
+        *,
+        fault_tolerant: bool = False,
     ) -> "HighThroughputAllToAll":
         """Through NVSHMEM: loads and stores to peers it can map, puts to the others (every peer with
-        force_puts)."""
+        force_puts). `fault_tolerant`: see active_ranks."""
         fields = cls._fields("HighThroughputAllToAll.internode", locals())
-        native = ext.HighThroughputObject.internode(**fields, max_sm_count=max_sm_count, force_puts=bool(force_puts))
+        flag("HighThroughputAllToAll.internode", "fault_tolerant", fault_tolerant)
+        native = ext.HighThroughputObject.internode(
+            **fields, max_sm_count=max_sm_count, force_puts=bool(force_puts), fault_tolerant=fault_tolerant
+        )
         return cls(native, fields)
 
     def _live(self, op: str) -> "ext.HighThroughputObject":
@@ -382,6 +392,33 @@ class HighThroughputAllToAll:
             out_topk_weights=_address(combined_w),
         )
         return out if combined_w is None else (out, combined_w)
+
+    @property
+    def fault_tolerant(self) -> bool:
+        return bool(self._live("fault_tolerant").fault_tolerant)
+
+    @property
+    def active_ranks(self) -> torch.Tensor:
+        """The fault-tolerant mode's mask, as AllToAll.active_ranks: an int32 [world_size] tensor on this rank's
+        GPU, 1 for each rank this one still serves with, 0 for each it has masked out. A wait that runs out on a
+        rank masks it instead of raising; the ranks agree on the mask after each dispatch's count exchange and
+        before each combine's sums. From then on a masked rank's tokens are not received, its rows add nothing
+        to the sums (its experts' terms are zero; re-route its tokens or accept the loss), and nothing is sent to
+        or read from it. Raises ValueError in the default mode."""
+        native = self._live("active_ranks")
+        return active_ranks_view(
+            "HighThroughputAllToAll.active_ranks",
+            native.fault_tolerant,
+            native.active_ranks,
+            self._fields["world_size"],
+            self._device,
+            native,
+        )
+
+    def set_active_ranks(self, mask: torch.Tensor) -> None:
+        """As AllToAll.set_active_ranks: masks out, from the next call on, every rank whose entry of `mask` is 0
+        (the same mask on every surviving rank; no rank masks itself, no masked rank comes back)."""
+        set_active_ranks(self.active_ranks, int(self._live("set_active_ranks").rank), mask)
 
     def check_errors(self) -> None:
         """Raises expertwire.DeviceError if a kernel of this object recorded an error (sticky)."""

@@ -80,9 +80,9 @@ TEST(HtLayout, RegionsByHand) {
   EXPECT_EQ(pull.combine_ready_offset, 1024u);
   EXPECT_EQ(pull.loss_words, 1u);  // ceil(4 ranks / 32)
   EXPECT_EQ(pull.loss_posts_offset, 1280u);
-  EXPECT_EQ(pull.loss_post_offset(3, 0), 1304u);  // last: 1280 + 3 * 8; ends at 1312
-  EXPECT_EQ(pull.token_records_offset, 1536u);    // 4 ranks x 1 word x 8 bytes = 32, 256-aligned
-  EXPECT_EQ(pull.input_rows_offset, 1536u + 64u * 64u);                      // 64 records of 64 bytes
+  EXPECT_EQ(pull.loss_post_offset(3, 0), 1304u);         // last: 1280 + 3 * 8; ends at 1312
+  EXPECT_EQ(pull.token_records_offset, 1536u);           // 4 ranks x 1 word x 8 bytes = 32, 256-aligned
+  EXPECT_EQ(pull.input_rows_offset, 1536u + 64u * 64u);  // 64 records of 64 bytes
   EXPECT_EQ(pull.combine_rows_offset, pull.input_rows_offset + 64u * 272u);  // no push regions
   EXPECT_EQ(pull.slot_row_bytes, 16u);                                       // k = 4 floats
   EXPECT_EQ(pull.combine_weights_offset, pull.combine_rows_offset + 256u * 512u);
