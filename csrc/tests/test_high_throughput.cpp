@@ -1,6 +1,8 @@
 // test_high_throughput: the high-throughput all-to-all against the CPU reference model (reference/high_throughput.h)
 // on N ranks. Run as `mpirun -np N ./test_high_throughput [--transport T] [--seed S] [--max-tokens M]`; prints
 // "PASS <case>" or "FAIL <case>: <why>" per case, ends with "N passed, N failed", exits non-zero on any failure.
+// With --fault-tolerant every object is in the fault-tolerant mode, and every case also checks that no rank was
+// masked (every wait answered).
 //
 // Every case runs a few dispatch + combine rounds on one object, m changing between rounds and ranks, and checks
 // on every rank: every received row's payload and scales byte for byte, its expert indices and weights (rank-packed)
@@ -43,12 +45,17 @@ struct Options {
   std::string transport = harness::kDefaultTransports;
   uint64_t seed = 11;
   int64_t max_tokens = 512;
+  bool fault_tolerant = false;  // objects in the fault-tolerant mode, every rank active throughout
 };
 
 Options parse_options(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--fault-tolerant") {
+      o.fault_tolerant = true;
+      continue;
+    }
     EW_REQUIRE(i + 1 < argc, "test_high_throughput: ", arg, " needs a value");
     const std::string value = argv[++i];
     if (arg == "--transport") o.transport = value;
@@ -165,9 +172,11 @@ class Checker {
   std::string* why_;
 };
 
-std::unique_ptr<HighThroughputAllToAll> make_object(TransportKind kind, const HighThroughputConfig& config) {
+std::unique_ptr<HighThroughputAllToAll> make_object(TransportKind kind, const HighThroughputConfig& config,
+                                                    const Options& o) {
   AllToAllOptions options;
   options.timeout_ns = 5'000'000'000ull;
+  options.fault_tolerant = o.fault_tolerant;
   if (kind == TransportKind::kIntranode) {
     return std::make_unique<HighThroughputIntranode>(config, harness::all_gather_bytes, options);
   }
@@ -195,6 +204,18 @@ void put_element(uint8_t* row, int64_t h, ScalarType type, float value) {
   }
 }
 
+// In the fault-tolerant mode: "" when the object's mask still has every rank active, else which rank was masked.
+std::string masked_ranks(const HighThroughputAllToAll& object, int world) {
+  std::vector<int32_t> active(size_t(world), -1);
+  EW_CUDA_CHECK(cudaDeviceSynchronize());
+  EW_CUDA_CHECK(
+      cudaMemcpy(active.data(), object.active_ranks(), active.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+  for (int r = 0; r < world; ++r) {
+    if (active[size_t(r)] != 1) return "active_ranks[" + std::to_string(r) + "] = " + std::to_string(active[size_t(r)]);
+  }
+  return "";
+}
+
 // One case on one transport; returns "" or why it failed (the same verdict on every rank: the caller reduces).
 std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const Case& c, const Options& o) {
   const int rank = mpi.rank(), world = mpi.world_size();
@@ -209,7 +230,7 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
   config.hidden_dim_scale_bytes = c.scales ? c.hidden / 128 * 4 : 0;
   config.combine_element_bytes = c.type == ScalarType::kFloat32 ? 4 : 2;
   config.expert_alignment = c.alignment;
-  auto object = make_object(kind, config);
+  auto object = make_object(kind, config, o);
   HighThroughputShape shape;
   shape.max_tokens_per_rank = config.max_num_tokens;
   shape.num_experts = config.num_experts;
@@ -450,6 +471,7 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
     }
     owned_rows.clear();
   }
+  if (o.fault_tolerant && why.empty()) why = masked_ranks(*object, world);
   return why;
 }
 
@@ -514,7 +536,7 @@ void run_failures(const harness::MpiSession& mpi, TransportKind kind, const Opti
   DeviceBytes x(64 * 128, 1), idx(64 * 16, 0), w(64 * 8, 0), rx(cap * 128, 0), ri(cap * 16, 0), rw(cap * 8, 0);
   const std::string prefix = std::string(harness::transport_flag_name(kind)) + " failure: ";
   {  // An expert index out of range: that rank's DeviceError names it; nothing was sent for that slot.
-    auto object = make_object(kind, config);
+    auto object = make_object(kind, config, o);
     auto handle = object->make_handle();
     const auto in = inputs(x, idx, w, 8, rank == 0 ? config.num_experts + 5 : -1);
     object->dispatch(in, *handle, outputs(rx, ri, rw, cap), nullptr);
@@ -534,7 +556,7 @@ void run_failures(const harness::MpiSession& mpi, TransportKind kind, const Opti
   {  // A receive capacity too small: the ranks it overflows raise, naming the rows needed.
     HighThroughputConfig small = config;
     small.recv_capacity = 3;
-    auto object = make_object(kind, small);
+    auto object = make_object(kind, small, o);
     auto handle = object->make_handle();
     const auto in = inputs(x, idx, w, 16, -1);
     object->dispatch_layout(in, HighThroughputLayout::kRankPacked, *handle, nullptr);
@@ -542,7 +564,7 @@ void run_failures(const harness::MpiSession& mpi, TransportKind kind, const Opti
     tally.report(mpi, prefix + "recv_capacity too small", why);
   }
   {  // Outputs smaller than the rows: DeviceError, no row written.
-    auto object = make_object(kind, config);
+    auto object = make_object(kind, config, o);
     auto handle = object->make_handle();
     const auto in = inputs(x, idx, w, 16, -1);
     EW_CUDA_CHECK(cudaMemset(rx.get<uint8_t>(), 0xab, cap * 128));
@@ -557,7 +579,7 @@ void run_failures(const harness::MpiSession& mpi, TransportKind kind, const Opti
   }
   {  // Rank 0 sends 112 payload bytes a token, the others 128: every rank that receives from a rank of the other
      // size raises, naming it, and writes no row (every rank receives from every rank here).
-    auto object = make_object(kind, config);
+    auto object = make_object(kind, config, o);
     auto handle = object->make_handle();
     auto in = inputs(x, idx, w, 16, -1);
     in.x_bytes = rank == 0 ? 112 : 128;
@@ -573,7 +595,7 @@ void run_failures(const harness::MpiSession& mpi, TransportKind kind, const Opti
     tally.report(mpi, prefix + "payload bytes that differ between ranks", why);
   }
   {  // m > max_num_tokens: ConfigError before anything is launched; the object then works.
-    auto object = make_object(kind, config);
+    auto object = make_object(kind, config, o);
     auto handle = object->make_handle();
     auto in = inputs(x, idx, w, 8, -1);
     in.m = 65;
