@@ -74,20 +74,26 @@ def model_alignment(layout: str) -> int:
     return 16 if layout == "expert-contiguous" else 1
 
 
-def model_round(
-    a2a: expertwire.HighThroughputAllToAll, info: RankInfo, layout: str, seed: int, m0: int, worst: bool, active
-) -> None:
-    """One dispatch + combine of `layout` against the model, every rank whose entry of `active` is 0 left out (it
-    makes no call): its tokens are not received and its rows add nothing to the sums."""
-    world, rank, device = info.world_size, info.rank, info.device
-    alignment = model_alignment(layout)
+def _model_sources(world: int, seed: int, m0: int, active=None):
+    """Every rank's tokens of round `seed` (m0: rank 0's m), and each rank's m; a rank whose entry of `active` is 0
+    makes no call, so nothing comes from it (its tokens empty)."""
     index_dtype = torch.int32 if seed % 2 else torch.int64
     ms = [min(MAX_TOKENS, m0 + 5 * s) if m0 not in (0, MAX_TOKENS) else m0 for s in range(world)]
-    sources = [_tokens(s, ms[s], world, seed, index_dtype) for s in range(world)]
+    sources = [_tokens(s, ms[s] if active is None or active[s] else 0, world, seed, index_dtype) for s in range(world)]
+    return sources, ms
+
+
+def model_step(
+    a2a: expertwire.HighThroughputAllToAll, info: RankInfo, layout: str, seed: int, m0: int, worst: bool, at=None
+):
+    """One dispatch + experts + combine of round `seed` in `layout`, unchecked; at(point) is called between the
+    dispatch and the combine ("between-halves") and right after the combine is launched ("inside-combine").
+    Experts: each received row scaled by (1 + its rank), so the combine sums distinguishable rows. Returns the
+    dispatch's outputs and the combined tokens."""
+    world, rank, device = info.world_size, info.rank, info.device
+    sources, _ = _model_sources(world, seed, m0)
     x, idx, w = (t.to(device) for t in sources[rank])
-    # A masked rank makes no call: nothing comes from it, and nothing goes to it.
-    sources = [src if active[s] else _tokens(s, 0, world, seed, index_dtype) for s, src in enumerate(sources)]
-    worst_rows = MAX_TOKENS * world * TOP_K + EXPERTS_PER_RANK * alignment if worst else 0
+    worst_rows = MAX_TOKENS * world * TOP_K + EXPERTS_PER_RANK * model_alignment(layout) if worst else 0
     # Round 0 of the rank-packed layout goes through the object's own buffers (no copy in or out).
     in_buffers = layout == "rank-packed" and seed == 0
     if in_buffers:
@@ -95,22 +101,39 @@ def model_round(
         staged.copy_(x)
         x = staged
     out = a2a.dispatch(x, idx, w, layout=layout, num_worst_tokens=worst_rows)
-    torch.cuda.synchronize()
-    a2a.check_errors()
+    if at is not None:
+        at("between-halves")
+    y = (out.recv_x[: int(out.num_recv_rows)].float() * (1 + rank)).to(torch.bfloat16).contiguous()
+    if in_buffers:
+        y = a2a.combine_input_buffer()[: y.shape[0]].copy_(y)
+    combined = a2a.combine(y, out.handle)
+    if at is not None:
+        at("inside-combine")
+    return out, combined
+
+
+def model_check(
+    info: RankInfo, layout: str, seed: int, m0: int, worst: bool, active, out, combined, received: bool = True
+) -> None:
+    """A model_step's outputs against the model, every rank whose entry of `active` is 0 left out: its tokens are
+    not received and its rows add nothing to the sums. `received`: the dispatch's outputs too, not only the
+    combined tokens."""
+    world, rank = info.world_size, info.rank
+    alignment = model_alignment(layout)
+    sources, ms = _model_sources(world, seed, m0, active)
     rows, local_idx, local_w = _received(rank, world, sources)
     counts = [sum(int((li == e).sum()) for li in local_idx) for e in range(EXPERTS_PER_RANK)]
-    assert out.tokens_per_expert.tolist() == counts
-    if not worst:
-        assert out.num_recv_tokens_per_expert_list == counts
-    if layout == "rank-packed":
+    if received:
+        assert out.tokens_per_expert.tolist() == counts
+        if not worst:
+            assert out.num_recv_tokens_per_expert_list == counts
+    if received and layout == "rank-packed":
         assert int(out.num_recv_rows) == len(rows)
         for i, (s, t) in enumerate(rows):
             assert torch.equal(out.recv_x[i].cpu(), sources[s][0][t]), f"row {i} is not token {t} of rank {s}"
             assert torch.equal(out.recv_topk_idx[i].cpu(), local_idx[i])
             assert torch.equal(out.recv_topk_weights[i].cpu(), local_w[i])
-        # Experts: each received row scaled by (1 + its rank), so the combine sums distinguishable rows.
-        y = out.recv_x[: len(rows)].float() * (1 + rank)
-    else:
+    elif received:
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + (c + alignment - 1) // alignment * alignment)
@@ -129,16 +152,10 @@ def model_round(
         for e in range(EXPERTS_PER_RANK):
             pad = out.row_expert[starts[e] + counts[e] : starts[e + 1]]
             assert (pad == -1).all(), "padding rows must carry expert -1"
-        y = out.recv_x[: starts[-1]].float() * (1 + rank)
-    y = y.to(torch.bfloat16).contiguous()
-    if in_buffers:
-        y = a2a.combine_input_buffer()[: y.shape[0]].copy_(y)
-    combined = a2a.combine(y, out.handle)
-    torch.cuda.synchronize()
-    a2a.check_errors()
     # Model: every rank r that holds one of token t's experts contributes (1 + r) * x (rank-packed), or the
-    # weighted sum of its experts' rows, (1 + r) * x * sum of weights, rounded to bf16 (expert-contiguous).
-    xs, ids, ws = sources[rank]
+    # weighted sum of its experts' rows, (1 + r) * x * sum of weights, rounded to bf16 (expert-contiguous). This
+    # rank's own tokens are its call's, whatever the mask.
+    xs, ids, ws = _model_sources(world, seed, m0)[0][rank]
     expected = torch.zeros((ms[rank], HIDDEN))
     for t in range(ms[rank]):
         for r in range(world):
@@ -156,6 +173,16 @@ def model_round(
             expected[t] += row
     tol = 0.0 if layout == "rank-packed" else 3e-2
     torch.testing.assert_close(combined.float().cpu(), expected.to(torch.bfloat16).float(), atol=tol, rtol=tol)
+
+
+def model_round(
+    a2a: expertwire.HighThroughputAllToAll, info: RankInfo, layout: str, seed: int, m0: int, worst: bool, active
+) -> None:
+    """model_step, then model_check with `active`."""
+    out, combined = model_step(a2a, info, layout, seed, m0, worst)
+    torch.cuda.synchronize()
+    a2a.check_errors()
+    model_check(info, layout, seed, m0, worst, active, out, combined)
 
 
 def _model_check(info: RankInfo, factory) -> None:
