@@ -3,14 +3,18 @@ rank when one dies).
 
     python3 -m tests.survive_rank --ranks 8 --transport internode --fault inside-combine
     scripts/device/with_mps.sh python3 -m tests.survive_rank --ranks 8 --transport all --fault all
+    python3 -m tests.survive_rank --kind high-throughput --ranks 8 --transport intranode --fault all
 
-Every rank loops dispatch + experts + combine (send and receive halves as separate calls) on one object made
-with fault_tolerant=True. At step --kill-step the victim (the last rank) SIGKILLs itself at the fault's point
-(before its dispatch, between the dispatch's halves, between the combine's halves; "external": the launcher
-kills it at a random moment of that step); "two-kills": the last rank at that step and the one before it two
-steps later; "stuck": the victim stops calling (it sleeps) and, once the survivors are done, makes one more call,
-which must raise DeviceError saying it was masked out; "stuck-returns": the same call, made while the survivors
-still run (they go on until two steps after it), whose steps must still match the reference.
+Every rank loops dispatch + experts + combine on one object made with fault_tolerant=True: an AllToAll (send and
+receive halves as separate calls) or, with --kind high-throughput, a HighThroughputAllToAll (the rank-packed and
+expert-contiguous layouts in turn, exact and worst-case outputs). At step --kill-step the victim (the last rank)
+SIGKILLs itself at the fault's point (before its dispatch; between the dispatch's halves, or for the
+high-throughput kind between its dispatch and its combine; between the combine's halves, or right after the
+high-throughput combine is launched; "external": the launcher kills it at a random moment of that step);
+"two-kills": the last rank at that step and the one before it two steps later; "stuck": the victim stops calling
+(it sleeps) and, once the survivors are done, makes one more call, which must raise DeviceError saying it was
+masked out; "stuck-returns": the same call, made while the survivors still run (they go on until two steps after
+it), whose steps must still match the reference.
 
 Every survivor must: return from each step within the timeout (EXPERTWIRE_TIMEOUT_MS, --timeout-ms) + 1 s;
 match the reference, with the ranks its mask has masked left out, at every step whose mask did not change while
@@ -43,10 +47,12 @@ from .all_to_all_data import Case, check_combine, make_groups, masked_groups
 from .distributed import RankInfo, nvshmem_join
 from .kill_rank import _step, _write, add_run_arguments, read_reports, run_each, start_ranks, wait_for_exits
 from .test_all_to_all_gpu import RankBuffers, _check, make_all_to_all
+from .test_high_throughput_gpu import model_check, model_object, model_step
 
 FAULTS = ("before-dispatch", "between-halves", "inside-combine", "external", "two-kills", "stuck", "stuck-returns")
 STEPS_AT_MOST = 1000
 LOCAL_EXPERTS = 4
+KINDS = ("low-latency", "high-throughput")
 
 
 def _case(world_size: int) -> Case:
@@ -54,6 +60,62 @@ def _case(world_size: int) -> Case:
     return Case(
         "fp8", torch.bfloat16, torch.bfloat16, split=True, max_num_tokens=32, num_experts=LOCAL_EXPERTS * world_size
     )
+
+
+class _LowLatencyWork:
+    """The steps of an AllToAll: one dispatch + experts + combine of _case, each in its halves."""
+
+    def __init__(self, info: RankInfo, transport: str) -> None:
+        self.info, self.case = info, _case(info.world_size)
+        self.a2a = make_all_to_all(transport, self.case, info, fault_tolerant=True)
+
+    def prepare(self, step: int) -> None:
+        self.groups = make_groups(self.case, self.info.world_size, seed=1000 + step)
+        self.buffers = RankBuffers(self.case, self.info, self.groups[self.info.rank])
+
+    def run(self, die_at: Optional[str], die) -> None:
+        _step(self.a2a, self.buffers, die_at, die, self.case)
+
+    def check(self, active: list[int], received: bool = True) -> None:
+        """Against the reference with `active`'s masked ranks left out; `received`: the dispatch too."""
+        groups = masked_groups(self.case, self.groups, active)
+        if received:
+            _check(self.case, self.info, groups, self.buffers)
+        else:
+            check_combine(self.case, self.info.rank, self.info.world_size, groups, self.buffers.out_tokens)
+
+
+class _HighThroughputWork:
+    """The steps of a HighThroughputAllToAll: test_high_throughput_gpu's model steps, the layouts in turn."""
+
+    M0 = 40  # rank 0's tokens; rank r has 5 r more
+
+    def __init__(self, info: RankInfo, transport: str) -> None:
+        factory = (
+            expertwire.HighThroughputAllToAll.internode
+            if transport == "internode"
+            else expertwire.HighThroughputAllToAll.intranode
+        )
+        self.info = info
+        # Aligned for the expert-contiguous layout; the rank-packed layout ignores the alignment.
+        self.a2a = model_object(info, factory, "expert-contiguous", fault_tolerant=True)
+
+    def prepare(self, step: int) -> None:
+        self.layout = ("rank-packed", "expert-contiguous")[step % 2]
+        self.seed, self.worst, self.outputs = 1000 + step, step % 4 >= 2, None
+
+    def run(self, die_at: Optional[str], die) -> None:
+        if die_at == "before-dispatch":
+            die()
+
+        def at(point: str) -> None:
+            if point == die_at:
+                die()
+
+        self.outputs = model_step(self.a2a, self.info, self.layout, self.seed, self.M0, self.worst, at)
+
+    def check(self, active: list[int], received: bool = True) -> None:
+        model_check(self.info, self.layout, self.seed, self.M0, self.worst, active, *self.outputs, received=received)
 
 
 def _victims(fault: Optional[str], ranks: int, kill_step: int) -> dict[int, int]:
@@ -70,8 +132,8 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
     report: dict[str, Any] = {"rank": info.rank, "steps": []}
     if opts["transport"] == "internode":
         nvshmem_join(info)
-    case = _case(info.world_size)
-    a2a = make_all_to_all(opts["transport"], case, info, fault_tolerant=True)
+    work = (_HighThroughputWork if opts["kind"] == "high-throughput" else _LowLatencyWork)(info, opts["transport"])
+    a2a = work.a2a
     victims = {int(r): s for r, s in opts["victims"].items()}
     die_step = victims.get(info.rank)
     fault = opts["fault"]
@@ -99,8 +161,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
     for step in range(STEPS_AT_MOST):
         if step >= opts["steps"] and (survivors is None or steps_after_rejoin >= 2):
             break
-        groups = make_groups(case, info.world_size, seed=1000 + step)
-        buffers = RankBuffers(case, info, groups[info.rank])
+        work.prepare(step)
         torch.cuda.synchronize()
         before = a2a.active_ranks.cpu().tolist()
         if step == die_step:
@@ -113,23 +174,23 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
                 die_at = None
         try:
             started = time.perf_counter()
-            _step(a2a, buffers, die_at, die, case)
+            work.run(die_at, die)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - started
         except _Stuck:
-            _rejoin(a2a, buffers, report, report_path, case, rejoined)
+            _rejoin(work, report, report_path, rejoined)
             return
         a2a.check_errors()
         after = a2a.active_ranks.cpu().tolist()
         entry: dict[str, Any] = {"step": step, "seconds": seconds, "active": after}
         if after == before:
-            _check(case, info, masked_groups(case, groups, after), buffers)
+            work.check(after)
             entry["checked"] = True
         elif fault != "external":
             # The step in flight: its combine is exact for the agreed mask (its dispatch may hold rows the dead
             # rank sent before it died). At a random moment the death may fall in the agreement itself, whose
             # masks may then differ for this step: not checked there.
-            check_combine(case, info.rank, info.world_size, masked_groups(case, groups, after), buffers.out_tokens)
+            work.check(after, received=False)
             entry["combine_checked"] = True
         # Every rank makes the same calls (they are collective): the repeats run at every step, and time the
         # step where the mask stayed as it was.
@@ -137,7 +198,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
         for _ in range(opts["repeats"]):
             torch.cuda.synchronize()
             begin = time.perf_counter()
-            _step(a2a, buffers, None, die, case)
+            work.run(None, die)
             torch.cuda.synchronize()
             repeats.append(time.perf_counter() - begin)
         steady = after == before and a2a.active_ranks.cpu().tolist() == after
@@ -169,15 +230,13 @@ class _Stuck(Exception):
     """The stuck victim's way back to its last call."""
 
 
-def _rejoin(
-    a2a: expertwire.AllToAll, buffers: RankBuffers, report: dict[str, Any], path: Path, case: Case, rejoined: Path
-) -> None:
+def _rejoin(work, report: dict[str, Any], path: Path, rejoined: Path) -> None:
     """The stuck rank's call after the survivors masked it: must raise DeviceError, quickly."""
     started = time.perf_counter()
     try:
-        _step(a2a, buffers, None, lambda: None, case)
+        work.run(None, lambda: None)
         torch.cuda.synchronize()
-        a2a.check_errors()
+        work.a2a.check_errors()
         report["rejoin_error"] = None
     except expertwire.DeviceError as error:
         report["rejoin_error"] = str(error)
@@ -192,6 +251,7 @@ def _rejoin(
 def _launch(ranks: int, transport: str, fault: Optional[str], args: argparse.Namespace, reports: str):
     victims = _victims(fault, ranks, args.kill_step)
     opts = dict(
+        kind=args.kind,
         transport=transport,
         steps=args.steps,
         victims={str(r): s for r, s in victims.items()},
@@ -311,7 +371,7 @@ def _one_run(ranks: int, transport: str, fault: str, args: argparse.Namespace) -
     if rejoin is not None and rejoin > 1.0:
         problems.append(f"the stuck rank's call took {rejoin:.2f} s to raise (more than 1 s)")
     summary = (
-        f"survive_rank: {transport}, {ranks} ranks, {fault} (ranks {sorted(victims)}): "
+        f"survive_rank: {args.kind}, {transport}, {ranks} ranks, {fault} (ranks {sorted(victims)}): "
         f"steps in flight {', '.join(f'{s:.2f}' for s in sorted(in_flight))} s (limit {limit_s:.1f} s); "
         + (
             f"steady step {masked_s * 1e6:.0f} us against {base_s * 1e6:.0f} us on {len(survivors)} ranks "
@@ -329,6 +389,7 @@ def _one_run(ranks: int, transport: str, fault: str, args: argparse.Namespace) -
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, steps=10, kill_step=2, run_limit_s=120.0)
+    parser.add_argument("--kind", default="low-latency", choices=KINDS, help="which all-to-all the ranks loop")
     parser.add_argument("--fault", default="all", choices=[*FAULTS, "all"])
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats of each checked step")
     parser.add_argument("--time-limit", type=float, default=0.10, help="steady steps' excess over fewer ranks'")

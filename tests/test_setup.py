@@ -327,10 +327,15 @@ def test_survive_rank_checks_its_arguments_and_skips_without_a_gpu() -> None:
     assert bad.returncode == 2 and "--kill-step must be in [0, --steps - 4 = 2), got 2" in bad.stderr, bad.stderr
     few = run([sys.executable, "-m", "tests.survive_rank", "--ranks", "2"], env)
     assert few.returncode == 2 and "--ranks must be >= 3" in few.stderr, few.stderr
-    skipped = run([sys.executable, "-m", "tests.survive_rank", "--ranks", "4", "--transport", "all"], env)
-    assert skipped.returncode == 0, skipped.stderr
-    for transport in ("internode", "intranode"):
-        assert f"survive_rank: {transport} skipped: no GPU visible" in skipped.stdout, skipped.stdout
+    kind = run([sys.executable, "-m", "tests.survive_rank", "--kind", "padded"], env)
+    assert kind.returncode == 2 and "invalid choice: 'padded'" in kind.stderr, kind.stderr
+    for kind in ("low-latency", "high-throughput"):
+        skipped = run(
+            [sys.executable, "-m", "tests.survive_rank", "--kind", kind, "--ranks", "4", "--transport", "all"], env
+        )
+        assert skipped.returncode == 0, skipped.stderr
+        for transport in ("internode", "intranode"):
+            assert f"survive_rank: {transport} skipped: no GPU visible" in skipped.stdout, skipped.stdout
 
 
 def test_mps_client_shim_runs_one_client_at_a_time(tmp_path: Path) -> None:
