@@ -47,7 +47,7 @@ from .all_to_all_data import Case, check_combine, make_groups, masked_groups
 from .distributed import RankInfo, nvshmem_join
 from .kill_rank import _step, _write, add_run_arguments, read_reports, run_each, start_ranks, wait_for_exits
 from .test_all_to_all_gpu import RankBuffers, _check, make_all_to_all
-from .test_high_throughput_gpu import model_check, model_object, model_step
+from .test_high_throughput_gpu import ht_factory, model_check, model_object, model_step
 
 FAULTS = ("before-dispatch", "between-halves", "inside-combine", "external", "two-kills", "stuck", "stuck-returns")
 STEPS_AT_MOST = 1000
@@ -91,14 +91,9 @@ class _HighThroughputWork:
     M0 = 40  # rank 0's tokens; rank r has 5 r more
 
     def __init__(self, info: RankInfo, transport: str) -> None:
-        factory = (
-            expertwire.HighThroughputAllToAll.internode
-            if transport == "internode"
-            else expertwire.HighThroughputAllToAll.intranode
-        )
         self.info = info
         # Aligned for the expert-contiguous layout; the rank-packed layout ignores the alignment.
-        self.a2a = model_object(info, factory, "expert-contiguous", fault_tolerant=True)
+        self.a2a = model_object(info, ht_factory(transport), "expert-contiguous", fault_tolerant=True)
 
     def prepare(self, step: int) -> None:
         self.layout = ("rank-packed", "expert-contiguous")[step % 2]

@@ -26,7 +26,7 @@ from .test_all_to_all_gpu import (
     dispatch_and_combine,
     make_all_to_all,
 )
-from .test_high_throughput_gpu import MODEL_ROUNDS, model_object, model_round
+from .test_high_throughput_gpu import MODEL_ROUNDS, ht_factory, model_object, model_round
 
 CASES = [
     Case("fp8", torch.bfloat16, torch.bfloat16, max_num_tokens=16, num_experts=16),
@@ -100,14 +100,6 @@ def _worker_refusals(info: RankInfo, transport: str) -> None:
     _with_transport(info, transport, body)
 
 
-def _ht_factory(transport: str):
-    return (
-        expertwire.HighThroughputAllToAll.internode
-        if transport == "internode"
-        else expertwire.HighThroughputAllToAll.intranode
-    )
-
-
 def _worker_high_throughput(info: RankInfo, transport: str) -> None:
     """Both layouts: every model round with every rank active; then the others mask the last rank, which makes no
     more calls, and every round again without it."""
@@ -117,7 +109,7 @@ def _worker_high_throughput(info: RankInfo, transport: str) -> None:
         everyone = [1] * world
         active = [int(r != masked) for r in range(world)]
         for layout in ("rank-packed", "expert-contiguous"):
-            a2a = model_object(info, _ht_factory(transport), layout, fault_tolerant=True)
+            a2a = model_object(info, ht_factory(transport), layout, fault_tolerant=True)
             assert a2a.fault_tolerant
             for seed, (m0, worst) in enumerate(MODEL_ROUNDS):
                 model_round(a2a, info, layout, seed, m0, worst, everyone)
@@ -132,7 +124,7 @@ def _worker_high_throughput(info: RankInfo, transport: str) -> None:
                 assert a2a.active_ranks.cpu().tolist() == active, f"rank {info.rank}: {a2a.active_ranks.tolist()}"
             dist.barrier()
             a2a.destroy()
-        default = model_object(info, _ht_factory(transport), "rank-packed")
+        default = model_object(info, ht_factory(transport), "rank-packed")
         assert not default.fault_tolerant
         with pytest.raises(ValueError, match="without fault_tolerant=True"):
             default.active_ranks  # noqa: B018

@@ -51,6 +51,13 @@ def _received(rank: int, world: int, sources):
     return rows, local_idx, local_w
 
 
+def ht_factory(transport: str):
+    """HighThroughputAllToAll's factory of `transport`."""
+    if transport == "internode":
+        return expertwire.HighThroughputAllToAll.internode
+    return expertwire.HighThroughputAllToAll.intranode
+
+
 # Rounds of the model check: (m of rank 0, outputs of the worst-case size).
 MODEL_ROUNDS = [(40, False), (0, False), (MAX_TOKENS, True), (17, True)]
 
@@ -267,12 +274,7 @@ CHECKS = {"model": _model_check, "autograd": _autograd_check}
 def _worker(info: RankInfo, transport: str, check: str) -> None:
     if transport == "internode":
         nvshmem_join(info)
-    factory = (
-        expertwire.HighThroughputAllToAll.internode
-        if transport == "internode"
-        else expertwire.HighThroughputAllToAll.intranode
-    )
-    CHECKS[check](info, factory)
+    CHECKS[check](info, ht_factory(transport))
     if transport == "internode":
         expertwire.nvshmem_finalize()
 
