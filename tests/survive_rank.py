@@ -7,14 +7,14 @@ rank when one dies).
 
 Every rank loops dispatch + experts + combine on one object made with fault_tolerant=True: an AllToAll (send and
 receive halves as separate calls) or, with --kind high-throughput, a HighThroughputAllToAll (the rank-packed and
-expert-contiguous layouts in turn, exact and worst-case outputs). At step --kill-step the victim (the last rank)
-SIGKILLs itself at the fault's point (before its dispatch; between the dispatch's halves, or for the
-high-throughput kind between its dispatch and its combine; between the combine's halves, or right after the
-high-throughput combine is launched; "external": the launcher kills it at a random moment of that step);
-"two-kills": the last rank at that step and the one before it two steps later; "stuck": the victim stops calling
-(it sleeps) and, once the survivors are done, makes one more call, which must raise DeviceError saying it was
-masked out; "stuck-returns": the same call, made while the survivors still run (they go on until two steps after
-it), whose steps must still match the reference.
+expert-contiguous layouts in turn, exact and worst-case outputs). At step --kill-step the victim (rank
+ranks // 2, a middle one: every offset after its rows shifts) SIGKILLs itself at the fault's point (before its
+dispatch; between the dispatch's halves, or for the high-throughput kind between its dispatch and its combine;
+between the combine's halves, or right after the high-throughput combine is launched; "external": the launcher
+kills it at a random moment of that step); "two-kills": that rank at that step and the last rank two steps later;
+"stuck": the victim stops calling (it sleeps) and, once the survivors are done, makes one more call, which must
+raise DeviceError saying it was masked out; "stuck-returns": the same call, made while the survivors still run
+(they go on until two steps after it), whose steps must still match the reference.
 
 Every survivor must: return from each step within the timeout (EXPERTWIRE_TIMEOUT_MS, --timeout-ms) + 1 s;
 match the reference, with the ranks its mask has masked left out, at every step whose mask did not change while
@@ -118,8 +118,8 @@ def _victims(fault: Optional[str], ranks: int, kill_step: int) -> dict[int, int]
     if fault is None:
         return {}
     if fault == "two-kills":
-        return {ranks - 1: kill_step, ranks - 2: kill_step + 2}
-    return {ranks - 1: kill_step}
+        return {ranks // 2: kill_step, ranks - 1: kill_step + 2}
+    return {ranks // 2: kill_step}
 
 
 def _worker(info: RankInfo, opts: dict[str, Any]) -> None:

@@ -43,6 +43,9 @@ struct HtWorkspace {
   uint64_t combine_calls;
   uint32_t phase[5];
   uint32_t exchange_failed;  // the running dispatch's count exchange gave up or found another payload size
+  uint32_t stopped;          // the fault-tolerant mode: the last count exchange found this rank masked out
+  uint32_t push_verdict;     // still_serving_grid's verdicts of the running push data kernel and combine
+  uint32_t combine_verdict;
   int32_t active_ranks[kMaxHighThroughputRanks];   // 1 for a rank this one serves with, 0 once masked out
   uint32_t data_settled[kMaxHighThroughputRanks];  // HtDataSettled per sender; cleared by the offsets kernel
   LivenessWords liveness;

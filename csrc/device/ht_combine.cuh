@@ -91,9 +91,12 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
   const int lane = lane_id();
   const bool expert_layout = a.layout == HighThroughputLayout::kExpertContiguous;
   const bool carry_slots = a.combine_carry_slots;
-  // The fault-tolerant mode: nothing once the others have masked this rank out, nothing for a lost rank's tokens.
+  // The fault-tolerant mode: nothing once the others have masked this rank out (one verdict for the grid), nothing
+  // for a lost rank's tokens.
   bool serving = true;
-  if constexpr (Transport::kFaultTolerant) serving = still_serving(a, Phase::kCombineSend);
+  if constexpr (Transport::kFaultTolerant) {
+    serving = still_serving_grid(a, &a.workspace->combine_verdict, a.workspace->stopped != 0, Phase::kCombineSend);
+  }
   bool issued_puts = false;
   for (uint32_t i = global_warp(); serving && i < num_recv; i += total_warps()) {
     if (Transport::kFaultTolerant && is_lost(transport, a, find_segment(a.h.recv_base, W, i))) continue;
@@ -156,7 +159,7 @@ __device__ __forceinline__ void ht_combine_send(const HtArgs& a, const Transport
   }
   transport.flush_warp(issued_puts);
   if (!last_block_out(&a.workspace->phase[kHtCombineSent])) return;
-  if (threadIdx.x == 0) a.workspace->phase[kHtCombineSent] = 0;
+  if (threadIdx.x == 0) a.workspace->phase[kHtCombineSent] = a.workspace->combine_verdict = 0;
   if (!serving) return;
   for (uint32_t r = threadIdx.x; r < W; r += blockDim.x) {
     if (is_lost(transport, a, r)) continue;

@@ -135,7 +135,7 @@ __device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport&
   }
   transport.flush_warp(issued_puts);
   if (!last_block_out(&a.workspace->phase[kHtPushed])) return;
-  if (threadIdx.x == 0) a.workspace->phase[kHtPushed] = 0;
+  if (threadIdx.x == 0) a.workspace->phase[kHtPushed] = a.workspace->push_verdict = 0;
   if (!serving) return;
   for (uint32_t r = threadIdx.x; r < l.world_size; r += blockDim.x) {
     if (is_lost(transport, a, r)) continue;
@@ -214,7 +214,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
   if constexpr (Transport::kMayPut) {
     if (!pull) {
       bool serving = true;
-      if constexpr (Transport::kFaultTolerant) serving = still_serving(a, Phase::kDispatchSend);
+      if constexpr (Transport::kFaultTolerant) {
+        serving = still_serving_grid(a, &a.workspace->push_verdict, a.workspace->stopped != 0, Phase::kDispatchSend);
+      }
       ht_push_tokens(a, transport, !exchange_failed && serving, serving);
       const uint64_t target = a.workspace->dispatch_calls;  // advanced by this dispatch's offsets kernel
       bool missing = false;

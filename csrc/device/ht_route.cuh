@@ -161,10 +161,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a, 
   bool gave_up = __syncthreads_or(missing);
   if constexpr (Transport::kFaultTolerant) {
     // A wait that gave up lost its rank, not the exchange. The ranks agree on the lost set, so that every survivor
-    // derives its offsets from the same rows; only this rank being masked out fails the exchange.
-    agree_on_losses(a, transport, &a.workspace->phase[kHtAgreeing], Phase::kDispatchRecv);
-    gave_up = __syncthreads_or(threadIdx.x == 0 && masked_out(a.error));
+    // derives its offsets from the same rows, until every survivor's final set is the same (a loss during an
+    // agreement leaves them different: each then agrees again); only this rank being masked out fails the
+    // exchange, and then it sends nothing more (stopped, one verdict for the data kernel's and combine's grids).
+    for (uint32_t attempt = 0;; ++attempt) {
+      agree_on_losses(a, transport, &a.workspace->phase[kHtAgreeing], Phase::kDispatchRecv);
+      gave_up = __syncthreads_or(threadIdx.x == 0 && masked_out(a.error));
+      const uint32_t call = a.liveness()->calls - 1;
+      if (gave_up || attempt == W || finals_agree(a, transport, call, Phase::kDispatchRecv)) break;
+    }
     for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) a.workspace->data_settled[s] = kHtDataUnsettled;
+    if (threadIdx.x == 0) a.workspace->stopped = gave_up ? 1u : 0u;
   }
   const uint32_t* arrived = a.local<uint32_t>(l.count_row_offset(0));
   for (uint32_t i = threadIdx.x; i < W * words; i += blockDim.x) {

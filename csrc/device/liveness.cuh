@@ -76,6 +76,23 @@ __device__ inline bool still_serving(const Peers& c, Phase phase) {
   return __syncthreads_or(out) == 0;
 }
 
+// still_serving for a whole grid: the first block to look decides (a post naming this rank, the record, or
+// `stopped`, an earlier verdict), the others take its verdict through `verdict` (0 until decided; the grid's last
+// block out clears it), so that the grid's rows and its last block's signals go out together or not at all. Call
+// with the whole block.
+template <class Peers>
+__device__ inline bool still_serving_grid(const Peers& c, uint32_t* verdict, bool stopped, Phase phase) {
+  constexpr uint32_t kServing = 1, kStopped = 2;
+  __shared__ bool serving;
+  if (threadIdx.x == 0) {
+    const uint32_t mine = stopped || absorb_loss_posts(c, phase) || masked_out(c.error) ? kStopped : kServing;
+    const uint32_t before = atomicCAS(verdict, 0u, mine);
+    serving = (before == 0 ? mine : before) == kServing;
+  }
+  __syncthreads();
+  return serving;
+}
+
 // The fault-tolerant push receive's count from `source`, the same in every block (settled_counts): the first
 // block to settle it takes the count that arrived (`waited`, or one that came just as its wait gave up), else
 // the sender is lost; a sender lost before the block looked (`lost_before`) settles as lost, so that a count a
@@ -122,8 +139,9 @@ class PeerBound {
       if constexpr (!Transport::kFaultTolerant) {
         if (wait_failed(c_.error)) return true;
       } else {
-        absorb_loss_posts(c_, phase_);
-        if (masked_out(c_.error) || (peer_ >= 0 && marked_lost(c_, uint32_t(peer_)))) return true;
+        // A post naming this rank stops the wait even where the record already holds another error.
+        if (absorb_loss_posts(c_, phase_) || masked_out(c_.error)) return true;
+        if (peer_ >= 0 && marked_lost(c_, uint32_t(peer_))) return true;
         const uint32_t news = *reinterpret_cast<const volatile uint32_t*>(&c_.liveness()->news);
         if (news != news_) start_ = 0;
         news_ = news;
@@ -151,7 +169,7 @@ template <class Peers, class Transport>
 __device__ void give_up_on(const Peers& c, const Transport& transport, Phase phase, uint32_t peer) {
   if constexpr (!Transport::kFaultTolerant) {
     record_timeout(c.error, c.timeout_ns, phase, int32_t(peer));
-  } else if (!masked_out(c.error) && mark_lost(c, peer)) {
+  } else if (peer != c.own_rank() && !masked_out(c.error) && mark_lost(c, peer)) {
     const uint32_t sequence = c.liveness()->posted;
     post_losses(c, transport, sequence);
     for (uint32_t word = 0; word < c.loss_words(); ++word) {
@@ -212,6 +230,24 @@ __device__ void run_agreement(const Peers& c, const Transport& transport, uint32
   const uint32_t final_sequence = LossPost::sequence(call, round | LossPost::kFinal);
   if (threadIdx.x == 0) words->posted = final_sequence;
   post_losses(c, transport, final_sequence, threadIdx.x, blockDim.x);
+}
+
+// Whether every active peer's final post of agreement `call` names the lost set this rank holds (it waits for
+// each; one that never posts is given up on, which changes this rank's set). One block. Only a loss during the
+// agreement makes sets differ; then every survivor finds a peer whose set is not its own.
+template <class Peers, class Transport>
+__device__ bool finals_agree(const Peers& c, const Transport& transport, uint32_t call, Phase phase) {
+  const uint32_t final_sequence = LossPost::sequence(call, LossPost::kFinal);
+  bool differs = false;
+  for (uint32_t rank = threadIdx.x; rank < c.world_size(); rank += blockDim.x) {
+    for (uint32_t word = 0; word < c.loss_words() && rank != c.own_rank(); ++word) {
+      const uint64_t post = wait_for_peer(
+          c, transport, c.local(c.loss_post(rank, word)),
+          [&](uint64_t seen) { return LossPost::reached(seen, final_sequence); }, phase, rank);
+      differs |= !marked_lost(c, rank) && (post == 0 || LossPost::lost_bits(post) != lost_bits(c, word));
+    }
+  }
+  return __syncthreads_or(differs) == 0;
 }
 
 // The agreement on the lost set, called by every block of a grid once its waits are done (so that the set covers
