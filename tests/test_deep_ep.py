@@ -91,7 +91,7 @@ def test_signatures_are_deep_eps() -> None:
         (dict(group=object(), low_latency_mode=True, num_nvl_bytes=1.5), ValueError, "num_nvl_bytes must be an int"),
         (dict(group=object(), low_latency_mode=True, num_qps_per_rank=0), ValueError, "num_qps_per_rank must be in"),
         (dict(group=object(), low_latency_mode=1), ValueError, "low_latency_mode must be a bool"),
-        (dict(group=object(), low_latency_mode=True, enable_shrink=True), NotImplementedError, "enable_shrink"),
+        (dict(group=object(), low_latency_mode=True, enable_shrink=1), ValueError, "enable_shrink must be a bool"),
         (dict(group=object()), ValueError, "group must be a torch.distributed.ProcessGroup"),
         (dict(group=object(), low_latency_mode=True), ValueError, "group must be a torch.distributed.ProcessGroup"),
     ],
@@ -103,15 +103,78 @@ def test_constructor_refuses_before_touching_a_gpu(kwargs: dict, error: type, ma
 
 def test_what_is_not_provided_is_named() -> None:
     buffer = Buffer.__new__(Buffer)  # a Buffer's methods that refuse need none of its state
-    for method, args in (
-        ("low_latency_update_mask_buffer", (0,)),
-        ("low_latency_query_mask_buffer", (torch.zeros(2),)),
-        ("low_latency_clean_mask_buffer", ()),
-    ):
-        with pytest.raises(NotImplementedError, match="masking ranks"):
-            getattr(buffer, method)(*args)
     with pytest.raises(NotImplementedError, match="get_local_buffer_tensor"):
         buffer.get_local_buffer_tensor(torch.bfloat16, (1,))
+
+
+class _ObjectStub:
+    """A low-latency object's fault-tolerant mask, in host memory."""
+
+    def __init__(self, active: list[int]) -> None:
+        self.active_ranks = torch.tensor(active, dtype=torch.int32)
+
+
+class _PairStub:
+    def __init__(self, *objects: _ObjectStub) -> None:
+        self.objects = list(objects)
+
+    def active_ranks(self, index: int) -> torch.Tensor:
+        return self.objects[index].active_ranks
+
+
+def _shrink_buffer(rank: int, world: int, enable_shrink: bool = True) -> Buffer:
+    """A Buffer's mask state on the CPU (the mask calls need nothing else of it)."""
+    buffer = Buffer.__new__(Buffer)
+    buffer.rank, buffer.group_size, buffer._destroyed = rank, world, False
+    buffer._device = torch.device("cpu")
+    buffer._mask = torch.zeros(world, dtype=torch.int32) if enable_shrink else None
+    buffer._pairs = {}
+    return buffer
+
+
+def test_mask_calls_need_enable_shrink() -> None:
+    buffer = _shrink_buffer(0, 4, enable_shrink=False)
+    for method, args in (
+        ("low_latency_update_mask_buffer", (1, True)),
+        ("low_latency_query_mask_buffer", (torch.zeros(4, dtype=torch.int32),)),
+        ("low_latency_clean_mask_buffer", ()),
+    ):
+        with pytest.raises(ValueError, match=f"Buffer.{method}: the Buffer must be built with enable_shrink=True"):
+            getattr(buffer, method)(*args)
+
+
+def test_shrink_mask_folds_every_objects_losses_and_never_unmasks() -> None:
+    buffer = _shrink_buffer(1, 4)
+    first, second = _ObjectStub([1, 1, 1, 0]), _ObjectStub([1, 1, 1, 1])  # a wait of `first` masked rank 3
+    buffer._pairs = {"config": _PairStub(first, second)}
+    status = torch.full((4,), 7, dtype=torch.int32)
+    buffer.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [0, 0, 0, 1]
+    buffer.low_latency_update_mask_buffer(0, True)  # the caller masks rank 0
+    buffer.low_latency_update_mask_buffer(2, False)  # not masked: nothing to do
+    buffer.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [1, 0, 0, 1]
+    # The next call of `second` takes the whole mask; it can only clear its entries.
+    buffer._shrink(buffer._pairs["config"], 1)
+    assert second.active_ranks.tolist() == [0, 1, 1, 0]
+    with pytest.raises(NotImplementedError, match="unmasking a masked rank"):
+        buffer.low_latency_update_mask_buffer(3, False)
+    with pytest.raises(NotImplementedError, match=r"ranks \[0, 3\] masked"):
+        buffer.low_latency_clean_mask_buffer()
+    with pytest.raises(ValueError, match="rank 1 cannot mask itself out"):
+        buffer.low_latency_update_mask_buffer(1, True)
+    with pytest.raises(ValueError, match="rank_to_mask must be in"):
+        buffer.low_latency_update_mask_buffer(4, True)
+    with pytest.raises(ValueError, match="mask_status"):
+        buffer.low_latency_query_mask_buffer(torch.zeros(4, dtype=torch.int64))
+    assert buffer._mask.tolist() == [1, 0, 0, 1]
+
+
+def test_clean_mask_with_no_rank_masked_does_nothing() -> None:
+    buffer = _shrink_buffer(0, 2)
+    buffer._pairs = {"config": _PairStub(_ObjectStub([1, 1]))}
+    buffer.low_latency_clean_mask_buffer()
+    assert buffer._mask.tolist() == [0, 0]
 
 
 def test_set_num_sms_takes_even_counts() -> None:

@@ -309,6 +309,73 @@ def test_low_latency_cuda_graph(world_size: int) -> None:
     _launch(world_size, "cuda-graph", ["hooks", "no-hooks"])
 
 
+def _shrink_step(buffer: Buffer, info: RankInfo, num_experts: int, seed: int, masked: list[int], group) -> None:
+    """One fp8 dispatch + experts + combine in the shrink mode, checked with the ranks of `masked` left out: each
+    local expert gets the tokens of the other ranks naming it, and combine sums no term of a masked rank's
+    experts. `group`: the ranks taking part."""
+    call, world, rank, device = Call(), info.world_size, info.rank, info.device
+    local = num_experts // world
+    x, idx, weights = _inputs(rank, num_experts, seed)
+    members = [r for r in range(world) if r not in masked]
+    gathered: list = [None] * len(members)
+    dist.all_gather_object(gathered, idx, group=group)
+    recv, count, handle, _, _ = buffer.low_latency_dispatch(x.to(device), idx.to(device), NUM_MAX, num_experts)
+    values, scales = recv
+    counts = count.cpu()
+    y = torch.zeros((local, NUM_MAX * world, HIDDEN), dtype=torch.bfloat16, device=device)
+    for le in range(local):
+        e = rank * local + le
+        want = sum(int((sidx == e).any(dim=1).sum()) for sidx in gathered)
+        n = int(counts[le])
+        assert n == want, f"rank {rank} expert {e}: {n} tokens with ranks {masked} masked, expected {want}"
+        rows = _dequantized(values[le, :n].cpu(), scales[le, :n].cpu(), call)
+        y[le, :n] = (rows * _expert_factor(e, num_experts)).to(torch.bfloat16).to(device)
+    torch.cuda.synchronize()
+    dist.barrier(group=group)
+    combined, _, _ = buffer.low_latency_combine(y, idx.to(device), weights.to(device), handle)
+    _no_device_error(handle[0].a2a)
+    kept = idx.clone()
+    for r in masked:
+        kept[(idx >= r * local) & (idx < (r + 1) * local)] = -1
+    _assert_combined(combined, x, kept, weights, call, num_experts)
+
+
+def _shrink_pattern(info: RankInfo, name: str) -> None:
+    """DeepEP's shrink mode: every rank, then a middle rank masked by the others (low_latency_update_mask_buffer),
+    which makes no more calls; the mask calls' answers and refusals."""
+    world, rank, device = info.world_size, info.rank, info.device
+    num_experts = 4 * world
+    hint = Buffer.get_low_latency_rdma_size_hint(NUM_MAX, HIDDEN, world, num_experts)
+    buffer = Buffer(
+        dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True, explicitly_destroy=True, enable_shrink=True
+    )
+    masked = world // 2
+    survivors = dist.new_group([r for r in range(world) if r != masked])
+    status = torch.full((world,), 7, dtype=torch.int32, device=device)
+    for seed in (1, 2):
+        _shrink_step(buffer, info, num_experts, seed, [], dist.group.WORLD)
+    buffer.low_latency_query_mask_buffer(status)
+    assert status.tolist() == [0] * world
+    buffer.low_latency_clean_mask_buffer()  # nothing masked: nothing to do
+    dist.barrier()
+    if rank != masked:
+        buffer.low_latency_update_mask_buffer(masked, True)
+        for seed in (3, 4, 5):
+            _shrink_step(buffer, info, num_experts, seed, [masked], survivors)
+        buffer.low_latency_query_mask_buffer(status)
+        assert status.tolist() == [int(r == masked) for r in range(world)]
+        with pytest.raises(NotImplementedError, match="unmasking"):
+            buffer.low_latency_update_mask_buffer(masked, False)
+    dist.barrier()
+    buffer.destroy()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", RANK_COUNTS)
+def test_shrink_mode_masks_a_rank(world_size: int) -> None:
+    _launch(world_size, "shrink", ["middle-rank"])
+
+
 def _patterns(info: RankInfo, kind: str, names: list[str]) -> None:
     """Runs each named pattern of `kind` in turn on these ranks (each with a Buffer of its own; rank processes
     and NVSHMEM start once for all of them). The first failure ends the run, naming its pattern: the ranks that
@@ -510,4 +577,5 @@ PATTERNS = {
     "low-latency": _low_latency_pattern,
     "cuda-graph": _graph_pattern,
     "high-throughput": _high_throughput_pattern,
+    "shrink": _shrink_pattern,
 }

@@ -18,9 +18,13 @@ every rank of the group is on this host, else internode (NVSHMEM, ``num_rdma_byt
 received row at once, so each configuration holds as many tokens per rank as its bytes allow
 (``_deep_ep_high_throughput``); calls of one configuration alternate, dispatch then combine.
 
+``enable_shrink=True`` (DeepEP's shrink mode) builds the low-latency objects in expertwire's fault-tolerant mode:
+a rank that stops answering is masked instead of trapping the kernel, and the mask calls read and extend the
+mask. A masked rank cannot be unmasked here (expertwire's masked ranks do not come back).
+
 What this front end does not provide raises ``NotImplementedError`` naming it: ``use_logfmt``, the per-rank wait
-statistics, ``enable_shrink`` and its mask calls, an mpi4py ``comm`` instead of a process group, a
-high-throughput dispatch without ``topk_idx``, and combine's ``bias``.
+statistics, unmasking a masked rank, an mpi4py ``comm`` instead of a process group, a high-throughput dispatch
+without ``topk_idx``, and combine's ``bias``.
 """
 
 from __future__ import annotations
@@ -202,6 +206,7 @@ class _LowLatencyPair:
         self.awaiting = [False, False]  # a dispatch whose combine has not run
         self.last = 1  # the object of the last dispatch
         self._expert_outputs: list[Optional[torch.Tensor]] = [None, None]
+        self._active_ranks: list[Optional[torch.Tensor]] = [None, None]
 
     def idle(self) -> bool:
         return not any(self.awaiting)
@@ -211,6 +216,13 @@ class _LowLatencyPair:
         view = self._expert_outputs[index]
         if view is None:
             view = self._expert_outputs[index] = self.objects[index].expert_output_buffer()
+        return view
+
+    def active_ranks(self, index: int) -> torch.Tensor:
+        """Object `index`'s fault-tolerant mask (the shrink mode), its view made once."""
+        view = self._active_ranks[index]
+        if view is None:
+            view = self._active_ranks[index] = self.objects[index].active_ranks
         return view
 
     def free_object(self) -> Optional[int]:
@@ -263,8 +275,6 @@ class Buffer:
         self.allow_mnnvl = flag(op, "allow_mnnvl", allow_mnnvl)
         self.explicitly_destroy = flag(op, "explicitly_destroy", explicitly_destroy)
         self.enable_shrink = flag(op, "enable_shrink", enable_shrink)
-        if self.enable_shrink:
-            raise _not_provided("Buffer(enable_shrink=True) (masking ranks)")
         if not isinstance(group, dist.ProcessGroup):
             raise ValueError(f"Buffer: group must be a torch.distributed.ProcessGroup, got {type(group).__name__}")
         self.group = group
@@ -278,6 +288,9 @@ class Buffer:
         if self.low_latency_mode or self.num_rdma_bytes > 0:
             self._join_nvshmem()
         self._pairs: dict[tuple, _LowLatencyPair] = {}
+        # The shrink mode's mask, as DeepEP's: 1 for each masked rank. Every low-latency object's active_ranks
+        # is folded into it and takes it back at each call (_shrink).
+        self._mask = torch.zeros(self.group_size, dtype=torch.int32, device=self._device) if enable_shrink else None
         self._comm_stream = torch.cuda.Stream(device=self._device)
         self._destroyed = False
         if self._num_hosts > 1:
@@ -519,14 +532,65 @@ class Buffer:
         """DeepEP's internode implementation of combine; here combine itself."""
         return self.combine(x, handle, *args, **kwargs)
 
+    # ------------------------------------------------------------------------------------------------------
+    # The shrink mode's mask (enable_shrink): expertwire's fault-tolerant mode under DeepEP's calls.
+
+    def _shrink_mask(self, name: str) -> torch.Tensor:
+        """The mask, for Buffer.`name`: a ValueError naming it without enable_shrink."""
+        self._live(name)
+        if self._mask is None:
+            raise ValueError(f"Buffer.{name}: the Buffer must be built with enable_shrink=True to mask ranks")
+        return self._mask
+
+    def _shrink(self, pair: _LowLatencyPair, index: int) -> None:
+        """On the call's stream, before its kernels: the ranks object `index` of `pair` has masked join the
+        Buffer's mask, and the Buffer's masked ranks (masked by another object, or by the caller) are masked in
+        that object too. Only clears active_ranks entries: no rank comes back."""
+        active = pair.active_ranks(index)
+        self._mask.bitwise_or_(active.eq(0))
+        active.bitwise_and_(self._mask.eq(0))
+
+    def _folded_mask(self, name: str) -> torch.Tensor:
+        """The Buffer's mask with every object's masked ranks folded in, on the current stream."""
+        mask = self._shrink_mask(name)
+        for pair in self._pairs.values():
+            for index in range(len(pair.objects)):
+                mask.bitwise_or_(pair.active_ranks(index).eq(0))
+        return mask
+
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        raise _not_provided("Buffer.low_latency_update_mask_buffer (masking ranks, enable_shrink)")
+        """Masks `rank_to_mask` (mask=True) from the next low-latency call on: nothing is sent to it or read from
+        it, its experts get no tokens and add nothing to combine's sums. Pass the same on every surviving rank. A
+        rank cannot mask itself; mask=False on a masked rank raises NotImplementedError (expertwire's masked ranks
+        do not come back: build a new Buffer on every rank), and on an unmasked one does nothing (it synchronizes
+        with the GPU to tell)."""
+        name = "low_latency_update_mask_buffer"
+        op = f"Buffer.{name}"
+        current = self._shrink_mask(name)
+        integer(op, "rank_to_mask", rank_to_mask, minimum=0, maximum=self.group_size - 1)
+        flag(op, "mask", mask)
+        if mask:
+            if rank_to_mask == self.rank:
+                raise ValueError(f"{op}: rank {self.rank} cannot mask itself out")
+            current[rank_to_mask] = 1
+        elif int(self._folded_mask(name)[rank_to_mask]) != 0:
+            raise _not_provided(f"{op}(rank_to_mask={rank_to_mask}, mask=False) (unmasking a masked rank)")
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        raise _not_provided("Buffer.low_latency_query_mask_buffer (masking ranks, enable_shrink)")
+        """Writes the mask into `mask_status` (int32 [num_ranks] on this rank's GPU, on the current stream): 1 for
+        each rank masked, by a wait that ran out on it in any low-latency call or by
+        low_latency_update_mask_buffer, else 0."""
+        name = "low_latency_query_mask_buffer"
+        self._shrink_mask(name)
+        _check_tensor(f"Buffer.{name}", "mask_status", mask_status, torch.int32, (self.group_size,), self._device)
+        mask_status.copy_(self._folded_mask(name))
 
     def low_latency_clean_mask_buffer(self) -> None:
-        raise _not_provided("Buffer.low_latency_clean_mask_buffer (masking ranks, enable_shrink)")
+        """Unmasks every rank: nothing to do where none is masked (it synchronizes with the GPU to tell);
+        NotImplementedError where one is (expertwire's masked ranks do not come back)."""
+        masked = self._folded_mask("low_latency_clean_mask_buffer").nonzero().flatten().tolist()
+        if masked:
+            raise _not_provided(f"Buffer.low_latency_clean_mask_buffer with ranks {masked} masked (unmasking them)")
 
     # ------------------------------------------------------------------------------------------------------
     # The low-latency half.
@@ -587,6 +651,7 @@ class Buffer:
                 payload.row_bytes,
                 payload.scale_bytes,
                 force_puts=not self.allow_nvlink_for_low_latency_mode,
+                fault_tolerant=self.enable_shrink,
             )
             for _ in range(2)
         ]
@@ -770,6 +835,8 @@ class Buffer:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if async_finish else contextlib.nullcontext():
             indices = topk_idx.contiguous()  # the kernels read int64 rows, packed
+            if self._mask is not None:
+                self._shrink(pair, index)
             run(do_send=True, do_recv=not return_recv_hook)
         event = _finish(
             stream,
@@ -898,6 +965,8 @@ class Buffer:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if async_finish else contextlib.nullcontext():
             indices = topk_idx.contiguous()  # the kernels read int64 rows, packed
+            if self._mask is not None:
+                self._shrink(pair, index)
             a2a._launch_checked_combine(combined, indices, weights, expert_y, True, not return_recv_hook)
         event = _finish(stream, async_finish, (x, topk_idx, topk_weights, weights, combined))
         dispatched.combine_sent = True
