@@ -51,6 +51,7 @@ def buffer(monkeypatch):
     b.low_latency_mode = True
     b.allow_nvlink_for_low_latency_mode = True
     b.explicitly_destroy = True
+    b.enable_shrink, b._mask = False, None
     b.num_rdma_bytes = 1 << 30
     b.rank, b.group_size = 0, 2
     b._device = torch.device("cpu")
