@@ -157,9 +157,13 @@ def test_shrink_mask_folds_every_objects_losses_and_never_unmasks() -> None:
     # The next call of `second` takes the whole mask; it can only clear its entries.
     buffer._shrink(buffer._pairs["config"], 1)
     assert second.active_ranks.tolist() == [0, 1, 1, 0]
+    # A call's own losses join the mask: a wait of `second` masks rank 2.
+    second.active_ranks[2] = 0
+    buffer._shrink(buffer._pairs["config"], 1)
+    assert buffer._mask.tolist() == [1, 0, 1, 1] and second.active_ranks.tolist() == [0, 1, 0, 0]
     with pytest.raises(NotImplementedError, match="unmasking a masked rank"):
         buffer.low_latency_update_mask_buffer(3, False)
-    with pytest.raises(NotImplementedError, match=r"ranks \[0, 3\] masked"):
+    with pytest.raises(NotImplementedError, match=r"ranks \[0, 2, 3\] masked"):
         buffer.low_latency_clean_mask_buffer()
     with pytest.raises(ValueError, match="rank 1 cannot mask itself out"):
         buffer.low_latency_update_mask_buffer(1, True)
@@ -167,7 +171,7 @@ def test_shrink_mask_folds_every_objects_losses_and_never_unmasks() -> None:
         buffer.low_latency_update_mask_buffer(4, True)
     with pytest.raises(ValueError, match="mask_status"):
         buffer.low_latency_query_mask_buffer(torch.zeros(4, dtype=torch.int64))
-    assert buffer._mask.tolist() == [1, 0, 0, 1]
+    assert buffer._mask.tolist() == [1, 0, 1, 1]
 
 
 def test_clean_mask_with_no_rank_masked_does_nothing() -> None:

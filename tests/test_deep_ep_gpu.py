@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 from collections import Counter
 from typing import Optional
 
@@ -341,16 +342,20 @@ def _shrink_step(buffer: Buffer, info: RankInfo, num_experts: int, seed: int, ma
 
 
 def _shrink_pattern(info: RankInfo, name: str) -> None:
-    """DeepEP's shrink mode: every rank, then a middle rank masked by the others (low_latency_update_mask_buffer),
-    which makes no more calls; the mask calls' answers and refusals."""
+    """DeepEP's shrink mode: every rank; then a middle rank stops calling, and the others' first call masks it (its
+    waits run out) and goes on without it; then (4 ranks or more) the others mask the last rank too
+    (low_latency_update_mask_buffer), which stops calling as well. Each step checked without the masked ranks; the
+    mask calls' answers and refusals."""
+    os.environ["EXPERTWIRE_TIMEOUT_MS"] = "2000"  # read as the Buffer makes its objects, at the first call
     world, rank, device = info.world_size, info.rank, info.device
     num_experts = 4 * world
     hint = Buffer.get_low_latency_rdma_size_hint(NUM_MAX, HIDDEN, world, num_experts)
     buffer = Buffer(
         dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True, explicitly_destroy=True, enable_shrink=True
     )
-    masked = world // 2
-    survivors = dist.new_group([r for r in range(world) if r != masked])
+    stuck, last = world // 2, world - 1
+    without_stuck = dist.new_group([r for r in range(world) if r != stuck])
+    without_both = dist.new_group([r for r in range(world) if r not in (stuck, last)]) if world >= 4 else None
     status = torch.full((world,), 7, dtype=torch.int32, device=device)
     for seed in (1, 2):
         _shrink_step(buffer, info, num_experts, seed, [], dist.group.WORLD)
@@ -358,14 +363,22 @@ def _shrink_pattern(info: RankInfo, name: str) -> None:
     assert status.tolist() == [0] * world
     buffer.low_latency_clean_mask_buffer()  # nothing masked: nothing to do
     dist.barrier()
-    if rank != masked:
-        buffer.low_latency_update_mask_buffer(masked, True)
-        for seed in (3, 4, 5):
-            _shrink_step(buffer, info, num_experts, seed, [masked], survivors)
+    if rank != stuck:
+        for seed in (3, 4, 5):  # both objects of the configuration, the first call masking the stuck rank
+            started = time.perf_counter()
+            _shrink_step(buffer, info, num_experts, seed, [stuck], without_stuck)
+            # The mask reached the configuration's other object: no later wait runs out on the stuck rank again.
+            assert seed == 3 or time.perf_counter() - started < 1.5, f"step {seed} waited for the masked rank"
         buffer.low_latency_query_mask_buffer(status)
-        assert status.tolist() == [int(r == masked) for r in range(world)]
+        assert status.tolist() == [int(r == stuck) for r in range(world)], status.tolist()
         with pytest.raises(NotImplementedError, match="unmasking"):
-            buffer.low_latency_update_mask_buffer(masked, False)
+            buffer.low_latency_update_mask_buffer(stuck, False)
+        if without_both is not None and rank != last:
+            buffer.low_latency_update_mask_buffer(last, True)
+            for seed in (6, 7):
+                _shrink_step(buffer, info, num_experts, seed, [stuck, last], without_both)
+            buffer.low_latency_query_mask_buffer(status)
+            assert status.tolist() == [int(r in (stuck, last)) for r in range(world)], status.tolist()
     dist.barrier()
     buffer.destroy()
 
@@ -373,7 +386,7 @@ def _shrink_pattern(info: RankInfo, name: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", RANK_COUNTS)
 def test_shrink_mode_masks_a_rank(world_size: int) -> None:
-    _launch(world_size, "shrink", ["middle-rank"])
+    _launch(world_size, "shrink", ["stuck-then-masked"])
 
 
 def _patterns(info: RankInfo, kind: str, names: list[str]) -> None:

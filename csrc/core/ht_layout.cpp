@@ -101,6 +101,7 @@ HtLayout make_ht_layout(const HighThroughputConfig& config, bool may_put) {
   l.data_arrived_offset = take(signals_bytes, "data_arrived");
   l.combine_ready_offset = take(signals_bytes, "combine_ready");
   l.loss_posts_offset = take(uint64_t(l.world_size) * l.loss_words * 8, "loss_posts");
+  l.recv_bases_offset = take(signals_bytes, "recv_bases");
   l.token_records_offset = take(checked_mul(l.max_num_tokens, l.record_bytes, "token_records"), "token_records");
   l.input_rows_offset = take(checked_mul(l.max_num_tokens, l.input_row_bytes, "input_rows"), "input_rows");
   l.staging_records_offset = take(checked_mul(push_rows, l.record_bytes, "staging_records"), "staging_records");

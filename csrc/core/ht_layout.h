@@ -12,6 +12,8 @@
 //                   combine_rows; push: put into our combine_recv).
 //   loss_posts      [world][loss_words] u64 LossPost: what each rank last told us of the ranks it has given up
 //                   on (the fault-tolerant mode; device/liveness.cuh), 32 ranks a word.
+//   recv_bases      [world] u64 RecvBase from rank r (the fault-tolerant mode): where our rows start at r, as r
+//                   derived it, for the running dispatch.
 //   token_records   [max_num_tokens] TokenRecord: this rank's tokens' routes, read by receivers that pull.
 //   input_rows      [max_num_tokens] input rows: payload | scales, each 16-byte aligned; receivers pull from here.
 //   staging_records [recv_rows] TokenRecord and staging_rows [recv_rows] input rows: what senders put (push).
@@ -77,6 +79,7 @@ struct HtLayout {
   uint64_t data_arrived_offset;
   uint64_t combine_ready_offset;
   uint64_t loss_posts_offset;
+  uint64_t recv_bases_offset;
   uint64_t token_records_offset;
   uint64_t input_rows_offset;
   uint64_t staging_records_offset;
@@ -99,6 +102,7 @@ struct HtLayout {
   EW_HOST_DEVICE uint64_t loss_post_offset(uint32_t source, uint32_t word) const {
     return loss_posts_offset + (uint64_t(source) * loss_words + word) * 8;
   }
+  EW_HOST_DEVICE uint64_t recv_base_offset(uint32_t receiver) const { return recv_bases_offset + receiver * 8ull; }
   EW_HOST_DEVICE uint64_t token_record_offset(uint32_t t) const { return token_records_offset + t * record_bytes; }
   EW_HOST_DEVICE uint64_t input_row_offset(uint32_t t) const { return input_rows_offset + t * input_row_bytes; }
   EW_HOST_DEVICE uint64_t staging_record_offset(uint32_t row) const {

@@ -50,7 +50,7 @@ struct HtWorkspace {
   uint32_t data_settled[kMaxHighThroughputRanks];  // HtDataSettled per sender; cleared by the offsets kernel
   LivenessWords liveness;
 };
-// kHtAgreeing counts blocks out of their waits before an agreement (the offsets kernel's, the combine's).
+// kHtAgreeing counts blocks out of the combine's waits before its agreement (the fault-tolerant mode).
 enum HtPhaseCounter : int { kHtPublished = 0, kHtPushed = 1, kHtCombineSent = 2, kHtCombineDone = 3, kHtAgreeing = 4 };
 
 struct HtArgs {

@@ -211,6 +211,18 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
     if (threadIdx.x == 0 && a.out.num_recv_rows != nullptr) *a.out.num_recv_rows = int32_t(rows_needed);
   }
 
+  if constexpr (Transport::kFaultTolerant) {
+    // Where this rank's rows start at each receiver, as the receiver derived it (RecvBase): the push puts by it and
+    // the pull combine reads by it (the handle keeps it). Every block writes the same values.
+    const uint64_t dispatch = a.workspace->dispatch_calls;
+    for (uint32_t r = threadIdx.x; r < W && !exchange_failed; r += blockDim.x) {
+      const uint64_t base = wait_for_peer(
+          a, transport, a.local<uint64_t>(l.recv_base_offset(r)),
+          [&](uint64_t value) { return RecvBase::of(value, dispatch); }, Phase::kDispatchSend, r);
+      if (base != 0) a.h.base_at[r] = RecvBase::first_row(base);
+    }
+    __syncthreads();
+  }
   if constexpr (Transport::kMayPut) {
     if (!pull) {
       bool serving = true;

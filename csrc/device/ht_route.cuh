@@ -5,9 +5,10 @@
 //   publish  adds the earlier blocks' counts (the places become rows among all of this rank's tokens), writes the
 //            token records, stages the rows for peers that pull them, and has its last block out send every rank
 //            its count row and +1 on count_arrived.
-//   offsets  one block: waits for every rank's count row (in the fault-tolerant mode, then agrees with the others
-//            on the lost ranks, whose rows count as empty) and derives where every row goes (the handle's
-//            recv_base, base_at, send_base, home_base, segments, expert_prefix), and the host's counts.
+//   offsets  one block: waits for every rank's count row (a lost rank's counts as empty in the fault-tolerant
+//            mode) and derives where every row goes (the handle's recv_base, base_at, send_base, home_base,
+//            segments, expert_prefix), and the host's counts; in the fault-tolerant mode it then tells each
+//            sender where its rows start here (RecvBase), which the sender's data kernel takes as its base_at.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -160,16 +161,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a, 
   // Each wait's own verdict: the error record keeps only the first error, which may be bad input.
   bool gave_up = __syncthreads_or(missing);
   if constexpr (Transport::kFaultTolerant) {
-    // A wait that gave up lost its rank, not the exchange. The ranks agree on the lost set, so that every survivor
-    // derives its offsets from the same rows, until every survivor's final set is the same (a loss during an
-    // agreement leaves them different: each then agrees again); only this rank being masked out fails the
-    // exchange, and then it sends nothing more (stopped, one verdict for the data kernel's and combine's grids).
-    for (uint32_t attempt = 0;; ++attempt) {
-      agree_on_losses(a, transport, &a.workspace->phase[kHtAgreeing], Phase::kDispatchRecv);
-      gave_up = __syncthreads_or(threadIdx.x == 0 && masked_out(a.error));
-      const uint32_t call = a.liveness()->calls - 1;
-      if (gave_up || attempt == W || finals_agree(a, transport, call, Phase::kDispatchRecv)) break;
-    }
+    // A wait that gave up lost its rank, not the exchange: a lost rank's row counts as empty. Ranks whose masks
+    // differ for this call still place every row alike: each receiver tells its senders where their rows start
+    // (RecvBase, below). Only this rank being masked out fails the exchange, and then it sends nothing more
+    // (stopped: one verdict for the data kernel's and the combine's grids).
+    gave_up = __syncthreads_or(threadIdx.x == 0 && masked_out(a.error));
     for (uint32_t s = threadIdx.x; s < W; s += blockDim.x) a.workspace->data_settled[s] = kHtDataUnsettled;
     if (threadIdx.x == 0) a.workspace->stopped = gave_up ? 1u : 0u;
   }
@@ -233,6 +229,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads) ht_offsets_kernel(HtArgs a, 
     a.h.host_counts[0] = running;
     a.h.host_counts[1] = uint32_t(rows);
     a.workspace->dispatch_calls = target;
+  }
+  if constexpr (Transport::kFaultTolerant) {
+    __syncthreads();
+    for (uint32_t s = threadIdx.x; s < W && !gave_up; s += blockDim.x) {
+      if (is_lost(transport, a, s)) continue;
+      transport.signal(int(s), SymmetricRef<uint64_t>{l.recv_base_offset(l.rank)},
+                       RecvBase::encode(target, a.h.recv_base[s]));
+    }
   }
 }
 

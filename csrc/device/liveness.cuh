@@ -169,7 +169,9 @@ template <class Peers, class Transport>
 __device__ void give_up_on(const Peers& c, const Transport& transport, Phase phase, uint32_t peer) {
   if constexpr (!Transport::kFaultTolerant) {
     record_timeout(c.error, c.timeout_ns, phase, int32_t(peer));
-  } else if (peer != c.own_rank() && !masked_out(c.error) && mark_lost(c, peer)) {
+  } else if (peer == c.own_rank()) {
+    record_timeout(c.error, c.timeout_ns, phase, int32_t(peer));  // a rank never gives up on itself
+  } else if (!masked_out(c.error) && mark_lost(c, peer)) {
     const uint32_t sequence = c.liveness()->posted;
     post_losses(c, transport, sequence);
     for (uint32_t word = 0; word < c.loss_words(); ++word) {
@@ -230,24 +232,6 @@ __device__ void run_agreement(const Peers& c, const Transport& transport, uint32
   const uint32_t final_sequence = LossPost::sequence(call, round | LossPost::kFinal);
   if (threadIdx.x == 0) words->posted = final_sequence;
   post_losses(c, transport, final_sequence, threadIdx.x, blockDim.x);
-}
-
-// Whether every active peer's final post of agreement `call` names the lost set this rank holds (it waits for
-// each; one that never posts is given up on, which changes this rank's set). One block. Only a loss during the
-// agreement makes sets differ; then every survivor finds a peer whose set is not its own.
-template <class Peers, class Transport>
-__device__ bool finals_agree(const Peers& c, const Transport& transport, uint32_t call, Phase phase) {
-  const uint32_t final_sequence = LossPost::sequence(call, LossPost::kFinal);
-  bool differs = false;
-  for (uint32_t rank = threadIdx.x; rank < c.world_size(); rank += blockDim.x) {
-    for (uint32_t word = 0; word < c.loss_words() && rank != c.own_rank(); ++word) {
-      const uint64_t post = wait_for_peer(
-          c, transport, c.local(c.loss_post(rank, word)),
-          [&](uint64_t seen) { return LossPost::reached(seen, final_sequence); }, phase, rank);
-      differs |= !marked_lost(c, rank) && (post == 0 || LossPost::lost_bits(post) != lost_bits(c, word));
-    }
-  }
-  return __syncthreads_or(differs) == 0;
 }
 
 // The agreement on the lost set, called by every block of a grid once its waits are done (so that the set covers

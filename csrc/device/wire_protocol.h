@@ -91,6 +91,20 @@ struct SettledCount {
   static constexpr uint64_t kLost = ~uint64_t{0};
 };
 
+// Where a sender's rows start at a receiver, as the receiver derived it (the high-throughput kind's recv_bases, the
+// fault-tolerant mode): (dispatch << 32) | first row, dispatch being the receiver's count of dispatches (from 1),
+// 32 bits of it. Senders place their rows by it, so that receivers whose masks differ for a call still agree with
+// every sender on where each row goes.
+struct RecvBase {
+  EW_HOST_DEVICE static constexpr uint64_t encode(uint64_t dispatch, uint32_t first_row) {
+    return (uint64_t(uint32_t(dispatch)) << 32) | first_row;
+  }
+  EW_HOST_DEVICE static constexpr bool of(uint64_t value, uint64_t dispatch) {
+    return uint32_t(value >> 32) == uint32_t(dispatch);
+  }
+  EW_HOST_DEVICE static constexpr uint32_t first_row(uint64_t value) { return uint32_t(value); }
+};
+
 // Where a received token came from (routes, one per row of out_expert_x); packed into 8 bytes.
 struct TokenRoute {
   uint32_t token;

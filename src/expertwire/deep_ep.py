@@ -536,10 +536,13 @@ class Buffer:
     # The shrink mode's mask (enable_shrink): expertwire's fault-tolerant mode under DeepEP's calls.
 
     def _shrink_mask(self, name: str) -> torch.Tensor:
-        """The mask, for Buffer.`name`: a ValueError naming it without enable_shrink."""
+        """The mask, for Buffer.`name` on the current stream, which first waits for the comm stream (the calls
+        with async_finish update the mask there): a ValueError naming it without enable_shrink."""
         self._live(name)
         if self._mask is None:
             raise ValueError(f"Buffer.{name}: the Buffer must be built with enable_shrink=True to mask ranks")
+        if self._mask.is_cuda:
+            torch.cuda.current_stream(self._device).wait_stream(self._comm_stream)
         return self._mask
 
     def _shrink(self, pair: _LowLatencyPair, index: int) -> None:
@@ -548,7 +551,7 @@ class Buffer:
         that object too. Only clears active_ranks entries: no rank comes back."""
         active = pair.active_ranks(index)
         self._mask.bitwise_or_(active.eq(0))
-        active.bitwise_and_(self._mask.eq(0))
+        active.masked_fill_(self._mask.ne(0), 0)
 
     def _folded_mask(self, name: str) -> torch.Tensor:
         """The Buffer's mask with every object's masked ranks folded in, on the current stream."""
@@ -577,8 +580,8 @@ class Buffer:
             raise _not_provided(f"{op}(rank_to_mask={rank_to_mask}, mask=False) (unmasking a masked rank)")
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        """Writes the mask into `mask_status` (int32 [num_ranks] on this rank's GPU, on the current stream): 1 for
-        each rank masked, by a wait that ran out on it in any low-latency call or by
+        """Writes the mask into `mask_status` (int32 [num_ranks] on this rank's GPU, on the current stream, after the
+        calls launched so far): 1 for each rank masked, by a wait that ran out on it in any low-latency call or by
         low_latency_update_mask_buffer, else 0."""
         name = "low_latency_query_mask_buffer"
         self._shrink_mask(name)

@@ -81,8 +81,10 @@ TEST(HtLayout, RegionsByHand) {
   EXPECT_EQ(pull.loss_words, 1u);  // ceil(4 ranks / 32)
   EXPECT_EQ(pull.loss_posts_offset, 1280u);
   EXPECT_EQ(pull.loss_post_offset(3, 0), 1304u);         // last: 1280 + 3 * 8; ends at 1312
-  EXPECT_EQ(pull.token_records_offset, 1536u);           // 4 ranks x 1 word x 8 bytes = 32, 256-aligned
-  EXPECT_EQ(pull.input_rows_offset, 1536u + 64u * 64u);  // 64 records of 64 bytes
+  EXPECT_EQ(pull.recv_bases_offset, 1536u);              // loss posts: 4 ranks x 1 word x 8 bytes = 32, 256-aligned
+  EXPECT_EQ(pull.recv_base_offset(3), 1560u);            // last: 1536 + 3 * 8; ends at 1568
+  EXPECT_EQ(pull.token_records_offset, 1792u);           // 4 ranks x 8 bytes, 256-aligned
+  EXPECT_EQ(pull.input_rows_offset, 1792u + 64u * 64u);  // 64 records of 64 bytes
   EXPECT_EQ(pull.combine_rows_offset, pull.input_rows_offset + 64u * 272u);  // no push regions
   EXPECT_EQ(pull.slot_row_bytes, 16u);                                       // k = 4 floats
   EXPECT_EQ(pull.combine_weights_offset, pull.combine_rows_offset + 256u * 512u);
@@ -115,7 +117,8 @@ TEST(HtLayout, LossPostsOfManyRanks) {
   EXPECT_EQ(l.loss_posts_offset, 12288u);
   EXPECT_EQ(l.loss_post_offset(1, 0), 12304u);   // the next rank's first word: 12288 + 2 * 8
   EXPECT_EQ(l.loss_post_offset(32, 1), 12808u);  // last: 12288 + 65 * 8; ends at 12816
-  EXPECT_EQ(l.token_records_offset, 13056u);     // align256(12816)
+  EXPECT_EQ(l.recv_bases_offset, 13056u);        // align256(12816); 33 x 8 = 264 bytes, ending at 13320
+  EXPECT_EQ(l.token_records_offset, 13568u);     // align256(13320)
 }
 
 TEST(HtHandleLayout, ArraysDoNotOverlap) {
