@@ -213,9 +213,11 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSm) ht_data_ker
 
   if constexpr (Transport::kFaultTolerant) {
     // Where this rank's rows start at each receiver, as the receiver derived it (RecvBase): the push puts by it and
-    // the pull combine reads by it (the handle keeps it). Every block writes the same values.
+    // the pull combine reads by it (the handle keeps it). Every pushing block writes the same values; a pull
+    // dispatch leaves it to block 0, for the combine.
     const uint64_t dispatch = a.workspace->dispatch_calls;
-    for (uint32_t r = threadIdx.x; r < W && !exchange_failed; r += blockDim.x) {
+    const bool needs_bases = !exchange_failed && (!pull || blockIdx.x == 0);
+    for (uint32_t r = threadIdx.x; r < W && needs_bases; r += blockDim.x) {
       const uint64_t base = wait_for_peer(
           a, transport, a.local<uint64_t>(l.recv_base_offset(r)),
           [&](uint64_t value) { return RecvBase::of(value, dispatch); }, Phase::kDispatchSend, r);

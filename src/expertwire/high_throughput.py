@@ -401,10 +401,10 @@ class HighThroughputAllToAll:
     def active_ranks(self) -> torch.Tensor:
         """The fault-tolerant mode's mask, as AllToAll.active_ranks: an int32 [world_size] tensor on this rank's
         GPU, 1 for each rank this one still serves with, 0 for each it has masked out. A wait that runs out on a
-        rank masks it instead of raising; the ranks agree on the mask after each dispatch's count exchange and
-        before each combine's sums. From then on a masked rank's tokens are not received, its rows add nothing
-        to the sums (its experts' terms are zero; re-route its tokens or accept the loss), and nothing is sent to
-        or read from it. Raises ValueError in the default mode."""
+        rank masks it instead of raising; the ranks agree on the mask before each combine's sums. A masked
+        rank's tokens are not received, its rows add nothing to the sums (its experts' terms are zero; re-route
+        its tokens or accept the loss), and nothing is sent to or read from it. Read it after the combine.
+        Raises ValueError in the default mode."""
         native = self._live("active_ranks")
         return active_ranks_view(
             "HighThroughputAllToAll.active_ranks",

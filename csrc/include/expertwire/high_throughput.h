@@ -170,9 +170,10 @@ class HighThroughputAllToAll {
 
   // The fault-tolerant mode (AllToAllOptions::fault_tolerant), as AllToAll's: active_ranks is int32 [world_size]
   // on the device, 1 for each rank this one still serves with, 0 for each it has masked out (nullptr in the default
-  // mode). A wait that runs out on a rank masks it; the ranks agree on the mask after the count exchange of each
-  // dispatch and before each combine's sums. From the agreement on, a masked rank's tokens are not received and
-  // its rows are left out of the sums (its experts' terms are zero); nothing is sent to it or read from it.
+  // mode). A wait that runs out on a rank masks it; the ranks agree on the mask before each combine's sums. A
+  // masked rank's tokens are not received and its rows are left out of the sums (its experts' terms are zero);
+  // nothing is sent to it or read from it. Within the dispatch in flight at a death, ranks still hearing of it
+  // may receive tokens from the dead rank that others leave out; every row lands where its receiver placed it.
   bool fault_tolerant() const;
   int32_t* active_ranks() const;
 
