@@ -40,6 +40,7 @@ struct Options {
   int iterations = 50;
   std::string transport = harness::kDefaultTransports;
   std::string json;
+  bool fault_tolerant = false;  // objects in the fault-tolerant mode (AllToAllOptions::fault_tolerant)
 };
 
 Options parse_options(int argc, char** argv) {
@@ -59,10 +60,11 @@ Options parse_options(int argc, char** argv) {
     else if (arg == "--iters") o.iterations = int(parse_count(arg, value()));
     else if (arg == "--transport") o.transport = value();
     else if (arg == "--json") o.json = value();
+    else if (arg == "--fault-tolerant") o.fault_tolerant = true;
     else
       EW_THROW(ConfigError, "unknown argument '", arg,
                "' (known: --tokens 1,32,128 --experts 64,256 --top-k 8 --hidden 7168 --dp-size 1 --warmup 10 "
-               "--iters 50 --transport T --json FILE; T: ",
+               "--iters 50 --transport T --json FILE --fault-tolerant; T: ",
                harness::kTransportFlagHelp, ", default ", harness::kDefaultTransports, ")");
   }
   return o;
@@ -140,7 +142,7 @@ CaseResult run_case(harness::TransportKind kind, const Options& o, int64_t token
   c.hidden_dim = o.hidden;
   c.hidden_dim_bytes = o.hidden;                          // fp8 e4m3
   c.hidden_dim_scale_bytes = (o.hidden + 127) / 128 * 4;  // one fp32 scale per 128-wide block
-  std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, c);
+  std::unique_ptr<AllToAll> a2a = harness::make_all_to_all(kind, c, 0, o.fault_tolerant);
   if (rank == 0 && tokens == o.tokens.front() && experts == o.experts.front()) {
     std::printf("%s: launch %u blocks x %u threads per rank\n", harness::transport_title(kind),
                 a2a->launch_shape().blocks, a2a->launch_shape().threads);
@@ -350,9 +352,9 @@ std::string cell(const Stats& s) {
 }
 
 void print_tables(const char* title, int world, const std::vector<CaseResult>& results, const Options& o) {
-  std::printf("\n%s, %d ranks (DP size %lld), hidden %lld, top-k %lld, fp8 dispatch (+%lld B scales), bf16 combine\n",
+  std::printf("\n%s, %d ranks (DP size %lld), hidden %lld, top-k %lld, fp8 dispatch (+%lld B scales), bf16 combine%s\n",
               title, world, (long long)o.dp_size, (long long)o.hidden, (long long)o.top_k,
-              (long long)((o.hidden + 127) / 128 * 4));
+              (long long)((o.hidden + 127) / 128 * 4), o.fault_tolerant ? ", fault-tolerant mode" : "");
   std::printf("Barrier before each operation; slowest rank; µs mean ± std (median):\n");
   std::printf(
       "| tokens | experts | dispatch | send half | recv half | GB/s | combine | send half | recv half | GB/s "
@@ -387,7 +389,7 @@ void print_tables(const char* title, int world, const std::vector<CaseResult>& r
   std::fflush(stdout);
 }
 
-void write_json(const std::string& path, int world, int64_t dp_size,
+void write_json(const std::string& path, int world, int64_t dp_size, bool fault_tolerant,
                 const std::vector<std::pair<std::string, CaseResult>>& all) {
   std::ofstream out(path);
   EW_REQUIRE(out.good(), "cannot write --json file '", path, "'");
@@ -400,7 +402,8 @@ void write_json(const std::string& path, int world, int64_t dp_size,
   for (size_t i = 0; i < all.size(); ++i) {
     const auto& [transport, r] = all[i];
     out << "  {\"transport\": \"" << transport << "\", \"ranks\": " << world << ", \"dp_size\": " << dp_size
-        << ", \"tokens\": " << r.tokens << ", \"experts\": " << r.experts << ", \"dispatch\": " << stats(r.dispatch)
+        << ", \"fault_tolerant\": " << (fault_tolerant ? "true" : "false") << ", \"tokens\": " << r.tokens
+        << ", \"experts\": " << r.experts << ", \"dispatch\": " << stats(r.dispatch)
         << ", \"dispatch_send\": " << stats(r.dispatch_send) << ", \"dispatch_recv\": " << stats(r.dispatch_recv)
         << ", \"combine\": " << stats(r.combine) << ", \"combine_send\": " << stats(r.combine_send)
         << ", \"combine_recv\": " << stats(r.combine_recv) << ", \"combine_in_buffer\": " << stats(r.combine_in_buffer)
@@ -431,7 +434,7 @@ int run(int argc, char** argv) {
     }
     if (mpi.rank() == 0) print_tables(harness::transport_title(kind), mpi.world_size(), results, o);
   }
-  if (mpi.rank() == 0 && !o.json.empty()) write_json(o.json, mpi.world_size(), o.dp_size, all);
+  if (mpi.rank() == 0 && !o.json.empty()) write_json(o.json, mpi.world_size(), o.dp_size, o.fault_tolerant, all);
   return 0;
 }
 

@@ -46,12 +46,17 @@ struct Options {
   std::string transport = harness::kDefaultTransports;
   std::string layouts = "rank-packed,expert-contiguous";
   std::string json;
+  bool fault_tolerant = false;  // objects in the fault-tolerant mode (AllToAllOptions::fault_tolerant)
 };
 
 Options parse_options(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--fault-tolerant") {
+      o.fault_tolerant = true;
+      continue;
+    }
     EW_REQUIRE(i + 1 < argc, "bench_high_throughput: ", arg, " needs a value");
     const std::string value = argv[++i];
     if (arg == "--tokens") o.tokens = parse_list(arg, value);
@@ -67,7 +72,7 @@ Options parse_options(int argc, char** argv) {
     else {
       EW_THROW(ConfigError, "bench_high_throughput: unknown flag ", arg,
                "; flags: --tokens 512,1024 --experts 256 --top-k 8 --hidden 7168 --alignment 128 --warmup 3 "
-               "--iters 20 --transport T --layouts rank-packed,expert-contiguous --json FILE");
+               "--iters 20 --transport T --layouts rank-packed,expert-contiguous --json FILE --fault-tolerant");
     }
   }
   return o;
@@ -118,6 +123,7 @@ Result run_case(const harness::MpiSession& mpi, harness::TransportKind kind, con
   config.hidden_dim_scale_bytes = o.hidden / 128 * 4;
   config.expert_alignment = layout == HighThroughputLayout::kExpertContiguous ? o.alignment : 1;
   AllToAllOptions options;
+  options.fault_tolerant = o.fault_tolerant;
   std::unique_ptr<HighThroughputAllToAll> object;
   if (kind == harness::TransportKind::kIntranode) {
     object = std::make_unique<HighThroughputIntranode>(config, harness::all_gather_bytes, options);
@@ -313,9 +319,9 @@ int run(int argc, char** argv) {
   bool first = true;
   for (const auto kind : kinds) {
     if (mpi.rank() == 0) {
-      std::printf("\n%s, %d ranks, hidden %lld, top-%lld of %lld experts, fp8 + scales dispatch, bf16 combine\n",
+      std::printf("\n%s, %d ranks, hidden %lld, top-%lld of %lld experts, fp8 + scales dispatch, bf16 combine%s\n",
                   harness::transport_title(kind), mpi.world_size(), (long long)o.hidden, (long long)o.top_k,
-                  (long long)o.experts);
+                  (long long)o.experts, o.fault_tolerant ? ", fault-tolerant mode" : "");
       std::printf(
           "| tokens | layout | rows | dispatch µs mean / median | staged x | exchange / rows | GB/s | floor µs | / "
           "floor "
@@ -339,9 +345,10 @@ int run(int argc, char** argv) {
             r.loop_dispatch.mean, r.loop_combine.mean, r.memory_mb, r.padded_mb);
         std::fflush(stdout);
         json << (first ? "" : ",") << "\n  {\"transport\": \"" << harness::transport_flag_name(kind)
-             << "\", \"ranks\": " << mpi.world_size() << ", \"tokens\": " << r.tokens << ", \"layout\": \"" << r.layout
-             << "\", \"rows\": " << r.recv_rows << ", \"dispatch_us\": " << r.dispatch.mean
-             << ", \"dispatch_median_us\": " << r.dispatch.median
+             << "\", \"ranks\": " << mpi.world_size()
+             << ", \"fault_tolerant\": " << (o.fault_tolerant ? "true" : "false") << ", \"tokens\": " << r.tokens
+             << ", \"layout\": \"" << r.layout << "\", \"rows\": " << r.recv_rows
+             << ", \"dispatch_us\": " << r.dispatch.mean << ", \"dispatch_median_us\": " << r.dispatch.median
              << ", \"dispatch_staged_us\": " << r.dispatch_staged.mean << ", \"exchange_us\": " << r.exchange.mean
              << ", \"data_us\": " << r.data.mean << ", \"dispatch_floor_us\": " << r.dispatch_floor.mean
              << ", \"dispatch_bytes\": " << r.recv_bytes << ", \"combine_us\": " << r.combine.mean
