@@ -4,10 +4,12 @@ when one dies).
     python3 -m tests.kill_rank --ranks 8 --transport internode --kill-at inside-combine
     scripts/device/with_mps.sh python3 -m tests.kill_rank --ranks 8 --transport all --kill-at all
 
-Every rank loops dispatch + experts + combine (send and receive halves as separate calls) on one object, each
-step checked against the reference. At step --kill-step the victim (--victim, default the last rank) SIGKILLs
-itself at the kill point: before its dispatch, between the dispatch's halves, or between the combine's halves
-("external": the launcher kills it at a random moment of that step instead). The survivors must each raise
+Every rank loops dispatch + experts + combine on one object in the default mode, each step checked against the
+reference: an AllToAll (send and receive halves as separate calls) or, with --kind high-throughput, a
+HighThroughputAllToAll (tests/fault_steps.py). At step --kill-step the victim (--victim, default the last rank)
+SIGKILLs itself at the kill point: before its dispatch, between the dispatch's halves (high-throughput: between
+its dispatch and its combine), or between the combine's halves (high-throughput: right after its combine is
+launched); "external": the launcher kills it at a random moment of that step instead. The survivors must each raise
 DeviceError naming the victim within the timeout (EXPERTWIRE_TIMEOUT_MS, --timeout-ms) + 2 s of the kill, and
 their processes must end, as a serving process does on an uncaught error, within --exit-limit-s more. Prints
 one line a run with the times measured; exits non-zero when any run fails.
@@ -36,9 +38,9 @@ import torch
 
 import expertwire
 
-from .all_to_all_data import Case, make_groups, run_experts
+from .all_to_all_data import Case
 from .distributed import RankInfo, _rank_entry, free_port, nvshmem_join, why_transport_cannot_run
-from .test_all_to_all_gpu import RankBuffers, _check, make_all_to_all
+from .fault_steps import KINDS, make_steps
 
 KILL_POINTS = ("before-dispatch", "between-halves", "inside-combine", "external")
 CASE = Case("fp8", torch.bfloat16, torch.bfloat16, split=True, max_num_tokens=32, num_experts=32)
@@ -51,32 +53,6 @@ def _write(path: Path, record: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
-def _step(a2a: expertwire.AllToAll, b: RankBuffers, die_at: Optional[str], die, case: Case = CASE) -> None:
-    """One dispatch + experts + combine of `case`, each in its halves; die() at `die_at`, the point where this
-    rank dies."""
-    if die_at == "before-dispatch":
-        die()
-    for do_send, do_recv in ((True, False), (False, True)):
-        a2a.dispatch(
-            b.expert_num_tokens,
-            b.expert_x,
-            b.expert_x_scale,
-            b.dp_x,
-            b.dp_x_scale,
-            b.indices,
-            b.bound_m,
-            do_send=do_send,
-            do_recv=do_recv,
-        )
-        if die_at == "between-halves" and do_send:
-            die()
-    expert_y = run_experts(case, b.expert_x, b.expert_factors)
-    for do_send, do_recv in ((True, False), (False, True)):
-        a2a.combine(b.out_tokens, b.indices, b.weights, expert_y, b.bound_m, do_send=do_send, do_recv=do_recv)
-        if die_at == "inside-combine" and do_send:
-            die()
-
-
 def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
     report_path = Path(opts["reports"]) / f"rank{info.rank}.json"
     report: dict[str, Any] = {"rank": info.rank, "steps_ok": 0}
@@ -84,7 +60,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
         atexit.unregister(expertwire.nvshmem._release_at_exit)
     if opts["transport"] == "internode":
         nvshmem_join(info)
-    a2a = make_all_to_all(opts["transport"], CASE, info)
+    work = make_steps(opts["kind"], info, opts["transport"], CASE, fault_tolerant=False)
     victim = info.rank == opts["victim"]
 
     def die() -> None:
@@ -93,22 +69,21 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     for step in range(opts["steps"]):
-        groups = make_groups(CASE, info.world_size, seed=1000 + step)
-        buffers = RankBuffers(CASE, info, groups[info.rank])
+        work.prepare(step)
         torch.cuda.synchronize()
         kill_now = step == opts["kill_step"]
         if kill_now:
             report["kill_step_started"] = time.time()
             _write(report_path, report)
         try:
-            _step(a2a, buffers, opts["kill_at"] if victim and kill_now else None, die)
+            work.run(opts["kill_at"] if victim and kill_now else None, die)
             torch.cuda.synchronize()
-            a2a.check_errors()
+            work.a2a.check_errors()
         except expertwire.DeviceError as error:
             report.update(error=str(error), error_at=time.time())
             _write(report_path, report)
             raise  # the process ends on it, as a serving process would: its exit must not hang either
-        _check(CASE, info, groups, buffers)
+        work.check([1] * info.world_size)
         report["steps_ok"] = step + 1
     _write(report_path, report)
     raise RuntimeError(f"rank {info.rank}: every step completed, but rank {opts['victim']} was to be killed")
@@ -118,6 +93,7 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
     victim = args.victim if args.victim is not None else ranks - 1
     with tempfile.TemporaryDirectory(prefix="expertwire-kill-") as reports:
         opts = dict(
+            kind=args.kind,
             transport=transport,
             steps=args.steps,
             kill_step=args.kill_step,
@@ -180,7 +156,8 @@ def _one_run(ranks: int, transport: str, kill_at: str, args: argparse.Namespace)
             problems.append(f"rank {victim} ended with status {processes[victim].exitcode}, not by SIGKILL")
         survivors_exit = sorted({processes[r].exitcode for r in survivors})
         summary = (
-            f"kill_rank: {transport}, {ranks} ranks, rank {victim} killed {kill_at} at step {args.kill_step}: "
+            f"kill_rank: {args.kind}, {transport}, {ranks} ranks, rank {victim} killed {kill_at} at step "
+            f"{args.kill_step}: "
             + (
                 f"DeviceError on the survivors {min(error_after):.2f}-{max(error_after):.2f} s after the kill "
                 f"(timeout {args.timeout_ms / 1000:.1f} s)"
@@ -223,6 +200,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser, steps: int, kill_step: int, run_limit_s: float) -> None:
     """The options of a launcher that kills ranks, which run_each and the launch read."""
+    parser.add_argument("--kind", default="low-latency", choices=KINDS, help="which all-to-all the ranks loop")
     parser.add_argument("--ranks", type=int, default=8)
     parser.add_argument("--transport", default="internode", choices=["internode", "intranode", "all"])
     parser.add_argument("--steps", type=int, default=steps)

@@ -43,16 +43,14 @@ import torch.distributed as dist
 
 import expertwire
 
-from .all_to_all_data import Case, check_combine, make_groups, masked_groups
+from .all_to_all_data import Case
 from .distributed import RankInfo, nvshmem_join
-from .kill_rank import _step, _write, add_run_arguments, read_reports, run_each, start_ranks, wait_for_exits
-from .test_all_to_all_gpu import RankBuffers, _check, make_all_to_all
-from .test_high_throughput_gpu import ht_factory, model_check, model_object, model_step
+from .fault_steps import make_steps
+from .kill_rank import _write, add_run_arguments, read_reports, run_each, start_ranks, wait_for_exits
 
 FAULTS = ("before-dispatch", "between-halves", "inside-combine", "external", "two-kills", "stuck", "stuck-returns")
 STEPS_AT_MOST = 1000
 LOCAL_EXPERTS = 4
-KINDS = ("low-latency", "high-throughput")
 
 
 def _case(world_size: int) -> Case:
@@ -60,57 +58,6 @@ def _case(world_size: int) -> Case:
     return Case(
         "fp8", torch.bfloat16, torch.bfloat16, split=True, max_num_tokens=32, num_experts=LOCAL_EXPERTS * world_size
     )
-
-
-class _LowLatencyWork:
-    """The steps of an AllToAll: one dispatch + experts + combine of _case, each in its halves."""
-
-    def __init__(self, info: RankInfo, transport: str) -> None:
-        self.info, self.case = info, _case(info.world_size)
-        self.a2a = make_all_to_all(transport, self.case, info, fault_tolerant=True)
-
-    def prepare(self, step: int) -> None:
-        self.groups = make_groups(self.case, self.info.world_size, seed=1000 + step)
-        self.buffers = RankBuffers(self.case, self.info, self.groups[self.info.rank])
-
-    def run(self, die_at: Optional[str], die) -> None:
-        _step(self.a2a, self.buffers, die_at, die, self.case)
-
-    def check(self, active: list[int], received: bool = True) -> None:
-        """Against the reference with `active`'s masked ranks left out; `received`: the dispatch too."""
-        groups = masked_groups(self.case, self.groups, active)
-        if received:
-            _check(self.case, self.info, groups, self.buffers)
-        else:
-            check_combine(self.case, self.info.rank, self.info.world_size, groups, self.buffers.out_tokens)
-
-
-class _HighThroughputWork:
-    """The steps of a HighThroughputAllToAll: test_high_throughput_gpu's model steps, the layouts in turn."""
-
-    M0 = 40  # rank 0's tokens; rank r has 5 r more
-
-    def __init__(self, info: RankInfo, transport: str) -> None:
-        self.info = info
-        # Aligned for the expert-contiguous layout; the rank-packed layout ignores the alignment.
-        self.a2a = model_object(info, ht_factory(transport), "expert-contiguous", fault_tolerant=True)
-
-    def prepare(self, step: int) -> None:
-        self.layout = ("rank-packed", "expert-contiguous")[step % 2]
-        self.seed, self.worst, self.outputs = 1000 + step, step % 4 >= 2, None
-
-    def run(self, die_at: Optional[str], die) -> None:
-        if die_at == "before-dispatch":
-            die()
-
-        def at(point: str) -> None:
-            if point == die_at:
-                die()
-
-        self.outputs = model_step(self.a2a, self.info, self.layout, self.seed, self.M0, self.worst, at)
-
-    def check(self, active: list[int], received: bool = True) -> None:
-        model_check(self.info, self.layout, self.seed, self.M0, self.worst, active, *self.outputs, received=received)
 
 
 def _victims(fault: Optional[str], ranks: int, kill_step: int) -> dict[int, int]:
@@ -127,7 +74,7 @@ def _worker(info: RankInfo, opts: dict[str, Any]) -> None:
     report: dict[str, Any] = {"rank": info.rank, "steps": []}
     if opts["transport"] == "internode":
         nvshmem_join(info)
-    work = (_HighThroughputWork if opts["kind"] == "high-throughput" else _LowLatencyWork)(info, opts["transport"])
+    work = make_steps(opts["kind"], info, opts["transport"], _case(info.world_size), fault_tolerant=True)
     a2a = work.a2a
     victims = {int(r): s for r, s in opts["victims"].items()}
     die_step = victims.get(info.rank)
@@ -384,7 +331,6 @@ def _one_run(ranks: int, transport: str, fault: str, args: argparse.Namespace) -
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, steps=10, kill_step=2, run_limit_s=120.0)
-    parser.add_argument("--kind", default="low-latency", choices=KINDS, help="which all-to-all the ranks loop")
     parser.add_argument("--fault", default="all", choices=[*FAULTS, "all"])
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats of each checked step")
     parser.add_argument("--time-limit", type=float, default=0.10, help="steady steps' excess over fewer ranks'")

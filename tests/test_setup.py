@@ -316,7 +316,20 @@ def test_kill_rank_checks_its_arguments_and_skips_without_a_gpu() -> None:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     bad = run([sys.executable, "-m", "tests.kill_rank", "--steps", "4", "--kill-step", "4"], env)
     assert bad.returncode == 2 and "--kill-step must be in [0, --steps - 1 = 3), got 4" in bad.stderr, bad.stderr
-    skipped = run([sys.executable, "-m", "tests.kill_rank", "--ranks", "2", "--transport", "internode"], env)
+    skipped = run(
+        [
+            sys.executable,
+            "-m",
+            "tests.kill_rank",
+            "--kind",
+            "high-throughput",
+            "--ranks",
+            "2",
+            "--transport",
+            "internode",
+        ],
+        env,
+    )
     assert skipped.returncode == 0, skipped.stderr
     assert "kill_rank: internode skipped: no GPU visible" in skipped.stdout, skipped.stdout
 
