@@ -2,7 +2,9 @@
 // on N ranks. Run as `mpirun -np N ./test_high_throughput [--transport T] [--seed S] [--max-tokens M]`; prints
 // "PASS <case>" or "FAIL <case>: <why>" per case, ends with "N passed, N failed", exits non-zero on any failure.
 // With --fault-tolerant every object is in the fault-tolerant mode, and every case also checks that no rank was
-// masked (every wait answered).
+// masked (every wait answered); then every case runs again with a middle rank masked out by the others (it makes
+// no call), against the reference without its tokens and its experts, every transport's paths included (the put
+// path's pushed rows and the receivers' RecvBase).
 //
 // Every case runs a few dispatch + combine rounds on one object, m changing between rounds and ranks, and checks
 // on every rank: every received row's payload and scales byte for byte, its expert indices and weights (rank-packed)
@@ -204,20 +206,41 @@ void put_element(uint8_t* row, int64_t h, ScalarType type, float value) {
   }
 }
 
-// In the fault-tolerant mode: "" when the object's mask still has every rank active, else which rank was masked.
-std::string masked_ranks(const HighThroughputAllToAll& object, int world) {
+// In the fault-tolerant mode: "" when the object's mask has every rank active but `masked` (-1: none), else which
+// entry differs.
+std::string mask_differs(const HighThroughputAllToAll& object, int world, int masked) {
   std::vector<int32_t> active(size_t(world), -1);
   EW_CUDA_CHECK(cudaDeviceSynchronize());
   EW_CUDA_CHECK(
       cudaMemcpy(active.data(), object.active_ranks(), active.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
   for (int r = 0; r < world; ++r) {
-    if (active[size_t(r)] != 1) return "active_ranks[" + std::to_string(r) + "] = " + std::to_string(active[size_t(r)]);
+    if (active[size_t(r)] != int32_t(r != masked)) {
+      return "active_ranks[" + std::to_string(r) + "] = " + std::to_string(active[size_t(r)]);
+    }
   }
   return "";
 }
 
-// One case on one transport; returns "" or why it failed (the same verdict on every rank: the caller reduces).
-std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const Case& c, const Options& o) {
+// What the reference is given of round `all`'s tokens with rank `masked` masked out: nothing of its tokens, and no
+// slot of the others naming its experts (their calls still name them; the all-to-all leaves them out).
+std::vector<Tokens> without_rank(std::vector<Tokens> all, int masked, const Case& c, const HighThroughputShape& shape,
+                                 uint64_t seed) {
+  if (masked < 0) return all;
+  all[size_t(masked)] = make_tokens(c, shape, masked, 0, seed);
+  const int64_t per_rank = shape.num_local_experts();
+  for (Tokens& tokens : all) {
+    for (int64_t& e : tokens.topk_idx) {
+      if (e >= 0 && e / per_rank == masked) e = -1;
+    }
+  }
+  return all;
+}
+
+// One case on one transport, with rank `masked` (-1: none; the fault-tolerant mode) masked out by the others
+// before the first round and making no call; returns "" or why it failed (the same verdict on every rank: the caller
+// reduces).
+std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const Case& c, const Options& o,
+                     int masked = -1) {
   const int rank = mpi.rank(), world = mpi.world_size();
   HighThroughputConfig config;
   config.max_num_tokens = o.max_tokens;
@@ -244,23 +267,32 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
   const uint64_t element_bytes = scalar_type_size(c.type), row_bytes = uint64_t(c.hidden) * element_bytes;
   std::string why;
   Checker check(&why);
+  if (rank == masked) {
+    // No all-to-all call; only the test's own agreement of each round, which the others make.
+    for (size_t round = 0; round < c.m_rounds.size() && harness::all_ranks(true); ++round) {
+    }
+    return why;
+  }
+  if (masked >= 0) EW_CUDA_CHECK(cudaMemset(object->active_ranks() + masked, 0, sizeof(int32_t)));
   auto handle = object->make_handle();
   for (size_t round = 0; round < c.m_rounds.size() && why.empty(); ++round) {
     const uint64_t seed = harness::mix_seed(o.seed, round, std::hash<std::string>{}(c.name));
-    std::vector<Tokens> all;
-    std::vector<RankTokens> sources;
+    std::vector<Tokens> called;
     for (int s = 0; s < world; ++s) {
-      all.push_back(make_tokens(c, shape, s, m_of(c, c.m_rounds[round], s, o.max_tokens), seed));
+      called.push_back(make_tokens(c, shape, s, m_of(c, c.m_rounds[round], s, o.max_tokens), seed));
     }
+    const Tokens& call = called[rank];  // what this rank's calls pass
+    const std::vector<Tokens> all = without_rank(called, masked, c, shape, seed);
+    std::vector<RankTokens> sources;
     for (const Tokens& t : all) sources.push_back(t.view());
-    const Tokens& mine = all[rank];
+    const Tokens& mine = all[rank];  // the same tokens, as the reference sees them
     const int64_t m = mine.m;
 
     // Inputs on the device.
     DeviceBytes x(m * bytes, 0), scale(m * swords * 4, 0), idx(m * k * 8, 0), weights(m * k * 4, 0);
-    scale.write(mine.x_scale.data(), m * swords * 4);
-    idx.write(mine.topk_idx.data(), m * k * 8);
-    weights.write(mine.topk_weights.data(), m * k * 4);
+    scale.write(call.x_scale.data(), m * swords * 4);
+    idx.write(call.topk_idx.data(), m * k * 8);
+    weights.write(call.topk_weights.data(), m * k * 4);
     HighThroughputDispatchInputs in;
     in.m = uint32_t(m);
     in.topk_idx = idx.get<void>();
@@ -269,11 +301,11 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
     if (c.staged) {
       const Strided2D<uint8_t> buffer = object->dispatch_input_buffer();
       for (int64_t t = 0; t < m; ++t) {
-        EW_CUDA_CHECK(cudaMemcpy(buffer.at(t, 0), &mine.x[t * bytes], bytes, cudaMemcpyHostToDevice));
+        EW_CUDA_CHECK(cudaMemcpy(buffer.at(t, 0), &call.x[t * bytes], bytes, cudaMemcpyHostToDevice));
       }
       in.x = read_only(buffer);
     } else {
-      x.write(mine.x.data(), m * bytes);
+      x.write(call.x.data(), m * bytes);
       in.x = Strided2D<const uint8_t>{x.get<uint8_t>(), uint64_t(bytes), 1};
     }
     if (swords) in.x_scale = Strided2D<const float>{scale.get<float>(), uint64_t(swords) * 4, 4};
@@ -471,7 +503,7 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
     }
     owned_rows.clear();
   }
-  if (o.fault_tolerant && why.empty()) why = masked_ranks(*object, world);
+  if (o.fault_tolerant && why.empty()) why = mask_differs(*object, world, masked);
   return why;
 }
 
@@ -751,6 +783,22 @@ int run(int argc, char** argv) {
       }
       tally.report(mpi, std::string(harness::transport_flag_name(kind)) + ": " + c.name, why);
       if (!harness::all_ranks(why.empty()) && why.find("threw") != std::string::npos) break;  // objects may be stuck
+    }
+    // The fault-tolerant mode: every case again with a middle rank masked out (every offset after it shifts).
+    const int masked = mpi.world_size() / 2;
+    for (const Case& c :
+         options.fault_tolerant&& mpi.world_size() > 1 ? cases(options.max_tokens) : std::vector<Case>{}) {
+      std::string why;
+      try {
+        why = run_case(mpi, kind, c, options, masked);
+      } catch (const Error& e) {
+        why = std::string("threw: ") + e.what();
+      }
+      tally.report(mpi,
+                   std::string(harness::transport_flag_name(kind)) + ": " + c.name + ", rank " +
+                       std::to_string(masked) + " masked",
+                   why);
+      if (!harness::all_ranks(why.empty()) && why.find("threw") != std::string::npos) break;
     }
     run_failures(mpi, kind, options, tally);
   }
