@@ -774,31 +774,27 @@ int run(int argc, char** argv) {
   Tally tally;
   for (const TransportKind kind : kinds) {
     if (mpi.rank() == 0) std::printf("%s (%d ranks)\n", harness::transport_title(kind), mpi.world_size());
-    for (const Case& c : cases(options.max_tokens)) {
-      std::string why;
-      try {
-        why = run_case(mpi, kind, c, options);
-      } catch (const Error& e) {
-        why = std::string("threw: ") + e.what();
-      }
-      tally.report(mpi, std::string(harness::transport_flag_name(kind)) + ": " + c.name, why);
-      if (!harness::all_ranks(why.empty()) && why.find("threw") != std::string::npos) break;  // objects may be stuck
-    }
-    // The fault-tolerant mode: every case again with a middle rank masked out (every offset after it shifts).
-    const int masked = mpi.world_size() / 2;
-    for (const Case& c :
-         options.fault_tolerant&& mpi.world_size() > 1 ? cases(options.max_tokens) : std::vector<Case>{}) {
+    // Each case reported on every rank; false once a case threw on some rank (its objects may be stuck).
+    auto run_reported = [&](const Case& c, int masked) {
       std::string why;
       try {
         why = run_case(mpi, kind, c, options, masked);
       } catch (const Error& e) {
         why = std::string("threw: ") + e.what();
       }
-      tally.report(mpi,
-                   std::string(harness::transport_flag_name(kind)) + ": " + c.name + ", rank " +
-                       std::to_string(masked) + " masked",
-                   why);
-      if (!harness::all_ranks(why.empty()) && why.find("threw") != std::string::npos) break;
+      const std::string name = std::string(harness::transport_flag_name(kind)) + ": " + c.name +
+                               (masked >= 0 ? ", rank " + std::to_string(masked) + " masked" : "");
+      tally.report(mpi, name, why);
+      return harness::all_ranks(why.empty()) || why.find("threw") == std::string::npos;
+    };
+    for (const Case& c : cases(options.max_tokens)) {
+      if (!run_reported(c, -1)) break;
+    }
+    // The fault-tolerant mode: every case again with a middle rank masked out (every offset after it shifts).
+    if (options.fault_tolerant && mpi.world_size() > 1) {
+      for (const Case& c : cases(options.max_tokens)) {
+        if (!run_reported(c, mpi.world_size() / 2)) break;
+      }
     }
     run_failures(mpi, kind, options, tally);
   }
