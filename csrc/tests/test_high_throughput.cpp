@@ -268,240 +268,248 @@ std::string run_case(const harness::MpiSession& mpi, TransportKind kind, const C
   std::string why;
   Checker check(&why);
   if (rank == masked) {
-    // No all-to-all call; only the test's own agreement of each round, which the others make.
-    for (size_t round = 0; round < c.m_rounds.size() && harness::all_ranks(true); ++round) {
-    }
+    // No all-to-all call; only the test's own agreements of each round, as the others make them.
+    for (size_t round = 0; round < c.m_rounds.size() && harness::all_ranks(true); ++round) harness::all_ranks(true);
     return why;
   }
   if (masked >= 0) EW_CUDA_CHECK(cudaMemset(object->active_ranks() + masked, 0, sizeof(int32_t)));
   auto handle = object->make_handle();
-  for (size_t round = 0; round < c.m_rounds.size() && why.empty(); ++round) {
-    const uint64_t seed = harness::mix_seed(o.seed, round, std::hash<std::string>{}(c.name));
-    std::vector<Tokens> called;
-    for (int s = 0; s < world; ++s) {
-      called.push_back(make_tokens(c, shape, s, m_of(c, c.m_rounds[round], s, o.max_tokens), seed));
-    }
-    const Tokens& call = called[rank];  // what this rank's calls pass
-    const std::vector<Tokens> all = without_rank(called, masked, c, shape, seed);
-    std::vector<RankTokens> sources;
-    for (const Tokens& t : all) sources.push_back(t.view());
-    const Tokens& mine = all[rank];  // the same tokens, as the reference sees them
-    const int64_t m = mine.m;
+  // Every rank makes the same collectives on every path (the masked rank too, above): one agreement at the start
+  // of each round and one after its dispatch, whatever failed or threw.
+  for (size_t round = 0; round < c.m_rounds.size() && harness::all_ranks(why.empty()); ++round) {
+    bool agreed = false;  // this round's agreement after the dispatch is made
+    try {
+      const uint64_t seed = harness::mix_seed(o.seed, round, std::hash<std::string>{}(c.name));
+      std::vector<Tokens> called;
+      for (int s = 0; s < world; ++s) {
+        called.push_back(make_tokens(c, shape, s, m_of(c, c.m_rounds[round], s, o.max_tokens), seed));
+      }
+      const Tokens& call = called[rank];  // what this rank's calls pass
+      const std::vector<Tokens> all = without_rank(called, masked, c, shape, seed);
+      std::vector<RankTokens> sources;
+      for (const Tokens& t : all) sources.push_back(t.view());
+      const Tokens& mine = all[rank];  // the same tokens, as the reference sees them
+      const int64_t m = mine.m;
 
-    // Inputs on the device.
-    DeviceBytes x(m * bytes, 0), scale(m * swords * 4, 0), idx(m * k * 8, 0), weights(m * k * 4, 0);
-    scale.write(call.x_scale.data(), m * swords * 4);
-    idx.write(call.topk_idx.data(), m * k * 8);
-    weights.write(call.topk_weights.data(), m * k * 4);
-    HighThroughputDispatchInputs in;
-    in.m = uint32_t(m);
-    in.topk_idx = idx.get<void>();
-    in.topk_idx_int64 = true;
-    in.topk_weights = weights.get<float>();
-    if (c.staged) {
-      const Strided2D<uint8_t> buffer = object->dispatch_input_buffer();
-      for (int64_t t = 0; t < m; ++t) {
-        EW_CUDA_CHECK(cudaMemcpy(buffer.at(t, 0), &call.x[t * bytes], bytes, cudaMemcpyHostToDevice));
-      }
-      in.x = read_only(buffer);
-    } else {
-      x.write(call.x.data(), m * bytes);
-      in.x = Strided2D<const uint8_t>{x.get<uint8_t>(), uint64_t(bytes), 1};
-    }
-    if (swords) in.x_scale = Strided2D<const float>{scale.get<float>(), uint64_t(swords) * 4, 4};
-
-    const bool packed = c.layout == HighThroughputLayout::kRankPacked;
-    const int64_t expected_rows = packed ? reference::rank_packed_rows(shape, rank, sources)
-                                         : reference::expert_contiguous_rows(shape, rank, sources);
-    object->dispatch_layout(in, c.layout, *handle, nullptr);
-    uint64_t capacity = packed ? config.recv_rows() : config.max_expert_rows();
-    if (c.exact) {
-      const HighThroughputCounts counts = object->counts(*handle, nullptr);
-      const int64_t got = packed ? counts.num_recv_tokens : counts.num_expert_rows;
-      check.expect(got == expected_rows, "counts(): ", got, " rows, expected ", expected_rows);
-      capacity = uint64_t(std::max<int64_t>(got, 0));
-    }
-    DeviceBytes recv_x(capacity * bytes, 0xab), recv_scale(capacity * swords * 4, 0xab);
-    DeviceBytes recv_idx(capacity * k * 8, 0xab), recv_w(capacity * k * 4, 0xab);
-    DeviceBytes row_expert(capacity * 4, 0xab), row_weight(capacity * 4, 0xab);
-    DeviceBytes tpe(local_experts * 4, 0xab), offsets((local_experts + 1) * 4, 0xab), num_rows(4, 0xab);
-    HighThroughputDispatchOutputs out;
-    out.layout = c.layout;
-    out.capacity_rows = capacity;
-    out.recv_x = recv_x.get<uint8_t>();
-    if (swords) out.recv_x_scale = Strided2D<float>{recv_scale.get<float>(), uint64_t(swords) * 4, 4};
-    out.recv_topk_idx = recv_idx.get<int64_t>();
-    out.recv_topk_weights = recv_w.get<float>();
-    out.row_expert = row_expert.get<int32_t>();
-    out.row_weight = row_weight.get<float>();
-    out.tokens_per_expert = tpe.get<int32_t>();
-    out.expert_offsets = offsets.get<int32_t>();
-    out.num_recv_rows = num_rows.get<int32_t>();
-    object->dispatch_data(in, *handle, out, nullptr);
-    EW_CUDA_CHECK(cudaDeviceSynchronize());
-    object->check_errors();
-
-    // Dispatch against the reference.
-    const auto got_x = recv_x.read<uint8_t>(capacity * bytes);
-    const auto got_scale = recv_scale.read<uint8_t>(capacity * swords * 4);
-    const auto got_tpe = tpe.read<int32_t>(local_experts);
-    const auto got_rows = num_rows.read<int32_t>(1);
-    check.expect(got_rows[0] == expected_rows, "num_recv_rows ", got_rows[0], ", expected ", expected_rows);
-    std::vector<float> combine_expected(m * c.hidden);
-    std::vector<uint8_t> expert_out(std::max<uint64_t>(capacity, 1) * row_bytes, 0);
-    // Per-slot values carried back beside the rows (rank-packed [rows][k], expert-contiguous [rows]): the value of
-    // slot j of token t of rank s is slot_value(s, t, j) where this rank holds that slot's expert, and a value naming
-    // this rank elsewhere, which the token's rank must never take.
-    std::vector<float> slot_values(std::max<uint64_t>(capacity, 1) * (packed ? k : 1), 0.0f);
-    auto slot_value = [](uint32_t s, uint32_t t, int64_t j) { return float(s * 100000u + t * 32u + uint32_t(j)); };
-    const float not_here = -1.0f - float(rank);
-    std::fill(slot_values.begin(), slot_values.end(), not_here);
-    // Odd rounds weight the expert-contiguous rows by row_weight = twice the delivered weights (exact in fp32).
-    const bool doubled_weights = !packed && round % 2 == 1;
-    // The rows this rank's experts output for each received (source, token, local expert).
-    std::vector<std::vector<float>> owned_rows;
-    auto expert_value_row = [&](uint32_t owner, uint32_t le, uint32_t s, uint32_t t) {
-      std::vector<float> row(c.hidden);
-      harness::expert_output_row(owner * uint32_t(local_experts) + le, s, t, c.type, c.hidden, row.data());
-      return row;
-    };
-    auto check_row = [&](int64_t row, const reference::ReceivedRow& expected) {
-      if (!check.expect(std::memcmp(&got_x[row * bytes], expected.x, bytes) == 0, "recv_x row ", row, " is not token ",
-                        expected.token, " of rank ", expected.source_rank)) {
-        return;
-      }
-      if (swords) {
-        check.expect(std::memcmp(&got_scale[row * swords * 4], expected.x_scale, swords * 4) == 0, "scales of row ",
-                     row);
-      }
-    };
-    auto untouched_after = [&](int64_t rows) {
-      for (uint64_t b = uint64_t(rows) * bytes; b < std::min<uint64_t>(capacity, rows + 64) * bytes; ++b) {
-        if (!check.expect(got_x[b] == 0xab, "recv_x written past its ", rows, " rows, at byte ", b)) return;
-      }
-    };
-    if (packed) {
-      const auto expected = reference::dispatch_rank_packed(shape, rank, sources);
-      const auto got_idx = recv_idx.read<int64_t>(capacity * k);
-      const auto got_w = recv_w.read<float>(capacity * k);
-      for (int64_t e = 0; e < local_experts; ++e) {
-        check.expect(got_tpe[e] == expected.tokens_per_expert[e], "tokens_per_expert[", e, "] ", got_tpe[e],
-                     ", expected ", expected.tokens_per_expert[e]);
-      }
-      for (size_t row = 0; row < expected.rows.size() && why.empty(); ++row) {
-        check_row(row, expected.rows[row]);
-        for (int64_t j = 0; j < k; ++j) {
-          check.expect(got_idx[row * k + j] == expected.recv_topk_idx[row * k + j] &&
-                           got_w[row * k + j] == expected.recv_topk_weights[row * k + j],
-                       "recv_topk of row ", row, " slot ", j, ": ", got_idx[row * k + j], "/", got_w[row * k + j],
-                       ", expected ", expected.recv_topk_idx[row * k + j], "/",
-                       expected.recv_topk_weights[row * k + j]);
+      // Inputs on the device.
+      DeviceBytes x(m * bytes, 0), scale(m * swords * 4, 0), idx(m * k * 8, 0), weights(m * k * 4, 0);
+      scale.write(call.x_scale.data(), m * swords * 4);
+      idx.write(call.topk_idx.data(), m * k * 8);
+      weights.write(call.topk_weights.data(), m * k * 4);
+      HighThroughputDispatchInputs in;
+      in.m = uint32_t(m);
+      in.topk_idx = idx.get<void>();
+      in.topk_idx_int64 = true;
+      in.topk_weights = weights.get<float>();
+      if (c.staged) {
+        const Strided2D<uint8_t> buffer = object->dispatch_input_buffer();
+        for (int64_t t = 0; t < m; ++t) {
+          EW_CUDA_CHECK(cudaMemcpy(buffer.at(t, 0), &call.x[t * bytes], bytes, cudaMemcpyHostToDevice));
         }
-        const auto& r = expected.rows[row];
-        const auto values = expert_value_row(rank, 0, r.source_rank, r.token);
-        for (int64_t h = 0; h < c.hidden; ++h) put_element(&expert_out[row * row_bytes], h, c.type, values[h]);
-        for (int64_t j = 0; j < k; ++j) {
-          if (expected.recv_topk_idx[row * k + j] >= 0)
-            slot_values[row * k + j] = slot_value(r.source_rank, r.token, j);
-        }
+        in.x = read_only(buffer);
+      } else {
+        x.write(call.x.data(), m * bytes);
+        in.x = Strided2D<const uint8_t>{x.get<uint8_t>(), uint64_t(bytes), 1};
       }
-      untouched_after(int64_t(expected.rows.size()));
-    } else {
-      const auto expected = reference::dispatch_expert_contiguous(shape, rank, sources);
-      const auto got_expert = row_expert.read<int32_t>(capacity);
-      auto got_weight = row_weight.read<float>(capacity);
-      const auto got_offsets = offsets.read<int32_t>(local_experts + 1);
-      for (int64_t e = 0; e <= local_experts; ++e) {
-        check.expect(got_offsets[e] == expected.segment_start[e], "expert_offsets[", e, "] ", got_offsets[e],
-                     ", expected ", expected.segment_start[e]);
-        if (e < local_experts) {
+      if (swords) in.x_scale = Strided2D<const float>{scale.get<float>(), uint64_t(swords) * 4, 4};
+
+      const bool packed = c.layout == HighThroughputLayout::kRankPacked;
+      const int64_t expected_rows = packed ? reference::rank_packed_rows(shape, rank, sources)
+                                           : reference::expert_contiguous_rows(shape, rank, sources);
+      object->dispatch_layout(in, c.layout, *handle, nullptr);
+      uint64_t capacity = packed ? config.recv_rows() : config.max_expert_rows();
+      if (c.exact) {
+        const HighThroughputCounts counts = object->counts(*handle, nullptr);
+        const int64_t got = packed ? counts.num_recv_tokens : counts.num_expert_rows;
+        check.expect(got == expected_rows, "counts(): ", got, " rows, expected ", expected_rows);
+        capacity = uint64_t(std::max<int64_t>(got, 0));
+      }
+      DeviceBytes recv_x(capacity * bytes, 0xab), recv_scale(capacity * swords * 4, 0xab);
+      DeviceBytes recv_idx(capacity * k * 8, 0xab), recv_w(capacity * k * 4, 0xab);
+      DeviceBytes row_expert(capacity * 4, 0xab), row_weight(capacity * 4, 0xab);
+      DeviceBytes tpe(local_experts * 4, 0xab), offsets((local_experts + 1) * 4, 0xab), num_rows(4, 0xab);
+      HighThroughputDispatchOutputs out;
+      out.layout = c.layout;
+      out.capacity_rows = capacity;
+      out.recv_x = recv_x.get<uint8_t>();
+      if (swords) out.recv_x_scale = Strided2D<float>{recv_scale.get<float>(), uint64_t(swords) * 4, 4};
+      out.recv_topk_idx = recv_idx.get<int64_t>();
+      out.recv_topk_weights = recv_w.get<float>();
+      out.row_expert = row_expert.get<int32_t>();
+      out.row_weight = row_weight.get<float>();
+      out.tokens_per_expert = tpe.get<int32_t>();
+      out.expert_offsets = offsets.get<int32_t>();
+      out.num_recv_rows = num_rows.get<int32_t>();
+      object->dispatch_data(in, *handle, out, nullptr);
+      EW_CUDA_CHECK(cudaDeviceSynchronize());
+      object->check_errors();
+
+      // Dispatch against the reference.
+      const auto got_x = recv_x.read<uint8_t>(capacity * bytes);
+      const auto got_scale = recv_scale.read<uint8_t>(capacity * swords * 4);
+      const auto got_tpe = tpe.read<int32_t>(local_experts);
+      const auto got_rows = num_rows.read<int32_t>(1);
+      check.expect(got_rows[0] == expected_rows, "num_recv_rows ", got_rows[0], ", expected ", expected_rows);
+      std::vector<float> combine_expected(m * c.hidden);
+      std::vector<uint8_t> expert_out(std::max<uint64_t>(capacity, 1) * row_bytes, 0);
+      // Per-slot values carried back beside the rows (rank-packed [rows][k], expert-contiguous [rows]): the value of
+      // slot j of token t of rank s is slot_value(s, t, j) where this rank holds that slot's expert, and a value naming
+      // this rank elsewhere, which the token's rank must never take.
+      std::vector<float> slot_values(std::max<uint64_t>(capacity, 1) * (packed ? k : 1), 0.0f);
+      auto slot_value = [](uint32_t s, uint32_t t, int64_t j) { return float(s * 100000u + t * 32u + uint32_t(j)); };
+      const float not_here = -1.0f - float(rank);
+      std::fill(slot_values.begin(), slot_values.end(), not_here);
+      // Odd rounds weight the expert-contiguous rows by row_weight = twice the delivered weights (exact in fp32).
+      const bool doubled_weights = !packed && round % 2 == 1;
+      // The rows this rank's experts output for each received (source, token, local expert).
+      std::vector<std::vector<float>> owned_rows;
+      auto expert_value_row = [&](uint32_t owner, uint32_t le, uint32_t s, uint32_t t) {
+        std::vector<float> row(c.hidden);
+        harness::expert_output_row(owner * uint32_t(local_experts) + le, s, t, c.type, c.hidden, row.data());
+        return row;
+      };
+      auto check_row = [&](int64_t row, const reference::ReceivedRow& expected) {
+        if (!check.expect(std::memcmp(&got_x[row * bytes], expected.x, bytes) == 0, "recv_x row ", row,
+                          " is not token ", expected.token, " of rank ", expected.source_rank)) {
+          return;
+        }
+        if (swords) {
+          check.expect(std::memcmp(&got_scale[row * swords * 4], expected.x_scale, swords * 4) == 0, "scales of row ",
+                       row);
+        }
+      };
+      auto untouched_after = [&](int64_t rows) {
+        for (uint64_t b = uint64_t(rows) * bytes; b < std::min<uint64_t>(capacity, rows + 64) * bytes; ++b) {
+          if (!check.expect(got_x[b] == 0xab, "recv_x written past its ", rows, " rows, at byte ", b)) return;
+        }
+      };
+      if (packed) {
+        const auto expected = reference::dispatch_rank_packed(shape, rank, sources);
+        const auto got_idx = recv_idx.read<int64_t>(capacity * k);
+        const auto got_w = recv_w.read<float>(capacity * k);
+        for (int64_t e = 0; e < local_experts; ++e) {
           check.expect(got_tpe[e] == expected.tokens_per_expert[e], "tokens_per_expert[", e, "] ", got_tpe[e],
                        ", expected ", expected.tokens_per_expert[e]);
         }
-      }
-      for (size_t row = 0; row < expected.rows.size() && why.empty(); ++row) {
-        check.expect(got_expert[row] == expected.row_expert[row] && got_weight[row] == expected.row_weight[row], "row ",
-                     row, ": expert/weight ", got_expert[row], "/", got_weight[row], ", expected ",
-                     expected.row_expert[row], "/", expected.row_weight[row]);
-        if (expected.row_expert[row] < 0) continue;
-        check_row(row, expected.rows[row]);
-        const auto& r = expected.rows[row];
-        const auto values = expert_value_row(rank, uint32_t(expected.row_expert[row]), r.source_rank, r.token);
-        for (int64_t h = 0; h < c.hidden; ++h) put_element(&expert_out[row * row_bytes], h, c.type, values[h]);
-        const int64_t expert = rank * local_experts + expected.row_expert[row];
-        for (int64_t j = 0; j < k; ++j) {
-          if (all[r.source_rank].topk_idx[r.token * k + j] == expert)
-            slot_values[row] = slot_value(r.source_rank, r.token, j);
+        for (size_t row = 0; row < expected.rows.size() && why.empty(); ++row) {
+          check_row(row, expected.rows[row]);
+          for (int64_t j = 0; j < k; ++j) {
+            check.expect(got_idx[row * k + j] == expected.recv_topk_idx[row * k + j] &&
+                             got_w[row * k + j] == expected.recv_topk_weights[row * k + j],
+                         "recv_topk of row ", row, " slot ", j, ": ", got_idx[row * k + j], "/", got_w[row * k + j],
+                         ", expected ", expected.recv_topk_idx[row * k + j], "/",
+                         expected.recv_topk_weights[row * k + j]);
+          }
+          const auto& r = expected.rows[row];
+          const auto values = expert_value_row(rank, 0, r.source_rank, r.token);
+          for (int64_t h = 0; h < c.hidden; ++h) put_element(&expert_out[row * row_bytes], h, c.type, values[h]);
+          for (int64_t j = 0; j < k; ++j) {
+            if (expected.recv_topk_idx[row * k + j] >= 0)
+              slot_values[row * k + j] = slot_value(r.source_rank, r.token, j);
+          }
         }
+        untouched_after(int64_t(expected.rows.size()));
+      } else {
+        const auto expected = reference::dispatch_expert_contiguous(shape, rank, sources);
+        const auto got_expert = row_expert.read<int32_t>(capacity);
+        auto got_weight = row_weight.read<float>(capacity);
+        const auto got_offsets = offsets.read<int32_t>(local_experts + 1);
+        for (int64_t e = 0; e <= local_experts; ++e) {
+          check.expect(got_offsets[e] == expected.segment_start[e], "expert_offsets[", e, "] ", got_offsets[e],
+                       ", expected ", expected.segment_start[e]);
+          if (e < local_experts) {
+            check.expect(got_tpe[e] == expected.tokens_per_expert[e], "tokens_per_expert[", e, "] ", got_tpe[e],
+                         ", expected ", expected.tokens_per_expert[e]);
+          }
+        }
+        for (size_t row = 0; row < expected.rows.size() && why.empty(); ++row) {
+          check.expect(got_expert[row] == expected.row_expert[row] && got_weight[row] == expected.row_weight[row],
+                       "row ", row, ": expert/weight ", got_expert[row], "/", got_weight[row], ", expected ",
+                       expected.row_expert[row], "/", expected.row_weight[row]);
+          if (expected.row_expert[row] < 0) continue;
+          check_row(row, expected.rows[row]);
+          const auto& r = expected.rows[row];
+          const auto values = expert_value_row(rank, uint32_t(expected.row_expert[row]), r.source_rank, r.token);
+          for (int64_t h = 0; h < c.hidden; ++h) put_element(&expert_out[row * row_bytes], h, c.type, values[h]);
+          const int64_t expert = rank * local_experts + expected.row_expert[row];
+          for (int64_t j = 0; j < k; ++j) {
+            if (all[r.source_rank].topk_idx[r.token * k + j] == expert)
+              slot_values[row] = slot_value(r.source_rank, r.token, j);
+          }
+        }
+        if (doubled_weights) {
+          for (size_t row = 0; row < expected.rows.size(); ++row) got_weight[row] *= 2.0f;
+          row_weight.write(got_weight.data(), expected.rows.size() * 4);
+        }
+        untouched_after(int64_t(expected.rows.size()));
       }
-      if (doubled_weights) {
-        for (size_t row = 0; row < expected.rows.size(); ++row) got_weight[row] *= 2.0f;
-        row_weight.write(got_weight.data(), expected.rows.size() * 4);
+      agreed = true;
+      if (!harness::all_ranks(why.empty())) {
+        // Every rank still combines: peers wait for it.
+        if (why.empty()) why = "another rank's dispatch failed";
       }
-      untouched_after(int64_t(expected.rows.size()));
-    }
-    if (!harness::all_ranks(why.empty())) {
-      // Every rank still combines: peers wait for it.
-      if (why.empty()) why = "another rank's dispatch failed";
-    }
 
-    // Combine against the reference.
-    DeviceBytes expert_dev(std::max<uint64_t>(capacity, 1) * row_bytes, 0), combined(m * row_bytes, 0xab);
-    expert_dev.write(expert_out.data(), capacity * row_bytes);
-    HighThroughputCombineParams cp;
-    cp.expert_out = expert_dev.get<void>();
-    cp.type = c.type;
-    cp.out = combined.get<void>();
-    DeviceBytes slots_dev(slot_values.size() * 4, 0), combined_slots(std::max<int64_t>(m, 1) * k * 4, 0xab);
-    slots_dev.write(slot_values.data(), slot_values.size() * 4);
-    cp.with_topk_weights = true;
-    cp.topk_weights = slots_dev.get<float>();
-    cp.out_topk_weights = combined_slots.get<float>();
-    if (doubled_weights) cp.row_weight = row_weight.get<float>();
-    object->combine(cp, *handle, nullptr);
-    EW_CUDA_CHECK(cudaDeviceSynchronize());
-    object->check_errors();
-    const auto got_out = combined.read<uint8_t>(m * row_bytes);
-    const auto got_slots = combined_slots.read<float>(m * k);
-    for (int64_t t = 0; t < m && why.empty(); ++t) {
-      for (int64_t j = 0; j < k; ++j) {
-        const float want = mine.topk_idx[t * k + j] >= 0 ? slot_value(uint32_t(rank), uint32_t(t), j) : 0.0f;
-        if (!check.expect(got_slots[t * k + j] == want, "out_topk_weights of token ", t, " slot ", j, ": ",
-                          got_slots[t * k + j], ", expected ", want)) {
-          break;
+      // Combine against the reference.
+      DeviceBytes expert_dev(std::max<uint64_t>(capacity, 1) * row_bytes, 0), combined(m * row_bytes, 0xab);
+      expert_dev.write(expert_out.data(), capacity * row_bytes);
+      HighThroughputCombineParams cp;
+      cp.expert_out = expert_dev.get<void>();
+      cp.type = c.type;
+      cp.out = combined.get<void>();
+      DeviceBytes slots_dev(slot_values.size() * 4, 0), combined_slots(std::max<int64_t>(m, 1) * k * 4, 0xab);
+      slots_dev.write(slot_values.data(), slot_values.size() * 4);
+      cp.with_topk_weights = true;
+      cp.topk_weights = slots_dev.get<float>();
+      cp.out_topk_weights = combined_slots.get<float>();
+      if (doubled_weights) cp.row_weight = row_weight.get<float>();
+      object->combine(cp, *handle, nullptr);
+      EW_CUDA_CHECK(cudaDeviceSynchronize());
+      object->check_errors();
+      const auto got_out = combined.read<uint8_t>(m * row_bytes);
+      const auto got_slots = combined_slots.read<float>(m * k);
+      for (int64_t t = 0; t < m && why.empty(); ++t) {
+        for (int64_t j = 0; j < k; ++j) {
+          const float want = mine.topk_idx[t * k + j] >= 0 ? slot_value(uint32_t(rank), uint32_t(t), j) : 0.0f;
+          if (!check.expect(got_slots[t * k + j] == want, "out_topk_weights of token ", t, " slot ", j, ": ",
+                            got_slots[t * k + j], ", expected ", want)) {
+            break;
+          }
         }
       }
-    }
-    if (packed) {
-      reference::combine_rank_packed(
-          shape, rank, sources, c.hidden,
-          [&](uint32_t owner, uint32_t s, uint32_t t) {
-            owned_rows.push_back(expert_value_row(owner, 0, s, t));
-            return owned_rows.back().data();
-          },
-          combine_expected.data());
-    } else {
-      reference::combine_expert_contiguous(
-          shape, rank, sources, c.hidden, c.type,
-          [&](uint32_t owner, uint32_t le, uint32_t s, uint32_t t) {
-            owned_rows.push_back(expert_value_row(owner, le, s, t));
-            return owned_rows.back().data();
-          },
-          combine_expected.data());
-    }
-    for (int64_t t = 0; t < m && why.empty(); ++t) {
-      for (int64_t h = 0; h < c.hidden; ++h) {
-        const float got = element(&got_out[t * row_bytes], h, c.type);
-        float want = combine_expected[t * c.hidden + h] * (doubled_weights ? 2.0f : 1.0f);
-        if (c.type != ScalarType::kFloat32) want = harness::from_bits16(harness::to_bits16(want, c.type), c.type);
-        const float tolerance = packed ? 0.0f : 2e-2f * (1.0f + std::fabs(want));
-        if (!check.expect(std::fabs(got - want) <= tolerance, "combined token ", t, " element ", h, ": ", got,
-                          ", expected ", want)) {
-          break;
+      if (packed) {
+        reference::combine_rank_packed(
+            shape, rank, sources, c.hidden,
+            [&](uint32_t owner, uint32_t s, uint32_t t) {
+              owned_rows.push_back(expert_value_row(owner, 0, s, t));
+              return owned_rows.back().data();
+            },
+            combine_expected.data());
+      } else {
+        reference::combine_expert_contiguous(
+            shape, rank, sources, c.hidden, c.type,
+            [&](uint32_t owner, uint32_t le, uint32_t s, uint32_t t) {
+              owned_rows.push_back(expert_value_row(owner, le, s, t));
+              return owned_rows.back().data();
+            },
+            combine_expected.data());
+      }
+      for (int64_t t = 0; t < m && why.empty(); ++t) {
+        for (int64_t h = 0; h < c.hidden; ++h) {
+          const float got = element(&got_out[t * row_bytes], h, c.type);
+          float want = combine_expected[t * c.hidden + h] * (doubled_weights ? 2.0f : 1.0f);
+          if (c.type != ScalarType::kFloat32) want = harness::from_bits16(harness::to_bits16(want, c.type), c.type);
+          const float tolerance = packed ? 0.0f : 2e-2f * (1.0f + std::fabs(want));
+          if (!check.expect(std::fabs(got - want) <= tolerance, "combined token ", t, " element ", h, ": ", got,
+                            ", expected ", want)) {
+            break;
+          }
         }
       }
+      owned_rows.clear();
+    } catch (const Error& e) {
+      if (why.empty()) why = std::string("threw: ") + e.what();
+      if (!agreed) harness::all_ranks(false);
     }
-    owned_rows.clear();
   }
   if (o.fault_tolerant && why.empty()) why = mask_differs(*object, world, masked);
   return why;
@@ -774,7 +782,8 @@ int run(int argc, char** argv) {
   Tally tally;
   for (const TransportKind kind : kinds) {
     if (mpi.rank() == 0) std::printf("%s (%d ranks)\n", harness::transport_title(kind), mpi.world_size());
-    // Each case reported on every rank; false once a case threw on some rank (its objects may be stuck).
+    // Each case reported on every rank; false, on every rank, once a case threw on some rank (its objects may be
+    // stuck).
     auto run_reported = [&](const Case& c, int masked) {
       std::string why;
       try {
@@ -785,7 +794,7 @@ int run(int argc, char** argv) {
       const std::string name = std::string(harness::transport_flag_name(kind)) + ": " + c.name +
                                (masked >= 0 ? ", rank " + std::to_string(masked) + " masked" : "");
       tally.report(mpi, name, why);
-      return harness::all_ranks(why.empty()) || why.find("threw") == std::string::npos;
+      return harness::all_ranks(why.find("threw") == std::string::npos);  // every rank stops together
     };
     for (const Case& c : cases(options.max_tokens)) {
       if (!run_reported(c, -1)) break;
