@@ -143,18 +143,16 @@ __device__ __forceinline__ void ht_push_tokens(const HtArgs& a, const Transport&
   }
 }
 
-// The fault-tolerant push receive's verdict on sender `source`'s rows, the same in every block (data_settled):
-// the first block to settle it takes what its wait found (or a signal that came just as the wait gave up), unless
-// the sender was lost before the block looked; a block that finds the rows settled as arrived acquires them too.
+// The fault-tolerant push receive's verdict on sender `source`'s rows, the same in every block (data_settled,
+// settle_once): the first block to settle it takes what its wait found (or a signal that came just as the wait
+// gave up), unless the sender was lost before the block looked; a block that finds the rows settled as arrived
+// acquires them too.
 __device__ inline bool settle_data(const HtArgs& a, uint32_t source, bool arrived, bool lost_before, uint64_t target) {
   const uint64_t* signal = a.local<uint64_t>(a.l.data_arrived_offset + uint64_t(source) * 8);
   if (!arrived && !lost_before) arrived = load_acquire_sys(signal) >= target;
-  const uint32_t mine = arrived ? kHtDataArrived : kHtDataLost;
-  const uint32_t before = atomicCAS(&a.workspace->data_settled[source], kHtDataUnsettled, mine);
-  if (before == kHtDataUnsettled || before == mine) return arrived;
-  if (before == kHtDataLost) return false;
-  load_acquire_sys(signal);
-  return true;
+  const uint32_t settled = settle_once(&a.workspace->data_settled[source], arrived ? kHtDataArrived : kHtDataLost);
+  if (settled == kHtDataArrived && !arrived) load_acquire_sys(signal);
+  return settled == kHtDataArrived;
 }
 
 // Whether a sender's rows were settled as lost (the fault-tolerant push receive), as every block reads it.

@@ -65,29 +65,41 @@ __device__ inline bool absorb_loss_posts(const Peers& c, Phase phase) {
   return false;
 }
 
+// Whether the others have masked this rank out, as one thread finds it: a post naming it (absorbed now), or the
+// record saying so. One thread looks (the record is in host memory), and at what it found itself: another block
+// may hold the record's claim without having published its code yet, or an earlier error may hold it for good.
+template <class Peers>
+__device__ inline bool masked_now(const Peers& c, Phase phase) {
+  return absorb_loss_posts(c, phase) || masked_out(c.error);
+}
+
+// The fault-tolerant mode's verdicts that every block of a grid must take alike: the first block to settle `word`
+// (0 until then) stores `mine` there; every block gets the settled value.
+__device__ __forceinline__ uint32_t settle_once(uint32_t* word, uint32_t mine) {
+  const uint32_t before = atomicCAS(word, 0u, mine);
+  return before == 0 ? mine : before;
+}
+__device__ __forceinline__ uint64_t settle_once(uint64_t* word, uint64_t mine) {
+  const unsigned long long before = atomicCAS(reinterpret_cast<unsigned long long*>(word), 0ull, mine);
+  return before == 0 ? mine : uint64_t(before);
+}
+
 // Whether this rank may send (the fault-tolerant mode): not once the others have masked it out, whose buffers
 // it would write stale rows into (one that was stuck and calls again). Call with the whole block.
 template <class Peers>
 __device__ inline bool still_serving(const Peers& c, Phase phase) {
-  // One thread looks (the record is in host memory), and at what it found itself: another block may hold the
-  // record's claim without having published its code yet, or an earlier error may hold it for good.
-  bool out = false;
-  if (threadIdx.x == 0) out = absorb_loss_posts(c, phase) || masked_out(c.error);
-  return __syncthreads_or(out) == 0;
+  return __syncthreads_or(threadIdx.x == 0 && masked_now(c, phase)) == 0;
 }
 
-// still_serving for a whole grid: the first block to look decides (a post naming this rank, the record, or
-// `stopped`, an earlier verdict), the others take its verdict through `verdict` (0 until decided; the grid's last
-// block out clears it), so that the grid's rows and its last block's signals go out together or not at all. Call
-// with the whole block.
+// still_serving for a whole grid: the first block to look decides (masked_now, or `stopped`, an earlier verdict),
+// the others take its verdict through `verdict` (settle_once; the grid's last block out clears it), so that the
+// grid's rows and its last block's signals go out together or not at all. Call with the whole block.
 template <class Peers>
 __device__ inline bool still_serving_grid(const Peers& c, uint32_t* verdict, bool stopped, Phase phase) {
   constexpr uint32_t kServing = 1, kStopped = 2;
   __shared__ bool serving;
   if (threadIdx.x == 0) {
-    const uint32_t mine = stopped || absorb_loss_posts(c, phase) || masked_out(c.error) ? kStopped : kServing;
-    const uint32_t before = atomicCAS(verdict, 0u, mine);
-    serving = (before == 0 ? mine : before) == kServing;
+    serving = settle_once(verdict, stopped || masked_now(c, phase) ? kStopped : kServing) == kServing;
   }
   __syncthreads();
   return serving;
@@ -102,10 +114,9 @@ __device__ inline uint64_t settle_count(const RankContext& c, uint32_t source, u
   uint64_t mine = waited;
   if (mine == 0 && !lost_before) mine = load_acquire_sys(signal);
   if (mine == 0) mine = SettledCount::kLost;
-  auto* settled = reinterpret_cast<unsigned long long*>(&c.settled_counts()[source]);
-  const unsigned long long before = atomicCAS(settled, 0ull, static_cast<unsigned long long>(mine));
-  if (before == 0 || before == mine) return mine == SettledCount::kLost ? 0 : mine;
-  if (before == SettledCount::kLost) return 0;
+  const uint64_t settled = settle_once(&c.settled_counts()[source], mine);
+  if (settled == SettledCount::kLost) return 0;
+  if (settled == mine) return mine;
   // Another block took the count: this one acquires it too, for the tokens it guards.
   return load_acquire_sys(signal);
 }
